@@ -1,0 +1,97 @@
+"""
+The C{imserver} command.
+
+    imserver token --uid N [--ttl S] [--config PATH]   print a client token
+    imserver migrate [--config PATH]                   apply schema migrations
+    imserver run [--config PATH]                       same as twistd -n imserver
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from imserver.config import Config, ConfigError, load_config
+from imserver.services.tokens import TokenService
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(f"imserver: {e}") from None
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    if not 1 <= args.uid <= 2**63 - 1:
+        raise SystemExit("imserver: --uid must be a positive int64")
+    if args.ttl <= 0:
+        raise SystemExit("imserver: --ttl must be positive")
+    print(TokenService(config.auth.secret).mint(args.uid, now=time.time(), ttl_seconds=args.ttl))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from imserver.storage.sql.database import Database
+    from imserver.storage.sql.engines import create_engine
+    from imserver.storage.sql.migrate import migrate
+
+    config = _config(args.config)
+
+    async def run(reactor: Any) -> None:
+        db = Database(reactor, create_engine(config.storage.sql), name="migrate")
+        try:
+            applied = await migrate(db, int(reactor.seconds() * 1000))
+        finally:
+            db.close()
+        print(f"applied migrations: {applied}" if applied else "schema is up to date")
+
+    task.react(lambda reactor: _as_deferred(run(reactor)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "imserver"] + (["--config", args.config] if args.config else [])
+    run()
+    return 0
+
+
+def _as_deferred(coro: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imserver", description="imserver administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("token", help="mint a client token with the configured secret")
+    token.add_argument("--uid", type=int, required=True)
+    token.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
+    token.add_argument("--config", help="TOML config (default: the embedded one)")
+    token.set_defaults(func=cmd_token)
+
+    mig = sub.add_parser("migrate", help="apply pending schema migrations")
+    mig.add_argument("--config", help="TOML config (default: the embedded one)")
+    mig.set_defaults(func=cmd_migrate)
+
+    run = sub.add_parser("run", help="run the server in the foreground (twistd -n imserver)")
+    run.add_argument("--config", help="TOML config (default: the embedded one)")
+    run.set_defaults(func=cmd_run)
+
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

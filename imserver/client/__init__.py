@@ -1,0 +1,22 @@
+"""
+The client SDK: wire protocol v1 for Python programs (tests, the benchmark
+tool, bots).
+
+    client = await connect(reactor, "tcp:127.0.0.1:7000", token)
+    reply = await client.request("send", to=7, cid="c1", body="hello")
+    push = await client.next_push()          # {"t": "msg", ...}
+    await client.close()
+
+L{IMClientProtocol.request} fires with the C{ok} frame or fails with
+L{RequestFailed}; pushes (and error frames without an id) go to C{on_push},
+by default a queue read by L{IMClientProtocol.next_push}.
+"""
+
+from imserver.client.protocol import (
+    ConnectionClosed,
+    IMClientProtocol,
+    RequestFailed,
+    connect,
+)
+
+__all__ = ["ConnectionClosed", "IMClientProtocol", "RequestFailed", "connect"]

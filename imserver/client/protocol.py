@@ -1,0 +1,121 @@
+"""Client side of wire protocol v1 over Twisted."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from imserver.wire.codec import Frame, decode_body, encode
+from imserver.wire.framing import FrameDecoder
+
+
+class RequestFailed(Exception):
+    """The server answered a request with an error frame."""
+
+    def __init__(self, frame: Mapping[str, Any]) -> None:
+        self.code: str = frame.get("code", "")
+        self.message: str = frame.get("message", "")
+        self.frame = dict(frame)
+        super().__init__(f"{self.code}: {self.message}")
+
+
+class ConnectionClosed(Exception):
+    """The connection closed before the reply arrived."""
+
+
+class IMClientProtocol(Protocol):
+    """
+    One client connection. Requests are matched to replies by id, so many
+    may be in flight at once.
+    """
+
+    transport: Any
+
+    def __init__(self, max_frame_bytes: int = 16 * 1024 * 1024) -> None:
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, Deferred[Frame]] = {}
+        self._pushes: DeferredQueue[Frame] = DeferredQueue()
+        self.on_push: Callable[[Frame], None] = self._pushes.put
+        self.closed: Deferred[None] = Deferred()
+        self.uid: int | None = None
+        self.is_open = False
+
+    def connectionMade(self) -> None:
+        self.is_open = True
+
+    def dataReceived(self, data: bytes) -> None:
+        for body in self._decoder.feed(data):
+            frame = decode_body(body)
+            req_id = frame.get("id")
+            waiter = self._waiting.pop(req_id, None) if req_id is not None else None
+            if waiter is None:
+                self.on_push(frame)
+            elif frame.get("t") == "error":
+                waiter.errback(RequestFailed(frame))
+            else:
+                waiter.callback(frame)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.is_open = False
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(ConnectionClosed(str(reason.value)))
+        self.closed.callback(None)
+
+    def send_frame(self, frame: Mapping[str, Any]) -> None:
+        """Write one frame as is (no id bookkeeping)."""
+        self.transport.write(encode(frame))
+
+    def send_raw(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def request(self, op: str, **fields: Any) -> Deferred[Frame]:
+        """Send C{{"t": op, "id": N, **fields}}; fire with the ok frame."""
+        req_id = next(self._ids)
+        d: Deferred[Frame] = Deferred()
+        self._waiting[req_id] = d
+        self.transport.write(encode({"t": op, "id": req_id, **fields}))
+        return d
+
+    async def auth(self, token: str, **fields: Any) -> Frame:
+        reply = await self.request("auth", token=token, **fields)
+        self.uid = reply["uid"]
+        return reply
+
+    def next_push(self) -> Deferred[Frame]:
+        """The next push frame (only when C{on_push} is left as the default)."""
+        return self._pushes.get()
+
+    @property
+    def pending_pushes(self) -> int:
+        return len(self._pushes.pending)
+
+    def close(self) -> Deferred[None]:
+        if self.is_open:
+            self.transport.loseConnection()
+        return self.closed
+
+
+async def connect(
+    reactor: Any,
+    endpoint: str | IStreamClientEndpoint,
+    token: str | None = None,
+    **auth_fields: Any,
+) -> IMClientProtocol:
+    """Connect (and authenticate if a token is given)."""
+    ep: IStreamClientEndpoint = (
+        clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
+    )
+    proto: Any = await ep.connect(Factory.forProtocol(IMClientProtocol))
+    assert isinstance(proto, IMClientProtocol)
+    if token is not None:
+        await proto.auth(token, **auth_fields)
+    return proto

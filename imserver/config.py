@@ -1,0 +1,364 @@
+"""
+Configuration: one TOML file, parsed once into frozen attrs objects.
+
+Every setting is declared once, with its default and its parser, by
+L{setting}. Unknown sections or keys and bad values raise L{ConfigError}
+naming the key (C{[server].node_id}), so a typo is a clear start-up error,
+never a silently ignored line. With no file, L{Config.embedded} is used: the
+development default (SQLite in the working directory, in-process hot store,
+loopback listeners), the same values as C{conf/imserver.toml}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.internet.endpoints import serverFromString
+
+DEV_SECRET = "imserver-development-secret-do-not-deploy"
+DEV_ADMIN_KEY = "imserver-development-admin-key"
+PLACEHOLDER = "REPLACE-WITH"
+
+T = TypeVar("T")
+Parser = Callable[[Any, str], Any]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+def setting(default: Any, parse: Parser) -> Any:
+    """Declare a config key: its default (already parsed) and its parser."""
+    return attrs.field(default=default, metadata={"parse": parse})
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: (raw TOML value, "[section].key") -> parsed value
+
+
+def int_in(lo: int, hi: int) -> Parser:
+    def parse(value: Any, key: str) -> int:
+        if type(value) is not int:
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key} must be in {lo}..{hi}, not {value}")
+        return value
+
+    return parse
+
+
+def number_in(lo: float, hi: float) -> Parser:
+    def parse(value: Any, key: str) -> float:
+        if type(value) not in (int, float):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key} must be in {lo}..{hi}, not {value}")
+        return float(value)
+
+    return parse
+
+
+def text(min_len: int = 1, max_len: int = 4096, pattern: str | None = None) -> Parser:
+    def parse(value: Any, key: str) -> str:
+        if type(value) is not str:
+            raise ConfigError(f"{key} must be a string, not {value!r}")
+        if not min_len <= len(value) <= max_len:
+            raise ConfigError(f"{key} must have {min_len}..{max_len} characters")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            raise ConfigError(f"{key} must match {pattern}, not {value!r}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Parser:
+    def parse(value: Any, key: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{key} must be one of {', '.join(options)}, not {value!r}")
+        assert isinstance(value, str)
+        return value
+
+    return parse
+
+
+def optional(inner: Parser) -> Parser:
+    """Accept C{false} or C{""} as "disabled" (None); anything else goes to C{inner}."""
+
+    def parse(value: Any, key: str) -> Any:
+        if value is False or value == "":
+            return None
+        return inner(value, key)
+
+    return parse
+
+
+def existing_file(value: Any, key: str) -> str:
+    path = text()(value, key)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: no such file {path!r}")
+    return path
+
+
+def endpoint(value: Any, key: str) -> str:
+    """A Twisted server endpoint description, checked by parsing it."""
+    desc = text()(value, key)
+    try:
+        serverFromString(None, desc)
+    except Exception as e:
+        raise ConfigError(f"{key}: bad endpoint {desc!r}: {e}") from None
+    return desc
+
+
+def endpoints(value: Any, key: str) -> tuple[str, ...]:
+    """One endpoint description or a non-empty list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{key} must be an endpoint string or a non-empty list of them")
+    return tuple(endpoint(item, f"{key}[{i}]") for i, item in enumerate(items))
+
+
+@attrs.frozen
+class SqliteTarget:
+    path: str
+
+    @property
+    def kind(self) -> str:
+        return "sqlite"
+
+
+@attrs.frozen
+class MysqlTarget:
+    host: str
+    port: int
+    user: str
+    password: str = attrs.field(repr=False)
+    database: str
+
+    @property
+    def kind(self) -> str:
+        return "mysql"
+
+
+SqlTarget = SqliteTarget | MysqlTarget
+
+
+def sql_target(value: Any, key: str) -> SqlTarget:
+    """C{sqlite:PATH} or C{mysql://user:password@host:port/db}."""
+    url = text()(value, key)
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:") :]
+        if not path:
+            raise ConfigError(f"{key}: sqlite needs a path, as in sqlite:imserver.db")
+        return SqliteTarget(path)
+    parts = urlsplit(url)
+    if parts.scheme != "mysql":
+        raise ConfigError(f"{key} must be sqlite:PATH or mysql://user:password@host:port/db")
+    database = parts.path.lstrip("/")
+    if not parts.hostname or not database or "/" in database:
+        raise ConfigError(f"{key}: a mysql URL needs a host and a database name")
+    try:
+        port = parts.port or 3306
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {url!r}") from None
+    return MysqlTarget(
+        host=parts.hostname,
+        port=port,
+        user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""),
+        database=database,
+    )
+
+
+@attrs.frozen
+class RedisTarget:
+    host: str
+    port: int
+    db: int
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+def redis_target(value: Any, key: str) -> RedisTarget:
+    """C{redis://[:password@]host[:port][/db]}."""
+    url = text()(value, key)
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError(f"{key} must be redis://host:port/db")
+    try:
+        port = parts.port or 6379
+        db = int(parts.path.lstrip("/") or 0)
+    except ValueError:
+        raise ConfigError(f"{key}: bad port or db in {url!r}") from None
+    return RedisTarget(
+        host=parts.hostname,
+        port=port,
+        db=db,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+EMBEDDED_LISTEN = ("tcp:7000:interface=127.0.0.1",)
+EMBEDDED_HTTP = "tcp:7080:interface=127.0.0.1"
+
+
+@attrs.frozen
+class ServerConfig:
+    listen: tuple[str, ...] = setting(EMBEDDED_LISTEN, endpoints)
+    http: str | None = setting(EMBEDDED_HTTP, optional(endpoint))
+    node_id: int = setting(1, int_in(0, 1023))
+    max_frame_bytes: int = setting(65536, int_in(64, 16 * 1024 * 1024))
+    heartbeat_seconds: float = setting(30.0, number_in(1, 3600))
+    idle_timeout_seconds: float = setting(90.0, number_in(1, 86400))
+    auth_timeout_seconds: float = setting(10.0, number_in(0.1, 3600))
+    # Backpressure: bytes a connection may have queued beyond the transport's
+    # own buffer while the client is not reading, before it is dropped.
+    max_outbound_bytes: int = setting(1024 * 1024, int_in(4096, 1024**3))
+    shutdown_seconds: float = setting(10.0, number_in(0, 600))
+
+
+@attrs.frozen
+class AuthConfig:
+    secret: str = setting(DEV_SECRET, text(min_len=32))
+    admin_key: str = setting(DEV_ADMIN_KEY, text(min_len=16))
+
+
+@attrs.frozen
+class StorageConfig:
+    sql: SqlTarget = setting(SqliteTarget("imserver.db"), sql_target)
+    redis: RedisTarget | None = setting(None, optional(redis_target))
+    key_prefix: str = setting("im", text(max_len=32, pattern=r"[A-Za-z0-9_.-]+"))
+
+
+@attrs.frozen
+class FilterConfig:
+    words_file: str | None = setting(None, optional(existing_file))
+    action: str = setting("reject", choice("reject", "mask"))
+
+
+@attrs.frozen
+class LimitsConfig:
+    send_per_second: float = setting(20.0, number_in(0.001, 1e6))
+    send_burst: int = setting(40, int_in(1, 1_000_000))
+    recall_seconds: int = setting(120, int_in(0, 10 * 365 * 86400))
+    max_body_bytes: int = setting(32768, int_in(16, 16 * 1024 * 1024))
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "storage": StorageConfig,
+    "filter": FilterConfig,
+    "limits": LimitsConfig,
+}
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    filter: FilterConfig = attrs.field(factory=FilterConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    source: str = attrs.field(default="<embedded>", eq=False)
+
+    @classmethod
+    def embedded(cls) -> Config:
+        """The development default: the same values as C{conf/imserver.toml}."""
+        return cls()
+
+    def check_deployable(self) -> None:
+        """
+        Refuse placeholder secrets, and the development secrets anywhere but
+        on loopback.
+
+        @raise ConfigError: naming the key.
+        """
+        for name, value in (
+            ("[auth].secret", self.auth.secret),
+            ("[auth].admin_key", self.auth.admin_key),
+        ):
+            if value.startswith(PLACEHOLDER):
+                raise ConfigError(f"refusing to start: {name} is still a {PLACEHOLDER} placeholder")
+        dev = [
+            name
+            for name, value, default in (
+                ("[auth].secret", self.auth.secret, DEV_SECRET),
+                ("[auth].admin_key", self.auth.admin_key, DEV_ADMIN_KEY),
+            )
+            if value == default
+        ]
+        if not dev:
+            return
+        public = [d for d in (*self.server.listen, self.server.http) if d and not is_loopback(d)]
+        if public:
+            raise ConfigError(
+                f"refusing to start: {' and '.join(dev)} still hold the development value "
+                f"but {public[0]!r} is not a loopback interface; set your own secrets"
+            )
+
+
+def load_config(path: str | None) -> Config:
+    """Read and check a TOML file; None gives the embedded default."""
+    if path is None:
+        return Config.embedded()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path!r} is not valid TOML: {e}") from None
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "<string>") -> Config:
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        cls = SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        sections[name] = _load_section(cls, name, table)
+    return Config(**sections, source=source)
+
+
+def _load_section(cls: Any, name: str, table: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in attrs.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None:
+            raise ConfigError(f"unknown key [{name}].{key}")
+        values[key] = field.metadata["parse"](value, f"[{name}].{key}")
+    return cls(**values)
+
+
+def _endpoint_args(desc: str) -> tuple[str, dict[str, str]]:
+    """Split C{type:arg:key=value} on unescaped colons (Twisted's syntax)."""
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", desc)]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], kwargs
+
+
+def is_loopback(desc: str) -> bool:
+    """Whether a server endpoint only accepts local connections."""
+    kind, kwargs = _endpoint_args(desc)
+    if kind in ("unix", "systemd"):
+        return kind == "unix"
+    iface = kwargs.get("interface", "")
+    if iface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(iface).is_loopback
+    except ValueError:
+        return False

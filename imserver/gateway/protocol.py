@@ -1,0 +1,454 @@
+"""
+The long-lived client connection: wire protocol v1 over a stream transport.
+
+Layers, as in L{twisted.protocols.amp}: L{imserver.wire.framing} cuts the
+byte stream into frame bodies, L{imserver.wire.codec} decodes them,
+L{imserver.wire.frames} validates requests, and the L{Gateway}'s op table
+dispatches them to the business layer. This module holds the state machine
+that ties them to a transport:
+
+    AWAIT_AUTH --auth ok--> READY --kick/goaway/idle/error--> CLOSING
+         |                                                       ^
+         +-- any other first frame, bad token, auth timeout -----+
+
+Replies are written as soon as a handler's Deferred fires, so replies of
+concurrent requests may overtake each other and interleave with pushes;
+clients match replies by id.
+
+Backpressure: the protocol registers itself as a streaming producer on its
+own transport. When the transport's buffer is full, Twisted calls
+L{pauseProducing}: the connection stops reading (so a client that does not
+read its replies cannot make us queue more work for it) and counts what is
+still written; past C{max_outbound_bytes} the connection is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imserver.config import ServerConfig
+from imserver.errors import ErrorCode, ImError
+from imserver.services.presence import IClientLink, IPresence
+from imserver.services.tokens import TokenService
+from imserver.wire import frames
+from imserver.wire.codec import BadFrame, Frame, decode_body, encode
+from imserver.wire.framing import FrameDecoder, FrameTooLarge
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress
+
+Result = Mapping[str, Any] | None
+Handler = Callable[["ClientProtocol", frames.Request], "Result | Deferred[Result]"]
+LoginHook = Callable[[int, "ClientProtocol", frames.Auth], "Deferred[None]"]
+
+# How long a closing connection may take to flush before it is aborted.
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class State(enum.Enum):
+    AWAIT_AUTH = "await_auth"
+    AUTHENTICATING = "authenticating"
+    READY = "ready"
+    CLOSING = "closing"
+
+
+@attrs.frozen
+class Op:
+    """One entry of the op table: the request schema and its handler."""
+
+    schema: type[frames.Request]
+    handle: Handler
+
+
+@implementer(IPushProducer, IClientLink)
+class ClientProtocol(Protocol):
+    log = Logger()
+    # A connected stream transport: ITCPTransport, IProducer and IConsumer.
+    transport: Any
+
+    def __init__(self, gateway: Gateway, epoch: int) -> None:
+        self.gateway = gateway
+        self.epoch = epoch
+        self.uid: int | None = None
+        self.state = State.AWAIT_AUTH
+        self.device: str | None = None
+        self.client: str | None = None
+        self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
+        self._queued: list[Frame] = []
+        self._timer: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
+        self._last_activity = 0.0
+        self._paused = False
+        self._paused_bytes = 0
+        self._connected = False
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.transport.registerProducer(self, True)
+        clock = self.gateway.clock
+        self._last_activity = clock.seconds()
+        self._timer = clock.callLater(self.gateway.config.auth_timeout_seconds, self._auth_timeout)
+        self.gateway.connection_made(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._connected = False
+        self.state = State.CLOSING
+        self._queued.clear()
+        for call in (self._timer, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._abort_call = None
+        if self.uid is not None:
+            self.gateway.presence.logout(self.uid, self)
+        self.gateway.connection_lost(self)
+
+    def close(self, reason: str) -> None:
+        """Flush what is written, then close; abort if the peer does not let us flush."""
+        if self.state is State.CLOSING:
+            return
+        self.state = State.CLOSING
+        self._queued.clear()
+        self.log.debug(
+            "closing connection {epoch} (uid {uid}): {reason}",
+            epoch=self.epoch,
+            uid=self.uid,
+            reason=reason,
+        )
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.transport.loseConnection()
+        if self._connected:
+            self._abort_call = self.gateway.clock.callLater(CLOSE_GRACE_SECONDS, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self.transport.abortConnection()
+
+    # -- IClientLink -----------------------------------------------------------
+
+    def push(self, frame: Mapping[str, Any]) -> None:
+        self._send(frame)
+
+    def kick(self, reason: str) -> None:
+        if self.state is State.CLOSING:
+            return
+        self._send(frames.push("kick", reason=reason))
+        self.close(f"kicked: {reason}")
+
+    def goaway(self, reason: str) -> None:
+        if self.state is State.CLOSING:
+            return
+        self._send(frames.push("goaway", reason=reason))
+        self.close(f"goaway: {reason}")
+
+    # -- IPushProducer: our transport's buffer is full / has drained ------------
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._paused_bytes = 0
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._paused_bytes = 0
+            if self.state is not State.CLOSING:
+                self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._paused = False
+
+    # -- output ------------------------------------------------------------------
+
+    def _send(self, frame: Mapping[str, Any]) -> None:
+        if not self._connected:
+            return
+        data = encode(frame)
+        if self._paused:
+            self._paused_bytes += len(data)
+            if self._paused_bytes > self.gateway.config.max_outbound_bytes:
+                self.log.warn(
+                    "dropping connection {epoch} (uid {uid}): the client does not read "
+                    "and {queued} bytes are queued",
+                    epoch=self.epoch,
+                    uid=self.uid,
+                    queued=self._paused_bytes,
+                )
+                self.gateway.overflowed += 1
+                self._connected = False
+                self.state = State.CLOSING
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
+
+    def _reply_error(self, e: ImError, req_id: int | None) -> None:
+        self._send(frames.error(e.code, e.message, req_id))
+
+    # -- input -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSING:
+            return
+        self._last_activity = self.gateway.clock.seconds()
+        try:
+            bodies = self._decoder.feed(data)
+        except FrameTooLarge as e:
+            self._send(frames.error(ErrorCode.FRAME_TOO_LARGE, str(e)))
+            self.close("frame too large")
+            return
+        for body in bodies:
+            if self.state is State.CLOSING:
+                return
+            try:
+                frame = decode_body(body)
+            except BadFrame as e:
+                self._send(frames.error(ErrorCode.BAD_FRAME, str(e)))
+                continue
+            if self.state is State.READY:
+                self._dispatch(frame)
+            elif self.state is State.AUTHENTICATING:
+                self._queued.append(frame)
+            else:
+                self._begin_auth(frame)
+
+    def _dispatch(self, frame: Frame) -> None:
+        gateway = self.gateway
+        try:
+            request = frames.parse_request(frame, gateway.schemas)
+        except ImError as e:
+            self._reply_error(e, frames.request_id(frame))
+            return
+        req_id = request.id
+        try:
+            result = gateway.ops[request.op].handle(self, request)
+        except ImError as e:
+            self._reply_error(e, req_id)
+            return
+        except Exception:
+            self._internal_error(Failure(), request)
+            return
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._reply_ok,
+                self._reply_failure,
+                callbackArgs=(req_id,),
+                errbackArgs=(request,),
+            )
+        else:
+            self._send(frames.ok(req_id, result))
+
+    def _reply_ok(self, result: Result, req_id: int) -> None:
+        self._send(frames.ok(req_id, result))
+
+    def _reply_failure(self, failure: Failure, request: frames.Request) -> None:
+        error = failure.value
+        if isinstance(error, ImError):
+            self._reply_error(error, request.id)
+        else:
+            self._internal_error(failure, request)
+
+    def _internal_error(self, failure: Failure, request: frames.Request) -> None:
+        self.gateway.internal_errors += 1
+        self.log.failure(
+            "op {op} (id {req_id}) of uid {uid} failed",
+            failure,
+            op=request.op,
+            req_id=request.id,
+            uid=self.uid,
+        )
+        self._send(frames.error(ErrorCode.INTERNAL, "internal server error", request.id))
+
+    # -- authentication ----------------------------------------------------------
+
+    def _begin_auth(self, frame: Frame) -> None:
+        req_id = frames.request_id(frame)
+        if frame.get("t") != "auth":
+            self._send(frames.error(ErrorCode.UNAUTHENTICATED, "auth must come first", req_id))
+            self.close("request before auth")
+            return
+        try:
+            request = frames.parse_request(frame, {"auth": frames.Auth})
+            assert isinstance(request, frames.Auth)
+            uid = self.gateway.tokens.verify(request.token, now=self.gateway.clock.seconds())
+        except ImError as e:
+            self.gateway.auths["failed"] += 1
+            self._send(frames.error(ErrorCode.AUTH_FAILED, e.message, req_id))
+            self.close("auth failed")
+            return
+        self.state = State.AUTHENTICATING
+        self.device, self.client = request.device, request.client
+        d = self.gateway.login(uid, self, request)
+        d.addCallbacks(
+            self._logged_in,
+            self._login_failed,
+            callbackArgs=(uid, request),
+            errbackArgs=(request,),
+        )
+
+    def _logged_in(self, _: None, uid: int, request: frames.Auth) -> None:
+        if self.state is not State.AUTHENTICATING:
+            # The connection went away while we were logging in.
+            self.gateway.presence.logout(uid, self)
+            return
+        self.uid = uid
+        self.state = State.READY
+        self.gateway.auths["ok"] += 1
+        config = self.gateway.config
+        clock = self.gateway.clock
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = clock.callLater(config.idle_timeout_seconds, self._check_idle)
+        self._send(
+            frames.ok(
+                request.id,
+                {
+                    "uid": uid,
+                    "heartbeat": config.heartbeat_seconds,
+                    "server_time": int(clock.seconds() * 1000),
+                },
+            )
+        )
+        queued, self._queued = self._queued, []
+        for frame in queued:
+            if self.state is not State.READY:
+                break
+            self._dispatch(frame)
+
+    def _login_failed(self, failure: Failure, request: frames.Auth) -> None:
+        self.gateway.auths["error"] += 1
+        error = failure.value
+        if not isinstance(error, ImError):
+            self.log.failure("login failed", failure)
+            error = ImError(ErrorCode.INTERNAL, "internal server error")
+        self._send(frames.error(error.code, error.message, request.id))
+        self.close("login failed")
+
+    # -- timers --------------------------------------------------------------------
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        if self.state in (State.AWAIT_AUTH, State.AUTHENTICATING):
+            self._send(frames.error(ErrorCode.UNAUTHENTICATED, "no auth within the time allowed"))
+            self.close("auth timeout")
+
+    def _check_idle(self) -> None:
+        """
+        A lazy idle timer: activity only records a timestamp, and this call
+        re-arms itself for the remaining time, so a busy connection costs one
+        timer event per idle period instead of a reschedule per frame.
+        """
+        self._timer = None
+        timeout = self.gateway.config.idle_timeout_seconds
+        idle = self.gateway.clock.seconds() - self._last_activity
+        if idle >= timeout:
+            self.gateway.idle_closed += 1
+            self.close(f"idle for {idle:.0f}s")
+        else:
+            self._timer = self.gateway.clock.callLater(timeout - idle, self._check_idle)
+
+
+def _ping(conn: ClientProtocol, request: frames.Request) -> Result:
+    return {"server_time": int(conn.gateway.clock.seconds() * 1000)}
+
+
+CORE_OPS: dict[str, Op] = {"ping": Op(frames.Ping, _ping)}
+
+
+class Gateway(Factory):
+    """
+    Owns every client connection of one listener set: builds protocols,
+    holds the op table, and says goodbye to everyone on shutdown.
+
+    @param ops: the business ops (C{send}, C{sync}, ...) by name; C{ping} is
+        built in and C{auth} is handled by the protocol itself. An op missing
+        from the table is answered C{unknown_op}.
+    @param login: called once a token is verified, before the connection is
+        registered in C{presence}; its failure (an L{ImError}) is sent to the
+        client and closes the connection.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        clock: IReactorTime,
+        tokens: TokenService,
+        presence: IPresence,
+        ops: Mapping[str, Op] | None = None,
+        on_login: Callable[[int, ClientProtocol, frames.Auth], Deferred[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.tokens = tokens
+        self.presence = presence
+        self.ops: dict[str, Op] = {**CORE_OPS, **(ops or {})}
+        self.schemas = {name: op.schema for name, op in self.ops.items()}
+        self._on_login = on_login
+        self.connections: set[ClientProtocol] = set()
+        self._epochs = itertools.count(1)
+        self._all_closed: list[Deferred[None]] = []
+        self.accepting = True
+        # Counters read by metrics.
+        self.auths = {"ok": 0, "failed": 0, "error": 0}
+        self.internal_errors = 0
+        self.overflowed = 0
+        self.idle_closed = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol | None:
+        if not self.accepting:
+            return None
+        return ClientProtocol(self, next(self._epochs))
+
+    def connection_made(self, conn: ClientProtocol) -> None:
+        self.connections.add(conn)
+
+    def connection_lost(self, conn: ClientProtocol) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def login(self, uid: int, conn: ClientProtocol, request: frames.Auth) -> Deferred[None]:
+        async def login() -> None:
+            if self._on_login is not None:
+                await self._on_login(uid, conn, request)
+            await self.presence.login(uid, conn)
+
+        return Deferred.fromCoroutine(login())
+
+    def goaway_all(self, reason: str = "shutdown") -> Deferred[None]:
+        """
+        Stop accepting, send every client C{goaway}, and fire once all
+        connections are closed (closing ones are aborted after a grace period).
+        """
+        self.accepting = False
+        for conn in list(self.connections):
+            conn.goaway(reason)
+        if not self.connections:
+            return Deferred.fromCoroutine(_noop())
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+        return d
+
+
+async def _noop() -> None:
+    return None

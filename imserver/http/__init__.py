@@ -1,0 +1,1 @@
+"""The short-connection HTTP API (health, metrics, profiles, admin)."""

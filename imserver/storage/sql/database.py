@@ -1,0 +1,207 @@
+"""
+Running SQL transactions off the reactor thread.
+
+As in Synapse's C{storage/database.py}: callers write a plain function
+C{_something_txn(txn, ...)} that runs in a pool thread, issues statements
+through L{Txn} and returns plain data; C{await db.run("something",
+_something_txn, ...)} runs it in one transaction on the pool's threads and
+hands the result back on the reactor thread. Transaction functions never touch
+Twisted objects, so nothing reaches a transport from a pool thread.
+
+Each L{Database} owns its own L{adbapi.ConnectionPool} and therefore its own
+thread pool: the real-time path and background work get separate pools, so
+slow background SQL never starves sends.
+
+Deadlocks and lock wait timeouts are retried (the transaction rolled back);
+connection failures become L{Unavailable}. A transaction whose COMMIT was
+interrupted has an unknown outcome: callers whose writes are not idempotent
+must treat L{Unavailable} as "maybe committed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from twisted.enterprise import adbapi
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from imserver.errors import Unavailable
+from imserver.storage.sql.engines import Engine
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+MAX_RETRIES = 5
+
+
+class Txn:
+    """
+    The cursor a transaction function gets: C{?} placeholders, the engine at
+    hand for dialect-specific SQL, and nothing else.
+    """
+
+    __slots__ = ("_cursor", "engine")
+
+    def __init__(self, cursor: Any, engine: Engine) -> None:
+        self._cursor = cursor
+        self.engine = engine
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; return the affected row count."""
+        self._cursor.execute(self.engine.convert(sql), tuple(args))
+        return int(self._cursor.rowcount)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        """Run one statement for many rows (one multi-row INSERT on MySQL)."""
+        rows = [tuple(r) for r in rows]
+        if not rows:
+            return 0
+        self._cursor.executemany(self.engine.convert(sql), rows)
+        return int(self._cursor.rowcount)
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._cursor.execute(self.engine.convert(sql), tuple(args))
+        return [tuple(row) for row in self._cursor.fetchall()]
+
+    def query_one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        self._cursor.execute(self.engine.convert(sql), tuple(args))
+        row = self._cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    def query_in(
+        self,
+        sql: str,
+        values: Sequence[Any],
+        args_before: Sequence[Any] = (),
+        chunk: int = 500,
+    ) -> list[tuple[Any, ...]]:
+        """
+        Run C{sql} with its C{IN (%s)} marker expanded to the values, in
+        chunks so no statement grows without bound.
+        """
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(values), chunk):
+            part = values[i : i + chunk]
+            marks = ", ".join("?" * len(part))
+            out.extend(self.query(sql.replace("IN (%s)", f"IN ({marks})"), (*args_before, *part)))
+        return out
+
+
+class Database:
+    """
+    One connection pool (and thread pool) on one database.
+
+    @param reactor: provides C{IReactorCore}, C{IReactorThreads} and
+        C{IReactorTime}.
+    @param name: shows in thread names and logs (C{realtime}, C{background}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        engine: Engine,
+        *,
+        name: str,
+        max_connections: int | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.engine = engine
+        self.name = name
+        size = max_connections or engine.max_connections
+        self._pool = adbapi.ConnectionPool(
+            engine.dbapi_name,
+            cp_min=1,
+            cp_max=size,
+            cp_name=f"imserver-sql-{name}",
+            cp_openfun=engine.on_connect,
+            cp_reconnect=True,
+            cp_noisy=False,
+            cp_reactor=reactor,
+            **engine.connect_args(),
+        )
+        # Transaction counts and time, read by metrics.
+        self.transactions = 0
+        self.failures = 0
+
+    async def run(
+        self,
+        desc: str,
+        func: Callable[Concatenate[Txn, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """
+        Run C{func(txn, *args, **kwargs)} in one transaction on a pool thread.
+
+        @raise Unavailable: the database is unreachable or went away.
+        """
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                result: T = await deferToThreadPool(
+                    self._reactor,
+                    self._pool.threadpool,
+                    self._in_thread,
+                    lambda txn: func(txn, *args, **kwargs),
+                )
+            except Exception as e:
+                if self.engine.is_retryable(e) and attempt < MAX_RETRIES:
+                    self.log.info(
+                        "{db}: transaction {desc} hit {error}; retrying",
+                        db=self.name,
+                        desc=desc,
+                        error=e,
+                    )
+                    await deferLater(self._reactor, 0.005 * 2**attempt, lambda: None)
+                    continue
+                self.failures += 1
+                if self.engine.is_unavailable(e):
+                    self.log.warn(
+                        "{db}: {desc}: database unavailable: {error}",
+                        db=self.name,
+                        desc=desc,
+                        error=e,
+                    )
+                    raise Unavailable("the database is unavailable") from e
+                raise
+            self.transactions += 1
+            return result
+        raise AssertionError("unreachable")
+
+    def _in_thread(self, func: Callable[[Txn], T]) -> T:
+        # Runs in one of this pool's threads, on that thread's connection.
+        pool = self._pool
+        conn = pool.connect()
+        try:
+            self.engine.check_connection(conn)
+        except Exception:
+            # Stale after a server restart: reconnect through the pool so the
+            # per-connection set-up runs again.
+            pool.disconnect(conn)
+            conn = pool.connect()
+        cursor = conn.cursor()
+        try:
+            self.engine.begin(cursor)
+            result = func(Txn(cursor, self.engine))
+            conn.commit()
+            return result
+        except BaseException as e:
+            try:
+                conn.rollback()
+            except Exception:
+                pass
+            if self.engine.is_unavailable(e):
+                pool.disconnect(conn)
+            raise
+        finally:
+            try:
+                cursor.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._pool.close()

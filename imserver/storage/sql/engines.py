@@ -1,0 +1,234 @@
+"""
+SQL dialects behind one object, as Synapse's C{storage/engines}.
+
+Queries are written once with C{?} placeholders; the engine converts them,
+knows how to open and check connections, how to say "insert, ignoring a
+duplicate" and "add to a counter on conflict", and which errors mean "retry
+the transaction" (deadlock) or "the database is unreachable".
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from typing import Any
+
+import pymysql
+
+from imserver.config import MysqlTarget, SqliteTarget, SqlTarget
+
+# MySQL/MariaDB error numbers we act on.
+ER_LOCK_DEADLOCK = 1213
+ER_LOCK_WAIT_TIMEOUT = 1205
+CR_CONN_HOST_ERROR = 2003
+CR_SERVER_GONE_ERROR = 2006
+CR_SERVER_LOST = 2013
+ER_CON_COUNT_ERROR = 1040
+ER_SERVER_SHUTDOWN = 1053
+
+
+class Engine:
+    """The dialect interface; see L{SqliteEngine} and L{MysqlEngine}."""
+
+    kind: str = ""
+    dbapi_name: str = ""
+    #: How many threads (and connections) a pool may use.
+    max_connections: int = 1
+    #: "INSERT IGNORE" or "INSERT OR IGNORE".
+    insert_ignore: str = ""
+    #: Appended to a SELECT that must lock the rows it reads.
+    for_update: str = ""
+
+    def connect_args(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_connect(self, conn: Any) -> None:
+        """Per-connection set-up (pragmas, modes)."""
+
+    def begin(self, cursor: Any) -> None:
+        """Start a transaction on a fresh connection use."""
+
+    def check_connection(self, conn: Any) -> None:
+        """Make sure a pooled connection still works before a transaction."""
+
+    @staticmethod
+    @functools.lru_cache(maxsize=512)
+    def _to_format(sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def convert(self, sql: str) -> str:
+        return sql
+
+    def upsert_add(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        columns: tuple[str, ...],
+        add: tuple[str, ...],
+        greatest: tuple[str, ...] = (),
+        bump: str | None = None,
+    ) -> str:
+        """
+        C{INSERT ... VALUES (?, ...)} that, on a duplicate key, adds the new
+        values to the C{add} columns, keeps the larger of old and new in the
+        C{greatest} columns, and increments C{bump} by one.
+        """
+        raise NotImplementedError
+
+    def is_retryable(self, e: BaseException) -> bool:
+        """A transaction that failed this way rolled back and may be re-run."""
+        return False
+
+    def is_unavailable(self, e: BaseException) -> bool:
+        """The database cannot be reached (or went away during the transaction)."""
+        return False
+
+    def lock_migrations(self, cursor: Any) -> None:
+        """Serialise schema migrations of concurrently starting nodes."""
+
+    def unlock_migrations(self, cursor: Any) -> None:
+        pass
+
+
+class SqliteEngine(Engine):
+    """The embedded default: one file, one writer connection, WAL journal."""
+
+    kind = "sqlite"
+    dbapi_name = "sqlite3"
+    max_connections = 1
+    insert_ignore = "INSERT OR IGNORE"
+    for_update = ""
+
+    def __init__(self, target: SqliteTarget) -> None:
+        self.path = target.path
+
+    def connect_args(self) -> dict[str, Any]:
+        # isolation_level=None: we issue BEGIN ourselves (see begin()).
+        return {"database": self.path, "check_same_thread": False, "isolation_level": None}
+
+    def on_connect(self, conn: Any) -> None:
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before send is answered ok.
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=OFF")
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.close()
+
+    def begin(self, cursor: Any) -> None:
+        cursor.execute("BEGIN IMMEDIATE")
+
+    def upsert_add(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        columns: tuple[str, ...],
+        add: tuple[str, ...],
+        greatest: tuple[str, ...] = (),
+        bump: str | None = None,
+    ) -> str:
+        sets = [f"{c} = {c} + excluded.{c}" for c in add]
+        sets += [f"{c} = MAX({c}, excluded.{c})" for c in greatest]
+        if bump:
+            sets.append(f"{bump} = {bump} + 1")
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {', '.join(sets)}"
+        )
+
+    def is_retryable(self, e: BaseException) -> bool:
+        return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+
+    def is_unavailable(self, e: BaseException) -> bool:
+        return isinstance(e, sqlite3.OperationalError) and (
+            "unable to open" in str(e) or "disk I/O" in str(e)
+        )
+
+
+class MysqlEngine(Engine):
+    """MySQL / MariaDB through PyMySQL."""
+
+    kind = "mysql"
+    dbapi_name = "pymysql"
+    insert_ignore = "INSERT IGNORE"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, target: MysqlTarget, max_connections: int = 5) -> None:
+        self.target = target
+        self.max_connections = max_connections
+
+    def connect_args(self) -> dict[str, Any]:
+        t = self.target
+        return {
+            "host": t.host,
+            "port": t.port,
+            "user": t.user,
+            "password": t.password,
+            "database": t.database,
+            "charset": "utf8mb4",
+            "autocommit": False,
+            "connect_timeout": 5,
+            "read_timeout": 30,
+            "write_timeout": 30,
+        }
+
+    def on_connect(self, conn: Any) -> None:
+        cur = conn.cursor()
+        cur.execute("SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'")
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur.close()
+
+    def check_connection(self, conn: Any) -> None:
+        # After a server restart every pooled connection would fail its next
+        # query with 2013; the ping finds out first (the caller reconnects).
+        conn.ping(reconnect=False)
+
+    def convert(self, sql: str) -> str:
+        return self._to_format(sql)
+
+    def upsert_add(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        columns: tuple[str, ...],
+        add: tuple[str, ...],
+        greatest: tuple[str, ...] = (),
+        bump: str | None = None,
+    ) -> str:
+        sets = [f"{c} = {c} + VALUES({c})" for c in add]
+        sets += [f"{c} = GREATEST({c}, VALUES({c}))" for c in greatest]
+        if bump:
+            sets.append(f"{bump} = {bump} + 1")
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON DUPLICATE KEY UPDATE {', '.join(sets)}"
+        )
+
+    def is_retryable(self, e: BaseException) -> bool:
+        return isinstance(e, pymysql.err.OperationalError) and e.args[:1] in (
+            (ER_LOCK_DEADLOCK,),
+            (ER_LOCK_WAIT_TIMEOUT,),
+        )
+
+    def is_unavailable(self, e: BaseException) -> bool:
+        if isinstance(e, pymysql.err.InterfaceError | ConnectionError):
+            return True
+        return isinstance(e, pymysql.err.OperationalError) and e.args[:1] in (
+            (CR_CONN_HOST_ERROR,),
+            (CR_SERVER_GONE_ERROR,),
+            (CR_SERVER_LOST,),
+            (ER_CON_COUNT_ERROR,),
+            (ER_SERVER_SHUTDOWN,),
+        )
+
+    def lock_migrations(self, cursor: Any) -> None:
+        cursor.execute("SELECT GET_LOCK('imserver_migrations', 60)")
+
+    def unlock_migrations(self, cursor: Any) -> None:
+        cursor.execute("SELECT RELEASE_LOCK('imserver_migrations')")
+
+
+def create_engine(target: SqlTarget) -> Engine:
+    if isinstance(target, SqliteTarget):
+        return SqliteEngine(target)
+    return MysqlEngine(target)

@@ -1,0 +1,58 @@
+"""
+Frame bodies: one msgpack map with string keys.
+
+L{decode_body} turns the bytes of one frame into a dict or raises L{BadFrame};
+it never raises anything else, whatever the input (see the hypothesis tests).
+L{encode} packs a dict and prefixes the length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from imserver.wire.framing import HEADER
+
+Frame = dict[str, Any]
+
+
+class BadFrame(Exception):
+    """The body is not a msgpack map with string keys."""
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def decode_body(raw: bytes) -> Frame:
+    """Decode one frame body; raise L{BadFrame} unless it is a map with str keys."""
+    try:
+        obj = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+        )
+    except Exception as e:
+        raise BadFrame(f"body is not valid msgpack: {e.__class__.__name__}") from None
+    if type(obj) is not dict:
+        raise BadFrame("body is not a map")
+    for key in obj:
+        if type(key) is not str:
+            raise BadFrame("map keys must be strings")
+    return obj
+
+
+def pack(obj: Mapping[str, Any]) -> bytes:
+    """The msgpack body of a frame, without its length prefix."""
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return body
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    """A complete frame: length prefix and msgpack body."""
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return HEADER.pack(len(body)) + body

@@ -1,0 +1,252 @@
+"""
+Frame schemas of wire protocol v1.
+
+A request frame is C{{"t": OP, "id": INT, ...fields}}. L{parse_request} checks
+the envelope and hands the frame to the schema class registered for OP, whose
+C{parse} validates the fields and returns a frozen, typed request object or
+raises L{ImError} (C{invalid} for missing or mistyped fields, C{too_large} for
+oversize values).
+
+Replies and pushes are plain dicts built by L{ok}, L{error} and L{push}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from imserver.errors import ErrorCode, ImError
+from imserver.wire.codec import Frame
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+# ---------------------------------------------------------------------------
+# Field extractors: each reads one key of a frame and raises ImError naming it.
+
+
+def _invalid(message: str) -> ImError:
+    return ImError(ErrorCode.INVALID, message)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def req_int(frame: Frame, key: str, *, minimum: int = 1, maximum: int = INT64_MAX) -> int:
+    """A required integer (not a bool) in [minimum, maximum]."""
+    if key not in frame:
+        raise _invalid(f"missing field {key!r}")
+    return _check_int(frame[key], key, minimum, maximum)
+
+
+def opt_int(
+    frame: Frame,
+    key: str,
+    default: int | None,
+    *,
+    minimum: int = 1,
+    maximum: int = INT64_MAX,
+) -> int | None:
+    """An optional integer; C{nil} or absence gives C{default}."""
+    value = frame.get(key)
+    if value is None:
+        return default
+    return _check_int(value, key, minimum, maximum)
+
+
+def _check_int(value: object, key: str, minimum: int, maximum: int) -> int:
+    if not _is_int(value):
+        raise _invalid(f"field {key!r} must be an integer")
+    assert isinstance(value, int)
+    if value < minimum:
+        raise _invalid(f"field {key!r} must be >= {minimum}")
+    if value > maximum:
+        raise ImError(ErrorCode.TOO_LARGE, f"field {key!r} must be <= {maximum}")
+    return value
+
+
+def opt_limit(frame: Frame, key: str, default: int, maximum: int) -> int:
+    """A page size: 1..maximum, default when absent; above maximum is C{too_large}."""
+    value = opt_int(frame, key, default, minimum=1, maximum=maximum)
+    assert value is not None
+    return value
+
+
+def req_str(frame: Frame, key: str, *, max_len: int, min_len: int = 1) -> str:
+    """A required string of min_len..max_len characters."""
+    if key not in frame:
+        raise _invalid(f"missing field {key!r}")
+    return _check_str(frame[key], key, min_len, max_len)
+
+
+def opt_str(frame: Frame, key: str, *, max_len: int, min_len: int = 0) -> str | None:
+    """An optional string; C{nil} or absence gives None."""
+    value = frame.get(key)
+    if value is None:
+        return None
+    return _check_str(value, key, min_len, max_len)
+
+
+def _check_str(value: object, key: str, min_len: int, max_len: int) -> str:
+    if type(value) is not str:
+        raise _invalid(f"field {key!r} must be a string")
+    assert isinstance(value, str)
+    if len(value) < min_len:
+        raise _invalid(f"field {key!r} must have at least {min_len} characters")
+    if len(value) > max_len:
+        raise ImError(ErrorCode.TOO_LARGE, f"field {key!r} must have at most {max_len} characters")
+    return value
+
+
+def req_int_list(frame: Frame, key: str, *, max_items: int, minimum: int = 1) -> tuple[int, ...]:
+    """A required non-empty list of integers, at most max_items long."""
+    value = frame.get(key)
+    if type(value) is not list:
+        raise _invalid(f"field {key!r} must be a list of integers")
+    assert isinstance(value, list)
+    if not value:
+        raise _invalid(f"field {key!r} must not be empty")
+    if len(value) > max_items:
+        raise ImError(ErrorCode.TOO_LARGE, f"field {key!r} holds at most {max_items} items")
+    return tuple(_check_int(item, key, minimum, INT64_MAX) for item in value)
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_plain(value: object, key: str, depth: int = 0) -> None:
+    """
+    Check that C{value} is plain data: nil, bool, int64, float, str, lists and
+    maps with string keys, nested at most 16 deep (what JSON can also carry).
+    """
+    if depth > 16:
+        raise _invalid(f"field {key!r} is nested too deeply")
+    kind = type(value)
+    if kind is dict:
+        assert isinstance(value, dict)
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _invalid(f"field {key!r}: map keys must be strings")
+            check_plain(v, key, depth + 1)
+    elif kind is list:
+        assert isinstance(value, list)
+        for v in value:
+            check_plain(v, key, depth + 1)
+    elif kind is int:
+        assert isinstance(value, int)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise _invalid(f"field {key!r}: integer out of int64 range")
+    elif kind not in _JSON_SCALARS:
+        raise _invalid(f"field {key!r}: values of type {kind.__name__} are not allowed")
+
+
+# ---------------------------------------------------------------------------
+# Requests
+
+
+@attrs.frozen
+class Request:
+    """Base of all typed requests; C{op} is the frame's C{t}."""
+
+    op: ClassVar[str] = ""
+    id: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Request:
+        return cls(id=req_id)
+
+
+R = TypeVar("R", bound=type[Request])
+
+REQUESTS: dict[str, type[Request]] = {}
+
+
+def request(cls: R) -> R:
+    """Class decorator: register a schema under its op name."""
+    if cls.op in REQUESTS:
+        raise ValueError(f"duplicate op {cls.op!r}")
+    REQUESTS[cls.op] = cls
+    return cls
+
+
+@request
+@attrs.frozen
+class Auth(Request):
+    op: ClassVar[str] = "auth"
+    token: str
+    device: str | None = None
+    client: str | None = None
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Auth:
+        return cls(
+            id=req_id,
+            token=req_str(frame, "token", max_len=4096),
+            device=opt_str(frame, "device", max_len=128),
+            client=opt_str(frame, "client", max_len=128),
+        )
+
+
+@request
+@attrs.frozen
+class Ping(Request):
+    op: ClassVar[str] = "ping"
+
+
+def request_id(frame: Frame) -> int | None:
+    """The frame's C{id} if it is a valid int64, else None."""
+    value = frame.get("id")
+    if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+        assert isinstance(value, int)
+        return value
+    return None
+
+
+def parse_request(frame: Frame, known: Mapping[str, type[Request]] = REQUESTS) -> Request:
+    """
+    Validate the envelope and the fields of a request frame.
+
+    @param known: the ops to accept; any other C{t} is C{unknown_op}.
+    @raise ImError: C{invalid} (bad envelope or fields), C{unknown_op},
+        C{too_large}.
+    """
+    op = frame.get("t")
+    if type(op) is not str:
+        raise _invalid("field 't' must be the op name")
+    req_id = request_id(frame)
+    if req_id is None:
+        raise _invalid("field 'id' must be an int64")
+    schema = known.get(op)
+    if schema is None:
+        raise ImError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+    return schema.parse(req_id, frame)
+
+
+# ---------------------------------------------------------------------------
+# Replies and pushes
+
+
+def ok(req_id: int, result: Mapping[str, Any] | None = None) -> Frame:
+    """A success reply; the result's fields sit beside C{t} and C{id}."""
+    frame: Frame = {"t": "ok", "id": req_id}
+    if result:
+        frame.update(result)
+    return frame
+
+
+def error(code: ErrorCode, message: str, req_id: int | None = None) -> Frame:
+    """An error reply; C{id} is omitted when the request had none."""
+    frame: Frame = {"t": "error", "code": str(code), "message": message}
+    if req_id is not None:
+        frame["id"] = req_id
+    return frame
+
+
+def push(event: str, **fields: Any) -> Frame:
+    """A server push: C{{"t": event, ...}}, never with an C{id}."""
+    frame: Frame = {"t": event}
+    frame.update(fields)
+    return frame

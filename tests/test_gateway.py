@@ -1,0 +1,413 @@
+"""The connection layer, driven through StringTransport and a task.Clock."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import jwt
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from imserver.config import ServerConfig
+from imserver.errors import ErrorCode, ImError
+from imserver.gateway.protocol import ClientProtocol, Gateway, Op
+from imserver.gateway.registry import LocalRegistry
+from imserver.services.presence import IClientLink, IPresence
+from imserver.services.tokens import TokenService
+from imserver.wire import frames
+from imserver.wire.codec import decode_body, encode
+from imserver.wire.framing import FrameDecoder
+
+SECRET = "unit-test-secret-0123456789-abcdefgh"
+
+
+class Echo(frames.Request):
+    op = "echo"
+
+
+class Client:
+    """A connection under test with a decoder for what the server wrote."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.proto = gateway.buildProtocol(None)
+        assert self.proto is not None
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self._decoder = FrameDecoder(2**20)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.proto.dataReceived(encode(frame))
+
+    def received(self) -> list[dict[str, Any]]:
+        data = self.transport.value()
+        self.transport.clear()
+        return [decode_body(b) for b in self._decoder.feed(data)]
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        self.proto.connectionLost()
+
+
+class GatewayTestsMixin:
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.tokens = TokenService(SECRET)
+        self.registry = LocalRegistry()
+        self.config = ServerConfig(
+            auth_timeout_seconds=10,
+            idle_timeout_seconds=90,
+            heartbeat_seconds=30,
+            max_frame_bytes=1024,
+            max_outbound_bytes=10_000,
+        )
+        self.logins: list[int] = []
+        self.login_result: Deferred[None] | None = None
+        self.gateway = self.make_gateway()
+
+    def make_gateway(self, **ops: Op) -> Gateway:
+        def on_login(uid: int, conn: ClientProtocol, req: frames.Auth) -> Deferred[None]:
+            self.logins.append(uid)
+            return self.login_result if self.login_result is not None else succeed(None)
+
+        return Gateway(
+            config=self.config,
+            clock=self.clock,
+            tokens=self.tokens,
+            presence=self.registry,
+            ops=ops,
+            on_login=on_login,
+        )
+
+    def token(self, uid: int, ttl: int = 60) -> str:
+        return self.tokens.mint(uid, now=self.clock.seconds(), ttl_seconds=ttl)
+
+    def authed(self, uid: int = 42) -> Client:
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": self.token(uid)})
+        [reply] = client.received()
+        assert reply["t"] == "ok", reply
+        return client
+
+
+class AuthTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_auth_ok(self) -> None:
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 7, "token": self.token(42), "device": "ios"})
+        self.assertEqual(
+            client.received(),
+            [{"t": "ok", "id": 7, "uid": 42, "heartbeat": 30.0, "server_time": 1_700_000_000_000}],
+        )
+        self.assertEqual(self.logins, [42])
+        self.assertIs(self.registry.local(42), client.proto)
+        self.assertEqual(client.proto.device, "ios")
+        self.assertFalse(client.closing)
+
+    def test_any_other_first_frame_is_unauthenticated_and_closes(self) -> None:
+        client = Client(self.gateway)
+        client.send({"t": "ping", "id": 3})
+        self.assertEqual(client.received()[0]["code"], "unauthenticated")
+        self.assertEqual(client.received(), [])
+        self.assertTrue(client.closing)
+
+    def test_frames_after_a_refused_first_frame_are_ignored(self) -> None:
+        client = Client(self.gateway)
+        client.proto.dataReceived(encode({"t": "ping", "id": 1}) + encode({"t": "ping", "id": 2}))
+        self.assertEqual([f["id"] for f in client.received()], [1])
+
+    def assertAuthFailed(self, token: object) -> None:
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": token})
+        [reply] = client.received()
+        self.assertEqual((reply["t"], reply["code"], reply["id"]), ("error", "auth_failed", 1))
+        self.assertTrue(client.closing)
+        self.assertEqual(self.logins, [])
+
+    def test_bad_signature(self) -> None:
+        self.assertAuthFailed(
+            TokenService("another-secret-0123456-abcdefghijklmn").mint(42, now=self.clock.seconds())
+        )
+
+    def test_expired(self) -> None:
+        token = self.token(42, ttl=5)
+        self.clock.advance(6)
+        self.assertAuthFailed(token)
+
+    def test_alg_none(self) -> None:
+        self.assertAuthFailed(
+            jwt.encode({"sub": "42", "exp": 2_000_000_000}, None, algorithm="none")
+        )
+
+    def test_other_hmac_algorithm(self) -> None:
+        self.assertAuthFailed(
+            jwt.encode(
+                {"sub": "42", "exp": 2_000_000_000},
+                SECRET + "-long-enough-for-hs512-abcdefghijklmnopqrstuvwxyz",
+                algorithm="HS512",
+            )
+        )
+
+    def test_missing_exp(self) -> None:
+        self.assertAuthFailed(jwt.encode({"sub": "42"}, SECRET, algorithm="HS256"))
+
+    def test_bad_subjects(self) -> None:
+        for sub in ("0", "-5", "abc", str(2**63), " 42", "4.2"):
+            self.assertAuthFailed(jwt.encode({"sub": sub, "exp": 2_000_000_000}, SECRET))
+
+    def test_malformed_token_and_fields(self) -> None:
+        self.assertAuthFailed("not-a-jwt")
+        self.assertAuthFailed(12)
+        self.assertAuthFailed(None)
+
+    def test_auth_timeout(self) -> None:
+        client = Client(self.gateway)
+        self.clock.advance(9.9)
+        self.assertFalse(client.closing)
+        self.clock.advance(0.2)
+        self.assertEqual(client.received()[0]["code"], "unauthenticated")
+        self.assertTrue(client.closing)
+
+    def test_frames_during_login_wait_for_it(self) -> None:
+        self.login_result = Deferred()
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": self.token(42)})
+        client.send({"t": "ping", "id": 2})
+        self.assertEqual(client.received(), [])
+        self.login_result.callback(None)
+        self.assertEqual([(f["t"], f["id"]) for f in client.received()], [("ok", 1), ("ok", 2)])
+
+    def test_login_failure_is_reported_and_closes(self) -> None:
+        self.login_result = fail(ImError(ErrorCode.UNAVAILABLE, "db down"))
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": self.token(42)})
+        [reply] = client.received()
+        self.assertEqual(reply["code"], "unavailable")
+        self.assertTrue(client.closing)
+        self.assertIsNone(self.registry.local(42))
+
+    def test_connection_lost_during_login(self) -> None:
+        self.login_result = Deferred()
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": self.token(42)})
+        client.lose()
+        self.login_result.callback(None)
+        self.assertIsNone(self.registry.local(42))
+        self.assertEqual(client.received(), [])
+
+    def test_second_login_kicks_the_first(self) -> None:
+        first = self.authed(42)
+        second = self.authed(42)
+        self.assertEqual(first.received(), [{"t": "kick", "reason": "login_elsewhere"}])
+        self.assertTrue(first.closing)
+        self.assertFalse(second.closing)
+        first.lose()
+        self.assertIs(self.registry.local(42), second.proto)
+
+    def test_other_users_are_not_kicked(self) -> None:
+        a = self.authed(1)
+        self.authed(2)
+        self.assertEqual(a.received(), [])
+
+
+class RequestTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_ping(self) -> None:
+        client = self.authed()
+        self.clock.advance(1.5)
+        client.send({"t": "ping", "id": 9})
+        self.assertEqual(
+            client.received(), [{"t": "ok", "id": 9, "server_time": 1_700_000_001_500}]
+        )
+
+    def test_unknown_op(self) -> None:
+        client = self.authed()
+        for op in ("send", "sync", "fly"):
+            client.send({"t": op, "id": 4})
+            [reply] = client.received()
+            self.assertEqual((reply["code"], reply["id"]), ("unknown_op", 4))
+        self.assertFalse(client.closing)
+
+    def test_bad_frame_keeps_the_connection(self) -> None:
+        client = self.authed()
+        for body in (b"\xc1", b"\x93\x01\x02\x03", b"\xa3abc"):
+            client.proto.dataReceived(struct.pack(">I", len(body)) + body)
+            [reply] = client.received()
+            self.assertEqual(reply["code"], "bad_frame")
+            self.assertNotIn("id", reply)
+        client.send({"t": "ping", "id": 1})
+        self.assertEqual(client.received()[0]["t"], "ok")
+        self.assertFalse(client.closing)
+
+    def test_bad_frame_before_auth_keeps_the_connection(self) -> None:
+        client = Client(self.gateway)
+        client.proto.dataReceived(struct.pack(">I", 1) + b"\x01")
+        self.assertEqual(client.received()[0]["code"], "bad_frame")
+        self.assertFalse(client.closing)
+
+    def test_frame_too_large_closes(self) -> None:
+        for length in (0, 1025):
+            client = self.authed()
+            client.proto.dataReceived(struct.pack(">I", length) + b"x" * 10)
+            [reply] = client.received()
+            self.assertEqual(reply["code"], "frame_too_large")
+            self.assertTrue(client.closing)
+
+    def test_frame_too_large_before_auth_closes(self) -> None:
+        client = Client(self.gateway)
+        client.proto.dataReceived(struct.pack(">I", 10**6))
+        self.assertEqual(client.received()[0]["code"], "frame_too_large")
+        self.assertTrue(client.closing)
+
+    def test_invalid_envelope(self) -> None:
+        client = self.authed()
+        client.send({"t": "ping"})
+        [reply] = client.received()
+        self.assertEqual(reply["code"], "invalid")
+        self.assertNotIn("id", reply)
+
+    def test_handler_errors(self) -> None:
+        def boom(conn: ClientProtocol, req: frames.Request) -> Any:
+            raise ZeroDivisionError()
+
+        def refuse(conn: ClientProtocol, req: frames.Request) -> Any:
+            return fail(ImError(ErrorCode.FORBIDDEN, "no"))
+
+        def later(conn: ClientProtocol, req: frames.Request) -> Any:
+            return fail(KeyError("x"))
+
+        for handler, code in ((boom, "internal"), (refuse, "forbidden"), (later, "internal")):
+            self.gateway = self.make_gateway(echo=Op(Echo, handler))
+            client = self.authed()
+            client.send({"t": "echo", "id": 5})
+            [reply] = client.received()
+            self.assertEqual((reply["code"], reply["id"]), (code, 5))
+            self.assertFalse(client.closing)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError, KeyError)), 2)
+
+    def test_replies_in_completion_order(self) -> None:
+        waiting: list[Deferred[dict[str, int]]] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            d: Deferred[dict[str, int]] = Deferred()
+            waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow))
+        client = self.authed()
+        client.send({"t": "echo", "id": 1})
+        client.send({"t": "echo", "id": 2})
+        waiting[1].callback({"n": 2})
+        waiting[0].callback({"n": 1})
+        self.assertEqual([f["id"] for f in client.received()], [2, 1])
+
+    def test_reply_after_disconnect_is_dropped(self) -> None:
+        d: Deferred[dict[str, int]] = Deferred()
+        self.gateway = self.make_gateway(echo=Op(Echo, lambda c, r: d))
+        client = self.authed()
+        client.send({"t": "echo", "id": 1})
+        client.lose()
+        d.callback({"n": 1})
+        self.assertEqual(client.received(), [])
+
+
+class TimerTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_idle_timeout(self) -> None:
+        client = self.authed()
+        self.clock.advance(89)
+        self.assertFalse(client.closing)
+        self.clock.advance(1)
+        self.assertTrue(client.closing)
+
+    def test_activity_postpones_the_idle_timeout(self) -> None:
+        client = self.authed()
+        for _ in range(5):
+            self.clock.advance(60)
+            client.send({"t": "ping", "id": 1})
+        self.clock.advance(89)
+        self.assertFalse(client.closing)
+        self.clock.advance(1)
+        self.assertTrue(client.closing)
+
+    def test_closing_connection_that_does_not_drain_is_aborted(self) -> None:
+        client = self.authed()
+        self.clock.advance(90)
+        self.assertTrue(client.closing)
+        self.assertFalse(client.transport.disconnected)
+        self.clock.advance(5)
+        self.assertTrue(client.transport.disconnected)
+
+    def test_no_timers_left_after_disconnect(self) -> None:
+        client = self.authed()
+        client.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BackpressureTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_registered_as_streaming_producer(self) -> None:
+        client = self.authed()
+        self.assertIs(client.transport.producer, client.proto)
+        self.assertTrue(client.transport.streaming)
+
+    def test_paused_connection_stops_reading(self) -> None:
+        client = self.authed()
+        client.proto.pauseProducing()
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_client_that_does_not_read_is_dropped_past_the_cap(self) -> None:
+        client = self.authed()
+        client.proto.pauseProducing()
+        sent = 0
+        while not client.transport.disconnected and sent < 1000:
+            client.proto.push({"t": "msg", "body": "x" * 500})
+            sent += 1
+        self.assertTrue(client.transport.disconnected)
+        self.assertLess(sent, 30)
+        self.assertEqual(self.gateway.overflowed, 1)
+
+    def test_resume_resets_the_count(self) -> None:
+        client = self.authed()
+        for _ in range(10):
+            client.proto.pauseProducing()
+            for _ in range(15):
+                client.proto.push({"t": "msg", "body": "x" * 500})
+            client.proto.resumeProducing()
+        self.assertFalse(client.transport.disconnected)
+
+
+class ShutdownTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_goaway_to_everyone(self) -> None:
+        clients = [self.authed(uid) for uid in (1, 2)] + [Client(self.gateway)]
+        done = self.gateway.goaway_all()
+        for client in clients:
+            self.assertEqual(client.received(), [{"t": "goaway", "reason": "shutdown"}])
+            self.assertTrue(client.closing)
+        self.assertNoResult(done)
+        for client in clients:
+            client.lose()
+        self.successResultOf(done)
+        self.assertIsNone(self.gateway.buildProtocol(None))
+
+    def test_goaway_with_no_connections(self) -> None:
+        self.successResultOf(self.gateway.goaway_all())
+
+
+class InterfaceTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        client = self.authed()
+        verifyObject(IClientLink, client.proto)
+        verifyObject(IPresence, self.registry)
+
+    def test_registry_push(self) -> None:
+        client = self.authed(5)
+        self.assertTrue(self.registry.push(5, {"t": "x"}))
+        self.assertFalse(self.registry.push(6, {"t": "x"}))
+        self.assertEqual(client.received(), [{"t": "x"}])
+        self.assertEqual(list(self.registry.links()), [client.proto])

@@ -1,0 +1,194 @@
+"""The sans-IO wire layer: framing, body codec, request schemas."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from imserver.errors import ErrorCode, ImError
+from imserver.wire import frames
+from imserver.wire.codec import BadFrame, decode_body, encode, pack
+from imserver.wire.framing import FrameDecoder, FrameTooLarge, encode_frame
+
+plain = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+frame_maps = st.dictionaries(st.text(max_size=10), plain, max_size=6)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    out.append(data[last:])
+    return out
+
+
+class FramingTests(SynchronousTestCase):
+    @given(
+        st.lists(st.binary(min_size=1, max_size=300), max_size=10),
+        st.lists(st.integers(0, 5000)),
+    )
+    @settings(max_examples=300)
+    def test_any_split_gives_the_same_frames(self, bodies: list[bytes], cuts: list[int]) -> None:
+        """However the stream is cut into reads, the same frames come out in order."""
+        stream = b"".join(encode_frame(b) for b in bodies)
+        decoder = FrameDecoder(1000)
+        out: list[bytes] = []
+        for chunk in split_at(stream, cuts):
+            out.extend(decoder.feed(chunk))
+        self.assertEqual(out, bodies)
+        self.assertEqual(decoder.buffered, 0)
+
+    def test_partial_header_and_body_are_kept(self) -> None:
+        decoder = FrameDecoder(100)
+        data = encode_frame(b"hello")
+        self.assertEqual(decoder.feed(data[:2]), [])
+        self.assertEqual(decoder.feed(data[2:6]), [])
+        self.assertEqual(decoder.buffered, 6)
+        self.assertEqual(decoder.feed(data[6:] + data), [b"hello", b"hello"])
+
+    def test_zero_length_is_refused(self) -> None:
+        with self.assertRaises(FrameTooLarge) as e:
+            FrameDecoder(100).feed(b"\x00\x00\x00\x00")
+        self.assertEqual(e.exception.length, 0)
+
+    def test_length_above_limit_is_refused_before_the_body_arrives(self) -> None:
+        with self.assertRaises(FrameTooLarge):
+            FrameDecoder(100).feed(struct.pack(">I", 101))
+
+    def test_limit_is_inclusive(self) -> None:
+        self.assertEqual(FrameDecoder(3).feed(encode_frame(b"abc")), [b"abc"])
+
+    def test_large_frame_in_many_reads(self) -> None:
+        body = bytes(range(256)) * 256
+        data = encode_frame(body)
+        decoder = FrameDecoder(len(body))
+        out: list[bytes] = []
+        for i in range(0, len(data), 7):
+            out.extend(decoder.feed(data[i : i + 7]))
+        self.assertEqual(out, [body])
+
+
+class CodecTests(SynchronousTestCase):
+    @given(frame_maps)
+    @settings(max_examples=300)
+    def test_round_trip(self, frame: dict[str, object]) -> None:
+        data = encode(frame)
+        (body,) = FrameDecoder(2**20).feed(data)
+        self.assertEqual(decode_body(body), frame)
+
+    @given(st.binary(max_size=200))
+    @settings(max_examples=1000)
+    def test_garbage_only_ever_raises_bad_frame(self, data: bytes) -> None:
+        try:
+            result = decode_body(data)
+        except BadFrame:
+            return
+        self.assertIsInstance(result, dict)
+        self.assertTrue(all(isinstance(k, str) for k in result))
+
+    @given(plain.filter(lambda v: not isinstance(v, dict)))
+    def test_non_maps_are_bad_frames(self, value: object) -> None:
+        self.assertRaises(BadFrame, decode_body, msgpack.packb(value))
+
+    def test_binary_keys_are_bad_frames(self) -> None:
+        self.assertRaises(BadFrame, decode_body, msgpack.packb({b"t": 1}, use_bin_type=True))
+
+    def test_trailing_bytes_are_a_bad_frame(self) -> None:
+        self.assertRaises(BadFrame, decode_body, pack({"t": "ping"}) + b"\x00")
+
+    def test_extension_types_are_bad_frames(self) -> None:
+        self.assertRaises(BadFrame, decode_body, msgpack.packb({"a": msgpack.ExtType(5, b"x")}))
+
+    def test_invalid_utf8_is_a_bad_frame(self) -> None:
+        self.assertRaises(BadFrame, decode_body, b"\x81\xa1t\xa2\xff\xfe")
+
+    def test_byte_level_example_from_the_protocol_document(self) -> None:
+        """The example frame in docs/protocol.md, byte for byte."""
+        data = encode({"t": "ping", "id": 1})
+        self.assertEqual(data.hex(" "), "00 00 00 0c 82 a1 74 a4 70 69 6e 67 a2 69 64 01")
+
+
+class RequestSchemaTests(SynchronousTestCase):
+    def parse(self, frame: dict[str, object]) -> frames.Request:
+        return frames.parse_request(frame)
+
+    def assertCode(self, code: ErrorCode, frame: dict[str, object]) -> None:
+        with self.assertRaises(ImError) as e:
+            self.parse(frame)
+        self.assertEqual(e.exception.code, code, e.exception.message)
+
+    def test_auth(self) -> None:
+        request = self.parse({"t": "auth", "id": 1, "token": "abc", "device": "phone"})
+        self.assertEqual(request, frames.Auth(id=1, token="abc", device="phone", client=None))
+
+    def test_envelope(self) -> None:
+        self.assertCode(ErrorCode.INVALID, {"id": 1})
+        self.assertCode(ErrorCode.INVALID, {"t": 5, "id": 1})
+        self.assertCode(ErrorCode.INVALID, {"t": "ping"})
+        self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": "1"})
+        self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": True})
+        self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": 2**63})
+        self.assertCode(ErrorCode.UNKNOWN_OP, {"t": "fly", "id": 1})
+
+    def test_field_errors(self) -> None:
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1})
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": 7})
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": ""})
+        self.assertCode(ErrorCode.TOO_LARGE, {"t": "auth", "id": 1, "token": "x" * 5000})
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "x", "device": 3})
+
+    def test_int_extractors(self) -> None:
+        self.assertEqual(frames.req_int({"n": 5}, "n"), 5)
+        for bad in (True, 1.0, "5", None, 0, -1):
+            self.assertRaises(ImError, frames.req_int, {"n": bad}, "n")
+        self.assertEqual(frames.opt_int({}, "n", 7), 7)
+        self.assertEqual(frames.opt_limit({"n": 100}, "n", 20, 100), 100)
+        with self.assertRaises(ImError) as e:
+            frames.opt_limit({"n": 101}, "n", 20, 100)
+        self.assertEqual(e.exception.code, ErrorCode.TOO_LARGE)
+
+    def test_int_list(self) -> None:
+        self.assertEqual(frames.req_int_list({"l": [1, 2]}, "l", max_items=2), (1, 2))
+        for bad in ([], [1, "2"], "12", None, [0]):
+            self.assertRaises(ImError, frames.req_int_list, {"l": bad}, "l", max_items=5)
+        with self.assertRaises(ImError) as e:
+            frames.req_int_list({"l": [1, 2, 3]}, "l", max_items=2)
+        self.assertEqual(e.exception.code, ErrorCode.TOO_LARGE)
+
+    @given(plain)
+    def test_plain_data_is_accepted(self, value: object) -> None:
+        frames.check_plain(value, "body")
+
+    def test_non_plain_data_is_refused(self) -> None:
+        for bad in (b"bytes", {1: "x"}, [b"x"], {"a": {"b": msgpack.Timestamp(1)}}):
+            self.assertRaises(ImError, frames.check_plain, bad, "body")
+        deep: object = "x"
+        for _ in range(20):
+            deep = [deep]
+        self.assertRaises(ImError, frames.check_plain, deep, "body")
+
+    def test_replies(self) -> None:
+        self.assertEqual(frames.ok(3, {"a": 1}), {"t": "ok", "id": 3, "a": 1})
+        self.assertEqual(frames.ok(3), {"t": "ok", "id": 3})
+        self.assertEqual(
+            frames.error(ErrorCode.INVALID, "no", 3),
+            {"t": "error", "code": "invalid", "message": "no", "id": 3},
+        )
+        self.assertNotIn("id", frames.error(ErrorCode.BAD_FRAME, "no"))
+        self.assertEqual(frames.push("kick", reason="x"), {"t": "kick", "reason": "x"})
