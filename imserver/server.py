@@ -20,13 +20,20 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imserver.chat.service import ChatService
 from imserver.config import Config
+from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
+from imserver.services.filter import ContentFilter
+from imserver.services.ids import IdGenerator
 from imserver.services.tokens import TokenService
+from imserver.storage.hot.interface import IHotStore
+from imserver.storage.hot.memory import MemoryHotStore
+from imserver.storage.hot.redis import RedisHotStore
 from imserver.storage.sql.database import Database
 from imserver.storage.sql.engines import create_engine
-from imserver.storage.sql.migrate import migrate
+from imserver.storage.store import Store
 
 
 class IMServer(MultiService):
@@ -40,13 +47,32 @@ class IMServer(MultiService):
         self.reactor = reactor
         self.registry = LocalRegistry()
         self.tokens = TokenService(config.auth.secret)
+        engine = create_engine(config.storage.sql)
+        self.db = Database(
+            reactor, engine, name="realtime", max_connections=None if engine.kind == "sqlite" else 8
+        )
+        hot: IHotStore
+        if config.storage.redis is None:
+            hot = MemoryHotStore(reactor)
+        else:
+            hot = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
+        self.store = Store(reactor, self.db, hot)
+        self.chat = ChatService(
+            store=self.store,
+            presence=self.registry,
+            ids=IdGenerator(config.server.node_id, reactor),
+            content=ContentFilter.from_file(config.filter.words_file, config.filter.action),
+            limits=config.limits,
+            clock=reactor,
+        )
         self.gateway = Gateway(
             config=config.server,
             clock=reactor,
             tokens=self.tokens,
             presence=self.registry,
+            ops=business_ops(self.chat, config.limits),
+            on_login=login_hook(self.chat),
         )
-        self.db: Database | None = None
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
 
@@ -57,8 +83,7 @@ class IMServer(MultiService):
 
     async def _start(self) -> None:
         cfg = self.config
-        self.db = Database(self.reactor, create_engine(cfg.storage.sql), name="realtime")
-        applied = await migrate(self.db, int(self.reactor.seconds() * 1000))
+        applied = await self.store.start()
         if applied:
             self.log.info("applied schema migrations {versions}", versions=applied)
         for desc in cfg.server.listen:
@@ -66,10 +91,11 @@ class IMServer(MultiService):
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
         self.log.info(
-            "imserver node {node_id} ready (config {source}, sql {sql})",
+            "imserver node {node_id} ready (config {source}, sql {sql}, hot store {hot})",
             node_id=cfg.server.node_id,
             source=cfg.source,
             sql=cfg.storage.sql.kind,
+            hot=self.store.hot.kind,
         )
 
     def _start_failed(self, failure: Failure) -> None:
@@ -94,9 +120,15 @@ class IMServer(MultiService):
             await goodbye
         except Exception:
             self.log.warn("clients still connected after the shutdown grace period")
-        if self.db is not None:
-            self.db.close()
-            self.db = None
+        # Everything acked to a sender is committed already; let the
+        # fan-outs that follow commits finish too.
+        drained = Deferred.fromCoroutine(self.chat.drain())
+        drained.addTimeout(self.config.server.shutdown_seconds, self.reactor)
+        try:
+            await drained
+        except Exception:
+            self.log.warn("fan-out still running after the shutdown grace period")
+        await self.store.stop()
         self.log.info("imserver stopped")
 
 

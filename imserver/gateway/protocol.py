@@ -40,6 +40,7 @@ from zope.interface import implementer
 from imserver.config import ServerConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.services.presence import IClientLink, IPresence
+from imserver.services.ratelimit import TokenBucket
 from imserver.services.tokens import TokenService
 from imserver.wire import frames
 from imserver.wire.codec import BadFrame, Frame, decode_body, encode
@@ -84,6 +85,8 @@ class ClientProtocol(Protocol):
         self.state = State.AWAIT_AUTH
         self.device: str | None = None
         self.client: str | None = None
+        # The send rate limit of this connection, made by the op table.
+        self.send_bucket: TokenBucket | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
         self._queued: list[Frame] = []
         self._timer: IDelayedCall | None = None

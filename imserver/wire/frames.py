@@ -250,3 +250,172 @@ def push(event: str, **fields: Any) -> Frame:
     frame: Frame = {"t": event}
     frame.update(fields)
     return frame
+
+
+# ---------------------------------------------------------------------------
+# Messaging requests (docs/protocol.md, "Messaging")
+
+MAX_ACK = 500
+MAX_PROFILE_UIDS = 100
+
+
+@request
+@attrs.frozen
+class Send(Request):
+    op: ClassVar[str] = "send"
+    to: int
+    cid: str
+    type: str
+    body: str | dict[str, Any]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Send:
+        if "body" not in frame:
+            raise _invalid("missing field 'body'")
+        body = frame["body"]
+        if type(body) is not str and type(body) is not dict:
+            raise _invalid("field 'body' must be a string or a map")
+        check_plain(body, "body")
+        kind = opt_str(frame, "type", max_len=32, min_len=1)
+        return cls(
+            id=req_id,
+            to=req_int(frame, "to"),
+            cid=req_str(frame, "cid", max_len=64),
+            type="text" if kind is None else kind,
+            body=body,
+        )
+
+
+@request
+@attrs.frozen
+class Ack(Request):
+    op: ClassVar[str] = "ack"
+    msg_ids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Ack:
+        return cls(id=req_id, msg_ids=req_int_list(frame, "msg_ids", max_items=MAX_ACK))
+
+
+@request
+@attrs.frozen
+class Sync(Request):
+    op: ClassVar[str] = "sync"
+    limit: int
+    after: int
+    sender: int | None
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Sync:
+        after = opt_int(frame, "after", 0, minimum=0)
+        assert after is not None
+        return cls(
+            id=req_id,
+            limit=opt_limit(frame, "limit", 100, 500),
+            after=after,
+            sender=opt_int(frame, "from", None),
+        )
+
+
+@request
+@attrs.frozen
+class OfflineSummary(Request):
+    op: ClassVar[str] = "offline_summary"
+
+
+@request
+@attrs.frozen
+class Read(Request):
+    op: ClassVar[str] = "read"
+    session_id: int
+    msg_id: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Read:
+        return cls(
+            id=req_id, session_id=req_int(frame, "session_id"), msg_id=req_int(frame, "msg_id")
+        )
+
+
+@request
+@attrs.frozen
+class Unread(Request):
+    op: ClassVar[str] = "unread"
+
+
+@request
+@attrs.frozen
+class Convs(Request):
+    op: ClassVar[str] = "convs"
+    limit: int
+    before: int | None
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Convs:
+        return cls(
+            id=req_id,
+            limit=opt_limit(frame, "limit", 20, 100),
+            before=opt_int(frame, "before", None),
+        )
+
+
+@request
+@attrs.frozen
+class History(Request):
+    op: ClassVar[str] = "history"
+    peer: int | None
+    session_id: int | None
+    before: int | None
+    limit: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> History:
+        peer = opt_int(frame, "peer", None)
+        session_id = opt_int(frame, "session_id", None)
+        if (peer is None) == (session_id is None):
+            raise _invalid("give exactly one of 'peer' and 'session_id'")
+        return cls(
+            id=req_id,
+            peer=peer,
+            session_id=session_id,
+            before=opt_int(frame, "before", None),
+            limit=opt_limit(frame, "limit", 20, 100),
+        )
+
+
+@request
+@attrs.frozen
+class Recall(Request):
+    op: ClassVar[str] = "recall"
+    msg_id: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Recall:
+        return cls(id=req_id, msg_id=req_int(frame, "msg_id"))
+
+
+@request
+@attrs.frozen
+class GetProfile(Request):
+    op: ClassVar[str] = "profile"
+    uids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> GetProfile:
+        return cls(id=req_id, uids=req_int_list(frame, "uids", max_items=MAX_PROFILE_UIDS))
+
+
+@request
+@attrs.frozen
+class SetProfile(Request):
+    op: ClassVar[str] = "set_profile"
+    nickname: str | None
+    avatar: str | None
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> SetProfile:
+        nickname = opt_str(frame, "nickname", max_len=64)
+        avatar = opt_str(frame, "avatar", max_len=512)
+        if nickname is None and avatar is None:
+            raise _invalid("give 'nickname', 'avatar' or both")
+        return cls(id=req_id, nickname=nickname, avatar=avatar)

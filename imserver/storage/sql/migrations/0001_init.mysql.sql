@@ -5,7 +5,8 @@ CREATE TABLE IF NOT EXISTS t_user (
   nickname VARCHAR(64) NOT NULL DEFAULT '',
   avatar VARCHAR(512) NOT NULL DEFAULT '',
   createTime BIGINT NOT NULL COMMENT 'ms since epoch',
-  updateTime BIGINT NOT NULL COMMENT 'ms since epoch'
+  updateTime BIGINT NOT NULL COMMENT 'ms since epoch',
+  version BIGINT NOT NULL DEFAULT 0 COMMENT 'increases with every change (cache guard)'
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 -- One row per pair of users; the unique key makes first use race-free.

@@ -5,7 +5,8 @@ CREATE TABLE IF NOT EXISTS t_user (
   nickname TEXT NOT NULL DEFAULT '',
   avatar TEXT NOT NULL DEFAULT '',
   createTime INTEGER NOT NULL,
-  updateTime INTEGER NOT NULL
+  updateTime INTEGER NOT NULL,
+  version INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS t_session (

@@ -1,0 +1,58 @@
+"""
+A short-lived in-process profile cache in front of the store's (Redis, then
+SQL): sending enriches every message with its sender's profile, so this keeps
+that off the network. Entries expire after C{ttl} seconds, which bounds how
+long a profile changed on another node can look old here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from twisted.internet.interfaces import IReactorTime
+
+from imserver.storage.model import Profile
+from imserver.storage.store import Store
+
+
+class ProfileCache:
+    def __init__(
+        self, store: Store, clock: IReactorTime, *, ttl: float = 10.0, size: int = 100_000
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.ttl = ttl
+        self.size = size
+        self._entries: OrderedDict[int, tuple[float, Profile]] = OrderedDict()
+
+    def put(self, profile: Profile) -> None:
+        current = self._entries.get(profile.uid)
+        if current is not None and current[1].version > profile.version:
+            return
+        self._entries[profile.uid] = (self._clock.seconds() + self.ttl, profile)
+        self._entries.move_to_end(profile.uid)
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def cached(self, uid: int) -> Profile | None:
+        entry = self._entries.get(uid)
+        if entry is None or entry[0] < self._clock.seconds():
+            return None
+        return entry[1]
+
+    async def get(self, uids: Iterable[int]) -> dict[int, Profile]:
+        """Profiles of the users that exist among C{uids}."""
+        found: dict[int, Profile] = {}
+        missing = []
+        for uid in dict.fromkeys(uids):
+            profile = self.cached(uid)
+            if profile is None:
+                missing.append(uid)
+            else:
+                found[uid] = profile
+        if missing:
+            for uid, profile in (await self._store.profiles(missing)).items():
+                self.put(profile)
+                found[uid] = profile
+        return found

@@ -1,0 +1,323 @@
+"""
+The business layer: every operation of wire protocol v1 after auth.
+
+The send path is the seed's: filter -> enrich -> dedupe -> ids -> durable
+commit -> reply -> fan-out. Ids are assigned before the first wait, in the
+order requests arrive, and commits and fan-outs run as ordered batches, so
+messages sent on one connection are stored, pushed and listed in the order
+they were sent. The reply goes out once the message is committed; the
+fan-out (hot index, then push) follows in the background. Reads of a user's
+state first wait for that user's fan-outs still running on this node, so a
+client always reads its own writes.
+
+Results are plain dicts with the wire protocol's field names; the layer
+knows nothing of frames or connections (pushes go through L{IPresence}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from imserver.batching import Batcher
+from imserver.chat.profiles import ProfileCache
+from imserver.config import LimitsConfig
+from imserver.errors import ErrorCode, ImError
+from imserver.services.filter import ContentFilter
+from imserver.services.ids import IdGenerator, id_time_ms
+from imserver.services.presence import IPresence
+from imserver.storage.model import (
+    RECORD_NORMAL,
+    Committed,
+    Duplicate,
+    Message,
+    NewMessage,
+    Profile,
+    Refused,
+    pack_body,
+    unpack_body,
+)
+from imserver.storage.store import Store
+
+Result = dict[str, Any]
+
+
+def sender_info(profile: Profile | None) -> dict[str, str]:
+    if profile is None:
+        return {"nickname": "", "avatar": ""}
+    return {"nickname": profile.nickname, "avatar": profile.avatar}
+
+
+def message_object(m: Message, sender: Profile | None, body: Any = None) -> Result:
+    """A msg object as the protocol defines it."""
+    return {
+        "msg_id": m.msg_id,
+        "session_id": m.session_id,
+        "from": m.sender,
+        "to": m.recipient,
+        "cid": m.cid,
+        "type": m.type,
+        "body": unpack_body(m.body) if body is None else body,
+        "ts": m.ts,
+        "sender": sender_info(sender),
+    }
+
+
+class ChatService:
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        presence: IPresence,
+        ids: IdGenerator,
+        content: ContentFilter,
+        limits: LimitsConfig,
+        clock: IReactorTime,
+    ) -> None:
+        self.store = store
+        self.presence = presence
+        self.ids = ids
+        self.content = content
+        self.limits = limits
+        self.clock = clock
+        self.profiles = ProfileCache(store, clock)
+        self.fanouts: Batcher[tuple[Committed, Any], None] = Batcher(
+            "fanout", self._fanout_batch, max_batch=500, max_queue=10_000_000
+        )
+        self._inflight: dict[int, int] = {}
+        self._settled_waiters: dict[int, list[Deferred[None]]] = {}
+        # Read by metrics.
+        self.sent = 0
+        self.duplicates = 0
+        self.pushed = 0
+
+    # -- login -----------------------------------------------------------------
+
+    async def login(self, uid: int) -> Profile:
+        profile = await self.store.ensure_user(uid)
+        self.profiles.put(profile)
+        return profile
+
+    # -- send --------------------------------------------------------------------
+
+    async def send(self, sender: int, to: int, cid: str, kind: str, body: Any) -> Result:
+        if to == sender:
+            raise ImError(ErrorCode.INVALID, "you cannot send a message to yourself")
+        body = self.content.apply(body)
+        blob = pack_body(body)
+        if len(blob) > self.limits.max_body_bytes:
+            raise ImError(
+                ErrorCode.TOO_LARGE, f"the body is larger than {self.limits.max_body_bytes} bytes"
+            )
+        msg_id = self.ids.next_id()
+        hint = self.store.session_hint(sender, to)
+        outcome = await self.store.commit(
+            NewMessage(
+                msg_id=msg_id,
+                sender=sender,
+                recipient=to,
+                cid=cid,
+                type=kind,
+                body=blob,
+                ts=id_time_ms(msg_id),
+                session_id=hint,
+                new_session_id=self.ids.next_id() if hint is None else 0,
+            )
+        )
+        if isinstance(outcome, Refused):
+            raise ImError(ErrorCode(outcome.code), outcome.message)
+        if isinstance(outcome, Duplicate):
+            self.duplicates += 1
+            return {
+                "msg_id": outcome.msg_id,
+                "session_id": outcome.session_id,
+                "ts": outcome.ts,
+                "dup": True,
+            }
+        self.sent += 1
+        self._start_fanout(outcome, body)
+        m = outcome.message
+        return {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
+
+    def _start_fanout(self, committed: Committed, body: Any) -> None:
+        uids = (committed.message.sender, committed.message.recipient)
+        for uid in uids:
+            self._inflight[uid] = self._inflight.get(uid, 0) + 1
+        d = self.fanouts.submit((committed, body))
+        d.addErrback(lambda f: self.log.failure("fan-out failed", f))
+        d.addBoth(lambda _: self._fanned_out(uids))
+
+    def _fanned_out(self, uids: Sequence[int]) -> None:
+        for uid in uids:
+            left = self._inflight[uid] - 1
+            if left:
+                self._inflight[uid] = left
+                continue
+            del self._inflight[uid]
+            for d in self._settled_waiters.pop(uid, ()):
+                d.callback(None)
+
+    async def _settled(self, uid: int) -> None:
+        """Wait for the user's fan-outs running on this node (read your writes)."""
+        if uid in self._inflight:
+            d: Deferred[None] = Deferred()
+            self._settled_waiters.setdefault(uid, []).append(d)
+            await d
+
+    async def _fanout_batch(self, items: Sequence[tuple[Committed, Any]]) -> list[None]:
+        committed = [c for c, _ in items]
+        await self.store.fanout(committed)
+        senders = await self.profiles.get({c.message.sender for c in committed})
+        for c, body in items:
+            m = c.message
+            frame = message_object(m, senders.get(m.sender), body)
+            frame["t"] = "msg"
+            frame["unread"] = c.unread
+            frame["total_unread"] = c.total_unread
+            if self.presence.push(m.recipient, frame):
+                self.pushed += 1
+        return [None] * len(items)
+
+    # -- delivery state ------------------------------------------------------------
+
+    async def ack(self, uid: int, msg_ids: Sequence[int]) -> Result:
+        await self.store.ack(uid, msg_ids)
+        return {}
+
+    async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
+        await self._settled(uid)
+        page = await self.store.pending(uid, after, limit + 1, sender)
+        more = len(page) > limit
+        page = page[:limit]
+        found = await self.store.messages([msg_id for msg_id, _ in page])
+        messages = [found[i] for i, _ in page if i in found and found[i].status == RECORD_NORMAL]
+        return {"msgs": await self._objects(messages), "more": more}
+
+    async def offline_summary(self, uid: int) -> Result:
+        await self._settled(uid)
+        return {
+            "senders": [
+                {"uid": sender, "count": count, "last_msg_id": last}
+                for sender, count, last in await self.store.offline_summary(uid)
+            ]
+        }
+
+    async def _objects(self, messages: Sequence[Message]) -> list[Result]:
+        senders = await self.profiles.get({m.sender for m in messages})
+        return [message_object(m, senders.get(m.sender)) for m in messages]
+
+    # -- read and unread -------------------------------------------------------------
+
+    async def read(self, uid: int, session_id: int, msg_id: int) -> Result:
+        result = await self.store.read(uid, session_id, msg_id)
+        if result.advanced_to is not None:
+            self.presence.push(
+                result.row.peer,
+                {
+                    "t": "read",
+                    "session_id": session_id,
+                    "by": uid,
+                    "msg_id": result.advanced_to,
+                },
+            )
+        return {"unread": result.row.unread, "total_unread": result.total_unread}
+
+    async def unread(self, uid: int) -> Result:
+        await self._settled(uid)
+        sessions = await self.store.unread(uid)
+        return {
+            "total": sum(count for _, count in sessions),
+            "sessions": [{"session_id": sid, "count": count} for sid, count in sessions],
+        }
+
+    # -- conversations and history -----------------------------------------------------
+
+    async def convs(self, uid: int, limit: int, before: int | None) -> Result:
+        await self._settled(uid)
+        page = await self.store.convs(uid, before, limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        users = await self.profiles.get(
+            {c.peer for c in page} | {c.last.sender for c in page if c.last is not None}
+        )
+        convs = []
+        for c in page:
+            peer = users.get(c.peer)
+            convs.append(
+                {
+                    "session_id": c.session_id,
+                    "peer": {"uid": c.peer, **sender_info(peer)},
+                    "last": None
+                    if c.last is None
+                    else message_object(c.last, users.get(c.last.sender)),
+                    "last_msg_id": c.last_msg_id,
+                    "unread": c.unread,
+                }
+            )
+        return {"convs": convs, "more": more}
+
+    async def history(
+        self, uid: int, peer: int | None, session_id: int | None, before: int | None, limit: int
+    ) -> Result:
+        if session_id is None:
+            assert peer is not None
+            if peer == uid:
+                raise ImError(ErrorCode.INVALID, "there is no conversation with yourself")
+            session_id = await self.store.session_for_pair(uid, peer)
+            if session_id is None:
+                return {"msgs": [], "more": False}
+        else:
+            await self._check_member(uid, session_id)
+        await self._settled(uid)
+        page = await self.store.history(session_id, before, limit + 1)
+        more = len(page) > limit
+        return {"msgs": await self._objects(page[:limit]), "more": more}
+
+    async def _check_member(self, uid: int, session_id: int) -> None:
+        members = (await self.store.session_members([session_id])).get(session_id)
+        if members is None:
+            raise ImError(ErrorCode.NOT_FOUND, "no such session")
+        if uid not in members:
+            raise ImError(ErrorCode.FORBIDDEN, "you are not part of this session")
+
+    # -- recall ----------------------------------------------------------------------
+
+    async def recall(self, uid: int, msg_id: int) -> Result:
+        await self._settled(uid)
+        result = await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000)
+        if not result.already:
+            m = result.message
+            self.presence.push(
+                m.recipient,
+                {
+                    "t": "recall",
+                    "msg_id": m.msg_id,
+                    "session_id": m.session_id,
+                    "by": uid,
+                },
+            )
+        return {}
+
+    # -- profiles ------------------------------------------------------------------------
+
+    async def profile(self, uids: Sequence[int]) -> Result:
+        found = await self.profiles.get(uids)
+        return {"users": [found[uid].public() for uid in dict.fromkeys(uids) if uid in found]}
+
+    async def set_profile(self, uid: int, nickname: str | None, avatar: str | None) -> Result:
+        profile = await self.store.set_profile(uid, nickname, avatar)
+        if profile is None:
+            raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+        self.profiles.put(profile)
+        return {"user": profile.public()}
+
+    async def drain(self) -> None:
+        """Wait until every commit and fan-out queued so far is done."""
+        await self.store.drain()
+        await self.fanouts.idle()

@@ -1,0 +1,106 @@
+"""
+The op table: wire requests -> business calls.
+
+Each handler unpacks a typed request (L{imserver.wire.frames}) into a call on
+L{ChatService} for the authenticated uid. Sending is rate-limited per
+connection (a token bucket from C{[limits]}), here in the connection layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from imserver.chat.service import ChatService
+from imserver.config import LimitsConfig
+from imserver.errors import ErrorCode, ImError
+from imserver.gateway.protocol import ClientProtocol, Op, Result
+from imserver.services.ratelimit import TokenBucket
+from imserver.wire import frames
+
+
+def _call(coro: Coroutine[Any, Any, Result]) -> Deferred[Result]:
+    return Deferred.fromCoroutine(coro)
+
+
+def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
+    """The ops of wire protocol v1 beyond auth and ping."""
+
+    def uid(conn: ClientProtocol) -> int:
+        assert conn.uid is not None
+        return conn.uid
+
+    def send(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Send)
+        bucket = conn.send_bucket
+        if bucket is None:
+            bucket = conn.send_bucket = TokenBucket(
+                limits.send_per_second, limits.send_burst, conn.gateway.clock
+            )
+        if not bucket.take():
+            raise ImError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
+        return _call(chat.send(uid(conn), r.to, r.cid, r.type, r.body))
+
+    def ack(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Ack)
+        return _call(chat.ack(uid(conn), r.msg_ids))
+
+    def sync(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Sync)
+        return _call(chat.sync(uid(conn), r.limit, r.after, r.sender))
+
+    def offline_summary(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        return _call(chat.offline_summary(uid(conn)))
+
+    def read(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Read)
+        return _call(chat.read(uid(conn), r.session_id, r.msg_id))
+
+    def unread(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        return _call(chat.unread(uid(conn)))
+
+    def convs(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Convs)
+        return _call(chat.convs(uid(conn), r.limit, r.before))
+
+    def history(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.History)
+        return _call(chat.history(uid(conn), r.peer, r.session_id, r.before, r.limit))
+
+    def recall(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Recall)
+        return _call(chat.recall(uid(conn), r.msg_id))
+
+    def profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.GetProfile)
+        return _call(chat.profile(r.uids))
+
+    def set_profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.SetProfile)
+        return _call(chat.set_profile(uid(conn), r.nickname, r.avatar))
+
+    table: dict[type[frames.Request], Callable[[ClientProtocol, frames.Request], Any]] = {
+        frames.Send: send,
+        frames.Ack: ack,
+        frames.Sync: sync,
+        frames.OfflineSummary: offline_summary,
+        frames.Read: read,
+        frames.Unread: unread,
+        frames.Convs: convs,
+        frames.History: history,
+        frames.Recall: recall,
+        frames.GetProfile: profile,
+        frames.SetProfile: set_profile,
+    }
+    return {schema.op: Op(schema, handler) for schema, handler in table.items()}
+
+
+def login_hook(chat: ChatService) -> Callable[[int, ClientProtocol, frames.Auth], Deferred[None]]:
+    """Create the user on first login (a user exists once it has authenticated)."""
+
+    async def login(uid: int, conn: ClientProtocol, request: frames.Auth) -> None:
+        await chat.login(uid)
+
+    return lambda uid, conn, request: Deferred.fromCoroutine(login(uid, conn, request))

@@ -1,0 +1,69 @@
+-- Shared by every imserver script. ARGV[1] is the key prefix.
+--
+-- Ids and uids travel as decimal strings: Lua numbers are doubles and
+-- tostring() keeps only 14 digits, so a number must never become a key,
+-- a member or a score. Message and session ids are below 2^53, so
+-- tonumber() of them is exact and fine for comparisons.
+--
+-- The per-user marker {p}:hot:{uid} says whether the user's pending lists,
+-- conversation list and counters here are a complete copy of SQL:
+--   absent     nothing trustworthy here: readers go to SQL
+--   L<nonce>   a load from SQL is in progress
+--   D          changed during a load: that load must not finish
+--   R<ms>      ready, loaded at this Redis time
+local P = ARGV[1]
+
+local function key(...)
+  return P .. ':' .. table.concat({...}, ':')
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function marker(uid)
+  return redis.call('GET', key('hot', uid))
+end
+
+local function ready(uid)
+  local m = marker(uid)
+  return m and string.sub(m, 1, 1) == 'R'
+end
+
+-- A change to the user's pending lists: a load in progress cannot know it.
+local function spoil_load(uid)
+  local m = marker(uid)
+  if m and string.sub(m, 1, 1) == 'L' then
+    redis.call('SET', key('hot', uid), 'D')
+  end
+  return m
+end
+
+-- Write a conversation row {uid, sid, last, total, read, version} unless a
+-- newer version is already here; skipped for users without a hot copy.
+local function apply_row(r, loading)
+  local uid, sid = r[1], r[2]
+  if not loading and not marker(uid) then
+    return
+  end
+  local vkey = key('session_ver', sid, uid)
+  local current = redis.call('GET', vkey)
+  if current and tonumber(current) >= tonumber(r[6]) then
+    return
+  end
+  redis.call('SET', vkey, r[6])
+  redis.call('SET', key('session_count', sid, uid), r[4])
+  redis.call('SET', key('session_read_count', sid, uid), r[5])
+  redis.call('ZADD', key('conv', uid), 'GT', r[3], sid)
+end
+
+local function remove_pending(uid, sender, ids)
+  local list = key('offline_msg', uid, sender)
+  for i = 1, #ids, 1000 do
+    redis.call('ZREM', list, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  if redis.call('ZCARD', list) == 0 then
+    redis.call('SREM', key('offline_senders', uid), sender)
+  end
+end

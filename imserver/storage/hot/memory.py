@@ -1,0 +1,259 @@
+"""
+The in-process hot store of the embedded default (one node).
+
+It keeps exactly the structures and rules of the Redis scripts in
+C{lua/}, in plain Python: the same markers, the same window and pending
+rules, the same versioned rows. It never fails and never loses data while the
+process runs; after a restart it starts empty and every user's copy is
+loaded from SQL on first use, as after a Redis FLUSHALL.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from imserver.storage.hot.interface import LIVE_MS, WINDOW_SIZE, IHotStore
+from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
+
+#: Slack when comparing a load's time with a commit's (see fanout.lua).
+LOAD_MARGIN_MS = 50
+
+
+def _remove_sorted(items: list[int], ids: set[int]) -> list[int]:
+    return [i for i in items if i not in ids]
+
+
+def _insert(items: list[int], value: int) -> None:
+    """Add to a sorted list of unique ids (a sorted-set ZADD)."""
+    if not items or items[-1] < value:
+        items.append(value)
+        return
+    i = bisect.bisect_left(items, value)
+    if items[i] != value:
+        items.insert(i, value)
+
+
+@implementer(IHotStore)
+class MemoryHotStore:
+    kind = "embedded"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        window_size: int = WINDOW_SIZE,
+        live_ms: int = LIVE_MS,
+        max_messages: int = 100_000,
+        max_profiles: int = 100_000,
+    ) -> None:
+        self._clock = clock
+        self.window_size = window_size
+        self.live_ms = live_ms
+        self.max_messages = max_messages
+        self.max_profiles = max_profiles
+        self._markers: dict[int, str] = {}
+        self._pending: dict[int, dict[int, list[int]]] = {}
+        self._conv: dict[int, dict[int, int]] = {}  # uid -> sid -> last msg id
+        self._rows: dict[tuple[int, int], tuple[int, int, int]] = {}  # (sid, uid) -> total, read, v
+        self._windows: dict[int, list[int]] = {}
+        self._messages: OrderedDict[int, Message] = OrderedDict()
+        self._profiles: OrderedDict[int, Profile] = OrderedDict()
+        self._nonces = itertools.count(1)
+
+    def _now(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    # -- helpers shared by the writes (the prelude of the scripts) ---------
+
+    def _ready(self, uid: int) -> bool:
+        return self._markers.get(uid, "").startswith("R")
+
+    def _spoil_load(self, uid: int) -> None:
+        if self._markers.get(uid, "").startswith("L"):
+            self._markers[uid] = "D"
+
+    def _apply_row(self, row: ConvRow, loading: bool = False) -> None:
+        if not loading and row.uid not in self._markers:
+            return
+        key = (row.session_id, row.uid)
+        current = self._rows.get(key)
+        if current is not None and current[2] >= row.version:
+            return
+        self._rows[key] = (row.total, row.read, row.version)
+        convs = self._conv.setdefault(row.uid, {})
+        if convs.get(row.session_id, 0) < row.last_msg_id:
+            convs[row.session_id] = row.last_msg_id
+
+    def _remove_pending(self, uid: int, sender: int, ids: set[int]) -> None:
+        lists = self._pending.get(uid)
+        if not lists or sender not in lists:
+            return
+        remaining = _remove_sorted(lists[sender], ids)
+        if remaining:
+            lists[sender] = remaining
+        else:
+            del lists[sender]
+
+    # -- writes ------------------------------------------------------------
+
+    async def fanout(
+        self, messages: Sequence[tuple[Message, int]], rows: Sequence[ConvRow]
+    ) -> None:
+        now = self._now()
+        for message, age in messages:
+            if age <= self.live_ms:
+                self._cache_message(message)
+                window = self._windows.setdefault(message.session_id, [])
+                if not window or message.msg_id > window[0]:
+                    _insert(window, message.msg_id)
+                    del window[: -self.window_size]
+            else:
+                self._windows.pop(message.session_id, None)
+            state = self._markers.get(message.recipient)
+            if state is None or state == "D":
+                continue
+            if state.startswith("R") and now - int(state[1:]) > age + LOAD_MARGIN_MS:
+                lists = self._pending.setdefault(message.recipient, {})
+                _insert(lists.setdefault(message.sender, []), message.msg_id)
+            else:
+                self._markers[message.recipient] = "D"
+        for row in rows:
+            self._apply_row(row)
+
+    def _cache_message(self, message: Message) -> None:
+        self._messages[message.msg_id] = message
+        self._messages.move_to_end(message.msg_id)
+        while len(self._messages) > self.max_messages:
+            self._messages.popitem(last=False)
+
+    async def ack(self, acked: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
+        for uid, removed in acked:
+            self._spoil_load(uid)
+            by_sender: dict[int, set[int]] = {}
+            for msg_id, sender in removed:
+                by_sender.setdefault(sender, set()).add(msg_id)
+            for sender, ids in by_sender.items():
+                self._remove_pending(uid, sender, ids)
+
+    async def recall(self, message: Message, row: ConvRow | None) -> None:
+        window = self._windows.get(message.session_id)
+        if window and message.msg_id in window:
+            window.remove(message.msg_id)
+        self._messages.pop(message.msg_id, None)
+        self._spoil_load(message.recipient)
+        self._remove_pending(message.recipient, message.sender, {message.msg_id})
+        if row is not None:
+            self._apply_row(row)
+
+    async def apply_rows(self, rows: Sequence[ConvRow]) -> None:
+        for row in rows:
+            self._apply_row(row)
+
+    async def invalidate(self, uids: Sequence[int], session_ids: Sequence[int]) -> None:
+        for uid in uids:
+            self._markers.pop(uid, None)
+        for sid in session_ids:
+            self._windows.pop(sid, None)
+
+    async def load_begin(self, uid: int) -> str:
+        token = str(next(self._nonces))
+        self._markers[uid] = "L" + token
+        return token
+
+    async def load_finish(self, uid: int, token: str, snapshot: UserSnapshot) -> bool:
+        if self._markers.get(uid) != "L" + token:
+            return False
+        lists: dict[int, list[int]] = {}
+        for msg_id, sender in snapshot.pending:
+            lists.setdefault(sender, []).append(msg_id)
+        for ids in lists.values():
+            ids.sort()
+        self._pending[uid] = lists
+        for row in snapshot.convs:
+            self._apply_row(row, loading=True)
+        self._markers[uid] = f"R{self._now()}"
+        return True
+
+    # -- reads -------------------------------------------------------------
+
+    async def pending(
+        self, uid: int, after: int, limit: int, sender: int | None
+    ) -> list[tuple[int, int]] | None:
+        if not self._ready(uid):
+            return None
+        lists = self._pending.get(uid, {})
+        senders = [sender] if sender is not None else list(lists)
+        found: list[tuple[int, int]] = []
+        for s in senders:
+            ids = lists.get(s, [])
+            start = bisect.bisect_right(ids, after)
+            found.extend((msg_id, s) for msg_id in ids[start : start + limit])
+        found.sort()
+        return found[:limit]
+
+    async def offline_summary(self, uid: int) -> list[tuple[int, int, int]] | None:
+        if not self._ready(uid):
+            return None
+        return [(s, len(ids), ids[-1]) for s, ids in self._pending.get(uid, {}).items() if ids]
+
+    async def convs(
+        self, uid: int, before: int | None, limit: int
+    ) -> list[tuple[int, int, int, int]] | None:
+        if not self._ready(uid):
+            return None
+        entries = sorted(
+            (
+                (last, sid)
+                for sid, last in self._conv.get(uid, {}).items()
+                if before is None or last < before
+            ),
+            reverse=True,
+        )
+        if limit:
+            entries = entries[:limit]
+        out = []
+        for last, sid in entries:
+            row = self._rows.get((sid, uid))
+            if row is None:
+                self._markers.pop(uid, None)
+                return None
+            out.append((sid, last, row[0], row[1]))
+        return out
+
+    async def window(self, session_id: int, before: int | None, limit: int) -> list[int]:
+        ids = self._windows.get(session_id, [])
+        stop = len(ids) if before is None else bisect.bisect_left(ids, before)
+        return list(reversed(ids[max(0, stop - limit) : stop]))
+
+    async def last_in_windows(self, session_ids: Sequence[int]) -> dict[int, int]:
+        return {sid: self._windows[sid][-1] for sid in session_ids if self._windows.get(sid)}
+
+    async def messages(self, msg_ids: Sequence[int]) -> dict[int, Message]:
+        return {i: self._messages[i] for i in msg_ids if i in self._messages}
+
+    async def profiles(self, uids: Sequence[int]) -> dict[int, Profile]:
+        return {uid: self._profiles[uid] for uid in uids if uid in self._profiles}
+
+    async def put_profiles(self, profiles: Sequence[Profile]) -> None:
+        for profile in profiles:
+            current = self._profiles.get(profile.uid)
+            if current is None or current.version < profile.version:
+                self._profiles[profile.uid] = profile
+            self._profiles.move_to_end(profile.uid)
+        while len(self._profiles) > self.max_profiles:
+            self._profiles.popitem(last=False)

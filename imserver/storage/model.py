@@ -1,0 +1,158 @@
+"""Plain records passed between the storage layer and the business layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import msgpack
+
+RECORD_NORMAL = 0
+RECORD_RECALLED = 1
+
+
+def pack_body(body: Any) -> bytes:
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    return data
+
+
+def unpack_body(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False)
+
+
+@attrs.frozen
+class Profile:
+    uid: int
+    nickname: str = ""
+    avatar: str = ""
+    version: int = 0
+
+    def public(self) -> dict[str, Any]:
+        return {"uid": self.uid, "nickname": self.nickname, "avatar": self.avatar}
+
+
+@attrs.frozen
+class NewMessage:
+    """A message to commit; ids and time are assigned before it is queued."""
+
+    msg_id: int
+    sender: int
+    recipient: int
+    cid: str
+    type: str
+    body: bytes  # msgpack
+    ts: int
+    # The pair's session id if known (cache), else a fresh id to create it with.
+    session_id: int | None
+    new_session_id: int
+
+
+@attrs.frozen
+class Message:
+    """A stored message."""
+
+    msg_id: int
+    session_id: int
+    sender: int
+    recipient: int
+    cid: str
+    type: str
+    body: bytes  # msgpack
+    ts: int
+    status: int = RECORD_NORMAL
+
+
+@attrs.frozen
+class ConvRow:
+    """
+    One user's entry for one session: its place in the conversation list and
+    the seed's unread pair (unread = total - read). C{version} increases with
+    every change, so copies can refuse stale writes.
+    """
+
+    uid: int
+    session_id: int
+    peer: int
+    last_msg_id: int
+    total: int
+    read: int
+    version: int
+
+    @property
+    def unread(self) -> int:
+        return self.total - self.read
+
+
+@attrs.frozen
+class Committed:
+    """A message committed now, with everything its fan-out needs."""
+
+    message: Message
+    # The conversation rows of recipient and sender after this batch.
+    recipient_row: ConvRow
+    sender_row: ConvRow
+    # Unread for the recipient as of this message (session, all sessions).
+    unread: int
+    total_unread: int
+    # When its commit transaction began (reactor seconds): fan-out age.
+    started: float = 0.0
+
+
+@attrs.frozen
+class Duplicate:
+    """The (sender, cid) was already used: the original message's ids."""
+
+    msg_id: int
+    session_id: int
+    ts: int
+
+
+@attrs.frozen
+class Refused:
+    code: str
+    message: str
+
+
+SendOutcome = Committed | Duplicate | Refused
+
+
+@attrs.frozen
+class ReadResult:
+    row: ConvRow
+    total_unread: int
+    # The new read position if it moved (then the peer is told), else None.
+    advanced_to: int | None
+
+
+@attrs.frozen
+class RecallResult:
+    message: Message
+    # The recipient's conversation row if the recall changed it.
+    recipient_row: ConvRow | None
+    was_pending: bool
+    already: bool
+
+
+@attrs.frozen
+class Conversation:
+    """One entry of a conversation list page."""
+
+    session_id: int
+    peer: int
+    last_msg_id: int
+    total: int
+    read: int
+    last: Message | None
+
+    @property
+    def unread(self) -> int:
+        return self.total - self.read
+
+
+@attrs.frozen
+class UserSnapshot:
+    """A user's hot state as SQL has it, for (re)building the hot copy."""
+
+    uid: int
+    pending: tuple[tuple[int, int], ...]  # (msg_id, sender)
+    convs: tuple[ConvRow, ...]

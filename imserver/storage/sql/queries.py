@@ -1,0 +1,569 @@
+"""
+Transaction functions: the SQL side of every operation.
+
+Each C{*_txn(txn, ...)} runs inside one transaction in a pool thread (see
+L{imserver.storage.sql.database}) and returns plain records from
+L{imserver.storage.model}. Business rules that SQL must enforce atomically
+(dedupe, first use of a session, monotonic reads, the recall window) live
+here; everything else stays in the layers above.
+
+Lock order, to keep deadlocks rare (InnoDB still detects them and the
+transaction is retried): message rows before conversation rows; conversation
+rows in (uid, sessionId) order.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+
+from imserver.errors import ErrorCode, ImError
+from imserver.storage.model import (
+    RECORD_NORMAL,
+    RECORD_RECALLED,
+    Committed,
+    ConvRow,
+    Duplicate,
+    Message,
+    NewMessage,
+    Profile,
+    ReadResult,
+    RecallResult,
+    Refused,
+    SendOutcome,
+    UserSnapshot,
+)
+from imserver.storage.sql.database import Txn
+
+MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, recordStatus"
+CONV_COLUMNS = "uid, sessionId, peerUid, lastMsgId, totalCount, readCount, version"
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(
+        msg_id=int(row[0]),
+        session_id=int(row[1]),
+        sender=int(row[2]),
+        recipient=int(row[3]),
+        cid=str(row[4]),
+        type=str(row[5]),
+        body=bytes(row[6]),
+        ts=int(row[7]),
+        status=int(row[8]),
+    )
+
+
+def _conv(row: Sequence[Any]) -> ConvRow:
+    return ConvRow(*(int(v) for v in row[:7]))
+
+
+def _datetime(ts_ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S.%f"
+    )[:-3]
+
+
+def _pairs_in(pairs: Sequence[tuple[int, int]]) -> tuple[str, list[int]]:
+    marks = ", ".join("(?, ?)" for _ in pairs)
+    return marks, [v for pair in pairs for v in pair]
+
+
+# ---------------------------------------------------------------------------
+# Users
+
+
+def ensure_users_txn(txn: Txn, uids: Sequence[int], now_ms: int) -> list[Profile]:
+    """Create the users that do not exist yet; return every profile."""
+    txn.executemany(
+        f"{txn.engine.insert_ignore} INTO t_user (uid, nickname, avatar, createTime, updateTime,"
+        " version) VALUES (?, '', '', ?, ?, 0)",
+        [(uid, now_ms, now_ms) for uid in sorted(set(uids))],
+    )
+    return get_profiles_txn(txn, uids)
+
+
+def get_profiles_txn(txn: Txn, uids: Sequence[int]) -> list[Profile]:
+    rows = txn.query_in(
+        "SELECT uid, nickname, avatar, version FROM t_user WHERE uid IN (%s)", sorted(set(uids))
+    )
+    return [Profile(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
+def existing_users_txn(txn: Txn, uids: Sequence[int]) -> set[int]:
+    return {int(r[0]) for r in txn.query_in("SELECT uid FROM t_user WHERE uid IN (%s)", uids)}
+
+
+def set_profile_txn(
+    txn: Txn, uid: int, nickname: str | None, avatar: str | None, now_ms: int
+) -> Profile | None:
+    changed = txn.execute(
+        "UPDATE t_user SET nickname = COALESCE(?, nickname), avatar = COALESCE(?, avatar),"
+        " updateTime = ?, version = version + 1 WHERE uid = ?",
+        (nickname, avatar, now_ms, uid),
+    )
+    if not changed:
+        return None
+    [profile] = get_profiles_txn(txn, [uid])
+    return profile
+
+
+def upsert_user_txn(
+    txn: Txn, uid: int, nickname: str | None, avatar: str | None, now_ms: int
+) -> tuple[Profile, bool]:
+    """Create or update (admin API); return the profile and whether it was created."""
+    created = txn.execute(
+        f"{txn.engine.insert_ignore} INTO t_user (uid, nickname, avatar, createTime, updateTime,"
+        " version) VALUES (?, ?, ?, ?, ?, 1)",
+        (uid, nickname or "", avatar or "", now_ms, now_ms),
+    )
+    if created:
+        [profile] = get_profiles_txn(txn, [uid])
+        return profile, True
+    updated = set_profile_txn(txn, uid, nickname, avatar, now_ms)
+    assert updated is not None
+    return updated, False
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+
+
+def session_members_txn(txn: Txn, session_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    rows = txn.query_in("SELECT id, uidLow, uidHigh FROM t_session WHERE id IN (%s)", session_ids)
+    return {int(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+
+def session_for_pair_txn(txn: Txn, low: int, high: int) -> int | None:
+    row = txn.query_one("SELECT id FROM t_session WHERE uidLow = ? AND uidHigh = ?", (low, high))
+    return None if row is None else int(row[0])
+
+
+def _resolve_sessions(
+    txn: Txn, wanted: dict[tuple[int, int], int], now_ms: int
+) -> dict[tuple[int, int], int]:
+    """Get or create the sessions of these pairs (race-free: a unique key)."""
+    txn.executemany(
+        f"{txn.engine.insert_ignore} INTO t_session (id, uidLow, uidHigh, createTime)"
+        " VALUES (?, ?, ?, ?)",
+        [(sid, low, high, now_ms) for (low, high), sid in sorted(wanted.items())],
+    )
+    found = {}
+    for low, high in wanted:
+        sid = session_for_pair_txn(txn, low, high)
+        assert sid is not None
+        found[(low, high)] = sid
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Sending
+
+
+def commit_messages_txn(
+    txn: Txn, msgs: Sequence[NewMessage], check_recipients: Sequence[int], now_ms: int
+) -> list[SendOutcome]:
+    """
+    Commit a batch of messages (group commit), in one transaction:
+    recipients checked, sessions created on first use, messages inserted
+    (a repeated (sender, cid) is a L{Duplicate}, never a second message),
+    pending rows for the recipients, both users' conversation rows bumped.
+    Returns one outcome per message, in order.
+    """
+    engine = txn.engine
+    outcomes: list[SendOutcome | None] = [None] * len(msgs)
+    missing = set(check_recipients) - existing_users_txn(txn, check_recipients)
+    live = []
+    for i, m in enumerate(msgs):
+        if m.recipient in missing:
+            outcomes[i] = Refused(ErrorCode.NO_SUCH_USER, f"user {m.recipient} does not exist")
+        else:
+            live.append(i)
+
+    wanted: dict[tuple[int, int], int] = {}
+    for i in live:
+        m = msgs[i]
+        if m.session_id is None:
+            wanted.setdefault(_pair(m.sender, m.recipient), m.new_session_id)
+    sessions = _resolve_sessions(txn, wanted, now_ms) if wanted else {}
+
+    def session_of(m: NewMessage) -> int:
+        return m.session_id if m.session_id is not None else sessions[_pair(m.sender, m.recipient)]
+
+    rows = [
+        (
+            m.msg_id,
+            session_of(m),
+            m.msg_id,
+            m.sender,
+            m.recipient,
+            m.cid,
+            m.type,
+            m.body,
+            m.ts,
+            _datetime(m.ts),
+        )
+        for m in (msgs[i] for i in live)
+    ]
+    inserted_count = txn.executemany(
+        f"{engine.insert_ignore} INTO t_msg_record_list (id, sessionId, msgId, senderUid,"
+        " recipientUid, cid, msgType, body, ts, isRead, recordStatus, createTime)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?)",
+        rows,
+    )
+    if inserted_count == len(live):
+        inserted = live
+    else:
+        ids = {
+            int(r[0])
+            for r in txn.query_in(
+                "SELECT id FROM t_msg_record_list WHERE id IN (%s)", [msgs[i].msg_id for i in live]
+            )
+        }
+        inserted = [i for i in live if msgs[i].msg_id in ids]
+        for i in live:
+            if msgs[i].msg_id not in ids:
+                original = txn.query_one(
+                    "SELECT id, sessionId, ts FROM t_msg_record_list"
+                    " WHERE senderUid = ? AND cid = ?",
+                    (msgs[i].sender, msgs[i].cid),
+                )
+                assert original is not None, "ignored insert without a duplicate"
+                outcomes[i] = Duplicate(int(original[0]), int(original[1]), int(original[2]))
+    if not inserted:
+        return [o for o in outcomes if o is not None]
+
+    txn.executemany(
+        f"{engine.insert_ignore} INTO t_pending (uid, msgId, senderUid) VALUES (?, ?, ?)",
+        [(msgs[i].recipient, msgs[i].msg_id, msgs[i].sender) for i in inserted],
+    )
+
+    # Conversation rows: one upsert per (user, session) in the batch.
+    bump: dict[tuple[int, int], list[int]] = {}  # (uid, sid) -> [peer, last, received]
+    for i in inserted:
+        m = msgs[i]
+        sid = session_of(m)
+        for uid, peer, received in ((m.recipient, m.sender, 1), (m.sender, m.recipient, 0)):
+            entry = bump.setdefault((uid, sid), [peer, 0, 0])
+            entry[1] = max(entry[1], m.msg_id)
+            entry[2] += received
+    keys = sorted(bump)
+    txn.executemany(
+        engine.upsert_add(
+            "t_conv",
+            key=("uid", "sessionId"),
+            columns=(
+                "uid",
+                "sessionId",
+                "peerUid",
+                "lastMsgId",
+                "totalCount",
+                "readCount",
+                "readUpTo",
+                "version",
+            ),
+            add=("totalCount",),
+            greatest=("lastMsgId",),
+            bump="version",
+        ),
+        [
+            (uid, sid, bump[uid, sid][0], bump[uid, sid][1], bump[uid, sid][2], 0, 0, 1)
+            for uid, sid in keys
+        ],
+    )
+    conv = {(r.uid, r.session_id): r for r in _conv_rows(txn, keys)}
+    totals = _total_unread(txn, {msgs[i].recipient for i in inserted})
+
+    # Unread as of each message: the final numbers minus what came after it
+    # in this batch.
+    later_in_session: dict[tuple[int, int], int] = defaultdict(int)
+    later_for_user: dict[int, int] = defaultdict(int)
+    for i in reversed(inserted):
+        m = msgs[i]
+        sid = session_of(m)
+        recipient_row = conv[m.recipient, sid]
+        message = Message(m.msg_id, sid, m.sender, m.recipient, m.cid, m.type, m.body, m.ts)
+        outcomes[i] = Committed(
+            message=message,
+            recipient_row=recipient_row,
+            sender_row=conv[m.sender, sid],
+            unread=recipient_row.unread - later_in_session[m.recipient, sid],
+            total_unread=totals.get(m.recipient, 0) - later_for_user[m.recipient],
+        )
+        later_in_session[m.recipient, sid] += 1
+        later_for_user[m.recipient] += 1
+    result = [o for o in outcomes if o is not None]
+    assert len(result) == len(msgs)
+    return result
+
+
+def _pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+def _conv_rows(txn: Txn, keys: Sequence[tuple[int, int]]) -> list[ConvRow]:
+    out: list[ConvRow] = []
+    for i in range(0, len(keys), 250):
+        part = keys[i : i + 250]
+        marks, args = _pairs_in(part)
+        out.extend(
+            _conv(r)
+            for r in txn.query(
+                f"SELECT {CONV_COLUMNS} FROM t_conv WHERE (uid, sessionId) IN ({marks})", args
+            )
+        )
+    return out
+
+
+def _total_unread(txn: Txn, uids: Iterable[int]) -> dict[int, int]:
+    rows = txn.query_in(
+        "SELECT uid, SUM(totalCount - readCount) FROM t_conv WHERE uid IN (%s) GROUP BY uid",
+        sorted(uids),
+    )
+    return {int(r[0]): int(r[1] or 0) for r in rows}
+
+
+def total_unread_txn(txn: Txn, uid: int) -> int:
+    return _total_unread(txn, [uid]).get(uid, 0)
+
+
+# ---------------------------------------------------------------------------
+# Delivery state
+
+
+def ack_txn(txn: Txn, requests: Sequence[tuple[int, Sequence[int]]]) -> list[list[tuple[int, int]]]:
+    """
+    Clear pending rows. For each (uid, msg_ids) return the (msg_id, sender)
+    pairs that were pending; ids that were not (already acked, someone
+    else's, unknown) are ignored.
+    """
+    out: list[list[tuple[int, int]]] = []
+    for uid, msg_ids in requests:
+        ids = sorted(set(msg_ids))
+        rows = txn.query_in(
+            "SELECT msgId, senderUid FROM t_pending WHERE uid = ? AND msgId IN (%s)", ids, (uid,)
+        )
+        removed = [(int(r[0]), int(r[1])) for r in rows]
+        if removed:
+            gone = [msg_id for msg_id, _ in removed]
+            for i in range(0, len(gone), 500):
+                part = gone[i : i + 500]
+                marks = ", ".join("?" * len(part))
+                txn.execute(
+                    f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks})", (uid, *part)
+                )
+        out.append(removed)
+    return out
+
+
+def pending_txn(
+    txn: Txn, uid: int, after: int, limit: int, sender: int | None
+) -> list[tuple[int, int]]:
+    if sender is None:
+        rows = txn.query(
+            "SELECT msgId, senderUid FROM t_pending WHERE uid = ? AND msgId > ?"
+            " ORDER BY msgId LIMIT ?",
+            (uid, after, limit),
+        )
+    else:
+        rows = txn.query(
+            "SELECT msgId, senderUid FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId > ?"
+            " ORDER BY msgId LIMIT ?",
+            (uid, sender, after, limit),
+        )
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def offline_summary_txn(txn: Txn, uid: int) -> list[tuple[int, int, int]]:
+    rows = txn.query(
+        "SELECT senderUid, COUNT(*), MAX(msgId) FROM t_pending WHERE uid = ?"
+        " GROUP BY senderUid ORDER BY MAX(msgId) DESC",
+        (uid,),
+    )
+    return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+
+# ---------------------------------------------------------------------------
+# Reading and unread counts
+
+
+def read_txn(txn: Txn, uid: int, session_id: int, msg_id: int) -> ReadResult:
+    """
+    Move the user's read position in a session forward (never back) to
+    C{msg_id}, capped at the session's latest message; recount unread from
+    the messages themselves, so the counters cannot drift.
+    """
+    row = txn.query_one(
+        "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version FROM t_conv"
+        f" WHERE uid = ? AND sessionId = ?{txn.engine.for_update}",
+        (uid, session_id),
+    )
+    if row is None:
+        _refuse_session(txn, session_id)
+    peer, last, total, read, upto, version = (int(v) for v in row)
+    target = min(msg_id, last)
+    advanced = None
+    if target > upto:
+        txn.execute(
+            "UPDATE t_msg_record_list SET isRead = 1 WHERE sessionId = ? AND id > ? AND id <= ?"
+            " AND recipientUid = ? AND isRead = 0",
+            (session_id, upto, target, uid),
+        )
+        unread_row = txn.query_one(
+            "SELECT COUNT(*) FROM t_msg_record_list WHERE sessionId = ? AND id > ?"
+            " AND recipientUid = ? AND recordStatus = 0",
+            (session_id, target, uid),
+        )
+        assert unread_row is not None
+        read = total - int(unread_row[0])
+        version += 1
+        txn.execute(
+            "UPDATE t_conv SET readUpTo = ?, readCount = ?, version = ?"
+            " WHERE uid = ? AND sessionId = ?",
+            (target, read, version, uid, session_id),
+        )
+        advanced = target
+    conv = ConvRow(uid, session_id, peer, last, total, read, version)
+    return ReadResult(conv, total_unread_txn(txn, uid), advanced)
+
+
+def _refuse_session(txn: Txn, session_id: int) -> NoReturn:
+    if session_members_txn(txn, [session_id]):
+        raise ImError(ErrorCode.FORBIDDEN, "you are not part of this session")
+    raise ImError(ErrorCode.NOT_FOUND, "no such session")
+
+
+def unread_txn(txn: Txn, uid: int) -> list[tuple[int, int]]:
+    rows = txn.query(
+        "SELECT sessionId, totalCount - readCount FROM t_conv"
+        " WHERE uid = ? AND totalCount > readCount ORDER BY lastMsgId DESC",
+        (uid,),
+    )
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+# ---------------------------------------------------------------------------
+# Recall
+
+
+def recall_txn(txn: Txn, uid: int, msg_id: int, now_ms: int, window_ms: int) -> RecallResult:
+    row = txn.query_one(
+        f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE id = ?{txn.engine.for_update}",
+        (msg_id,),
+    )
+    if row is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such message")
+    message = _message(row)
+    if uid != message.sender:
+        if uid == message.recipient:
+            raise ImError(ErrorCode.FORBIDDEN, "only the sender may recall a message")
+        raise ImError(ErrorCode.FORBIDDEN, "you are not part of this message")
+    if message.status == RECORD_RECALLED:
+        return RecallResult(message, None, was_pending=False, already=True)
+    if now_ms - message.ts > window_ms:
+        raise ImError(ErrorCode.TOO_LATE, f"messages can be recalled for {window_ms // 1000}s")
+    txn.execute(
+        "UPDATE t_msg_record_list SET recordStatus = ? WHERE id = ?", (RECORD_RECALLED, msg_id)
+    )
+    was_pending = (
+        txn.execute(
+            "DELETE FROM t_pending WHERE uid = ? AND msgId = ?", (message.recipient, msg_id)
+        )
+        > 0
+    )
+    conv = txn.query_one(
+        "SELECT readUpTo, totalCount FROM t_conv WHERE uid = ? AND sessionId = ?"
+        f"{txn.engine.for_update}",
+        (message.recipient, message.session_id),
+    )
+    recipient_row = None
+    if conv is not None and msg_id > int(conv[0]):
+        # It was unread: it stops counting.
+        txn.execute(
+            "UPDATE t_conv SET totalCount = totalCount - 1, version = version + 1"
+            " WHERE uid = ? AND sessionId = ?",
+            (message.recipient, message.session_id),
+        )
+        [recipient_row] = _conv_rows(txn, [(message.recipient, message.session_id)])
+    recalled = Message(**{**_fields(message), "status": RECORD_RECALLED})
+    return RecallResult(recalled, recipient_row, was_pending=was_pending, already=False)
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    return {
+        "msg_id": message.msg_id,
+        "session_id": message.session_id,
+        "sender": message.sender,
+        "recipient": message.recipient,
+        "cid": message.cid,
+        "type": message.type,
+        "body": message.body,
+        "ts": message.ts,
+        "status": message.status,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Conversations, history, message bodies
+
+
+def convs_txn(txn: Txn, uid: int, before: int | None, limit: int) -> list[ConvRow]:
+    if before is None:
+        rows = txn.query(
+            f"SELECT {CONV_COLUMNS} FROM t_conv WHERE uid = ? ORDER BY lastMsgId DESC LIMIT ?",
+            (uid, limit),
+        )
+    else:
+        rows = txn.query(
+            f"SELECT {CONV_COLUMNS} FROM t_conv WHERE uid = ? AND lastMsgId < ?"
+            " ORDER BY lastMsgId DESC LIMIT ?",
+            (uid, before, limit),
+        )
+    return [_conv(r) for r in rows]
+
+
+def conv_rows_txn(txn: Txn, keys: Sequence[tuple[int, int]]) -> list[ConvRow]:
+    return _conv_rows(txn, sorted(set(keys)))
+
+
+def history_txn(txn: Txn, session_id: int, before: int | None, limit: int) -> list[Message]:
+    """The seed's paginated query: normal messages, newest first."""
+    rows = txn.query(
+        f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE sessionId = ? AND recordStatus = ?"
+        " AND id < ? ORDER BY id DESC LIMIT ?",
+        (session_id, RECORD_NORMAL, before if before is not None else 2**63 - 1, limit),
+    )
+    return [_message(r) for r in rows]
+
+
+def messages_txn(txn: Txn, msg_ids: Sequence[int]) -> list[Message]:
+    rows = txn.query_in(f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE id IN (%s)", msg_ids)
+    return [_message(r) for r in rows]
+
+
+def last_normal_txn(txn: Txn, session_ids: Sequence[int]) -> dict[int, Message]:
+    """Each session's newest normal message."""
+    out = {}
+    for sid in session_ids:
+        row = txn.query_one(
+            f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE sessionId = ? AND recordStatus = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (sid, RECORD_NORMAL),
+        )
+        if row is not None:
+            out[sid] = _message(row)
+    return out
+
+
+def snapshot_txn(txn: Txn, uid: int) -> UserSnapshot:
+    """Everything the hot copy of one user holds, as SQL has it now."""
+    pending = txn.query(
+        "SELECT msgId, senderUid FROM t_pending WHERE uid = ? ORDER BY msgId", (uid,)
+    )
+    convs = txn.query(f"SELECT {CONV_COLUMNS} FROM t_conv WHERE uid = ?", (uid,))
+    return UserSnapshot(
+        uid=uid,
+        pending=tuple((int(r[0]), int(r[1])) for r in pending),
+        convs=tuple(_conv(r) for r in convs),
+    )
