@@ -101,6 +101,7 @@ class Store:
         self.suspect_sessions: set[int] = set()
         self._stale_profiles: dict[int, Profile] = {}
         self._repair: LoopingCall | None = None
+        self._stopped = False
         # Read by metrics.
         self.hot_fallbacks = 0
         self.loads = 0
@@ -115,6 +116,7 @@ class Store:
         return applied
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._repair is not None and self._repair.running:
             self._repair.stop()
         await self.hot.stop()
@@ -432,6 +434,8 @@ class Store:
         self._start_repair()
 
     def _start_repair(self) -> None:
+        if self._stopped:
+            return
         if self._repair is None or not self._repair.running:
             self.log.warn("hot store write failed: serving affected users from SQL until repaired")
             self._repair = LoopingCall(lambda: Deferred.fromCoroutine(self._repair_once()))

@@ -124,6 +124,7 @@ class Database:
             cp_reactor=reactor,
             **engine.connect_args(),
         )
+        self._closed = False
         # Transaction counts and time, read by metrics.
         self.transactions = 0
         self.failures = 0
@@ -204,4 +205,7 @@ class Database:
                 pass
 
     def close(self) -> None:
-        self._pool.close()
+        """Close the connections and stop the threads (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()

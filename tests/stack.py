@@ -1,0 +1,147 @@
+"""
+The business layer and storage, in process, on any backend:
+
+    stack = await make_stack(self, "embedded")      # SQLite + in-process hot store
+    stack = await make_stack(self, "redis")         # MariaDB + Redis (the harness's own)
+    stack = await make_stack(self, "sqlite-redis")  # SQLite + Redis
+
+Pushes go to a L{RecordingPresence} instead of connections.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from imserver.chat.service import ChatService
+from imserver.config import LimitsConfig, SqliteTarget, parse_config
+from imserver.services.filter import ContentFilter
+from imserver.services.ids import IdGenerator
+from imserver.services.presence import IClientLink, IPresence
+from imserver.storage.hot.interface import IHotStore
+from imserver.storage.hot.memory import MemoryHotStore
+from imserver.storage.hot.redis import RedisHotStore
+from imserver.storage.sql.database import Database
+from imserver.storage.sql.engines import create_engine
+from imserver.storage.store import Store
+from tests.harness import RedisServer, fresh_prefix, shared_mariadb, shared_redis
+from tests.support import reactor
+
+BACKENDS = ("embedded", "redis")
+
+
+@implementer(IPresence)
+class RecordingPresence:
+    """Presence where users are "online" when the test says so; pushes are recorded."""
+
+    def __init__(self) -> None:
+        self.online: set[int] = set()
+        self.pushes: dict[int, list[dict[str, Any]]] = {}
+
+    def login(self, uid: int, link: IClientLink) -> Deferred[None]:
+        self.online.add(uid)
+        return succeed(None)
+
+    def logout(self, uid: int, link: IClientLink) -> None:
+        self.online.discard(uid)
+
+    def local(self, uid: int) -> IClientLink | None:
+        return None
+
+    def push(self, uid: int, frame: Mapping[str, Any]) -> bool:
+        if uid not in self.online:
+            return False
+        self.pushes.setdefault(uid, []).append(dict(frame))
+        return True
+
+    def links(self) -> Iterator[IClientLink]:
+        return iter(())
+
+    def take(self, uid: int, kind: str | None = None) -> list[dict[str, Any]]:
+        """Pushes received by C{uid} (of one kind), forgetting them."""
+        frames = self.pushes.pop(uid, [])
+        if kind is None:
+            return frames
+        keep = [f for f in frames if f["t"] != kind]
+        if keep:
+            self.pushes[uid] = keep
+        return [f for f in frames if f["t"] == kind]
+
+
+@attrs.define
+class Stack:
+    backend: str
+    store: Store
+    chat: ChatService
+    presence: RecordingPresence
+    hot: IHotStore
+    redis: RedisServer | None = None
+    prefix: str = "im"
+
+    async def settle(self) -> None:
+        """Wait until every commit and fan-out so far is done."""
+        await self.chat.drain()
+
+    async def flush_hot(self) -> None:
+        """Lose the whole hot copy, as a Redis FLUSHALL (or a restart) would."""
+        if isinstance(self.hot, RedisHotStore):
+            await self.hot.command("FLUSHALL")
+        else:
+            assert isinstance(self.hot, MemoryHotStore)
+            fresh = MemoryHotStore(reactor)
+            self.hot.__dict__.update(fresh.__dict__)
+
+
+async def make_stack(
+    case: TestCase,
+    backend: str = "embedded",
+    *,
+    limits: LimitsConfig | None = None,
+    words: list[str] | None = None,
+    action: str = "reject",
+    node_id: int = 1,
+    redis: RedisServer | None = None,
+) -> Stack:
+    if backend in ("embedded", "sqlite-redis"):
+        path = os.path.abspath(case.mktemp())
+        engine = create_engine(SqliteTarget(path))
+    else:
+        config = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
+        engine = create_engine(config.storage.sql)
+    db = Database(
+        reactor, engine, name="test", max_connections=None if engine.kind == "sqlite" else 8
+    )
+    prefix = fresh_prefix()
+    hot: IHotStore
+    server = None
+    if backend == "embedded":
+        hot = MemoryHotStore(reactor)
+    else:
+        server = redis or shared_redis()
+        target = parse_config({"storage": {"redis": server.url}}).storage.redis
+        assert target is not None
+        hot = RedisHotStore(reactor, target, prefix, timeout=1.0)
+    store = Store(reactor, db, hot)
+    await store.start()
+    presence = RecordingPresence()
+    chat = ChatService(
+        store=store,
+        presence=presence,
+        ids=IdGenerator(node_id, reactor),
+        content=ContentFilter(words or [], action),
+        limits=limits or LimitsConfig(),
+        clock=reactor,
+    )
+
+    async def stop() -> None:
+        await chat.drain()
+        await store.stop()
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+    return Stack(backend, store, chat, presence, hot, server, prefix)
