@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
-from imserver.storage.hot.interface import LIVE_MS, WINDOW_SIZE
+from imserver.storage.hot.interface import GONE_MS, LIVE_MS, WINDOW_SIZE
 from imserver.storage.model import Committed, Duplicate
 from imserver.storage.sql import queries as q
 from tests.harness import RedisServer
@@ -127,46 +127,79 @@ class StoreContract:
         await stack.chat.send(c, a, "after", "text", "x")
         await self.assertConsistent(stack, a, b, c)
 
-    async def test_load_racing_a_fanout_does_not_finish(self) -> None:
+    async def test_message_committed_during_a_load_is_kept(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
-        await stack.chat.sync(b, 10, 0, None)  # b has a ready copy now
+        first = await stack.chat.send(a, b, "before", "text", "x")
+        await stack.settle()
         token = await stack.hot.load_begin(b)
         snapshot = await stack.store.db.run("s", q.snapshot_txn, b)
-        await stack.chat.send(a, b, "during", "text", "x")  # committed after the snapshot
+        during = await stack.chat.send(a, b, "during", "text", "x")  # after the snapshot
         await stack.settle()
-        self.assertFalse(await stack.hot.load_finish(b, token, snapshot))
-        self.assertIsNone(await stack.hot.pending(b, 0, 10, None))
+        self.assertTrue(await stack.hot.load_finish(b, token, snapshot))
+        pending = await stack.hot.pending(b, 0, 10, None)
+        self.assertEqual(pending, [(first["msg_id"], a), (during["msg_id"], a)])
         await self.assertConsistent(stack, b)
 
-    async def test_ack_during_a_load_spoils_it(self) -> None:
+    async def test_ack_during_a_load_is_kept(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
         r = await stack.chat.send(a, b, "one", "text", "x")
         await stack.settle()
         token = await stack.hot.load_begin(b)
-        snapshot = await stack.store.db.run("s", q.snapshot_txn, b)
+        snapshot = await stack.store.db.run("s", q.snapshot_txn, b)  # still pending here
         await stack.chat.ack(b, [r["msg_id"]])
-        self.assertFalse(await stack.hot.load_finish(b, token, snapshot))
+        self.assertTrue(await stack.hot.load_finish(b, token, snapshot))
+        self.assertEqual(await stack.hot.pending(b, 0, 10, None), [])
         self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])
 
-    async def test_fanout_right_after_a_load_reloads_instead_of_guessing(self) -> None:
-        """A fan-out whose commit may have been seen by a just-finished load
-        neither adds (a possible ghost) nor skips (a possible loss): it makes
-        the next reader reload."""
+    async def test_a_newer_load_supersedes_an_older_one(self) -> None:
+        stack = await self.stack()
+        a, b = await self.users(stack, 2)
+        await stack.chat.send(a, b, "one", "text", "x")
+        await stack.settle()
+        old = await stack.hot.load_begin(b)
+        old_snapshot = await stack.store.db.run("s", q.snapshot_txn, b)
+        new = await stack.hot.load_begin(b)
+        self.assertFalse(await stack.hot.load_finish(b, old, old_snapshot))
+        self.assertIsNone(await stack.hot.pending(b, 0, 10, None))
+        snapshot = await stack.store.db.run("s", q.snapshot_txn, b)
+        self.assertTrue(await stack.hot.load_finish(b, new, snapshot))
+        self.assertEqual(len(await stack.hot.pending(b, 0, 10, None)), 1)
+
+    async def test_late_fanout_cannot_resurrect_an_acked_message(self) -> None:
+        """An acked id is tombstoned: a fan-out of it arriving afterwards (even
+        onto a copy loaded later) does not make it pending again."""
+        stack = await self.stack()
+        a, b = await self.users(stack, 2)
+        r = await stack.chat.send(a, b, "x", "text", "x")
+        await stack.settle()
+        await stack.chat.ack(b, [r["msg_id"]])  # b has no hot copy yet
+        self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])  # loads it
+        [message] = (await stack.store.messages([r["msg_id"]])).values()
+        await stack.hot.fanout([(message, 3)], [])  # the late fan-out
+        self.assertEqual(await stack.hot.pending(b, 0, 10, None), [])
+        self.assertEqual((await stack.chat.offline_summary(b))["senders"], [])
+
+    async def test_fanout_older_than_the_tombstones_reloads(self) -> None:
+        stack = await self.stack()
+        a, b = await self.users(stack, 2)
+        r = await stack.chat.send(a, b, "x", "text", "x")
+        await stack.chat.sync(b, 10, 0, None)
+        [message] = (await stack.store.messages([r["msg_id"]])).values()
+        await stack.hot.fanout([(message, GONE_MS + 1)], [])
+        self.assertIsNone(await stack.hot.pending(b, 0, 10, None))
+        self.assertEqual(len((await stack.chat.sync(b, 10, 0, None))["msgs"]), 1)
+
+    async def test_fanout_onto_a_ready_copy_adds_without_reloading(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
         await stack.chat.sync(b, 10, 0, None)
-        r = await stack.chat.send(a, b, "x", "text", "x")
-        await stack.settle()
-        await stack.chat.ack(b, [r["msg_id"]])
-        # Replay the fan-out as if it came late, just after a fresh load.
-        await stack.hot.invalidate([b], [])
-        self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])
-        [message] = (await stack.store.messages([r["msg_id"]])).values()
-        await stack.hot.fanout([(message, 3)], [])
-        self.assertIsNone(await stack.hot.pending(b, 0, 10, None))
-        self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])
+        loads = stack.store.loads
+        for i in range(5):
+            await stack.chat.send(a, b, f"n{i}", "text", "x")
+            self.assertEqual(len((await stack.chat.sync(b, 10, 0, None))["msgs"]), i + 1)
+        self.assertEqual(stack.store.loads, loads)
 
     async def test_late_fanout_drops_the_window(self) -> None:
         stack = await self.stack()

@@ -8,9 +8,10 @@ None ("no trustworthy copy here"), and then the caller asks SQL and may
 (re)load the copy. A user's copy (pending lists, conversation list,
 counters) is complete only while its marker says "ready"; see
 C{lua/prelude.lua} for the states. Writes are idempotent and
-order-insensitive where they can be (versioned rows, set membership) and
-spoil the copy where they cannot, so a replayed or late write never leaves it
-wrong: at worst it makes the next reader go to SQL.
+order-insensitive: counters carry versions, lists only grow or shrink by
+set operations, and acked or recalled ids leave tombstones so a late or
+replayed fan-out cannot make them pending again. A write too late to judge
+makes the next reader reload from SQL instead.
 
 Any method may raise L{HotUnavailable}.
 """
@@ -27,6 +28,9 @@ from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 WINDOW_SIZE = 200
 #: A fan-out later than this after its commit is treated as a replay.
 LIVE_MS = 5000
+#: How long acked and recalled ids are remembered (tombstones): a fan-out
+#: older than this cannot be told from a replay of an acked message.
+GONE_MS = 60_000
 
 
 class HotUnavailable(Exception):
@@ -68,11 +72,13 @@ class IHotStore(Interface):
         """Forget the users' copies and the sessions' windows."""
 
     async def load_begin(uid: int) -> str:
-        """Start (re)loading a user's copy; returns the load's token."""
+        """Start (re)loading a user's copy (its pending lists are emptied);
+        returns the load's token."""
 
     async def load_finish(uid: int, token: str, snapshot: UserSnapshot) -> bool:
-        """Install a snapshot read from SQL after L{load_begin}; False if the
-        user changed meanwhile (the copy stays not ready)."""
+        """Add a snapshot read from SQL after L{load_begin} (minus ids
+        tombstoned meanwhile) and mark the copy ready; False if another load
+        or an invalidation came since."""
 
     # -- reads --------------------------------------------------------------
 

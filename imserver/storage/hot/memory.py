@@ -18,11 +18,8 @@ from collections.abc import Sequence
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from imserver.storage.hot.interface import LIVE_MS, WINDOW_SIZE, IHotStore
+from imserver.storage.hot.interface import GONE_MS, LIVE_MS, WINDOW_SIZE, IHotStore
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
-
-#: Slack when comparing a load's time with a commit's (see fanout.lua).
-LOAD_MARGIN_MS = 50
 
 
 def _remove_sorted(items: list[int], ids: set[int]) -> list[int]:
@@ -58,6 +55,7 @@ class MemoryHotStore:
         self.max_messages = max_messages
         self.max_profiles = max_profiles
         self._markers: dict[int, str] = {}
+        self._gone: dict[int, dict[int, int]] = {}  # uid -> msg_id -> when (ms)
         self._pending: dict[int, dict[int, list[int]]] = {}
         self._conv: dict[int, dict[int, int]] = {}  # uid -> sid -> last msg id
         self._rows: dict[tuple[int, int], tuple[int, int, int]] = {}  # (sid, uid) -> total, read, v
@@ -83,10 +81,6 @@ class MemoryHotStore:
     def _ready(self, uid: int) -> bool:
         return self._markers.get(uid, "").startswith("R")
 
-    def _spoil_load(self, uid: int) -> None:
-        if self._markers.get(uid, "").startswith("L"):
-            self._markers[uid] = "D"
-
     def _apply_row(self, row: ConvRow, loading: bool = False) -> None:
         if not loading and row.uid not in self._markers:
             return
@@ -99,15 +93,24 @@ class MemoryHotStore:
         if convs.get(row.session_id, 0) < row.last_msg_id:
             convs[row.session_id] = row.last_msg_id
 
+    def _is_gone(self, uid: int, msg_id: int, now: int) -> bool:
+        when = self._gone.get(uid, {}).get(msg_id)
+        return when is not None and when >= now - GONE_MS
+
     def _remove_pending(self, uid: int, sender: int, ids: set[int]) -> None:
         lists = self._pending.get(uid)
-        if not lists or sender not in lists:
-            return
-        remaining = _remove_sorted(lists[sender], ids)
-        if remaining:
-            lists[sender] = remaining
-        else:
-            del lists[sender]
+        if lists and sender in lists:
+            remaining = _remove_sorted(lists[sender], ids)
+            if remaining:
+                lists[sender] = remaining
+            else:
+                del lists[sender]
+        now = self._now()
+        gone = self._gone.setdefault(uid, {})
+        for msg_id in ids:
+            gone[msg_id] = now
+        for msg_id in [i for i, when in gone.items() if when < now - GONE_MS]:
+            del gone[msg_id]
 
     # -- writes ------------------------------------------------------------
 
@@ -127,11 +130,11 @@ class MemoryHotStore:
             state = self._markers.get(message.recipient)
             if state is None or state == "D":
                 continue
-            if state.startswith("R") and now - int(state[1:]) > age + LOAD_MARGIN_MS:
+            if age >= GONE_MS:
+                self._markers[message.recipient] = "D"
+            elif not self._is_gone(message.recipient, message.msg_id, now):
                 lists = self._pending.setdefault(message.recipient, {})
                 _insert(lists.setdefault(message.sender, []), message.msg_id)
-            else:
-                self._markers[message.recipient] = "D"
         for row in rows:
             self._apply_row(row)
 
@@ -143,7 +146,6 @@ class MemoryHotStore:
 
     async def ack(self, acked: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
         for uid, removed in acked:
-            self._spoil_load(uid)
             by_sender: dict[int, set[int]] = {}
             for msg_id, sender in removed:
                 by_sender.setdefault(sender, set()).add(msg_id)
@@ -155,7 +157,6 @@ class MemoryHotStore:
         if window and message.msg_id in window:
             window.remove(message.msg_id)
         self._messages.pop(message.msg_id, None)
-        self._spoil_load(message.recipient)
         self._remove_pending(message.recipient, message.sender, {message.msg_id})
         if row is not None:
             self._apply_row(row)
@@ -172,18 +173,18 @@ class MemoryHotStore:
 
     async def load_begin(self, uid: int) -> str:
         token = str(next(self._nonces))
+        self._pending.pop(uid, None)
         self._markers[uid] = "L" + token
         return token
 
     async def load_finish(self, uid: int, token: str, snapshot: UserSnapshot) -> bool:
         if self._markers.get(uid) != "L" + token:
             return False
-        lists: dict[int, list[int]] = {}
+        now = self._now()
+        lists = self._pending.setdefault(uid, {})
         for msg_id, sender in snapshot.pending:
-            lists.setdefault(sender, []).append(msg_id)
-        for ids in lists.values():
-            ids.sort()
-        self._pending[uid] = lists
+            if not self._is_gone(uid, msg_id, now):
+                _insert(lists.setdefault(sender, []), msg_id)
         for row in snapshot.convs:
             self._apply_row(row, loading=True)
         self._markers[uid] = f"R{self._now()}"

@@ -32,8 +32,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.config import RedisTarget
-from imserver.storage.hot.interface import LIVE_MS, WINDOW_SIZE, HotUnavailable, IHotStore
-from imserver.storage.hot.memory import LOAD_MARGIN_MS
+from imserver.storage.hot.interface import (
+    GONE_MS,
+    LIVE_MS,
+    WINDOW_SIZE,
+    HotUnavailable,
+    IHotStore,
+)
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 
 SCRIPTS = (
@@ -194,7 +199,7 @@ class RedisHotStore:
             self.message_ttl,
             self.window_size,
             self.live_ms,
-            LOAD_MARGIN_MS,
+            GONE_MS,
             [
                 [str(m.msg_id), str(m.session_id), str(m.sender), str(m.recipient), age, _record(m)]
                 for m, age in messages
@@ -207,6 +212,7 @@ class RedisHotStore:
         await self._script(
             "ack",
             _pack([[str(uid), [[str(i), str(s)] for i, s in removed]] for uid, removed in acked]),
+            str(GONE_MS),
         )
 
     async def recall(self, message: Message, row: ConvRow | None) -> None:
@@ -221,6 +227,7 @@ class RedisHotStore:
                     _row(row) if row is not None else None,
                 ]
             ),
+            str(GONE_MS),
         )
 
     async def apply_rows(self, rows: Sequence[ConvRow]) -> None:

@@ -1,7 +1,9 @@
 -- ARGV[2]: msgpack {{uid, {{msg_id, sender}, ...}}, ...}: no longer pending.
+-- ARGV[3]: how long tombstones are kept (ms).
+local gone_ms = tonumber(ARGV[3])
+local now = now_ms()
 for _, entry in ipairs(cmsgpack.unpack(ARGV[2])) do
   local uid = entry[1]
-  spoil_load(uid)
   local by_sender = {}
   for _, p in ipairs(entry[2]) do
     local ids = by_sender[p[2]]
@@ -12,7 +14,7 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[2])) do
     ids[#ids + 1] = p[1]
   end
   for sender, ids in pairs(by_sender) do
-    remove_pending(uid, sender, ids)
+    remove_pending(uid, sender, ids, gone_ms, now)
   end
 end
 return 1

@@ -1,5 +1,5 @@
 -- Fan-out of committed messages, in commit order.
--- ARGV[2]: msgpack {sent_at_ms, body_ttl, window_size, live_ms, margin_ms, messages, rows}
+-- ARGV[2]: msgpack {sent_at_ms, body_ttl, window_size, live_ms, gone_ms, messages, rows}
 --   messages: {msg_id, session_id, sender, recipient, age_ms, record}
 --     age_ms: time from the start of the commit transaction to sending this
 --     record: the cached message (msgpack, opaque here)
@@ -8,7 +8,7 @@ local data = cmsgpack.unpack(ARGV[2])
 local now = now_ms()
 local late = now - tonumber(data[1])
 if late < 0 then late = 0 end
-local ttl, window_size, live_ms, margin = data[2], data[3], data[4], data[5]
+local ttl, window_size, live_ms, gone_ms = data[2], data[3], data[4], data[5]
 
 for _, m in ipairs(data[6]) do
   local id, sid, sender, recipient = m[1], m[2], m[3], m[4]
@@ -30,13 +30,17 @@ for _, m in ipairs(data[6]) do
   local state = marker(recipient)
   if state then
     local kind = string.sub(state, 1, 1)
-    if kind == 'R' and now - tonumber(string.sub(state, 2)) > age + margin then
-      -- Loaded before this message was committed: it is not there yet.
+    if kind == 'D' then
+      -- nothing: the copy is not used until reloaded
+    elseif age >= gone_ms then
+      -- Too old to tell from the tombstones whether it was acked: reload.
+      redis.call('SET', key('hot', recipient), 'D')
+    elseif not redis.call('ZSCORE', key('gone', recipient), id) then
+      -- Ready, or loading (the snapshot may miss it): add. Adding what a
+      -- load already brought changes nothing; acked or recalled ids are
+      -- tombstoned and stay out.
       redis.call('ZADD', key('offline_msg', recipient, sender), id, id)
       redis.call('SADD', key('offline_senders', recipient), sender)
-    elseif kind == 'R' or kind == 'L' then
-      -- The load may or may not have seen it (or may be running): reload.
-      redis.call('SET', key('hot', recipient), 'D')
     end
   end
 end

@@ -9,8 +9,12 @@
 -- conversation list and counters here are a complete copy of SQL:
 --   absent     nothing trustworthy here: readers go to SQL
 --   L<nonce>   a load from SQL is in progress
---   D          changed during a load: that load must not finish
+--   D          a fan-out too old to judge came: reload
 --   R<ms>      ready, loaded at this Redis time
+--
+-- {p}:gone:{uid} (zset msg_id -> time) remembers for GONE_MS which ids were
+-- acked or recalled, so that a fan-out or a load snapshot arriving after
+-- them cannot make them pending again.
 local P = ARGV[1]
 
 local function key(...)
@@ -31,15 +35,6 @@ local function ready(uid)
   return m and string.sub(m, 1, 1) == 'R'
 end
 
--- A change to the user's pending lists: a load in progress cannot know it.
-local function spoil_load(uid)
-  local m = marker(uid)
-  if m and string.sub(m, 1, 1) == 'L' then
-    redis.call('SET', key('hot', uid), 'D')
-  end
-  return m
-end
-
 -- Write a conversation row {uid, sid, last, total, read, version} unless a
 -- newer version is already here; skipped for users without a hot copy.
 local function apply_row(r, loading)
@@ -58,7 +53,9 @@ local function apply_row(r, loading)
   redis.call('ZADD', key('conv', uid), 'GT', r[3], sid)
 end
 
-local function remove_pending(uid, sender, ids)
+-- Remove ids from a pending list, leaving a tombstone for each, so a late
+-- fan-out cannot add it back (even onto a copy loaded after this).
+local function remove_pending(uid, sender, ids, gone_ms, now)
   local list = key('offline_msg', uid, sender)
   for i = 1, #ids, 1000 do
     redis.call('ZREM', list, unpack(ids, i, math.min(i + 999, #ids)))
@@ -66,4 +63,15 @@ local function remove_pending(uid, sender, ids)
   if redis.call('ZCARD', list) == 0 then
     redis.call('SREM', key('offline_senders', uid), sender)
   end
+  local gone = key('gone', uid)
+  local args = {}
+  for _, id in ipairs(ids) do
+    args[#args + 1] = now
+    args[#args + 1] = id
+  end
+  for i = 1, #args, 2000 do
+    redis.call('ZADD', gone, unpack(args, i, math.min(i + 1999, #args)))
+  end
+  redis.call('ZREMRANGEBYSCORE', gone, '-inf', now - gone_ms)
+  redis.call('PEXPIRE', gone, gone_ms + 1000)
 end

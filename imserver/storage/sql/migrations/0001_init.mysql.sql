@@ -53,11 +53,12 @@ CREATE TABLE IF NOT EXISTS t_conv (
   KEY by_recency (uid, lastMsgId)
 ) ENGINE=InnoDB;
 
--- Delivery state: a row per message its recipient has not acked yet.
+-- Delivery state: a row per message its recipient (uid) has not acked yet.
+-- A message has one recipient, so msgId alone is the key.
 CREATE TABLE IF NOT EXISTS t_pending (
+  msgId BIGINT NOT NULL PRIMARY KEY,
   uid BIGINT NOT NULL,
-  msgId BIGINT NOT NULL,
   senderUid BIGINT NOT NULL,
-  PRIMARY KEY (uid, msgId),
+  KEY by_user (uid, msgId),
   KEY by_sender (uid, senderUid, msgId)
 ) ENGINE=InnoDB;

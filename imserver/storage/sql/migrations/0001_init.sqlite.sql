@@ -48,9 +48,9 @@ CREATE TABLE IF NOT EXISTS t_conv (
 CREATE INDEX IF NOT EXISTS conv_recency ON t_conv (uid, lastMsgId);
 
 CREATE TABLE IF NOT EXISTS t_pending (
+  msgId INTEGER NOT NULL PRIMARY KEY,
   uid INTEGER NOT NULL,
-  msgId INTEGER NOT NULL,
-  senderUid INTEGER NOT NULL,
-  PRIMARY KEY (uid, msgId)
+  senderUid INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS pending_user ON t_pending (uid, msgId);
 CREATE INDEX IF NOT EXISTS pending_sender ON t_pending (uid, senderUid, msgId);
