@@ -50,8 +50,10 @@ class Batcher(Generic[I, O]):
         max_batch: int = 500,
         concurrency: int = 1,
         max_queue: int = 100_000,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_batch = on_batch
         self._run = run
         self.max_batch = max_batch
         self.concurrency = concurrency
@@ -98,6 +100,8 @@ class Batcher(Generic[I, O]):
         self.batches += 1
         self.items += take
         self.last_batch_size = take
+        if self.on_batch is not None:
+            self.on_batch(take)
         d = Deferred.fromCoroutine(self._run_batch([item for item, _ in batch]))
         d.addCallbacks(
             self._batch_done, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,)

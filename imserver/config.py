@@ -252,12 +252,32 @@ class LimitsConfig:
     max_body_bytes: int = setting(32768, int_in(16, 16 * 1024 * 1024))
 
 
+def http_url(value: Any, key: str) -> str:
+    url = text()(value, key)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key} must be an http:// or https:// URL, not {url!r}")
+    return url
+
+
+@attrs.frozen
+class NotifyConfig:
+    """Offline notifications: a webhook called for messages not acked in time."""
+
+    webhook: str | None = setting(None, optional(http_url))
+    delay_seconds: float = setting(5.0, number_in(0, 86400))
+    max_attempts: int = setting(8, int_in(1, 100))
+    secret: str = setting("", text(min_len=0, max_len=4096))
+    timeout_seconds: float = setting(10.0, number_in(0.1, 300))
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "auth": AuthConfig,
     "storage": StorageConfig,
     "filter": FilterConfig,
     "limits": LimitsConfig,
+    "notify": NotifyConfig,
 }
 
 
@@ -268,6 +288,7 @@ class Config:
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     filter: FilterConfig = attrs.field(factory=FilterConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    notify: NotifyConfig = attrs.field(factory=NotifyConfig)
     source: str = attrs.field(default="<embedded>", eq=False)
 
     @classmethod
@@ -282,9 +303,14 @@ class Config:
 
         @raise ConfigError: naming the key.
         """
+        if self.notify.webhook is not None and len(self.notify.secret) < 16:
+            raise ConfigError(
+                "[notify].secret must have at least 16 characters when [notify].webhook is set"
+            )
         for name, value in (
             ("[auth].secret", self.auth.secret),
             ("[auth].admin_key", self.auth.admin_key),
+            ("[notify].secret", self.notify.secret),
         ):
             if value.startswith(PLACEHOLDER):
                 raise ConfigError(f"refusing to start: {name} is still a {PLACEHOLDER} placeholder")

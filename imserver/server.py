@@ -25,8 +25,10 @@ from imserver.config import Config
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
+from imserver.metrics import Metrics, ServerCollector
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
+from imserver.services.notifier import Notifier
 from imserver.services.tokens import TokenService
 from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
@@ -47,24 +49,51 @@ class IMServer(MultiService):
         self.reactor = reactor
         self.registry = LocalRegistry()
         self.tokens = TokenService(config.auth.secret)
+        self.metrics = Metrics()
+        ids = IdGenerator(config.server.node_id, reactor)
         engine = create_engine(config.storage.sql)
-        self.db = Database(
-            reactor, engine, name="realtime", max_connections=None if engine.kind == "sqlite" else 8
+        mysql = engine.kind == "mysql"
+        # Two pools, two thread pools: the real-time path (sends, acks, reads)
+        # never waits behind background work (outbox, notifications).
+        self.db = Database(reactor, engine, name="realtime", max_connections=8 if mysql else None)
+        self.background = Database(
+            reactor, engine, name="background", max_connections=3 if mysql else None
         )
         hot: IHotStore
         if config.storage.redis is None:
             hot = MemoryHotStore(reactor)
         else:
             hot = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
-        self.store = Store(reactor, self.db, hot)
+        notify = config.notify
+        self.store = Store(
+            reactor,
+            self.db,
+            hot,
+            ids=ids,
+            node_id=config.server.node_id,
+            background=self.background,
+            notify_delay_ms=None if notify.webhook is None else int(notify.delay_seconds * 1000),
+        )
         self.chat = ChatService(
             store=self.store,
             presence=self.registry,
-            ids=IdGenerator(config.server.node_id, reactor),
+            ids=ids,
             content=ContentFilter.from_file(config.filter.words_file, config.filter.action),
             limits=config.limits,
             clock=reactor,
+            observe=self.metrics.observe,
         )
+        for queue, batcher in (
+            ("commit", self.store.sends),
+            ("ack", self.store.acks),
+            ("login", self.store.logins),
+            ("outbox", self.store.outbox_deletes),
+            ("realtime", self.chat.fanouts),
+        ):
+            batcher.on_batch = self.metrics.batch(queue)
+        self.notifier: Notifier | None = None
+        if notify.webhook is not None:
+            self.notifier = Notifier(reactor, self.store, notify, self.store.total_unread)
         self.gateway = Gateway(
             config=config.server,
             clock=reactor,
@@ -75,6 +104,7 @@ class IMServer(MultiService):
         )
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
+        self.metrics.register(ServerCollector(self))
 
     def startService(self) -> None:
         super().startService()
@@ -86,6 +116,12 @@ class IMServer(MultiService):
         applied = await self.store.start()
         if applied:
             self.log.info("applied schema migrations {versions}", versions=applied)
+        replayed = await self.chat.recover()
+        if replayed:
+            self.log.info("replayed {n} outbox rows left by the previous run", n=replayed)
+        self.chat.start_sweeper()
+        if self.notifier is not None:
+            self.notifier.start()
         for desc in cfg.server.listen:
             port = await serverFromString(self.reactor, desc).listen(self.gateway)
             self.ports.append(port)
@@ -122,6 +158,9 @@ class IMServer(MultiService):
             self.log.warn("clients still connected after the shutdown grace period")
         # Everything acked to a sender is committed already; let the
         # fan-outs that follow commits finish too.
+        self.chat.stop_sweeper()
+        if self.notifier is not None:
+            self.notifier.stop()
         drained = Deferred.fromCoroutine(self.chat.drain())
         drained.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         try:

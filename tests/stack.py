@@ -107,16 +107,18 @@ async def make_stack(
     action: str = "reject",
     node_id: int = 1,
     redis: RedisServer | None = None,
+    notify_delay_ms: int | None = None,
+    db: Database | None = None,
 ) -> Stack:
-    if backend in ("embedded", "sqlite-redis"):
-        path = os.path.abspath(case.mktemp())
-        engine = create_engine(SqliteTarget(path))
-    else:
-        config = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
-        engine = create_engine(config.storage.sql)
-    db = Database(
-        reactor, engine, name="test", max_connections=None if engine.kind == "sqlite" else 8
-    )
+    if db is None:
+        if backend in ("embedded", "sqlite-redis"):
+            engine = create_engine(SqliteTarget(os.path.abspath(case.mktemp())))
+        else:
+            config = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
+            engine = create_engine(config.storage.sql)
+        db = Database(
+            reactor, engine, name="test", max_connections=None if engine.kind == "sqlite" else 8
+        )
     prefix = fresh_prefix()
     hot: IHotStore
     server = None
@@ -127,13 +129,14 @@ async def make_stack(
         target = parse_config({"storage": {"redis": server.url}}).storage.redis
         assert target is not None
         hot = RedisHotStore(reactor, target, prefix, timeout=1.0)
-    store = Store(reactor, db, hot)
+    ids = IdGenerator(node_id, reactor)
+    store = Store(reactor, db, hot, ids=ids, node_id=node_id, notify_delay_ms=notify_delay_ms)
     await store.start()
     presence = RecordingPresence()
     chat = ChatService(
         store=store,
         presence=presence,
-        ids=IdGenerator(node_id, reactor),
+        ids=ids,
         content=ContentFilter(words or [], action),
         limits=limits or LimitsConfig(),
         clock=reactor,

@@ -299,9 +299,8 @@ class RedisStoreTests(StoreContract, TestCase):
         """Two stores on one database (two nodes): one session per pair, one
         message per (sender, cid), however the first sends race."""
         one = await self.stack(node_id=1)
-        other = await make_stack(self, "redis", limits=BIG, node_id=2)
-        other.store.db.close()
-        other.store.db = one.store.db  # same database, separate caches and batchers
+        # Same database, separate caches and batchers: another node.
+        other = await make_stack(self, "redis", limits=BIG, node_id=2, db=one.store.db)
         a, b = await self.users(one, 2)
         replies = await gatherResults(
             [

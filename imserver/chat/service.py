@@ -16,11 +16,12 @@ knows nothing of frames or connections (pushes go through L{IPresence}).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from imserver.batching import Batcher
@@ -44,6 +45,18 @@ from imserver.storage.model import (
 from imserver.storage.store import Store
 
 Result = dict[str, Any]
+#: Observes a latency: (name, seconds). The composition root wires metrics.
+Observer = Callable[[str, float], None]
+
+#: Committed messages allowed to wait for their fan-out; beyond it sends
+#: are refused (unavailable) instead of queueing without bound.
+MAX_FANOUT_BACKLOG = 50_000
+#: How often the outbox sweeper looks for stale rows of any node.
+SWEEP_SECONDS = 30.0
+
+
+def _ignore(name: str, seconds: float) -> None:
+    pass
 
 
 def sender_info(profile: Profile | None) -> dict[str, str]:
@@ -79,23 +92,31 @@ class ChatService:
         content: ContentFilter,
         limits: LimitsConfig,
         clock: IReactorTime,
+        observe: Observer = _ignore,
     ) -> None:
         self.store = store
+        self.observe = observe
         self.presence = presence
         self.ids = ids
         self.content = content
         self.limits = limits
         self.clock = clock
         self.profiles = ProfileCache(store, clock)
-        self.fanouts: Batcher[tuple[Committed, Any], None] = Batcher(
-            "fanout", self._fanout_batch, max_batch=500, max_queue=10_000_000
+        #: The real-time queue: fan-out of committed messages, in commit order.
+        self.fanouts: Batcher[tuple[Committed, Any, float], None] = Batcher(
+            "fanout", self._fanout_batch, max_batch=500, max_queue=10 * MAX_FANOUT_BACKLOG
         )
         self._inflight: dict[int, int] = {}
         self._settled_waiters: dict[int, list[Deferred[None]]] = {}
+        # outbox id -> [messages of the row not fanned out yet, all went well]
+        self._outbox_left: dict[int, list[Any]] = {}
+        self._sweeper: LoopingCall | None = None
         # Read by metrics.
         self.sent = 0
         self.duplicates = 0
         self.pushed = 0
+        self.acked = 0
+        self.replayed = 0
 
     # -- login -----------------------------------------------------------------
 
@@ -107,8 +128,11 @@ class ChatService:
     # -- send --------------------------------------------------------------------
 
     async def send(self, sender: int, to: int, cid: str, kind: str, body: Any) -> Result:
+        started = self.clock.seconds()
         if to == sender:
             raise ImError(ErrorCode.INVALID, "you cannot send a message to yourself")
+        if self.fanouts.depth + self.store.sends.depth >= MAX_FANOUT_BACKLOG:
+            raise ImError(ErrorCode.UNAVAILABLE, "the server is overloaded; retry shortly")
         body = self.content.apply(body)
         blob = pack_body(body)
         if len(blob) > self.limits.max_body_bytes:
@@ -130,6 +154,7 @@ class ChatService:
                 new_session_id=self.ids.next_id() if hint is None else 0,
             )
         )
+        self.observe("send_to_commit", self.clock.seconds() - started)
         if isinstance(outcome, Refused):
             raise ImError(ErrorCode(outcome.code), outcome.message)
         if isinstance(outcome, Duplicate):
@@ -141,15 +166,17 @@ class ChatService:
                 "dup": True,
             }
         self.sent += 1
-        self._start_fanout(outcome, body)
+        self._start_fanout(outcome, body, started)
         m = outcome.message
         return {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
 
-    def _start_fanout(self, committed: Committed, body: Any) -> None:
+    def _start_fanout(self, committed: Committed, body: Any, started: float) -> None:
         uids = (committed.message.sender, committed.message.recipient)
         for uid in uids:
             self._inflight[uid] = self._inflight.get(uid, 0) + 1
-        d = self.fanouts.submit((committed, body))
+        if committed.outbox_id and committed.outbox_id not in self._outbox_left:
+            self._outbox_left[committed.outbox_id] = [committed.outbox_count, True]
+        d = self.fanouts.submit((committed, body, started))
         d.addErrback(lambda f: self.log.failure("fan-out failed", f))
         d.addBoth(lambda _: self._fanned_out(uids))
 
@@ -170,11 +197,14 @@ class ChatService:
             self._settled_waiters.setdefault(uid, []).append(d)
             await d
 
-    async def _fanout_batch(self, items: Sequence[tuple[Committed, Any]]) -> list[None]:
-        committed = [c for c, _ in items]
-        await self.store.fanout(committed)
-        senders = await self.profiles.get({c.message.sender for c in committed})
-        for c, body in items:
+    async def _fanout_batch(self, items: Sequence[tuple[Committed, Any, float]]) -> list[None]:
+        committed = [c for c, _, _ in items]
+        indexed = await self.store.fanout(committed)
+        try:
+            senders = await self.profiles.get({c.message.sender for c in committed})
+        except Exception:
+            senders = {}
+        for c, body, started in items:
             m = c.message
             frame = message_object(m, senders.get(m.sender), body)
             frame["t"] = "msg"
@@ -182,12 +212,34 @@ class ChatService:
             frame["total_unread"] = c.total_unread
             if self.presence.push(m.recipient, frame):
                 self.pushed += 1
+                self.observe("send_to_push", self.clock.seconds() - started)
+        self._settle_outbox(committed, indexed)
         return [None] * len(items)
+
+    def _settle_outbox(self, committed: Sequence[Committed], indexed: bool) -> None:
+        """Delete the outbox rows whose messages are all fanned out; rows
+        with a failed hot step keep waiting for their repair (downgraded, so
+        a replay does not push again)."""
+        done: list[int] = []
+        downgrade: list[int] = []
+        for c in committed:
+            entry = self._outbox_left.get(c.outbox_id)
+            if entry is None:
+                continue
+            entry[0] -= 1
+            entry[1] = entry[1] and indexed
+            if entry[0] <= 0:
+                del self._outbox_left[c.outbox_id]
+                (done if entry[1] else downgrade).append(c.outbox_id)
+        for outbox_id in done:
+            self.store.outbox_done(outbox_id)
+        self.store.outbox_downgrade(downgrade)
 
     # -- delivery state ------------------------------------------------------------
 
     async def ack(self, uid: int, msg_ids: Sequence[int]) -> Result:
-        await self.store.ack(uid, msg_ids)
+        removed = await self.store.ack(uid, msg_ids)
+        self.acked += len(removed)
         return {}
 
     async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
@@ -319,5 +371,62 @@ class ChatService:
 
     async def drain(self) -> None:
         """Wait until every commit and fan-out queued so far is done."""
-        await self.store.drain()
+        await self.store.sends.idle()
         await self.fanouts.idle()
+        await self.store.drain()
+
+    # -- recovery ------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """
+        Finish what this node's previous life left undone (its outbox rows);
+        call before accepting clients. Returns the rows replayed.
+        """
+        total = 0
+        while True:
+            rows = await self.store.replay_outbox(own=True)
+            if not rows:
+                return total
+            total += len(rows)
+            await self._push_replayed(rows)
+
+    def start_sweeper(self) -> None:
+        """Replay any node's outbox rows left stale (a node died) every 30 s."""
+        self._sweeper = LoopingCall(lambda: Deferred.fromCoroutine(self._sweep()))
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_SECONDS, now=False).addErrback(
+            lambda f: self.log.failure("outbox sweeper stopped", f)
+        )
+
+    def stop_sweeper(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+
+    async def _sweep(self) -> None:
+        try:
+            rows = await self.store.replay_outbox(own=False)
+            if rows:
+                self.log.info("replayed {n} stale outbox rows", n=len(rows))
+                await self._push_replayed(rows)
+        except Exception as e:
+            self.log.warn("outbox sweep failed: {error}", error=e)
+
+    async def _push_replayed(self, rows: Sequence[Any]) -> None:
+        """Push the messages of replayed send rows (clients dedupe by msg_id)."""
+        ids = [msg_id for row in rows if row.kind == "send" for msg_id in row.msgs]
+        self.replayed += len(rows)
+        if not ids:
+            return
+        found = await self.store.messages(ids)
+        messages = [found[i] for i in ids if i in found and found[i].status == RECORD_NORMAL]
+        senders = await self.profiles.get({m.sender for m in messages})
+        unread: dict[int, tuple[int, dict[int, int]]] = {}
+        for m in messages:
+            if m.recipient not in unread:
+                sessions = dict(await self.store.unread(m.recipient))
+                unread[m.recipient] = (sum(sessions.values()), sessions)
+            total, sessions = unread[m.recipient]
+            frame = message_object(m, senders.get(m.sender))
+            frame.update(t="msg", unread=sessions.get(m.session_id, 0), total_unread=total)
+            if self.presence.push(m.recipient, frame):
+                self.pushed += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -200,7 +201,11 @@ class ClientProtocol(Protocol):
         self.transport.write(data)
 
     def _reply_error(self, e: ImError, req_id: int | None) -> None:
-        self._send(frames.error(e.code, e.message, req_id))
+        self._error(e.code, e.message, req_id)
+
+    def _error(self, code: ErrorCode, message: str, req_id: int | None = None) -> None:
+        self.gateway.errors[code] += 1
+        self._send(frames.error(code, message, req_id))
 
     # -- input -------------------------------------------------------------------
 
@@ -211,7 +216,7 @@ class ClientProtocol(Protocol):
         try:
             bodies = self._decoder.feed(data)
         except FrameTooLarge as e:
-            self._send(frames.error(ErrorCode.FRAME_TOO_LARGE, str(e)))
+            self._error(ErrorCode.FRAME_TOO_LARGE, str(e))
             self.close("frame too large")
             return
         for body in bodies:
@@ -220,7 +225,7 @@ class ClientProtocol(Protocol):
             try:
                 frame = decode_body(body)
             except BadFrame as e:
-                self._send(frames.error(ErrorCode.BAD_FRAME, str(e)))
+                self._error(ErrorCode.BAD_FRAME, str(e))
                 continue
             if self.state is State.READY:
                 self._dispatch(frame)
@@ -274,14 +279,14 @@ class ClientProtocol(Protocol):
             req_id=request.id,
             uid=self.uid,
         )
-        self._send(frames.error(ErrorCode.INTERNAL, "internal server error", request.id))
+        self._error(ErrorCode.INTERNAL, "internal server error", request.id)
 
     # -- authentication ----------------------------------------------------------
 
     def _begin_auth(self, frame: Frame) -> None:
         req_id = frames.request_id(frame)
         if frame.get("t") != "auth":
-            self._send(frames.error(ErrorCode.UNAUTHENTICATED, "auth must come first", req_id))
+            self._error(ErrorCode.UNAUTHENTICATED, "auth must come first", req_id)
             self.close("request before auth")
             return
         try:
@@ -290,7 +295,7 @@ class ClientProtocol(Protocol):
             uid = self.gateway.tokens.verify(request.token, now=self.gateway.clock.seconds())
         except ImError as e:
             self.gateway.auths["failed"] += 1
-            self._send(frames.error(ErrorCode.AUTH_FAILED, e.message, req_id))
+            self._error(ErrorCode.AUTH_FAILED, e.message, req_id)
             self.close("auth failed")
             return
         self.state = State.AUTHENTICATING
@@ -338,7 +343,7 @@ class ClientProtocol(Protocol):
         if not isinstance(error, ImError):
             self.log.failure("login failed", failure)
             error = ImError(ErrorCode.INTERNAL, "internal server error")
-        self._send(frames.error(error.code, error.message, request.id))
+        self._error(error.code, error.message, request.id)
         self.close("login failed")
 
     # -- timers --------------------------------------------------------------------
@@ -346,7 +351,7 @@ class ClientProtocol(Protocol):
     def _auth_timeout(self) -> None:
         self._timer = None
         if self.state in (State.AWAIT_AUTH, State.AUTHENTICATING):
-            self._send(frames.error(ErrorCode.UNAUTHENTICATED, "no auth within the time allowed"))
+            self._error(ErrorCode.UNAUTHENTICATED, "no auth within the time allowed")
             self.close("auth timeout")
 
     def _check_idle(self) -> None:
@@ -411,6 +416,7 @@ class Gateway(Factory):
         self.accepting = True
         # Counters read by metrics.
         self.auths = {"ok": 0, "failed": 0, "error": 0}
+        self.errors: Counter[str] = Counter()
         self.internal_errors = 0
         self.overflowed = 0
         self.idle_closed = 0

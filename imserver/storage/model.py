@@ -96,6 +96,10 @@ class Committed:
     total_unread: int
     # When its commit transaction began (reactor seconds): fan-out age.
     started: float = 0.0
+    # The outbox row of the commit batch this message was in, and how many
+    # committed messages that row covers.
+    outbox_id: int = 0
+    outbox_count: int = 0
 
 
 @attrs.frozen
@@ -147,6 +151,58 @@ class Conversation:
     @property
     def unread(self) -> int:
         return self.total - self.read
+
+
+@attrs.frozen
+class Outbox:
+    """
+    The outbox row a transaction writes: what to redo if its hot-store
+    follow-up never finishes (see docs/queues.md).
+    """
+
+    id: int
+    node_id: int
+    kind: str  # send, ack, read, recall
+    users: tuple[int, ...] = ()
+    sessions: tuple[int, ...] = ()
+    msgs: tuple[int, ...] = ()
+    created_at: int = 0
+
+    def payload(self) -> bytes:
+        return pack_body({"u": list(self.users), "s": list(self.sessions), "m": list(self.msgs)})
+
+    @classmethod
+    def from_row(cls, row: Any) -> Outbox:
+        data = unpack_body(bytes(row[3]))
+        return cls(
+            id=int(row[0]),
+            node_id=int(row[1]),
+            kind=str(row[2]),
+            users=tuple(data["u"]),
+            sessions=tuple(data["s"]),
+            msgs=tuple(data["m"]),
+            created_at=int(row[4]),
+        )
+
+
+@attrs.frozen
+class DueNotification:
+    """A message whose offline notification is due."""
+
+    message: Message
+    attempts: int
+    pending: bool
+
+
+@attrs.frozen
+class DeadLetter:
+    id: int
+    kind: str
+    ref: int
+    payload: bytes
+    error: str
+    attempts: int
+    created_at: int
 
 
 @attrs.frozen

@@ -6,10 +6,12 @@ One class over two parts chosen by the composition root: a L{Database}
 seed's hot index). The business layer never knows which.
 
 * Writes commit in SQL first (group-committed: concurrent sends share one
-  transaction), then update the hot copy. If the hot store fails, the
-  affected users and sessions become "suspect": their reads go to SQL, and a
-  repair loop invalidates their hot copies as soon as the hot store answers,
-  so they are rebuilt from SQL.
+  transaction), together with an outbox row naming what the hot copy must
+  learn; then the hot copy is updated and the outbox row deleted. If the hot
+  store fails, the affected users and sessions become "suspect": their reads
+  go to SQL, and the retry queue invalidates their hot copies as soon as the
+  hot store answers, so they are rebuilt from SQL. After a crash the outbox
+  rows are replayed (L{replay_outbox}).
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
@@ -17,29 +19,34 @@ seed's hot index). The business layer never knows which.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from imserver.batching import Batcher
 from imserver.errors import Unavailable
+from imserver.services.ids import IdGenerator
+from imserver.services.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
     Committed,
     Conversation,
     ConvRow,
+    DeadLetter,
+    DueNotification,
     Message,
     NewMessage,
+    Outbox,
     Profile,
     ReadResult,
     RecallResult,
     SendOutcome,
+    pack_body,
 )
 from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import Database
@@ -49,7 +56,11 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 
-REPAIR_INTERVAL = 1.0
+#: Retries of failed hot-store writes: from 0.5 s up to 30 s apart, for about
+#: 20 minutes, then a dead letter (the outbox row still gets it replayed).
+REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=45)
+#: Outbox rows older than this are replayed by any node's sweeper.
+OUTBOX_STALE_MS = 60_000
 
 
 class LRU(OrderedDict[K, V]):
@@ -79,12 +90,27 @@ class Store:
         db: Database,
         hot: IHotStore,
         *,
+        ids: IdGenerator,
+        node_id: int,
+        background: Database | None = None,
+        notify_delay_ms: int | None = None,
+        repair_policy: RetryPolicy = REPAIR_POLICY,
         max_batch: int = 500,
         max_queue: int = 50_000,
     ) -> None:
         self._reactor = reactor
         self.db = db
+        #: Outbox, notification and dead-letter work: its own pool, so it
+        #: never holds up the real-time path.
+        self.background = background or db
         self.hot = hot
+        self.ids = ids
+        self.node_id = node_id
+        self.notify_delay_ms = notify_delay_ms
+        self.retries = RetryQueue(reactor, repair_policy, self._dead_letter)
+        self.outbox_deletes: Batcher[int, None] = Batcher(
+            "outbox", self._outbox_done_batch, max_batch=max_batch, max_queue=10_000_000
+        )
         self.sends: Batcher[NewMessage, SendOutcome] = Batcher(
             "send", self._commit_batch, max_batch=max_batch, max_queue=max_queue
         )
@@ -97,10 +123,10 @@ class Store:
         self._known_users: set[int] = set()
         self._pairs: LRU[tuple[int, int], int] = LRU(200_000)
         self._members: LRU[int, tuple[int, int]] = LRU(200_000)
-        self.suspect_users: set[int] = set()
-        self.suspect_sessions: set[int] = set()
-        self._stale_profiles: dict[int, Profile] = {}
-        self._repair: LoopingCall | None = None
+        # Users and sessions whose hot copy may be wrong (count of repairs
+        # not done yet): their reads go to SQL.
+        self.suspect_users: Counter[int] = Counter()
+        self.suspect_sessions: Counter[int] = Counter()
         self._stopped = False
         # Read by metrics.
         self.hot_fallbacks = 0
@@ -117,10 +143,10 @@ class Store:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._repair is not None and self._repair.running:
-            self._repair.stop()
+        self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
+        self.background.close()
 
     async def health(self) -> dict[str, str]:
         status = {"sql": "ok", "redis": "embedded" if self.hot.kind == "embedded" else "ok"}
@@ -168,9 +194,12 @@ class Store:
     async def _put_profiles(self, profiles: Sequence[Profile]) -> None:
         try:
             await self.hot.put_profiles(profiles)
-        except HotUnavailable:
-            self._stale_profiles.update((p.uid, p) for p in profiles)
-            self._start_repair()
+        except HotUnavailable as e:
+            # A stale cached profile would outlive its TTL otherwise.
+            uids = [p.uid for p in profiles]
+            self.retries.add(
+                Task("profile", uids[0], lambda: self.hot.put_profiles(profiles)), str(e)
+            )
 
     async def set_profile(
         self, uid: int, nickname: str | None, avatar: str | None
@@ -211,14 +240,21 @@ class Store:
             else attrs.evolve(m, session_id=self._pairs.get(_pair(m.sender, m.recipient)))
             for m in msgs
         ]
+        now_ms = self._now_ms()
+        outbox = Outbox(self.ids.next_id(), self.node_id, "send", created_at=now_ms)
         try:
-            outcomes = await self.db.run("send", q.commit_messages_txn, msgs, check, self._now_ms())
-        except Unavailable:
+            outcomes = await self.db.run(
+                "send", q.commit_messages_txn, msgs, check, now_ms, outbox, self.notify_delay_ms
+            )
+        except Unavailable as e:
             # The commit may or may not have happened: distrust every copy
-            # these messages could have changed.
-            self._suspect(
+            # these messages could have changed (if it happened, its outbox
+            # row gets it replayed too).
+            self._hot_failed(
                 {u for m in msgs for u in (m.sender, m.recipient)},
                 {m.session_id for m in msgs if m.session_id is not None},
+                (),
+                str(e),
             )
             raise
         result: list[SendOutcome] = []
@@ -231,8 +267,12 @@ class Store:
             result.append(outcome)
         return result
 
-    async def fanout(self, committed: Sequence[Committed]) -> None:
-        """Index committed messages in the hot store (in commit order)."""
+    async def fanout(self, committed: Sequence[Committed]) -> bool:
+        """
+        Index committed messages in the hot store (in commit order). False if
+        the hot store failed: the users and sessions are then suspect and
+        being repaired.
+        """
         now = self._reactor.seconds()
         messages = [(c.message, int((now - c.started) * 1000)) for c in committed]
         rows: dict[tuple[int, int], ConvRow] = {}
@@ -243,11 +283,15 @@ class Store:
                     rows[key] = row
         try:
             await self.hot.fanout(messages, list(rows.values()))
-        except HotUnavailable:
-            self._suspect(
+        except HotUnavailable as e:
+            self._hot_failed(
                 {u for c in committed for u in (c.message.sender, c.message.recipient)},
                 {c.message.session_id for c in committed},
+                (),
+                str(e),
             )
+            return False
+        return True
 
     # -- delivery state --------------------------------------------------------
 
@@ -258,13 +302,11 @@ class Store:
     async def _ack_batch(
         self, requests: Sequence[tuple[int, Sequence[int]]]
     ) -> list[list[tuple[int, int]]]:
-        removed = await self.db.run("ack", q.ack_txn, requests)
+        outbox = self._outbox("ack")
+        removed = await self.db.run("ack", q.ack_txn, requests, outbox)
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
-            try:
-                await self.hot.ack(acked)
-            except HotUnavailable:
-                self._suspect({uid for uid, _ in acked}, ())
+            await self._follow_up(outbox.id, self.hot.ack(acked), {uid for uid, _ in acked}, (), ())
         return removed
 
     async def pending(
@@ -284,12 +326,10 @@ class Store:
     # -- reading and unread ------------------------------------------------------
 
     async def read(self, uid: int, session_id: int, msg_id: int) -> ReadResult:
-        result = await self.db.run("read", q.read_txn, uid, session_id, msg_id)
+        outbox = self._outbox("read")
+        result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
         if result.advanced_to is not None:
-            try:
-                await self.hot.apply_rows([result.row])
-            except HotUnavailable:
-                self._suspect({uid}, ())
+            await self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ())
         return result
 
     async def unread(self, uid: int) -> list[tuple[int, int]]:
@@ -301,13 +341,19 @@ class Store:
     # -- recall ------------------------------------------------------------------
 
     async def recall(self, uid: int, msg_id: int, window_ms: int) -> RecallResult:
-        result = await self.db.run("recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms)
+        outbox = self._outbox("recall")
+        result = await self.db.run(
+            "recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms, outbox
+        )
         if not result.already:
-            try:
-                await self.hot.recall(result.message, result.recipient_row)
-            except HotUnavailable:
-                m = result.message
-                self._suspect({m.sender, m.recipient}, {m.session_id})
+            m = result.message
+            await self._follow_up(
+                outbox.id,
+                self.hot.recall(m, result.recipient_row),
+                {m.sender, m.recipient},
+                {m.session_id},
+                (m.msg_id,),
+            )
         return result
 
     # -- conversations, history, messages ----------------------------------------
@@ -428,45 +474,164 @@ class Store:
         snapshot = await self.db.run("snapshot", q.snapshot_txn, uid)
         return await self.hot.load_finish(uid, token, snapshot)
 
-    def _suspect(self, uids: Iterable[int], session_ids: Iterable[int]) -> None:
-        self.suspect_users.update(uids)
-        self.suspect_sessions.update(session_ids)
-        self._start_repair()
+    # -- outbox, repairs, replay -------------------------------------------------
 
-    def _start_repair(self) -> None:
-        if self._stopped:
-            return
-        if self._repair is None or not self._repair.running:
-            self.log.warn("hot store write failed: serving affected users from SQL until repaired")
-            self._repair = LoopingCall(lambda: Deferred.fromCoroutine(self._repair_once()))
-            self._repair.clock = self._reactor
-            self._repair.start(REPAIR_INTERVAL, now=False).addErrback(
-                lambda f: self.log.failure("hot store repair loop failed", f)
+    def _outbox(self, kind: str) -> Outbox:
+        return Outbox(self.ids.next_id(), self.node_id, kind, created_at=self._now_ms())
+
+    async def _follow_up(
+        self,
+        outbox_id: int,
+        step: Awaitable[None],
+        uids: Iterable[int],
+        session_ids: Iterable[int],
+        msg_ids: Iterable[int],
+    ) -> None:
+        """Run a hot-store step that follows a commit; settle its outbox row."""
+        try:
+            await step
+        except HotUnavailable as e:
+            self._hot_failed(uids, session_ids, msg_ids, str(e))
+            self.outbox_downgrade([outbox_id])
+        else:
+            self.outbox_done(outbox_id)
+
+    def outbox_done(self, outbox_id: int) -> None:
+        """The follow-up of this outbox row is complete: delete it (batched)."""
+        if outbox_id:
+            d = self.outbox_deletes.submit(outbox_id)
+            d.addErrback(
+                lambda f: self.log.warn(
+                    "outbox row {id} not deleted (it will be replayed): {error}",
+                    id=outbox_id,
+                    error=f.value,
+                )
             )
 
-    async def _repair_once(self) -> None:
-        users, sessions = set(self.suspect_users), set(self.suspect_sessions)
-        profiles = dict(self._stale_profiles)
-        try:
-            if users or sessions:
-                await self.hot.invalidate(sorted(users), sorted(sessions))
-            if profiles:
-                await self.hot.put_profiles(list(profiles.values()))
-        except HotUnavailable:
+    def outbox_downgrade(self, outbox_ids: Sequence[int]) -> None:
+        """Pushes done, hot repair pending: a replay must only repair."""
+        ids = [i for i in outbox_ids if i]
+        if ids:
+            d = Deferred.fromCoroutine(
+                self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
+            )
+            d.addErrback(lambda f: self.log.warn("outbox downgrade failed: {error}", error=f.value))
+
+    async def _outbox_done_batch(self, ids: Sequence[int]) -> list[None]:
+        return await self.background.run("outbox_done", q.outbox_done_txn, ids)
+
+    def _hot_failed(
+        self,
+        uids: Iterable[int],
+        session_ids: Iterable[int],
+        msg_ids: Iterable[int],
+        error: str,
+    ) -> None:
+        """A hot-store write failed: serve these from SQL, and repair them."""
+        uids, session_ids, msg_ids = sorted(set(uids)), sorted(set(session_ids)), list(msg_ids)
+        self.suspect_users.update(uids)
+        self.suspect_sessions.update(session_ids)
+        if self._stopped:
             return
-        self.suspect_users -= users
-        self.suspect_sessions -= sessions
-        for uid in profiles:
-            if self._stale_profiles.get(uid) is profiles[uid]:
-                del self._stale_profiles[uid]
-        if not (self.suspect_users or self.suspect_sessions or self._stale_profiles):
-            self.log.info("hot store repaired")
-            assert self._repair is not None
-            self._repair.stop()
+
+        async def repair() -> None:
+            await self.hot.invalidate(uids, session_ids, msg_ids)
+            self.suspect_users.subtract(uids)
+            self.suspect_sessions.subtract(session_ids)
+            self.suspect_users += Counter()  # drop zero counts
+            self.suspect_sessions += Counter()
+
+        self.log.warn(
+            "hot store write failed ({error}): repairing {n} users", error=error, n=len(uids)
+        )
+        self.retries.add(
+            Task(
+                "repair",
+                uids[0] if uids else 0,
+                repair,
+                lambda: pack_body({"u": uids, "s": session_ids, "m": msg_ids}),
+            ),
+            error,
+        )
+
+    async def _dead_letter(self, task: Task) -> None:
+        letter = DeadLetter(
+            self.ids.next_id(),
+            task.kind,
+            task.ref,
+            task.describe(),
+            task.last_error,
+            task.attempts,
+            self._now_ms(),
+        )
+        await self.add_dead_letter(letter)
+
+    async def add_dead_letter(self, letter: DeadLetter) -> None:
+        try:
+            await self.background.run("dead_letter", q.dead_letter_txn, letter)
+        except Exception as e:
+            self.log.error("cannot record dead letter {letter}: {error}", letter=letter, error=e)
+
+    async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
+        return await self.background.run("dead_letters", q.dead_letters_txn, before, limit)
+
+    async def replay_outbox(self, own: bool, limit: int = 500) -> list[Outbox]:
+        """
+        Redo the hot-store follow-up of outbox rows whose transactions
+        committed but whose follow-up never finished: this node's rows from
+        its previous life (C{own}), or any node's rows older than
+        L{OUTBOX_STALE_MS}. Returns the rows replayed (the caller re-pushes
+        the messages of C{send} rows); rows whose repair fails stay for the
+        next attempt.
+        """
+        now = self._now_ms()
+        rows = await self.background.run(
+            "outbox_claim",
+            q.outbox_claim_txn,
+            self.node_id,
+            now,
+            None if own else now - OUTBOX_STALE_MS,
+            limit,
+        )
+        done = []
+        for row in rows:
+            try:
+                await self.hot.invalidate(
+                    row.users, row.sessions, row.msgs if row.kind == "recall" else ()
+                )
+            except HotUnavailable:
+                continue
+            done.append(row)
+        if done:
+            await self.background.run("outbox_done", q.outbox_done_txn, [r.id for r in done])
+        return done
+
+    async def outbox_size(self) -> int:
+        return await self.background.run("outbox_size", q.outbox_size_txn)
+
+    # -- offline notifications ----------------------------------------------------
+
+    async def claim_notifications(self, lease_ms: int, limit: int) -> list[DueNotification]:
+        return await self.background.run(
+            "notify_claim", q.notify_claim_txn, self.node_id, self._now_ms(), lease_ms, limit
+        )
+
+    async def notifications_done(self, msg_ids: Sequence[int]) -> None:
+        if msg_ids:
+            await self.background.run("notify_done", q.notify_done_txn, msg_ids)
+
+    async def retry_notification(self, msg_id: int, due_ms: int) -> None:
+        await self.background.run("notify_retry", q.notify_retry_txn, msg_id, due_ms)
+
+    async def notify_backlog(self) -> int:
+        return await self.background.run("notify_backlog", q.notify_backlog_txn)
+
+    async def pending_count(self, uid: int) -> int:
+        return await self.db.run("pending_count", q.pending_count_txn, uid)
 
     async def drain(self) -> None:
-        """Wait until no commit, ack or login is queued or running."""
-        for batcher in (self.sends, self.acks, self.logins):
+        """Wait until no commit, ack, login or outbox delete is queued or running."""
+        for batcher in (self.sends, self.acks, self.logins, self.outbox_deletes):
             await batcher.idle()
 
 

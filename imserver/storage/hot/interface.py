@@ -68,8 +68,10 @@ class IHotStore(Interface):
     async def apply_rows(rows: Sequence[ConvRow]) -> None:
         """Apply conversation rows (newer versions only)."""
 
-    async def invalidate(uids: Sequence[int], session_ids: Sequence[int]) -> None:
-        """Forget the users' copies and the sessions' windows."""
+    async def invalidate(
+        uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
+    ) -> None:
+        """Forget the users' copies, the sessions' windows and the cached messages."""
 
     async def load_begin(uid: int) -> str:
         """Start (re)loading a user's copy (its pending lists are emptied);

@@ -165,11 +165,15 @@ class MemoryHotStore:
         for row in rows:
             self._apply_row(row)
 
-    async def invalidate(self, uids: Sequence[int], session_ids: Sequence[int]) -> None:
+    async def invalidate(
+        self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
+    ) -> None:
         for uid in uids:
             self._markers.pop(uid, None)
         for sid in session_ids:
             self._windows.pop(sid, None)
+        for msg_id in msg_ids:
+            self._messages.pop(msg_id, None)
 
     async def load_begin(self, uid: int) -> str:
         token = str(next(self._nonces))

@@ -234,9 +234,14 @@ class RedisHotStore:
         if rows:
             await self._script("rows", _pack([_row(r) for r in rows]))
 
-    async def invalidate(self, uids: Sequence[int], session_ids: Sequence[int]) -> None:
+    async def invalidate(
+        self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
+    ) -> None:
         await self._script(
-            "invalidate", _pack([[str(u) for u in uids], [str(s) for s in session_ids]])
+            "invalidate",
+            _pack(
+                [[str(u) for u in uids], [str(s) for s in session_ids], [str(m) for m in msg_ids]]
+            ),
         )
 
     async def load_begin(self, uid: int) -> str:

@@ -139,9 +139,12 @@ class Database:
         """
         Run C{func(txn, *args, **kwargs)} in one transaction on a pool thread.
 
-        @raise Unavailable: the database is unreachable or went away.
+        @raise Unavailable: the database is unreachable or went away, or
+            this pool is closed.
         """
         for attempt in range(MAX_RETRIES + 1):
+            if self._closed:
+                raise Unavailable(f"the {self.name} database pool is closed")
             try:
                 result: T = await deferToThreadPool(
                     self._reactor,

@@ -19,15 +19,20 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
+import attrs
+
 from imserver.errors import ErrorCode, ImError
 from imserver.storage.model import (
     RECORD_NORMAL,
     RECORD_RECALLED,
     Committed,
     ConvRow,
+    DeadLetter,
+    DueNotification,
     Duplicate,
     Message,
     NewMessage,
+    Outbox,
     Profile,
     ReadResult,
     RecallResult,
@@ -157,14 +162,20 @@ def _resolve_sessions(
 
 
 def commit_messages_txn(
-    txn: Txn, msgs: Sequence[NewMessage], check_recipients: Sequence[int], now_ms: int
+    txn: Txn,
+    msgs: Sequence[NewMessage],
+    check_recipients: Sequence[int],
+    now_ms: int,
+    outbox: Outbox | None = None,
+    notify_delay_ms: int | None = None,
 ) -> list[SendOutcome]:
     """
     Commit a batch of messages (group commit), in one transaction:
     recipients checked, sessions created on first use, messages inserted
     (a repeated (sender, cid) is a L{Duplicate}, never a second message),
-    pending rows for the recipients, both users' conversation rows bumped.
-    Returns one outcome per message, in order.
+    pending rows for the recipients, both users' conversation rows bumped,
+    the batch's outbox row, and (if notifications are on) one delayed
+    notification per message. Returns one outcome per message, in order.
     """
     engine = txn.engine
     outcomes: list[SendOutcome | None] = [None] * len(msgs)
@@ -236,6 +247,28 @@ def commit_messages_txn(
         f"{engine.insert_ignore} INTO t_pending (uid, msgId, senderUid) VALUES (?, ?, ?)",
         [(msgs[i].recipient, msgs[i].msg_id, msgs[i].sender) for i in inserted],
     )
+    if notify_delay_ms is not None:
+        txn.executemany(
+            "INSERT INTO t_notify (msgId, uid, dueAt, attempts, claimedBy, claimedUntil)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (msgs[i].msg_id, msgs[i].recipient, msgs[i].ts + notify_delay_ms, 0, -1, 0)
+                for i in inserted
+            ],
+        )
+    outbox_id = 0
+    if outbox is not None:
+        outbox_id = write_outbox(
+            txn,
+            attrs.evolve(
+                outbox,
+                users=tuple(
+                    sorted({u for i in inserted for u in (msgs[i].sender, msgs[i].recipient)})
+                ),
+                sessions=tuple(sorted({session_of(msgs[i]) for i in inserted})),
+                msgs=tuple(msgs[i].msg_id for i in inserted),
+            ),
+        )
 
     # Conversation rows: one upsert per (user, session) in the batch.
     bump: dict[tuple[int, int], list[int]] = {}  # (uid, sid) -> [peer, last, received]
@@ -288,6 +321,8 @@ def commit_messages_txn(
             sender_row=conv[m.sender, sid],
             unread=recipient_row.unread - later_in_session[m.recipient, sid],
             total_unread=totals.get(m.recipient, 0) - later_for_user[m.recipient],
+            outbox_id=outbox_id,
+            outbox_count=len(inserted),
         )
         later_in_session[m.recipient, sid] += 1
         later_for_user[m.recipient] += 1
@@ -338,7 +373,9 @@ def total_unread_txn(txn: Txn, uid: int) -> int:
 # Delivery state
 
 
-def ack_txn(txn: Txn, requests: Sequence[tuple[int, Sequence[int]]]) -> list[list[tuple[int, int]]]:
+def ack_txn(
+    txn: Txn, requests: Sequence[tuple[int, Sequence[int]]], outbox: Outbox | None = None
+) -> list[list[tuple[int, int]]]:
     """
     Clear pending rows, for many users at once (two statements per batch).
     For each (uid, msg_ids) return the (msg_id, sender) pairs that were
@@ -359,6 +396,8 @@ def ack_txn(txn: Txn, requests: Sequence[tuple[int, Sequence[int]]]) -> list[lis
     removed: dict[int, list[tuple[int, int]]] = {}
     for msg_id, uid, sender in sorted(owned):
         removed.setdefault(uid, []).append((msg_id, sender))
+    if outbox is not None and removed:
+        write_outbox(txn, attrs.evolve(outbox, users=tuple(sorted(removed))))
     out = []
     for uid, msg_ids in requests:
         mine = set(msg_ids)
@@ -397,7 +436,9 @@ def offline_summary_txn(txn: Txn, uid: int) -> list[tuple[int, int, int]]:
 # Reading and unread counts
 
 
-def read_txn(txn: Txn, uid: int, session_id: int, msg_id: int) -> ReadResult:
+def read_txn(
+    txn: Txn, uid: int, session_id: int, msg_id: int, outbox: Outbox | None = None
+) -> ReadResult:
     """
     Move the user's read position in a session forward (never back) to
     C{msg_id}, capped at the session's latest message; recount unread from
@@ -433,6 +474,8 @@ def read_txn(txn: Txn, uid: int, session_id: int, msg_id: int) -> ReadResult:
             (target, read, version, uid, session_id),
         )
         advanced = target
+        if outbox is not None:
+            write_outbox(txn, attrs.evolve(outbox, users=(uid,), sessions=(session_id,)))
     conv = ConvRow(uid, session_id, peer, last, total, read, version)
     return ReadResult(conv, total_unread_txn(txn, uid), advanced)
 
@@ -456,7 +499,9 @@ def unread_txn(txn: Txn, uid: int) -> list[tuple[int, int]]:
 # Recall
 
 
-def recall_txn(txn: Txn, uid: int, msg_id: int, now_ms: int, window_ms: int) -> RecallResult:
+def recall_txn(
+    txn: Txn, uid: int, msg_id: int, now_ms: int, window_ms: int, outbox: Outbox | None = None
+) -> RecallResult:
     row = txn.query_one(
         f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE id = ?{txn.engine.for_update}",
         (msg_id,),
@@ -490,6 +535,16 @@ def recall_txn(txn: Txn, uid: int, msg_id: int, now_ms: int, window_ms: int) -> 
             (message.recipient, message.session_id),
         )
         [recipient_row] = _conv_rows(txn, [(message.recipient, message.session_id)])
+    if outbox is not None:
+        write_outbox(
+            txn,
+            attrs.evolve(
+                outbox,
+                users=(message.sender, message.recipient),
+                sessions=(message.session_id,),
+                msgs=(msg_id,),
+            ),
+        )
     recalled = Message(**{**_fields(message), "status": RECORD_RECALLED})
     return RecallResult(recalled, recipient_row, was_pending=was_pending, already=False)
 
@@ -571,3 +626,179 @@ def snapshot_txn(txn: Txn, uid: int) -> UserSnapshot:
         pending=tuple((int(r[0]), int(r[1])) for r in pending),
         convs=tuple(_conv(r) for r in convs),
     )
+
+
+def pending_count_txn(txn: Txn, uid: int) -> int:
+    row = txn.query_one("SELECT COUNT(*) FROM t_pending WHERE uid = ?", (uid,))
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------------------
+# The outbox
+
+
+def write_outbox(txn: Txn, outbox: Outbox) -> int:
+    txn.execute(
+        "INSERT INTO t_outbox (id, nodeId, kind, payload, createdAt, claimedBy, claimedAt,"
+        " attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            outbox.id,
+            outbox.node_id,
+            outbox.kind,
+            outbox.payload(),
+            outbox.created_at,
+            outbox.node_id,
+            outbox.created_at,
+            0,
+        ),
+    )
+    return outbox.id
+
+
+OUTBOX_COLUMNS = "id, nodeId, kind, payload, createdAt"
+
+
+def outbox_done_txn(txn: Txn, ids: Sequence[int]) -> list[None]:
+    unique = sorted(set(ids))
+    for i in range(0, len(unique), 500):
+        part = unique[i : i + 500]
+        txn.execute(f"DELETE FROM t_outbox WHERE id IN ({', '.join('?' * len(part))})", part)
+    return [None] * len(ids)
+
+
+def outbox_claim_txn(
+    txn: Txn, node_id: int, now_ms: int, older_than_ms: int | None, limit: int
+) -> list[Outbox]:
+    """
+    Claim outbox rows to replay: with C{older_than_ms} None, this node's
+    own rows (at start-up: they are from its previous life); otherwise any
+    node's rows created and last claimed before that time (a node that died,
+    or a follow-up that never finished).
+    """
+    if older_than_ms is None:
+        rows = txn.query(
+            f"SELECT {OUTBOX_COLUMNS} FROM t_outbox WHERE nodeId = ? AND claimedAt < ?"
+            " ORDER BY id LIMIT ?",
+            (node_id, now_ms, limit),
+        )
+    else:
+        rows = txn.query(
+            f"SELECT {OUTBOX_COLUMNS} FROM t_outbox WHERE createdAt < ? AND claimedAt < ?"
+            " ORDER BY id LIMIT ?",
+            (older_than_ms, older_than_ms, limit),
+        )
+    claimed = []
+    for row in rows:
+        # Optimistic claim: only one node's UPDATE moves claimedAt past the bound.
+        bound = now_ms if older_than_ms is None else older_than_ms
+        if txn.execute(
+            "UPDATE t_outbox SET claimedBy = ?, claimedAt = ?, attempts = attempts + 1"
+            " WHERE id = ? AND claimedAt < ?",
+            (node_id, now_ms, int(row[0]), bound),
+        ):
+            claimed.append(Outbox.from_row(row))
+    return claimed
+
+
+def outbox_downgrade_txn(txn: Txn, ids: Sequence[int]) -> None:
+    """The pushes of these rows are done; only the hot-store repair is left."""
+    for i in range(0, len(ids), 500):
+        part = ids[i : i + 500]
+        txn.execute(
+            f"UPDATE t_outbox SET kind = 'repair' WHERE id IN ({', '.join('?' * len(part))})", part
+        )
+
+
+def outbox_size_txn(txn: Txn) -> int:
+    row = txn.query_one("SELECT COUNT(*) FROM t_outbox")
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------------------
+# Offline notifications (the delayed queue)
+
+
+def notify_claim_txn(
+    txn: Txn, node_id: int, now_ms: int, lease_ms: int, limit: int
+) -> list[DueNotification]:
+    """Claim due notifications (for C{lease_ms}); each with its message and
+    whether it is still pending for its recipient."""
+    due = [
+        int(r[0])
+        for r in txn.query(
+            "SELECT msgId FROM t_notify WHERE dueAt <= ? AND claimedUntil <= ?"
+            " ORDER BY dueAt LIMIT ?",
+            (now_ms, now_ms, limit),
+        )
+    ]
+    claimed = [
+        msg_id
+        for msg_id in due
+        if txn.execute(
+            "UPDATE t_notify SET claimedBy = ?, claimedUntil = ?"
+            " WHERE msgId = ? AND claimedUntil <= ?",
+            (node_id, now_ms + lease_ms, msg_id, now_ms),
+        )
+    ]
+    if not claimed:
+        return []
+    attempts = dict(
+        txn.query_in("SELECT msgId, attempts FROM t_notify WHERE msgId IN (%s)", claimed)
+    )
+    pending = {
+        int(r[0]) for r in txn.query_in("SELECT msgId FROM t_pending WHERE msgId IN (%s)", claimed)
+    }
+    return [
+        DueNotification(m, int(attempts[m.msg_id]), m.msg_id in pending)
+        for m in messages_txn(txn, claimed)
+    ]
+
+
+def notify_done_txn(txn: Txn, msg_ids: Sequence[int]) -> None:
+    for i in range(0, len(msg_ids), 500):
+        part = msg_ids[i : i + 500]
+        txn.execute(f"DELETE FROM t_notify WHERE msgId IN ({', '.join('?' * len(part))})", part)
+
+
+def notify_retry_txn(txn: Txn, msg_id: int, due_ms: int) -> None:
+    txn.execute(
+        "UPDATE t_notify SET attempts = attempts + 1, dueAt = ?, claimedUntil = 0 WHERE msgId = ?",
+        (due_ms, msg_id),
+    )
+
+
+def notify_backlog_txn(txn: Txn) -> int:
+    row = txn.query_one("SELECT COUNT(*) FROM t_notify")
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------------------
+# Dead letters
+
+
+def dead_letter_txn(txn: Txn, letter: DeadLetter) -> None:
+    txn.execute(
+        "INSERT INTO t_dead_letter (id, kind, ref, payload, error, attempts, createdAt)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            letter.id,
+            letter.kind,
+            letter.ref,
+            letter.payload,
+            letter.error[:4000],
+            letter.attempts,
+            letter.created_at,
+        ),
+    )
+
+
+def dead_letters_txn(txn: Txn, before: int | None, limit: int) -> list[DeadLetter]:
+    rows = txn.query(
+        "SELECT id, kind, ref, payload, error, attempts, createdAt FROM t_dead_letter"
+        " WHERE id < ? ORDER BY id DESC LIMIT ?",
+        (before if before is not None else 2**63 - 1, limit),
+    )
+    return [
+        DeadLetter(int(r[0]), str(r[1]), int(r[2]), bytes(r[3]), str(r[4]), int(r[5]), int(r[6]))
+        for r in rows
+    ]

@@ -1,0 +1,171 @@
+"""
+Prometheus metrics (GET /metrics).
+
+Counters live where the work happens, as plain integers on the components
+(the gateway, the chat service, the store, the batchers, the notifier): no
+cost per event beyond an increment. L{ServerCollector} reads them when
+Prometheus scrapes. Latencies and batch sizes are histograms, observed as
+they happen through L{Metrics.observe} and L{Metrics.batch}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from imserver.server import IMServer
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._latency = {
+            name: Histogram(
+                f"imserver_{name}_seconds", doc, buckets=LATENCY_BUCKETS, registry=self.registry
+            )
+            for name, doc in (
+                ("send_to_commit", "From a send request to its durable commit."),
+                ("send_to_push", "From a send request to the push to its recipient."),
+            )
+        }
+        self._batches = Histogram(
+            "imserver_batch_size",
+            "Items per batch (SQL group commits, acks, logins, fan-outs, outbox deletes).",
+            ["queue"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe(self, name: str, seconds: float) -> None:
+        histogram = self._latency.get(name)
+        if histogram is not None:
+            histogram.observe(seconds)
+
+    def batch(self, queue: str) -> Any:
+        """An C{on_batch} callback for a L{imserver.batching.Batcher}."""
+        return self._batches.labels(queue).observe
+
+    def register(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+
+def _counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+class ServerCollector(Collector):
+    """Reads the counters of one node's components at scrape time."""
+
+    def __init__(self, server: IMServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.server
+        gateway, chat, store = s.gateway, s.chat, s.store
+
+        yield GaugeMetricFamily(
+            "imserver_connections", "Open client connections.", len(gateway.connections)
+        )
+        yield GaugeMetricFamily(
+            "imserver_online_users", "Users logged in on this node.", len(s.registry)
+        )
+        auths = CounterMetricFamily(
+            "imserver_auths", "Authentications by result.", labels=["result"]
+        )
+        for result, n in gateway.auths.items():
+            auths.add_metric([result], n)
+        yield auths
+        errors = CounterMetricFamily("imserver_errors", "Error replies by code.", labels=["code"])
+        for code, n in sorted(gateway.errors.items()):
+            errors.add_metric([str(code)], n)
+        yield errors
+        yield _counter(
+            "imserver_connections_dropped_slow",
+            "Connections dropped for not reading (backpressure).",
+            gateway.overflowed,
+        )
+        yield _counter(
+            "imserver_connections_closed_idle",
+            "Connections closed for silence.",
+            gateway.idle_closed,
+        )
+
+        messages = CounterMetricFamily("imserver_messages", "Messages by stage.", labels=["stage"])
+        for stage, n in (
+            ("sent", chat.sent),
+            ("duplicate", chat.duplicates),
+            ("delivered", chat.pushed),
+            ("acked", chat.acked),
+        ):
+            messages.add_metric([stage], n)
+        yield messages
+
+        depth = GaugeMetricFamily("imserver_queue_depth", "Items waiting.", labels=["queue"])
+        for name, n in (
+            ("realtime", chat.fanouts.depth),
+            ("commit", store.sends.depth),
+            ("ack", store.acks.depth),
+            ("login", store.logins.depth),
+            ("outbox", store.outbox_deletes.depth),
+            ("retry", store.retries.depth),
+        ):
+            depth.add_metric([name], n)
+        yield depth
+
+        notifier = s.notifier
+        retries = CounterMetricFamily("imserver_retries", "Retried steps.", labels=["queue"])
+        retries.add_metric(["repair"], store.retries.retries)
+        retries.add_metric(["notify"], notifier.retries if notifier else 0)
+        yield retries
+        dead = CounterMetricFamily("imserver_dead_letters", "Work given up on.", labels=["queue"])
+        dead.add_metric(["repair"], store.retries.dead_letters)
+        dead.add_metric(["notify"], notifier.dead if notifier else 0)
+        yield dead
+        if notifier is not None:
+            notes = CounterMetricFamily(
+                "imserver_notifications", "Offline notifications by result.", labels=["result"]
+            )
+            for result, n in (
+                ("sent", notifier.sent),
+                ("skipped", notifier.skipped),
+                ("failed", notifier.failures),
+            ):
+                notes.add_metric([result], n)
+            yield notes
+
+        yield _counter("imserver_outbox_replayed", "Outbox rows replayed.", chat.replayed)
+        yield _counter(
+            "imserver_hot_fallbacks",
+            "Reads answered from SQL instead of the hot store.",
+            store.hot_fallbacks,
+        )
+        yield _counter("imserver_hot_loads", "Users' hot copies (re)loaded from SQL.", store.loads)
+        yield GaugeMetricFamily(
+            "imserver_hot_suspect_users",
+            "Users served from SQL until their hot copy is repaired.",
+            len(store.suspect_users),
+        )
+        sql = CounterMetricFamily(
+            "imserver_sql_transactions", "SQL transactions.", labels=["pool", "result"]
+        )
+        for db in (s.db, s.background):
+            sql.add_metric([db.name, "ok"], db.transactions)
+            sql.add_metric([db.name, "failed"], db.failures)
+        yield sql
+        failures = getattr(store.hot, "failures", 0)
+        yield _counter("imserver_redis_failures", "Failed Redis calls.", failures)

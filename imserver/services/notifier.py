@@ -1,0 +1,246 @@
+"""
+Offline notifications: the delayed queue and the webhook.
+
+Every committed message gets a row in C{t_notify}, due C{delay_seconds}
+later (written in the message's own transaction, so it survives crashes).
+L{Notifier} polls for due rows (claiming them, so that several nodes share
+the work), drops those whose message was acked or recalled meanwhile, and
+POSTs the rest to C{[notify].webhook}:
+
+    POST /push  Content-Type: application/json
+    X-Imserver-Signature: sha256=<hex HMAC-SHA256 of the body with [notify].secret>
+    {"uid": 2, "from": 1, "msg_id": ..., "session_id": ..., "preview": "hello", "total_unread": 3}
+
+A non-2xx answer or a timeout schedules a retry (exponential backoff with
+jitter, kept in SQL); after C{max_attempts} the notification becomes a dead
+letter. Delivery is at least once: the receiver dedupes by C{msg_id}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from imserver.config import NotifyConfig
+from imserver.services.retry import RetryPolicy
+from imserver.storage.model import RECORD_NORMAL, DeadLetter, DueNotification, unpack_body
+from imserver.storage.store import Store
+
+PREVIEW_CHARS = 100
+POLL_SECONDS = 0.5
+LEASE_MS = 60_000
+BATCH = 200
+
+
+def preview(kind: str, body: Any) -> str:
+    """What a notification shows: the text, cut to 100 characters."""
+    if isinstance(body, str):
+        text = body
+    elif isinstance(body, dict) and isinstance(body.get("text"), str):
+        text = body["text"]
+    else:
+        text = f"[{kind}]"
+    return text[:PREVIEW_CHARS]
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookError(Exception):
+    pass
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Webhook:
+    """POSTs JSON with a signature; raises L{WebhookError} unless 2xx."""
+
+    def __init__(self, reactor: Any, url: str, secret: str, timeout: float) -> None:
+        self._reactor = reactor
+        self.url = url.encode()
+        self.secret = secret
+        self.timeout = timeout
+        self._agent = Agent(reactor, connectTimeout=timeout)
+
+    async def post(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        headers = Headers(
+            {
+                b"content-type": [b"application/json"],
+                b"user-agent": [b"imserver"],
+                b"x-imserver-signature": [sign(self.secret, body).encode()],
+            }
+        )
+        d = self._agent.request(b"POST", self.url, headers, BytesProducer(body))
+        d.addTimeout(self.timeout, self._reactor)
+        try:
+            response = await d
+            answer = readBody(response)
+            answer.addTimeout(self.timeout, self._reactor)
+            await answer
+        except Exception as e:
+            raise WebhookError(f"{e.__class__.__name__}: {e}") from None
+        if not 200 <= response.code < 300:
+            raise WebhookError(f"HTTP {response.code}")
+
+
+class Notifier:
+    """
+    The delayed queue's worker (one per node).
+
+    @param total_unread: the recipient's unread total, for the payload.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: Store,
+        config: NotifyConfig,
+        total_unread: Callable[[int], Awaitable[int]],
+        *,
+        post: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        assert config.webhook is not None
+        self._reactor = reactor
+        self._store = store
+        self.config = config
+        self._total_unread = total_unread
+        self._post = (
+            post or Webhook(reactor, config.webhook, config.secret, config.timeout_seconds).post
+        )
+        self.policy = RetryPolicy(
+            base=1.0, factor=2.0, max_delay=300.0, max_attempts=config.max_attempts
+        )
+        self._rng = rng or random.Random()
+        self._loop: LoopingCall | None = None
+        self._limit = DeferredSemaphore(20)
+        # Read by metrics.
+        self.sent = 0
+        self.skipped = 0
+        self.retries = 0
+        self.dead = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.poll()))
+        self._loop.clock = self._reactor
+        self._loop.start(POLL_SECONDS, now=False).addErrback(
+            lambda f: self.log.failure("notification loop stopped", f)
+        )
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    async def poll(self) -> int:
+        """Handle every due notification once; returns how many were due."""
+        try:
+            due = await self._store.claim_notifications(LEASE_MS, BATCH)
+        except Exception as e:
+            self.log.warn("cannot read due notifications: {error}", error=e)
+            return 0
+        skip = [n.message.msg_id for n in due if not n.pending or n.message.status != RECORD_NORMAL]
+        self.skipped += len(skip)
+        await self._store.notifications_done(skip)
+        send = [n for n in due if n.pending and n.message.status == RECORD_NORMAL]
+        results = [Deferred.fromCoroutine(self._limited(n)) for n in send]
+        for d in results:
+            await d
+        return len(due)
+
+    async def _limited(self, n: DueNotification) -> None:
+        await self._limit.acquire()
+        try:
+            await self._notify(n)
+        finally:
+            self._limit.release()
+
+    async def _notify(self, n: DueNotification) -> None:
+        m = n.message
+        payload = {
+            "uid": m.recipient,
+            "from": m.sender,
+            "msg_id": m.msg_id,
+            "session_id": m.session_id,
+            "preview": preview(m.type, unpack_body(m.body)),
+            "total_unread": await self._total_unread(m.recipient),
+        }
+        try:
+            await self._post(payload)
+        except Exception as e:
+            await self._failed(n, payload, str(e))
+        else:
+            self.sent += 1
+            await self._store.notifications_done([m.msg_id])
+
+    async def _failed(self, n: DueNotification, payload: dict[str, Any], error: str) -> None:
+        attempts = n.attempts + 1
+        self.failures += 1
+        if self.policy.exhausted(attempts):
+            self.dead += 1
+            self.log.error(
+                "notification of message {msg_id} failed {n} times: {error}",
+                msg_id=n.message.msg_id,
+                n=attempts,
+                error=error,
+            )
+            await self._store.add_dead_letter(
+                DeadLetter(
+                    self._store.ids.next_id(),
+                    "notify",
+                    n.message.msg_id,
+                    json.dumps(payload).encode(),
+                    error,
+                    attempts,
+                    int(self._reactor.seconds() * 1000),
+                )
+            )
+            await self._store.notifications_done([n.message.msg_id])
+            return
+        self.retries += 1
+        delay = self.policy.delay(attempts, self._rng)
+        due = int((self._reactor.seconds() + delay) * 1000)
+        self.log.info(
+            "notification of message {msg_id} failed ({error}); retry in {delay:.1f}s",
+            msg_id=n.message.msg_id,
+            error=error,
+            delay=delay,
+        )
+        await self._store.retry_notification(n.message.msg_id, due)
