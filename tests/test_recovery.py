@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from imserver.client import IMClientProtocol, RequestFailed
+from imserver.client import IMClientProtocol
 from tests.harness import ServerProcess, fresh_prefix, shared_mariadb, shared_redis
 from tests.support import ClientsMixin, within
 
@@ -88,30 +88,28 @@ class RecoveryMixin(ClientsMixin):
         self.assertEqual(await self.states(server, users), before)
 
     async def test_sigkill_keeps_every_acknowledged_message(self) -> None:
-        """Sends in flight when the server dies: every one answered ok is
-        stored, pending for its recipient and counted exactly once."""
+        """1,000 sends in flight when the server dies: every one answered ok is
+        in history, pending for its recipient and counted exactly once."""
         server = self.server()
         alice, bob = next(_uids), next(_uids)
         bob_client = await self.client(server.endpoint, server.token(bob))
         await bob_client.close()
         client = await self.client(server.endpoint, server.token(alice))
         acked: list[int] = []
-
-        def ok(reply: dict[str, Any]) -> None:
-            acked.append(reply["msg_id"])
-
         sends = []
-        for i in range(300):
+        for i in range(1000):
             d = client.request("send", to=bob, cid=f"k{i}", body=f"m{i}")
-            d.addCallbacks(ok, lambda f: f.trap(RequestFailed, Exception))
+            d.addCallback(lambda reply: acked.append(reply["msg_id"]))
             sends.append(d)
-        while len(acked) < 50:
+        while len(acked) < 200:
             await within(sends[len(acked)])
         server.kill()
         await within(gatherResults(sends, consumeErrors=True).addErrback(lambda _: None))
+        self.assertLess(len(acked), 1000, "the kill came too late to test anything")
         server.start()
+
         bob_client = await self.client(server.endpoint, server.token(bob))
-        pending = []
+        pending: list[int] = []
         after = 0
         while True:
             page = await within(bob_client.request("sync", limit=500, after=after))
@@ -119,12 +117,23 @@ class RecoveryMixin(ClientsMixin):
             if not page["more"]:
                 break
             after = pending[-1]
-        self.assertEqual(len(pending), len(set(pending)))
-        self.assertTrue(set(acked) <= set(pending), set(acked) - set(pending))
+        history: list[int] = []
+        before = None
+        while True:
+            fields = {"peer": alice, "limit": 100} | ({"before": before} if before else {})
+            page = await within(bob_client.request("history", **fields))
+            history += [m["msg_id"] for m in page["msgs"]]
+            if not page["more"]:
+                break
+            before = history[-1]
         unread = await within(bob_client.request("unread"))
-        self.assertEqual(unread["total"], len(pending))
-        history = await within(bob_client.request("history", peer=alice, limit=100))
-        self.assertLessEqual(len(history["msgs"]), 100)
+
+        self.assertEqual(len(pending), len(set(pending)))
+        self.assertEqual(sorted(history, reverse=True), history)
+        self.assertEqual(set(history), set(pending))  # nothing was acked or read
+        self.assertTrue(set(acked) <= set(pending), sorted(set(acked) - set(pending))[:5])
+        self.assertEqual(unread["total"], len(pending))  # each counted exactly once
+        self.assertEqual(pending, sorted(pending))
 
 
 class EmbeddedRecoveryTests(RecoveryMixin, TestCase):
