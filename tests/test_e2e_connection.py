@@ -6,6 +6,7 @@ error of the connection layer).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -138,6 +139,34 @@ class LifecycleE2ETests(ClientsMixin, TestCase):
         # twistd re-raises the signal after a graceful shutdown.
         self.assertEqual(server.stop(), -signal.SIGTERM)
         self.assertIn("imserver stopped", server.log())
+
+    async def test_json_lines_logging(self) -> None:
+        server = ServerProcess()
+        self.addCleanup(server.cleanup)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        env = dict(os.environ, PYTHONPATH=REPO)
+        server._spawn(
+            [
+                twistd,
+                "-n",
+                "--pidfile=",
+                "--logger=imserver.logs.json",
+                "imserver",
+                "--config",
+                server.config_path,
+            ],
+            env=env,
+        )
+        deadline = time.monotonic() + 30
+        while "ready (config" not in server.log():
+            self.assertTrue(server.running, server.log())
+            self.assertLess(time.monotonic(), deadline, server.log())
+            time.sleep(0.05)
+        server.stop()
+        events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        [ready] = [e for e in events if "ready (config" in e.get("log_format", "")]
+        self.assertEqual(ready["node_id"], 1)
+        self.assertEqual(ready["hot"], "embedded")
 
     async def test_bad_config_fails_to_start_with_the_key_named(self) -> None:
         server = ServerProcess({"server": {"node_id": 4096}})

@@ -411,3 +411,42 @@ class InterfaceTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertFalse(self.registry.push(6, {"t": "x"}))
         self.assertEqual(client.received(), [{"t": "x"}])
         self.assertEqual(list(self.registry.links()), [client.proto])
+
+
+class DrainingShutdownTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_goaway_lets_requests_in_flight_reply_then_closes(self) -> None:
+        waiting: list[Deferred[dict[str, int]]] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            d: Deferred[dict[str, int]] = Deferred()
+            waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow))
+        client = self.authed()
+        client.send({"t": "echo", "id": 1})
+        client.send({"t": "echo", "id": 2})
+        self.gateway.goaway_all()
+        self.assertEqual(client.received(), [{"t": "goaway", "reason": "shutdown"}])
+        self.assertEqual(client.transport.producerState, "paused")  # reads nothing more
+        client.send({"t": "echo", "id": 3})  # ignored
+        self.assertEqual(len(waiting), 2)
+        waiting[0].callback({"n": 1})
+        self.assertFalse(client.closing)
+        waiting[1].callback({"n": 2})
+        self.assertEqual([f["id"] for f in client.received()], [1, 2])
+        self.assertTrue(client.closing)
+
+    def test_goaway_closes_at_once_when_idle(self) -> None:
+        client = self.authed()
+        self.gateway.goaway_all()
+        self.assertTrue(client.closing)
+
+    def test_requests_that_never_finish_are_cut_off_after_the_grace(self) -> None:
+        self.gateway = self.make_gateway(echo=Op(Echo, lambda c, r: Deferred()))
+        client = self.authed()
+        client.send({"t": "echo", "id": 1})
+        self.gateway.goaway_all()
+        self.assertFalse(client.transport.disconnected)
+        self.clock.advance(5)
+        self.assertTrue(client.transport.disconnected)

@@ -6,6 +6,7 @@ restarts (gracefully and by SIGKILL). Every answer must stay what SQL says.
 from __future__ import annotations
 
 import itertools
+import signal
 from typing import Any
 
 from twisted.internet.defer import gatherResults
@@ -134,6 +135,35 @@ class RecoveryMixin(ClientsMixin):
         self.assertTrue(set(acked) <= set(pending), sorted(set(acked) - set(pending))[:5])
         self.assertEqual(unread["total"], len(pending))  # each counted exactly once
         self.assertEqual(pending, sorted(pending))
+
+    async def test_sigterm_answers_requests_in_flight(self) -> None:
+        """A graceful stop with sends in flight: goaway first, then the replies
+        of every request the server had read, then the close. Nothing
+        answered ok is lost."""
+        server = self.server()
+        alice, bob = next(_uids), next(_uids)
+        await (await self.client(server.endpoint, server.token(bob))).close()
+        client = await self.client(server.endpoint, server.token(alice))
+        acked: list[int] = []
+        sends = []
+        for i in range(300):
+            d = client.request("send", to=bob, cid=f"t{i}", body=f"m{i}")
+            d.addCallback(lambda reply: acked.append(reply["msg_id"]))
+            sends.append(d)
+        while len(acked) < 50:
+            await within(sends[len(acked)])
+        server.signal(signal.SIGTERM)
+        self.assertEqual(await within(client.next_push()), {"t": "goaway", "reason": "shutdown"})
+        await within(client.closed)
+        await within(gatherResults(sends, consumeErrors=True).addErrback(lambda _: None))
+        answered = len(acked)
+        server.proc.wait(30)  # type: ignore[union-attr]
+        server.start()
+        bob_client = await self.client(server.endpoint, server.token(bob))
+        page = await within(bob_client.request("sync", limit=500))
+        pending = [m["msg_id"] for m in page["msgs"]]
+        self.assertTrue(set(acked) <= set(pending))
+        self.assertGreaterEqual(len(pending), answered)
 
 
 class EmbeddedRecoveryTests(RecoveryMixin, TestCase):

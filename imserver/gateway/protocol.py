@@ -96,6 +96,8 @@ class ClientProtocol(Protocol):
         self._paused = False
         self._paused_bytes = 0
         self._connected = False
+        self._in_flight = 0
+        self._lose_when_idle = False
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -119,8 +121,12 @@ class ClientProtocol(Protocol):
             self.gateway.presence.logout(self.uid, self)
         self.gateway.connection_lost(self)
 
-    def close(self, reason: str) -> None:
-        """Flush what is written, then close; abort if the peer does not let us flush."""
+    def close(self, reason: str, *, after_replies: bool = False) -> None:
+        """
+        Flush what is written, then close; abort if the peer does not let us
+        flush within the grace period. With C{after_replies}, stop reading
+        but let the requests already being handled reply first.
+        """
         if self.state is State.CLOSING:
             return
         self.state = State.CLOSING
@@ -134,9 +140,14 @@ class ClientProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.transport.loseConnection()
         if self._connected:
             self._abort_call = self.gateway.clock.callLater(CLOSE_GRACE_SECONDS, self._abort)
+        if after_replies and self._in_flight:
+            self._lose_when_idle = True
+            if not self._paused:
+                self.transport.pauseProducing()
+        else:
+            self.transport.loseConnection()
 
     def _abort(self) -> None:
         self._abort_call = None
@@ -154,10 +165,11 @@ class ClientProtocol(Protocol):
         self.close(f"kicked: {reason}")
 
     def goaway(self, reason: str) -> None:
+        """Say goodbye; requests in flight still get their replies."""
         if self.state is State.CLOSING:
             return
         self._send(frames.push("goaway", reason=reason))
-        self.close(f"goaway: {reason}")
+        self.close(f"goaway: {reason}", after_replies=True)
 
     # -- IPushProducer: our transport's buffer is full / has drained ------------
 
@@ -251,14 +263,23 @@ class ClientProtocol(Protocol):
             self._internal_error(Failure(), request)
             return
         if isinstance(result, Deferred):
+            self._in_flight += 1
             result.addCallbacks(
                 self._reply_ok,
                 self._reply_failure,
                 callbackArgs=(req_id,),
                 errbackArgs=(request,),
             )
+            result.addBoth(self._replied)
         else:
             self._send(frames.ok(req_id, result))
+
+    def _replied(self, _: None) -> None:
+        """A reply was written: close if this was the last one we waited for."""
+        self._in_flight -= 1
+        if self._lose_when_idle and not self._in_flight:
+            self._lose_when_idle = False
+            self.transport.loseConnection()
 
     def _reply_ok(self, result: Result, req_id: int) -> None:
         self._send(frames.ok(req_id, result))
