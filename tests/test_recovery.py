@@ -46,6 +46,29 @@ async def state_of(client: IMClientProtocol) -> dict[str, Any]:
     }
 
 
+async def all_pending(client: IMClientProtocol) -> list[int]:
+    """Every pending msg id, paging sync with `after` (without acking)."""
+    pending: list[int] = []
+    after = 0
+    while True:
+        page = await within(client.request("sync", limit=500, after=after))
+        pending += [m["msg_id"] for m in page["msgs"]]
+        if not page["more"]:
+            return pending
+        after = pending[-1]
+
+
+async def all_history(client: IMClientProtocol, peer: int) -> list[int]:
+    """The whole history with a peer, paging with `before`."""
+    history: list[int] = []
+    while True:
+        fields = {"peer": peer, "limit": 100} | ({"before": history[-1]} if history else {})
+        page = await within(client.request("history", **fields))
+        history += [m["msg_id"] for m in page["msgs"]]
+        if not page["more"]:
+            return history
+
+
 class RecoveryMixin(ClientsMixin):
     def sections(self) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
@@ -110,23 +133,8 @@ class RecoveryMixin(ClientsMixin):
         server.start()
 
         bob_client = await self.client(server.endpoint, server.token(bob))
-        pending: list[int] = []
-        after = 0
-        while True:
-            page = await within(bob_client.request("sync", limit=500, after=after))
-            pending += [m["msg_id"] for m in page["msgs"]]
-            if not page["more"]:
-                break
-            after = pending[-1]
-        history: list[int] = []
-        before = None
-        while True:
-            fields = {"peer": alice, "limit": 100} | ({"before": before} if before else {})
-            page = await within(bob_client.request("history", **fields))
-            history += [m["msg_id"] for m in page["msgs"]]
-            if not page["more"]:
-                break
-            before = history[-1]
+        pending = await all_pending(bob_client)
+        history = await all_history(bob_client, alice)
         unread = await within(bob_client.request("unread"))
 
         self.assertEqual(len(pending), len(set(pending)))
@@ -160,8 +168,7 @@ class RecoveryMixin(ClientsMixin):
         server.proc.wait(30)  # type: ignore[union-attr]
         server.start()
         bob_client = await self.client(server.endpoint, server.token(bob))
-        page = await within(bob_client.request("sync", limit=500))
-        pending = [m["msg_id"] for m in page["msgs"]]
+        pending = await all_pending(bob_client)
         self.assertTrue(set(acked) <= set(pending))
         self.assertGreaterEqual(len(pending), answered)
 

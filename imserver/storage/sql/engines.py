@@ -38,6 +38,11 @@ class Engine:
     insert_ignore: str = ""
     #: Appended to a SELECT that must lock the rows it reads.
     for_update: str = ""
+    #: Upserts: the conflict clause (formatted with the key columns), how to
+    #: name the new value of a column, and the two-argument maximum.
+    on_conflict: str = ""
+    upsert_new: str = ""
+    max_function: str = ""
 
     def connect_args(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -73,7 +78,15 @@ class Engine:
         values to the C{add} columns, keeps the larger of old and new in the
         C{greatest} columns, and increments C{bump} by one.
         """
-        raise NotImplementedError
+        new = self.upsert_new
+        sets = [f"{c} = {c} + {new.format(c)}" for c in add]
+        sets += [f"{c} = {self.max_function}({c}, {new.format(c)})" for c in greatest]
+        if bump:
+            sets.append(f"{bump} = {bump} + 1")
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" {self.on_conflict.format(', '.join(key))} {', '.join(sets)}"
+        )
 
     def is_retryable(self, e: BaseException) -> bool:
         """A transaction that failed this way rolled back and may be re-run."""
@@ -98,6 +111,9 @@ class SqliteEngine(Engine):
     max_connections = 1
     insert_ignore = "INSERT OR IGNORE"
     for_update = ""
+    on_conflict = "ON CONFLICT ({}) DO UPDATE SET"
+    upsert_new = "excluded.{}"
+    max_function = "MAX"
 
     def __init__(self, target: SqliteTarget) -> None:
         self.path = target.path
@@ -118,24 +134,6 @@ class SqliteEngine(Engine):
     def begin(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")
 
-    def upsert_add(
-        self,
-        table: str,
-        key: tuple[str, ...],
-        columns: tuple[str, ...],
-        add: tuple[str, ...],
-        greatest: tuple[str, ...] = (),
-        bump: str | None = None,
-    ) -> str:
-        sets = [f"{c} = {c} + excluded.{c}" for c in add]
-        sets += [f"{c} = MAX({c}, excluded.{c})" for c in greatest]
-        if bump:
-            sets.append(f"{bump} = {bump} + 1")
-        return (
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {', '.join(sets)}"
-        )
-
     def is_retryable(self, e: BaseException) -> bool:
         return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
 
@@ -152,6 +150,9 @@ class MysqlEngine(Engine):
     dbapi_name = "pymysql"
     insert_ignore = "INSERT IGNORE"
     for_update = " FOR UPDATE"
+    on_conflict = "ON DUPLICATE KEY UPDATE"
+    upsert_new = "VALUES({})"
+    max_function = "GREATEST"
 
     def __init__(self, target: MysqlTarget, max_connections: int = 5) -> None:
         self.target = target
@@ -185,24 +186,6 @@ class MysqlEngine(Engine):
 
     def convert(self, sql: str) -> str:
         return self._to_format(sql)
-
-    def upsert_add(
-        self,
-        table: str,
-        key: tuple[str, ...],
-        columns: tuple[str, ...],
-        add: tuple[str, ...],
-        greatest: tuple[str, ...] = (),
-        bump: str | None = None,
-    ) -> str:
-        sets = [f"{c} = {c} + VALUES({c})" for c in add]
-        sets += [f"{c} = GREATEST({c}, VALUES({c}))" for c in greatest]
-        if bump:
-            sets.append(f"{bump} = {bump} + 1")
-        return (
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            f" ON DUPLICATE KEY UPDATE {', '.join(sets)}"
-        )
 
     def is_retryable(self, e: BaseException) -> bool:
         return isinstance(e, pymysql.err.OperationalError) and e.args[:1] in (

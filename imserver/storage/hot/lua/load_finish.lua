@@ -13,21 +13,14 @@ local gone = {}
 for _, id in ipairs(redis.call('ZRANGE', key('gone', uid), 0, -1)) do
   gone[id] = true
 end
-local by_sender = {}
-for _, p in ipairs(snapshot[1]) do
-  if not gone[p[1]] then
-    local args = by_sender[p[2]]
-    if not args then
-      args = {}
-      by_sender[p[2]] = args
-    end
-    args[#args + 1] = p[1]
-    args[#args + 1] = p[1]
-  end
-end
 local senders = key('offline_senders', uid)
-for sender, args in pairs(by_sender) do
+for sender, ids in pairs(by_sender(snapshot[1], gone)) do
   local list = key('offline_msg', uid, sender)
+  local args = {}
+  for _, id in ipairs(ids) do
+    args[#args + 1] = id
+    args[#args + 1] = id
+  end
   for i = 1, #args, 2000 do
     redis.call('ZADD', list, unpack(args, i, math.min(i + 1999, #args)))
   end

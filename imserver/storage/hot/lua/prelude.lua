@@ -53,6 +53,22 @@ local function apply_row(r, loading)
   redis.call('ZADD', key('conv', uid), 'GT', r[3], sid)
 end
 
+-- {{msg_id, sender}, ...} -> {sender = {msg_id, ...}}, skipping ids in `skip`.
+local function by_sender(pairs, skip)
+  local out = {}
+  for _, p in ipairs(pairs) do
+    if not (skip and skip[p[1]]) then
+      local ids = out[p[2]]
+      if not ids then
+        ids = {}
+        out[p[2]] = ids
+      end
+      ids[#ids + 1] = p[1]
+    end
+  end
+  return out
+end
+
 -- Remove ids from a pending list, leaving a tombstone for each, so a late
 -- fan-out cannot add it back (even onto a copy loaded after this).
 local function remove_pending(uid, sender, ids, gone_ms, now)
