@@ -25,6 +25,7 @@ from imserver.config import Config
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
+from imserver.http.api import make_site
 from imserver.metrics import Metrics, ServerCollector
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
@@ -102,6 +103,15 @@ class IMServer(MultiService):
             ops=business_ops(self.chat, config.limits),
             on_login=login_hook(self.chat),
         )
+        self.site = make_site(
+            chat=self.chat,
+            store=self.store,
+            tokens=self.tokens,
+            presence=self.registry,
+            admin_key=config.auth.admin_key,
+            metrics=self.metrics,
+            clock=reactor,
+        )
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self.metrics.register(ServerCollector(self))
@@ -126,6 +136,10 @@ class IMServer(MultiService):
             port = await serverFromString(self.reactor, desc).listen(self.gateway)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
+        if cfg.server.http is not None:
+            port = await serverFromString(self.reactor, cfg.server.http).listen(self.site)
+            self.ports.append(port)
+            self.log.info("listening for HTTP on {address}", address=port.getHost())
         self.log.info(
             "imserver node {node_id} ready (config {source}, sql {sql}, hot store {hot})",
             node_id=cfg.server.node_id,
