@@ -169,3 +169,12 @@ class ServerCollector(Collector):
         yield sql
         failures = getattr(store.hot, "failures", 0)
         yield _counter("imserver_redis_failures", "Failed Redis calls.", failures)
+        http = CounterMetricFamily(
+            "imserver_http_requests", "HTTP API requests by status.", labels=["code"]
+        )
+        for status, n in sorted(s.site.answered.items()):
+            http.add_metric([str(status)], n)
+        yield http
+        yield _counter(
+            "imserver_http_bodies_refused", "HTTP bodies over the size limit.", s.site.refused
+        )

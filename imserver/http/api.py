@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from imserver.chat.service import ChatService
 from imserver.errors import ErrorCode
@@ -400,7 +400,7 @@ def make_site(
     metrics: Metrics,
     clock: IReactorTime,
     max_body: int = MAX_BODY,
-) -> Site:
+) -> ApiSite:
     """
     The API's site.
 

@@ -15,6 +15,7 @@ the answer before the client reads it.
 
 from __future__ import annotations
 
+from collections import Counter
 from io import BytesIO
 from typing import Any
 
@@ -153,9 +154,12 @@ class ApiSite(Site):
         self.displayTracebacks = False
         #: Bodies refused for their size (read by tests and metrics).
         self.refused = 0
+        #: Answered requests by status code (read by metrics).
+        self.answered: Counter[int] = Counter()
 
     def log(self, request: Any) -> None:
         """One access-log event per answered request, with its fields."""
+        self.answered[request.code] += 1
         self.access_log.info(
             "{client} {method} {path} {code} {length}",
             client=_client(request),
