@@ -307,6 +307,8 @@ class Store:
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
             await self._follow_up(outbox.id, self.hot.ack(acked), {uid for uid, _ in acked}, (), ())
+        else:
+            self.outbox_done(outbox.id)
         return removed
 
     async def pending(

@@ -20,9 +20,11 @@ must treat L{Unavailable} as "maybe committed".
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import attrs
 from twisted.enterprise import adbapi
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -35,6 +37,28 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MAX_RETRIES = 5
+#: A pooled connection unused for longer than this is checked before use.
+IDLE_CHECK_SECONDS = 1.0
+
+
+ROWS = "rows"
+COUNT = "count"
+
+
+@attrs.frozen
+class Statement:
+    """One statement of a L{Txn.script}: what it returns is C{ROWS} or C{COUNT}."""
+
+    sql: str
+    args: tuple[Any, ...] = ()
+    returns: str = COUNT
+
+
+def values(rows: Sequence[Sequence[Any]]) -> tuple[str, tuple[Any, ...]]:
+    """C{(?, ?), (?, ?)} and the flattened arguments, for a multi-row VALUES."""
+    width = len(rows[0])
+    one = "(" + ", ".join("?" * width) + ")"
+    return ", ".join([one] * len(rows)), tuple(v for row in rows for v in row)
 
 
 class Txn:
@@ -43,11 +67,29 @@ class Txn:
     hand for dialect-specific SQL, and nothing else.
     """
 
-    __slots__ = ("_cursor", "engine")
+    __slots__ = ("_cursor", "committed", "engine")
 
     def __init__(self, cursor: Any, engine: Engine) -> None:
         self._cursor = cursor
         self.engine = engine
+        #: The transaction was committed by a L{script}.
+        self.committed = False
+
+    def script(self, statements: Sequence[Statement], *, commit: bool = False) -> list[Any]:
+        """
+        Run statements in order and return each one's rows or row count.
+        On MySQL they travel as one multi-statement request, C{commit}
+        included: one round trip, where running them one by one costs one
+        each. If a statement fails, the ones after it do not run and the
+        exception propagates (the transaction is still open).
+        """
+        results = self.engine.run_script(
+            self._cursor,
+            [attrs.evolve(s, sql=self.engine.convert(s.sql)) for s in statements],
+            commit,
+        )
+        self.committed = commit
+        return results
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement; return the affected row count."""
@@ -125,6 +167,11 @@ class Database:
             **engine.connect_args(),
         )
         self._closed = False
+        self._last_used: dict[int, float] = {}
+        #: Observes the stages of every transaction: (stage, seconds), stage
+        #: being "wait" (for a pool thread), "run" (in the thread) or "return"
+        #: (until the reactor takes the result). Wired to metrics.
+        self.observe: Callable[[str, float], None] | None = None
         # Transaction counts and time, read by metrics.
         self.transactions = 0
         self.failures = 0
@@ -145,11 +192,13 @@ class Database:
         for attempt in range(MAX_RETRIES + 1):
             if self._closed:
                 raise Unavailable(f"the {self.name} database pool is closed")
+            stamps = [time.monotonic(), 0.0, 0.0]
             try:
                 result: T = await deferToThreadPool(
                     self._reactor,
                     self._pool.threadpool,
-                    self._in_thread,
+                    self._timed,
+                    stamps,
                     lambda txn: func(txn, *args, **kwargs),
                 )
             except Exception as e:
@@ -173,25 +222,61 @@ class Database:
                     raise Unavailable("the database is unavailable") from e
                 raise
             self.transactions += 1
+            if self.observe is not None:
+                queued, started, finished = stamps
+                self.observe("wait", started - queued)
+                self.observe("run", finished - started)
+                self.observe("return", time.monotonic() - finished)
             return result
         raise AssertionError("unreachable")
+
+    def _timed(self, stamps: list[float], func: Callable[[Txn], T]) -> T:
+        # In a pool thread: when the transaction started and ended.
+        stamps[1] = time.monotonic()
+        try:
+            return self._in_thread(func)
+        finally:
+            stamps[2] = time.monotonic()
 
     def _in_thread(self, func: Callable[[Txn], T]) -> T:
         # Runs in one of this pool's threads, on that thread's connection.
         pool = self._pool
         conn = pool.connect()
+        reused = id(conn) in self._last_used
+        now = time.monotonic()
+        if now - self._last_used.get(id(conn), now) > IDLE_CHECK_SECONDS:
+            # A connection idle for a while may be stale (the server restarted
+            # meanwhile): check it first. A busy one skips the round trip.
+            try:
+                self.engine.check_connection(conn)
+            except Exception:
+                conn, reused = self._reconnect(conn), False
         try:
-            self.engine.check_connection(conn)
-        except Exception:
-            # Stale after a server restart: reconnect through the pool so the
-            # per-connection set-up runs again.
-            pool.disconnect(conn)
-            conn = pool.connect()
+            return self._transaction(conn, func)
+        except Exception as e:
+            if not (reused and self.engine.is_unavailable(e)):
+                raise
+            # A reused connection was dead (the server restarted within the
+            # idle check's window): once more on a fresh one. Safe even if the
+            # first try committed: every write is idempotent (unique cids,
+            # monotonic reads, set-like acks, recalls and outbox replays).
+            return self._transaction(self._pool.connect(), func)
+
+    def _reconnect(self, conn: Any) -> Any:
+        """A fresh connection through the pool, so the per-connection set-up runs."""
+        self._last_used.pop(id(conn), None)
+        self._pool.disconnect(conn)
+        return self._pool.connect()
+
+    def _transaction(self, conn: Any, func: Callable[[Txn], T]) -> T:
         cursor = conn.cursor()
         try:
             self.engine.begin(cursor)
-            result = func(Txn(cursor, self.engine))
-            conn.commit()
+            txn = Txn(cursor, self.engine)
+            result = func(txn)
+            if not txn.committed:
+                conn.commit()
+            self._last_used[id(conn)] = time.monotonic()
             return result
         except BaseException as e:
             try:
@@ -199,7 +284,9 @@ class Database:
             except Exception:
                 pass
             if self.engine.is_unavailable(e):
-                pool.disconnect(conn)
+                # Dead: the next transaction of this thread gets a new one.
+                self._last_used.pop(id(conn), None)
+                self._pool.disconnect(conn)
             raise
         finally:
             try:

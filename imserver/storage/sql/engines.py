@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 import pymysql
+from pymysql.constants import CLIENT
 
 from imserver.config import MysqlTarget, SqliteTarget, SqlTarget
 
@@ -25,6 +27,7 @@ CR_SERVER_GONE_ERROR = 2006
 CR_SERVER_LOST = 2013
 ER_CON_COUNT_ERROR = 1040
 ER_SERVER_SHUTDOWN = 1053
+ER_DUP_ENTRY = 1062
 
 
 class Engine:
@@ -72,25 +75,43 @@ class Engine:
         add: tuple[str, ...],
         greatest: tuple[str, ...] = (),
         bump: str | None = None,
+        rows: int = 1,
     ) -> str:
         """
-        C{INSERT ... VALUES (?, ...)} that, on a duplicate key, adds the new
-        values to the C{add} columns, keeps the larger of old and new in the
-        C{greatest} columns, and increments C{bump} by one.
+        C{INSERT ... VALUES (?, ...)} (C{rows} times) that, on a duplicate
+        key, adds the new values to the C{add} columns, keeps the larger of
+        old and new in the C{greatest} columns, and increments C{bump} by one.
         """
         new = self.upsert_new
         sets = [f"{c} = {c} + {new.format(c)}" for c in add]
         sets += [f"{c} = {self.max_function}({c}, {new.format(c)})" for c in greatest]
         if bump:
             sets.append(f"{bump} = {bump} + 1")
+        one = "(" + ", ".join("?" * len(columns)) + ")"
         return (
-            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
             f" {self.on_conflict.format(', '.join(key))} {', '.join(sets)}"
         )
 
     def is_retryable(self, e: BaseException) -> bool:
         """A transaction that failed this way rolled back and may be re-run."""
         return False
+
+    def is_duplicate(self, e: BaseException) -> bool:
+        """A statement broke a unique key (the transaction is still open)."""
+        return False
+
+    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+        """Run statements one by one (no round trips to save in process)."""
+        results: list[Any] = []
+        for s in statements:
+            cursor.execute(s.sql, s.args)
+            results.append(
+                [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
+            )
+        if commit:
+            cursor.connection.commit()
+        return results
 
     def is_unavailable(self, e: BaseException) -> bool:
         """The database cannot be reached (or went away during the transaction)."""
@@ -137,6 +158,9 @@ class SqliteEngine(Engine):
     def is_retryable(self, e: BaseException) -> bool:
         return isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
 
+    def is_duplicate(self, e: BaseException) -> bool:
+        return isinstance(e, sqlite3.IntegrityError) and "UNIQUE" in str(e)
+
     def is_unavailable(self, e: BaseException) -> bool:
         return isinstance(e, sqlite3.OperationalError) and (
             "unable to open" in str(e) or "disk I/O" in str(e)
@@ -161,6 +185,8 @@ class MysqlEngine(Engine):
     def connect_args(self) -> dict[str, Any]:
         t = self.target
         return {
+            # Several statements per request: a send batch is one round trip.
+            "client_flag": CLIENT.MULTI_STATEMENTS,
             "host": t.host,
             "port": t.port,
             "user": t.user,
@@ -192,6 +218,24 @@ class MysqlEngine(Engine):
             (ER_LOCK_DEADLOCK,),
             (ER_LOCK_WAIT_TIMEOUT,),
         )
+
+    def is_duplicate(self, e: BaseException) -> bool:
+        return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_DUP_ENTRY,)
+
+    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+        """All statements (and the COMMIT) in one multi-statement request."""
+        sql = ";\n".join(s.sql for s in statements) + (";\nCOMMIT" if commit else "")
+        cursor.execute(sql, tuple(v for s in statements for v in s.args))
+        results: list[Any] = []
+        for i, s in enumerate(statements):
+            if i:
+                cursor.nextset()
+            results.append(
+                [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
+            )
+        if commit:
+            cursor.nextset()
+        return results
 
     def is_unavailable(self, e: BaseException) -> bool:
         if isinstance(e, pymysql.err.InterfaceError | ConnectionError):
