@@ -147,13 +147,13 @@ class OutboxContract:
         a, b = await self.users(stack, 2)
         await stack.chat.sync(b, 10, 0, None)  # b has a ready hot copy
         stack.presence.online.add(b)
-        stack.chat.fanouts.submit = lambda item: Deferred()  # the "crash": no fan-out
+        stack.chat._start_fanout = lambda *args: None  # the "crash": no push, no fan-out
         lost = await stack.chat.send(a, b, "lost", "text", "x")
         rows = await stack.store.background.run("t", _outbox_rows)
         self.assertEqual([(r[1], r[2]) for r in rows], [(1, "send")])
         # The hot copy does not know the message yet.
         self.assertEqual(await stack.hot.pending(b, 0, 10, None), [])
-        del stack.chat.fanouts.submit
+        del stack.chat._start_fanout
         stack.chat._inflight.clear()
 
         self.assertEqual(await stack.chat.recover(), 1)
@@ -167,9 +167,9 @@ class OutboxContract:
     async def test_sweeper_replays_only_stale_rows(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
-        stack.chat.fanouts.submit = lambda item: Deferred()
+        stack.chat._start_fanout = lambda *args: None
         await stack.chat.send(a, b, "x", "text", "x")
-        del stack.chat.fanouts.submit
+        del stack.chat._start_fanout
         stack.chat._inflight.clear()
         self.assertEqual(await stack.store.replay_outbox(own=False), [])
         await stack.store.background.run("t", _age_outbox, 120_000)

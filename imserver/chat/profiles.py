@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from imserver.storage.model import Profile
@@ -25,6 +26,7 @@ class ProfileCache:
         self.ttl = ttl
         self.size = size
         self._entries: OrderedDict[int, tuple[float, Profile]] = OrderedDict()
+        self._refreshing: set[int] = set()
 
     def put(self, profile: Profile) -> None:
         current = self._entries.get(profile.uid)
@@ -34,6 +36,21 @@ class ProfileCache:
         self._entries.move_to_end(profile.uid)
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
+
+    def peek(self, uid: int) -> Profile | None:
+        """
+        The cached profile even if it is past its TTL (then a refresh starts
+        in the background): for the send path, which must not wait.
+        """
+        entry = self._entries.get(uid)
+        if entry is None:
+            return None
+        if entry[0] < self._clock.seconds() and uid not in self._refreshing:
+            self._refreshing.add(uid)
+            d = Deferred.fromCoroutine(self.get([uid]))
+            d.addErrback(lambda f: None)  # the stale profile stays; a later peek retries
+            d.addBoth(lambda _: self._refreshing.discard(uid))
+        return entry[1]
 
     def cached(self, uid: int) -> Profile | None:
         entry = self._entries.get(uid)

@@ -171,12 +171,23 @@ class ChatService:
         return {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
 
     def _start_fanout(self, committed: Committed, body: Any, started: float) -> None:
-        uids = (committed.message.sender, committed.message.recipient)
+        """
+        Push at once (in commit order: commit batches complete in order),
+        then index in the hot store through the real-time queue. The push
+        does not wait for Redis: an ack racing the indexing is safe (acked
+        ids are tombstoned), and the recipient's own reads wait for it.
+        """
+        m = committed.message
+        uids = (m.sender, m.recipient)
         for uid in uids:
             self._inflight[uid] = self._inflight.get(uid, 0) + 1
         if committed.outbox_id and committed.outbox_id not in self._outbox_left:
             self._outbox_left[committed.outbox_id] = [committed.outbox_count, True]
-        d = self.fanouts.submit((committed, body, started))
+        sender = self.profiles.peek(m.sender)
+        pushed = sender is not None
+        if pushed:
+            self._push(committed, body, started, sender)
+        d = self.fanouts.submit((committed, None if pushed else body, started))
         d.addErrback(lambda f: self.log.failure("fan-out failed", f))
         d.addBoth(lambda _: self._fanned_out(uids))
 
@@ -197,22 +208,29 @@ class ChatService:
             self._settled_waiters.setdefault(uid, []).append(d)
             await d
 
+    def _push(self, c: Committed, body: Any, started: float, sender: Profile | None) -> None:
+        m = c.message
+        frame = message_object(m, sender, body)
+        frame["t"] = "msg"
+        frame["unread"] = c.unread
+        frame["total_unread"] = c.total_unread
+        if self.presence.push(m.recipient, frame):
+            self.pushed += 1
+            self.observe("send_to_push", self.clock.seconds() - started)
+
     async def _fanout_batch(self, items: Sequence[tuple[Committed, Any, float]]) -> list[None]:
+        """The real-time queue: index a batch in the hot store; push the
+        messages whose sender's profile was not at hand at commit time."""
         committed = [c for c, _, _ in items]
+        late = [(c, body, started) for c, body, started in items if body is not None]
+        if late:
+            try:
+                senders = await self.profiles.get({c.message.sender for c, _, _ in late})
+            except Exception:
+                senders = {}
+            for c, body, started in late:
+                self._push(c, body, started, senders.get(c.message.sender))
         indexed = await self.store.fanout(committed)
-        try:
-            senders = await self.profiles.get({c.message.sender for c in committed})
-        except Exception:
-            senders = {}
-        for c, body, started in items:
-            m = c.message
-            frame = message_object(m, senders.get(m.sender), body)
-            frame["t"] = "msg"
-            frame["unread"] = c.unread
-            frame["total_unread"] = c.total_unread
-            if self.presence.push(m.recipient, frame):
-                self.pushed += 1
-                self.observe("send_to_push", self.clock.seconds() - started)
         self._settle_outbox(committed, indexed)
         return [None] * len(items)
 
