@@ -37,6 +37,14 @@ class Metrics:
                 ("send_to_push", "From a send request to the push to its recipient."),
             )
         }
+        self._sql = Histogram(
+            "imserver_sql_seconds",
+            "SQL transactions by stage: waiting for a pool thread, running in it, "
+            "waiting for the reactor to take the result.",
+            ["pool", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._batches = Histogram(
             "imserver_batch_size",
             "Items per batch (SQL group commits, acks, logins, fan-outs, outbox deletes).",
@@ -49,6 +57,13 @@ class Metrics:
         histogram = self._latency.get(name)
         if histogram is not None:
             histogram.observe(seconds)
+
+    def sql(self, pool: str) -> Any:
+        """A L{imserver.storage.sql.database.Database} C{observe} hook."""
+        stages = {
+            stage: self._sql.labels(pool, stage).observe for stage in ("wait", "run", "return")
+        }
+        return lambda stage, seconds: stages[stage](seconds)
 
     def batch(self, queue: str) -> Any:
         """An C{on_batch} callback for a L{imserver.batching.Batcher}."""

@@ -84,6 +84,8 @@ class IMServer(MultiService):
             clock=reactor,
             observe=self.metrics.observe,
         )
+        for db in (self.db, self.background):
+            db.observe = self.metrics.sql(db.name)
         for queue, batcher in (
             ("commit", self.store.sends),
             ("ack", self.store.acks),
