@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from imserver.config import SqliteTarget, parse_config
 from imserver.errors import Unavailable
-from imserver.storage.sql.database import Database, Txn
-from imserver.storage.sql.engines import create_engine
+from imserver.storage.sql.database import ROWS, Database, Statement, Txn, values
+from imserver.storage.sql.engines import create_engine, render
 from imserver.storage.sql.migrate import available, migrate, split_statements
 from tests.harness import MariaDBServer, shared_mariadb
 from tests.support import reactor
@@ -72,13 +73,67 @@ class SqlContract:
         self.assertEqual(len(found), 1052)
 
 
-class SqliteTests(SqlContract, TestCase):
+NASTY = [
+    "it's",
+    'a "quote"',
+    "back\\slash",
+    "nul\x00byte",
+    "new\nline",
+    "ctrl-z\x1a",
+    "unicode \u00e9\u4e2d\U0001f600",
+    "?",
+    "%s %% %(x)s",
+    "",
+    "--",
+    "'; DROP TABLE t_user; --",
+]
+
+
+def _script_round_trip_txn(txn: Txn, texts: list[str]) -> list[tuple[Any, ...]]:
+    rows = [(i + 1, t, t.encode("utf-8") + bytes([0, 39, 92, 255])) for i, t in enumerate(texts)]
+    marks, args = values(rows)
+    txn.script([Statement(f"INSERT INTO t_odd (id, s, b) VALUES {marks}", args)])
+    [result] = txn.script([Statement("SELECT id, s, b FROM t_odd ORDER BY id", (), ROWS)])
+    return result
+
+
+def _create_odd_txn(txn: Txn) -> None:
+    txn.execute("CREATE TABLE t_odd (id INTEGER PRIMARY KEY, s VARCHAR(200), b BLOB)")
+
+
+class ScriptTests:
+    """Scripts carry any value intact (MySQL renders literals itself)."""
+
+    async def test_awkward_values_round_trip(self) -> None:
+        await self.asyncSetUp()
+        await self.db.run("create", _create_odd_txn)
+        rows = await self.db.run("odd", _script_round_trip_txn, NASTY)
+        self.assertEqual(
+            [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows],
+            [(i + 1, t, t.encode("utf-8") + bytes([0, 39, 92, 255])) for i, t in enumerate(NASTY)],
+        )
+        self.assertEqual(await self.db.run("count", _count_users_txn), 0)  # t_user intact
+
+
+class RenderTests(TestCase):
+    def test_literals(self) -> None:
+        self.assertEqual(
+            render("VALUES (?, ?, ?, ?, ?)", (1, 'it\'s \\ "x"\n', b"\x00\xff", None, 2.5)),
+            "VALUES (1, 'it\\'s \\\\ \\\"x\\\"\\n', X'00ff', NULL, 2.5)",
+        )
+
+    def test_placeholder_count_must_match(self) -> None:
+        self.assertRaises(ValueError, render, "VALUES (?, ?)", (1,))
+        self.assertRaises(KeyError, render, "VALUES (?)", (object(),))
+
+
+class SqliteTests(SqlContract, ScriptTests, TestCase):
     def make_db(self) -> Database:
         path = os.path.abspath(self.mktemp())
         return Database(reactor, create_engine(SqliteTarget(path)), name="test")
 
 
-class MariaDBTests(SqlContract, TestCase):
+class MariaDBTests(SqlContract, ScriptTests, TestCase):
     def make_db(self) -> Database:
         url = shared_mariadb().fresh_database()
         config = parse_config({"storage": {"sql": url}})

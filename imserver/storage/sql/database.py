@@ -52,12 +52,19 @@ class Statement:
     sql: str
     args: tuple[Any, ...] = ()
     returns: str = COUNT
+    #: The statement as written (C{?} placeholders), for engines that render
+    #: values themselves.
+    raw_sql: str = ""
 
 
-def values(rows: Sequence[Sequence[Any]]) -> tuple[str, tuple[Any, ...]]:
-    """C{(?, ?), (?, ?)} and the flattened arguments, for a multi-row VALUES."""
-    width = len(rows[0])
-    one = "(" + ", ".join("?" * width) + ")"
+def values(
+    rows: Sequence[Sequence[Any]], template: str | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """
+    C{(?, ?), (?, ?)} and the flattened arguments, for a multi-row VALUES;
+    C{template} replaces C{(?, ?)} (when a column is an SQL expression).
+    """
+    one = template or "(" + ", ".join("?" * len(rows[0])) + ")"
     return ", ".join([one] * len(rows)), tuple(v for row in rows for v in row)
 
 
@@ -85,7 +92,7 @@ class Txn:
         """
         results = self.engine.run_script(
             self._cursor,
-            [attrs.evolve(s, sql=self.engine.convert(s.sql)) for s in statements],
+            [attrs.evolve(s, sql=self.engine.convert(s.sql), raw_sql=s.sql) for s in statements],
             commit,
         )
         self.committed = commit

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pymysql
 from pymysql.constants import CLIENT
+from pymysql.converters import escape_string
 
 from imserver.config import MysqlTarget, SqliteTarget, SqlTarget
 
@@ -46,6 +47,8 @@ class Engine:
     on_conflict: str = ""
     upsert_new: str = ""
     max_function: str = ""
+    #: A DATETIME from a millisecond timestamp placeholder.
+    datetime_from_ms: str = ""
 
     def connect_args(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -135,6 +138,7 @@ class SqliteEngine(Engine):
     on_conflict = "ON CONFLICT ({}) DO UPDATE SET"
     upsert_new = "excluded.{}"
     max_function = "MAX"
+    datetime_from_ms = "strftime('%Y-%m-%d %H:%M:%f', ? / 1000.0, 'unixepoch')"
 
     def __init__(self, target: SqliteTarget) -> None:
         self.path = target.path
@@ -177,6 +181,7 @@ class MysqlEngine(Engine):
     on_conflict = "ON DUPLICATE KEY UPDATE"
     upsert_new = "VALUES({})"
     max_function = "GREATEST"
+    datetime_from_ms = "FROM_UNIXTIME(? / 1000)"
 
     def __init__(self, target: MysqlTarget, max_connections: int = 5) -> None:
         self.target = target
@@ -223,9 +228,16 @@ class MysqlEngine(Engine):
         return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_DUP_ENTRY,)
 
     def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
-        """All statements (and the COMMIT) in one multi-statement request."""
-        sql = ";\n".join(s.sql for s in statements) + (";\nCOMMIT" if commit else "")
-        cursor.execute(sql, tuple(v for s in statements for v in s.args))
+        """
+        All statements (and the COMMIT) in one multi-statement request. The
+        values are rendered as literals here (integers as digits, bytes as
+        hex, strings escaped by PyMySQL's own table), which costs half of
+        PyMySQL's general per-value escaping on the hot path.
+        """
+        parts = [render(s.raw_sql, s.args) for s in statements]
+        if commit:
+            parts.append("COMMIT")
+        cursor.execute(";\n".join(parts))
         results: list[Any] = []
         for i, s in enumerate(statements):
             if i:
@@ -253,6 +265,35 @@ class MysqlEngine(Engine):
 
     def unlock_migrations(self, cursor: Any) -> None:
         cursor.execute("SELECT RELEASE_LOCK('imserver_migrations')")
+
+
+def _quote(value: str) -> str:
+    return "'" + escape_string(value) + "'"
+
+
+def _hex(value: bytes) -> str:
+    return "X'" + value.hex() + "'"
+
+
+_LITERALS: dict[type, Callable[[Any], str]] = {
+    int: str,
+    str: _quote,
+    bytes: _hex,
+    float: repr,
+    type(None): lambda _: "NULL",
+}
+
+
+def render(sql: str, args: Sequence[Any]) -> str:
+    """C{sql} with each C{?} replaced by the literal of the next argument."""
+    pieces = sql.split("?")
+    if len(pieces) != len(args) + 1:
+        raise ValueError(f"{len(args)} arguments for {len(pieces) - 1} placeholders")
+    out = [pieces[0]]
+    for value, piece in zip(args, pieces[1:], strict=True):
+        out.append(_LITERALS[type(value)](value))
+        out.append(piece)
+    return "".join(out)
 
 
 def create_engine(target: SqlTarget) -> Engine:

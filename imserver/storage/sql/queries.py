@@ -14,7 +14,6 @@ rows in (uid, sessionId) order.
 
 from __future__ import annotations
 
-import datetime
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -64,12 +63,6 @@ def _message(row: Sequence[Any]) -> Message:
 
 def _conv(row: Sequence[Any]) -> ConvRow:
     return ConvRow(*(int(v) for v in row[:7]))
-
-
-def _datetime(ts_ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.UTC).strftime(
-        "%Y-%m-%d %H:%M:%S.%f"
-    )[:-3]
 
 
 # ---------------------------------------------------------------------------
@@ -282,10 +275,12 @@ def _write_messages(
                 m.ts,
                 0,
                 RECORD_NORMAL,
-                _datetime(m.ts),
+                m.ts,
             )
             for m in msgs
-        ]
+        ],
+        # createTime is computed by the database from ts.
+        template="(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, " + engine.datetime_from_ms + ")",
     )
     script = [
         Statement(
