@@ -7,8 +7,10 @@ batch (up to C{max_batch}): under light load each item runs alone at once,
 with no added delay; under heavy load batches grow by themselves, so one
 SQL transaction or one Redis round trip carries many items.
 
-With C{concurrency=1} batches run strictly one after another in submission
-order, which the send path relies on for ordering.
+Results reach the callers in the order the batches started, whatever the
+concurrency: with C{concurrency=2} a second batch runs while the first
+commits, and its results wait for the first one's. The send path relies on
+that for ordering.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Batcher(Generic[I, O]):
         self.max_queue = max_queue
         self._waiting: deque[tuple[I, Deferred[O]]] = deque()
         self._running = 0
+        self._started = 0
+        self._delivered = 0
+        self._finished: dict[int, tuple[Sequence[O] | Failure, list[tuple[I, Deferred[O]]]]] = {}
         self._idle: list[Deferred[None]] = []
         # Read by metrics.
         self.batches = 0
@@ -73,7 +78,7 @@ class Batcher(Generic[I, O]):
 
     @property
     def busy(self) -> bool:
-        return self._running > 0 or bool(self._waiting)
+        return self._running > 0 or bool(self._waiting) or bool(self._finished)
 
     def submit(self, item: I) -> Deferred[O]:
         if len(self._waiting) >= self.max_queue:
@@ -102,39 +107,44 @@ class Batcher(Generic[I, O]):
         self.last_batch_size = take
         if self.on_batch is not None:
             self.on_batch(take)
+        seq = self._started
+        self._started += 1
         d = Deferred.fromCoroutine(self._run_batch([item for item, _ in batch]))
-        d.addCallbacks(
-            self._batch_done, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,)
-        )
+        d.addBoth(self._completed, seq, batch)
 
     async def _run_batch(self, items: list[I]) -> Sequence[O]:
         return await self._run(items)
 
-    def _batch_done(self, results: Sequence[O], batch: list[tuple[I, Deferred[O]]]) -> None:
-        if len(results) != len(batch):
-            self._batch_failed(
-                Failure(
-                    RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
-                ),
-                batch,
-            )
-            return
-        # Callers see results before the next batch can start, so results
-        # reach them in batch order even when a batch completes synchronously.
-        for (_, d), result in zip(batch, results, strict=True):
-            d.callback(result)
-        self._finish()
-
-    def _batch_failed(self, failure: Failure, batch: list[tuple[I, Deferred[O]]]) -> None:
-        for _, d in batch:
-            d.errback(failure)
-        self._finish()
-
-    def _finish(self) -> None:
+    def _completed(
+        self, outcome: Sequence[O] | Failure, seq: int, batch: list[tuple[I, Deferred[O]]]
+    ) -> None:
+        """
+        A batch finished. Results are handed out in the order batches
+        started, even when a later one finishes first (concurrency > 1) or
+        at once (a synchronous run): a batch that finishes early waits for
+        the ones before it.
+        """
         self._running -= 1
-        if self._waiting and self._running < self.concurrency:
+        self._finished[seq] = (outcome, batch)
+        while self._delivered in self._finished:
+            outcome, batch = self._finished.pop(self._delivered)
+            self._delivered += 1
+            self._deliver(outcome, batch)
+        while self._waiting and self._running < self.concurrency:
             self._start()
-        elif not self.busy:
+        if not self.busy:
             waiting, self._idle = self._idle, []
             for d in waiting:
                 d.callback(None)
+
+    def _deliver(self, outcome: Sequence[O] | Failure, batch: list[tuple[I, Deferred[O]]]) -> None:
+        if not isinstance(outcome, Failure) and len(outcome) != len(batch):
+            outcome = Failure(
+                RuntimeError(f"{self.name}: {len(outcome)} results for {len(batch)} items")
+            )
+        if isinstance(outcome, Failure):
+            for _, d in batch:
+                d.errback(outcome)
+        else:
+            for (_, d), result in zip(batch, outcome, strict=True):
+                d.callback(result)

@@ -192,3 +192,27 @@ class BatcherTests(SynchronousTestCase):
         self.assertEqual(self.runs, [[0], [1]])
         self.pending[1].callback([1])
         self.assertEqual(self.runs, [[0], [1], [2, 3]])
+
+    def test_results_in_start_order_whatever_finishes_first(self) -> None:
+        b: Batcher[int, int] = Batcher("t", self.run_batch, concurrency=2, max_batch=10)
+        order: list[int] = []
+        for i in range(3):
+            b.submit(i).addCallback(order.append)
+        self.assertEqual(self.runs, [[0], [1]])
+        self.pending[1].callback([1])  # the second batch finishes first
+        self.assertEqual(order, [])
+        self.assertEqual(self.runs, [[0], [1], [2]])  # a slot was free
+        self.pending[0].callback([0])
+        self.assertEqual(order, [0, 1])
+        self.pending[2].callback([2])
+        self.assertEqual(order, [0, 1, 2])
+        self.successResultOf(b.idle())
+
+    def test_a_failed_batch_keeps_its_place(self) -> None:
+        b: Batcher[int, int] = Batcher("t", self.run_batch, concurrency=2)
+        first, second = b.submit(1), b.submit(2)
+        self.pending[1].callback([2])
+        self.assertNoResult(second)
+        self.pending[0].errback(ZeroDivisionError())
+        self.failureResultOf(first, ZeroDivisionError)
+        self.assertEqual(self.successResultOf(second), 2)

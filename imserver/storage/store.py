@@ -111,6 +111,9 @@ class Store:
         self.outbox_deletes: Batcher[int, None] = Batcher(
             "outbox", self._outbox_done_batch, max_batch=max_batch, max_queue=10_000_000
         )
+        # One commit at a time: two concurrent batches upserting the same
+        # conversation rows deadlock in InnoDB, and the retried one would
+        # report unread counts that include later messages.
         self.sends: Batcher[NewMessage, SendOutcome] = Batcher(
             "send", self._commit_batch, max_batch=max_batch, max_queue=max_queue
         )
