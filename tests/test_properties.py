@@ -363,7 +363,7 @@ class MessagingMachine(RuleBasedStateMachine):
         chat = self.stack.chat
         replies = await gatherResults(
             [
-                Deferred.fromCoroutine(chat.send(a, b, cid, "text", f"body of {cid}"))
+                ensureDeferred(chat.send(a, b, cid, "text", f"body of {cid}"))
                 for (a, b, _), cid in zip(batch, cids, strict=True)
             ],
             consumeErrors=True,
@@ -556,7 +556,7 @@ class MessagingMachine(RuleBasedStateMachine):
 
         async def go() -> None:
             replies = await gatherResults(
-                [Deferred.fromCoroutine(self.stack.chat.ack(uid, ids)) for uid, ids, _ in requests],
+                [ensureDeferred(self.stack.chat.ack(uid, ids)) for uid, ids, _ in requests],
                 consumeErrors=True,
             )
             for _, _, take in requests:

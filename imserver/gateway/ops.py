@@ -32,7 +32,7 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         assert conn.uid is not None
         return conn.uid
 
-    def send(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+    def send(conn: ClientProtocol, r: frames.Request) -> Deferred[dict[str, Any]]:
         assert isinstance(r, frames.Send)
         bucket = conn.send_bucket
         if bucket is None:
@@ -41,11 +41,11 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
             )
         if not bucket.take():
             raise ImError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
-        return _call(chat.send(uid(conn), r.to, r.cid, r.type, r.body))
+        return chat.send(uid(conn), r.to, r.cid, r.type, r.body)
 
-    def ack(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+    def ack(conn: ClientProtocol, r: frames.Request) -> Deferred[dict[str, Any]]:
         assert isinstance(r, frames.Ack)
-        return _call(chat.ack(uid(conn), r.msg_ids))
+        return chat.ack(uid(conn), r.msg_ids)
 
     def sync(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.Sync)
