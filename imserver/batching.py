@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -53,9 +54,15 @@ class Batcher(Generic[I, O]):
         concurrency: int = 1,
         max_queue: int = 100_000,
         on_batch: Callable[[int], None] | None = None,
+        gather: IReactorTime | None = None,
     ) -> None:
         self.name = name
         self.on_batch = on_batch
+        #: With a clock, a batch starts on the next reactor turn rather than
+        #: at once, so items submitted in one turn (all the messages of one
+        #: commit) share it even when batches complete synchronously.
+        self.gather = gather
+        self._start_call: IDelayedCall | None = None
         self._run = run
         self.max_batch = max_batch
         self.concurrency = concurrency
@@ -78,7 +85,12 @@ class Batcher(Generic[I, O]):
 
     @property
     def busy(self) -> bool:
-        return self._running > 0 or bool(self._waiting) or bool(self._finished)
+        return (
+            self._running > 0
+            or bool(self._waiting)
+            or bool(self._finished)
+            or self._start_call is not None
+        )
 
     def submit(self, item: I) -> Deferred[O]:
         if len(self._waiting) >= self.max_queue:
@@ -86,8 +98,16 @@ class Batcher(Generic[I, O]):
         d: Deferred[O] = Deferred()
         self._waiting.append((item, d))
         if self._running < self.concurrency:
-            self._start()
+            if self.gather is None:
+                self._start()
+            elif self._start_call is None:
+                self._start_call = self.gather.callLater(0, self._gathered)
         return d
+
+    def _gathered(self) -> None:
+        self._start_call = None
+        while self._waiting and self._running < self.concurrency:
+            self._start()
 
     def idle(self) -> Deferred[None]:
         """Fires once nothing is waiting or running."""

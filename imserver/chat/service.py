@@ -105,7 +105,11 @@ class ChatService:
         self.profiles = ProfileCache(store, clock)
         #: The real-time queue: fan-out of committed messages, in commit order.
         self.fanouts: Batcher[tuple[Committed, Any, float], None] = Batcher(
-            "fanout", self._fanout_batch, max_batch=500, max_queue=10 * MAX_FANOUT_BACKLOG
+            "fanout",
+            self._fanout_batch,
+            max_batch=500,
+            max_queue=10 * MAX_FANOUT_BACKLOG,
+            gather=clock,
         )
         self._inflight: dict[int, int] = {}
         self._settled_waiters: dict[int, list[Deferred[None]]] = {}

@@ -247,7 +247,14 @@ class Store:
         outbox = Outbox(self.ids.next_id(), self.node_id, "send", created_at=now_ms)
         try:
             outcomes = await self.db.run(
-                "send", q.commit_messages_txn, msgs, check, now_ms, outbox, self.notify_delay_ms
+                "send",
+                q.commit_messages_txn,
+                msgs,
+                check,
+                now_ms,
+                outbox,
+                self.notify_delay_ms,
+                started,
             )
         except Unavailable as e:
             # The commit may or may not have happened: distrust every copy
@@ -260,15 +267,12 @@ class Store:
                 str(e),
             )
             raise
-        result: list[SendOutcome] = []
         for outcome in outcomes:
             if isinstance(outcome, Committed):
                 m = outcome.message
                 self._known_users.add(m.recipient)
                 self._remember_session(m.session_id, m.sender, m.recipient)
-                outcome = attrs.evolve(outcome, started=started)
-            result.append(outcome)
-        return result
+        return outcomes
 
     async def fanout(self, committed: Sequence[Committed]) -> bool:
         """

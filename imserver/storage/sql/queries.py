@@ -163,6 +163,7 @@ def commit_messages_txn(
     now_ms: int,
     outbox: Outbox | None = None,
     notify_delay_ms: int | None = None,
+    started: float = 0.0,
 ) -> list[SendOutcome]:
     """
     Commit a batch of messages (group commit), in one transaction:
@@ -208,7 +209,9 @@ def commit_messages_txn(
             first[key] = i
     fresh = [i for i in live if i not in repeats]
     try:
-        written = _write_messages(txn, [resolved[i] for i in fresh], outbox, notify_delay_ms)
+        written = _write_messages(
+            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started
+        )
     except Exception as e:
         if not txn.engine.is_duplicate(e):
             raise
@@ -218,7 +221,9 @@ def commit_messages_txn(
         for i in fresh:
             outcomes[i] = used.get((msgs[i].sender, msgs[i].cid))
         fresh = [i for i in fresh if outcomes[i] is None]
-        written = _write_messages(txn, [resolved[i] for i in fresh], outbox, notify_delay_ms)
+        written = _write_messages(
+            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started
+        )
     for i, outcome in zip(fresh, written, strict=True):
         outcomes[i] = outcome
     for i, j in repeats.items():
@@ -251,6 +256,7 @@ def _write_messages(
     msgs: Sequence[NewMessage],
     outbox: Outbox | None,
     notify_delay_ms: int | None,
+    started: float,
 ) -> list[Committed]:
     """
     Insert messages whose sessions are known and whose cids are believed
@@ -387,6 +393,7 @@ def _write_messages(
                 sender_row=conv[m.sender, sid],
                 unread=recipient_row.unread - later_in_session[m.recipient, sid],
                 total_unread=totals.get(m.recipient, 0) - later_for_user[m.recipient],
+                started=started,
                 outbox_id=outbox_id,
                 outbox_count=len(msgs),
             )
