@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from twisted.internet.interfaces import IReactorTime
@@ -56,6 +56,7 @@ class MemoryHotStore:
         self.max_profiles = max_profiles
         self._markers: dict[int, str] = {}
         self._gone: dict[int, dict[int, int]] = {}  # uid -> msg_id -> when (ms)
+        self._gone_order: deque[tuple[int, int, int]] = deque()  # (when, uid, msg_id)
         self._pending: dict[int, dict[int, list[int]]] = {}
         self._conv: dict[int, dict[int, int]] = {}  # uid -> sid -> last msg id
         self._rows: dict[tuple[int, int], tuple[int, int, int]] = {}  # (sid, uid) -> total, read, v
@@ -109,8 +110,16 @@ class MemoryHotStore:
         gone = self._gone.setdefault(uid, {})
         for msg_id in ids:
             gone[msg_id] = now
-        for msg_id in [i for i, when in gone.items() if when < now - GONE_MS]:
-            del gone[msg_id]
+            self._gone_order.append((now, uid, msg_id))
+        # Expire in time order: each tombstone is looked at once more, at most.
+        order = self._gone_order
+        while order and order[0][0] < now - GONE_MS:
+            when, old_uid, msg_id = order.popleft()
+            tombstones = self._gone.get(old_uid)
+            if tombstones is not None and tombstones.get(msg_id) == when:
+                del tombstones[msg_id]
+                if not tombstones:
+                    del self._gone[old_uid]
 
     # -- writes ------------------------------------------------------------
 
