@@ -450,3 +450,23 @@ class DrainingShutdownTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertFalse(client.transport.disconnected)
         self.clock.advance(5)
         self.assertTrue(client.transport.disconnected)
+
+
+class NoDelayTests(GatewayTestsMixin, SynchronousTestCase):
+    def test_nagle_is_off_for_clients(self) -> None:
+        class TCPTransport(StringTransport):
+            nodelay = False
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.nodelay = enabled
+
+        tcp = TCPTransport()
+        self.gateway.buildProtocol(None).makeConnection(tcp)
+        self.assertTrue(tcp.nodelay)
+
+        class TLSTransport(StringTransport):
+            transport = TCPTransport()
+
+        tls = TLSTransport()
+        self.gateway.buildProtocol(None).makeConnection(tls)
+        self.assertTrue(tls.transport.nodelay)

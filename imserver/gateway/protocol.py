@@ -58,6 +58,19 @@ LoginHook = Callable[[int, "ClientProtocol", frames.Auth], "Deferred[None]"]
 CLOSE_GRACE_SECONDS = 5.0
 
 
+def _no_delay(transport: Any) -> None:
+    """
+    Replies and pushes are small and latency-bound: turn Nagle off (a quiet
+    recipient would otherwise hold them until its delayed ACK). Under TLS
+    the TCP transport is the one below the TLS protocol.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        set_nodelay = getattr(candidate, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+            return
+
+
 class State(enum.Enum):
     AWAIT_AUTH = "await_auth"
     AUTHENTICATING = "authenticating"
@@ -103,6 +116,7 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
+        _no_delay(self.transport)
         self.transport.registerProducer(self, True)
         clock = self.gateway.clock
         self._last_activity = clock.seconds()
