@@ -1,0 +1,157 @@
+"""``python -m bench <scenario> [options]``: see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import plot, runner
+
+
+def _server_options(p: argparse.ArgumentParser, target_default: str | None = None) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument(
+        "--stack",
+        choices=("embedded", "mysql-redis"),
+        default="embedded",
+        help="start an imserver of this kind (default: embedded)",
+    )
+    g.add_argument("--endpoint", help="drive a running server instead, e.g. tcp:127.0.0.1:7000")
+    g.add_argument("--pid", type=int, help="the running server's pid (for /proc)")
+    g.add_argument("--secret", help="the running server's [auth].secret (to mint tokens)")
+    g.add_argument("--http-port", type=int, help="the running server's HTTP port (for /metrics)")
+    g.add_argument(
+        "--extra-pid",
+        action="append",
+        metavar="NAME=PID",
+        help="another process to measure (e.g. mariadb=1234); repeatable",
+    )
+    g.add_argument(
+        "--backlog",
+        type=int,
+        help="listen backlog of the servers the tool starts (default: Twisted's, 50)",
+    )
+    if target_default:
+        g.add_argument(
+            "--relay-nodelay",
+            action="store_true",
+            help="TCP_NODELAY on the relay's connections (default: off, like imserver)",
+        )
+        g.add_argument(
+            "--target",
+            choices=("imserver", "relay", "both"),
+            default=target_default,
+            help=f"imserver, the baseline relay, or both (default: {target_default})",
+        )
+    o = p.add_argument_group("output")
+    o.add_argument("--results-dir", default=runner.RESULTS_DIR)
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pairs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=int, default=50, help="sender/recipient pairs (default 50)")
+    p.add_argument(
+        "--window", type=int, default=10, help="messages in flight per sender (default 10)"
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
+    p.add_argument("--pad", type=int, default=0, help="extra body characters per message (0)")
+    p.add_argument("--workers", type=int, default=2, help="load worker processes (default 2)")
+    p.add_argument(
+        "--drain", type=float, default=15.0, help="max seconds to wait for stragglers (15)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench", description="imserver benchmarks")
+    sub = ap.add_subparsers(dest="scenario", required=True)
+
+    p = sub.add_parser("pairs", help="P pairs, closed loop (W in flight) or open loop (--rate)")
+    _pairs_options(p)
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: total offered msg/s (paced per sender; in flight still capped by W)",
+    )
+    _server_options(p, "both")
+
+    p = sub.add_parser("sweep", help="pairs open loop at several rates; plots")
+    _pairs_options(p)
+    p.set_defaults(duration=5.0)
+    p.add_argument("--rates", required=True, help="offered msg/s, comma separated")
+    _server_options(p, "both")
+
+    p = sub.add_parser("offline", help="queue N messages for offline users, then drain them")
+    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--messages", type=int, default=10000, help="total messages (default 10000)")
+    p.add_argument("--window", type=int, default=10, help="sends in flight per sender")
+    p.add_argument("--limit", type=int, default=500, help="sync page size (default 500)")
+    p.add_argument("--pad", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    _server_options(p)
+
+    p = sub.add_parser("idle", help="C idle connections with heartbeats: RSS and CPU")
+    p.add_argument("--connections", type=int, default=2000)
+    p.add_argument("--heartbeat", type=float, default=5.0, help="ping period, seconds (5)")
+    p.add_argument("--measure", type=float, help="heartbeat window (default max(3 periods, 10s))")
+    p.add_argument("--baseline", type=float, default=3.0, help="idle server window before (3s)")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS (2)")
+    p.add_argument("--workers", type=int, default=2, help="at least C/5000 are used")
+    _server_options(p, "imserver")
+
+    p = sub.add_parser("connect", help="C clients connect and authenticate at once")
+    p.add_argument("--clients", type=int, default=2000)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="connecting at a time per worker (default 0: all at once)",
+    )
+    p.add_argument("--workers", type=int, default=2)
+    _server_options(p, "imserver")
+
+    p = sub.add_parser("plot", help="redraw the plots of saved results")
+    p.add_argument("files", nargs="+")
+    return ap
+
+
+COMMANDS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "pairs": runner.cmd_pairs,
+    "sweep": runner.cmd_sweep,
+    "offline": runner.cmd_offline,
+    "idle": runner.cmd_idle,
+    "connect": runner.cmd_connect,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.scenario == "plot":
+        for path in args.files:
+            for png in plot.plot_file(path) or ["(nothing to plot for this scenario)"]:
+                print(png)
+        return 0
+    try:
+        result = COMMANDS[args.scenario](args)
+    except runner.BenchError as e:
+        runner.log(f"\nbench failed: {e}")
+        return 2
+    path = runner.save(result, args.results_dir)
+    for line in runner.summary_lines(result):
+        print(line)
+    print(f"results: {os.path.relpath(path)}")
+    if args.scenario in ("sweep", "pairs"):
+        try:
+            for png in plot.plot_result(result, os.path.splitext(path)[0]):
+                print(f"plot: {os.path.relpath(png)}")
+        except ImportError as e:
+            runner.log(f"no plot ({e})")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""
+The server's Prometheus metrics over a measurement window: scrape
+C{/metrics} before and after, keep the difference of the histograms and
+counters that explain the results (commit and push latency, batch sizes, SQL
+stages, messages and errors).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+HISTOGRAMS = (
+    "imserver_send_to_commit_seconds",
+    "imserver_send_to_push_seconds",
+    "imserver_batch_size",
+    "imserver_sql_seconds",
+)
+COUNTERS = ("imserver_messages_total", "imserver_errors_total", "imserver_auths_total")
+
+
+def scrape(http_port: int | None, timeout: float = 3.0) -> Samples | None:
+    if not http_port:
+        return None
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http_port}/metrics", timeout=timeout
+        ) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float, interpolate: bool) -> float | None:
+    """
+    The q-th observation: interpolated inside its bucket (latencies), or the
+    bucket's upper bound (batch sizes, which are integers: "at most").
+    """
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return prev_bound
+            if not interpolate:
+                return bound
+            span = count - prev_count
+            frac = (rank - prev_count) / span if span else 1.0
+            return prev_bound + (bound - prev_bound) * frac
+        prev_bound, prev_count = bound, count
+    return prev_bound
+
+
+def window(before: Samples | None, after: Samples | None) -> dict[str, Any] | None:
+    """Histograms (count, mean, p50, p99) and counters accumulated between two scrapes."""
+    if before is None or after is None:
+        return None
+    diff = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out: dict[str, Any] = {}
+    for name in HISTOGRAMS:
+        series: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+        for (sample, labels), value in diff.items():
+            if not sample.startswith(name):
+                continue
+            rest = tuple((k, v) for k, v in labels if k != "le")
+            entry = series.setdefault(rest, {"buckets": []})
+            if sample == name + "_bucket":
+                entry["buckets"].append((float(dict(labels)["le"]), value))
+            elif sample == name + "_count":
+                entry["count"] = value
+            elif sample == name + "_sum":
+                entry["sum"] = value
+        for labels, entry in sorted(series.items()):
+            count = entry.get("count", 0.0)
+            if not count:
+                continue
+            buckets = sorted(entry["buckets"])
+            key = name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+            seconds = name.endswith("_seconds")
+            scale = 1000.0 if seconds else 1.0
+            p50, p99 = _quantile(buckets, 0.5, seconds), _quantile(buckets, 0.99, seconds)
+            unit = "_ms" if seconds else "_at_most"
+            out[key] = {
+                "count": int(count),
+                ("mean_ms" if seconds else "mean"): round(entry.get("sum", 0.0) / count * scale, 3),
+                "p50" + unit: None if p50 is None else round(p50 * scale, 3),
+                "p99" + unit: None if p99 is None else round(p99 * scale, 3),
+            }
+    for name in COUNTERS:
+        for (sample, labels), value in sorted(diff.items()):
+            if sample == name and value:
+                key = name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+                out[key] = int(value)
+    return out

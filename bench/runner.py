@@ -1,0 +1,1132 @@
+"""
+The scenarios, parent side: start the load workers, run the measurement
+window, sample the server's /proc and /metrics around it, add the workers'
+results up, and write the result file.
+
+The parent is plain blocking Python (no reactor): it only reads the workers'
+JSON lines with a selector and sleeps until the window's edges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import selectors
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from bench import metrics, procstat, stats
+from bench.stacks import REPO, Target, external, start_imserver, start_relay
+
+RESULTS_DIR = os.path.join(REPO, "bench", "results")
+MAX_PER_WORKER = 5000  # connections: a process may open at most 20,000 files
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# -- progress --------------------------------------------------------------------
+
+
+class Progress:
+    """One status line on stderr, redrawn with C{\\r}."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.width = 0
+        self.last = 0.0
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < 0.25):
+            return
+        self.last = now
+        pad = max(0, self.width - len(text))
+        self.width = len(text)
+        sys.stderr.write("\r" + text + " " * pad)
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        self.width = 0
+
+
+def bar(fraction: float, width: int = 24) -> str:
+    filled = int(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+# -- workers --------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """C{python -m bench.worker SPEC} processes, spoken to in JSON lines."""
+
+    def __init__(self, specs: list[dict[str, Any]]) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.worker", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+            )
+            for spec in specs
+        ]
+        self.selector = selectors.DefaultSelector()
+        self.buffers = [b""] * len(self.procs)
+        self.progress: list[dict[str, Any]] = [{} for _ in self.procs]
+        self.results: list[dict[str, Any] | None] = [None] * len(self.procs)
+        self.events: list[list[dict[str, Any]]] = [[] for _ in self.procs]
+        for i, p in enumerate(self.procs):
+            assert p.stdout is not None
+            os.set_blocking(p.stdout.fileno(), False)
+            self.selector.register(p.stdout, selectors.EVENT_READ, i)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {f"worker{i}": p.pid for i, p in enumerate(self.procs)}
+
+    def send(self, cmd: Mapping[str, Any]) -> None:
+        line = json.dumps(cmd).encode() + b"\n"
+        for p in self.procs:
+            assert p.stdin is not None
+            if p.poll() is None:
+                p.stdin.write(line)
+                p.stdin.flush()
+
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.selector.select(max(0.0, timeout)):
+            i = key.data
+            data = os.read(key.fd, 1 << 20)
+            if not data:
+                self.selector.unregister(key.fileobj)
+                continue
+            lines = (self.buffers[i] + data).split(b"\n")
+            self.buffers[i] = lines.pop()
+            for line in lines:
+                if line.strip():
+                    self._event(i, json.loads(line))
+
+    def _event(self, i: int, event: dict[str, Any]) -> None:
+        ev = event.pop("ev")
+        if ev == "progress":
+            self.progress[i] = event
+        elif ev == "result":
+            self.results[i] = event
+            if "fatal" in event:
+                raise BenchError(f"worker {i}: {event['fatal']}")
+        else:
+            event["ev"] = ev
+            self.events[i].append(event)
+
+    def check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None and self.results[i] is None:
+                self.poll(0.1)
+                if self.results[i] is None:
+                    raise BenchError(f"worker {i} exited with status {p.returncode}")
+
+    def wait(
+        self, ev: str, timeout: float, tick: Callable[[], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Wait until every worker has emitted C{ev}; return those events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [next((e for e in es if e["ev"] == ev), None) for es in self.events]
+            found = [g for g in got if g is not None]
+            if len(found) == len(got):
+                for es, g in zip(self.events, found, strict=True):
+                    es.remove(g)
+                return found
+            if time.monotonic() > deadline:
+                raise BenchError(f"timed out after {timeout:.0f}s waiting for workers: {ev}")
+            self.poll(0.1)
+            self.check_alive()
+            if tick:
+                tick()
+
+    def sleep_until(self, t: float, tick: Callable[[], None] | None = None) -> None:
+        """Read the workers until C{time.monotonic() >= t}."""
+        while True:
+            left = t - time.monotonic()
+            if left <= 0:
+                return
+            self.poll(min(left, 0.1))
+            self.check_alive()
+            if tick:
+                tick()
+
+    def collect(self, timeout: float, tick: Callable[[], None] | None = None) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while any(r is None for r in self.results):
+            if time.monotonic() > deadline:
+                raise BenchError(f"timed out after {timeout:.0f}s waiting for worker results")
+            self.poll(0.1)
+            self.check_alive()
+            if tick:
+                tick()
+        return list(self.results)
+
+    def total(self, key: str) -> float:
+        return sum(p.get(key, 0) for p in self.progress)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None and not p.stdin.closed:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.selector.close()
+
+
+@contextmanager
+def workers(specs: list[dict[str, Any]]) -> Iterator[WorkerPool]:
+    pool = WorkerPool(specs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def split(n: int, parts: int) -> list[int]:
+    """n items over `parts` workers, as evenly as possible (no empty part)."""
+    parts = max(1, min(parts, n)) if n else 1
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+class Uids:
+    """Fresh uids for every run: a random base far from real users and from other runs."""
+
+    def __init__(self) -> None:
+        self.next = random.randrange(10**6, 10**12) * 10**6
+
+    def take(self, n: int) -> list[int]:
+        first, self.next = self.next, self.next + n
+        return list(range(first, first + n))
+
+
+def ns(t: float) -> int:
+    return int(t * 1e9)
+
+
+# -- machine, windows, costs --------------------------------------------------------------
+
+
+def cpu_busy() -> tuple[float, float]:
+    """(busy, softirq + irq) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    idle = fields[3] + fields[4]
+    steal = fields[7] if len(fields) > 7 else 0
+    guest = sum(fields[8:10])  # already counted in user and nice
+    busy = sum(fields) - idle - steal - guest
+    return float(busy), float(fields[5] + fields[6])
+
+
+def listen_drops() -> dict[str, int]:
+    """The kernel's (machine-wide) counters of connections refused by full listen queues."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            for key in ("ListenOverflows", "ListenDrops"):
+                out[key] = int(table.get(key, 0))
+    return out
+
+
+def calibrate() -> dict[str, float]:
+    """A rough speed of this machine for the per-message work: msgpack round
+    trips of a push frame and a plain Python loop."""
+    import msgpack
+
+    frame = {"t": "msg", "msg_id": 493692073500680, "session_id": 493692073500681,
+             "from": 1, "to": 2, "cid": "0000002a", "type": "text",
+             "body": {"q": 42, "s": 123456789012}, "ts": 1764400000000,
+             "sender": {"nickname": "", "avatar": ""}, "unread": 3, "total_unread": 7}  # fmt: skip
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        msgpack.unpackb(msgpack.packb(frame), raw=False)
+    rt = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(200000):
+        x += i & 7
+    loop = (time.perf_counter() - t0) / 200000 * 1e9
+    return {"msgpack_roundtrip_us": round(rt, 2), "python_loop_ns": round(loop, 1)}
+
+
+def machine_info() -> dict[str, Any]:
+    import msgpack
+
+    import twisted
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = ""
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "twisted": twisted.__version__,
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "reactor": "epoll",
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "repo": commit,
+        "calibration": calibrate(),
+    }
+
+
+class Window:
+    """/proc samples of the measured processes (and the machine) around a window."""
+
+    def __init__(self, pids: Mapping[str, int], http_port: int | None = None) -> None:
+        self.pids = dict(pids)
+        self.http_port = http_port
+
+    def begin(self) -> None:
+        self.metrics0 = metrics.scrape(self.http_port)
+        self.t0 = time.monotonic()
+        self.proc0 = procstat.sample_all(self.pids)
+        self.machine0 = cpu_busy()
+        self.drops0 = listen_drops()
+
+    def end(self) -> dict[str, Any]:
+        self.t1 = time.monotonic()
+        proc1 = procstat.sample_all(self.pids)
+        machine1 = cpu_busy()
+        drops1 = listen_drops()
+        metrics1 = metrics.scrape(self.http_port)
+        seconds = self.t1 - self.t0
+        procs = procstat.delta(self.proc0, proc1, seconds)
+        busy = (machine1[0] - self.machine0[0]) / procstat.CLOCK_TICKS
+        irq = (machine1[1] - self.machine0[1]) / procstat.CLOCK_TICKS
+        ours = sum(p["cpu_s"] for p in procs.values())
+        per_s = 1 / seconds if seconds > 0 else 0.0
+        self.result = {
+            "seconds": round(seconds, 3),
+            "procs": procs,
+            "machine_busy_cores": round(busy * per_s, 3),
+            # Interrupt time: mostly the loopback network stack of this very run.
+            "irq_cores": round(irq * per_s, 3),
+            # CPU of processes we do not measure: a noisy neighbour (another
+            # session's benchmark) shows up here.
+            "other_cores": round(max(0.0, busy - irq - ours) * per_s, 3),
+            # Machine-wide: SYNs dropped because a listen queue was full.
+            "listen_overflows": {k: v - self.drops0.get(k, 0) for k, v in drops1.items()},
+            "metrics": metrics.window(self.metrics0, metrics1),
+        }
+        return self.result
+
+
+def warnings(window: dict[str, Any]) -> list[str]:
+    """Reasons not to trust a window's numbers as the server's own."""
+    out = []
+    cores = os.cpu_count() or 1
+    if window["other_cores"] > 0.25:
+        out.append(
+            f"other processes used {window['other_cores']:.2f} cores during the window "
+            "(another benchmark?): rerun on a quiet machine"
+        )
+    if window["machine_busy_cores"] > 0.9 * cores:
+        out.append(
+            f"the machine was {window['machine_busy_cores']:.2f}/{cores} cores busy: "
+            "throughput may be the machine's, not the server's"
+        )
+    for name, p in sorted(window["procs"].items()):
+        if name.startswith("worker") and p["cores"] > 0.85:
+            out.append(f"{name} used {p['cores']:.2f} cores: the load generator may be the limit")
+    return out
+
+
+def costs(window: dict[str, Any], per: float, unit: str = "cpu_ms_per_1k_msgs") -> dict[str, Any]:
+    """CPU per 1,000 units (delivered messages, auths) for each measured process."""
+    out: dict[str, Any] = {}
+    workers_cpu = workers_cores = 0.0
+    for name, p in window["procs"].items():
+        if name.startswith("worker"):
+            workers_cpu += p["cpu_s"]
+            workers_cores += p["cores"]
+            continue
+        entry = dict(p)
+        entry[unit] = round(p["cpu_s"] * 1000 / (per / 1000), 3) if per else None
+        out[name] = entry
+    out["workers"] = {
+        "cpu_s": round(workers_cpu, 3),
+        "cores": round(workers_cores, 3),
+        "per_worker_cores": [
+            p["cores"] for n, p in sorted(window["procs"].items()) if n.startswith("worker")
+        ],
+    }
+    return out
+
+
+# -- targets ----------------------------------------------------------------------------
+
+
+def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None = None) -> Target:
+    if args.endpoint:
+        if not args.pid or not args.secret:
+            raise BenchError("--endpoint needs --pid and --secret")
+        extra = dict(kv.split("=", 1) for kv in args.extra_pid or [])
+        return external(
+            args.endpoint,
+            args.pid,
+            args.secret,
+            args.http_port,
+            {k: int(v) for k, v in extra.items()},
+        )
+    log(f"starting imserver ({args.stack}) ...")
+    try:
+        return start_imserver(args.stack, sections, args.backlog)
+    except Exception as e:
+        raise BenchError(f"could not start imserver ({args.stack}): {e}") from e
+
+
+def relay_target(args: Any, secret: str) -> Target:
+    return start_relay(
+        secret or "bench-relay-secret-0123456789-abcdefgh",
+        args.backlog,
+        getattr(args, "relay_nodelay", False),
+    )
+
+
+def save(result: dict[str, Any], results_dir: str) -> str:
+    os.makedirs(results_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = os.path.join(results_dir, f"{result['scenario']}-{stamp}.json")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(results_dir, f"{result['scenario']}-{stamp}-{n}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=False)
+        f.write("\n")
+    return path
+
+
+def base_result(scenario: str, args: Any, params: dict[str, Any]) -> dict[str, Any]:
+    params.setdefault("backlog", getattr(args, "backlog", None))
+    params.setdefault("relay_nodelay", getattr(args, "relay_nodelay", False))
+    return {
+        "scenario": scenario,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": params,
+        "machine": machine_info(),
+    }
+
+
+# -- pairs --------------------------------------------------------------------------------
+
+
+def run_pairs(
+    target: Target, params: dict[str, Any], uids: Uids, progress: Progress, label: str
+) -> dict[str, Any]:
+    """One pairs run against one target; the numbers of that target."""
+    p, w = params["pairs"], params["workers"]
+    rate = params.get("rate")
+    specs = []
+    for n in split(p, w):
+        specs.append(
+            {
+                "scenario": "pairs",
+                "endpoint": target.endpoint,
+                "secret": target.secret,
+                "uids": uids.take(2 * n),
+                "window": params["window"],
+                "rate_per_sender": rate / p if rate else 0,
+                "pad": params["pad"],
+                "drain_s": params["drain_s"],
+                "bind": params.get("bind"),
+            }
+        )
+    duration, warmup = params["duration"], params["warmup"]
+    with workers(specs) as pool:
+        pool.wait("ready", 120, lambda: progress.show(f"[{label}] connecting"))
+        t_warm = time.monotonic() + 0.3
+        t_start = t_warm + warmup
+        t_end = t_start + duration
+        times = {"t_warm": ns(t_warm), "t_start": ns(t_start), "t_end": ns(t_end)}
+        pool.send({"cmd": "start", **times})
+        window = Window({**target.pids, **pool.pids}, target.http_port)
+        rate_state = {"t": time.monotonic(), "n": 0.0, "rate": 0.0}
+        timeline: list[tuple[float, float]] = []
+
+        def tick() -> None:
+            now = time.monotonic()
+            delivered = pool.total("delivered")
+            if now - rate_state["t"] >= 1.0:
+                rate_state["rate"] = (delivered - rate_state["n"]) / (now - rate_state["t"])
+                rate_state["t"], rate_state["n"] = now, delivered
+                timeline.append((round(now - t_start, 2), round(rate_state["rate"], 1)))
+            if now < t_start:
+                phase = "warm-up"
+            elif now < t_end:
+                phase = "measuring"
+            else:
+                phase = "draining"
+            elapsed = now - t_warm
+            progress.show(
+                f"[{label}] {bar(elapsed / (t_end - t_warm))} {elapsed:5.1f}/"
+                f"{t_end - t_warm:.0f}s {phase:9} {rate_state['rate']:9.0f} msg/s  "
+                f"delivered {int(delivered)}  errors {int(pool.total('errors'))}"
+            )
+
+        pool.sleep_until(t_start, tick)
+        window.begin()
+        pool.sleep_until(t_end, tick)
+        win = window.end()
+        results = pool.collect(params["drain_s"] + 60, tick)
+    progress.done()
+    out = summarize_pairs(results, win, params, target)
+    # Delivered msg/s per second of the run (from the workers' progress reports;
+    # negative times are the warm-up): a server that slows down shows here.
+    out["timeline"] = timeline
+    return out
+
+
+def summarize_pairs(
+    results: list[dict[str, Any]], win: dict[str, Any], params: dict[str, Any], target: Target
+) -> dict[str, Any]:
+    def total(key: str) -> int:
+        return sum(r[key] for r in results)
+
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    duration = win["seconds"]
+    in_window = total("delivered_in_window")
+    verify = {
+        "sent": total("sent"),
+        "ok": total("ok"),
+        "expected": total("expected"),
+        "delivered": total("delivered"),
+        "delivered_unique": total("unique"),
+        "duplicates": total("duplicates"),
+        "missing": total("missing"),
+        "reorders": total("reorders"),
+        "unexpected": total("unexpected"),
+        "no_reply": total("no_reply"),
+        "failed_sends": total("failed"),
+        "dup_flags": total("dup_flags"),
+        "acks_sent": total("acks_sent"),
+        "acks_ok": total("acks_ok"),
+    }
+    verify["exactly_once_in_order"] = (
+        verify["duplicates"] == verify["missing"] == verify["reorders"] == 0
+        and verify["unexpected"] == verify["no_reply"] == 0
+        and verify["delivered_unique"] == verify["expected"]
+    )
+    out: dict[str, Any] = {
+        "target": target.describe(),
+        "throughput": {
+            "offered_msg_s": params.get("rate"),
+            "delivered_msg_s": round(in_window / duration, 1),
+            "delivered_in_window": in_window,
+            "window_s": duration,
+            "backlog_at_end": total("backlog_at_end"),
+        },
+        "latency": {
+            "send_to_ok": stats.summary(stats.merge(r["lat_ok"] for r in results)),
+            "send_to_push": stats.summary(stats.merge(r["lat_push"] for r in results)),
+        },
+        "errors": dict(errors),
+        "verify": verify,
+        "cost": costs(win, in_window),
+        "machine_busy_cores": win["machine_busy_cores"],
+        "irq_cores": win["irq_cores"],
+        "other_cores": win["other_cores"],
+        "workers_cpu_total_s": [r["worker_cpu_s"] for r in results],
+        "warnings": warnings(win),
+        "server_metrics": win["metrics"],
+    }
+    return out
+
+
+def ratio(imserver: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
+    def div(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    i_cost = imserver["cost"]["server"].get("cpu_ms_per_1k_msgs")
+    r_cost = relay["cost"]["server"].get("cpu_ms_per_1k_msgs")
+    i_lat, r_lat = imserver["latency"]["send_to_push"], relay["latency"]["send_to_push"]
+    return {
+        "throughput": div(
+            imserver["throughput"]["delivered_msg_s"], relay["throughput"]["delivered_msg_s"]
+        ),
+        "server_cpu_per_msg": div(i_cost, r_cost),
+        "push_p50": div(i_lat.get("p50_ms"), r_lat.get("p50_ms")),
+        "push_p99": div(i_lat.get("p99_ms"), r_lat.get("p99_ms")),
+        "meaning": "imserver / relay: throughput below 1 is slower, CPU per message above "
+        "1 costs more, latency above 1 is slower",
+    }
+
+
+def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
+    return {
+        "pairs": args.pairs,
+        "window": args.window,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "rate": rate if rate is not None else getattr(args, "rate", None),
+        "mode": "open" if (rate or getattr(args, "rate", None)) else "closed",
+        "pad": args.pad,
+        "workers": args.workers,
+        "drain_s": args.drain,
+        "stack": "none (relay only)"
+        if args.target == "relay"
+        else ("external" if args.endpoint else args.stack),
+        "target": args.target,
+    }
+
+
+def cmd_pairs(args: Any) -> dict[str, Any]:
+    params = pairs_params(args)
+    result = base_result("pairs", args, params)
+    result["targets"] = {}
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    secret = args.secret or ""
+    if args.target in ("imserver", "both"):
+        target = imserver_target(args)
+        secret = target.secret
+        try:
+            result["targets"]["imserver"] = run_pairs(target, params, uids, progress, "imserver")
+        finally:
+            target.stop()
+    if args.target in ("relay", "both"):
+        relay = relay_target(args, secret)
+        try:
+            result["targets"]["relay"] = run_pairs(relay, params, uids, progress, "relay")
+        finally:
+            relay.stop()
+    if len(result["targets"]) == 2:
+        result["ratio_to_relay"] = ratio(result["targets"]["imserver"], result["targets"]["relay"])
+    return result
+
+
+# -- sweep ------------------------------------------------------------------------------------
+
+
+def cmd_sweep(args: Any) -> dict[str, Any]:
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    params = pairs_params(args)
+    params.update(rates=rates, mode="open")
+    result = base_result("sweep", args, params)
+    result["points"] = []
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    targets: list[Target] = []
+    try:
+        if args.target in ("imserver", "both"):
+            targets.append(imserver_target(args))
+        if args.target in ("relay", "both"):
+            targets.append(relay_target(args, targets[0].secret if targets else ""))
+        for rate in rates:
+            point: dict[str, Any] = {"offered_msg_s": rate}
+            for target in targets:
+                point[target.name] = run_pairs(
+                    target,
+                    pairs_params(args, rate),
+                    uids,
+                    progress,
+                    f"{target.name} @ {rate:.0f}/s",
+                )
+                log(f"  {target.name} @ {rate:.0f}/s: {line_pairs(point[target.name])}")
+            result["points"].append(point)
+    finally:
+        for t in targets:
+            t.stop()
+    return result
+
+
+# -- offline ------------------------------------------------------------------------------------
+
+
+def cmd_offline(args: Any) -> dict[str, Any]:
+    p, n = args.pairs, args.messages
+    params = {
+        "pairs": p,
+        "messages": n,
+        "window": args.window,
+        "limit": args.limit,
+        "pad": args.pad,
+        "workers": args.workers,
+        "stack": "external" if args.endpoint else args.stack,
+    }
+    result = base_result("offline", args, params)
+    per_pair = split(n, p) if n >= p else [1] * n
+    target = imserver_target(args)
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    try:
+        specs = []
+        i = 0
+        for k in split(len(per_pair), args.workers):
+            specs.append(
+                {
+                    "scenario": "offline",
+                    "endpoint": target.endpoint,
+                    "secret": target.secret,
+                    "uids": uids.take(2 * k),
+                    "counts": per_pair[i : i + k],
+                    "window": args.window,
+                    "limit": args.limit,
+                    "pad": args.pad,
+                }
+            )
+            i += k
+        with workers(specs) as pool:
+            t0 = time.monotonic()
+
+            def tick(phase: str, key: str, total: int) -> Callable[[], None]:
+                def show() -> None:
+                    done = pool.total(key)
+                    el = time.monotonic() - t0
+                    progress.show(
+                        f"[offline] {phase} {bar(done / max(total, 1))} {el:5.1f}s "
+                        f"{int(done)}/{total}  errors {int(pool.total('errors'))}"
+                    )
+
+                return show
+
+            pool.wait("ready", 120, lambda: progress.show("[offline] connecting"))
+            pids = {**target.pids, **pool.pids}
+            send_win = Window(pids, target.http_port)
+            send_win.begin()
+            t0 = time.monotonic()
+            pool.send({"cmd": "start"})
+            sent = pool.wait("sent", 600, tick("queueing", "ok", n))
+            t_sent = max(e["t"] for e in sent) / 1e9
+            sending = send_win.end()
+            drain_win = Window(pids, target.http_port)
+            drain_win.begin()
+            t_drain = time.monotonic()
+            pool.send({"cmd": "drain"})
+            drained = pool.wait("drained", 600, tick("draining", "drained", n))
+            t_drained = max(e["t"] for e in drained) / 1e9
+            draining = drain_win.end()
+            pool.send({"cmd": "stop"})
+            results = pool.collect(60)
+        progress.done()
+    finally:
+        target.stop()
+
+    def total(key: str) -> int:
+        return sum(r[key] for r in results)
+
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    queue_s = t_sent - send_win.t0
+    drain_s = t_drained - t_drain
+    verify = {
+        k: total(k)
+        for k in (
+            *("sent", "ok", "failed", "expected", "drained", "unique", "duplicates"),
+            *("reorders", "missing", "pushes_during_drain"),
+        )
+    }
+    verify["exactly_once_in_order"] = (
+        verify["unique"] == verify["expected"] == verify["ok"]
+        and verify["duplicates"] == verify["reorders"] == verify["missing"] == 0
+    )
+    result["targets"] = {
+        "imserver": {
+            "target": target.describe(),
+            "queue": {
+                "seconds": round(queue_s, 3),
+                "msg_s": round(total("ok") / queue_s, 1) if queue_s > 0 else None,
+                "cost": costs(sending, total("ok")),
+                "warnings": warnings(sending),
+                "server_metrics": sending["metrics"],
+            },
+            "drain": {
+                "seconds": round(drain_s, 3),
+                "drained_msg_s": round(total("unique") / drain_s, 1) if drain_s > 0 else None,
+                "cost": costs(draining, total("unique")),
+                "warnings": warnings(draining),
+                "other_cores": draining["other_cores"],
+                "server_metrics": draining["metrics"],
+            },
+            "errors": dict(errors),
+            "verify": verify,
+        }
+    }
+    return result
+
+
+# -- idle ---------------------------------------------------------------------------------------
+
+
+def bind_addresses(connections: int) -> list[str]:
+    """Loopback source addresses 127.0.0.2..: about 28k ephemeral ports each."""
+    return [f"127.0.0.{2 + i}" for i in range(max(2, math.ceil(connections / 10000)))]
+
+
+def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
+    c = args.connections
+    heartbeat = args.heartbeat
+    nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
+    measure = args.measure or max(3 * heartbeat, 10.0)
+    label = f"[idle {target.name}]"
+    bind = bind_addresses(c)
+    specs = [
+        {
+            "scenario": "idle",
+            "endpoint": target.endpoint,
+            "secret": target.secret,
+            "uids": uids.take(k),
+            "heartbeat": heartbeat,
+            "bind": bind,
+            "concurrency": 25,
+        }
+        for k in split(c, nworkers)
+    ]
+    with workers(specs) as pool:
+        pool.wait("ready", 300, lambda: progress.show(f"{label} minting tokens"))
+        server_pids = dict(target.pids)
+        base = Window(server_pids, None)
+        base.begin()
+        time.sleep(args.baseline)
+        baseline = base.end()
+        t0 = time.monotonic()
+        pool.send({"cmd": "connect"})
+        connected = pool.wait(
+            "connected",
+            600,
+            lambda: progress.show(
+                f"{label} connecting {bar(pool.total('connected') / c)} "
+                f"{int(pool.total('connected'))}/{c} {time.monotonic() - t0:5.1f}s  "
+                f"errors {int(pool.total('errors'))}"
+            ),
+        )
+        connect_s = time.monotonic() - t0
+        ok = sum(e["ok"] for e in connected)
+        pool.sleep_until(time.monotonic() + args.settle)
+        after_connect = procstat.sample_all(server_pids)
+        win = Window({**target.pids, **pool.pids}, target.http_port)
+        pool.send({"cmd": "mark"})
+        marks0 = pool.wait("mark", 30)
+        win.begin()
+        t_end = time.monotonic() + measure
+
+        def show() -> None:
+            left = t_end - time.monotonic()
+            progress.show(
+                f"{label} heartbeats {bar(1 - left / measure)} {ok} connections, "
+                f"{left:4.1f}s left  errors {int(pool.total('errors'))}"
+            )
+
+        pool.sleep_until(t_end, show)
+        loaded = win.end()
+        pool.send({"cmd": "mark"})
+        marks1 = pool.wait("mark", 30)
+        pool.send({"cmd": "stop"})
+        results = pool.collect(60)
+    progress.done()
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    server_before = baseline["procs"]["server"]
+    rss_before = server_before["rss_after_mb"]
+    after = after_connect["server"]
+    rss_after = after.rss_kb / 1024 if after else 0.0
+    pings = sum(m["pings"] for m in marks1) - sum(m["pings"] for m in marks0)
+    pongs = sum(m["pongs"] for m in marks1) - sum(m["pongs"] for m in marks0)
+    cpu_loaded = loaded["procs"]["server"]["cores"]
+    cpu_base = server_before["cores"]
+    heartbeat_cpu = max(0.0, cpu_loaded - cpu_base)
+    pings_s = pings / loaded["seconds"]
+    return {
+        "target": target.describe(),
+        "connections": ok,
+        "connect_s": round(connect_s, 3),
+        "server_rss_mb": {"before": rss_before, "after": round(rss_after, 1)},
+        "rss_kb_per_connection": round((rss_after - rss_before) * 1024 / ok, 2) if ok else None,
+        "server_cpu": {
+            "idle_no_connections_cores": cpu_base,
+            "with_heartbeats_cores": cpu_loaded,
+            "heartbeat_ms_per_s": round(heartbeat_cpu * 1000, 2),
+            "pings_per_s": round(pings_s, 1),
+            "pongs_per_s": round(pongs / loaded["seconds"], 1),
+            "us_per_ping": round(heartbeat_cpu * 1e6 / pings_s, 1) if pings else None,
+        },
+        "latency": {
+            "connect_auth": stats.summary(stats.merge(r["lat_connect"] for r in results)),
+            "tcp_connect": stats.summary(stats.merge(r["lat_tcp"] for r in results)),
+            "ping_rtt": stats.summary(stats.merge(r["lat_ping"] for r in results)),
+        },
+        "errors": dict(errors),
+        "cost": costs(loaded, pings, "cpu_ms_per_1k_pings"),
+        "warnings": warnings(loaded),
+        "other_cores": loaded["other_cores"],
+        "server_metrics": loaded["metrics"],
+    }
+
+
+def cmd_idle(args: Any) -> dict[str, Any]:
+    heartbeat = args.heartbeat
+    params = {
+        "connections": args.connections,
+        "heartbeat": heartbeat,
+        "measure_s": args.measure or max(3 * heartbeat, 10.0),
+        "baseline_s": args.baseline,
+        "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
+        "stack": "external" if args.endpoint else args.stack,
+        "target": args.target,
+    }
+    result = base_result("idle", args, params)
+    result["targets"] = {}
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    secret = ""
+    if args.target in ("imserver", "both"):
+        sections = {
+            "server": {
+                # The server accepts 1..3600; clients ping every `heartbeat` anyway.
+                "heartbeat_seconds": float(min(max(heartbeat, 1), 3600)),
+                "idle_timeout_seconds": float(max(3 * heartbeat, 30)),
+            }
+        }
+        target = imserver_target(args, sections)
+        secret = target.secret
+        try:
+            result["targets"]["imserver"] = run_idle(target, args, uids, progress)
+        finally:
+            target.stop()
+    if args.target in ("relay", "both"):
+        relay = relay_target(args, secret)
+        try:
+            result["targets"]["relay"] = run_idle(relay, args, uids, progress)
+        finally:
+            relay.stop()
+    return result
+
+
+# -- connect ---------------------------------------------------------------------------------------
+
+
+def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
+    c = args.clients
+    nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
+    specs = [
+        {
+            "scenario": "connect",
+            "endpoint": target.endpoint,
+            "secret": target.secret,
+            "uids": uids.take(k),
+            "concurrency": args.concurrency or k,
+            "bind": bind_addresses(c) if c > 10000 else None,
+        }
+        for k in split(c, nworkers)
+    ]
+    with workers(specs) as pool:
+        pool.wait("ready", 300, lambda: progress.show(f"[connect {target.name}] minting tokens"))
+        win = Window({**target.pids, **pool.pids}, target.http_port)
+        win.begin()
+        t_start = time.monotonic() + 0.2
+        pool.send({"cmd": "start", "t_start": ns(t_start)})
+        done = pool.wait(
+            "done",
+            300,
+            lambda: progress.show(
+                f"[connect {target.name}] {bar(pool.total('connected') / c)} "
+                f"{int(pool.total('connected'))}/{c} {time.monotonic() - t_start:5.1f}s  "
+                f"errors {int(pool.total('errors'))}"
+            ),
+        )
+        loaded = win.end()
+        pool.send({"cmd": "stop"})
+        results = pool.collect(60)
+    progress.done()
+    ok = sum(e["ok"] for e in done)
+    last = max(r["last_done"] for r in results) / 1e9
+    elapsed = last - t_start
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    return {
+        "target": target.describe(),
+        "clients": c,
+        "ok": ok,
+        "seconds": round(elapsed, 3),
+        "auths_per_s": round(ok / elapsed, 1) if elapsed > 0 else None,
+        "latency": {
+            "connect_auth": stats.summary(stats.merge(r["lat_connect"] for r in results)),
+            "tcp_connect": stats.summary(stats.merge(r["lat_tcp"] for r in results)),
+        },
+        "listen_overflows": loaded["listen_overflows"],
+        "warnings": warnings(loaded),
+        "errors": dict(errors),
+        "cost": costs(loaded, ok, "cpu_ms_per_1k_auths"),
+        "other_cores": loaded["other_cores"],
+        "server_metrics": loaded["metrics"],
+    }
+
+
+def cmd_connect(args: Any) -> dict[str, Any]:
+    params = {
+        "clients": args.clients,
+        "concurrency": args.concurrency or "all at once",
+        "workers": args.workers,
+        "stack": "external" if args.endpoint else args.stack,
+        "target": args.target,
+    }
+    result = base_result("connect", args, params)
+    result["targets"] = {}
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    secret = ""
+    if args.target in ("imserver", "both"):
+        target = imserver_target(args)
+        secret = target.secret
+        try:
+            result["targets"]["imserver"] = run_connect(target, args, uids, progress)
+        finally:
+            target.stop()
+    if args.target in ("relay", "both"):
+        relay = relay_target(args, secret)
+        try:
+            result["targets"]["relay"] = run_connect(relay, args, uids, progress)
+        finally:
+            relay.stop()
+    return result
+
+
+# -- one-line summaries --------------------------------------------------------------------------
+
+
+def line_pairs(t: dict[str, Any]) -> str:
+    th, lat, v = t["throughput"], t["latency"], t["verify"]
+    ok, push = lat["send_to_ok"], lat["send_to_push"]
+    server = t["cost"]["server"]
+    return (
+        f"{th['delivered_msg_s']:.0f} msg/s delivered; send->ok p50 {ok.get('p50_ms')} "
+        f"p99 {ok.get('p99_ms')} ms; send->push p50 {push.get('p50_ms')} p99 "
+        f"{push.get('p99_ms')} p99.9 {push.get('p99.9_ms')} ms; server "
+        f"{server['cores']:.2f} cores, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
+        f"workers {t['cost']['workers']['cores']:.2f} cores; "
+        f"errors {sum(t['errors'].values())}; exactly once in order: "
+        f"{v['exactly_once_in_order']}"
+    )
+
+
+def _warning_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for w in node.get("warnings", []):
+                lines.append(f"warning ({where}): {w}")
+            for k, v in node.items():
+                if k != "warnings" and isinstance(v, dict | list):
+                    walk(v, f"{where}/{k}" if where else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(result.get("targets") or result.get("points"), "")
+    return lines
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = _warning_lines(result)
+    scenario = result["scenario"]
+    if scenario == "pairs":
+        for name, t in result["targets"].items():
+            lines.append(f"{name}: {line_pairs(t)}")
+        if "ratio_to_relay" in result:
+            r = result["ratio_to_relay"]
+            lines.append(
+                f"imserver/relay: throughput x{r['throughput']}, server CPU per message "
+                f"x{r['server_cpu_per_msg']}, push p50 x{r['push_p50']}, p99 x{r['push_p99']}"
+            )
+    elif scenario == "sweep":
+        for point in result["points"]:
+            for name in ("imserver", "relay"):
+                if name in point:
+                    offered = point["offered_msg_s"]
+                    lines.append(f"@{offered:.0f}/s {name}: {line_pairs(point[name])}")
+    elif scenario == "offline":
+        t = result["targets"]["imserver"]
+        lines.append(
+            f"queued {t['verify']['ok']} msgs at {t['queue']['msg_s']} msg/s; drained "
+            f"{t['verify']['unique']} at {t['drain']['drained_msg_s']} msg/s "
+            f"(server {t['drain']['cost']['server']['cpu_ms_per_1k_msgs']} CPU-ms/1k); "
+            f"errors {sum(t['errors'].values())}; exactly once in order: "
+            f"{t['verify']['exactly_once_in_order']}"
+        )
+    elif scenario == "idle":
+        for name, t in result["targets"].items():
+            cpu = t["server_cpu"]
+            lines.append(
+                f"{name}: {t['connections']} idle connections: {t['rss_kb_per_connection']} KiB "
+                f"RSS each ({t['server_rss_mb']['before']} -> {t['server_rss_mb']['after']} MiB); "
+                f"heartbeats {cpu['pings_per_s']} pings/s cost {cpu['heartbeat_ms_per_s']} "
+                f"CPU-ms/s ({cpu['us_per_ping']} us/ping); ping rtt p99 "
+                f"{t['latency']['ping_rtt'].get('p99_ms')} ms; errors {sum(t['errors'].values())}"
+            )
+    elif scenario == "connect":
+        for name, t in result["targets"].items():
+            lat = t["latency"]["connect_auth"]
+            lines.append(
+                f"{name}: {t['ok']}/{t['clients']} authenticated in {t['seconds']} s = "
+                f"{t['auths_per_s']} auths/s; connect+auth p50 {lat.get('p50_ms')} p99 "
+                f"{lat.get('p99_ms')} ms; server "
+                f"{t['cost']['server']['cpu_ms_per_1k_auths']} CPU-ms/1k auths; "
+                f"errors {sum(t['errors'].values())}"
+            )
+    return lines

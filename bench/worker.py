@@ -1,0 +1,1033 @@
+"""
+A load worker: ``python -m bench.worker '<spec json>'``.
+
+One Twisted reactor drives many client connections that speak only the wire
+protocol (L{bench.wire} frames, L{imserver.wire.framing.FrameDecoder}, msgpack).
+The parent talks to the worker in JSON lines:
+
+* worker -> parent (stdout): C{{"ev": "ready"}} once set up, C{{"ev":
+  "progress", ...}} every half second, scenario events, and finally C{{"ev":
+  "result", ...}};
+* parent -> worker (stdin): commands, C{{"cmd": "start", ...}} and friends.
+
+Times exchanged with the parent are CLOCK_MONOTONIC nanoseconds, which all
+processes on the machine share. The worker exits when its stdin closes, so it
+never outlives the parent.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+from twisted.internet import reactor as _reactor
+from twisted.internet import stdio
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from bench import stats, wire
+from imserver.wire.framing import FrameDecoder
+
+reactor: Any = _reactor
+monotonic_ns = time.monotonic_ns
+unpackb = msgpack.unpackb
+Frame = dict[str, Any]
+ACK_BATCH = 20
+ACK_INTERVAL = 0.010
+
+
+def mint_tokens(secret: str, uids: list[int]) -> list[str]:
+    from imserver.services.tokens import TokenService
+
+    tokens = TokenService(secret)
+    now = time.time()
+    return [tokens.mint(uid, now=now, ttl_seconds=6 * 3600) for uid in uids]
+
+
+# -- connections -----------------------------------------------------------------
+
+
+class Conn(Protocol):
+    """
+    A client connection: sends C{auth} on connect, then hands the frames of
+    each read to C{on_frames} once authenticated.
+    """
+
+    transport: Any
+
+    def __init__(self, uid: int, token: str) -> None:
+        self.uid = uid
+        self.token = token
+        self.decoder = FrameDecoder(1 << 24)
+        self.open = False
+        self.authed = False
+        self.started = self.connected_at = 0
+        self.ready: Deferred[Conn] = Deferred()
+        self.errors: Counter[str] = Counter()
+
+    def connectionMade(self) -> None:
+        self.open = True
+        self.connected_at = monotonic_ns()
+        self.transport.setTcpNoDelay(True)
+        self.transport.write(wire.auth_frame(self.token))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            bodies = self.decoder.feed(data)
+        except Exception:
+            self.errors["bad_framing"] += 1
+            self.transport.abortConnection()
+            return
+        if not self.authed:
+            while bodies and not self.authed and self.open:
+                self._auth_reply(unpackb(bodies.pop(0)))
+            if not self.authed:
+                return
+        if bodies:
+            self.on_frames(bodies)
+
+    def on_frames(self, bodies: list[bytes]) -> None:
+        """The frames of one read (all received at the same time)."""
+        for body in bodies:
+            self.on_frame(unpackb(body))
+
+    def _auth_reply(self, f: Frame) -> None:
+        if f.get("t") == "ok" and f.get("id") == 1:
+            self.authed = True
+            self.on_authed()
+            d, self.ready = self.ready, Deferred()
+            d.callback(self)
+        else:
+            self.errors[f"auth:{f.get('code', f.get('t'))}"] += 1
+            self.transport.abortConnection()
+
+    def on_authed(self) -> None:
+        pass
+
+    def on_frame(self, f: Frame) -> None:
+        if f.get("t") == "error":
+            self.errors[str(f.get("code"))] += 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.open = False
+        if not self.authed and not self.ready.called:
+            self.ready.errback(reason)
+        self.on_lost()
+
+    def on_lost(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.open:
+            self.transport.loseConnection()
+
+
+class Connector:
+    """Opens connections, at most C{concurrency} connecting at a time, over
+    several local source addresses (each gives its own range of ports)."""
+
+    def __init__(self, endpoint: str, bind: list[str] | None, concurrency: int) -> None:
+        self.endpoints: list[IStreamClientEndpoint] = [
+            clientFromString(reactor, f"{endpoint}:bindAddress={addr}") for addr in bind or []
+        ] or [clientFromString(reactor, endpoint)]
+        self.concurrency = max(1, concurrency)
+        self.latencies = array("q")  # connect call -> auth reply
+        self.tcp = array("q")  # connect call -> connection made
+        self.errors: Counter[str] = Counter()
+        self.first_start = 0
+        self.last_done = 0
+
+    def open_all(self, conns: Sequence[Conn]) -> Deferred[list[Conn]]:
+        """Connect and authenticate all; fire with those that made it."""
+        done: Deferred[list[Conn]] = Deferred()
+        todo = list(reversed(conns))
+        ok: list[Conn] = []
+        state = {"running": 0, "index": 0}
+        if not conns:
+            done.callback(ok)
+            return done
+
+        def finished(_: Any) -> None:
+            state["running"] -= 1
+            launch()
+            if not todo and not state["running"] and not done.called:
+                done.callback(ok)
+
+        def authed(conn: Conn) -> Conn:
+            now = monotonic_ns()
+            self.latencies.append(now - conn.started)
+            self.tcp.append(conn.connected_at - conn.started)
+            self.last_done = max(self.last_done, now)
+            ok.append(conn)
+            return conn
+
+        def failed(f: Failure) -> None:
+            self.errors[f"connect:{type(f.value).__name__}"] += 1
+
+        def launch() -> None:
+            while todo and state["running"] < self.concurrency:
+                conn = todo.pop()
+                state["running"] += 1
+                ep = self.endpoints[state["index"] % len(self.endpoints)]
+                state["index"] += 1
+                conn.started = monotonic_ns()
+                if not self.first_start:
+                    self.first_start = conn.started
+                d: Deferred[Any] = ep.connect(_factory(conn))
+                d.addCallback(_authenticated, conn)
+                d.addCallbacks(authed, failed)
+                d.addBoth(finished)
+
+        launch()
+        return done
+
+
+class _OneFactory(Factory):
+    noisy = False
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> Conn:
+        return self.conn
+
+
+def _authenticated(_: object, conn: Conn) -> Deferred[Conn]:
+    """Once connected: wait for the auth reply."""
+    return conn.ready
+
+
+def _factory(conn: Conn) -> Factory:
+    return _OneFactory(conn)
+
+
+def total_errors(conns: list[Conn], extra: Counter[str] | None = None) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for c in conns:
+        out.update(c.errors)
+    if extra:
+        out.update(extra)
+    return out
+
+
+# -- pairs: senders and recipients ---------------------------------------------------
+
+
+class Sender(Conn):
+    """Sends numbered messages to its recipient, at most C{window} in flight."""
+
+    def __init__(self, run: Pairs, index: int, uid: int, token: str, to: int) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.index = index
+        self.build = wire.send_builder(to, run.pad)
+        self.window = run.window
+        self.seq = 0
+        self.inflight: dict[int, int] = {}
+        self.ok = 0
+        self.dup_flags = 0
+        self.failed: set[int] = set()
+        self.sending = False
+        # open loop
+        self.next_t = 0
+        self.interval = 0
+        self.blocked = False
+
+    def pump(self) -> None:
+        """Closed loop: keep C{window} in flight (one write for all)."""
+        inflight = self.inflight
+        free = self.window - len(inflight)
+        if free <= 0 or not self.sending:
+            return
+        build = self.build
+        seq = self.seq
+        now = monotonic_ns()
+        out = []
+        for _ in range(free):
+            inflight[seq] = now
+            out.append(build(seq, now))
+            seq += 1
+        self.seq = seq
+        self.transport.write(b"".join(out))
+
+    def due(self, now: int) -> None:
+        """Open loop: send what is scheduled by now, as the window allows."""
+        run = self.run
+        end = run.t_end
+        inflight = self.inflight
+        window = self.window
+        build = self.build
+        t = self.next_t
+        seq = self.seq
+        out = []
+        while t <= now and t < end and len(inflight) < window:
+            inflight[seq] = t
+            out.append(build(seq, t))
+            seq += 1
+            t += self.interval
+        self.next_t, self.seq = t, seq
+        if out:
+            self.transport.write(b"".join(out))
+        if t >= end or not self.sending:
+            self.blocked = False
+        elif t <= now:
+            self.blocked = True
+        else:
+            self.blocked = False
+            heapq.heappush(run.heap, (t, self.index, self))
+
+    def on_frames(self, bodies: list[bytes]) -> None:
+        now = monotonic_ns()
+        run = self.run
+        t_start = run.t_start
+        lat = run.lat_ok
+        inflight = self.inflight
+        for body in bodies:
+            f = unpackb(body)
+            t = f["t"]
+            if t == "ok":
+                sent = inflight.pop(f["id"], None)
+                if sent is None:
+                    self.errors["unexpected_reply"] += 1
+                    continue
+                self.ok += 1
+                if f.get("dup"):
+                    self.dup_flags += 1
+                if sent >= t_start:
+                    lat.append(now - sent)
+            elif t == "error":
+                seq = f.get("id")
+                self.errors[str(f.get("code"))] += 1
+                if seq is not None and inflight.pop(seq, None) is not None:
+                    self.failed.add(seq)
+        if run.open_loop:
+            if self.blocked:
+                self.due(now)
+        else:
+            self.pump()
+
+    def on_lost(self) -> None:
+        if self.run.phase in ("sending", "draining"):
+            self.errors["disconnected"] += 1
+
+
+class Recipient(Conn):
+    """Receives pushes, checks them against the sequence, acks in small batches."""
+
+    def __init__(self, run: Pairs, uid: int, token: str) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.seen = bytearray(1024)
+        self.max_q = -1
+        self.unique = 0
+        self.duplicates = 0
+        self.reorders = 0
+        self.pending_acks: list[int] = []
+        self.ack_id = 1
+        self.acks_out = 0
+        self.acks_ok = 0
+
+    def on_frames(self, bodies: list[bytes]) -> None:
+        now = monotonic_ns()
+        run = self.run
+        t_start = run.t_start
+        in_window = t_start <= now <= run.t_end
+        lat = run.lat_push
+        seen = self.seen
+        acks = self.pending_acks
+        was_empty = not acks
+        for body in bodies:
+            f = unpackb(body)
+            t = f["t"]
+            if t == "msg":
+                b = f["body"]
+                q = b["q"]
+                sent = b["s"]
+                if sent >= t_start:
+                    lat.append(now - sent)
+                run.delivered += 1
+                if in_window:
+                    run.in_window += 1
+                if q >= len(seen):
+                    seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
+                if seen[q]:
+                    self.duplicates += 1
+                else:
+                    seen[q] = 1
+                    self.unique += 1
+                    if q < self.max_q:
+                        self.reorders += 1
+                    else:
+                        self.max_q = q
+                acks.append(f["msg_id"])
+            elif t == "ok":
+                self.acks_ok += 1
+            elif t == "error":
+                self.errors[f"ack:{f.get('code')}"] += 1
+        if len(acks) >= ACK_BATCH:
+            self.flush_acks()
+        elif acks and was_empty:
+            run.ack_dirty.append(self)
+
+    def flush_acks(self) -> None:
+        """Ack what arrived, C{ACK_BATCH} ids per request, in one write."""
+        acks = self.pending_acks
+        if acks and self.open:
+            out = []
+            for i in range(0, len(acks), ACK_BATCH):
+                self.ack_id += 1
+                self.acks_out += 1
+                out.append(wire.ack_frame(self.ack_id, acks[i : i + ACK_BATCH]))
+            self.transport.write(b"".join(out))
+        self.pending_acks = []
+
+    def on_lost(self) -> None:
+        if self.run.phase in ("sending", "draining"):
+            self.errors["disconnected"] += 1
+
+
+class Scenario:
+    """What a worker runs; subclasses implement the scenario."""
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        self.worker = worker
+        self.spec = spec
+        self.connector = Connector(spec["endpoint"], spec.get("bind"), spec.get("concurrency", 25))
+
+    def setup(self) -> Deferred[Any] | None:
+        return None
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def progress(self) -> dict[str, Any]:
+        return {}
+
+    def later_at(self, t_ns: int, f: Callable[[], None]) -> None:
+        reactor.callLater(max(0.0, (t_ns - monotonic_ns()) / 1e9), f)
+
+
+class Pairs(Scenario):
+    """
+    P sender/recipient pairs (both ends in this worker, so delivery is
+    checked locally), closed loop (W in flight) or open loop (a rate per
+    sender, latency from the scheduled time, in flight capped by W).
+    """
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        self.window: int = spec["window"]
+        self.pad: int = spec.get("pad", 0)
+        self.rate: float = spec.get("rate_per_sender") or 0.0
+        self.open_loop = self.rate > 0
+        self.drain_s: float = spec.get("drain_s", 15.0)
+        self.phase = "setup"
+        self.t_start = self.t_end = 1 << 62
+        self.lat_ok = array("q")
+        self.lat_push = array("q")
+        self.delivered = 0
+        self.in_window = 0
+        self.heap: list[tuple[int, int, Sender]] = []
+        self.ack_dirty: list[Recipient] = []
+        uids: list[int] = spec["uids"]  # [sender0, recipient0, sender1, ...]
+        tokens = mint_tokens(spec["secret"], uids)
+        self.recipients = [
+            Recipient(self, uids[i + 1], tokens[i + 1]) for i in range(0, len(uids), 2)
+        ]
+        self.senders = [
+            Sender(self, i // 2, uids[i], tokens[i], uids[i + 1]) for i in range(0, len(uids), 2)
+        ]
+        self.ack_loop = LoopingCall(self.flush_acks)
+        self.tick_call: Any = None
+
+    def setup(self) -> Deferred[Any]:
+        async def go() -> None:
+            for group in (self.recipients, self.senders):
+                ok = await self.connector.open_all(list(group))
+                if len(ok) != len(group):
+                    raise RuntimeError(f"only {len(ok)} of {len(group)} connections authenticated")
+
+        return Deferred.fromCoroutine(go())
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "start":
+            self.t_start, self.t_end = cmd["t_start"], cmd["t_end"]
+            self.ack_loop.start(ACK_INTERVAL, now=False)
+            self.later_at(cmd["t_warm"], self.begin)
+
+    def begin(self) -> None:
+        self.phase = "sending"
+        for s in self.senders:
+            s.sending = True
+        if self.open_loop:
+            interval = int(1e9 / self.rate)
+            now = monotonic_ns()
+            for s in self.senders:
+                s.interval = interval
+                s.next_t = now + random.randrange(interval)
+                heapq.heappush(self.heap, (s.next_t, s.index, s))
+            self.tick()
+        else:
+            for s in self.senders:
+                s.pump()
+        self.later_at(self.t_end, self.stop_sending)
+
+    def tick(self) -> None:
+        self.tick_call = None
+        if self.phase != "sending":
+            return
+        heap = self.heap
+        now = monotonic_ns()
+        while heap and heap[0][0] <= now:
+            _, _, s = heapq.heappop(heap)
+            s.due(now)
+        delay = (heap[0][0] - monotonic_ns()) / 1e9 if heap else 0.001
+        self.tick_call = reactor.callLater(min(max(delay, 0.0), 0.001), self.tick)
+
+    def flush_acks(self) -> None:
+        dirty, self.ack_dirty = self.ack_dirty, []
+        for r in dirty:
+            r.flush_acks()
+
+    def stop_sending(self) -> None:
+        self.phase = "draining"
+        self.backlog = 0
+        now = monotonic_ns()
+        for s in self.senders:
+            s.sending = False
+            if self.open_loop and s.next_t < self.t_end:
+                # Scheduled but never sent: the window was full (saturation).
+                self.backlog += max(0, (min(now, self.t_end) - s.next_t) // s.interval + 1)
+        self.deadline = monotonic_ns() + int(self.drain_s * 1e9)
+        self.drain_loop = LoopingCall(self.check_drained)
+        self.drain_loop.start(0.02, now=False)
+
+    def check_drained(self) -> None:
+        now = monotonic_ns()
+        done = all(
+            (not s.inflight or not s.open) and (r.unique >= s.ok or not r.open)
+            for s, r in zip(self.senders, self.recipients, strict=True)
+        )
+        if self.phase == "draining" and (done or now > self.deadline):
+            self.phase = "acking"
+            self.flush_acks()
+            self.ack_deadline = now + int(3e9)
+        if self.phase == "acking":
+            acked = all(r.acks_ok >= r.acks_out or not r.open for r in self.recipients)
+            if acked or now > self.ack_deadline:
+                self.drain_loop.stop()
+                self.ack_loop.stop()
+                self.finish()
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "sent": sum(s.seq for s in self.senders),
+            "ok": sum(s.ok for s in self.senders),
+            "delivered": self.delivered,
+            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.recipients)),
+        }
+
+    def finish(self) -> None:
+        missing = unexpected = no_reply = expected = 0
+        for s, r in zip(self.senders, self.recipients, strict=True):
+            no_reply += len(s.inflight)
+            seen = r.seen
+            good = 0
+            for q in range(s.seq):
+                got = q < len(seen) and seen[q]
+                should = q not in s.failed and q not in s.inflight
+                if should:
+                    expected += 1
+                    if got:
+                        good += 1
+                    else:
+                        missing += 1
+                elif got:
+                    unexpected += 1
+        conns: list[Conn] = [*self.senders, *self.recipients]
+        self.worker.finish(
+            {
+                "pairs": len(self.senders),
+                "sent": sum(s.seq for s in self.senders),
+                "ok": sum(s.ok for s in self.senders),
+                "dup_flags": sum(s.dup_flags for s in self.senders),
+                "failed": sum(len(s.failed) for s in self.senders),
+                "no_reply": no_reply,
+                "backlog_at_end": getattr(self, "backlog", 0),
+                "delivered": self.delivered,
+                "delivered_in_window": self.in_window,
+                "expected": expected,
+                "unique": sum(r.unique for r in self.recipients),
+                "duplicates": sum(r.duplicates for r in self.recipients),
+                "reorders": sum(r.reorders for r in self.recipients),
+                "missing": missing,
+                "unexpected": unexpected,
+                "acks_sent": sum(r.acks_out for r in self.recipients),
+                "acks_ok": sum(r.acks_ok for r in self.recipients),
+                "errors": dict(total_errors(conns, self.connector.errors)),
+                "lat_ok": stats.histogram(self.lat_ok),
+                "lat_push": stats.histogram(self.lat_push),
+            }
+        )
+
+
+# -- idle -------------------------------------------------------------------------
+
+
+class Idler(Conn):
+    def __init__(self, run: Idle, uid: int, token: str) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.ping_t = 0
+
+    def ping(self) -> None:
+        if self.open:
+            self.ping_t = monotonic_ns()
+            self.run.pings += 1
+            self.transport.write(wire.PING)
+
+    def on_frame(self, f: Frame) -> None:
+        if f["t"] == "ok":
+            self.run.pongs += 1
+            if self.ping_t:
+                self.run.rtt.append(monotonic_ns() - self.ping_t)
+        elif f["t"] == "error":
+            self.errors[str(f.get("code"))] += 1
+        else:
+            self.errors[f"push:{f['t']}"] += 1
+
+    def on_lost(self) -> None:
+        if self.authed and self.run.phase != "stopping":
+            self.errors["disconnected"] += 1
+
+
+class Idle(Scenario):
+    """Authenticated connections that only ping every C{heartbeat} seconds,
+    spread evenly over the period (slots of C{TICK} seconds)."""
+
+    TICK = 0.02
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        self.phase = "setup"
+        tokens = mint_tokens(spec["secret"], spec["uids"])
+        self.conns = [Idler(self, u, t) for u, t in zip(spec["uids"], tokens, strict=True)]
+        self.heartbeat: float = spec["heartbeat"]
+        self.slots: list[list[Idler]] = [
+            [] for _ in range(max(1, round(self.heartbeat / self.TICK)))
+        ]
+        self.slot = 0
+        self.pings = self.pongs = 0
+        self.rtt = array("q")
+        self.beat = LoopingCall(self.tick)
+        self.authed = 0
+
+    def slotted(self, conn: Conn, i: int) -> Conn:
+        """An authenticated connection joins its heartbeat slot."""
+        assert isinstance(conn, Idler)
+        self.slots[i % len(self.slots)].append(conn)
+        return conn
+
+    def tick(self) -> None:
+        self.slot = (self.slot + 1) % len(self.slots)
+        for c in self.slots[self.slot]:
+            c.ping()
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "connect":
+            self.phase = "connecting"
+            self.beat.start(self.TICK, now=False)
+            for i, c in enumerate(self.conns):
+                c.ready.addCallback(self.slotted, i)
+            d = self.connector.open_all(self.conns)
+            d.addCallback(self.connected)
+        elif cmd["cmd"] == "mark":
+            self.worker.emit({"ev": "mark", "pings": self.pings, "pongs": self.pongs})
+        elif cmd["cmd"] == "stop":
+            self.phase = "stopping"
+            self.beat.stop()
+            self.worker.finish(
+                {
+                    "connections": self.authed,
+                    "pings": self.pings,
+                    "pongs": self.pongs,
+                    "errors": dict(total_errors(list(self.conns), self.connector.errors)),
+                    "lat_connect": stats.histogram(self.connector.latencies),
+                    "lat_tcp": stats.histogram(self.connector.tcp),
+                    "lat_ping": stats.histogram(self.rtt),
+                }
+            )
+
+    def connected(self, ok: list[Conn]) -> None:
+        self.phase = "idle"
+        self.authed = len(ok)
+        self.worker.emit({"ev": "connected", "ok": len(ok)})
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "connected": sum(1 for c in self.conns if c.authed and c.open),
+            "pings": self.pings,
+            "errors": sum(sum(c.errors.values()) for c in self.conns)
+            + sum(self.connector.errors.values()),
+        }
+
+
+# -- connect ------------------------------------------------------------------------
+
+
+class Connect(Scenario):
+    """C{len(uids)} clients connect and authenticate at once."""
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        tokens = mint_tokens(spec["secret"], spec["uids"])
+        self.conns = [Conn(u, t) for u, t in zip(spec["uids"], tokens, strict=True)]
+        self.ok: list[Conn] = []
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "start":
+            self.later_at(cmd["t_start"], self.go)
+        elif cmd["cmd"] == "stop":
+            c = self.connector
+            self.worker.finish(
+                {
+                    "clients": len(self.conns),
+                    "ok": len(self.ok),
+                    "first_start": c.first_start,
+                    "last_done": c.last_done,
+                    "errors": dict(total_errors(self.conns, c.errors)),
+                    "lat_connect": stats.histogram(c.latencies),
+                    "lat_tcp": stats.histogram(c.tcp),
+                }
+            )
+
+    def go(self) -> None:
+        self.connector.open_all(self.conns).addCallback(self.done)
+
+    def done(self, ok: list[Conn]) -> None:
+        self.ok = ok
+        self.worker.emit({"ev": "done", "ok": len(ok), "t": self.connector.last_done})
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "connected": len(self.connector.latencies),
+            "errors": sum(self.connector.errors.values()),
+        }
+
+
+# -- offline ----------------------------------------------------------------------------
+
+
+class Visitor(Conn):
+    """Authenticates once (so the user exists) and leaves."""
+
+    def __init__(self, uid: int, token: str) -> None:
+        super().__init__(uid, token)
+        self.gone: Deferred[None] = Deferred()
+
+    def on_lost(self) -> None:
+        if not self.gone.called:
+            self.gone.callback(None)
+
+
+class OfflineSender(Conn):
+    def __init__(self, run: Offline, uid: int, token: str, to: int, count: int) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.build = wire.send_builder(to, run.pad)
+        self.count = count
+        self.seq = 0
+        self.inflight = 0
+        self.ok = 0
+        self.failed = 0
+
+    def pump(self) -> None:
+        while self.inflight < self.run.window and self.seq < self.count:
+            self.inflight += 1
+            self.transport.write(self.build(self.seq, monotonic_ns()))
+            self.seq += 1
+
+    def on_frame(self, f: Frame) -> None:
+        t = f["t"]
+        if t not in ("ok", "error"):
+            return
+        self.inflight -= 1
+        if t == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.errors[str(f.get("code"))] += 1
+        self.pump()
+        if not self.inflight and self.seq >= self.count:
+            self.run.sender_done()
+
+
+class Drainer(Conn):
+    """Reconnects and drains with sync pages of C{limit}, acking each page."""
+
+    def __init__(self, run: Offline, uid: int, token: str) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.next_id = 1
+        self.waiting: dict[int, str] = {}
+        self.expect = 0
+        self.unique = 0
+        self.duplicates = 0
+        self.reorders = 0
+        self.pushes = 0
+        self.max_q = -1
+        self.seen: set[int] = set()
+        self.more = True
+        self.done = False
+
+    def request(self, kind: str, data: Callable[[int], bytes]) -> None:
+        self.next_id += 1
+        self.waiting[self.next_id] = kind
+        self.transport.write(data(self.next_id))
+
+    def on_authed(self) -> None:
+        self.request("sync", lambda i: wire.sync_frame(i, self.run.limit, 0))
+
+    def on_frame(self, f: Frame) -> None:
+        t = f["t"]
+        if t == "msg":
+            self.pushes += 1
+            return
+        kind = self.waiting.pop(f.get("id", -1), None)
+        if t == "error" or kind is None:
+            self.errors[f"{kind}:{f.get('code', t)}"] += 1
+        elif kind == "sync":
+            msgs = f["msgs"]
+            self.run.drained += len(msgs)
+            for m in msgs:
+                q = m["body"]["q"]
+                if q in self.seen:
+                    self.duplicates += 1
+                    continue
+                self.seen.add(q)
+                self.unique += 1
+                if q < self.max_q:
+                    self.reorders += 1
+                self.max_q = max(self.max_q, q)
+            self.more = bool(f["more"])
+            if msgs:
+                ids = [m["msg_id"] for m in msgs]
+                self.request("ack", lambda i: wire.ack_frame(i, ids))
+                if self.more:
+                    last = ids[-1]
+                    self.request("sync", lambda i: wire.sync_frame(i, self.run.limit, last))
+            else:
+                self.more = False
+        if not self.more and not self.waiting and not self.done:
+            self.done = True
+            self.run.drainer_done()
+
+
+class Offline(Scenario):
+    """
+    Messages queued for offline users: the recipients authenticate once (so
+    they exist) and leave, the senders send C{count} messages each, then the
+    recipients come back and drain with C{sync} + C{ack}.
+    """
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        self.window: int = spec["window"]
+        self.pad: int = spec.get("pad", 0)
+        self.limit: int = spec.get("limit", 500)
+        uids: list[int] = spec["uids"]
+        counts: list[int] = spec["counts"]
+        tokens = mint_tokens(spec["secret"], uids)
+        self.recipient_uids = uids[1::2]
+        self.recipient_tokens = tokens[1::2]
+        self.counts = counts
+        self.senders = [
+            OfflineSender(self, uids[i], tokens[i], uids[i + 1], counts[i // 2])
+            for i in range(0, len(uids), 2)
+        ]
+        self.drainers: list[Drainer] = []
+        self.senders_left = len(self.senders)
+        self.drainers_left = len(self.recipient_uids)
+        self.drained = 0
+        self.phase = "setup"
+
+    def recipient_credentials(self) -> list[tuple[int, str]]:
+        return list(zip(self.recipient_uids, self.recipient_tokens, strict=True))
+
+    def setup(self) -> Deferred[Any]:
+        async def go() -> None:
+            first = [Visitor(u, t) for u, t in self.recipient_credentials()]
+            ok = await self.connector.open_all(first)
+            if len(ok) != len(first):
+                raise RuntimeError("recipients could not authenticate")
+            for c in first:
+                c.close()
+            for c in first:
+                await c.gone
+            ok = await self.connector.open_all(list(self.senders))
+            if len(ok) != len(self.senders):
+                raise RuntimeError("senders could not authenticate")
+
+        return Deferred.fromCoroutine(go())
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "start":
+            self.phase = "sending"
+            for s in self.senders:
+                s.pump()
+        elif cmd["cmd"] == "drain":
+            self.phase = "draining"
+            self.drainers = [Drainer(self, u, t) for u, t in self.recipient_credentials()]
+            self.drain_connector = Connector(
+                self.spec["endpoint"], self.spec.get("bind"), self.spec.get("concurrency", 25)
+            )
+            self.drain_connector.open_all(list(self.drainers))
+        elif cmd["cmd"] == "stop":
+            self.finish()
+
+    def sender_done(self) -> None:
+        self.senders_left -= 1
+        if not self.senders_left:
+            self.worker.emit({"ev": "sent", "t": monotonic_ns()})
+
+    def drainer_done(self) -> None:
+        self.drainers_left -= 1
+        if not self.drainers_left:
+            self.worker.emit({"ev": "drained", "t": monotonic_ns()})
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "sent": sum(s.seq for s in self.senders),
+            "ok": sum(s.ok for s in self.senders),
+            "drained": self.drained,
+            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.drainers)),
+        }
+
+    def finish(self) -> None:
+        ok_by_pair = [s.ok for s in self.senders]
+        missing = 0
+        for i, d in enumerate(self.drainers):
+            missing += sum(1 for q in range(self.counts[i]) if q not in d.seen)
+        conns: list[Conn] = [*self.senders, *self.drainers]
+        self.worker.finish(
+            {
+                "sent": sum(s.seq for s in self.senders),
+                "ok": sum(ok_by_pair),
+                "failed": sum(s.failed for s in self.senders),
+                "expected": sum(self.counts),
+                "drained": self.drained,
+                "unique": sum(d.unique for d in self.drainers),
+                "duplicates": sum(d.duplicates for d in self.drainers),
+                "reorders": sum(d.reorders for d in self.drainers),
+                "missing": missing,
+                "pushes_during_drain": sum(d.pushes for d in self.drainers),
+                "errors": dict(
+                    total_errors(conns, self.connector.errors + self.drain_connector.errors)
+                    if self.drainers
+                    else total_errors(conns, self.connector.errors)
+                ),
+            }
+        )
+
+
+# -- the worker process ---------------------------------------------------------------
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    "pairs": Pairs,
+    "idle": Idle,
+    "connect": Connect,
+    "offline": Offline,
+}
+
+
+class Commands(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.strip():
+            self.worker.command(json.loads(line))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # The parent is gone (or done with us).
+        if reactor.running:
+            reactor.stop()
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.io = stdio.StandardIO(Commands(self))
+        self.scenario = SCENARIOS[spec["scenario"]](self, spec)
+        self.progress = LoopingCall(self.report)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.io.write(json.dumps(event).encode() + b"\n")
+
+    def start(self) -> None:
+        d = self.scenario.setup()
+        if d is None:
+            self.emit({"ev": "ready"})
+        else:
+            d.addCallbacks(
+                lambda _: self.emit({"ev": "ready"}),
+                lambda f: self.fail(f"setup failed: {f.getErrorMessage()}"),
+            )
+        self.progress.start(0.5, now=False)
+
+    def report(self) -> None:
+        self.emit({"ev": "progress", "t": monotonic_ns(), **self.scenario.progress()})
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        try:
+            self.scenario.command(cmd)
+        except Exception as e:
+            self.fail(f"command {cmd.get('cmd')} failed: {e!r}")
+
+    def fail(self, message: str) -> None:
+        self.finish({"fatal": message})
+
+    def finish(self, result: dict[str, Any]) -> None:
+        ru = os.times()
+        result["worker_cpu_s"] = round(ru.user + ru.system, 3)
+        if self.progress.running:
+            self.progress.stop()
+        # Flush everything written so far, then close: Commands.connectionLost
+        # stops the reactor.
+        self.emit({"ev": "result", **result})
+        self.io.loseConnection()
+        reactor.callLater(10, reactor.stop)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    worker = Worker(spec)
+    reactor.callWhenRunning(worker.start)
+    profile = os.environ.get("BENCH_WORKER_PROFILE")
+    if profile:
+        # BENCH_WORKER_PROFILE=/tmp/w: cProfile each worker into /tmp/w.<pid>.
+        import cProfile
+
+        cProfile.runctx("reactor.run()", globals(), locals(), f"{profile}.{os.getpid()}")
+    else:
+        reactor.run()
+
+
+if __name__ == "__main__":
+    main()
