@@ -223,6 +223,8 @@ class ServerConfig:
     # own buffer while the client is not reading, before it is dropped.
     max_outbound_bytes: int = setting(1024 * 1024, int_in(4096, 1024**3))
     shutdown_seconds: float = setting(10.0, number_in(0, 600))
+    # A cluster node's users stay "online" this long after it dies.
+    presence_ttl_seconds: float = setting(30.0, number_in(2, 3600))
 
 
 @attrs.frozen

@@ -236,6 +236,25 @@ class ServerCollector(Collector):
         yield sql
         failures = getattr(store.hot, "failures", 0)
         yield _counter("imserver_redis_failures", "Failed Redis calls.", failures)
+        cluster = s.cluster
+        if cluster is not None:
+            yield GaugeMetricFamily(
+                "imserver_pubsub_subscribed",
+                "1 while this node listens on its pub/sub channel.",
+                1 if cluster.pubsub_state() == "ok" else 0,
+            )
+            routed = CounterMetricFamily(
+                "imserver_cluster_pushes", "Pushes between nodes.", labels=["way"]
+            )
+            routed.add_metric(["sent"], cluster.routed)
+            routed.add_metric(["received"], cluster.received)
+            routed.add_metric(["lost"], cluster.route_failures)
+            yield routed
+            yield _counter(
+                "imserver_cluster_kicks",
+                "Connections kicked by a login on another node.",
+                cluster.kicked_remotely,
+            )
         http = CounterMetricFamily(
             "imserver_http_requests", "HTTP API requests by status.", labels=["code"]
         )

@@ -27,9 +27,11 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
 from imserver.metrics import Metrics, ServerCollector
+from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
+from imserver.services.presence import IPresence
 from imserver.services.tokens import TokenService
 from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
@@ -61,10 +63,24 @@ class IMServer(MultiService):
             reactor, engine, name="background", max_connections=3 if mysql else None
         )
         hot: IHotStore
+        # Who is online and how pushes reach them: this node alone on the
+        # embedded default; the whole cluster (Redis presence and pub/sub) with
+        # Redis.
+        self.presence: IPresence = self.registry
+        self.cluster: ClusterPresence | None = None
         if config.storage.redis is None:
             hot = MemoryHotStore(reactor)
         else:
-            hot = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
+            redis = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
+            hot = redis
+            self.cluster = ClusterPresence(
+                reactor,
+                self.registry,
+                redis,
+                config.server.node_id,
+                ttl_seconds=config.server.presence_ttl_seconds,
+            )
+            self.presence = self.cluster
         notify = config.notify
         self.store = Store(
             reactor,
@@ -77,7 +93,7 @@ class IMServer(MultiService):
         )
         self.chat = ChatService(
             store=self.store,
-            presence=self.registry,
+            presence=self.presence,
             ids=ids,
             content=ContentFilter.from_file(config.filter.words_file, config.filter.action),
             limits=config.limits,
@@ -101,7 +117,7 @@ class IMServer(MultiService):
             config=config.server,
             clock=reactor,
             tokens=self.tokens,
-            presence=self.registry,
+            presence=self.presence,
             ops=business_ops(self.chat, config.limits),
             on_login=login_hook(self.chat),
         )
@@ -109,10 +125,11 @@ class IMServer(MultiService):
             chat=self.chat,
             store=self.store,
             tokens=self.tokens,
-            presence=self.registry,
+            presence=self.presence,
             admin_key=config.auth.admin_key,
             metrics=self.metrics,
             clock=reactor,
+            pubsub=None if self.cluster is None else self.cluster.pubsub_state,
         )
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -126,6 +143,8 @@ class IMServer(MultiService):
     async def _start(self) -> None:
         cfg = self.config
         applied = await self.store.start()
+        if self.cluster is not None:
+            self.cluster.start()
         if applied:
             self.log.info("applied schema migrations {versions}", versions=applied)
         replayed = await self.chat.recover()
@@ -135,11 +154,13 @@ class IMServer(MultiService):
         if self.notifier is not None:
             self.notifier.start()
         for desc in cfg.server.listen:
-            port = await serverFromString(self.reactor, desc).listen(self.gateway)
+            port = await serverFromString(self.reactor, with_backlog(desc)).listen(self.gateway)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
         if cfg.server.http is not None:
-            port = await serverFromString(self.reactor, cfg.server.http).listen(self.site)
+            port = await serverFromString(self.reactor, with_backlog(cfg.server.http)).listen(
+                self.site
+            )
             self.ports.append(port)
             self.log.info("listening for HTTP on {address}", address=port.getHost())
         self.log.info(
@@ -183,8 +204,24 @@ class IMServer(MultiService):
             await drained
         except Exception:
             self.log.warn("fan-out still running after the shutdown grace period")
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.store.stop()
         self.log.info("imserver stopped")
+
+
+#: Pending connections the kernel may queue per listener (capped by
+#: net.core.somaxconn). Twisted's default of 50 drops a burst of reconnecting
+#: clients and makes them wait for SYN retries (1 s, 3 s, ...).
+LISTEN_BACKLOG = 4096
+
+
+def with_backlog(desc: str) -> str:
+    """A TCP or TLS endpoint description with a large backlog, unless it sets one."""
+    kind = desc.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in desc:
+        return f"{desc}:backlog={LISTEN_BACKLOG}"
+    return desc
 
 
 def _exit_failed() -> None:

@@ -207,3 +207,19 @@ class TapOptionsTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions([])
         self.assertEqual(options["parsed"].auth.secret, DEV_SECRET)
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    def test_tcp_and_tls_listeners_get_a_large_backlog(self) -> None:
+        from imserver.server import LISTEN_BACKLOG, with_backlog
+
+        self.assertEqual(
+            with_backlog("tcp:7000:interface=127.0.0.1"),
+            f"tcp:7000:interface=127.0.0.1:backlog={LISTEN_BACKLOG}",
+        )
+        self.assertEqual(
+            with_backlog("ssl:7443:privateKey=k.pem"),
+            f"ssl:7443:privateKey=k.pem:backlog={LISTEN_BACKLOG}",
+        )
+        self.assertEqual(with_backlog("tcp:7000:backlog=10"), "tcp:7000:backlog=10")
+        self.assertEqual(with_backlog("unix:/run/im.sock"), "unix:/run/im.sock")

@@ -187,10 +187,14 @@ class ChatService:
 
     def _start_fanout(self, committed: Committed, body: Any, started: float) -> None:
         """
-        Push at once (in commit order: commit batches complete in order),
-        then index in the hot store through the real-time queue. The push
-        does not wait for Redis: an ack racing the indexing is safe (acked
-        ids are tombstoned), and the recipient's own reads wait for it.
+        Index in the hot store through the real-time queue, and push.
+
+        A recipient connected to this node is pushed at once (in commit
+        order: commit batches complete in order): an ack racing the indexing
+        is safe (acked ids are tombstoned), and the recipient's reads here
+        wait for the indexing. A recipient on another node is pushed once the
+        message is indexed, so that a read there right after the push finds
+        it.
         """
         m = committed.message
         uids = (m.sender, m.recipient)
@@ -199,7 +203,7 @@ class ChatService:
         if committed.outbox_id and committed.outbox_id not in self._outbox_left:
             self._outbox_left[committed.outbox_id] = [committed.outbox_count, True]
         sender = self.profiles.peek(m.sender)
-        pushed = sender is not None
+        pushed = sender is not None and self.presence.local(m.recipient) is not None
         if pushed:
             self._push(committed, body, started, sender)
         d = self.fanouts.submit((committed, None if pushed else body, started))
@@ -234,9 +238,11 @@ class ChatService:
             self.observe("send_to_push", self.clock.seconds() - started)
 
     async def _fanout_batch(self, items: Sequence[tuple[Committed, Any, float]]) -> list[None]:
-        """The real-time queue: index a batch in the hot store; push the
-        messages whose sender's profile was not at hand at commit time."""
+        """The real-time queue: index a batch in the hot store, then push the
+        messages not pushed at commit (recipient on another node, or sender's
+        profile not at hand)."""
         committed = [c for c, _, _ in items]
+        indexed = await self.store.fanout(committed)
         late = [(c, body, started) for c, body, started in items if body is not None]
         if late:
             try:
@@ -245,7 +251,6 @@ class ChatService:
                 senders = {}
             for c, body, started in late:
                 self._push(c, body, started, senders.get(c.message.sender))
-        indexed = await self.store.fanout(committed)
         self._settle_outbox(committed, indexed)
         return [None] * len(items)
 

@@ -22,7 +22,7 @@ import base64
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -74,7 +74,9 @@ class Api(Responder):
         admin_key: str,
         metrics: Metrics,
         clock: IReactorTime,
+        pubsub: Callable[[], str] | None = None,
     ) -> None:
+        self.pubsub = pubsub
         self.chat = chat
         self.store = store
         self.tokens = tokens
@@ -234,7 +236,13 @@ class Health(ApiEndpoint):
 
     async def get(self, call: Call) -> Reply:
         status = await self.api.store.health()
-        healthy = status.get("sql") == "ok" and status.get("redis") in ("ok", "embedded")
+        if self.api.pubsub is not None:
+            status["pubsub"] = self.api.pubsub()
+        healthy = (
+            status.get("sql") == "ok"
+            and status.get("redis") in ("ok", "embedded")
+            and status.get("pubsub", "ok") == "ok"
+        )
         body = {"status": "ok" if healthy else "degraded", **status}
         return json_reply(body, 200 if healthy else 503)
 
@@ -400,10 +408,13 @@ def make_site(
     metrics: Metrics,
     clock: IReactorTime,
     max_body: int = MAX_BODY,
+    pubsub: Callable[[], str] | None = None,
 ) -> ApiSite:
     """
     The API's site.
 
+    @param pubsub: the state of this node's pub/sub subscription (C{ok} or
+        C{down}) in a cluster; part of the health.
     @param clock: the reactor (or a L{twisted.internet.task.Clock}): token
         times, and the site's own timers (idle connections, refused bodies).
     """
@@ -415,6 +426,7 @@ def make_site(
         admin_key=admin_key,
         metrics=metrics,
         clock=clock,
+        pubsub=pubsub,
     )
     root = JsonResource(api)
     root.putChild(b"healthz", Health(api))

@@ -21,13 +21,14 @@ command issued while Redis is down) and failures become L{HotUnavailable}.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 import msgpack
 import txredisapi
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -55,6 +56,10 @@ SCRIPTS = (
     "read_last",
     "profiles_get",
     "profiles_put",
+    "presence_login",
+    "presence_logout",
+    "presence_refresh",
+    "presence_route",
 )
 
 
@@ -336,3 +341,120 @@ class RedisHotStore:
                 _pack([[str(p.uid), p.nickname, p.avatar, str(p.version)] for p in profiles]),
                 str(self.profile_ttl),
             )
+
+    # -- presence and routing (see imserver.services.cluster) -----------------
+
+    async def presence_login(self, uid: int, value: str, ttl_ms: int) -> str | None:
+        """Claim the user's presence; the previous value (its node is told to kick)."""
+        old = await self._script("presence_login", str(uid), value, str(ttl_ms))
+        return None if old is None else _str(old)
+
+    async def presence_logout(self, uid: int, value: str) -> None:
+        await self._script("presence_logout", str(uid), value)
+
+    async def presence_refresh(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> list[int]:
+        """Extend (or restore) presences; the uids now held by another connection."""
+        lost = await self._script(
+            "presence_refresh", str(ttl_ms), _pack([[str(uid), value] for uid, value in entries])
+        )
+        return [_int(uid) for uid in lost]
+
+    async def route(self, node: str, pushes: Sequence[tuple[int, bytes]]) -> int:
+        """Publish pushes to the nodes holding their users; how many went out."""
+        return int(
+            await self._script("presence_route", node, _pack([[str(u), f] for u, f in pushes]))
+        )
+
+    def subscribe(self, node: str, on_message: Callable[[bytes], None]) -> Subscription:
+        """Listen on this node's channel (resubscribing after every reconnect)."""
+        subscription = Subscription(
+            self._reactor, self.target, f"{self.prefix}:node:{node}", on_message
+        )
+        subscription.start()
+        return subscription
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    """Subscribes in connectionMade, so a reconnect subscribes again."""
+
+    subscription: Subscription
+
+    def connectionMade(self) -> Deferred[None]:
+        d: Deferred[None] = super().connectionMade()
+        d.addCallback(lambda _: self.subscribe([self.subscription.channel]))
+        d.addCallbacks(lambda _: self.subscription._subscribed(self), self.subscription._failed)
+        return d
+
+    def connectionLost(self, reason: Any) -> None:
+        self.subscription._lost(self)
+        super().connectionLost(reason)
+
+    def messageReceived(self, pattern: Any, channel: Any, message: bytes) -> None:
+        self.subscription.on_message(message)
+
+
+class Subscription:
+    """
+    One pub/sub channel, kept subscribed across Redis restarts (txredisapi
+    reconnects the connection but does not subscribe again by itself).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        target: RedisTarget,
+        channel: str,
+        on_message: Callable[[bytes], None],
+    ) -> None:
+        self._reactor = reactor
+        self.target = target
+        self.channel = channel
+        self.on_message = on_message
+        self._factory: Any = None
+        self._protocol: Any = None
+        #: Read by health and metrics.
+        self.subscribed = False
+        self.resubscriptions = 0
+
+    def start(self) -> None:
+        subscription = self
+
+        class Protocol(_SubscriberProtocol):
+            pass
+
+        Protocol.subscription = subscription
+        factory = txredisapi.SubscriberFactory()
+        factory.protocol = Protocol
+        factory.charset = None
+        factory.convertNumbers = False
+        factory.password = self.target.password
+        factory.maxDelay = 2
+        self._factory = factory
+        factory.startConnecting(
+            TCP4ClientEndpoint(self._reactor, self.target.host, self.target.port)
+        )
+
+    def _subscribed(self, protocol: Any) -> None:
+        self._protocol = protocol
+        if self.resubscriptions:
+            self.log.info("resubscribed to {channel}", channel=self.channel)
+        self.resubscriptions += 1
+        self.subscribed = True
+
+    def _failed(self, failure: Any) -> None:
+        self.log.warn(
+            "cannot subscribe to {channel}: {error}", channel=self.channel, error=failure.value
+        )
+
+    def _lost(self, protocol: Any) -> None:
+        if protocol is self._protocol:
+            self.subscribed = False
+            self._protocol = None
+            self.log.warn("lost the subscription to {channel}; reconnecting", channel=self.channel)
+
+    async def stop(self) -> None:
+        if self._factory is not None:
+            factory, self._factory = self._factory, None
+            await factory.disconnect()

@@ -1,0 +1,26 @@
+-- ARGV[2]: this node, ARGV[3]: msgpack {{uid, frame}, ...}: pushes for users
+-- not connected here. Each goes to the node that holds the user, one PUBLISH
+-- per node ({'p', uid, frame} entries). Users that are not online anywhere
+-- are skipped: their messages stay pending. Returns how many went out.
+local me = ARGV[2]
+local by_node = {}
+local sent = 0
+for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
+  local value = redis.call('GET', key('presence', entry[1]))
+  if value then
+    local node = string.match(value, '^([^:]+):')
+    if node and node ~= me then
+      local list = by_node[node]
+      if not list then
+        list = {}
+        by_node[node] = list
+      end
+      list[#list + 1] = {'p', entry[1], entry[2]}
+      sent = sent + 1
+    end
+  end
+end
+for node, list in pairs(by_node) do
+  redis.call('PUBLISH', key('node', node), cmsgpack.pack(list))
+end
+return sent
