@@ -188,7 +188,7 @@ class ServerCollector(Collector):
             ("commit", store.sends.depth),
             ("ack", store.acks.depth),
             ("login", store.logins.depth),
-            ("outbox", store.outbox_deletes.depth),
+            ("outbox", store.outbox_backlog),
             ("retry", store.retries.depth),
         ):
             depth.add_metric([name], n)

@@ -106,7 +106,6 @@ class IMServer(MultiService):
             ("commit", self.store.sends),
             ("ack", self.store.acks),
             ("login", self.store.logins),
-            ("outbox", self.store.outbox_deletes),
             ("realtime", self.chat.fanouts),
         ):
             batcher.on_batch = self.metrics.batch(queue)

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from imserver.batching import Batcher
@@ -61,6 +62,8 @@ V = TypeVar("V")
 REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=45)
 #: Outbox rows older than this are replayed by any node's sweeper.
 OUTBOX_STALE_MS = 60_000
+#: With no commit or ack to carry them, finished outbox rows are deleted after this.
+OUTBOX_FLUSH_SECONDS = 0.5
 
 
 class LRU(OrderedDict[K, V]):
@@ -108,9 +111,11 @@ class Store:
         self.node_id = node_id
         self.notify_delay_ms = notify_delay_ms
         self.retries = RetryQueue(reactor, repair_policy, self._dead_letter)
-        self.outbox_deletes: Batcher[int, None] = Batcher(
-            "outbox", self._outbox_done_batch, max_batch=max_batch, max_queue=10_000_000
-        )
+        # Outbox rows whose follow-up is finished: deleted by the next
+        # commit or ack transaction (no round trip of their own), or after
+        # OUTBOX_FLUSH_SECONDS by a background transaction if none comes.
+        self._done_outbox: list[int] = []
+        self._done_flush: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -146,6 +151,8 @@ class Store:
 
     async def stop(self) -> None:
         self._stopped = True
+        if self._done_flush is not None and self._done_flush.active():
+            self._done_flush.cancel()
         self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
@@ -245,6 +252,7 @@ class Store:
         ]
         now_ms = self._now_ms()
         outbox = Outbox(self.ids.next_id(), self.node_id, "send", created_at=now_ms)
+        done = self._take_done_outbox()
         try:
             outcomes = await self.db.run(
                 "send",
@@ -255,17 +263,20 @@ class Store:
                 outbox,
                 self.notify_delay_ms,
                 started,
+                done,
             )
-        except Unavailable as e:
-            # The commit may or may not have happened: distrust every copy
-            # these messages could have changed (if it happened, its outbox
-            # row gets it replayed too).
-            self._hot_failed(
-                {u for m in msgs for u in (m.sender, m.recipient)},
-                {m.session_id for m in msgs if m.session_id is not None},
-                (),
-                str(e),
-            )
+        except Exception as e:
+            self._put_back_done_outbox(done)
+            if isinstance(e, Unavailable):
+                # The commit may or may not have happened: distrust every
+                # copy these messages could have changed (if it happened, its
+                # outbox row gets it replayed too).
+                self._hot_failed(
+                    {u for m in msgs for u in (m.sender, m.recipient)},
+                    {m.session_id for m in msgs if m.session_id is not None},
+                    (),
+                    str(e),
+                )
             raise
         for outcome in outcomes:
             if isinstance(outcome, Committed):
@@ -310,7 +321,12 @@ class Store:
         self, requests: Sequence[tuple[int, Sequence[int]]]
     ) -> list[list[tuple[int, int]]]:
         outbox = self._outbox("ack")
-        removed = await self.db.run("ack", q.ack_txn, requests, outbox)
+        done = self._take_done_outbox()
+        try:
+            removed = await self.db.run("ack", q.ack_txn, requests, outbox, done)
+        except Exception:
+            self._put_back_done_outbox(done)
+            raise
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
             await self._follow_up(outbox.id, self.hot.ack(acked), {uid for uid, _ in acked}, (), ())
@@ -506,16 +522,46 @@ class Store:
             self.outbox_done(outbox_id)
 
     def outbox_done(self, outbox_id: int) -> None:
-        """The follow-up of this outbox row is complete: delete it (batched)."""
+        """
+        The follow-up of this outbox row is complete: delete it, with the
+        next commit or ack (or after L{OUTBOX_FLUSH_SECONDS} of quiet). A
+        delete lost in a crash only means the row is replayed, harmlessly.
+        """
         if outbox_id:
-            d = self.outbox_deletes.submit(outbox_id)
-            d.addErrback(
-                lambda f: self.log.warn(
-                    "outbox row {id} not deleted (it will be replayed): {error}",
-                    id=outbox_id,
-                    error=f.value,
-                )
+            self._done_outbox.append(outbox_id)
+            self._arm_done_flush()
+
+    def _take_done_outbox(self) -> list[int]:
+        done, self._done_outbox = self._done_outbox, []
+        return done
+
+    def _put_back_done_outbox(self, done: list[int]) -> None:
+        if done:
+            self._done_outbox.extend(done)
+            self._arm_done_flush()
+
+    def _arm_done_flush(self) -> None:
+        if self._done_flush is None and not self._stopped:
+            self._done_flush = self._reactor.callLater(
+                OUTBOX_FLUSH_SECONDS,
+                lambda: Deferred.fromCoroutine(self._flush_done_outbox()),
             )
+
+    async def _flush_done_outbox(self) -> None:
+        self._done_flush = None
+        done = self._take_done_outbox()
+        if not done:
+            return
+        try:
+            await self.background.run("outbox_done", q.delete_outbox, done)
+        except Exception as e:
+            self.log.warn("outbox rows not deleted yet: {error}", error=e)
+            self._put_back_done_outbox(done)
+
+    @property
+    def outbox_backlog(self) -> int:
+        """Outbox rows done but not deleted yet."""
+        return len(self._done_outbox)
 
     def outbox_downgrade(self, outbox_ids: Sequence[int]) -> None:
         """Pushes done, hot repair pending: a replay must only repair."""
@@ -525,9 +571,6 @@ class Store:
                 self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
             )
             d.addErrback(lambda f: self.log.warn("outbox downgrade failed: {error}", error=f.value))
-
-    async def _outbox_done_batch(self, ids: Sequence[int]) -> list[None]:
-        return await self.background.run("outbox_done", q.outbox_done_txn, ids)
 
     def _hot_failed(
         self,
@@ -612,7 +655,7 @@ class Store:
                 continue
             done.append(row)
         if done:
-            await self.background.run("outbox_done", q.outbox_done_txn, [r.id for r in done])
+            await self.background.run("outbox_done", q.delete_outbox, [r.id for r in done])
         return done
 
     async def outbox_size(self) -> int:
@@ -639,9 +682,13 @@ class Store:
         return await self.db.run("pending_count", q.pending_count_txn, uid)
 
     async def drain(self) -> None:
-        """Wait until no commit, ack, login or outbox delete is queued or running."""
-        for batcher in (self.sends, self.acks, self.logins, self.outbox_deletes):
+        """Wait until no commit, ack or login is queued or running, and
+        delete the outbox rows of finished follow-ups."""
+        for batcher in (self.sends, self.acks, self.logins):
             await batcher.idle()
+        if self._done_flush is not None and self._done_flush.active():
+            self._done_flush.cancel()
+        await self._flush_done_outbox()
 
 
 def _select_one_txn(txn: Any) -> None:

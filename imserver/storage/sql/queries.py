@@ -164,6 +164,7 @@ def commit_messages_txn(
     outbox: Outbox | None = None,
     notify_delay_ms: int | None = None,
     started: float = 0.0,
+    done_outbox: Sequence[int] = (),
 ) -> list[SendOutcome]:
     """
     Commit a batch of messages (group commit), in one transaction:
@@ -174,7 +175,9 @@ def commit_messages_txn(
     notification per message. Returns one outcome per message, in order.
 
     In the common case (known recipients and sessions, no repeated cid) all
-    of it is one round trip to MySQL: see L{_write_messages}.
+    of it is one round trip to MySQL: see L{_write_messages}. The outbox
+    rows of finished follow-ups (C{done_outbox}) are deleted in the same
+    request.
     """
     outcomes: list[SendOutcome | None] = [None] * len(msgs)
     missing = set(check_recipients) - existing_users_txn(txn, check_recipients)
@@ -208,21 +211,24 @@ def commit_messages_txn(
         else:
             first[key] = i
     fresh = [i for i in live if i not in repeats]
+    if not fresh:
+        delete_outbox(txn, done_outbox)
     try:
         written = _write_messages(
-            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started
+            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started, done_outbox
         )
     except Exception as e:
         if not txn.engine.is_duplicate(e):
             raise
         # Some cids were used before (a client retrying): those are
-        # duplicates; write the rest. (The failed statement changed nothing.)
+        # duplicates; write the rest. (The outbox rows were deleted by the
+        # statements before the failed one, which itself changed nothing.)
         used = _used_cids(txn, [msgs[i] for i in fresh])
         for i in fresh:
             outcomes[i] = used.get((msgs[i].sender, msgs[i].cid))
         fresh = [i for i in fresh if outcomes[i] is None]
         written = _write_messages(
-            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started
+            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started, ()
         )
     for i, outcome in zip(fresh, written, strict=True):
         outcomes[i] = outcome
@@ -257,6 +263,7 @@ def _write_messages(
     outbox: Outbox | None,
     notify_delay_ms: int | None,
     started: float,
+    done_outbox: Sequence[int] = (),
 ) -> list[Committed]:
     """
     Insert messages whose sessions are known and whose cids are believed
@@ -267,6 +274,8 @@ def _write_messages(
     if not msgs:
         return []
     engine = txn.engine
+    # First the outbox rows of finished follow-ups: no round trip of their own.
+    script = _outbox_deletes(done_outbox)
     marks, args = values(
         [
             (
@@ -288,13 +297,13 @@ def _write_messages(
         # createTime is computed by the database from ts.
         template="(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, " + engine.datetime_from_ms + ")",
     )
-    script = [
+    script.append(
         Statement(
             "INSERT INTO t_msg_record_list (id, sessionId, msgId, senderUid, recipientUid, cid,"
             f" msgType, body, ts, isRead, recordStatus, createTime) VALUES {marks}",
             args,
         )
-    ]
+    )
     marks, args = values([(m.msg_id, m.recipient, m.sender) for m in msgs])
     script.append(Statement(f"INSERT INTO t_pending (msgId, uid, senderUid) VALUES {marks}", args))
     if notify_delay_ms is not None:
@@ -458,7 +467,10 @@ def total_unread_txn(txn: Txn, uid: int) -> int:
 
 
 def ack_txn(
-    txn: Txn, requests: Sequence[tuple[int, Sequence[int]]], outbox: Outbox | None = None
+    txn: Txn,
+    requests: Sequence[tuple[int, Sequence[int]]],
+    outbox: Outbox | None = None,
+    done_outbox: Sequence[int] = (),
 ) -> list[list[tuple[int, int]]]:
     """
     Clear pending rows, for many users at once, in one script (one round
@@ -471,7 +483,8 @@ def ack_txn(
     for uid, msg_ids in requests:
         by_user.setdefault(uid, set()).update(msg_ids)
     everything = sorted({msg_id for ids in by_user.values() for msg_id in ids})
-    script = [
+    deletes = _outbox_deletes(done_outbox)
+    script = deletes + [
         Statement(
             f"SELECT msgId, uid, senderUid FROM t_pending"
             f" WHERE msgId IN ({', '.join('?' * len(part))})",
@@ -480,6 +493,7 @@ def ack_txn(
         )
         for part in _chunks(everything, 1000)
     ]
+    first_select = len(deletes)
     selects = len(script)
     for uid, ids in sorted(by_user.items()):
         for part in _chunks(sorted(ids), 1000):
@@ -494,7 +508,7 @@ def ack_txn(
         script.append(outbox_statement(attrs.evolve(outbox, users=tuple(sorted(by_user)))))
     results = txn.script(script, commit=True)
     removed: dict[int, list[tuple[int, int]]] = {}
-    for rows in results[:selects]:
+    for rows in results[first_select:selects]:
         for msg_id, uid, sender in sorted((int(r[0]), int(r[1]), int(r[2])) for r in rows):
             if msg_id in by_user.get(uid, ()):
                 removed.setdefault(uid, []).append((msg_id, sender))
@@ -766,12 +780,17 @@ def write_outbox(txn: Txn, outbox: Outbox) -> int:
 OUTBOX_COLUMNS = "id, nodeId, kind, payload, createdAt"
 
 
-def outbox_done_txn(txn: Txn, ids: Sequence[int]) -> list[None]:
-    unique = sorted(set(ids))
-    for i in range(0, len(unique), 500):
-        part = unique[i : i + 500]
-        txn.execute(f"DELETE FROM t_outbox WHERE id IN ({', '.join('?' * len(part))})", part)
-    return [None] * len(ids)
+def _outbox_deletes(ids: Sequence[int]) -> list[Statement]:
+    return [
+        Statement(f"DELETE FROM t_outbox WHERE id IN ({', '.join('?' * len(part))})", tuple(part))
+        for part in _chunks(sorted(set(ids)), 500)
+    ]
+
+
+def delete_outbox(txn: Txn, ids: Sequence[int]) -> None:
+    """Delete the outbox rows of finished follow-ups."""
+    if ids:
+        txn.script(_outbox_deletes(ids))
 
 
 def outbox_claim_txn(
