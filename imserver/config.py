@@ -223,6 +223,10 @@ class ServerConfig:
     # own buffer while the client is not reading, before it is dropped.
     max_outbound_bytes: int = setting(1024 * 1024, int_in(4096, 1024**3))
     shutdown_seconds: float = setting(10.0, number_in(0, 600))
+    # Worker processes on this machine, each its own node (node_id + index),
+    # sharing the listening ports (SO_REUSEPORT). More than one needs MySQL
+    # and Redis, and plain tcp: listeners.
+    workers: int = setting(1, int_in(1, 64))
     # A cluster node's users stay "online" this long after it dies.
     presence_ttl_seconds: float = setting(30.0, number_in(2, 3600))
 
@@ -298,6 +302,27 @@ class Config:
         """The development default: the same values as C{conf/imserver.toml}."""
         return cls()
 
+    def __attrs_post_init__(self) -> None:
+        server = self.server
+        if server.workers > 1:
+            last = server.node_id + server.workers - 1
+            if last > 1023:
+                raise ConfigError(
+                    f"[server].workers: node ids {server.node_id}..{last} go past 1023;"
+                    " lower [server].node_id or [server].workers"
+                )
+            if self.storage.redis is None or self.storage.sql.kind != "mysql":
+                raise ConfigError(
+                    "[server].workers > 1 needs [storage].redis and a mysql:// [storage].sql "
+                    "(the embedded default cannot be shared between processes)"
+                )
+            for desc in (*server.listen, server.http):
+                if desc is not None and endpoint_args(desc)[0] not in ("tcp", "tcp6"):
+                    raise ConfigError(
+                        f"[server].workers > 1 shares ports with SO_REUSEPORT: {desc!r} must be "
+                        "a tcp: or tcp6: endpoint (terminate TLS in front of the workers)"
+                    )
+
     def check_deployable(self) -> None:
         """
         Refuse placeholder secrets, and the development secrets anywhere but
@@ -371,16 +396,19 @@ def _load_section(cls: Any, name: str, table: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
-def _endpoint_args(desc: str) -> tuple[str, dict[str, str]]:
-    """Split C{type:arg:key=value} on unescaped colons (Twisted's syntax)."""
+def endpoint_args(desc: str) -> tuple[str, dict[str, str], list[str]]:
+    """
+    Split C{type:arg:key=value} on unescaped colons (Twisted's syntax):
+    the type, the keyword arguments and the positional ones.
+    """
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", desc)]
     kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    return parts[0], kwargs
+    return parts[0], kwargs, [p for p in parts[1:] if "=" not in p]
 
 
 def is_loopback(desc: str) -> bool:
     """Whether a server endpoint only accepts local connections."""
-    kind, kwargs = _endpoint_args(desc)
+    kind, kwargs, _ = endpoint_args(desc)
     if kind in ("unix", "systemd"):
         return kind == "unix"
     iface = kwargs.get("interface", "")

@@ -255,6 +255,11 @@ class ServerCollector(Collector):
                 "Connections kicked by a login on another node.",
                 cluster.kicked_remotely,
             )
+            yield _counter(
+                "imserver_cluster_profiles",
+                "Changed profiles received from the cluster (this node's included).",
+                cluster.profiles_received,
+            )
         http = CounterMetricFamily(
             "imserver_http_requests", "HTTP API requests by status.", labels=["code"]
         )

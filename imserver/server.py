@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -26,6 +27,7 @@ from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
+from imserver.listen import listen_reuse_port, with_backlog
 from imserver.metrics import Metrics, ServerCollector
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
@@ -46,8 +48,15 @@ class IMServer(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, worker_index: int | None = None) -> None:
         super().__init__()
+        if worker_index is not None:
+            # One worker of several: its own node id, ports shared with the others.
+            config = attrs.evolve(
+                config,
+                server=attrs.evolve(config.server, node_id=config.server.node_id + worker_index),
+            )
+        self.worker_index = worker_index
         self.config = config
         self.reactor = reactor
         self.registry = LocalRegistry()
@@ -99,7 +108,10 @@ class IMServer(MultiService):
             limits=config.limits,
             clock=reactor,
             observe=self.metrics.observe,
+            shared_profiles=self.cluster is not None,
         )
+        if self.cluster is not None:
+            self.cluster.on_profile = self.chat.profiles.put
         for db in (self.db, self.background):
             db.observe = self.metrics.sql(db.name)
         for queue, batcher in (
@@ -129,6 +141,7 @@ class IMServer(MultiService):
             metrics=self.metrics,
             clock=reactor,
             pubsub=None if self.cluster is None else self.cluster.pubsub_state,
+            node=config.server.node_id,
         )
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -153,13 +166,11 @@ class IMServer(MultiService):
         if self.notifier is not None:
             self.notifier.start()
         for desc in cfg.server.listen:
-            port = await serverFromString(self.reactor, with_backlog(desc)).listen(self.gateway)
+            port = await self._listen(desc, self.gateway)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
         if cfg.server.http is not None:
-            port = await serverFromString(self.reactor, with_backlog(cfg.server.http)).listen(
-                self.site
-            )
+            port = await self._listen(cfg.server.http, self.site)
             self.ports.append(port)
             self.log.info("listening for HTTP on {address}", address=port.getHost())
         self.log.info(
@@ -169,6 +180,15 @@ class IMServer(MultiService):
             sql=cfg.storage.sql.kind,
             hot=self.store.hot.kind,
         )
+
+    async def _listen(self, desc: str, factory: Any) -> IListeningPort:
+        """Listen on an endpoint; shared with the other workers (SO_REUSEPORT) if any."""
+        if self.worker_index is not None:
+            return listen_reuse_port(self.reactor, desc, factory)
+        port: IListeningPort = await serverFromString(self.reactor, with_backlog(desc)).listen(
+            factory
+        )
+        return port
 
     def _start_failed(self, failure: Failure) -> None:
         self.log.failure("imserver failed to start", failure)
@@ -207,20 +227,6 @@ class IMServer(MultiService):
             await self.cluster.stop()
         await self.store.stop()
         self.log.info("imserver stopped")
-
-
-#: Pending connections the kernel may queue per listener (capped by
-#: net.core.somaxconn). Twisted's default of 50 drops a burst of reconnecting
-#: clients and makes them wait for SYN retries (1 s, 3 s, ...).
-LISTEN_BACKLOG = 4096
-
-
-def with_backlog(desc: str) -> str:
-    """A TCP or TLS endpoint description with a large backlog, unless it sets one."""
-    kind = desc.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in desc:
-        return f"{desc}:backlog={LISTEN_BACKLOG}"
-    return desc
 
 
 def _exit_failed() -> None:

@@ -17,6 +17,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path to a TOML configuration file (see conf/)."],
+        ["worker-index", None, None, "Internal: run as worker K of [server].workers."],
     ]
 
     def postOptions(self) -> None:
@@ -25,15 +26,28 @@ class Options(usage.Options):
             config.check_deployable()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        index = self["worker-index"]
+        if index is not None and not (index.isdigit() and int(index) < config.server.workers):
+            raise usage.UsageError(f"--worker-index must be in 0..{config.server.workers - 1}")
+        if config.server.workers > 1 and self["config"] is None:
+            raise usage.UsageError("[server].workers > 1 needs a --config file")
         self["parsed"] = config
 
 
 def makeService(options: Options) -> IService:
-    """Wire the node; nothing starts until twistd starts the service."""
+    """Wire the node (or the supervisor of several); nothing starts until twistd starts it."""
     from twisted.internet import reactor  # the composition root picks the reactor
 
     from imserver.server import IMServer
+    from imserver.supervisor import Supervisor
 
     config: Config = options["parsed"]
-    service: IService = IMServer(config, reactor)
+    index = options["worker-index"]
+    service: IService
+    if index is not None:
+        service = IMServer(config, reactor, worker_index=int(index))
+    elif config.server.workers > 1:
+        service = Supervisor(config, options["config"], reactor)
+    else:
+        service = IMServer(config, reactor)
     return service

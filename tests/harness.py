@@ -383,6 +383,11 @@ class ServerProcess(_Process):
     def secret(self) -> str:
         return str(self.config["auth"]["secret"])
 
+    @property
+    def workers(self) -> int:
+        """Worker processes (C{[server].workers}): each logs "ready"."""
+        return int(self.config["server"].get("workers", 1))
+
     def start(self, timeout: float = 30) -> ServerProcess:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         env = dict(os.environ)
@@ -393,7 +398,8 @@ class ServerProcess(_Process):
         def up() -> bool:
             if not self.running:
                 raise BackendUnavailable(f"imserver exited early:\n{self.log()[-4000:]}")
-            return "ready (config" in self.log()[offset:] and port_open(self.port)
+            ready = self.log()[offset:].count("ready (config")
+            return ready >= self.workers and port_open(self.port)
 
         wait_for(up, timeout, f"imserver on port {self.port}", interval=0.05)
         return self

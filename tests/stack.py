@@ -27,6 +27,7 @@ from imserver.services.presence import IClientLink, IPresence
 from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
 from imserver.storage.hot.redis import RedisHotStore
+from imserver.storage.model import Profile
 from imserver.storage.sql.database import Database
 from imserver.storage.sql.engines import create_engine
 from imserver.storage.store import Store
@@ -41,27 +42,33 @@ class RecordingPresence:
     """Presence where users are "online" when the test says so; pushes are recorded."""
 
     def __init__(self) -> None:
-        self.online: set[int] = set()
+        self.online_users: set[int] = set()
         self.pushes: dict[int, list[dict[str, Any]]] = {}
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
-        self.online.add(uid)
+        self.online_users.add(uid)
         return succeed(None)
 
     def logout(self, uid: int, link: IClientLink) -> None:
-        self.online.discard(uid)
+        self.online_users.discard(uid)
 
     def local(self, uid: int) -> IClientLink | None:
         return None
 
     def push(self, uid: int, frame: Mapping[str, Any]) -> bool:
-        if uid not in self.online:
+        if uid not in self.online_users:
             return False
         self.pushes.setdefault(uid, []).append(dict(frame))
         return True
 
     def links(self) -> Iterator[IClientLink]:
         return iter(())
+
+    def share_profile(self, profile: Profile) -> None:
+        pass
+
+    def online(self, uid: int) -> Deferred[bool]:
+        return succeed(uid in self.online_users)
 
     def take(self, uid: int, kind: str | None = None) -> list[dict[str, Any]]:
         """Pushes received by C{uid} (of one kind), forgetting them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Any
 
 from cryptography import x509
@@ -63,6 +64,26 @@ class ParseTests(SynchronousTestCase):
             parse_config(raw)
         for fragment in fragments:
             self.assertIn(fragment, str(e.exception))
+
+    def test_workers_need_shared_backends_and_tcp_ports(self) -> None:
+        shared = {"sql": "mysql://im:pw@db/im", "redis": "redis://r:6379/0"}
+        config = parse_config({"server": {"workers": 4, "node_id": 8}, "storage": shared})
+        self.assertEqual(config.server.workers, 4)
+        self.assertRefused({"server": {"workers": 2}}, "[server].workers", "[storage].redis")
+        self.assertRefused(
+            {"server": {"workers": 2}, "storage": {"redis": "redis://r:6379/0"}},
+            "mysql://",
+        )
+        self.assertRefused(
+            {"server": {"workers": 4, "node_id": 1021}, "storage": shared}, "1021..1024"
+        )
+        self.assertRefused(
+            {"server": {"workers": 2, "listen": "unix:/run/im.sock"}, "storage": shared},
+            "'unix:/run/im.sock'",
+            "tcp:",
+        )
+        self.assertRefused({"server": {"workers": 0}}, "[server].workers")
+        self.assertRefused({"server": {"workers": 65}}, "[server].workers")
 
     def test_empty_file_is_the_embedded_default(self) -> None:
         self.assertEqual(parse_config({}), Config.embedded())
@@ -203,6 +224,21 @@ class TapOptionsTests(SynchronousTestCase):
             options.parseOptions(["--config", path])
         self.assertIn("[server].node_id", str(e.exception))
 
+    def test_worker_index(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                '[server]\nworkers = 2\n[storage]\nsql = "mysql://im:pw@db/im"\n'
+                'redis = "redis://r:6379/0"\n'
+            )
+        options = tap.Options()
+        options.parseOptions(["--config", path, "--worker-index", "1"])
+        self.assertEqual(options["worker-index"], "1")
+        for bad in ("2", "-1", "x"):
+            with self.assertRaises(usage.UsageError) as e:
+                tap.Options().parseOptions(["--config", path, "--worker-index", bad])
+            self.assertIn("--worker-index must be in 0..1", str(e.exception))
+
     def test_no_config_is_the_embedded_default(self) -> None:
         options = tap.Options()
         options.parseOptions([])
@@ -210,8 +246,25 @@ class TapOptionsTests(SynchronousTestCase):
 
 
 class ListenBacklogTests(SynchronousTestCase):
+    def test_shared_port_address(self) -> None:
+        from imserver.listen import LISTEN_BACKLOG, reuse_port_address
+
+        self.assertEqual(
+            reuse_port_address("tcp:7000:interface=127.0.0.1"),
+            (socket.AF_INET, "127.0.0.1", 7000, LISTEN_BACKLOG),
+        )
+        self.assertEqual(
+            reuse_port_address("tcp:port=7000:backlog=64"),
+            (socket.AF_INET, "0.0.0.0", 7000, 64),
+        )
+        self.assertEqual(
+            reuse_port_address(r"tcp6:7000:interface=\:\:1"),
+            (socket.AF_INET6, "::1", 7000, LISTEN_BACKLOG),
+        )
+        self.assertRaises(ValueError, reuse_port_address, "ssl:7443:privateKey=k.pem")
+
     def test_tcp_and_tls_listeners_get_a_large_backlog(self) -> None:
-        from imserver.server import LISTEN_BACKLOG, with_backlog
+        from imserver.listen import LISTEN_BACKLOG, with_backlog
 
         self.assertEqual(
             with_backlog("tcp:7000:interface=127.0.0.1"),

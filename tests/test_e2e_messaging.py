@@ -4,11 +4,11 @@ End-to-end: every messaging op, push and error code of wire protocol v1
 subprocesses, on both backends: the embedded default (SQLite + in-process hot
 store) and MariaDB + Redis (throwaway instances from L{tests.harness}).
 
-L{MessagingTestsMixin} holds the tests; each backend class starts one shared
-server lazily and reuses it (every test uses fresh uids, so tests never see
-each other's data). Tests that need a special configuration (content filter,
-rate limit, recall window, a broken or stopped database) start their own
-server.
+L{MessagingTestsMixin} holds the tests (L{MessagingHelpers} their tools);
+each backend class starts one shared server lazily and reuses it (every test
+uses fresh uids, so tests never see each other's data). Tests that need a
+special configuration (content filter, rate limit, recall window, a broken or
+stopped database) start their own server.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-class MessagingTestsMixin(ClientsMixin, _Base):
-    """The messaging contract; subclasses say which backend to run it on."""
+class MessagingHelpers(ClientsMixin, _Base):
+    """Log in, send, and check replies and pushes (for these tests and the cluster's)."""
 
     # One server per concrete class, started on first use (trial has no
     # setUpClass); the harness kills it at exit.
@@ -208,6 +208,10 @@ class MessagingTestsMixin(ClientsMixin, _Base):
 
     async def history(self, client: IMClientProtocol, **fields: Any) -> Frame:
         return await self.result(client, "history", **fields)
+
+
+class MessagingTestsMixin(MessagingHelpers):
+    """The messaging contract; subclasses say which backend to run it on."""
 
     # -- send, the msg object and the msg push ---------------------------------
 

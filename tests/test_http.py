@@ -999,7 +999,7 @@ class HttpE2ETests(E2EMixin, ClientsMixin, TestCase):
         self.assertAnswer(
             await self.call("GET", "/healthz"),
             200,
-            {"status": "ok", "sql": "ok", "redis": "embedded"},
+            {"status": "ok", "sql": "ok", "redis": "embedded", "node": 1},
         )
         answer = await self.call("GET", "/metrics")
         self.assertEqual(answer.status, 200)
@@ -1098,7 +1098,7 @@ class HttpMariaRedisE2ETests(E2EMixin, TestCase):
         self.assertAnswer(
             await self.call("GET", "/healthz"),
             200,
-            {"status": "ok", "sql": "ok", "redis": "ok", "pubsub": "ok"},
+            {"status": "ok", "sql": "ok", "redis": "ok", "pubsub": "ok", "node": 1},
         )
 
     async def test_profile_round_trip(self) -> None:

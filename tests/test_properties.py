@@ -239,7 +239,7 @@ class MessagingMachine(RuleBasedStateMachine):
         stack = await make_stack(self.scope, self.backend, limits=LIMITS)  # type: ignore[arg-type]
         for uid in UIDS:
             await stack.chat.login(uid)
-        stack.presence.online.update(UIDS)
+        stack.presence.online_users.update(UIDS)
         return stack
 
     def run(self, f: Callable[[], Coroutine[Any, Any, T]]) -> T:

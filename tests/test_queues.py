@@ -146,7 +146,7 @@ class OutboxContract:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
         await stack.chat.sync(b, 10, 0, None)  # b has a ready hot copy
-        stack.presence.online.add(b)
+        stack.presence.online_users.add(b)
         stack.chat._start_fanout = lambda *args: None  # the "crash": no push, no fan-out
         lost = await stack.chat.send(a, b, "lost", "text", "x")
         rows = await stack.store.background.run("t", _outbox_rows)
@@ -186,7 +186,7 @@ class OutboxContract:
             raise HotUnavailable("down")
 
         stack.hot.fanout = down
-        stack.presence.online.add(b)
+        stack.presence.online_users.add(b)
         await stack.chat.send(a, b, "x", "text", "x")
         await stack.settle()
         self.assertEqual(len(stack.presence.take(b, "msg")), 1)  # pushed anyway

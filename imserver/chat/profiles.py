@@ -1,8 +1,13 @@
 """
 A short-lived in-process profile cache in front of the store's (Redis, then
 SQL): sending enriches every message with its sender's profile, so this keeps
-that off the network. Entries expire after C{ttl} seconds, which bounds how
-long a profile changed on another node can look old here.
+that off the network. Entries expire after C{ttl} seconds.
+
+In a cluster (C{shared}) a profile may change on another node: that node
+broadcasts it (L{ProfileCache.put} here), but a reply that reads profiles
+must not race that broadcast, so L{ProfileCache.get} then reads the store
+(whose Redis copy is written before the change is acknowledged) and only
+the send path's L{ProfileCache.peek} uses the local copy.
 """
 
 from __future__ import annotations
@@ -19,9 +24,16 @@ from imserver.storage.store import Store
 
 class ProfileCache:
     def __init__(
-        self, store: Store, clock: IReactorTime, *, ttl: float = 10.0, size: int = 100_000
+        self,
+        store: Store,
+        clock: IReactorTime,
+        *,
+        ttl: float = 10.0,
+        size: int = 100_000,
+        shared: bool = False,
     ) -> None:
         self._store = store
+        self.shared = shared
         self._clock = clock
         self.ttl = ttl
         self.size = size
@@ -63,7 +75,7 @@ class ProfileCache:
         found: dict[int, Profile] = {}
         missing = []
         for uid in dict.fromkeys(uids):
-            profile = self.cached(uid)
+            profile = None if self.shared else self.cached(uid)
             if profile is None:
                 missing.append(uid)
             else:

@@ -94,6 +94,7 @@ class ChatService:
         limits: LimitsConfig,
         clock: IReactorTime,
         observe: Observer = _ignore,
+        shared_profiles: bool = False,
     ) -> None:
         self.store = store
         self.observe = observe
@@ -102,7 +103,8 @@ class ChatService:
         self.content = content
         self.limits = limits
         self.clock = clock
-        self.profiles = ProfileCache(store, clock)
+        # Other nodes may change profiles: see ProfileCache.
+        self.profiles = ProfileCache(store, clock, shared=shared_profiles)
         #: The real-time queue: fan-out of committed messages, in commit order.
         self.fanouts: Batcher[tuple[Committed, Any, float], None] = Batcher(
             "fanout",
@@ -407,8 +409,13 @@ class ChatService:
         profile = await self.store.set_profile(uid, nickname, avatar)
         if profile is None:
             raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
-        self.profiles.put(profile)
+        self.profile_changed(profile)
         return {"user": profile.public()}
+
+    def profile_changed(self, profile: Profile) -> None:
+        """A profile was written: cache it here, and tell the other nodes."""
+        self.profiles.put(profile)
+        self.presence.share_profile(profile)
 
     async def drain(self) -> None:
         """Wait until every commit and fan-out queued so far is done."""

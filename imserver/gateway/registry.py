@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.services.presence import IClientLink, IPresence
+from imserver.storage.model import Profile
 
 KICK_LOGIN_ELSEWHERE = "login_elsewhere"
 
@@ -52,6 +53,12 @@ class LocalRegistry:
             return False
         link.push(frame)
         return True
+
+    def share_profile(self, profile: Profile) -> None:
+        pass
+
+    def online(self, uid: int) -> Deferred[bool]:
+        return succeed(uid in self._links)
 
     def links(self) -> Iterator[IClientLink]:
         return iter(list(self._links.values()))

@@ -75,8 +75,10 @@ class Api(Responder):
         metrics: Metrics,
         clock: IReactorTime,
         pubsub: Callable[[], str] | None = None,
+        node: int | None = None,
     ) -> None:
         self.pubsub = pubsub
+        self.node = node
         self.chat = chat
         self.store = store
         self.tokens = tokens
@@ -243,7 +245,9 @@ class Health(ApiEndpoint):
             and status.get("redis") in ("ok", "embedded")
             and status.get("pubsub", "ok") == "ok"
         )
-        body = {"status": "ok" if healthy else "degraded", **status}
+        body: dict[str, Any] = {"status": "ok" if healthy else "degraded", **status}
+        if self.api.node is not None:
+            body["node"] = self.api.node
         return json_reply(body, 200 if healthy else 503)
 
 
@@ -342,14 +346,14 @@ class AdminUser(ApiEndpoint):
         uid = path_uid(self.segment)
         profile = await self.api.profile(uid)
         pending = await self.api.store.pending_count(uid)
-        online = self.api.presence.local(uid) is not None
+        online = await self.api.presence.online(uid)
         return json_reply({**profile.public(), "online": online, "pending": pending})
 
     async def put(self, call: Call) -> Reply:
         uid = path_uid(self.segment)
         nickname, avatar = profile_fields(call.body)
         profile, created = await self.api.store.upsert_user(uid, nickname, avatar)
-        self.api.chat.profiles.put(profile)
+        self.api.chat.profile_changed(profile)
         if created:
             location = b"/v1/users/%d" % uid
             return json_reply({"user": profile.public()}, 201, ((b"Location", location),))
@@ -409,12 +413,15 @@ def make_site(
     clock: IReactorTime,
     max_body: int = MAX_BODY,
     pubsub: Callable[[], str] | None = None,
+    node: int | None = None,
 ) -> ApiSite:
     """
     The API's site.
 
     @param pubsub: the state of this node's pub/sub subscription (C{ok} or
         C{down}) in a cluster; part of the health.
+    @param node: this node's id, shown by C{/healthz} (which node of a
+        cluster, or worker of a machine, answered).
     @param clock: the reactor (or a L{twisted.internet.task.Clock}): token
         times, and the site's own timers (idle connections, refused bodies).
     """
@@ -427,6 +434,7 @@ def make_site(
         metrics=metrics,
         clock=clock,
         pubsub=pubsub,
+        node=node,
     )
     root = JsonResource(api)
     root.putChild(b"healthz", Health(api))

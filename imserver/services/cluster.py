@@ -13,6 +13,8 @@ L{ClusterPresence} wraps this node's local registry (any L{IPresence}):
   msgpack). Pushes are gathered for one reactor turn and sent with one
   script call. If the user left or the node died meanwhile the push is
   simply lost: the message stays pending and is synced on reconnect.
+* Profiles: a node that changes a profile publishes it on the channel every
+  node hears, so their in-process profile caches never show an old one.
 * Kick: a login tells the node holding the user's previous connection to
   kick it (C{login_elsewhere}), whichever node that is.
 
@@ -22,7 +24,7 @@ wait for it (presences come back with the next refresh).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgpack
@@ -30,11 +32,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imserver.errors import Unavailable
 from imserver.services.presence import IClientLink, IPresence
 from imserver.storage.hot.interface import HotUnavailable
 from imserver.storage.hot.redis import RedisHotStore, Subscription
+from imserver.storage.model import Profile
 
 KICK_LOGIN_ELSEWHERE = "login_elsewhere"
 PRESENCE_TTL_MS = 30_000
@@ -71,6 +76,9 @@ class ClusterPresence:
         self.received = 0
         self.kicked_remotely = 0
         self.route_failures = 0
+        self.profiles_received = 0
+        #: Called with each profile changed on a node (this one included).
+        self.on_profile: Callable[[Profile], None] | None = None
 
     def value(self, link: IClientLink) -> str:
         return f"{self.node}:{self.incarnation}:{link.epoch}"
@@ -129,6 +137,36 @@ class ClusterPresence:
     def links(self) -> Iterator[IClientLink]:
         return iter(self.registry.links())
 
+    def share_profile(self, profile: Profile) -> None:
+        message = msgpack.packb(
+            [
+                [
+                    "u",
+                    str(profile.uid),
+                    msgpack.packb([profile.nickname, profile.avatar, profile.version]),
+                ]
+            ],
+            use_bin_type=True,
+        )
+        d = Deferred.fromCoroutine(self._redis.broadcast(message))
+        d.addErrback(self._profile_not_shared, profile.uid)
+
+    def _profile_not_shared(self, failure: Failure, uid: int) -> None:
+        # The other nodes keep their copy until its TTL (seconds).
+        failure.trap(HotUnavailable)
+        self.log.warn("profile of {uid} not shared: {error}", uid=uid, error=failure.value)
+
+    def online(self, uid: int) -> Deferred[bool]:
+        async def online() -> bool:
+            if self.registry.local(uid) is not None:
+                return True
+            try:
+                return await self._redis.presence_get(uid) is not None
+            except HotUnavailable as e:
+                raise Unavailable(f"presence is unknown while Redis is down: {e}") from None
+
+        return Deferred.fromCoroutine(online())
+
     # -- routing -----------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -146,19 +184,25 @@ class ClusterPresence:
             self.log.warn("{n} cross-node pushes lost: {error}", n=len(pushes), error=e)
 
     def _on_message(self, message: bytes) -> None:
+        # Lua's cmsgpack packs every string as "str", and push frames are
+        # binary msgpack (not UTF-8): unpack raw and decode the text fields.
         try:
-            entries = msgpack.unpackb(message, raw=False)
-        except Exception:
-            self.log.warn("unreadable message on this node's channel")
+            entries = [_entry(*entry) for entry in msgpack.unpackb(message, raw=True)]
+        except Exception as e:
+            self.log.warn("unreadable message on this node's channel: {error!r}", error=e)
             return
-        for kind, uid_text, data in entries:
-            uid = int(uid_text)
+        for kind, uid, data in entries:
+            if kind == "u":
+                self.profiles_received += 1
+                if self.on_profile is not None:
+                    self.on_profile(data)
+                continue
             link = self.registry.local(uid)
             if link is None:
                 continue
             if kind == "p":
                 self.received += 1
-                link.push(msgpack.unpackb(data, raw=False))
+                link.push(data)
             elif kind == "k" and data == self._values.get(uid):
                 self.kicked_remotely += 1
                 link.kick(KICK_LOGIN_ELSEWHERE)
@@ -187,3 +231,21 @@ class ClusterPresence:
     def pubsub_state(self) -> str:
         """C{ok} while subscribed to this node's channel, else C{down}."""
         return "ok" if self.subscription is not None and self.subscription.subscribed else "down"
+
+
+def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
+    """
+    One entry of a channel message: (C{p}, uid, push frame), (C{k}, uid,
+    presence) or (C{u}, uid, profile).
+    """
+    if kind == b"u":
+        nickname, avatar, version = msgpack.unpackb(data, raw=False)
+        return "u", int(uid), Profile(int(uid), str(nickname), str(avatar), int(version))
+    if kind == b"p":
+        frame = msgpack.unpackb(data, raw=False)
+        if not isinstance(frame, dict):
+            raise ValueError(f"a push frame must be a map, not {type(frame).__name__}")
+        return "p", int(uid), frame
+    if kind == b"k":
+        return "k", int(uid), data.decode()
+    raise ValueError(f"unknown entry kind {kind!r}")

@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from imserver.storage.model import Profile
+
 
 class IClientLink(Interface):
     """One authenticated connection, as the layers below the gateway see it."""
@@ -55,3 +57,12 @@ class IPresence(Interface):
 
     def links() -> Iterable[IClientLink]:
         """All connections registered on this node."""
+
+    def share_profile(profile: Profile) -> None:
+        """
+        Hand a changed profile to the other nodes, which replace their cached
+        copy (a single node has nobody to tell).
+        """
+
+    def online(uid: int) -> Deferred[bool]:
+        """Whether the user is connected anywhere (this node, or another one)."""

@@ -42,6 +42,9 @@ from imserver.storage.hot.interface import (
 )
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 
+#: Seconds between reconnection attempts at most (txredisapi's default is 10).
+RECONNECT_MAX_DELAY = 1.0
+
 SCRIPTS = (
     "fanout",
     "ack",
@@ -161,6 +164,9 @@ class RedisHotStore:
             convertNumbers=False,
             connectTimeout=self.timeout,
         )
+        # Reconnect within a second of Redis coming back: until every pooled
+        # connection is back, commands routed to the pool can only time out.
+        self._redis._factory.maxDelay = RECONNECT_MAX_DELAY
 
     async def stop(self) -> None:
         if self._redis is not None:
@@ -349,6 +355,11 @@ class RedisHotStore:
         old = await self._script("presence_login", str(uid), value, str(ttl_ms))
         return None if old is None else _str(old)
 
+    async def presence_get(self, uid: int) -> str | None:
+        """The user's presence (C{node:incarnation:epoch}), if online anywhere."""
+        value = await self.command("GET", f"{self.prefix}:presence:{uid}")
+        return None if value is None else _str(value)
+
     async def presence_logout(self, uid: int, value: str) -> None:
         await self._script("presence_logout", str(uid), value)
 
@@ -365,11 +376,17 @@ class RedisHotStore:
             await self._script("presence_route", node, _pack([[str(u), f] for u, f in pushes]))
         )
 
+    async def broadcast(self, message: bytes) -> None:
+        """Publish to every node (the channel all of them listen on besides their own)."""
+        await self.command("PUBLISH", f"{self.prefix}:nodes", message)
+
     def subscribe(self, node: str, on_message: Callable[[bytes], None]) -> Subscription:
-        """Listen on this node's channel (resubscribing after every reconnect)."""
-        subscription = Subscription(
-            self._reactor, self.target, f"{self.prefix}:node:{node}", on_message
-        )
+        """
+        Listen on this node's channel and on the one every node hears
+        (resubscribing after every reconnect).
+        """
+        channels = (f"{self.prefix}:node:{node}", f"{self.prefix}:nodes")
+        subscription = Subscription(self._reactor, self.target, channels, on_message)
         subscription.start()
         return subscription
 
@@ -381,7 +398,7 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
 
     def connectionMade(self) -> Deferred[None]:
         d: Deferred[None] = super().connectionMade()
-        d.addCallback(lambda _: self.subscribe([self.subscription.channel]))
+        d.addCallback(lambda _: self.subscribe(list(self.subscription.channels)))
         d.addCallbacks(lambda _: self.subscription._subscribed(self), self.subscription._failed)
         return d
 
@@ -395,7 +412,7 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
 
 class Subscription:
     """
-    One pub/sub channel, kept subscribed across Redis restarts (txredisapi
+    Pub/sub channels, kept subscribed across Redis restarts (txredisapi
     reconnects the connection but does not subscribe again by itself).
     """
 
@@ -405,12 +422,12 @@ class Subscription:
         self,
         reactor: Any,
         target: RedisTarget,
-        channel: str,
+        channels: Sequence[str],
         on_message: Callable[[bytes], None],
     ) -> None:
         self._reactor = reactor
         self.target = target
-        self.channel = channel
+        self.channels = tuple(channels)
         self.on_message = on_message
         self._factory: Any = None
         self._protocol: Any = None
@@ -430,7 +447,7 @@ class Subscription:
         factory.charset = None
         factory.convertNumbers = False
         factory.password = self.target.password
-        factory.maxDelay = 2
+        factory.maxDelay = RECONNECT_MAX_DELAY
         self._factory = factory
         factory.startConnecting(
             TCP4ClientEndpoint(self._reactor, self.target.host, self.target.port)
@@ -439,22 +456,29 @@ class Subscription:
     def _subscribed(self, protocol: Any) -> None:
         self._protocol = protocol
         if self.resubscriptions:
-            self.log.info("resubscribed to {channel}", channel=self.channel)
+            self.log.info("resubscribed to {channels}", channels=", ".join(self.channels))
         self.resubscriptions += 1
         self.subscribed = True
 
     def _failed(self, failure: Any) -> None:
         self.log.warn(
-            "cannot subscribe to {channel}: {error}", channel=self.channel, error=failure.value
+            "cannot subscribe to {channels}: {error}",
+            channels=", ".join(self.channels),
+            error=failure.value,
         )
 
     def _lost(self, protocol: Any) -> None:
         if protocol is self._protocol:
             self.subscribed = False
             self._protocol = None
-            self.log.warn("lost the subscription to {channel}; reconnecting", channel=self.channel)
+            self.log.warn(
+                "lost the subscription to {channels}; reconnecting",
+                channels=", ".join(self.channels),
+            )
 
     async def stop(self) -> None:
         if self._factory is not None:
             factory, self._factory = self._factory, None
+            self._protocol = None  # a loss we asked for: nothing to warn about
+            self.subscribed = False
             await factory.disconnect()

@@ -1,0 +1,146 @@
+"""
+Several worker processes on one machine: C{[server] workers = N}.
+
+The twistd process started by the operator becomes a supervisor: it runs N
+workers (C{twistd -n imserver --config PATH --worker-index K}), each a full
+node with its own node id (C{[server].node_id + K}) listening on the shared
+ports with SO_REUSEPORT, so the kernel spreads connections over them. A
+worker that dies is started again (after 1 s, doubling up to 30 s while it
+keeps dying quickly). On SIGTERM the supervisor passes the signal on, waits
+for the workers' graceful shutdown, and kills what is left after the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imserver.config import Config
+
+#: A worker that lived longer than this had a fresh crash: restart it soon.
+STABLE_SECONDS = 30.0
+MAX_RESTART_DELAY = 30.0
+
+
+class WorkerProtocol(ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class Supervisor(Service):
+    log = Logger()
+
+    def __init__(self, config: Config, config_path: str, reactor: Any) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.reactor = reactor
+        self.workers: dict[int, WorkerProtocol] = {}
+        self._started_at: dict[int, float] = {}
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self.stopping = False
+        #: Read by tests and logs.
+        self.restarted = 0
+
+    def argv(self, index: int) -> list[str]:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return [
+            twistd,
+            "-n",
+            "--pidfile=",
+            "imserver",
+            "--config",
+            self.config_path,
+            "--worker-index",
+            str(index),
+        ]
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "starting {n} workers (node ids {first}..{last})",
+            n=self.config.server.workers,
+            first=self.config.server.node_id,
+            last=self.config.server.node_id + self.config.server.workers - 1,
+        )
+        for index in range(self.config.server.workers):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        protocol = WorkerProtocol(self, index)
+        self.workers[index] = protocol
+        self._started_at[index] = self.reactor.seconds()
+        self.reactor.spawnProcess(
+            protocol,
+            self.argv(index)[0],
+            self.argv(index),
+            env=dict(os.environ),
+            childFDs={0: "w", 1: 1, 2: 2},
+        )
+
+    def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
+        index = protocol.index
+        if self.workers.get(index) is protocol:
+            del self.workers[index]
+        if self.stopping:
+            return
+        lived = self.reactor.seconds() - self._started_at.get(index, 0.0)
+        delay = (
+            1.0
+            if lived > STABLE_SECONDS
+            else min(MAX_RESTART_DELAY, 2 * self._delays.get(index, 0.5))
+        )
+        self._delays[index] = delay
+        self.restarted += 1
+        status = "" if reason.check(ProcessDone) else f" ({reason.value})"
+        self.log.warn(
+            "worker {index} exited{status}; restarting it in {delay:.0f}s",
+            index=index,
+            status=status,
+            delay=delay,
+        )
+        self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        waiting = [p.ended for p in self.workers.values()]
+        for protocol in list(self.workers.values()):
+            self._signal(protocol, signal.SIGTERM)
+        budget = self.config.server.shutdown_seconds + 10
+        killer = self.reactor.callLater(budget, self._kill_all)
+        done = DeferredList(waiting)
+        done.addBoth(lambda _: killer.active() and killer.cancel())
+        return done
+
+    def _kill_all(self) -> None:
+        for protocol in list(self.workers.values()):
+            self.log.warn("worker {index} did not stop in time: killing it", index=protocol.index)
+            self._signal(protocol, signal.SIGKILL)
+
+    def _signal(self, protocol: WorkerProtocol, sig: int) -> None:
+        try:
+            protocol.transport.signalProcess(sig)  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass

@@ -1,0 +1,458 @@
+"""
+Several nodes on one MariaDB and one Redis (docs/scaling.md).
+
+* L{ClusterPresenceTests}: two L{ClusterPresence} in this process on a real
+  Redis: routing, kicks, compare-and-delete logout, refresh, resubscription.
+* L{ClusterMessagingTests}: the whole messaging contract of
+  L{tests.test_e2e_messaging} on three C{twistd} nodes, each login going to
+  the next node, so sender and recipient (and a user's two connections) are
+  on different nodes.
+* L{NodeFailureTests}: a node killed (its users reconnect elsewhere and sync
+  exactly once), Redis restarted (cross-node pushes resume).
+* L{WorkersTests}: C{[server] workers = 2}: one supervisor, two nodes sharing
+  the port, a dead worker started again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import msgpack
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from imserver.client import IMClientProtocol
+from imserver.config import parse_config
+from imserver.gateway.registry import LocalRegistry
+from imserver.services.cluster import KICK_LOGIN_ELSEWHERE, ClusterPresence
+from imserver.services.presence import IClientLink
+from imserver.storage.hot.interface import HotUnavailable
+from imserver.storage.hot.redis import RedisHotStore
+from imserver.storage.model import Profile
+from tests import test_e2e_messaging as messaging
+from tests.harness import (
+    RedisServer,
+    ServerProcess,
+    fresh_prefix,
+    shared_mariadb,
+    shared_redis,
+    wait_for,
+)
+from tests.support import eventually, reactor, sleep, within
+
+Frame = dict[str, Any]
+
+_uids = itertools.count(1)
+
+
+@implementer(IClientLink)
+@attrs.define(eq=False)
+class RecordingLink:
+    uid: int
+    epoch: int
+    pushes: list[Frame] = attrs.Factory(list)
+    kicks: list[str] = attrs.Factory(list)
+
+    def push(self, frame: Mapping[str, Any]) -> None:
+        self.pushes.append(dict(frame))
+
+    def kick(self, reason: str) -> None:
+        self.kicks.append(reason)
+
+
+async def answers(presence: ClusterPresence) -> bool:
+    """Whether the node's Redis connections answer (again)."""
+    try:
+        await presence._redis.ping()
+    except HotUnavailable:
+        return False
+    return True
+
+
+class ClusterPresenceTests(TestCase):
+    """Two nodes' presence in this process, on the harness's Redis."""
+
+    def setUp(self) -> None:
+        self.prefix = fresh_prefix()
+        self.epochs = itertools.count(1)
+
+    async def node(self, node_id: int, redis: RedisServer | None = None) -> ClusterPresence:
+        target = parse_config({"storage": {"redis": (redis or shared_redis()).url}}).storage.redis
+        assert target is not None
+        hot = RedisHotStore(reactor, target, self.prefix, timeout=1.0)
+        await hot.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(hot.stop()))
+        presence = ClusterPresence(reactor, LocalRegistry(), hot, node_id, ttl_seconds=3)
+        presence.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(presence.stop()))
+        await eventually(lambda: presence.pubsub_state() == "ok")
+        return presence
+
+    def link(self, uid: int) -> RecordingLink:
+        return RecordingLink(uid, next(self.epochs))
+
+    async def test_push_reaches_the_node_holding_the_user(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        # Binary msgpack on the way: big ints, non-ASCII text, nesting.
+        frame = {
+            "t": "msg",
+            "msg_id": 2**52 + 7,
+            "body": {"text": "héllo ✓ \x00", "n": [-1, 2**40, 1.5, None, True]},
+        }
+        self.assertFalse(a.push(bob.uid, frame))  # not here: routed
+        await eventually(lambda: bob.pushes)
+        self.assertEqual(bob.pushes, [frame])
+        self.assertEqual((a.routed, b.received), (1, 1))
+
+    async def test_pushes_of_one_turn_all_arrive_in_order(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        users = [self.link(next(_uids)) for _ in range(50)]
+        for user in users:
+            await b.login(user.uid, user)
+        for i in range(5):
+            for user in users:
+                a.push(user.uid, {"t": "msg", "i": i})
+        await eventually(lambda: all(len(u.pushes) == 5 for u in users))
+        for user in users:
+            self.assertEqual([p["i"] for p in user.pushes], [0, 1, 2, 3, 4])
+        self.assertEqual(a.routed, 250)
+
+    async def test_push_to_a_user_online_nowhere_is_dropped(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        self.assertFalse(a.push(next(_uids), {"t": "msg"}))
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        a.push(bob.uid, {"t": "msg", "n": 1})
+        await eventually(lambda: bob.pushes)
+        self.assertEqual(a.routed, 1)
+
+    async def test_login_on_another_node_kicks_the_older_connection(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        first, second = self.link(uid), self.link(uid)
+        await a.login(uid, first)
+        await b.login(uid, second)
+        await eventually(lambda: first.kicks)
+        self.assertEqual(first.kicks, [KICK_LOGIN_ELSEWHERE])
+        self.assertEqual(second.kicks, [])
+        self.assertEqual(a.kicked_remotely, 1)
+        # The kicked connection logs out: that must not remove the new presence.
+        a.logout(uid, first)
+        await sleep(0.1)
+        self.assertTrue(await a.online(uid))
+        a.push(uid, {"t": "msg"})
+        await eventually(lambda: second.pushes)
+
+    async def test_a_stale_kick_spares_a_newer_connection(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        first, second, third = self.link(uid), self.link(uid), self.link(uid)
+        await a.login(uid, first)
+        await b.login(uid, second)  # kicks first, on a
+        await a.login(uid, third)  # back on a: kicks second, on b
+        await eventually(lambda: second.kicks)
+        await sleep(0.2)
+        self.assertEqual(third.kicks, [])
+        self.assertEqual(second.kicks, [KICK_LOGIN_ELSEWHERE])
+        self.assertEqual(first.kicks, [KICK_LOGIN_ELSEWHERE])
+
+    async def test_online_anywhere(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        bob = self.link(next(_uids))
+        self.assertFalse(await a.online(bob.uid))
+        await b.login(bob.uid, bob)
+        self.assertTrue(await a.online(bob.uid))
+        self.assertTrue(await b.online(bob.uid))
+        b.logout(bob.uid, bob)
+        await eventually(lambda: a.online(bob.uid).addCallback(lambda online: not online))
+
+    async def test_a_changed_profile_reaches_every_node(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        seen: dict[str, list[Profile]] = {"a": [], "b": []}
+        a.on_profile, b.on_profile = seen["a"].append, seen["b"].append
+        profile = Profile(next(_uids), "zoë ✓", "https://img/z.png", 2**40)
+        a.share_profile(profile)
+        await eventually(lambda: seen["a"] and seen["b"])
+        self.assertEqual(seen, {"a": [profile], "b": [profile]})
+
+    async def test_refresh_restores_presences_lost_by_redis(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        await b._redis.command("FLUSHALL")
+        self.assertFalse(await a.online(bob.uid))
+        await b.refresh()
+        self.assertTrue(await a.online(bob.uid))
+        a.push(bob.uid, {"t": "msg"})
+        await eventually(lambda: bob.pushes)
+
+    async def test_refresh_kicks_a_user_who_moved_while_the_kick_was_lost(self) -> None:
+        b = await self.node(2)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        # Another node took the presence, and its kick never reached us.
+        await b._redis.command("SET", f"{self.prefix}:presence:{bob.uid}", "9:1:1")
+        await b.refresh()
+        self.assertEqual(bob.kicks, [KICK_LOGIN_ELSEWHERE])
+
+    async def test_an_unreadable_channel_message_is_skipped(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        channel = f"{self.prefix}:node:{b.node}"
+        junk = [
+            b"\xc1garbage",
+            msgpack.packb({"not": "a list"}),
+            msgpack.packb([[1, 2]]),
+            msgpack.packb([["p", str(bob.uid), msgpack.packb(7)]]),
+            msgpack.packb([["p", str(bob.uid), b"\xc1"]]),
+            msgpack.packb([["x", str(bob.uid), b""]]),
+        ]
+        for message in junk:
+            await b._redis.command("PUBLISH", channel, message)
+        a.push(bob.uid, {"t": "msg", "after": "junk"})
+        await eventually(lambda: bob.pushes)
+        self.assertEqual(bob.pushes, [{"t": "msg", "after": "junk"}])
+
+    async def test_pushes_resume_after_a_redis_restart(self) -> None:
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        a, b = await self.node(1, redis), await self.node(2, redis)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+
+        redis.stop()
+        await eventually(lambda: b.pubsub_state() == "down")
+        self.assertFalse(a.push(bob.uid, {"t": "msg", "n": 1}))  # lost: Redis is down
+        await eventually(lambda: a.route_failures == 1)
+
+        redis.start()  # empty: presences are gone until the next refresh
+        await eventually(lambda: b.pubsub_state() == "ok", timeout=15)
+        self.assertGreaterEqual(b.subscription.resubscriptions, 2)  # type: ignore[union-attr]
+        await eventually(lambda: answers(a))
+        await b.refresh()
+        a.push(bob.uid, {"t": "msg", "n": 2})
+        await eventually(lambda: bob.pushes)
+        self.assertEqual(bob.pushes, [{"t": "msg", "n": 2}])
+
+
+def cluster_backend() -> dict[str, dict[str, Any]]:
+    """Config sections for the nodes of one new cluster (shared SQL and Redis)."""
+    return {
+        "storage": {
+            "sql": shared_mariadb().fresh_database(),
+            "redis": shared_redis().url,
+            "key_prefix": fresh_prefix(),
+        }
+    }
+
+
+def start_nodes(
+    case: TestCase, sections: Mapping[str, Mapping[str, Any]], count: int
+) -> list[ServerProcess]:
+    """C{count} nodes (node ids 1..count) of one cluster; stopped after the test."""
+    nodes = []
+    for node_id in range(1, count + 1):
+        config = {name: dict(table) for name, table in sections.items()}
+        config.setdefault("server", {})["node_id"] = node_id
+        node = ServerProcess(config)
+        case.addCleanup(node.cleanup)
+        nodes.append(node.start())
+    return nodes
+
+
+class ClusterMessagingTests(messaging.MessagingTestsMixin, TestCase):
+    """The messaging contract with every login on the next of three nodes."""
+
+    _nodes: list[ServerProcess] = []
+    _turn = itertools.count()
+
+    def backend(self) -> dict[str, dict[str, Any]]:
+        return cluster_backend()
+
+    def break_sql(self, server: ServerProcess) -> None:
+        database = urlsplit(str(server.config["storage"]["sql"])).path.lstrip("/")
+        shared_mariadb().sql("DROP TABLE t_pending", database=database)
+
+    @property
+    def nodes(self) -> list[ServerProcess]:
+        cls = type(self)
+        if len(cls._nodes) != 3 or not all(n.running for n in cls._nodes):
+            for node in cls._nodes:
+                node.cleanup()
+            backend = self.backend()
+            cls._nodes = []
+            for node_id in (1, 2, 3):
+                node = ServerProcess({**backend, "server": {"node_id": node_id}})
+                cls._nodes.append(node.start())
+        return cls._nodes
+
+    async def login(
+        self, uid: int | None = None, server: ServerProcess | None = None
+    ) -> IMClientProtocol:
+        if server is None:
+            server = self.nodes[next(self._turn) % 3]
+        return await super().login(uid, server)
+
+
+class NodeFailureTests(messaging.MessagingHelpers, TestCase):
+    """Nodes and Redis dying under a cluster, on the real processes."""
+
+    async def test_users_of_a_killed_node_reconnect_elsewhere_and_sync_once(self) -> None:
+        sections = {
+            **cluster_backend(),
+            "server": {"presence_ttl_seconds": 2},
+            "limits": {"send_per_second": 1000, "send_burst": 1000},
+        }
+        a, b = start_nodes(self, sections, 2)
+        alice = await self.login(server=a)
+        bob = await self.login(server=b)
+        first = await self.send(alice, bob, "before")
+        self.assertEqual(await self.push(bob), first.push(1, 1))
+        await self.ok(bob, "ack", msg_ids=[first.msg_id])
+
+        # Alice keeps sending while node b dies under bob.
+        assert bob.uid is not None
+        sent: list[messaging.Sent] = []
+
+        async def traffic() -> None:
+            for i in range(60):
+                sent.append(await self.send(alice, bob.uid, f"m{i}"))
+                await sleep(0.01)
+
+        sending = Deferred.fromCoroutine(traffic())
+        await eventually(lambda: len(sent) >= 20)
+        b.kill()
+        await within(bob.closed)
+        await within(sending, 60)
+        # What reached bob before the crash came in order, and nothing else.
+        pushed = [(await self.push(bob))["msg_id"] for _ in range(bob.pending_pushes)]
+        self.assertEqual(pushed, [m.msg_id for m in sent[: len(pushed)]])
+        self.assertGreater(len(pushed), 0)
+
+        # Bob reconnects to node a and gets every message exactly once.
+        bob_again = await self.login(bob.uid, server=a)
+        self.assertEqual(
+            await self.sync(bob_again), {"msgs": [m.obj() for m in sent], "more": False}
+        )
+        lost = sent
+        await self.ok(bob_again, "ack", msg_ids=[m.msg_id for m in lost])
+        self.assertEqual(await self.sync(bob_again), {"msgs": [], "more": False})
+        after = await self.send(alice, bob_again, "after")
+        # Acked is not read: all of them are unread.
+        self.assertEqual(await self.push(bob_again), after.push(62, 62))
+        self.assertEqual(bob_again.pending_pushes, 0)
+
+        # Node b comes back (same node id): its users get pushes from a again.
+        b.start()
+        carol = await self.login(server=b)
+        to_carol = await self.send(alice, carol, "b is back")
+        self.assertEqual(await self.push(carol), to_carol.push(1, 1))
+
+    async def test_a_dead_node_s_presence_expires(self) -> None:
+        a, b = start_nodes(self, {**cluster_backend(), "server": {"presence_ttl_seconds": 2}}, 2)
+        bob = await self.login(server=b)
+        admin = {"X-Admin-Key": str(a.config["auth"]["admin_key"])}
+
+        def online() -> bool:
+            url = f"http://127.0.0.1:{a.http_port}/v1/admin/users/{bob.uid}"
+            with urllib.request.urlopen(urllib.request.Request(url, headers=admin)) as r:
+                return bool(json.load(r)["online"])
+
+        self.assertTrue(online())
+        b.kill()
+        wait_for(lambda: not online(), 10, "bob's presence to expire")
+
+    async def test_cross_node_pushes_resume_after_a_redis_restart(self) -> None:
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        backend = cluster_backend()
+        backend["storage"]["redis"] = redis.url
+        backend["server"] = {"presence_ttl_seconds": 3}
+        a, b = start_nodes(self, backend, 2)
+        alice = await self.login(server=a)
+        bob = await self.login(server=b)
+        first = await self.send(alice, bob, "before")
+        self.assertEqual(await self.push(bob), first.push(1, 1))
+
+        redis.stop()
+        redis.start()  # empty, and the nodes must subscribe again
+
+        def healthy(node: ServerProcess) -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/healthz") as r:
+                    return bool(json.load(r)["pubsub"] == "ok")
+            except OSError:
+                return False
+
+        wait_for(lambda: healthy(a) and healthy(b), 20, "both nodes resubscribed")
+        # Within one refresh period (ttl / 3) bob's presence is back.
+        await sleep(1.5)
+        second = await self.send(alice, bob, "after")
+        self.assertEqual(await self.push(bob), second.push(2, 2))
+        self.assertIn("resubscribed to", b.log())
+
+
+class WorkersTests(messaging.MessagingHelpers, TestCase):
+    """C{[server] workers = 2}: a supervisor and two nodes sharing the ports."""
+
+    def worker_pids(self, server: ServerProcess) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-f", f"{server.config_path} --worker-index"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return sorted(int(pid) for pid in out.split())
+
+    def health(self, server: ServerProcess) -> Frame:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz") as r:
+            answer: Frame = json.load(r)
+            return answer
+
+    async def test_two_workers_share_the_port_and_restart(self) -> None:
+        backend = cluster_backend()
+        backend["server"] = {"workers": 2, "node_id": 10}
+        server = ServerProcess(backend)
+        self.addCleanup(server.cleanup)
+        server.start()
+        self.assertEqual(len(self.worker_pids(server)), 2)
+        # The kernel spreads connections (and HTTP requests) over both.
+        nodes = {self.health(server)["node"] for _ in range(40)}
+        self.assertEqual(nodes, {10, 11})
+
+        clients = [await self.login(server=server) for _ in range(8)]
+        sent = [await self.send(clients[i], clients[i + 1], f"m{i}") for i in range(0, 8, 2)]
+        for i, message in zip(range(1, 8, 2), sent, strict=True):
+            self.assertEqual(await self.push(clients[i]), message.push(1, 1))
+
+        # A worker that dies is started again; the other one serves meanwhile.
+        victim = self.worker_pids(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: len(self.worker_pids(server)) == 2 and victim not in self.worker_pids(server),
+            20,
+            "the worker to be restarted",
+        )
+        wait_for(lambda: server.log().count("ready (config") >= 3, 20, "the new worker ready")
+        self.assertIn("restarting it in", server.log())
+        alice, bob = await self.login(server=server), await self.login(server=server)
+        message = await self.send(alice, bob, "after the restart")
+        self.assertEqual(await self.push(bob), message.push(1, 1))
+
+        # SIGTERM to the supervisor stops every worker gracefully.
+        pids = self.worker_pids(server)
+        # (twistd ends by re-raising the signal it stopped on.)
+        self.assertEqual(server.stop(60), -signal.SIGTERM)
+        self.assertEqual([pid for pid in pids if os.path.exists(f"/proc/{pid}")], [])
