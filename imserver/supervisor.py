@@ -12,6 +12,8 @@ for the workers' graceful shutdown, and kills what is left after the budget.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import sys
@@ -30,6 +32,24 @@ from imserver.config import Config
 #: A worker that lived longer than this had a fresh crash: restart it soon.
 STABLE_SECONDS = 30.0
 MAX_RESTART_DELAY = 30.0
+PR_SET_PDEATHSIG = 1
+#: The environment variable that gives workers the supervisor's pid.
+SUPERVISOR_PID = "IMSERVER_SUPERVISOR_PID"
+
+
+def die_with_parent(parent: int) -> None:
+    """
+    In a worker: get SIGTERM when the supervisor dies, even by SIGKILL, so
+    no orphan keeps the port (Linux; elsewhere a no-op). C{parent} is the
+    supervisor's pid, read before this call: if it is already gone, exit.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class WorkerProtocol(ProcessProtocol):
@@ -87,11 +107,12 @@ class Supervisor(Service):
         protocol = WorkerProtocol(self, index)
         self.workers[index] = protocol
         self._started_at[index] = self.reactor.seconds()
+        argv = self.argv(index)
         self.reactor.spawnProcess(
             protocol,
-            self.argv(index)[0],
-            self.argv(index),
-            env=dict(os.environ),
+            argv[0],
+            argv,
+            env={**os.environ, SUPERVISOR_PID: str(os.getpid())},
             childFDs={0: "w", 1: 1, 2: 2},
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -39,12 +41,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # the composition root picks the reactor
 
     from imserver.server import IMServer
-    from imserver.supervisor import Supervisor
+    from imserver.supervisor import SUPERVISOR_PID, Supervisor, die_with_parent
 
     config: Config = options["parsed"]
     index = options["worker-index"]
     service: IService
     if index is not None:
+        die_with_parent(int(os.environ.get(SUPERVISOR_PID, os.getppid())))
         service = IMServer(config, reactor, worker_index=int(index))
     elif config.server.workers > 1:
         service = Supervisor(config, options["config"], reactor)

@@ -405,6 +405,15 @@ class NodeFailureTests(messaging.MessagingHelpers, TestCase):
         self.assertIn("resubscribed to", b.log())
 
 
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class WorkersTests(messaging.MessagingHelpers, TestCase):
     """C{[server] workers = 2}: a supervisor and two nodes sharing the ports."""
 
@@ -455,4 +464,16 @@ class WorkersTests(messaging.MessagingHelpers, TestCase):
         pids = self.worker_pids(server)
         # (twistd ends by re-raising the signal it stopped on.)
         self.assertEqual(server.stop(60), -signal.SIGTERM)
-        self.assertEqual([pid for pid in pids if os.path.exists(f"/proc/{pid}")], [])
+        self.assertEqual([pid for pid in pids if alive(pid)], [])
+
+    async def test_workers_die_with_the_supervisor(self) -> None:
+        backend = cluster_backend()
+        backend["server"] = {"workers": 2, "node_id": 20}
+        server = ServerProcess(backend)
+        self.addCleanup(server.cleanup)
+        server.start()
+        pids = self.worker_pids(server)
+        self.assertEqual(len(pids), 2)
+        server.kill()  # SIGKILL: the supervisor cannot pass anything on
+        # No orphan keeps serving the port.
+        wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the workers to exit")
