@@ -152,9 +152,11 @@ class ClusterPresence:
         d.addErrback(self._profile_not_shared, profile.uid)
 
     def _profile_not_shared(self, failure: Failure, uid: int) -> None:
-        # The other nodes keep their copy until its TTL (seconds).
-        failure.trap(HotUnavailable)
-        self.log.warn("profile of {uid} not shared: {error}", uid=uid, error=failure.value)
+        # The other nodes' send paths keep their copy until its TTL (10 s).
+        if failure.check(HotUnavailable):
+            self.log.warn("profile of {uid} not shared: {error}", uid=uid, error=failure.value)
+        else:
+            self.log.failure("sharing the profile of {uid} failed", failure, uid=uid)
 
     def online(self, uid: int) -> Deferred[bool]:
         async def online() -> bool:

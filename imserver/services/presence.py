@@ -50,9 +50,9 @@ class IPresence(Interface):
 
     def push(uid: int, frame: Mapping[str, Any]) -> bool:
         """
-        Push to the user's connection. Return True if a connection took it
-        (here, or handed to the node that holds it), False if the user is
-        offline.
+        Push to the user's connection. Return True if a connection on this
+        node took it. Otherwise False: the user is offline, or (in a cluster)
+        the push was handed on to the node that holds the user.
         """
 
     def links() -> Iterable[IClientLink]:
