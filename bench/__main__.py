@@ -30,9 +30,26 @@ def _server_options(p: argparse.ArgumentParser, target_default: str | None = Non
         help="another process to measure (e.g. mariadb=1234); repeatable",
     )
     g.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mysql-redis: start N imserver nodes (node ids 1..N, one MariaDB + Redis, "
+        "a port each); pairs cross nodes, other clients round-robin (default 1)",
+    )
+    g.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mysql-redis: one imserver with [server] workers = N (one port shared with "
+        "SO_REUSEPORT); exclusive with --nodes (default 1)",
+    )
+    g.add_argument(
         "--backlog",
         type=int,
-        help="listen backlog of the servers the tool starts (default: Twisted's, 50)",
+        help="listen backlog of the servers the tool starts "
+        "(default: imserver's 4096, the relay's 50)",
     )
     if target_default:
         g.add_argument(
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(png)
         return 0
     try:
+        runner.check_server_args(args)
         result = COMMANDS[args.scenario](args)
     except runner.BenchError as e:
         runner.log(f"\nbench failed: {e}")

@@ -7,6 +7,8 @@ stages, messages and errors).
 
 from __future__ import annotations
 
+import http.client
+import json
 import urllib.request
 from typing import Any
 
@@ -20,7 +22,12 @@ HISTOGRAMS = (
     "imserver_batch_size",
     "imserver_sql_seconds",
 )
-COUNTERS = ("imserver_messages_total", "imserver_errors_total", "imserver_auths_total")
+COUNTERS = (
+    "imserver_messages_total",
+    "imserver_errors_total",
+    "imserver_auths_total",
+    "imserver_cluster_pushes_total",
+)
 
 
 def scrape(http_port: int | None, timeout: float = 3.0) -> Samples | None:
@@ -33,11 +40,85 @@ def scrape(http_port: int | None, timeout: float = 3.0) -> Samples | None:
             text = response.read().decode()
     except OSError:
         return None
+    return _parse(text)
+
+
+def _scrape_on(conn: http.client.HTTPConnection) -> Samples:
+    """/metrics on an open (kept-alive) connection."""
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    return _parse(response.read().decode())
+
+
+def _parse(text: str) -> Samples:
     out: Samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+class Scraper:
+    """
+    /metrics of every server process, by node.
+
+    Nodes have a port each. Workers share one port, and the kernel hands each
+    new connection to any of them, so for workers the scraper opens
+    connections until C{/healthz} has named every node (node ids are
+    distinct), and reads C{/metrics} on that same kept-alive connection, so
+    each snapshot is known to be that node's.
+    """
+
+    def __init__(self, ports: list[int], workers: int = 1, timeout: float = 3.0) -> None:
+        self.ports = [p for p in ports if p]
+        self.workers = workers
+        self.timeout = timeout
+
+    def scrape(self) -> dict[str, Samples]:
+        """Samples per node (C{"node<id>"}, or C{"server"} for a single process);
+        the unreachable left out."""
+        if self.workers > 1 and self.ports:
+            return self._by_node(self.ports[0])
+        out: dict[str, Samples] = {}
+        for i, port in enumerate(self.ports):
+            samples = scrape(port, self.timeout)
+            if samples is not None:
+                out[f"node{i + 1}" if len(self.ports) > 1 else "server"] = samples
+        return out
+
+    def _by_node(self, port: int) -> dict[str, Samples]:
+        out: dict[str, Samples] = {}
+        for _ in range(20 * self.workers):
+            if len(out) >= self.workers:
+                break
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.timeout)
+            try:
+                conn.request("GET", "/healthz")
+                node = json.loads(conn.getresponse().read()).get("node")
+                key = f"node{node}"
+                if node is not None and key not in out:
+                    out[key] = _scrape_on(conn)
+            except (OSError, ValueError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+        return out
+
+
+def window_all(
+    before: dict[str, Samples], after: dict[str, Samples]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """L{window} of the sum over the nodes read at both edges, and those nodes."""
+    nodes = sorted(set(before) & set(after))
+    if not nodes:
+        return None, []
+    total0: Samples = {}
+    total1: Samples = {}
+    for node in nodes:
+        for total, samples in ((total0, before[node]), (total1, after[node])):
+            for key, value in samples.items():
+                total[key] = total.get(key, 0.0) + value
+    return window(total0, total1), nodes
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float, interpolate: bool) -> float | None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench import metrics, procstat, stats
-from bench.stacks import REPO, Target, external, start_imserver, start_relay
+from bench.stacks import REPO, Target, external, is_server, start_imserver, start_relay
 
 RESULTS_DIR = os.path.join(REPO, "bench", "results")
 MAX_PER_WORKER = 5000  # connections: a process may open at most 20,000 files
@@ -330,14 +330,25 @@ def machine_info() -> dict[str, Any]:
 
 
 class Window:
-    """/proc samples of the measured processes (and the machine) around a window."""
+    """/proc samples of the measured processes (and the machine) around a window.
 
-    def __init__(self, pids: Mapping[str, int], http_port: int | None = None) -> None:
-        self.pids = dict(pids)
-        self.http_port = http_port
+    The target's processes are listed again at the start of the window (the
+    workers of a supervisor are its current children); C{extra} are more
+    processes to measure (the load workers)."""
+
+    def __init__(
+        self, target: Target, extra: Mapping[str, int] | None = None, scrape: bool = True
+    ) -> None:
+        self.target = target
+        self.extra = dict(extra or {})
+        self.scraper = target.scraper() if scrape else None
+
+    def _scrape(self) -> dict[str, metrics.Samples]:
+        return self.scraper.scrape() if self.scraper else {}
 
     def begin(self) -> None:
-        self.metrics0 = metrics.scrape(self.http_port)
+        self.pids = {**self.target.measured_pids(), **self.extra}
+        self.metrics0 = self._scrape()
         self.t0 = time.monotonic()
         self.proc0 = procstat.sample_all(self.pids)
         self.machine0 = cpu_busy()
@@ -348,13 +359,14 @@ class Window:
         proc1 = procstat.sample_all(self.pids)
         machine1 = cpu_busy()
         drops1 = listen_drops()
-        metrics1 = metrics.scrape(self.http_port)
+        metrics1 = self._scrape()
         seconds = self.t1 - self.t0
         procs = procstat.delta(self.proc0, proc1, seconds)
         busy = (machine1[0] - self.machine0[0]) / procstat.CLOCK_TICKS
         irq = (machine1[1] - self.machine0[1]) / procstat.CLOCK_TICKS
         ours = sum(p["cpu_s"] for p in procs.values())
         per_s = 1 / seconds if seconds > 0 else 0.0
+        server_metrics, scraped = metrics.window_all(self.metrics0, metrics1)
         self.result = {
             "seconds": round(seconds, 3),
             "procs": procs,
@@ -366,9 +378,40 @@ class Window:
             "other_cores": round(max(0.0, busy - irq - ours) * per_s, 3),
             # Machine-wide: SYNs dropped because a listen queue was full.
             "listen_overflows": {k: v - self.drops0.get(k, 0) for k, v in drops1.items()},
-            "metrics": metrics.window(self.metrics0, metrics1),
+            "metrics": server_metrics,
+            "metrics_scope": metrics_scope(self.target, scraped),
         }
         return self.result
+
+
+def metrics_scope(target: Target, scraped: list[str]) -> str | None:
+    """What C{server_metrics} covers, in words (None when there is no snapshot)."""
+    if not scraped:
+        return None
+    expected = max(target.nodes, target.server_workers)
+    if expected == 1:
+        return "the server"
+    what = "nodes" if target.nodes > 1 else "workers"
+    missing = "" if len(scraped) == expected else f" (of {expected}: some did not answer)"
+    return f"sum over {len(scraped)} {what}{missing}: " + ", ".join(scraped)
+
+
+def server_total(procs: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The server's processes added up (CPU, cores, RSS)."""
+    out = {"cpu_s": 0.0, "sys_s": 0.0, "cores": 0.0, "rss_before_mb": 0.0, "rss_after_mb": 0.0}
+    n = 0
+    for name, p in procs.items():
+        if is_server(name):
+            n += 1
+            for key in out:
+                out[key] += p.get(key, 0.0)
+    total = {k: round(v, 1 if k.startswith("rss") else 3) for k, v in out.items()}
+    total["processes"] = n
+    return total
+
+
+def server_rss_mb(samples: Mapping[str, procstat.Sample | None]) -> float:
+    return round(sum(s.rss_kb for n, s in samples.items() if s and is_server(n)) / 1024, 1)
 
 
 def warnings(window: dict[str, Any]) -> list[str]:
@@ -392,8 +435,20 @@ def warnings(window: dict[str, Any]) -> list[str]:
 
 
 def costs(window: dict[str, Any], per: float, unit: str = "cpu_ms_per_1k_msgs") -> dict[str, Any]:
-    """CPU per 1,000 units (delivered messages, auths) for each measured process."""
+    """
+    CPU per 1,000 units (delivered messages, auths) for each measured process.
+    C{server} is the sum over the server's processes (every node, or the
+    supervisor and its workers), C{server_processes} each of them.
+    """
+
+    def per_1k(cpu_s: float) -> float | None:
+        return round(cpu_s * 1000 / (per / 1000), 3) if per else None
+
     out: dict[str, Any] = {}
+    server: dict[str, Any] = dict(server_total(window["procs"]))
+    server[unit] = per_1k(server["cpu_s"])
+    out["server"] = server
+    out["server_processes"] = {}
     workers_cpu = workers_cores = 0.0
     for name, p in window["procs"].items():
         if name.startswith("worker"):
@@ -401,8 +456,11 @@ def costs(window: dict[str, Any], per: float, unit: str = "cpu_ms_per_1k_msgs") 
             workers_cores += p["cores"]
             continue
         entry = dict(p)
-        entry[unit] = round(p["cpu_s"] * 1000 / (per / 1000), 3) if per else None
-        out[name] = entry
+        entry[unit] = per_1k(p["cpu_s"])
+        if is_server(name):
+            out["server_processes"][name.removeprefix("server:")] = entry
+        else:
+            out[name] = entry
     out["workers"] = {
         "cpu_s": round(workers_cpu, 3),
         "cores": round(workers_cores, 3),
@@ -416,7 +474,30 @@ def costs(window: dict[str, Any], per: float, unit: str = "cpu_ms_per_1k_msgs") 
 # -- targets ----------------------------------------------------------------------------
 
 
+def check_server_args(args: Any) -> None:
+    """Refuse --nodes / --server-workers where they cannot apply."""
+    nodes = getattr(args, "nodes", 1)
+    server_workers = getattr(args, "server_workers", 1)
+    if nodes < 1 or server_workers < 1:
+        raise BenchError("--nodes and --server-workers must be at least 1")
+    if nodes == server_workers == 1:
+        return
+    flag = "--nodes" if nodes > 1 else "--server-workers"
+    if getattr(args, "endpoint", None):
+        raise BenchError(f"{flag} starts its own servers: it cannot drive --endpoint")
+    if args.stack != "mysql-redis":
+        raise BenchError(
+            f"{flag} needs --stack mysql-redis (nodes and workers share one MariaDB database "
+            f"and one Redis; the {args.stack} stack cannot be shared between processes)"
+        )
+    if nodes > 1 and server_workers > 1:
+        raise BenchError("--nodes and --server-workers are mutually exclusive")
+    if getattr(args, "target", "imserver") == "relay":
+        raise BenchError(f"{flag} applies to imserver, not to --target relay")
+
+
 def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None = None) -> Target:
+    check_server_args(args)
     if args.endpoint:
         if not args.pid or not args.secret:
             raise BenchError("--endpoint needs --pid and --secret")
@@ -428,11 +509,17 @@ def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None 
             args.http_port,
             {k: int(v) for k, v in extra.items()},
         )
-    log(f"starting imserver ({args.stack}) ...")
+    nodes, server_workers = args.nodes, args.server_workers
+    what = args.stack
+    if nodes > 1:
+        what += f", {nodes} nodes"
+    if server_workers > 1:
+        what += f", {server_workers} workers"
+    log(f"starting imserver ({what}) ...")
     try:
-        return start_imserver(args.stack, sections, args.backlog)
+        return start_imserver(args.stack, sections, args.backlog, nodes, server_workers)
     except Exception as e:
-        raise BenchError(f"could not start imserver ({args.stack}): {e}") from e
+        raise BenchError(f"could not start imserver ({what}): {e}") from e
 
 
 def relay_target(args: Any, secret: str) -> Target:
@@ -460,12 +547,27 @@ def save(result: dict[str, Any], results_dir: str) -> str:
 def base_result(scenario: str, args: Any, params: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("backlog", getattr(args, "backlog", None))
     params.setdefault("relay_nodelay", getattr(args, "relay_nodelay", False))
+    params.setdefault("nodes", getattr(args, "nodes", 1))
+    params.setdefault("server_workers", getattr(args, "server_workers", 1))
     return {
         "scenario": scenario,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": params,
         "machine": machine_info(),
     }
+
+
+def placement(target: Target, pairs: bool) -> str:
+    """
+    Where the clients connect. Several nodes: pair i's sender on node i % N
+    and its recipient on node (i + 1) % N, so every message crosses nodes
+    (C{cross-node}); other clients round-robin. Workers: the kernel chooses.
+    """
+    if target.nodes > 1:
+        return "cross-node" if pairs else "round-robin"
+    if target.server_workers > 1:
+        return "kernel (SO_REUSEPORT over the workers)"
+    return "single process"
 
 
 # -- pairs --------------------------------------------------------------------------------
@@ -478,11 +580,13 @@ def run_pairs(
     p, w = params["pairs"], params["workers"]
     rate = params.get("rate")
     specs = []
+    first = 0
     for n in split(p, w):
         specs.append(
             {
                 "scenario": "pairs",
-                "endpoint": target.endpoint,
+                "endpoints": target.endpoints,
+                "first_pair": first,  # pair i: sender on node i % N, recipient (i + 1) % N
                 "secret": target.secret,
                 "uids": uids.take(2 * n),
                 "window": params["window"],
@@ -492,6 +596,7 @@ def run_pairs(
                 "bind": params.get("bind"),
             }
         )
+        first += n
     duration, warmup = params["duration"], params["warmup"]
     with workers(specs) as pool:
         pool.wait("ready", 120, lambda: progress.show(f"[{label}] connecting"))
@@ -500,7 +605,7 @@ def run_pairs(
         t_end = t_start + duration
         times = {"t_warm": ns(t_warm), "t_start": ns(t_start), "t_end": ns(t_end)}
         pool.send({"cmd": "start", **times})
-        window = Window({**target.pids, **pool.pids}, target.http_port)
+        window = Window(target, pool.pids)
         rate_state = {"t": time.monotonic(), "n": 0.0, "rate": 0.0}
         timeline: list[tuple[float, float]] = []
 
@@ -571,6 +676,7 @@ def summarize_pairs(
     )
     out: dict[str, Any] = {
         "target": target.describe(),
+        "placement": placement(target, pairs=True),
         "throughput": {
             "offered_msg_s": params.get("rate"),
             "delivered_msg_s": round(in_window / duration, 1),
@@ -591,6 +697,7 @@ def summarize_pairs(
         "workers_cpu_total_s": [r["worker_cpu_s"] for r in results],
         "warnings": warnings(win),
         "server_metrics": win["metrics"],
+        "server_metrics_scope": win["metrics_scope"],
     }
     return out
 
@@ -718,7 +825,8 @@ def cmd_offline(args: Any) -> dict[str, Any]:
             specs.append(
                 {
                     "scenario": "offline",
-                    "endpoint": target.endpoint,
+                    "endpoints": target.endpoints,
+                    "first_pair": i,
                     "secret": target.secret,
                     "uids": uids.take(2 * k),
                     "counts": per_pair[i : i + k],
@@ -743,15 +851,14 @@ def cmd_offline(args: Any) -> dict[str, Any]:
                 return show
 
             pool.wait("ready", 120, lambda: progress.show("[offline] connecting"))
-            pids = {**target.pids, **pool.pids}
-            send_win = Window(pids, target.http_port)
+            send_win = Window(target, pool.pids)
             send_win.begin()
             t0 = time.monotonic()
             pool.send({"cmd": "start"})
             sent = pool.wait("sent", 600, tick("queueing", "ok", n))
             t_sent = max(e["t"] for e in sent) / 1e9
             sending = send_win.end()
-            drain_win = Window(pids, target.http_port)
+            drain_win = Window(target, pool.pids)
             drain_win.begin()
             t_drain = time.monotonic()
             pool.send({"cmd": "drain"})
@@ -786,12 +893,14 @@ def cmd_offline(args: Any) -> dict[str, Any]:
     result["targets"] = {
         "imserver": {
             "target": target.describe(),
+            "placement": placement(target, pairs=True),
             "queue": {
                 "seconds": round(queue_s, 3),
                 "msg_s": round(total("ok") / queue_s, 1) if queue_s > 0 else None,
                 "cost": costs(sending, total("ok")),
                 "warnings": warnings(sending),
                 "server_metrics": sending["metrics"],
+                "server_metrics_scope": sending["metrics_scope"],
             },
             "drain": {
                 "seconds": round(drain_s, 3),
@@ -800,6 +909,7 @@ def cmd_offline(args: Any) -> dict[str, Any]:
                 "warnings": warnings(draining),
                 "other_cores": draining["other_cores"],
                 "server_metrics": draining["metrics"],
+                "server_metrics_scope": draining["metrics_scope"],
             },
             "errors": dict(errors),
             "verify": verify,
@@ -823,22 +933,25 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
     measure = args.measure or max(3 * heartbeat, 10.0)
     label = f"[idle {target.name}]"
     bind = bind_addresses(c)
-    specs = [
-        {
-            "scenario": "idle",
-            "endpoint": target.endpoint,
-            "secret": target.secret,
-            "uids": uids.take(k),
-            "heartbeat": heartbeat,
-            "bind": bind,
-            "concurrency": 25,
-        }
-        for k in split(c, nworkers)
-    ]
+    specs = []
+    first = 0
+    for k in split(c, nworkers):
+        specs.append(
+            {
+                "scenario": "idle",
+                "endpoints": target.endpoints,
+                "first": first,  # connection i on node i % N
+                "secret": target.secret,
+                "uids": uids.take(k),
+                "heartbeat": heartbeat,
+                "bind": bind,
+                "concurrency": 25,
+            }
+        )
+        first += k
     with workers(specs) as pool:
         pool.wait("ready", 300, lambda: progress.show(f"{label} minting tokens"))
-        server_pids = dict(target.pids)
-        base = Window(server_pids, None)
+        base = Window(target, scrape=False)
         base.begin()
         time.sleep(args.baseline)
         baseline = base.end()
@@ -856,8 +969,8 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         connect_s = time.monotonic() - t0
         ok = sum(e["ok"] for e in connected)
         pool.sleep_until(time.monotonic() + args.settle)
-        after_connect = procstat.sample_all(server_pids)
-        win = Window({**target.pids, **pool.pids}, target.http_port)
+        after_connect = procstat.sample_all(target.measured_pids())
+        win = Window(target, pool.pids)
         pool.send({"cmd": "mark"})
         marks0 = pool.wait("mark", 30)
         win.begin()
@@ -880,21 +993,31 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r["errors"])
-    server_before = baseline["procs"]["server"]
+    # Every server process added up (nodes, or the supervisor and its workers).
+    server_before = server_total(baseline["procs"])
     rss_before = server_before["rss_after_mb"]
-    after = after_connect["server"]
-    rss_after = after.rss_kb / 1024 if after else 0.0
+    rss_after = server_rss_mb(after_connect)
+    per_process = {
+        name.removeprefix("server:"): {
+            "before": baseline["procs"].get(name, {}).get("rss_after_mb"),
+            "after": round(sample.rss_kb / 1024, 1),
+        }
+        for name, sample in after_connect.items()
+        if sample and is_server(name)
+    }
     pings = sum(m["pings"] for m in marks1) - sum(m["pings"] for m in marks0)
     pongs = sum(m["pongs"] for m in marks1) - sum(m["pongs"] for m in marks0)
-    cpu_loaded = loaded["procs"]["server"]["cores"]
+    cpu_loaded = server_total(loaded["procs"])["cores"]
     cpu_base = server_before["cores"]
     heartbeat_cpu = max(0.0, cpu_loaded - cpu_base)
     pings_s = pings / loaded["seconds"]
     return {
         "target": target.describe(),
+        "placement": placement(target, pairs=False),
         "connections": ok,
         "connect_s": round(connect_s, 3),
-        "server_rss_mb": {"before": rss_before, "after": round(rss_after, 1)},
+        "server_rss_mb": {"before": rss_before, "after": rss_after},
+        "server_rss_mb_per_process": per_process,
         "rss_kb_per_connection": round((rss_after - rss_before) * 1024 / ok, 2) if ok else None,
         "server_cpu": {
             "idle_no_connections_cores": cpu_base,
@@ -914,6 +1037,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "warnings": warnings(loaded),
         "other_cores": loaded["other_cores"],
         "server_metrics": loaded["metrics"],
+        "server_metrics_scope": loaded["metrics_scope"],
     }
 
 
@@ -962,20 +1086,24 @@ def cmd_idle(args: Any) -> dict[str, Any]:
 def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
     c = args.clients
     nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
-    specs = [
-        {
-            "scenario": "connect",
-            "endpoint": target.endpoint,
-            "secret": target.secret,
-            "uids": uids.take(k),
-            "concurrency": args.concurrency or k,
-            "bind": bind_addresses(c) if c > 10000 else None,
-        }
-        for k in split(c, nworkers)
-    ]
+    specs = []
+    first = 0
+    for k in split(c, nworkers):
+        specs.append(
+            {
+                "scenario": "connect",
+                "endpoints": target.endpoints,
+                "first": first,  # client i on node i % N
+                "secret": target.secret,
+                "uids": uids.take(k),
+                "concurrency": args.concurrency or k,
+                "bind": bind_addresses(c) if c > 10000 else None,
+            }
+        )
+        first += k
     with workers(specs) as pool:
         pool.wait("ready", 300, lambda: progress.show(f"[connect {target.name}] minting tokens"))
-        win = Window({**target.pids, **pool.pids}, target.http_port)
+        win = Window(target, pool.pids)
         win.begin()
         t_start = time.monotonic() + 0.2
         pool.send({"cmd": "start", "t_start": ns(t_start)})
@@ -1000,6 +1128,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
         errors.update(r["errors"])
     return {
         "target": target.describe(),
+        "placement": placement(target, pairs=False),
         "clients": c,
         "ok": ok,
         "seconds": round(elapsed, 3),
@@ -1014,6 +1143,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
         "cost": costs(loaded, ok, "cpu_ms_per_1k_auths"),
         "other_cores": loaded["other_cores"],
         "server_metrics": loaded["metrics"],
+        "server_metrics_scope": loaded["metrics_scope"],
     }
 
 
@@ -1049,6 +1179,24 @@ def cmd_connect(args: Any) -> dict[str, Any]:
 # -- one-line summaries --------------------------------------------------------------------------
 
 
+def tag(t: dict[str, Any]) -> str:
+    """C{" [3 nodes, cross-node]"}, C{" [2 workers, ...]"}, or nothing for one process."""
+    d = t.get("target") or {}
+    parts = []
+    if d.get("nodes", 1) > 1:
+        parts.append(f"{d['nodes']} nodes")
+    if d.get("server_workers", 1) > 1:
+        parts.append(f"{d['server_workers']} workers")
+    if parts and t.get("placement"):
+        parts.append(t["placement"])
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def server_cores(server: dict[str, Any]) -> str:
+    n = server.get("processes", 1)
+    return f"{server['cores']:.2f} cores" + (f" (sum of {n} processes)" if n > 1 else "")
+
+
 def line_pairs(t: dict[str, Any]) -> str:
     th, lat, v = t["throughput"], t["latency"], t["verify"]
     ok, push = lat["send_to_ok"], lat["send_to_push"]
@@ -1057,7 +1205,7 @@ def line_pairs(t: dict[str, Any]) -> str:
         f"{th['delivered_msg_s']:.0f} msg/s delivered; send->ok p50 {ok.get('p50_ms')} "
         f"p99 {ok.get('p99_ms')} ms; send->push p50 {push.get('p50_ms')} p99 "
         f"{push.get('p99_ms')} p99.9 {push.get('p99.9_ms')} ms; server "
-        f"{server['cores']:.2f} cores, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
+        f"{server_cores(server)}, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
         f"workers {t['cost']['workers']['cores']:.2f} cores; "
         f"errors {sum(t['errors'].values())}; exactly once in order: "
         f"{v['exactly_once_in_order']}"
@@ -1087,7 +1235,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     scenario = result["scenario"]
     if scenario == "pairs":
         for name, t in result["targets"].items():
-            lines.append(f"{name}: {line_pairs(t)}")
+            lines.append(f"{name}{tag(t)}: {line_pairs(t)}")
         if "ratio_to_relay" in result:
             r = result["ratio_to_relay"]
             lines.append(
@@ -1099,12 +1247,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             for name in ("imserver", "relay"):
                 if name in point:
                     offered = point["offered_msg_s"]
-                    lines.append(f"@{offered:.0f}/s {name}: {line_pairs(point[name])}")
+                    t = point[name]
+                    lines.append(f"@{offered:.0f}/s {name}{tag(t)}: {line_pairs(t)}")
     elif scenario == "offline":
         t = result["targets"]["imserver"]
         lines.append(
-            f"queued {t['verify']['ok']} msgs at {t['queue']['msg_s']} msg/s; drained "
-            f"{t['verify']['unique']} at {t['drain']['drained_msg_s']} msg/s "
+            f"imserver{tag(t)}: queued {t['verify']['ok']} msgs at {t['queue']['msg_s']} msg/s; "
+            f"drained {t['verify']['unique']} at {t['drain']['drained_msg_s']} msg/s "
             f"(server {t['drain']['cost']['server']['cpu_ms_per_1k_msgs']} CPU-ms/1k); "
             f"errors {sum(t['errors'].values())}; exactly once in order: "
             f"{t['verify']['exactly_once_in_order']}"
@@ -1112,9 +1261,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     elif scenario == "idle":
         for name, t in result["targets"].items():
             cpu = t["server_cpu"]
+            n = t["cost"]["server"].get("processes", 1)
+            summed = f", sum of {n} processes" if n > 1 else ""
             lines.append(
-                f"{name}: {t['connections']} idle connections: {t['rss_kb_per_connection']} KiB "
-                f"RSS each ({t['server_rss_mb']['before']} -> {t['server_rss_mb']['after']} MiB); "
+                f"{name}{tag(t)}: {t['connections']} idle connections: "
+                f"{t['rss_kb_per_connection']} KiB RSS each ({t['server_rss_mb']['before']} -> "
+                f"{t['server_rss_mb']['after']} MiB{summed}); "
                 f"heartbeats {cpu['pings_per_s']} pings/s cost {cpu['heartbeat_ms_per_s']} "
                 f"CPU-ms/s ({cpu['us_per_ping']} us/ping); ping rtt p99 "
                 f"{t['latency']['ping_rtt'].get('p99_ms')} ms; errors {sum(t['errors'].values())}"
@@ -1123,9 +1275,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         for name, t in result["targets"].items():
             lat = t["latency"]["connect_auth"]
             lines.append(
-                f"{name}: {t['ok']}/{t['clients']} authenticated in {t['seconds']} s = "
+                f"{name}{tag(t)}: {t['ok']}/{t['clients']} authenticated in {t['seconds']} s = "
                 f"{t['auths_per_s']} auths/s; connect+auth p50 {lat.get('p50_ms')} p99 "
-                f"{lat.get('p99_ms')} ms; server "
+                f"{lat.get('p99_ms')} ms; server {server_cores(t['cost']['server'])}, "
                 f"{t['cost']['server']['cpu_ms_per_1k_auths']} CPU-ms/1k auths; "
                 f"errors {sum(t['errors'].values())}"
             )

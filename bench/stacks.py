@@ -1,12 +1,14 @@
 """
 What the benchmark drives: an imserver the tool starts (``embedded`` or
-``mysql-redis``, through L{tests.harness}), an imserver already running
-(``--endpoint``/``--pid``/``--secret``), or the baseline relay.
+``mysql-redis``, through L{tests.harness}; on ``mysql-redis`` optionally
+several nodes or one config with several worker processes), an imserver
+already running (``--endpoint``/``--pid``/``--secret``), or the baseline relay.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -14,31 +16,105 @@ from typing import Any
 
 import attrs
 
+from bench import metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The rate limit lifted: the benchmark measures the server, not the limiter.
 LIMITS_LIFTED = {"send_per_second": 1000000.0, "send_burst": 1000000}
+
+#: [storage].key_prefix of the nodes the tool starts (one cluster on its own Redis).
+KEY_PREFIX = "bench"
+
+
+def is_server(name: str) -> bool:
+    """Whether a measured process name is one of the server's processes."""
+    return name == "server" or name.startswith("server:")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of C{pid} (all its threads' children), from /proc."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def worker_index(pid: int) -> str:
+    """The C{--worker-index} of a worker process (its pid if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        return argv[argv.index(b"--worker-index") + 1].decode()
+    except (OSError, ValueError, IndexError):
+        return f"pid{pid}"
 
 
 @attrs.define
 class Target:
     name: str  # "imserver" or "relay"
     stack: str  # embedded, mysql-redis, external, relay
-    endpoint: str  # tcp:127.0.0.1:PORT (a client endpoint string)
+    endpoints: list[str]  # tcp:127.0.0.1:PORT, one per node (client endpoint strings)
     secret: str
-    pids: dict[str, int]  # "server" and, when known, "mariadb", "redis"
-    http_port: int | None = None
+    # "server" (one process), or "server:node1".. (nodes), or "server:supervisor"
+    # (workers: re-discovered as its children, see measured_pids); and, when
+    # known, "mariadb", "redis".
+    pids: dict[str, int]
+    http_ports: list[int] = attrs.Factory(list)  # one per node (one shared for workers)
     config: dict[str, Any] | None = None
+    nodes: int = 1
+    server_workers: int = 1
     stop: Callable[[], None] = lambda: None
+    #: Every process measured so far (a worker's pid stays listed once it is gone).
+    seen_pids: dict[str, int] = attrs.Factory(dict)
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[0]
+
+    def measured_pids(self) -> dict[str, int]:
+        """The processes to read in /proc now: with workers, the supervisor's
+        current children too (a worker that died and was started again has a
+        new pid)."""
+        out = dict(self.pids)
+        if self.server_workers > 1 and "server:supervisor" in out:
+            for pid in children(out["server:supervisor"]):
+                out[f"server:worker{worker_index(pid)}"] = pid
+        self.seen_pids.update(out)
+        return out
+
+    def scraper(self) -> metrics.Scraper:
+        return metrics.Scraper(self.http_ports, self.server_workers)
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "stack": self.stack,
             "endpoint": self.endpoint,
-            "pids": self.pids,
+            "endpoints": self.endpoints,
+            "nodes": self.nodes,
+            "server_workers": self.server_workers,
+            "pids": {**self.seen_pids, **self.measured_pids()},
+            "http_ports": self.http_ports,
             "config": _redact(self.config) if self.config else None,
         }
+
+    def label(self) -> str:
+        """E.g. C{imserver (mysql-redis, 3 nodes)}."""
+        extra = []
+        if self.nodes > 1:
+            extra.append(f"{self.nodes} nodes")
+        if self.server_workers > 1:
+            extra.append(f"{self.server_workers} workers")
+        return f"{self.name} ({', '.join([self.stack, *extra])})"
 
 
 def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,64 +129,116 @@ def start_imserver(
     stack: str,
     sections: Mapping[str, Mapping[str, Any]] | None = None,
     backlog: int | None = None,
+    nodes: int = 1,
+    server_workers: int = 1,
 ) -> Target:
     """
     A fresh imserver (and its own mariadbd and redis-server for mysql-redis).
 
-    @param backlog: the client listener's backlog (default: Twisted's, 50).
+    @param backlog: the client listener's backlog (default: imserver's).
+    @param nodes: imserver processes (node ids 1..N) on the one MariaDB
+        database and Redis, each on its own ports (mysql-redis only).
+    @param server_workers: C{[server] workers}: one supervisor and that many
+        worker processes sharing the ports (mysql-redis only).
     """
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     from tests.harness import MariaDBServer, RedisServer, ServerProcess, free_port
 
+    if (nodes > 1 or server_workers > 1) and stack != "mysql-redis":
+        raise ValueError("several nodes or workers need --stack mysql-redis")
+    if nodes > 1 and server_workers > 1:
+        raise ValueError("--nodes and --server-workers are exclusive")
     config: dict[str, dict[str, Any]] = {"limits": dict(LIMITS_LIFTED)}
     pids: dict[str, int] = {}
     backends: list[Any] = []
-    if stack == "mysql-redis":
-        mariadb = MariaDBServer().start()
-        redis = RedisServer().start()
-        backends += [mariadb, redis]
-        assert mariadb.proc is not None and redis.proc is not None
-        pids["mariadb"] = mariadb.proc.pid
-        pids["redis"] = redis.proc.pid
-        config["storage"] = {"sql": mariadb.fresh_database(), "redis": redis.url}
-    elif stack != "embedded":
-        raise ValueError(f"unknown stack {stack!r}")
-    for name, table in (sections or {}).items():
-        config.setdefault(name, {}).update(table)
-    port = None
-    if backlog:
-        port = free_port()
-        listen = f"tcp:{port}:interface=127.0.0.1:backlog={backlog}"
-        config.setdefault("server", {})["listen"] = listen
-    server = ServerProcess(config)
-    if port is not None:
-        server.port = port  # the harness reads .port for the endpoint and readiness
+    servers: list[Any] = []
+    leftovers: set[int] = set()
+
+    def cleanup() -> None:
+        # SIGTERM to every node (or the supervisor, which passes it on) at once,
+        # then wait for each.
+        for s in servers:
+            if s.proc is not None and server_workers > 1:
+                leftovers.update(children(s.proc.pid))
+            s.signal(signal.SIGTERM)
+        for s in servers:
+            if s.proc is not None:
+                try:
+                    s.proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    pass
+            s.cleanup()  # SIGKILL if still running
+        # A supervisor that had to be killed leaves its workers behind: end them.
+        for pid in leftovers:
+            if worker_index(pid).startswith("pid"):
+                continue  # gone (and the pid possibly reused): not ours any more
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for b in backends:
+            b.cleanup()
+
     try:
-        server.start(timeout=60)
-    except Exception:
-        sys.stderr.write("imserver log (end):\n" + server.log()[-4000:] + "\n")
-        for b in backends:
-            b.cleanup()
+        if stack == "mysql-redis":
+            mariadb = MariaDBServer().start()
+            backends.append(mariadb)
+            redis = RedisServer().start()
+            backends.append(redis)
+            assert mariadb.proc is not None and redis.proc is not None
+            pids["mariadb"] = mariadb.proc.pid
+            pids["redis"] = redis.proc.pid
+            config["storage"] = {
+                "sql": mariadb.fresh_database(),
+                "redis": redis.url,
+                "key_prefix": KEY_PREFIX,
+            }
+        elif stack != "embedded":
+            raise ValueError(f"unknown stack {stack!r}")
+        for name, table in (sections or {}).items():
+            config.setdefault(name, {}).update(table)
+        if server_workers > 1:
+            config.setdefault("server", {}).update(workers=server_workers, node_id=1)
+        for node_id in range(1, nodes + 1):
+            node_config = {name: dict(table) for name, table in config.items()}
+            if nodes > 1:
+                node_config.setdefault("server", {})["node_id"] = node_id
+            port = None
+            if backlog:
+                port = free_port()
+                listen = f"tcp:{port}:interface=127.0.0.1:backlog={backlog}"
+                node_config.setdefault("server", {})["listen"] = listen
+            server = ServerProcess(node_config)
+            if port is not None:
+                server.port = port  # the harness reads .port for the endpoint and readiness
+            servers.append(server)
+            try:
+                server.start(timeout=60 + 15 * server_workers)
+            except Exception:
+                sys.stderr.write("imserver log (end):\n" + server.log()[-4000:] + "\n")
+                raise
+    except BaseException:
+        cleanup()
         raise
-    assert server.proc is not None
-    pids = {"server": server.proc.pid, **pids}
-
-    def stop() -> None:
-        server.stop()
-        server.cleanup()
-        for b in backends:
-            b.cleanup()
-
+    if nodes > 1:
+        names = [f"server:node{i}" for i in range(1, nodes + 1)]
+    elif server_workers > 1:
+        names = ["server:supervisor"]
+    else:
+        names = ["server"]
+    server_pids = {name: s.proc.pid for name, s in zip(names, servers, strict=True)}
     return Target(
         name="imserver",
         stack=stack,
-        endpoint=server.endpoint,
-        secret=server.secret,
-        pids=pids,
-        http_port=server.http_port,
-        config=server.config,
-        stop=stop,
+        endpoints=[s.endpoint for s in servers],
+        secret=servers[0].secret,
+        pids={**server_pids, **pids},
+        http_ports=[s.http_port for s in servers],
+        config=servers[0].config,
+        nodes=nodes,
+        server_workers=server_workers,
+        stop=cleanup,
     )
 
 
@@ -125,10 +253,10 @@ def external(
     return Target(
         name="imserver",
         stack="external",
-        endpoint=endpoint,
+        endpoints=[endpoint],
         secret=secret,
         pids={"server": pid, **(extra_pids or {})},
-        http_port=http_port,
+        http_ports=[http_port] if http_port else [],
     )
 
 
@@ -166,7 +294,7 @@ def start_relay(secret: str, backlog: int | None = None, nodelay: bool = False) 
     return Target(
         name="relay",
         stack="relay",
-        endpoint=f"tcp:127.0.0.1:{port}",
+        endpoints=[f"tcp:127.0.0.1:{port}"],
         secret=secret,
         pids={"server": proc.pid},
         stop=stop,

@@ -26,7 +26,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from twisted.internet import reactor as _reactor
@@ -76,6 +76,7 @@ class Conn(Protocol):
         self.open = False
         self.authed = False
         self.started = self.connected_at = 0
+        self.node = 0  # which of the server's endpoints (nodes) to connect to
         self.ready: Deferred[Conn] = Deferred()
         self.errors: Counter[str] = Counter()
 
@@ -136,14 +137,20 @@ class Conn(Protocol):
             self.transport.loseConnection()
 
 
+C = TypeVar("C", bound=Conn)
+
+
 class Connector:
     """Opens connections, at most C{concurrency} connecting at a time, over
-    several local source addresses (each gives its own range of ports)."""
+    several local source addresses (each gives its own range of ports), each
+    to the server endpoint (node) its C{Conn.node} names."""
 
-    def __init__(self, endpoint: str, bind: list[str] | None, concurrency: int) -> None:
-        self.endpoints: list[IStreamClientEndpoint] = [
-            clientFromString(reactor, f"{endpoint}:bindAddress={addr}") for addr in bind or []
-        ] or [clientFromString(reactor, endpoint)]
+    def __init__(self, endpoints: list[str], bind: list[str] | None, concurrency: int) -> None:
+        self.endpoints: list[list[IStreamClientEndpoint]] = [
+            [clientFromString(reactor, f"{endpoint}:bindAddress={addr}") for addr in bind or []]
+            or [clientFromString(reactor, endpoint)]
+            for endpoint in endpoints
+        ]
         self.concurrency = max(1, concurrency)
         self.latencies = array("q")  # connect call -> auth reply
         self.tcp = array("q")  # connect call -> connection made
@@ -182,7 +189,8 @@ class Connector:
             while todo and state["running"] < self.concurrency:
                 conn = todo.pop()
                 state["running"] += 1
-                ep = self.endpoints[state["index"] % len(self.endpoints)]
+                eps = self.endpoints[conn.node % len(self.endpoints)]
+                ep = eps[state["index"] % len(eps)]
                 state["index"] += 1
                 conn.started = monotonic_ns()
                 if not self.first_start:
@@ -406,7 +414,24 @@ class Scenario:
     def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
         self.worker = worker
         self.spec = spec
-        self.connector = Connector(spec["endpoint"], spec.get("bind"), spec.get("concurrency", 25))
+        self.endpoints: list[str] = spec.get("endpoints") or [spec["endpoint"]]
+        self.connector = Connector(self.endpoints, spec.get("bind"), spec.get("concurrency", 25))
+
+    def place_pairs(self, senders: Sequence[Conn], recipients: Sequence[Conn]) -> None:
+        """Pair i (counted over all workers): its sender on node i % N and its
+        recipient on node (i + 1) % N, so with several nodes every message
+        crosses nodes."""
+        n = len(self.endpoints)
+        first = self.spec.get("first_pair", 0)
+        for j, (s, r) in enumerate(zip(senders, recipients, strict=True)):
+            s.node = (first + j) % n
+            r.node = (first + j + 1) % n
+
+    def place_round_robin(self, conns: Sequence[Conn]) -> None:
+        """Connection i (counted over all workers) on node i % N."""
+        first = self.spec.get("first", 0)
+        for j, c in enumerate(conns):
+            c.node = (first + j) % len(self.endpoints)
 
     def setup(self) -> Deferred[Any] | None:
         return None
@@ -451,6 +476,7 @@ class Pairs(Scenario):
         self.senders = [
             Sender(self, i // 2, uids[i], tokens[i], uids[i + 1]) for i in range(0, len(uids), 2)
         ]
+        self.place_pairs(self.senders, self.recipients)
         self.ack_loop = LoopingCall(self.flush_acks)
         self.tick_call: Any = None
 
@@ -626,6 +652,7 @@ class Idle(Scenario):
         self.phase = "setup"
         tokens = mint_tokens(spec["secret"], spec["uids"])
         self.conns = [Idler(self, u, t) for u, t in zip(spec["uids"], tokens, strict=True)]
+        self.place_round_robin(self.conns)
         self.heartbeat: float = spec["heartbeat"]
         self.slots: list[list[Idler]] = [
             [] for _ in range(max(1, round(self.heartbeat / self.TICK)))
@@ -696,6 +723,7 @@ class Connect(Scenario):
         super().__init__(worker, spec)
         tokens = mint_tokens(spec["secret"], spec["uids"])
         self.conns = [Conn(u, t) for u, t in zip(spec["uids"], tokens, strict=True)]
+        self.place_round_robin(self.conns)
         self.ok: list[Conn] = []
 
     def command(self, cmd: dict[str, Any]) -> None:
@@ -868,9 +896,14 @@ class Offline(Scenario):
     def recipient_credentials(self) -> list[tuple[int, str]]:
         return list(zip(self.recipient_uids, self.recipient_tokens, strict=True))
 
+    def recipients_placed(self, conns: list[C]) -> list[C]:
+        """Recipient connections (visitors, drainers) on their pair's recipient node."""
+        self.place_pairs(self.senders, conns)
+        return conns
+
     def setup(self) -> Deferred[Any]:
         async def go() -> None:
-            first = [Visitor(u, t) for u, t in self.recipient_credentials()]
+            first = self.recipients_placed([Visitor(u, t) for u, t in self.recipient_credentials()])
             ok = await self.connector.open_all(first)
             if len(ok) != len(first):
                 raise RuntimeError("recipients could not authenticate")
@@ -891,9 +924,11 @@ class Offline(Scenario):
                 s.pump()
         elif cmd["cmd"] == "drain":
             self.phase = "draining"
-            self.drainers = [Drainer(self, u, t) for u, t in self.recipient_credentials()]
+            self.drainers = self.recipients_placed(
+                [Drainer(self, u, t) for u, t in self.recipient_credentials()]
+            )
             self.drain_connector = Connector(
-                self.spec["endpoint"], self.spec.get("bind"), self.spec.get("concurrency", 25)
+                self.endpoints, self.spec.get("bind"), self.spec.get("concurrency", 25)
             )
             self.drain_connector.open_all(list(self.drainers))
         elif cmd["cmd"] == "stop":

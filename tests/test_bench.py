@@ -1,8 +1,9 @@
 """
 Smoke tests of the benchmark tool (bench/): each runs ``python -m bench``
-for a second or two at a tiny load, as a user would, on the embedded stack,
-and checks that the saved results are sane: no errors, every message
-delivered exactly once and in order, positive rates, the relay ratio.
+for a second or two at a tiny load, as a user would, on the embedded stack
+(and on mysql-redis with several nodes or workers), and checks that the
+saved results are sane: no errors, every message delivered exactly once and
+in order, positive rates, the relay ratio, the cost of every server process.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from tests.harness import need
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class BenchSmokeTests(TestCase):
+class BenchTestCase(TestCase):
+    """Runs the tool and checks its results (no tests of its own)."""
+
     timeout = 120
 
     def bench(self, *argv: str) -> tuple[dict[str, Any], str]:
@@ -80,6 +85,8 @@ class BenchSmokeTests(TestCase):
         self.assertGreater(server["rss_after_mb"], 0)
         self.assertIn("workers", t["cost"])
 
+
+class BenchSmokeTests(BenchTestCase):
     def test_pairs_imserver_and_relay(self) -> None:
         """Closed loop, 2 pairs, window 2, against an embedded imserver and the relay."""
         result, out = self.bench(
@@ -148,3 +155,68 @@ class BenchSmokeTests(TestCase):
         self.assertLess(abs(cpu["pings_per_s"] / 40 - 1), 0.3, cpu)
         self.assertLess(abs(cpu["pongs_per_s"] / cpu["pings_per_s"] - 1), 0.1, cpu)
         self.assertGreater(t["latency"]["ping_rtt"]["count"], 0)
+
+
+class BenchClusterSmokeTests(BenchTestCase):
+    """mysql-redis with several server processes: every one is measured."""
+
+    def setUp(self) -> None:
+        need("mariadbd")
+        need("redis-server")
+
+    def pairs(self, *argv: str) -> dict[str, Any]:
+        result, _ = self.bench(
+            *("pairs", "--pairs", "8", "--window", "2", "--duration", "1.5"),
+            *("--warmup", "0.3", "--stack", "mysql-redis", "--target", "imserver", *argv),
+        )
+        t: dict[str, Any] = result["targets"]["imserver"]
+        self.assertPairs(t)
+        return t
+
+    def assertSummed(self, t: dict[str, Any], names: set[str]) -> None:
+        """cost.server is the sum of every server process, listed in server_processes."""
+        server, each = t["cost"]["server"], t["cost"]["server_processes"]
+        self.assertEqual(set(each), names)
+        self.assertEqual(server["processes"], len(names))
+        self.assertGreater(server["processes"], 1)
+        for key in ("cpu_s", "rss_after_mb"):
+            self.assertAlmostEqual(server[key], sum(p[key] for p in each.values()), delta=0.3)
+        self.assertGreater(server["cpu_s"], 0)
+        self.assertGreater(server["cpu_ms_per_1k_msgs"], 0)
+        self.assertIn("mariadb", t["cost"])
+        self.assertIn("redis", t["cost"])
+
+    def test_pairs_two_nodes(self) -> None:
+        """Two nodes, each sender on the other node than its recipient: all pushes cross."""
+        t = self.pairs("--nodes", "2")
+        self.assertEqual(t["placement"], "cross-node")
+        self.assertEqual((t["target"]["nodes"], len(t["target"]["endpoints"])), (2, 2))
+        self.assertSummed(t, {"node1", "node2"})
+        for node in t["cost"]["server_processes"].values():
+            self.assertGreater(node["cpu_s"], 0)  # both serve senders and recipients
+        # The /metrics of both nodes, added up: every message went over pub/sub.
+        self.assertIn("2 nodes", t["server_metrics_scope"])
+        metrics = t["server_metrics"]
+        sent = metrics["imserver_messages_total{stage=sent}"]
+        crossed = metrics["imserver_cluster_pushes_total{way=sent}"]
+        self.assertGreater(sent, 0)
+        self.assertLess(abs(crossed / sent - 1), 0.2, (crossed, sent))
+
+    def test_pairs_two_server_workers(self) -> None:
+        """One config with workers = 2: the supervisor and both workers are measured."""
+        t = self.pairs("--server-workers", "2")
+        self.assertEqual((t["target"]["server_workers"], len(t["target"]["endpoints"])), (2, 1))
+        self.assertSummed(t, {"supervisor", "worker0", "worker1"})
+        self.assertIn("2 workers", t["server_metrics_scope"])
+        self.assertGreater(t["server_metrics"]["imserver_messages_total{stage=sent}"], 0)
+
+    def test_refused_without_mysql_redis(self) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench", "pairs", "--nodes", "2", "--quiet"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--nodes needs --stack mysql-redis", proc.stderr)
