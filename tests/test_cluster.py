@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import msgpack
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -154,6 +154,46 @@ class ClusterPresenceTests(TestCase):
         self.assertTrue(await a.online(uid))
         a.push(uid, {"t": "msg"})
         await eventually(lambda: second.pushes)
+
+    async def test_logins_and_logouts_of_one_turn_share_a_script_call(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        calls: list[str] = []
+        original = b._redis._script
+
+        def counting(name: str, *args: str | bytes) -> Any:
+            calls.append(name)
+            return original(name, *args)
+
+        b._redis._script = counting  # type: ignore[method-assign]
+        olds = [self.link(next(_uids)) for _ in range(30)]
+        for old in olds[:10]:
+            await a.login(old.uid, old)
+        news = [self.link(old.uid) for old in olds]
+        # 30 logins in one turn: 10 of them kick a connection on node a.
+        await gatherResults([b.login(new.uid, new) for new in news])
+        self.assertEqual(calls, ["presence_login"])
+        await eventually(lambda: all(old.kicks for old in olds[:10]))
+        self.assertEqual(a.kicked_remotely, 10)
+        for old in olds[:10]:
+            a.logout(old.uid, old)  # what a kicked connection does
+        for new in news:
+            self.assertTrue(await a.online(new.uid))
+        # And 30 logouts in one turn, one call.
+        for new in news:
+            b.logout(new.uid, new)
+        await eventually(lambda: calls.count("presence_logout") == 1)
+        await sleep(0.1)
+        for new in news:
+            self.assertFalse(await a.online(new.uid))
+        self.assertEqual(calls, ["presence_login", "presence_logout"])
+
+    async def test_logouts_pending_at_stop_are_written(self) -> None:
+        a, b = await self.node(1), await self.node(2)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        b.logout(bob.uid, bob)
+        await b.stop()
+        self.assertFalse(await a.online(bob.uid))
 
     async def test_a_stale_kick_spares_a_newer_connection(self) -> None:
         a, b = await self.node(1), await self.node(2)

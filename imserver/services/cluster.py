@@ -24,7 +24,7 @@ wait for it (presences come back with the next refresh).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imserver.batching import Batcher, QueueFull
 from imserver.errors import Unavailable
 from imserver.services.presence import IClientLink, IPresence
 from imserver.storage.hot.interface import HotUnavailable
@@ -69,6 +70,13 @@ class ClusterPresence:
         self._values: dict[int, str] = {}  # uid -> our presence value
         self._outgoing: list[tuple[int, bytes]] = []
         self._flush_call: IDelayedCall | None = None
+        # Presence writes of one reactor turn share one script call: a
+        # reconnect storm is thousands of logins (and logouts) at once.
+        self._logins: Batcher[tuple[int, str], None] = Batcher(
+            "presence", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor
+        )
+        self._gone: list[tuple[int, str]] = []
+        self._gone_call: IDelayedCall | None = None
         self._refresh: LoopingCall | None = None
         self.subscription: Subscription | None = None
         # Read by metrics.
@@ -94,6 +102,10 @@ class ClusterPresence:
     async def stop(self) -> None:
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self._gone_call is not None and self._gone_call.active():
+            # Logouts of the last turn (clients leaving at shutdown).
+            self._gone_call.cancel()
+            await self._forget_gone()
         if self.subscription is not None:
             await self.subscription.stop()
 
@@ -105,12 +117,19 @@ class ClusterPresence:
             value = self.value(link)
             self._values[uid] = value
             try:
-                await self._redis.presence_login(uid, value, self.ttl_ms)
-            except HotUnavailable as e:
-                # The refresh loop writes it once Redis answers again.
-                self.log.warn("presence of {uid} not written: {error}", uid=uid, error=e)
+                await self._logins.submit((uid, value))
+            except QueueFull:
+                self.log.warn("presence of {uid} not written: too many logins", uid=uid)
 
         return Deferred.fromCoroutine(login())
+
+    async def _login_batch(self, entries: Sequence[tuple[int, str]]) -> list[None]:
+        try:
+            await self._redis.presence_login(entries, self.ttl_ms)
+        except HotUnavailable as e:
+            # The refresh loop writes them once Redis answers again.
+            self.log.warn("presence of {n} logins not written: {error}", n=len(entries), error=e)
+        return [None] * len(entries)
 
     def logout(self, uid: int, link: IClientLink) -> None:
         if self.registry.local(uid) is not link:
@@ -118,8 +137,20 @@ class ClusterPresence:
         self.registry.logout(uid, link)
         value = self._values.pop(uid, None)
         if value is not None:
-            d = Deferred.fromCoroutine(self._redis.presence_logout(uid, value))
-            d.addErrback(lambda f: None)  # the TTL removes it anyway
+            self._gone.append((uid, value))
+            if self._gone_call is None:
+                self._gone_call = self._reactor.callLater(0, self._forget_gone)
+
+    def _forget_gone(self) -> Deferred[None]:
+        self._gone_call = None
+        gone, self._gone = self._gone, []
+        d = Deferred.fromCoroutine(self._redis.presence_logout(gone))
+        return d.addErrback(self._not_forgotten, len(gone))
+
+    def _not_forgotten(self, failure: Failure, n: int) -> None:
+        # The TTL removes them anyway.
+        if not failure.check(HotUnavailable):
+            self.log.failure("forgetting {n} presences failed", failure, n=n)
 
     def local(self, uid: int) -> IClientLink | None:
         return self.registry.local(uid)

@@ -350,18 +350,22 @@ class RedisHotStore:
 
     # -- presence and routing (see imserver.services.cluster) -----------------
 
-    async def presence_login(self, uid: int, value: str, ttl_ms: int) -> str | None:
-        """Claim the user's presence; the previous value (its node is told to kick)."""
-        old = await self._script("presence_login", str(uid), value, str(ttl_ms))
-        return None if old is None else _str(old)
+    async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> int:
+        """
+        Claim the presences of (uid, value) pairs; the nodes that held them
+        are told to kick their connections. How many kicks went out.
+        """
+        packed = _pack([[str(uid), value] for uid, value in entries])
+        return int(await self._script("presence_login", str(ttl_ms), packed))
 
     async def presence_get(self, uid: int) -> str | None:
         """The user's presence (C{node:incarnation:epoch}), if online anywhere."""
         value = await self.command("GET", f"{self.prefix}:presence:{uid}")
         return None if value is None else _str(value)
 
-    async def presence_logout(self, uid: int, value: str) -> None:
-        await self._script("presence_logout", str(uid), value)
+    async def presence_logout(self, entries: Sequence[tuple[int, str]]) -> None:
+        """Forget the presences of (uid, value) pairs that are still those values."""
+        await self._script("presence_logout", _pack([[str(uid), value] for uid, value in entries]))
 
     async def presence_refresh(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> list[int]:
         """Extend (or restore) presences; the uids now held by another connection."""

@@ -1,14 +1,28 @@
--- ARGV[2]: uid, ARGV[3]: value (node:incarnation:epoch), ARGV[4]: ttl ms
--- Makes this connection the user's presence. If another node held it, that
--- node is told to kick its connection ({kind, uid, old value} on its channel).
--- Returns the previous value, or false.
-local k = key('presence', ARGV[2])
-local old = redis.call('SET', k, ARGV[3], 'PX', ARGV[4], 'GET')
-if old and old ~= ARGV[3] then
-  local node = string.match(old, '^([^:]+):')
-  local mine = string.match(ARGV[3], '^([^:]+):')
-  if node and node ~= mine then
-    redis.call('PUBLISH', key('node', node), cmsgpack.pack({{'k', ARGV[2], old}}))
+-- ARGV[2]: ttl ms, ARGV[3]: msgpack {{uid, value}, ...}: connections that just
+-- logged in on this node (value: node:incarnation:epoch). Each becomes its
+-- user's presence. A node that held the user before is told to kick that
+-- connection ({'k', uid, old value} entries, one PUBLISH per node). Returns
+-- how many kicks went out.
+local ttl = ARGV[2]
+local by_node = {}
+local sent = 0
+for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
+  local uid, value = entry[1], entry[2]
+  local old = redis.call('SET', key('presence', uid), value, 'PX', ttl, 'GET')
+  if old and old ~= value then
+    local node = string.match(old, '^([^:]+):')
+    if node and node ~= string.match(value, '^([^:]+):') then
+      local list = by_node[node]
+      if not list then
+        list = {}
+        by_node[node] = list
+      end
+      list[#list + 1] = {'k', uid, old}
+      sent = sent + 1
+    end
   end
 end
-return old
+for node, list in pairs(by_node) do
+  redis.call('PUBLISH', key('node', node), cmsgpack.pack(list))
+end
+return sent

@@ -1,7 +1,9 @@
--- ARGV[2]: uid, ARGV[3]: value. Forget the presence only if it is still ours.
-local k = key('presence', ARGV[2])
-if redis.call('GET', k) == ARGV[3] then
-  redis.call('DEL', k)
-  return 1
+-- ARGV[2]: msgpack {{uid, value}, ...}: connections gone from this node.
+-- Each presence is forgotten only if it is still that connection's.
+for _, entry in ipairs(cmsgpack.unpack(ARGV[2])) do
+  local k = key('presence', entry[1])
+  if redis.call('GET', k) == entry[2] then
+    redis.call('DEL', k)
+  end
 end
 return 0
