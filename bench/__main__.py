@@ -53,9 +53,10 @@ def _server_options(p: argparse.ArgumentParser, target_default: str | None = Non
     )
     if target_default:
         g.add_argument(
-            "--relay-nodelay",
+            "--relay-nagle",
             action="store_true",
-            help="TCP_NODELAY on the relay's connections (default: off, like imserver)",
+            help="keep Nagle's algorithm on the relay's connections "
+            "(default: TCP_NODELAY, like imserver)",
         )
         g.add_argument(
             "--target",

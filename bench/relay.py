@@ -16,8 +16,8 @@ decode -> route by uid -> encode:
   with a constant C{sender} profile and unread counts) is written to the
   recipient if connected, then C{{"t": "ok", "id", "msg_id", "session_id",
   "ts", "dup": false}}; nothing is stored, an offline recipient loses it;
-* like imserver, connections keep Nagle's algorithm (no C{TCP_NODELAY})
-  unless C{--nodelay} is given;
+* like imserver, connections turn Nagle's algorithm off (C{TCP_NODELAY})
+  unless C{--nagle} is given;
 * C{ack}, C{ping}: ok (C{server_time} for ping); C{sync}: an empty page;
   anything else: C{unknown_op}.
 """
@@ -61,7 +61,7 @@ class RelayProtocol(Protocol):
         self.uid: int | None = None
 
     def connectionMade(self) -> None:
-        if self.relay.nodelay:
+        if not self.relay.nagle:
             self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -150,9 +150,9 @@ class RelayProtocol(Protocol):
 class Relay(Factory):
     noisy = False
 
-    def __init__(self, secret: str, max_frame_bytes: int = 65536, nodelay: bool = False) -> None:
+    def __init__(self, secret: str, max_frame_bytes: int = 65536, nagle: bool = False) -> None:
         self.tokens = TokenService(secret)
-        self.nodelay = nodelay
+        self.nagle = nagle
         self.max_frame_bytes = max_frame_bytes
         self.online: dict[int, RelayProtocol] = {}
         self.ids = itertools.count(1)
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--secret", required=True)
     parser.add_argument(
-        "--nodelay", action="store_true", help="TCP_NODELAY on connections (imserver: no)"
+        "--nagle", action="store_true", help="keep Nagle on (imserver turns it off)"
     )
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted default)")
     args = parser.parse_args()
@@ -179,7 +179,7 @@ def main() -> None:
     endpoint = TCP4ServerEndpoint(
         reactor, args.port, backlog=args.backlog, interface=args.interface
     )
-    d = endpoint.listen(Relay(args.secret, nodelay=args.nodelay))
+    d = endpoint.listen(Relay(args.secret, nagle=args.nagle))
     d.addCallbacks(listening, lambda f: (sys.stderr.write(f.getTraceback()), reactor.stop()))
     reactor.run()
 

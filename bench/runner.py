@@ -526,7 +526,7 @@ def relay_target(args: Any, secret: str) -> Target:
     return start_relay(
         secret or "bench-relay-secret-0123456789-abcdefgh",
         args.backlog,
-        getattr(args, "relay_nodelay", False),
+        getattr(args, "relay_nagle", False),
     )
 
 
@@ -546,7 +546,7 @@ def save(result: dict[str, Any], results_dir: str) -> str:
 
 def base_result(scenario: str, args: Any, params: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("backlog", getattr(args, "backlog", None))
-    params.setdefault("relay_nodelay", getattr(args, "relay_nodelay", False))
+    params.setdefault("relay_nagle", getattr(args, "relay_nagle", False))
     params.setdefault("nodes", getattr(args, "nodes", 1))
     params.setdefault("server_workers", getattr(args, "server_workers", 1))
     return {

@@ -260,14 +260,14 @@ def external(
     )
 
 
-def start_relay(secret: str, backlog: int | None = None, nodelay: bool = False) -> Target:
+def start_relay(secret: str, backlog: int | None = None, nagle: bool = False) -> Target:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, "-m", "bench.relay", "--port", "0", "--secret", secret]
     if backlog:
         argv += ["--backlog", str(backlog)]
-    if nodelay:
-        argv.append("--nodelay")
+    if nagle:
+        argv.append("--nagle")
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
