@@ -5,9 +5,11 @@ L{ClusterPresence} wraps this node's local registry (any L{IPresence}):
 
 * Presence: C{{p}:presence:{uid}} holds the connection that is logged in
   (C{node:incarnation:epoch}), written on login, removed on logout only if it
-  is still ours, and kept alive by this node every third of its TTL
-  (C{[server].presence_ttl_seconds}, default 30): a node that dies leaves no
-  presence behind the TTL. The refresh also restores presences lost by a Redis restart.
+  is still ours (the logins, and the logouts, of one reactor turn share one
+  script call: a reconnect storm is thousands at once), and kept alive by
+  this node every third of its TTL (C{[server].presence_ttl_seconds},
+  default 30): a node that dies leaves no presence behind the TTL. The
+  refresh also restores presences lost by a Redis restart.
 * Routing: a push for a user not connected here goes, through Redis
   pub/sub, to the node that holds the user (one channel per node, binary
   msgpack). Pushes are gathered for one reactor turn and sent with one
