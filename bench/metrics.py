@@ -168,7 +168,7 @@ def window(before: Samples | None, after: Samples | None) -> dict[str, Any] | No
             if not count:
                 continue
             buckets = sorted(entry["buckets"])
-            key = name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+            key = _series_key(name, labels)
             seconds = name.endswith("_seconds")
             scale = 1000.0 if seconds else 1.0
             p50, p99 = _quantile(buckets, 0.5, seconds), _quantile(buckets, 0.99, seconds)
@@ -182,6 +182,11 @@ def window(before: Samples | None, after: Samples | None) -> dict[str, Any] | No
     for name in COUNTERS:
         for (sample, labels), value in sorted(diff.items()):
             if sample == name and value:
-                key = name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")
+                key = _series_key(name, labels)
                 out[key] = int(value)
     return out
+
+
+def _series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    """C{name{k=v,...}} as the results show a series (C{name} alone without labels)."""
+    return name + ("{" + ",".join(f"{k}={v}" for k, v in labels) + "}" if labels else "")

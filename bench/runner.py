@@ -50,9 +50,9 @@ class Progress:
         self.width = 0
         self.last = 0.0
 
-    def show(self, text: str, force: bool = False) -> None:
+    def show(self, text: str) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 0.25):
+        if not self.enabled or now - self.last < 0.25:
             return
         self.last = now
         pad = max(0, self.width - len(text))
@@ -530,6 +530,46 @@ def relay_target(args: Any, secret: str) -> Target:
     )
 
 
+def each_target(
+    args: Any,
+    run: Callable[[Target], dict[str, Any]],
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """
+    Run a scenario against imserver, then the relay (C{--target}), each
+    server stopped before the next starts; the relay checks tokens with
+    imserver's secret. Results by target name.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    secret = getattr(args, "secret", None) or ""
+    if args.target in ("imserver", "both"):
+        target = imserver_target(args, sections)
+        secret = target.secret
+        try:
+            out["imserver"] = run(target)
+        finally:
+            target.stop()
+    if args.target in ("relay", "both"):
+        relay = relay_target(args, secret)
+        try:
+            out["relay"] = run(relay)
+        finally:
+            relay.stop()
+    return out
+
+
+def stack_param(args: Any) -> str:
+    return "external" if args.endpoint else str(args.stack)
+
+
+def merged_errors(results: list[dict[str, Any]]) -> Counter[str]:
+    """The workers' error counts, added up."""
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+    return errors
+
+
 def save(result: dict[str, Any], results_dir: str) -> str:
     os.makedirs(results_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -648,9 +688,7 @@ def summarize_pairs(
     def total(key: str) -> int:
         return sum(r[key] for r in results)
 
-    errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r["errors"])
+    errors = merged_errors(results)
     duration = win["seconds"]
     in_window = total("delivered_in_window")
     verify = {
@@ -732,9 +770,7 @@ def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
         "pad": args.pad,
         "workers": args.workers,
         "drain_s": args.drain,
-        "stack": "none (relay only)"
-        if args.target == "relay"
-        else ("external" if args.endpoint else args.stack),
+        "stack": "none (relay only)" if args.target == "relay" else stack_param(args),
         "target": args.target,
     }
 
@@ -742,23 +778,11 @@ def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
 def cmd_pairs(args: Any) -> dict[str, Any]:
     params = pairs_params(args)
     result = base_result("pairs", args, params)
-    result["targets"] = {}
     uids = Uids()
     progress = Progress(not args.quiet)
-    secret = args.secret or ""
-    if args.target in ("imserver", "both"):
-        target = imserver_target(args)
-        secret = target.secret
-        try:
-            result["targets"]["imserver"] = run_pairs(target, params, uids, progress, "imserver")
-        finally:
-            target.stop()
-    if args.target in ("relay", "both"):
-        relay = relay_target(args, secret)
-        try:
-            result["targets"]["relay"] = run_pairs(relay, params, uids, progress, "relay")
-        finally:
-            relay.stop()
+    result["targets"] = each_target(
+        args, lambda target: run_pairs(target, params, uids, progress, target.name)
+    )
     if len(result["targets"]) == 2:
         result["ratio_to_relay"] = ratio(result["targets"]["imserver"], result["targets"]["relay"])
     return result
@@ -811,7 +835,7 @@ def cmd_offline(args: Any) -> dict[str, Any]:
         "limit": args.limit,
         "pad": args.pad,
         "workers": args.workers,
-        "stack": "external" if args.endpoint else args.stack,
+        "stack": stack_param(args),
     }
     result = base_result("offline", args, params)
     per_pair = split(n, p) if n >= p else [1] * n
@@ -874,9 +898,7 @@ def cmd_offline(args: Any) -> dict[str, Any]:
     def total(key: str) -> int:
         return sum(r[key] for r in results)
 
-    errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r["errors"])
+    errors = merged_errors(results)
     queue_s = t_sent - send_win.t0
     drain_s = t_drained - t_drain
     verify = {
@@ -990,9 +1012,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         pool.send({"cmd": "stop"})
         results = pool.collect(60)
     progress.done()
-    errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r["errors"])
+    errors = merged_errors(results)
     # Every server process added up (nodes, or the supervisor and its workers).
     server_before = server_total(baseline["procs"])
     rss_before = server_before["rss_after_mb"]
@@ -1049,34 +1069,22 @@ def cmd_idle(args: Any) -> dict[str, Any]:
         "measure_s": args.measure or max(3 * heartbeat, 10.0),
         "baseline_s": args.baseline,
         "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
-        "stack": "external" if args.endpoint else args.stack,
+        "stack": stack_param(args),
         "target": args.target,
     }
     result = base_result("idle", args, params)
-    result["targets"] = {}
     uids = Uids()
     progress = Progress(not args.quiet)
-    secret = ""
-    if args.target in ("imserver", "both"):
-        sections = {
-            "server": {
-                # The server accepts 1..3600; clients ping every `heartbeat` anyway.
-                "heartbeat_seconds": float(min(max(heartbeat, 1), 3600)),
-                "idle_timeout_seconds": float(max(3 * heartbeat, 30)),
-            }
+    sections = {
+        "server": {
+            # The server accepts 1..3600; clients ping every `heartbeat` anyway.
+            "heartbeat_seconds": float(min(max(heartbeat, 1), 3600)),
+            "idle_timeout_seconds": float(max(3 * heartbeat, 30)),
         }
-        target = imserver_target(args, sections)
-        secret = target.secret
-        try:
-            result["targets"]["imserver"] = run_idle(target, args, uids, progress)
-        finally:
-            target.stop()
-    if args.target in ("relay", "both"):
-        relay = relay_target(args, secret)
-        try:
-            result["targets"]["relay"] = run_idle(relay, args, uids, progress)
-        finally:
-            relay.stop()
+    }
+    result["targets"] = each_target(
+        args, lambda target: run_idle(target, args, uids, progress), sections
+    )
     return result
 
 
@@ -1123,9 +1131,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
     ok = sum(e["ok"] for e in done)
     last = max(r["last_done"] for r in results) / 1e9
     elapsed = last - t_start
-    errors: Counter[str] = Counter()
-    for r in results:
-        errors.update(r["errors"])
+    errors = merged_errors(results)
     return {
         "target": target.describe(),
         "placement": placement(target, pairs=False),
@@ -1152,27 +1158,13 @@ def cmd_connect(args: Any) -> dict[str, Any]:
         "clients": args.clients,
         "concurrency": args.concurrency or "all at once",
         "workers": args.workers,
-        "stack": "external" if args.endpoint else args.stack,
+        "stack": stack_param(args),
         "target": args.target,
     }
     result = base_result("connect", args, params)
-    result["targets"] = {}
     uids = Uids()
     progress = Progress(not args.quiet)
-    secret = ""
-    if args.target in ("imserver", "both"):
-        target = imserver_target(args)
-        secret = target.secret
-        try:
-            result["targets"]["imserver"] = run_connect(target, args, uids, progress)
-        finally:
-            target.stop()
-    if args.target in ("relay", "both"):
-        relay = relay_target(args, secret)
-        try:
-            result["targets"]["relay"] = run_connect(relay, args, uids, progress)
-        finally:
-            relay.stop()
+    result["targets"] = each_target(args, lambda target: run_connect(target, args, uids, progress))
     return result
 
 

@@ -107,15 +107,6 @@ class Target:
             "config": _redact(self.config) if self.config else None,
         }
 
-    def label(self) -> str:
-        """E.g. C{imserver (mysql-redis, 3 nodes)}."""
-        extra = []
-        if self.nodes > 1:
-            extra.append(f"{self.nodes} nodes")
-        if self.server_workers > 1:
-            extra.append(f"{self.server_workers} workers")
-        return f"{self.name} ({', '.join([self.stack, *extra])})"
-
 
 def _redact(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) for k, v in config.items()}

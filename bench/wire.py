@@ -17,25 +17,21 @@ reply maps straight back to its message.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
+from imserver.wire.codec import encode
 from imserver.wire.framing import HEADER
 
 SendBuilder = Callable[[int, int], bytes]
 
 
 def packb(obj: Any) -> bytes:
+    """One msgpack value (a piece of a pre-encoded frame)."""
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
-
-
-def frame(obj: Mapping[str, Any]) -> bytes:
-    """One complete frame (length prefix and msgpack map)."""
-    body = packb(obj)
-    return HEADER.pack(len(body)) + body
 
 
 def send_builder(to: int, pad: int = 0) -> SendBuilder:
@@ -62,19 +58,19 @@ def send_builder(to: int, pad: int = 0) -> SendBuilder:
 
 
 def auth_frame(token: str, req_id: int = 1) -> bytes:
-    return frame({"t": "auth", "id": req_id, "token": token, "client": "bench/1"})
+    return encode({"t": "auth", "id": req_id, "token": token, "client": "bench/1"})
 
 
 #: A ping with a constant id: heartbeat replies are counted, not matched.
-PING = frame({"t": "ping", "id": 2})
+PING = encode({"t": "ping", "id": 2})
 
 
 def ack_frame(req_id: int, msg_ids: list[int]) -> bytes:
-    return frame({"t": "ack", "id": req_id, "msg_ids": msg_ids})
+    return encode({"t": "ack", "id": req_id, "msg_ids": msg_ids})
 
 
 def sync_frame(req_id: int, limit: int, after: int) -> bytes:
     fields: dict[str, Any] = {"t": "sync", "id": req_id, "limit": limit}
     if after:
         fields["after"] = after
-    return frame(fields)
+    return encode(fields)
