@@ -19,8 +19,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from imserver.config import LimitsConfig, NotifyConfig
+from imserver.retry import RetryPolicy, RetryQueue, RetryQueueFull, Task
 from imserver.services.notifier import Notifier, Webhook, preview
-from imserver.services.retry import RetryPolicy, RetryQueue, RetryQueueFull, Task
 from imserver.storage.hot.interface import HotUnavailable
 from imserver.storage.sql.database import Txn
 from tests.stack import Stack, make_stack

@@ -35,7 +35,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from imserver.config import NotifyConfig
-from imserver.services.retry import RetryPolicy
+from imserver.retry import RetryPolicy
 from imserver.storage.model import RECORD_NORMAL, DeadLetter, DueNotification, unpack_body
 from imserver.storage.store import Store
 

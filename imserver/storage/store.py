@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -30,8 +30,7 @@ from twisted.logger import Logger
 
 from imserver.batching import Batcher
 from imserver.errors import Unavailable
-from imserver.services.ids import IdGenerator
-from imserver.services.retry import RetryPolicy, RetryQueue, Task
+from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
@@ -66,6 +65,12 @@ OUTBOX_STALE_MS = 60_000
 OUTBOX_FLUSH_SECONDS = 0.5
 
 
+class IdSource(Protocol):
+    """Where outbox and dead-letter ids come from (the node's id generator)."""
+
+    def next_id(self) -> int: ...
+
+
 class LRU(OrderedDict[K, V]):
     """A dict that forgets its oldest entries beyond C{size}."""
 
@@ -93,7 +98,7 @@ class Store:
         db: Database,
         hot: IHotStore,
         *,
-        ids: IdGenerator,
+        ids: IdSource,
         node_id: int,
         background: Database | None = None,
         notify_delay_ms: int | None = None,
