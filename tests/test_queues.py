@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from imserver.config import LimitsConfig, NotifyConfig
+from imserver.periodic import Periodic
 from imserver.retry import RetryPolicy, RetryQueue, RetryQueueFull, Task
 from imserver.services.notifier import Notifier, Webhook, preview
 from imserver.storage.hot.interface import HotUnavailable
@@ -214,6 +215,30 @@ class RedisOutboxTests(OutboxContract, TestCase):
 # Offline notifications
 
 
+class PeriodicTests(SynchronousTestCase):
+    def test_a_failed_tick_is_logged_and_the_next_one_runs(self) -> None:
+        """Regression: a bare LoopingCall stopped for good at its first failure."""
+        clock = Clock()
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            ticks.append(clock.seconds())
+            if len(ticks) == 1:
+                raise RuntimeError("backend down")
+
+        loop = Periodic(clock, 5.0, tick, "test loop")
+        loop.start()
+        clock.advance(5)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(loop.running)
+        clock.advance(5)
+        clock.advance(5)
+        self.assertEqual(ticks, [5.0, 10.0, 15.0])
+        self.assertEqual(loop.failures, 1)
+        loop.stop()
+        self.assertFalse(loop.running)
+
+
 class Sink(Resource):
     """A webhook receiver: records requests, answers with scripted codes."""
 
@@ -332,6 +357,26 @@ class NotifierTests(TestCase):
         self.assertIn("HTTP 500", letter.error)
         self.assertEqual(json.loads(letter.payload)["msg_id"], sent["msg_id"])
         self.assertEqual(await self.stack.store.notify_backlog(), 0)
+
+    async def test_a_failing_notification_spares_the_others(self) -> None:
+        """Regression: one error (here the unread count) used to abort the whole poll."""
+        await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        c = next(_uids)
+        await self.stack.chat.login(c)
+        second = await self.stack.chat.send(self.a, c, "2", "text", "y")
+
+        async def total_unread(uid: int) -> int:
+            if uid == self.b:
+                raise RuntimeError("SQL down")
+            return await self.stack.store.total_unread(uid)
+
+        self.notifier._total_unread = total_unread
+        await sleep(0.25)
+        self.assertEqual(await self.notifier.poll(), 2)
+        self.assertEqual([p["msg_id"] for p, _, _ in self.sink.received], [second["msg_id"]])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # Not finished: claimed again once its lease runs out.
+        self.assertEqual(await self.stack.store.notify_backlog(), 1)
 
     async def test_timeout_is_retried(self) -> None:
         self.sink.hang = True

@@ -21,13 +21,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
 from imserver.chat.profiles import ProfileCache
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
+from imserver.periodic import Periodic
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator, id_time_ms
 from imserver.services.presence import IPresence
@@ -117,7 +118,7 @@ class ChatService:
         self._settled_waiters: dict[int, list[Deferred[None]]] = {}
         # outbox id -> [messages of the row not fanned out yet, all went well]
         self._outbox_left: dict[int, list[Any]] = {}
-        self._sweeper: LoopingCall | None = None
+        self._sweeper = Periodic(clock, SWEEP_SECONDS, self._sweep, "outbox sweep")
         # Read by metrics.
         self.sent = 0
         self.duplicates = 0
@@ -440,24 +441,16 @@ class ChatService:
 
     def start_sweeper(self) -> None:
         """Replay any node's outbox rows left stale (a node died) every 30 s."""
-        self._sweeper = LoopingCall(lambda: Deferred.fromCoroutine(self._sweep()))
-        self._sweeper.clock = self.clock
-        self._sweeper.start(SWEEP_SECONDS, now=False).addErrback(
-            lambda f: self.log.failure("outbox sweeper stopped", f)
-        )
+        self._sweeper.start()
 
     def stop_sweeper(self) -> None:
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        self._sweeper.stop()
 
     async def _sweep(self) -> None:
-        try:
-            rows = await self.store.replay_outbox(own=False)
-            if rows:
-                self.log.info("replayed {n} stale outbox rows", n=len(rows))
-                await self._push_replayed(rows)
-        except Exception as e:
-            self.log.warn("outbox sweep failed: {error}", error=e)
+        rows = await self.store.replay_outbox(own=False)
+        if rows:
+            self.log.info("replayed {n} stale outbox rows", n=len(rows))
+            await self._push_replayed(rows)
 
     async def _push_replayed(self, rows: Sequence[Any]) -> None:
         """Push the messages of replayed send rows (clients dedupe by msg_id)."""

@@ -25,16 +25,17 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
 from twisted.internet.interfaces import IConsumer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from imserver.config import NotifyConfig
+from imserver.periodic import Periodic
 from imserver.retry import RetryPolicy
 from imserver.storage.model import RECORD_NORMAL, DeadLetter, DueNotification, unpack_body
 from imserver.storage.store import Store
@@ -149,7 +150,7 @@ class Notifier:
             base=1.0, factor=2.0, max_delay=300.0, max_attempts=config.max_attempts
         )
         self._rng = rng or random.Random()
-        self._loop: LoopingCall | None = None
+        self._loop = Periodic(reactor, POLL_SECONDS, self.poll, "notification poll")
         self._limit = DeferredSemaphore(20)
         # Read by metrics.
         self.sent = 0
@@ -159,15 +160,10 @@ class Notifier:
         self.failures = 0
 
     def start(self) -> None:
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.poll()))
-        self._loop.clock = self._reactor
-        self._loop.start(POLL_SECONDS, now=False).addErrback(
-            lambda f: self.log.failure("notification loop stopped", f)
-        )
+        self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
 
     async def poll(self) -> int:
         """Handle every due notification once; returns how many were due."""
@@ -176,23 +172,35 @@ class Notifier:
         except Exception as e:
             self.log.warn("cannot read due notifications: {error}", error=e)
             return 0
-        skip = [n.message.msg_id for n in due if not n.pending or n.message.status != RECORD_NORMAL]
-        self.skipped += len(skip)
-        await self._store.notifications_done(skip)
-        send = [n for n in due if n.pending and n.message.status == RECORD_NORMAL]
-        results = [Deferred.fromCoroutine(self._limited(n)) for n in send]
-        for d in results:
-            await d
+        done = []
+        send = []
+        for n in due:
+            if n.pending and n.message.status == RECORD_NORMAL:
+                send.append(n)
+            else:
+                done.append(n.message.msg_id)
+        self.skipped += len(done)
+        outcomes = await DeferredList(
+            [self._limit.run(self._notify_now, n) for n in send],
+            consumeErrors=True,
+        )
+        for n, (_, result) in zip(send, outcomes, strict=True):
+            if isinstance(result, Failure):
+                # Its lease runs out and it is claimed again.
+                self.log.failure(
+                    "notification of message {msg_id} not handled", result, msg_id=n.message.msg_id
+                )
+            elif result:
+                done.append(n.message.msg_id)
+        # One transaction for the poll's finished rows, sent or skipped.
+        await self._store.notifications_done(done)
         return len(due)
 
-    async def _limited(self, n: DueNotification) -> None:
-        await self._limit.acquire()
-        try:
-            await self._notify(n)
-        finally:
-            self._limit.release()
+    def _notify_now(self, n: DueNotification) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._notify(n))
 
-    async def _notify(self, n: DueNotification) -> None:
+    async def _notify(self, n: DueNotification) -> bool:
+        """Post one notification; True once it is finished (sent or dead)."""
         m = n.message
         payload = {
             "uid": m.recipient,
@@ -205,12 +213,12 @@ class Notifier:
         try:
             await self._post(payload)
         except Exception as e:
-            await self._failed(n, payload, str(e))
-        else:
-            self.sent += 1
-            await self._store.notifications_done([m.msg_id])
+            return await self._failed(n, payload, str(e))
+        self.sent += 1
+        return True
 
-    async def _failed(self, n: DueNotification, payload: dict[str, Any], error: str) -> None:
+    async def _failed(self, n: DueNotification, payload: dict[str, Any], error: str) -> bool:
+        """Count a failed post: dead-lettered (True) or due again later (False)."""
         attempts = n.attempts + 1
         self.failures += 1
         if self.policy.exhausted(attempts):
@@ -232,8 +240,7 @@ class Notifier:
                     int(self._reactor.seconds() * 1000),
                 )
             )
-            await self._store.notifications_done([n.message.msg_id])
-            return
+            return True
         self.retries += 1
         delay = self.policy.delay(attempts, self._rng)
         due = int((self._reactor.seconds() + delay) * 1000)
@@ -244,3 +251,4 @@ class Notifier:
             delay=delay,
         )
         await self._store.retry_notification(n.message.msg_id, due)
+        return False

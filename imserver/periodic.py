@@ -1,0 +1,64 @@
+"""
+L{Periodic}: background work that runs every N seconds and survives its own
+failures.
+
+A bare C{LoopingCall} stops for good the first time its function fails, which
+for a server's background loops (outbox sweeper, notification poll, presence
+refresh) means the work silently ends until the process restarts. Here a tick
+that fails is logged and the next one runs on time. Ticks never overlap: the
+next is scheduled once the previous has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class Periodic:
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        seconds: float,
+        tick: Callable[[], Awaitable[object]],
+        what: str,
+    ) -> None:
+        self.seconds = seconds
+        self.what = what
+        self._tick = tick
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._run()))
+        self._loop.clock = clock
+        #: Ticks that raised (read by tests and logs).
+        self.failures = 0
+
+    @property
+    def running(self) -> bool:
+        return bool(self._loop.running)
+
+    def start(self, now: bool = False) -> None:
+        self._loop.start(self.seconds, now=now).addErrback(
+            lambda f: self.log.failure("{what} stopped", f, what=self.what)
+        )
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    async def _run(self) -> None:
+        try:
+            await self._tick()
+        except Exception:
+            self.failures += 1
+            self.log.failure(
+                "{what} failed; next try in {seconds}s",
+                Failure(),
+                what=self.what,
+                seconds=self.seconds,
+            )
