@@ -9,10 +9,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imserver.services.presence import IClientLink, IPresence
+from imserver.services.presence import KICK_LOGIN_ELSEWHERE, IClientLink, IPresence
 from imserver.storage.model import Profile
-
-KICK_LOGIN_ELSEWHERE = "login_elsewhere"
 
 
 @implementer(IPresence)

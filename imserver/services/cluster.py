@@ -32,19 +32,20 @@ from typing import Any
 import msgpack
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imserver.batching import Batcher, QueueFull
 from imserver.errors import Unavailable
-from imserver.services.presence import IClientLink, IPresence
+from imserver.periodic import Periodic
+from imserver.services.presence import KICK_LOGIN_ELSEWHERE, IClientLink, IPresence
 from imserver.storage.hot.interface import HotUnavailable
 from imserver.storage.hot.redis import RedisHotStore, Subscription
 from imserver.storage.model import Profile
 
-KICK_LOGIN_ELSEWHERE = "login_elsewhere"
+__all__ = ["KICK_LOGIN_ELSEWHERE", "ClusterPresence"]
+
 PRESENCE_TTL_MS = 30_000
 REFRESH_CHUNK = 1000
 
@@ -75,11 +76,12 @@ class ClusterPresence:
         # Presence writes of one reactor turn share one script call: a
         # reconnect storm is thousands of logins (and logouts) at once.
         self._logins: Batcher[tuple[int, str], None] = Batcher(
-            "presence", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor
+            "presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
-        self._gone: list[tuple[int, str]] = []
-        self._gone_call: IDelayedCall | None = None
-        self._refresh: LoopingCall | None = None
+        self._logouts: Batcher[tuple[int, str], None] = Batcher(
+            "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
+        )
+        self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
         self.subscription: Subscription | None = None
         # Read by metrics.
         self.routed = 0
@@ -95,19 +97,12 @@ class ClusterPresence:
 
     def start(self) -> None:
         self.subscription = self._redis.subscribe(self.node, self._on_message)
-        self._refresh = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
-        self._refresh.clock = self._reactor
-        self._refresh.start(self.ttl_ms / 3000, now=False).addErrback(
-            lambda f: self.log.failure("presence refresh loop stopped", f)
-        )
+        self._refresh.start()
 
     async def stop(self) -> None:
-        if self._refresh is not None and self._refresh.running:
-            self._refresh.stop()
-        if self._gone_call is not None and self._gone_call.active():
-            # Logouts of the last turn (clients leaving at shutdown).
-            self._gone_call.cancel()
-            await self._forget_gone()
+        self._refresh.stop()
+        # Logouts of the last turn (clients leaving at shutdown).
+        await self._logouts.idle()
         if self.subscription is not None:
             await self.subscription.stop()
 
@@ -138,29 +133,28 @@ class ClusterPresence:
             return
         self.registry.logout(uid, link)
         value = self._values.pop(uid, None)
-        if value is not None:
-            self._gone.append((uid, value))
-            if self._gone_call is None:
-                self._gone_call = self._reactor.callLater(0, self._forget_gone)
+        if value is None:
+            return
+        try:
+            # Never fails: _logout_batch handles its errors.
+            self._logouts.submit((uid, value))
+        except QueueFull:
+            pass  # the TTL removes it
 
-    def _forget_gone(self) -> Deferred[None]:
-        self._gone_call = None
-        gone, self._gone = self._gone, []
-        d = Deferred.fromCoroutine(self._redis.presence_logout(gone))
-        return d.addErrback(self._not_forgotten, len(gone))
-
-    def _not_forgotten(self, failure: Failure, n: int) -> None:
-        # The TTL removes them anyway.
-        if not failure.check(HotUnavailable):
-            self.log.failure("forgetting {n} presences failed", failure, n=n)
+    async def _logout_batch(self, entries: Sequence[tuple[int, str]]) -> list[None]:
+        try:
+            await self._redis.presence_logout(entries)
+        except HotUnavailable:
+            pass  # the TTL removes them anyway
+        except Exception:
+            self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
+        return [None] * len(entries)
 
     def local(self, uid: int) -> IClientLink | None:
         return self.registry.local(uid)
 
     def push(self, uid: int, frame: Mapping[str, Any]) -> bool:
-        link = self.registry.local(uid)
-        if link is not None:
-            link.push(frame)
+        if self.registry.push(uid, frame):
             return True
         self._outgoing.append((uid, msgpack.packb(frame, use_bin_type=True)))
         if self._flush_call is None:

@@ -19,6 +19,9 @@ from zope.interface import Attribute, Interface
 
 from imserver.storage.model import Profile
 
+#: The reason of the kick a connection gets when its user logs in again.
+KICK_LOGIN_ELSEWHERE = "login_elsewhere"
+
 
 class IClientLink(Interface):
     """One authenticated connection, as the layers below the gateway see it."""
