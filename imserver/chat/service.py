@@ -209,11 +209,12 @@ class ChatService:
         pushed = sender is not None and self.presence.local(m.recipient) is not None
         if pushed:
             self._push(committed, body, started, sender)
-        d = self.fanouts.submit((committed, None if pushed else body, started))
-        d.addErrback(lambda f: self.log.failure("fan-out failed", f))
-        d.addBoth(lambda _: self._fanned_out(uids))
+        # _fanout_batch logs its own failures: the item always succeeds.
+        self.fanouts.submit((committed, None if pushed else body, started)).addBoth(
+            self._fanned_out, uids
+        )
 
-    def _fanned_out(self, uids: Sequence[int]) -> None:
+    def _fanned_out(self, _: object, uids: Sequence[int]) -> None:
         for uid in uids:
             left = self._inflight[uid] - 1
             if left:
@@ -244,17 +245,24 @@ class ChatService:
         """The real-time queue: index a batch in the hot store, then push the
         messages not pushed at commit (recipient on another node, or sender's
         profile not at hand)."""
-        committed = [c for c, _, _ in items]
-        indexed = await self.store.fanout(committed)
-        late = [(c, body, started) for c, body, started in items if body is not None]
-        if late:
-            try:
-                senders = await self.profiles.get({c.message.sender for c, _, _ in late})
-            except Exception:
-                senders = {}
-            for c, body, started in late:
-                self._push(c, body, started, senders.get(c.message.sender))
-        self._settle_outbox(committed, indexed)
+        try:
+            committed = [c for c, _, _ in items]
+            indexed = await self.store.fanout(committed)
+            late = [(c, body, started) for c, body, started in items if body is not None]
+            if late:
+                try:
+                    senders = await self.profiles.get({c.message.sender for c, _, _ in late})
+                except Exception as e:
+                    # Pushed without the sender's profile; the client fetches it.
+                    self.log.warn("sender profiles not read: {error}", error=e)
+                    senders = {}
+                for c, body, started in late:
+                    self._push(c, body, started, senders.get(c.message.sender))
+            self._settle_outbox(committed, indexed)
+        except Exception:
+            # Once per batch, not once per message. The outbox rows stay and
+            # are replayed by the sweeper.
+            self.log.failure("fan-out of {n} messages failed", Failure(), n=len(items))
         return [None] * len(items)
 
     def _settle_outbox(self, committed: Sequence[Committed], indexed: bool) -> None:
