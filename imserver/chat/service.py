@@ -421,6 +421,14 @@ class ChatService:
         self.profile_changed(profile)
         return {"user": profile.public()}
 
+    async def upsert_user(
+        self, uid: int, nickname: str | None, avatar: str | None
+    ) -> tuple[Profile, bool]:
+        """Create or update a user (the admin API); whether it was created."""
+        profile, created = await self.store.upsert_user(uid, nickname, avatar)
+        self.profile_changed(profile)
+        return profile, created
+
     def profile_changed(self, profile: Profile) -> None:
         """A profile was written: cache it here, and tell the other nodes."""
         self.profiles.put(profile)

@@ -91,34 +91,19 @@ class Api(Responder):
         """The uid of the request's Bearer token, or 401."""
         raw = call.header(b"Authorization")
         if raw is None:
-            raise HttpError(
-                401,
-                "unauthorized",
-                "missing Authorization: Bearer TOKEN",
-                ((b"WWW-Authenticate", b"Bearer"),),
-            )
+            raise _unauthorized("missing Authorization: Bearer TOKEN")
         scheme, _, token = raw.strip().partition(b" ")
         token = token.strip()
         if scheme.lower() != b"bearer" or not token or not token.isascii():
-            raise HttpError(
-                401,
-                "unauthorized",
-                "the Authorization header must be 'Bearer TOKEN'",
-                ((b"WWW-Authenticate", b"Bearer"),),
-            )
+            raise _unauthorized("the Authorization header must be 'Bearer TOKEN'")
         try:
             return self.tokens.verify(token.decode("ascii"), now=self.clock.seconds())
         except InvalidToken as e:
-            raise HttpError(
-                401,
-                "unauthorized",
-                e.message,
-                ((b"WWW-Authenticate", b'Bearer error="invalid_token"'),),
-            )
+            raise _unauthorized(e.message, b'Bearer error="invalid_token"') from None
 
     def admin_refusal(self, request: Request) -> HttpError | None:
         """None if the request carries the admin key, else the 403 to answer."""
-        given = request.getHeader(b"X-Admin-Key")
+        given: bytes | None = request.getHeader(b"X-Admin-Key")
         if given is None:
             return HttpError(403, ErrorCode.FORBIDDEN, "missing X-Admin-Key header")
         if not hmac.compare_digest(given, self._admin_key):
@@ -134,6 +119,10 @@ class Api(Responder):
 
 # ---------------------------------------------------------------------------
 # Input checks: each raises HttpError 400 naming what is wrong.
+
+
+def _unauthorized(message: str, challenge: bytes = b"Bearer") -> HttpError:
+    return HttpError(401, "unauthorized", message, ((b"WWW-Authenticate", challenge),))
 
 
 def _invalid(message: str) -> HttpError:
@@ -352,8 +341,7 @@ class AdminUser(ApiEndpoint):
     async def put(self, call: Call) -> Reply:
         uid = path_uid(self.segment)
         nickname, avatar = profile_fields(call.body)
-        profile, created = await self.api.store.upsert_user(uid, nickname, avatar)
-        self.api.chat.profile_changed(profile)
+        profile, created = await self.api.chat.upsert_user(uid, nickname, avatar)
         if created:
             location = b"/v1/users/%d" % uid
             return json_reply({"user": profile.public()}, 201, ((b"Location", location),))

@@ -113,9 +113,7 @@ class ApiRequest(Request):
             self._abort()
 
     def _abort(self) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
-        self._linger = None
+        self._stop_lingering()
         transport = self._transport()
         if transport is not None:
             transport.abortConnection()
@@ -127,10 +125,13 @@ class ApiRequest(Request):
         super().process()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._stop_lingering()
+        super().connectionLost(reason)
+
+    def _stop_lingering(self) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
-        super().connectionLost(reason)
 
 
 class ApiSite(Site):
