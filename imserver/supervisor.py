@@ -75,7 +75,7 @@ class Supervisor(Service):
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self.stopping = False
-        #: Read by tests and logs.
+        #: Workers restarted so far (in the restart log line).
         self.restarted = 0
 
     def argv(self, index: int) -> list[str]:
@@ -132,10 +132,12 @@ class Supervisor(Service):
         self.restarted += 1
         status = "" if reason.check(ProcessDone) else f" ({reason.value})"
         self.log.warn(
-            "worker {index} exited{status}; restarting it in {delay:.0f}s",
+            "worker {index} exited{status}; restarting it in {delay:.0f}s"
+            " ({restarts} restarts so far)",
             index=index,
             status=status,
             delay=delay,
+            restarts=self.restarted,
         )
         self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
 

@@ -31,8 +31,6 @@ class Options(usage.Options):
         index = self["worker-index"]
         if index is not None and not (index.isdigit() and int(index) < config.server.workers):
             raise usage.UsageError(f"--worker-index must be in 0..{config.server.workers - 1}")
-        if config.server.workers > 1 and self["config"] is None:
-            raise usage.UsageError("[server].workers > 1 needs a --config file")
         self["parsed"] = config
 
 

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from imserver.chat.service import ChatService
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
-from imserver.gateway.protocol import ClientProtocol, Op, Result
+from imserver.gateway.protocol import ClientProtocol, LoginHook, Op, Result
 from imserver.services.ratelimit import TokenBucket
 from imserver.wire import frames
 
@@ -97,10 +97,10 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
     return {schema.op: Op(schema, handler) for schema, handler in table.items()}
 
 
-def login_hook(chat: ChatService) -> Callable[[int, ClientProtocol, frames.Auth], Deferred[None]]:
+def login_hook(chat: ChatService) -> LoginHook:
     """Create the user on first login (a user exists once it has authenticated)."""
 
     async def login(uid: int, conn: ClientProtocol, request: frames.Auth) -> None:
         await chat.login(uid)
 
-    return lambda uid, conn, request: Deferred.fromCoroutine(login(uid, conn, request))
+    return login

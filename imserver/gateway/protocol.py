@@ -27,11 +27,11 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 Result = Mapping[str, Any] | None
 Handler = Callable[["ClientProtocol", frames.Request], "Result | Deferred[Result]"]
-LoginHook = Callable[[int, "ClientProtocol", frames.Auth], "Deferred[None]"]
+#: Called on each successful auth before the connection joins presence (the
+#: business layer creates the user there).
+LoginHook = Callable[[int, "ClientProtocol", frames.Auth], Awaitable[None]]
 
 # How long a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -306,7 +308,6 @@ class ClientProtocol(Protocol):
             self._internal_error(failure, request)
 
     def _internal_error(self, failure: Failure, request: frames.Request) -> None:
-        self.gateway.internal_errors += 1
         self.log.failure(
             "op {op} (id {req_id}) of uid {uid} failed",
             failure,
@@ -436,7 +437,7 @@ class Gateway(Factory):
         tokens: TokenService,
         presence: IPresence,
         ops: Mapping[str, Op] | None = None,
-        on_login: Callable[[int, ClientProtocol, frames.Auth], Deferred[None]] | None = None,
+        on_login: LoginHook | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -452,7 +453,6 @@ class Gateway(Factory):
         # Counters read by metrics.
         self.auths = {"ok": 0, "failed": 0, "error": 0}
         self.errors: Counter[str] = Counter()
-        self.internal_errors = 0
         self.overflowed = 0
         self.idle_closed = 0
 
@@ -488,11 +488,7 @@ class Gateway(Factory):
         for conn in list(self.connections):
             conn.goaway(reason)
         if not self.connections:
-            return Deferred.fromCoroutine(_noop())
+            return succeed(None)
         d: Deferred[None] = Deferred()
         self._all_closed.append(d)
         return d
-
-
-async def _noop() -> None:
-    return None
