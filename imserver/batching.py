@@ -73,10 +73,6 @@ class Batcher(Generic[I, O]):
         self._delivered = 0
         self._finished: dict[int, tuple[Sequence[O] | Failure, list[tuple[I, Deferred[O]]]]] = {}
         self._idle: list[Deferred[None]] = []
-        # Read by metrics.
-        self.batches = 0
-        self.items = 0
-        self.last_batch_size = 0
 
     @property
     def depth(self) -> int:
@@ -122,9 +118,6 @@ class Batcher(Generic[I, O]):
         take = min(self.max_batch, len(self._waiting))
         batch = [self._waiting.popleft() for _ in range(take)]
         self._running += 1
-        self.batches += 1
-        self.items += take
-        self.last_batch_size = take
         if self.on_batch is not None:
             self.on_batch(take)
         seq = self._started

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import attrs
 import msgpack
+
+T = TypeVar("T")
 
 RECORD_NORMAL = 0
 RECORD_RECALLED = 1
@@ -18,6 +21,16 @@ def pack_body(body: Any) -> bytes:
 
 def unpack_body(blob: bytes) -> Any:
     return msgpack.unpackb(blob, raw=False)
+
+
+def session_pair(a: int, b: int) -> tuple[int, int]:
+    """The two users of a session, lower uid first (t_session's uidLow, uidHigh)."""
+    return (a, b) if a < b else (b, a)
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """C{items} in slices of at most C{size}, so no statement or command grows without bound."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @attrs.frozen

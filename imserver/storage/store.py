@@ -46,7 +46,7 @@ from imserver.storage.model import (
     ReadResult,
     RecallResult,
     SendOutcome,
-    pack_body,
+    session_pair,
 )
 from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import Database
@@ -83,10 +83,6 @@ class LRU(OrderedDict[K, V]):
         self.move_to_end(key)
         if len(self) > self.size:
             self.popitem(last=False)
-
-
-def _pair(a: int, b: int) -> tuple[int, int]:
-    return (a, b) if a < b else (b, a)
 
 
 class Store:
@@ -240,7 +236,7 @@ class Store:
 
     def session_hint(self, a: int, b: int) -> int | None:
         """The pair's session id if this node has seen it."""
-        return self._pairs.get(_pair(a, b))
+        return self._pairs.get(session_pair(a, b))
 
     def commit(self, message: NewMessage) -> Deferred[SendOutcome]:
         """Commit one message (with whatever else is being sent now)."""
@@ -252,11 +248,11 @@ class Store:
         msgs = [
             m
             if m.session_id is not None
-            else attrs.evolve(m, session_id=self._pairs.get(_pair(m.sender, m.recipient)))
+            else attrs.evolve(m, session_id=self._pairs.get(session_pair(m.sender, m.recipient)))
             for m in msgs
         ]
         now_ms = self._now_ms()
-        outbox = Outbox(self.ids.next_id(), self.node_id, "send", created_at=now_ms)
+        outbox = self._outbox("send", now_ms)
         done = self._take_done_outbox()
         try:
             outcomes = await self.db.run(
@@ -454,7 +450,7 @@ class Store:
     # -- sessions ----------------------------------------------------------------
 
     def _remember_session(self, sid: int, a: int, b: int) -> None:
-        pair = _pair(a, b)
+        pair = session_pair(a, b)
         self._pairs.put(pair, sid)
         self._members.put(sid, pair)
 
@@ -470,7 +466,7 @@ class Store:
         return found
 
     async def session_for_pair(self, a: int, b: int) -> int | None:
-        pair = _pair(a, b)
+        pair = session_pair(a, b)
         sid = self._pairs.get(pair)
         if sid is None:
             sid = await self.db.run("session_for_pair", q.session_for_pair_txn, *pair)
@@ -506,8 +502,10 @@ class Store:
 
     # -- outbox, repairs, replay -------------------------------------------------
 
-    def _outbox(self, kind: str) -> Outbox:
-        return Outbox(self.ids.next_id(), self.node_id, kind, created_at=self._now_ms())
+    def _outbox(self, kind: str, now_ms: int | None = None) -> Outbox:
+        """A new outbox row, created now (or at C{now_ms}, the time its transaction is given)."""
+        created_at = self._now_ms() if now_ms is None else now_ms
+        return Outbox(self.ids.next_id(), self.node_id, kind, created_at=created_at)
 
     async def _follow_up(
         self,
@@ -593,23 +591,16 @@ class Store:
 
         async def repair() -> None:
             await self.hot.invalidate(uids, session_ids, msg_ids)
-            self.suspect_users.subtract(uids)
-            self.suspect_sessions.subtract(session_ids)
-            self.suspect_users += Counter()  # drop zero counts
-            self.suspect_sessions += Counter()
+            # -= drops the counts that reach zero.
+            self.suspect_users -= Counter(uids)
+            self.suspect_sessions -= Counter(session_ids)
 
         self.log.warn(
             "hot store write failed ({error}): repairing {n} users", error=error, n=len(uids)
         )
-        self.retries.add(
-            Task(
-                "repair",
-                uids[0] if uids else 0,
-                repair,
-                lambda: pack_body({"u": uids, "s": session_ids, "m": msg_ids}),
-            ),
-            error,
-        )
+        # A dead letter describes the repair as an outbox row would.
+        row = Outbox(0, self.node_id, "repair", tuple(uids), tuple(session_ids), tuple(msg_ids))
+        self.retries.add(Task("repair", uids[0] if uids else 0, repair, row.payload), error)
 
     async def _dead_letter(self, task: Task) -> None:
         letter = DeadLetter(

@@ -40,7 +40,7 @@ from imserver.storage.hot.interface import (
     HotUnavailable,
     IHotStore,
 )
-from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
+from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot, chunks
 
 #: Seconds between reconnection attempts at most (txredisapi's default is 10).
 RECONNECT_MAX_DELAY = 1.0
@@ -114,10 +114,6 @@ def _int(value: Any) -> int:
 
 def _str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @implementer(IHotStore)
@@ -321,7 +317,7 @@ class RedisHotStore:
 
     async def messages(self, msg_ids: Sequence[int]) -> dict[int, Message]:
         out: dict[int, Message] = {}
-        for part in _chunks(list(msg_ids), 500):
+        for part in chunks(msg_ids, 500):
             blobs = await self.command("MGET", *(f"{self.prefix}:msg:{i}" for i in part))
             for blob in blobs:
                 if blob:

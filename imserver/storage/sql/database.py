@@ -47,14 +47,19 @@ COUNT = "count"
 
 @attrs.frozen
 class Statement:
-    """One statement of a L{Txn.script}: what it returns is C{ROWS} or C{COUNT}."""
+    """
+    One statement of a L{Txn.script}, with C{?} placeholders (the engine
+    converts or renders it): what it returns is C{ROWS} or C{COUNT}.
+    """
 
     sql: str
     args: tuple[Any, ...] = ()
     returns: str = COUNT
-    #: The statement as written (C{?} placeholders), for engines that render
-    #: values themselves.
-    raw_sql: str = ""
+
+
+def marks(n: int) -> str:
+    """C{?, ?, ?}: C{n} placeholders, for an C{IN (...)} list or a row of VALUES."""
+    return ", ".join("?" * n)
 
 
 def values(
@@ -64,7 +69,7 @@ def values(
     C{(?, ?), (?, ?)} and the flattened arguments, for a multi-row VALUES;
     C{template} replaces C{(?, ?)} (when a column is an SQL expression).
     """
-    one = template or "(" + ", ".join("?" * len(rows[0])) + ")"
+    one = template or f"({marks(len(rows[0]))})"
     return ", ".join([one] * len(rows)), tuple(v for row in rows for v in row)
 
 
@@ -90,11 +95,7 @@ class Txn:
         each. If a statement fails, the ones after it do not run and the
         exception propagates (the transaction is still open).
         """
-        results = self.engine.run_script(
-            self._cursor,
-            [attrs.evolve(s, sql=self.engine.convert(s.sql), raw_sql=s.sql) for s in statements],
-            commit,
-        )
+        results = self.engine.run_script(self._cursor, statements, commit)
         self.committed = commit
         return results
 
@@ -134,8 +135,8 @@ class Txn:
         out: list[tuple[Any, ...]] = []
         for i in range(0, len(values), chunk):
             part = values[i : i + chunk]
-            marks = ", ".join("?" * len(part))
-            out.extend(self.query(sql.replace("IN (%s)", f"IN ({marks})"), (*args_before, *part)))
+            expanded = sql.replace("IN (%s)", f"IN ({marks(len(part))})")
+            out.extend(self.query(expanded, (*args_before, *part)))
         return out
 
 

@@ -105,10 +105,13 @@ class Engine:
         return False
 
     def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
-        """Run statements one by one (no round trips to save in process)."""
+        """
+        Run statements one by one (no round trips to save in process). Each
+        is written with C{?} placeholders: converted here, not by the caller.
+        """
         results: list[Any] = []
         for s in statements:
-            cursor.execute(s.sql, s.args)
+            cursor.execute(self.convert(s.sql), s.args)
             results.append(
                 [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
             )
@@ -234,7 +237,7 @@ class MysqlEngine(Engine):
         hex, strings escaped by PyMySQL's own table), which costs half of
         PyMySQL's general per-value escaping on the hot path.
         """
-        parts = [render(s.raw_sql, s.args) for s in statements]
+        parts = [render(s.sql, s.args) for s in statements]
         if commit:
             parts.append("COMMIT")
         cursor.execute(";\n".join(parts))

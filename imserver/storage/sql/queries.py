@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import attrs
 
@@ -38,10 +38,10 @@ from imserver.storage.model import (
     Refused,
     SendOutcome,
     UserSnapshot,
+    chunks,
+    session_pair,
 )
-from imserver.storage.sql.database import ROWS, Statement, Txn, values
-
-T = TypeVar("T")
+from imserver.storage.sql.database import ROWS, Statement, Txn, marks, values
 
 MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, recordStatus"
 CONV_COLUMNS = "uid, sessionId, peerUid, lastMsgId, totalCount, readCount, version"
@@ -192,12 +192,14 @@ def commit_messages_txn(
     for i in live:
         m = msgs[i]
         if m.session_id is None:
-            wanted.setdefault(_pair(m.sender, m.recipient), m.new_session_id)
+            wanted.setdefault(session_pair(m.sender, m.recipient), m.new_session_id)
     sessions = _resolve_sessions(txn, wanted, now_ms) if wanted else {}
     resolved = {
         i: msgs[i]
         if msgs[i].session_id is not None
-        else attrs.evolve(msgs[i], session_id=sessions[_pair(msgs[i].sender, msgs[i].recipient)])
+        else attrs.evolve(
+            msgs[i], session_id=sessions[session_pair(msgs[i].sender, msgs[i].recipient)]
+        )
         for i in live
     }
 
@@ -250,8 +252,8 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
     cids = sorted({m.cid for m in msgs})
     rows = txn.query(
         f"SELECT senderUid, cid, id, sessionId, ts FROM t_msg_record_list"
-        f" WHERE senderUid IN ({', '.join('?' * len(senders))})"
-        f" AND cid IN ({', '.join('?' * len(cids))})",
+        f" WHERE senderUid IN ({marks(len(senders))})"
+        f" AND cid IN ({marks(len(cids))})",
         (*senders, *cids),
     )
     return {(int(r[0]), str(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
@@ -276,7 +278,7 @@ def _write_messages(
     engine = txn.engine
     # First the outbox rows of finished follow-ups: no round trip of their own.
     script = _outbox_deletes(done_outbox)
-    marks, args = values(
+    rows_sql, args = values(
         [
             (
                 m.msg_id,
@@ -300,20 +302,22 @@ def _write_messages(
     script.append(
         Statement(
             "INSERT INTO t_msg_record_list (id, sessionId, msgId, senderUid, recipientUid, cid,"
-            f" msgType, body, ts, isRead, recordStatus, createTime) VALUES {marks}",
+            f" msgType, body, ts, isRead, recordStatus, createTime) VALUES {rows_sql}",
             args,
         )
     )
-    marks, args = values([(m.msg_id, m.recipient, m.sender) for m in msgs])
-    script.append(Statement(f"INSERT INTO t_pending (msgId, uid, senderUid) VALUES {marks}", args))
+    rows_sql, args = values([(m.msg_id, m.recipient, m.sender) for m in msgs])
+    script.append(
+        Statement(f"INSERT INTO t_pending (msgId, uid, senderUid) VALUES {rows_sql}", args)
+    )
     if notify_delay_ms is not None:
-        marks, args = values(
+        rows_sql, args = values(
             [(m.msg_id, m.recipient, m.ts + notify_delay_ms, 0, -1, 0) for m in msgs]
         )
         script.append(
             Statement(
                 "INSERT INTO t_notify (msgId, uid, dueAt, attempts, claimedBy, claimedUntil)"
-                f" VALUES {marks}",
+                f" VALUES {rows_sql}",
                 args,
             )
         )
@@ -367,24 +371,10 @@ def _write_messages(
         )
     reads = len(script)
     script += _conv_rows_statements(keys)
-    recipients = sorted({m.recipient for m in msgs})
-    script.append(
-        Statement(
-            "SELECT uid, SUM(totalCount - readCount) FROM t_conv"
-            f" WHERE uid IN ({', '.join('?' * len(recipients))}) GROUP BY uid",
-            tuple(recipients),
-            ROWS,
-        )
-    )
+    script.append(_total_unread_statement(sorted({m.recipient for m in msgs})))
     results = txn.script(script, commit=True)
-    wanted = set(keys)
-    conv = {
-        (r.uid, r.session_id): r
-        for rows in results[reads:-1]
-        for r in map(_conv, rows)
-        if (r.uid, r.session_id) in wanted
-    }
-    totals = {int(r[0]): int(r[1] or 0) for r in results[-1]}
+    conv = {(r.uid, r.session_id): r for r in _wanted_rows(results[reads:-1], keys)}
+    totals = _total_unread_rows(results[-1])
 
     # Unread as of each message: the final numbers minus what came after it
     # in this batch.
@@ -413,10 +403,6 @@ def _write_messages(
     return committed
 
 
-def _pair(a: int, b: int) -> tuple[int, int]:
-    return (a, b) if a < b else (b, a)
-
-
 def _conv_rows_statements(keys: Sequence[tuple[int, int]]) -> list[Statement]:
     """
     SELECTs for the rows of these (uid, sessionId) keys, asked as C{uid IN
@@ -431,8 +417,8 @@ def _conv_rows_statements(keys: Sequence[tuple[int, int]]) -> list[Statement]:
         sids = sorted({sid for _, sid in part})
         out.append(
             Statement(
-                f"SELECT {CONV_COLUMNS} FROM t_conv WHERE uid IN ({', '.join('?' * len(uids))})"
-                f" AND sessionId IN ({', '.join('?' * len(sids))})",
+                f"SELECT {CONV_COLUMNS} FROM t_conv WHERE uid IN ({marks(len(uids))})"
+                f" AND sessionId IN ({marks(len(sids))})",
                 (*uids, *sids),
                 ROWS,
             )
@@ -440,26 +426,35 @@ def _conv_rows_statements(keys: Sequence[tuple[int, int]]) -> list[Statement]:
     return out
 
 
-def _conv_rows(txn: Txn, keys: Sequence[tuple[int, int]]) -> list[ConvRow]:
+def _wanted_rows(
+    results: Iterable[Sequence[Sequence[Any]]], keys: Iterable[tuple[int, int]]
+) -> list[ConvRow]:
+    """The rows of these keys among what L{_conv_rows_statements} returned (which can be more)."""
     wanted = set(keys)
-    return [
-        r
-        for rows in txn.script(_conv_rows_statements(keys))
-        for r in map(_conv, rows)
-        if (r.uid, r.session_id) in wanted
-    ]
+    return [r for rows in results for r in map(_conv, rows) if (r.uid, r.session_id) in wanted]
 
 
-def _total_unread(txn: Txn, uids: Iterable[int]) -> dict[int, int]:
-    rows = txn.query_in(
-        "SELECT uid, SUM(totalCount - readCount) FROM t_conv WHERE uid IN (%s) GROUP BY uid",
-        sorted(uids),
+def _conv_rows(txn: Txn, keys: Sequence[tuple[int, int]]) -> list[ConvRow]:
+    return _wanted_rows(txn.script(_conv_rows_statements(keys)), keys)
+
+
+def _total_unread_statement(uids: Sequence[int]) -> Statement:
+    """Each user's unread count over all sessions; read by L{_total_unread_rows}."""
+    return Statement(
+        "SELECT uid, SUM(totalCount - readCount) FROM t_conv"
+        f" WHERE uid IN ({marks(len(uids))}) GROUP BY uid",
+        tuple(uids),
+        ROWS,
     )
+
+
+def _total_unread_rows(rows: Iterable[Sequence[Any]]) -> dict[int, int]:
     return {int(r[0]): int(r[1] or 0) for r in rows}
 
 
 def total_unread_txn(txn: Txn, uid: int) -> int:
-    return _total_unread(txn, [uid]).get(uid, 0)
+    statement = _total_unread_statement([uid])
+    return _total_unread_rows(txn.query(statement.sql, statement.args)).get(uid, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -486,21 +481,19 @@ def ack_txn(
     deletes = _outbox_deletes(done_outbox)
     script = deletes + [
         Statement(
-            f"SELECT msgId, uid, senderUid FROM t_pending"
-            f" WHERE msgId IN ({', '.join('?' * len(part))})",
+            f"SELECT msgId, uid, senderUid FROM t_pending WHERE msgId IN ({marks(len(part))})",
             tuple(part),
             ROWS,
         )
-        for part in _chunks(everything, 1000)
+        for part in chunks(everything, 1000)
     ]
     first_select = len(deletes)
     selects = len(script)
     for uid, ids in sorted(by_user.items()):
-        for part in _chunks(sorted(ids), 1000):
+        for part in chunks(sorted(ids), 1000):
             script.append(
                 Statement(
-                    f"DELETE FROM t_pending WHERE uid = ?"
-                    f" AND msgId IN ({', '.join('?' * len(part))})",
+                    f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks(len(part))})",
                     (uid, *part),
                 )
             )
@@ -517,10 +510,6 @@ def ack_txn(
         mine = set(msg_ids)
         out.append([p for p in removed.get(uid, ()) if p[0] in mine])
     return out
-
-
-def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def pending_txn(
@@ -663,22 +652,8 @@ def recall_txn(
                 msgs=(msg_id,),
             ),
         )
-    recalled = Message(**{**_fields(message), "status": RECORD_RECALLED})
+    recalled = attrs.evolve(message, status=RECORD_RECALLED)
     return RecallResult(recalled, recipient_row, was_pending=was_pending, already=False)
-
-
-def _fields(message: Message) -> dict[str, Any]:
-    return {
-        "msg_id": message.msg_id,
-        "session_id": message.session_id,
-        "sender": message.sender,
-        "recipient": message.recipient,
-        "cid": message.cid,
-        "type": message.type,
-        "body": message.body,
-        "ts": message.ts,
-        "status": message.status,
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -700,10 +675,6 @@ def convs_txn(txn: Txn, uid: int, before: int | None, limit: int) -> list[ConvRo
     return [_conv(r) for r in rows]
 
 
-def conv_rows_txn(txn: Txn, keys: Sequence[tuple[int, int]]) -> list[ConvRow]:
-    return _conv_rows(txn, sorted(set(keys)))
-
-
 def history_txn(txn: Txn, session_id: int, before: int | None, limit: int) -> list[Message]:
     """The seed's paginated query: normal messages, newest first."""
     rows = txn.query(
@@ -720,17 +691,24 @@ def messages_txn(txn: Txn, msg_ids: Sequence[int]) -> list[Message]:
 
 
 def last_normal_txn(txn: Txn, session_ids: Sequence[int]) -> dict[int, Message]:
-    """Each session's newest normal message."""
-    out = {}
-    for sid in session_ids:
-        row = txn.query_one(
-            f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE sessionId = ? AND recordStatus = ?"
-            " ORDER BY id DESC LIMIT 1",
-            (sid, RECORD_NORMAL),
-        )
-        if row is not None:
-            out[sid] = _message(row)
-    return out
+    """
+    Each session's newest normal message: one SELECT per session, all in
+    one script (one round trip on MySQL).
+    """
+    if not session_ids:
+        return {}
+    results = txn.script(
+        [
+            Statement(
+                f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE sessionId = ?"
+                " AND recordStatus = ? ORDER BY id DESC LIMIT 1",
+                (sid, RECORD_NORMAL),
+                ROWS,
+            )
+            for sid in session_ids
+        ]
+    )
+    return {sid: _message(rows[0]) for sid, rows in zip(session_ids, results, strict=True) if rows}
 
 
 def snapshot_txn(txn: Txn, uid: int) -> UserSnapshot:
@@ -772,9 +750,8 @@ def outbox_statement(outbox: Outbox) -> Statement:
     )
 
 
-def write_outbox(txn: Txn, outbox: Outbox) -> int:
+def write_outbox(txn: Txn, outbox: Outbox) -> None:
     txn.script([outbox_statement(outbox)])
-    return outbox.id
 
 
 OUTBOX_COLUMNS = "id, nodeId, kind, payload, createdAt"
@@ -782,8 +759,8 @@ OUTBOX_COLUMNS = "id, nodeId, kind, payload, createdAt"
 
 def _outbox_deletes(ids: Sequence[int]) -> list[Statement]:
     return [
-        Statement(f"DELETE FROM t_outbox WHERE id IN ({', '.join('?' * len(part))})", tuple(part))
-        for part in _chunks(sorted(set(ids)), 500)
+        Statement(f"DELETE FROM t_outbox WHERE id IN ({marks(len(part))})", tuple(part))
+        for part in chunks(sorted(set(ids)), 500)
     ]
 
 
@@ -829,11 +806,8 @@ def outbox_claim_txn(
 
 def outbox_downgrade_txn(txn: Txn, ids: Sequence[int]) -> None:
     """The pushes of these rows are done; only the hot-store repair is left."""
-    for i in range(0, len(ids), 500):
-        part = ids[i : i + 500]
-        txn.execute(
-            f"UPDATE t_outbox SET kind = 'repair' WHERE id IN ({', '.join('?' * len(part))})", part
-        )
+    for part in chunks(ids, 500):
+        txn.execute(f"UPDATE t_outbox SET kind = 'repair' WHERE id IN ({marks(len(part))})", part)
 
 
 def outbox_size_txn(txn: Txn) -> int:
@@ -882,9 +856,8 @@ def notify_claim_txn(
 
 
 def notify_done_txn(txn: Txn, msg_ids: Sequence[int]) -> None:
-    for i in range(0, len(msg_ids), 500):
-        part = msg_ids[i : i + 500]
-        txn.execute(f"DELETE FROM t_notify WHERE msgId IN ({', '.join('?' * len(part))})", part)
+    for part in chunks(msg_ids, 500):
+        txn.execute(f"DELETE FROM t_notify WHERE msgId IN ({marks(len(part))})", part)
 
 
 def notify_retry_txn(txn: Txn, msg_id: int, due_ms: int) -> None:

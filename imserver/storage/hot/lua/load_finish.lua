@@ -15,15 +15,7 @@ for _, id in ipairs(redis.call('ZRANGE', key('gone', uid), 0, -1)) do
 end
 local senders = key('offline_senders', uid)
 for sender, ids in pairs(by_sender(snapshot[1], gone)) do
-  local list = key('offline_msg', uid, sender)
-  local args = {}
-  for _, id in ipairs(ids) do
-    args[#args + 1] = id
-    args[#args + 1] = id
-  end
-  for i = 1, #args, 2000 do
-    redis.call('ZADD', list, unpack(args, i, math.min(i + 1999, #args)))
-  end
+  zadd_ids(key('offline_msg', uid, sender), ids)
   redis.call('SADD', senders, sender)
 end
 for _, r in ipairs(snapshot[2]) do

@@ -53,6 +53,41 @@ local function apply_row(r, loading)
   redis.call('ZADD', key('conv', uid), 'GT', r[3], sid)
 end
 
+-- ZADD ids to a sorted set, each scored `score` (or its own value if nil),
+-- in slices: unpack() of a long list would overflow Lua's stack.
+local function zadd_ids(zset, ids, score)
+  local args = {}
+  for _, id in ipairs(ids) do
+    args[#args + 1] = score or id
+    args[#args + 1] = id
+  end
+  for i = 1, #args, 2000 do
+    redis.call('ZADD', zset, unpack(args, i, math.min(i + 1999, #args)))
+  end
+end
+
+-- The node of a presence value (node:incarnation:epoch).
+local function node_of(value)
+  return string.match(value, '^([^:]+):')
+end
+
+-- Add an entry to its node's list in {node = {entry, ...}}.
+local function add_for_node(by_node, node, entry)
+  local list = by_node[node]
+  if not list then
+    list = {}
+    by_node[node] = list
+  end
+  list[#list + 1] = entry
+end
+
+-- One PUBLISH per node of {node = {entry, ...}}, on that node's channel.
+local function publish_by_node(by_node)
+  for node, list in pairs(by_node) do
+    redis.call('PUBLISH', key('node', node), cmsgpack.pack(list))
+  end
+end
+
 -- {{msg_id, sender}, ...} -> {sender = {msg_id, ...}}, skipping ids in `skip`.
 local function by_sender(pairs, skip)
   local out = {}
@@ -80,14 +115,7 @@ local function remove_pending(uid, sender, ids, gone_ms, now)
     redis.call('SREM', key('offline_senders', uid), sender)
   end
   local gone = key('gone', uid)
-  local args = {}
-  for _, id in ipairs(ids) do
-    args[#args + 1] = now
-    args[#args + 1] = id
-  end
-  for i = 1, #args, 2000 do
-    redis.call('ZADD', gone, unpack(args, i, math.min(i + 1999, #args)))
-  end
+  zadd_ids(gone, ids, now)
   redis.call('ZREMRANGEBYSCORE', gone, '-inf', now - gone_ms)
   redis.call('PEXPIRE', gone, gone_ms + 1000)
 end

@@ -10,19 +10,12 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
   local uid, value = entry[1], entry[2]
   local old = redis.call('SET', key('presence', uid), value, 'PX', ttl, 'GET')
   if old and old ~= value then
-    local node = string.match(old, '^([^:]+):')
-    if node and node ~= string.match(value, '^([^:]+):') then
-      local list = by_node[node]
-      if not list then
-        list = {}
-        by_node[node] = list
-      end
-      list[#list + 1] = {'k', uid, old}
+    local node = node_of(old)
+    if node and node ~= node_of(value) then
+      add_for_node(by_node, node, {'k', uid, old})
       sent = sent + 1
     end
   end
 end
-for node, list in pairs(by_node) do
-  redis.call('PUBLISH', key('node', node), cmsgpack.pack(list))
-end
+publish_by_node(by_node)
 return sent

@@ -8,19 +8,12 @@ local sent = 0
 for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
   local value = redis.call('GET', key('presence', entry[1]))
   if value then
-    local node = string.match(value, '^([^:]+):')
+    local node = node_of(value)
     if node and node ~= me then
-      local list = by_node[node]
-      if not list then
-        list = {}
-        by_node[node] = list
-      end
-      list[#list + 1] = {'p', entry[1], entry[2]}
+      add_for_node(by_node, node, {'p', entry[1], entry[2]})
       sent = sent + 1
     end
   end
 end
-for node, list in pairs(by_node) do
-  redis.call('PUBLISH', key('node', node), cmsgpack.pack(list))
-end
+publish_by_node(by_node)
 return sent
