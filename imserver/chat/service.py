@@ -33,7 +33,6 @@ from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator, id_time_ms
 from imserver.services.presence import IPresence
 from imserver.storage.model import (
-    RECORD_NORMAL,
     Committed,
     Duplicate,
     Message,
@@ -299,8 +298,7 @@ class ChatService:
         page = await self.store.pending(uid, after, limit + 1, sender)
         more = len(page) > limit
         page = page[:limit]
-        found = await self.store.messages([msg_id for msg_id, _ in page])
-        messages = [found[i] for i, _ in page if i in found and found[i].status == RECORD_NORMAL]
+        messages = await self.store.normal_messages([msg_id for msg_id, _ in page])
         return {"msgs": await self._objects(messages), "more": more}
 
     async def offline_summary(self, uid: int) -> Result:
@@ -474,8 +472,7 @@ class ChatService:
         self.replayed += len(rows)
         if not ids:
             return
-        found = await self.store.messages(ids)
-        messages = [found[i] for i in ids if i in found and found[i].status == RECORD_NORMAL]
+        messages = await self.store.normal_messages(ids)
         senders = await self.profiles.get({m.sender for m in messages})
         unread: dict[int, tuple[int, dict[int, int]]] = {}
         for m in messages:

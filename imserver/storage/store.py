@@ -447,6 +447,11 @@ class Store:
             )
         return found
 
+    async def normal_messages(self, msg_ids: Sequence[int]) -> list[Message]:
+        """The messages of these ids that exist and are not recalled, in the order given."""
+        found = await self.messages(msg_ids)
+        return [found[i] for i in msg_ids if i in found and found[i].status == RECORD_NORMAL]
+
     # -- sessions ----------------------------------------------------------------
 
     def _remember_session(self, sid: int, a: int, b: int) -> None:
