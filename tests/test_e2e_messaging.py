@@ -741,6 +741,8 @@ class MessagingTestsMixin(MessagingHelpers):
         )
         # A new message moves its conversation to the front.
         reply = await self.send(peers[3], alice, "back to you")
+        # Across nodes, reads are consistent once the push arrived (docs/scaling.md).
+        self.assertEqual((await self.push(alice))["msg_id"], reply.msg_id)
         first = await self.result(alice, "convs", limit=2)
         self.assertEqual(
             first,
@@ -979,6 +981,9 @@ class MessagingTestsMixin(MessagingHelpers):
         big = await self.send(alice, bob, largest)
         # The rejected cid "v" was not used up.
         v = await self.send(alice, bob, "x", cid="v")
+        # Across nodes, reads are consistent once the pushes arrived (docs/scaling.md).
+        for m in (long_cid, big, v):
+            self.assertEqual((await self.push(bob))["msg_id"], m.msg_id)
         self.assertEqual(
             await self.sync(bob),
             {"msgs": [long_cid.obj(), big.obj(), v.obj()], "more": False},
