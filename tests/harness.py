@@ -209,19 +209,25 @@ class MariaDBServer(_Process):
         self.port = free_port()
         self.datadir = os.path.join(self.dir, "data")
         self.socket = os.path.join(self.dir, "sock")
-        result = subprocess.run(
-            [
-                self.installer,
-                "--no-defaults",
-                f"--datadir={self.datadir}",
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            capture_output=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
+        # The bootstrap fails now and then on a busy machine ("Unknown table
+        # 'mysql.tmp_user_sys'"); a fresh data directory succeeds.
+        for _ in range(3):
+            shutil.rmtree(self.datadir, ignore_errors=True)
+            result = subprocess.run(
+                [
+                    self.installer,
+                    "--no-defaults",
+                    f"--datadir={self.datadir}",
+                    "--user=root",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                ],
+                capture_output=True,
+                timeout=120,
+            )
+            if result.returncode == 0:
+                break
+        else:
             raise BackendUnavailable(f"mariadb-install-db failed: {result.stderr[-2000:]!r}")
 
     def start(self) -> MariaDBServer:
