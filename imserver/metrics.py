@@ -178,7 +178,8 @@ class ServerCollector(Collector):
         )
         refused = CounterMetricFamily(
             "imserver_connections_refused",
-            "Connections refused by the unauthenticated caps, by cap.",
+            "Connections refused at accept, by cap: unauthenticated total or per_address,"
+            " or descriptors (the process's descriptor budget).",
             labels=["cap"],
         )
         for cap, n in gateway.refused.items():

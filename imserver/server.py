@@ -27,7 +27,7 @@ from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
-from imserver.listen import listen_reuse_port, with_backlog
+from imserver.listen import connection_budget, listen_reuse_port, with_backlog
 from imserver.metrics import Metrics, ServerCollector
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
@@ -131,6 +131,7 @@ class IMServer(MultiService):
             presence=self.presence,
             ops=business_ops(self.chat, config.limits),
             on_login=login_hook(self.chat),
+            max_connections=connection_budget(),
         )
         self.site = make_site(
             chat=self.chat,

@@ -632,7 +632,7 @@ class UnauthenticatedCapTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertIsNotNone(self.connect("192.0.2.3"))
         self.assertIsNotNone(self.connect("192.0.2.3"))
         self.assertIsNone(self.connect("192.0.2.4"))  # 6 in total
-        self.assertEqual(self.gateway.refused, {"per_address": 1, "total": 1})
+        self.assertEqual(self.gateway.refused, {"per_address": 1, "total": 1, "descriptors": 0})
         self.assertEqual(self.gateway.unauthenticated, 6)
 
     def test_authenticated_and_closed_connections_leave_the_count(self) -> None:
@@ -660,6 +660,25 @@ class UnauthenticatedCapTests(GatewayTestsMixin, SynchronousTestCase):
         self.config = config
         self.gateway = self.make_gateway()
         self.assertTrue(all(self.connect("127.0.0.1") for _ in range(50)))
+
+    def test_the_descriptor_budget_counts_every_connection(self) -> None:
+        gateway = Gateway(
+            config=self.config,
+            clock=self.clock,
+            tokens=self.tokens,
+            presence=self.registry,
+            max_connections=3,
+        )
+        self.gateway = gateway
+        first = self.connect("192.0.2.1")
+        assert first is not None
+        first.send({"t": "auth", "id": 1, "token": self.token(42)})
+        self.assertIsNotNone(self.connect("192.0.2.2"))
+        self.assertIsNotNone(self.connect("192.0.2.3"))
+        self.assertIsNone(self.connect("192.0.2.4"))
+        self.assertEqual(gateway.refused["descriptors"], 1)
+        first.lose()
+        self.assertIsNotNone(self.connect("192.0.2.4"))
 
     def test_zero_turns_the_per_address_cap_off(self) -> None:
         self.config = attrs.evolve(self.config, max_unauthenticated_per_address=0)

@@ -543,6 +543,8 @@ class Gateway(Factory):
     @param login: called once a token is verified, before the connection is
         registered in C{presence}; its failure (an L{ImError}) is sent to the
         client and closes the connection.
+    @param max_connections: connections held at most, authenticated or not
+        (L{imserver.listen.connection_budget}); past it new ones are closed.
     """
 
     log = Logger()
@@ -557,8 +559,11 @@ class Gateway(Factory):
         presence: IPresence,
         ops: Mapping[str, Op] | None = None,
         on_login: LoginHook | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.config = config
+        #: Connections held at most (the process's descriptor budget); None: no cap.
+        self.max_connections = max_connections
         self.clock = clock
         self.tokens = tokens
         self.presence = presence
@@ -580,7 +585,7 @@ class Gateway(Factory):
         self.overflowed = 0
         self.idle_closed = 0
         #: Connections refused by the unauthenticated caps, by cap.
-        self.refused = {"total": 0, "per_address": 0}
+        self.refused = {"total": 0, "per_address": 0, "descriptors": 0}
         #: Times a connection stopped being read for its requests in flight or auth.
         self.throttled = 0
         #: Connections closed for sending on while they were not read.
@@ -596,6 +601,9 @@ class Gateway(Factory):
         if not self.accepting:
             return None
         config = self.config
+        if self.max_connections is not None and len(self.connections) >= self.max_connections:
+            self._refuse("descriptors", addr)
+            return None
         if self.unauthenticated >= config.max_unauthenticated:
             self._refuse("total", addr)
             return None
@@ -614,8 +622,7 @@ class Gateway(Factory):
         # One line per 1,000 refusals: a flood must not flood the log too.
         if self.refused[cap] % 1000 == 1:
             self.log.warn(
-                "refusing connections: too many unauthenticated ({cap} cap), e.g. from {addr}"
-                " ({n} refused so far)",
+                "refusing connections: {cap} cap reached, e.g. from {addr} ({n} refused so far)",
                 cap=cap,
                 addr=getattr(addr, "host", addr),
                 n=self.refused[cap],
