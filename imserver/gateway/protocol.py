@@ -421,11 +421,10 @@ class ClientProtocol(Protocol):
         self._send(frames.ok(req_id, result))
 
     def _reply_failure(self, failure: Failure, request: frames.Request) -> None:
-        if not self._connected:
-            return
         error = failure.value
         if isinstance(error, ImError):
-            self._reply_error(error, request.id)
+            if self._connected:  # not counted for a client that is gone
+                self._reply_error(error, request.id)
         else:
             self._internal_error(failure, request)
 
