@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.chat.service import ChatService
-from imserver.config import Config
+from imserver.config import Config, endpoint_args
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
@@ -167,7 +167,8 @@ class IMServer(MultiService):
         if self.notifier is not None:
             self.notifier.start()
         for desc in cfg.server.listen:
-            port = await self._listen(desc, self.gateway)
+            factory = self.gateway.factory_for(endpoint_args(desc)[0])
+            port = await self._listen(desc, factory)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
         if cfg.server.http is not None:

@@ -7,10 +7,14 @@ from typing import Any
 
 import attrs
 import jwt
+import twisted.test
+from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -679,6 +683,19 @@ class UnauthenticatedCapTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertEqual(gateway.refused["descriptors"], 1)
         first.lose()
         self.assertIsNotNone(self.connect("192.0.2.4"))
+
+    def test_refused_on_a_tls_listener(self) -> None:
+        """A TLS listener wraps what the gateway builds: a refusal must be a protocol."""
+        pem = FilePath(twisted.test.__file__).sibling("server.pem").getContent()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        self.assertIs(self.gateway.factory_for("tcp"), self.gateway)
+        tls = TLSMemoryBIOFactory(options, False, self.gateway.factory_for("ssl"))
+        for _ in range(3):
+            proto = tls.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5000))
+            transport = StringTransport()
+            proto.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.gateway.refused["per_address"], 1)
 
     def test_zero_turns_the_per_address_cap_off(self) -> None:
         self.config = attrs.evolve(self.config, max_unauthenticated_per_address=0)

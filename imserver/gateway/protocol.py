@@ -113,6 +113,35 @@ def source_key(addr: IAddress | None) -> str | None:
     return None if ip.is_loopback else str(ip)
 
 
+class Refused(Protocol):
+    """
+    A connection refused by a cap, on a listener that wraps the protocol it
+    is given (TLS): closed as soon as it is made. (A TLS listener would wrap
+    None and fail with a traceback in its accept loop; a plain TCP port
+    closes the socket for None at once, which is cheaper: see
+    L{Gateway.factory_for}.)
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+#: Endpoint types whose port closes the socket itself when the factory gives None.
+PLAIN_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+class _Refusing(Factory):
+    """The gateway as a wrapping listener (TLS) needs it: a refusal is L{Refused}."""
+
+    noisy = False
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self.gateway.buildProtocol(addr) or Refused()
+
+
 class State(enum.Enum):
     AWAIT_AUTH = "await_auth"
     AUTHENTICATING = "authenticating"
@@ -592,8 +621,8 @@ class Gateway(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> ClientProtocol | None:
         """
-        A protocol for a new connection, or None (Twisted closes the socket
-        at once) while shutting down or past an unauthenticated cap: one
+        A protocol for a new connection, or None (the port closes the socket
+        at once, in its accept loop) while shutting down or past a cap: one
         source cannot hold every descriptor of the process with connections
         that never authenticate.
         """
@@ -615,6 +644,10 @@ class Gateway(Factory):
             self._unauthenticated_by[source] += 1
         self.unauthenticated += 1
         return ClientProtocol(self, next(self._epochs), source)
+
+    def factory_for(self, kind: str) -> Factory:
+        """The factory to listen with on an endpoint of type C{kind} (C{tcp}, C{ssl}...)."""
+        return self if kind in PLAIN_ENDPOINTS else _Refusing(self)
 
     def _refuse(self, cap: str, addr: IAddress | None) -> None:
         self.refused[cap] += 1
