@@ -418,10 +418,12 @@ def endpoint_args(desc: str) -> tuple[str, dict[str, str], list[str]]:
 
 def is_loopback(desc: str) -> bool:
     """Whether a server endpoint only accepts local connections."""
-    kind, kwargs, _ = endpoint_args(desc)
+    kind, kwargs, positional = endpoint_args(desc)
     if kind in ("unix", "systemd"):
         return kind == "unix"
     iface = kwargs.get("interface", "")
+    if not iface and kind in ("tcp", "tcp6") and len(positional) > 1:
+        iface = positional[1]  # tcp:PORT:INTERFACE, as Twisted reads it
     if iface == "localhost":
         return True
     try:

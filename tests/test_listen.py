@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from imserver.config import is_loopback
 from imserver.listen import LISTEN_BACKLOG, listen_reuse_port, reuse_port_address
 
 
@@ -28,6 +29,12 @@ class AddressTests(SynchronousTestCase):
             ("tcp6:7000:\\:\\:1", (inet6, "::1", 7000, LISTEN_BACKLOG)),
         ):
             self.assertEqual(reuse_port_address(desc), expected, desc)
+
+    def test_loopback_detection_reads_the_positional_interface_too(self) -> None:
+        self.assertTrue(is_loopback("tcp:7000:127.0.0.1"))
+        self.assertTrue(is_loopback("tcp6:7000:\\:\\:1"))
+        self.assertFalse(is_loopback("tcp:7000:0.0.0.0"))
+        self.assertFalse(is_loopback("ssl:7000:privateKey=127.0.0.1"))
 
     def test_conflicting_forms_are_refused(self) -> None:
         for desc in ("tcp:7000:127.0.0.1:interface=10.0.0.5", "ssl:7000", "tcp:port=1:7000"):
