@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 import jwt
 import twisted.test
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -702,3 +704,47 @@ class UnauthenticatedCapTests(GatewayTestsMixin, SynchronousTestCase):
         self.gateway = self.make_gateway()
         self.assertTrue(all(self.connect("192.0.2.1") for _ in range(6)))
         self.assertIsNone(self.connect("192.0.2.1"))
+
+
+class InFlightPropertyTests(GatewayTestsMixin, SynchronousTestCase):
+    @given(
+        st.integers(1, 6),
+        st.lists(st.integers(1, 400), min_size=1, max_size=8),
+        st.lists(st.integers(0, 10), max_size=200),
+        st.booleans(),
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_every_request_is_answered_once_within_the_cap(
+        self, cap: int, chunks: list[int], picks: list[int], fair: bool
+    ) -> None:
+        """Whatever the read boundaries and the completion order."""
+        self.config = attrs.evolve(self.config, max_in_flight=cap, max_concurrent_requests=2)
+        waiting: list[Deferred[dict[str, int]]] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            d: Deferred[dict[str, int]] = Deferred()
+            waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow, fair=fair))
+        client = self.authed()
+        stream = b"".join(encode({"t": "echo", "id": i}) for i in range(1, 41))
+        offset = 0
+        for size in chunks:
+            part, offset = stream[offset : offset + size], offset + size
+            if part:
+                client.proto.dataReceived(part)
+        client.proto.dataReceived(stream[offset:])
+        replies: list[int] = []
+        picks = list(picks)
+        while True:
+            pending = [d for d in waiting if not d.called]
+            self.assertLessEqual(len(pending), cap)
+            replies += [f["id"] for f in client.received()]
+            if not pending:
+                break
+            pending[picks.pop() % len(pending) if picks else 0].callback({})
+        replies += [f["id"] for f in client.received()]
+        self.assertEqual(sorted(replies), list(range(1, 41)))
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(self.gateway.scheduler.depth, 0)
