@@ -229,6 +229,16 @@ class ServerConfig:
     workers: int = setting(1, int_in(1, 64))
     # A cluster node's users stay "online" this long after it dies.
     presence_ttl_seconds: float = setting(30.0, number_in(2, 3600))
+    # Abuse limits (docs/protocol.md, "Limits"). Requests one connection may
+    # have being handled; past it the server stops reading that client.
+    max_in_flight: int = setting(32, int_in(1, 100_000))
+    # Requests other than send and ack admitted to the business layer at once,
+    # node-wide, taken round-robin by connection so one flood cannot starve others.
+    max_concurrent_requests: int = setting(64, int_in(1, 100_000))
+    # Connections that have not authenticated yet: in total, and per source
+    # address (IPv6 by /64; loopback counts only in the total; 0: no per-address cap).
+    max_unauthenticated: int = setting(10_000, int_in(1, 10_000_000))
+    max_unauthenticated_per_address: int = setting(256, int_in(0, 10_000_000))
 
 
 @attrs.frozen
@@ -408,10 +418,12 @@ def endpoint_args(desc: str) -> tuple[str, dict[str, str], list[str]]:
 
 def is_loopback(desc: str) -> bool:
     """Whether a server endpoint only accepts local connections."""
-    kind, kwargs, _ = endpoint_args(desc)
+    kind, kwargs, positional = endpoint_args(desc)
     if kind in ("unix", "systemd"):
         return kind == "unix"
     iface = kwargs.get("interface", "")
+    if not iface and kind in ("tcp", "tcp6") and len(positional) > 1:
+        iface = positional[1]  # tcp:PORT:INTERFACE, as Twisted reads it
     if iface == "localhost":
         return True
     try:

@@ -10,6 +10,7 @@ connections over every process listening on the port.
 
 from __future__ import annotations
 
+import resource
 import socket
 from typing import Any
 
@@ -22,6 +23,9 @@ from imserver.config import endpoint_args
 #: net.core.somaxconn). Twisted's default of 50 drops a burst of reconnecting
 #: clients and makes them wait for SYN retries (1 s, 3 s, ...).
 LISTEN_BACKLOG = 4096
+#: Descriptors kept for the process's own use (SQL and Redis reconnects, log
+#: files, HTTP requests) when client connections fill the rest.
+DESCRIPTOR_HEADROOM = 100
 
 
 def with_backlog(desc: str) -> str:
@@ -32,15 +36,34 @@ def with_backlog(desc: str) -> str:
     return desc
 
 
+#: The arguments of Twisted's tcp: and tcp6: server parsers, in positional order.
+_TCP_ARGS = ("port", "interface", "backlog")
+
+
 def reuse_port_address(desc: str) -> tuple[int, str, int, int]:
-    """(family, interface, port, backlog) of a C{tcp:}/C{tcp6:} description."""
+    """
+    (family, interface, port, backlog) of a C{tcp:}/C{tcp6:} description,
+    read as Twisted reads it: C{tcp:7000:127.0.0.1:50} is port, interface
+    and backlog by position, and any of them may be a keyword instead. (The
+    positional interface was once ignored here and workers bound every
+    interface: issue 9, defect 6.)
+    """
     kind, kwargs, positional = endpoint_args(desc)
     if kind not in ("tcp", "tcp6"):
         raise ValueError(f"only tcp: and tcp6: endpoints can be shared by workers, not {desc!r}")
-    port = int(kwargs.get("port") or positional[0])
+    unknown = set(kwargs) - set(_TCP_ARGS)
+    if unknown or len(positional) > len(_TCP_ARGS):
+        raise ValueError(f"unexpected arguments in {desc!r}")
+    args = dict(kwargs)
+    for name, value in zip(_TCP_ARGS, positional, strict=False):
+        if name in args:
+            raise ValueError(f"{name} given twice in {desc!r}")
+        args[name] = value
+    if "port" not in args:
+        raise ValueError(f"no port in {desc!r}")
     family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    interface = kwargs.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
-    return family, interface, port, int(kwargs.get("backlog", LISTEN_BACKLOG))
+    interface = args.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0")
+    return family, interface, int(args["port"]), int(args.get("backlog", LISTEN_BACKLOG))
 
 
 def listen_reuse_port(reactor: Any, desc: str, factory: Factory) -> IListeningPort:
@@ -56,3 +79,20 @@ def listen_reuse_port(reactor: Any, desc: str, factory: Factory) -> IListeningPo
     finally:
         sock.close()  # the reactor holds its own copy of the descriptor
     return listening
+
+
+def connection_budget(headroom: int = DESCRIPTOR_HEADROOM) -> int | None:
+    """
+    How many client connections this process can hold and keep descriptors
+    for its own work: the soft RLIMIT_NOFILE less C{headroom} (less a quarter
+    of a small limit). Past it the gateway accepts and closes at once: new
+    clients are refused while existing ones go on, instead of the process
+    running into EMFILE where a database reconnect fails too (issue 9,
+    defect 4). Twisted's own EMFILE recovery (a reserved descriptor closed to
+    accept and drop) still covers what the budget does not count, e.g. HTTP.
+    None: no limit.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - min(headroom, soft // 4))

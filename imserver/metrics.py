@@ -171,6 +171,35 @@ class ServerCollector(Collector):
             "Connections closed for silence.",
             gateway.idle_closed,
         )
+        yield GaugeMetricFamily(
+            "imserver_connections_unauthenticated",
+            "Open client connections that have not authenticated yet.",
+            gateway.unauthenticated,
+        )
+        refused = CounterMetricFamily(
+            "imserver_connections_refused",
+            "Connections refused at accept, by cap: unauthenticated total or per_address,"
+            " or descriptors (the process's descriptor budget).",
+            labels=["cap"],
+        )
+        for cap, n in gateway.refused.items():
+            refused.add_metric([cap], n)
+        yield refused
+        yield _counter(
+            "imserver_connections_throttled",
+            "Times a connection stopped being read: requests in flight at the cap, or auth.",
+            gateway.throttled,
+        )
+        yield _counter(
+            "imserver_connections_dropped_inbox",
+            "Connections dropped for sending on while they were not being read.",
+            gateway.inbox_overflowed,
+        )
+        yield GaugeMetricFamily(
+            "imserver_requests_fair_queue",
+            "Requests waiting in the fair queue in front of the business layer.",
+            gateway.scheduler.depth,
+        )
 
         messages = CounterMetricFamily("imserver_messages", "Messages by stage.", labels=["stage"])
         for stage, n in (

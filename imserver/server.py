@@ -22,12 +22,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.chat.service import ChatService
-from imserver.config import Config
+from imserver.config import Config, endpoint_args
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
-from imserver.listen import listen_reuse_port, with_backlog
+from imserver.listen import connection_budget, listen_reuse_port, with_backlog
 from imserver.metrics import Metrics, ServerCollector
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
@@ -131,6 +131,7 @@ class IMServer(MultiService):
             presence=self.presence,
             ops=business_ops(self.chat, config.limits),
             on_login=login_hook(self.chat),
+            max_connections=connection_budget(),
         )
         self.site = make_site(
             chat=self.chat,
@@ -166,7 +167,8 @@ class IMServer(MultiService):
         if self.notifier is not None:
             self.notifier.start()
         for desc in cfg.server.listen:
-            port = await self._listen(desc, self.gateway)
+            factory = self.gateway.factory_for(endpoint_args(desc)[0])
+            port = await self._listen(desc, factory)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
         if cfg.server.http is not None:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import attrs
 import jwt
+import twisted.test
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -32,8 +40,8 @@ class Echo(frames.Request):
 class Client:
     """A connection under test with a decoder for what the server wrote."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.proto = gateway.buildProtocol(None)
+    def __init__(self, gateway: Gateway, proto: ClientProtocol | None = None) -> None:
+        self.proto = gateway.buildProtocol(None) if proto is None else proto
         assert self.proto is not None
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
@@ -470,3 +478,273 @@ class NoDelayTests(GatewayTestsMixin, SynchronousTestCase):
         tls = TLSTransport()
         self.gateway.buildProtocol(None).makeConnection(tls)
         self.assertTrue(tls.transport.nodelay)
+
+
+class InFlightTests(GatewayTestsMixin, SynchronousTestCase):
+    """Issue 9, defect 3: a connection has at most C{max_in_flight} requests being handled."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = attrs.evolve(self.config, max_in_flight=4)
+        self.waiting: list[Deferred[dict[str, int]]] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            d: Deferred[dict[str, int]] = Deferred()
+            self.waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow))
+
+    def pipeline(self, client: Client, n: int, first: int = 1) -> None:
+        client.proto.dataReceived(
+            b"".join(encode({"t": "echo", "id": i}) for i in range(first, first + n))
+        )
+
+    def test_n_plus_one_pipelined_requests_have_n_in_flight_and_pause(self) -> None:
+        client = self.authed()
+        self.pipeline(client, 5)
+        self.assertEqual(len(self.waiting), 4)
+        self.assertEqual(client.transport.producerState, "paused")
+        self.waiting[0].callback({"n": 1})
+        self.assertEqual(len(self.waiting), 5)  # the fifth starts as the first replies
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual([f["id"] for f in client.received()], [1])
+
+    def test_a_flood_is_handled_in_order_n_at_a_time(self) -> None:
+        client = self.authed()
+        self.pipeline(client, 100)
+        started = 0
+        while started < 100:
+            self.assertLessEqual(len(self.waiting) - started, 4)
+            waiting = len(self.waiting) < 100
+            self.assertEqual(client.transport.producerState, "paused" if waiting else "producing")
+            d, started = self.waiting[started], started + 1
+            d.callback({"n": started})
+        self.assertEqual([f["id"] for f in client.received()], list(range(1, 101)))
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(self.gateway.throttled, 1)
+
+    def test_output_backpressure_and_the_in_flight_cap_pause_together(self) -> None:
+        client = self.authed()
+        self.pipeline(client, 5)
+        client.proto.pauseProducing()  # the transport's write buffer is full too
+        client.proto.resumeProducing()  # ... and drains: still paused for the cap
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.pauseProducing()
+        self.waiting[0].callback({"n": 1})  # the cap is free, the buffer is not
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_fair_ops_take_turns_between_connections(self) -> None:
+        self.config = attrs.evolve(self.config, max_in_flight=10, max_concurrent_requests=1)
+        started: list[int | None] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            started.append(conn.uid)
+            d: Deferred[dict[str, int]] = Deferred()
+            self.waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow, fair=True))
+        flood, other = self.authed(1), self.authed(2)
+        self.pipeline(flood, 10)
+        other.send({"t": "echo", "id": 99})
+        self.assertEqual(started, [1])
+        self.waiting[0].callback({})
+        self.assertEqual(started, [1, 2])  # not the flood's second request
+        other.lose()  # nothing of it is left waiting
+        while len(self.waiting) < 11:
+            self.waiting[-1].callback({})
+        self.assertEqual(started, [1, 2] + [1] * 9)
+        self.assertEqual(self.gateway.scheduler.depth, 0)
+
+    def test_synchronous_replies_do_not_count(self) -> None:
+        client = self.authed()
+        client.proto.dataReceived(b"".join(encode({"t": "ping", "id": i}) for i in range(50)))
+        self.assertEqual(len(client.received()), 50)
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_queued_frames_are_dropped_on_close(self) -> None:
+        client = self.authed()
+        self.pipeline(client, 10)
+        client.lose()
+        for d in self.waiting:
+            d.callback({})
+        self.assertEqual(len(self.waiting), 4)
+
+    def test_a_transport_that_ignores_pause_is_cut_off(self) -> None:
+        client = self.authed()
+        self.pipeline(client, 5)
+        body = {"t": "echo", "id": 9, "pad": "x" * 900}
+        for _ in range(400):
+            if client.closing:
+                break
+            client.send(body)
+        self.assertTrue(client.closing)
+        self.assertEqual(client.received()[-1]["code"], "rate_limited")
+
+
+class AuthQueueTests(GatewayTestsMixin, SynchronousTestCase):
+    """Issue 9, defect 10: frames sent while auth is in progress are bounded."""
+
+    def test_frames_during_login_stop_reading_until_it_is_done(self) -> None:
+        self.login_result = Deferred()
+        client = Client(self.gateway)
+        client.proto.dataReceived(
+            encode({"t": "auth", "id": 1, "token": self.token(42)})
+            + b"".join(encode({"t": "ping", "id": i}) for i in range(2, 200))
+        )
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertEqual(client.received(), [])
+        self.login_result.callback(None)
+        self.assertEqual([f["id"] for f in client.received()], list(range(1, 200)))
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_more_while_paused_is_refused(self) -> None:
+        self.login_result = Deferred()
+        client = Client(self.gateway)
+        client.send({"t": "auth", "id": 1, "token": self.token(42)})
+        for i in range(100_000):
+            if client.closing:
+                break
+            client.send({"t": "ping", "id": i})
+        self.assertTrue(client.closing)
+        self.assertLess(i, 100_000)
+        [reply] = client.received()
+        self.assertEqual(reply["code"], "rate_limited")
+
+
+class UnauthenticatedCapTests(GatewayTestsMixin, SynchronousTestCase):
+    """Issue 9, defect 4: caps on connections that have not authenticated."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config = attrs.evolve(
+            self.config, max_unauthenticated=6, max_unauthenticated_per_address=2
+        )
+        self.gateway = self.make_gateway()
+
+    def connect(self, host: str) -> Client | None:
+        addr = IPv6Address("TCP", host, 5000) if ":" in host else IPv4Address("TCP", host, 5000)
+        proto = self.gateway.buildProtocol(addr)
+        return None if proto is None else Client(self.gateway, proto)
+
+    def test_per_address_and_total_caps(self) -> None:
+        a = [self.connect("192.0.2.1") for _ in range(3)]
+        self.assertEqual([c is not None for c in a], [True, True, False])
+        self.assertIsNotNone(self.connect("192.0.2.2"))
+        self.assertIsNotNone(self.connect("192.0.2.2"))
+        self.assertIsNotNone(self.connect("192.0.2.3"))
+        self.assertIsNotNone(self.connect("192.0.2.3"))
+        self.assertIsNone(self.connect("192.0.2.4"))  # 6 in total
+        self.assertEqual(self.gateway.refused, {"per_address": 1, "total": 1, "descriptors": 0})
+        self.assertEqual(self.gateway.unauthenticated, 6)
+
+    def test_authenticated_and_closed_connections_leave_the_count(self) -> None:
+        first = self.connect("192.0.2.1")
+        second = self.connect("192.0.2.1")
+        assert first is not None and second is not None
+        self.assertIsNone(self.connect("192.0.2.1"))
+        first.send({"t": "auth", "id": 1, "token": self.token(42)})
+        self.assertEqual(first.received()[0]["t"], "ok")
+        self.assertIsNotNone(self.connect("192.0.2.1"))
+        self.assertIsNone(self.connect("192.0.2.1"))
+        second.lose()
+        self.assertIsNotNone(self.connect("192.0.2.1"))
+        self.assertEqual(self.gateway.unauthenticated, 2)
+
+    def test_ipv6_counts_by_slash_64_and_loopback_by_total_only(self) -> None:
+        self.assertIsNotNone(self.connect("2001:db8::1"))
+        self.assertIsNotNone(self.connect("2001:db8::2"))
+        self.assertIsNone(self.connect("2001:db8::3"))
+        self.assertIsNotNone(self.connect("2001:db8:0:1::1"))
+        self.assertIsNotNone(self.connect("::ffff:192.0.2.9"))
+        self.assertIsNotNone(self.connect("192.0.2.9"))
+        self.assertIsNone(self.connect("::ffff:192.0.2.9"))
+        config = attrs.evolve(self.config, max_unauthenticated=100)
+        self.config = config
+        self.gateway = self.make_gateway()
+        self.assertTrue(all(self.connect("127.0.0.1") for _ in range(50)))
+
+    def test_the_descriptor_budget_counts_every_connection(self) -> None:
+        gateway = Gateway(
+            config=self.config,
+            clock=self.clock,
+            tokens=self.tokens,
+            presence=self.registry,
+            max_connections=3,
+        )
+        self.gateway = gateway
+        first = self.connect("192.0.2.1")
+        assert first is not None
+        first.send({"t": "auth", "id": 1, "token": self.token(42)})
+        self.assertIsNotNone(self.connect("192.0.2.2"))
+        self.assertIsNotNone(self.connect("192.0.2.3"))
+        self.assertIsNone(self.connect("192.0.2.4"))
+        self.assertEqual(gateway.refused["descriptors"], 1)
+        first.lose()
+        self.assertIsNotNone(self.connect("192.0.2.4"))
+
+    def test_refused_on_a_tls_listener(self) -> None:
+        """A TLS listener wraps what the gateway builds: a refusal must be a protocol."""
+        pem = FilePath(twisted.test.__file__).sibling("server.pem").getContent()
+        options = ssl.PrivateCertificate.loadPEM(pem).options()
+        self.assertIs(self.gateway.factory_for("tcp"), self.gateway)
+        tls = TLSMemoryBIOFactory(options, False, self.gateway.factory_for("ssl"))
+        for _ in range(3):
+            proto = tls.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5000))
+            transport = StringTransport()
+            proto.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.gateway.refused["per_address"], 1)
+
+    def test_zero_turns_the_per_address_cap_off(self) -> None:
+        self.config = attrs.evolve(self.config, max_unauthenticated_per_address=0)
+        self.gateway = self.make_gateway()
+        self.assertTrue(all(self.connect("192.0.2.1") for _ in range(6)))
+        self.assertIsNone(self.connect("192.0.2.1"))
+
+
+class InFlightPropertyTests(GatewayTestsMixin, SynchronousTestCase):
+    @given(
+        st.integers(1, 6),
+        st.lists(st.integers(1, 400), min_size=1, max_size=8),
+        st.lists(st.integers(0, 10), max_size=200),
+        st.booleans(),
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_every_request_is_answered_once_within_the_cap(
+        self, cap: int, chunks: list[int], picks: list[int], fair: bool
+    ) -> None:
+        """Whatever the read boundaries and the completion order."""
+        self.config = attrs.evolve(self.config, max_in_flight=cap, max_concurrent_requests=2)
+        waiting: list[Deferred[dict[str, int]]] = []
+
+        def slow(conn: ClientProtocol, req: frames.Request) -> Any:
+            d: Deferred[dict[str, int]] = Deferred()
+            waiting.append(d)
+            return d
+
+        self.gateway = self.make_gateway(echo=Op(Echo, slow, fair=fair))
+        client = self.authed()
+        stream = b"".join(encode({"t": "echo", "id": i}) for i in range(1, 41))
+        offset = 0
+        for size in chunks:
+            part, offset = stream[offset : offset + size], offset + size
+            if part:
+                client.proto.dataReceived(part)
+        client.proto.dataReceived(stream[offset:])
+        replies: list[int] = []
+        picks = list(picks)
+        while True:
+            pending = [d for d in waiting if not d.called]
+            self.assertLessEqual(len(pending), cap)
+            replies += [f["id"] for f in client.received()]
+            if not pending:
+                break
+            pending[picks.pop() % len(pending) if picks else 0].callback({})
+        replies += [f["id"] for f in client.received()]
+        self.assertEqual(sorted(replies), list(range(1, 41)))
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(self.gateway.scheduler.depth, 0)

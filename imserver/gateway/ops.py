@@ -3,7 +3,8 @@ The op table: wire requests -> business calls.
 
 Each handler unpacks a typed request (L{imserver.wire.frames}) into a call on
 L{ChatService} for the authenticated uid. Sending is rate-limited per
-connection (a token bucket from C{[limits]}), here in the connection layer.
+connection (a token bucket from C{[limits]}), here in the connection layer;
+every other op but ack goes through the gateway's fair queue.
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.GetProfile: profile,
         frames.SetProfile: set_profile,
     }
-    return {schema.op: Op(schema, handler) for schema, handler in table.items()}
+    # Group-committed already, in order, and rate-limited: not queued fairly.
+    direct = {frames.Send, frames.Ack}
+    return {
+        schema.op: Op(schema, handler, fair=schema not in direct)
+        for schema, handler in table.items()
+    }
 
 
 def login_hook(chat: ChatService) -> LoginHook:

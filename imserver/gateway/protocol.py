@@ -20,13 +20,22 @@ own transport. When the transport's buffer is full, Twisted calls
 L{pauseProducing}: the connection stops reading (so a client that does not
 read its replies cannot make us queue more work for it) and counts what is
 still written; past C{max_outbound_bytes} the connection is dropped.
+
+Input is bounded the same way (issue 9, defects 3 and 10): at most
+C{max_in_flight} requests of a connection are handled at once, and none
+while its auth is in progress. Frames already cut from the received bytes
+wait in a small inbox and the connection stops reading until the inbox is
+empty again, so a client pipelining thousands of requests holds at most one
+socket read in memory. Requests other than send and ack then pass a
+node-wide L{FairQueue}, round-robin by connection.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +49,7 @@ from zope.interface import implementer
 
 from imserver.config import ServerConfig
 from imserver.errors import ErrorCode, ImError
+from imserver.fairqueue import FairQueue
 from imserver.services.presence import IClientLink, IPresence
 from imserver.services.ratelimit import TokenBucket
 from imserver.services.tokens import TokenService
@@ -58,6 +68,10 @@ LoginHook = Callable[[int, "ClientProtocol", frames.Auth], Awaitable[None]]
 
 # How long a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
+#: Bytes of frames a connection may have waiting beyond one frame: more than
+#: one socket read (64 KiB) with room to spare. Only a transport that goes on
+#: delivering after it was paused reaches it.
+INBOX_SLACK_BYTES = 256 * 1024
 
 
 def _no_delay(transport: Any) -> None:
@@ -73,6 +87,61 @@ def _no_delay(transport: Any) -> None:
             return
 
 
+#: What requests still waiting for the fair queue get when their connection goes.
+_GONE = Failure(ImError(ErrorCode.UNAVAILABLE, "connection closed"))
+
+
+def source_key(addr: IAddress | None) -> str | None:
+    """
+    The source a connection counts against in the per-address cap: the IPv4
+    address, or the /64 of an IPv6 one (one subscriber's usual allocation).
+    None for loopback (a local proxy or load generator, which counts only
+    in the total) and for non-IP transports.
+    """
+    host = getattr(addr, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        else:
+            return None if ip.is_loopback else str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return None if ip.is_loopback else str(ip)
+
+
+class Refused(Protocol):
+    """
+    A connection refused by a cap, on a listener that wraps the protocol it
+    is given (TLS): closed as soon as it is made. (A TLS listener would wrap
+    None and fail with a traceback in its accept loop; a plain TCP port
+    closes the socket for None at once, which is cheaper: see
+    L{Gateway.factory_for}.)
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+#: Endpoint types whose port closes the socket itself when the factory gives None.
+PLAIN_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "systemd"})
+
+
+class _Refusing(Factory):
+    """The gateway as a wrapping listener (TLS) needs it: a refusal is L{Refused}."""
+
+    noisy = False
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return self.gateway.buildProtocol(addr) or Refused()
+
+
 class State(enum.Enum):
     AWAIT_AUTH = "await_auth"
     AUTHENTICATING = "authenticating"
@@ -86,6 +155,10 @@ class Op:
 
     schema: type[frames.Request]
     handle: Handler
+    #: Admitted through the node's L{FairQueue}. Off for send and ack: they
+    #: are group-committed already (one transaction carries many users'
+    #: items) and must keep their order and latency.
+    fair: bool = False
 
 
 @implementer(IPushProducer, IClientLink)
@@ -94,9 +167,12 @@ class ClientProtocol(Protocol):
     # A connected stream transport: ITCPTransport, IProducer and IConsumer.
     transport: Any
 
-    def __init__(self, gateway: Gateway, epoch: int) -> None:
+    def __init__(self, gateway: Gateway, epoch: int, source: str | None = None) -> None:
         self.gateway = gateway
         self.epoch = epoch
+        #: The source address as the unauthenticated caps count it (None: uncounted).
+        self.source = source
+        self.unauthenticated = True
         self.uid: int | None = None
         self.state = State.AWAIT_AUTH
         self.device: str | None = None
@@ -104,7 +180,13 @@ class ClientProtocol(Protocol):
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
-        self._queued: list[Frame] = []
+        # Frame bodies received but not handled yet (in-flight cap, auth).
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._inbox_limit = gateway.config.max_frame_bytes + INBOX_SLACK_BYTES
+        self._draining = False
+        # We asked the transport to stop reading (for whatever reason).
+        self._reading_paused = False
         self._timer: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
         self._last_activity = 0.0
@@ -128,7 +210,8 @@ class ClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
         self.state = State.CLOSING
-        self._queued.clear()
+        self._clear_inbox()
+        self.gateway.scheduler.discard(self, _GONE)
         for call in (self._timer, self._abort_call):
             if call is not None and call.active():
                 call.cancel()
@@ -146,7 +229,7 @@ class ClientProtocol(Protocol):
         if self.state is State.CLOSING:
             return
         self.state = State.CLOSING
-        self._queued.clear()
+        self._clear_inbox()
         self.log.debug(
             "closing connection {epoch} (uid {uid}): {reason}",
             epoch=self.epoch,
@@ -160,8 +243,7 @@ class ClientProtocol(Protocol):
             self._abort_call = self.gateway.clock.callLater(CLOSE_GRACE_SECONDS, self._abort)
         if after_replies and self._in_flight:
             self._lose_when_idle = True
-            if not self._paused:
-                self.transport.pauseProducing()
+            self._pause_reading()
         else:
             self.transport.loseConnection()
 
@@ -193,17 +275,38 @@ class ClientProtocol(Protocol):
         if not self._paused:
             self._paused = True
             self._paused_bytes = 0
-            self.transport.pauseProducing()
+            self._pause_reading()
 
     def resumeProducing(self) -> None:
         if self._paused:
             self._paused = False
             self._paused_bytes = 0
-            if self.state is not State.CLOSING:
-                self.transport.resumeProducing()
+            self._maybe_resume_reading()
 
     def stopProducing(self) -> None:
         self._paused = False
+
+    # -- reading: paused for full output, a full inbox, or closing ------------------
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            self._reading_paused
+            and self._connected
+            and not self._paused
+            and not self._inbox
+            and self.state is not State.CLOSING
+        ):
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _clear_inbox(self) -> None:
+        self._inbox.clear()
+        self._inbox_bytes = 0
 
     # -- output ------------------------------------------------------------------
 
@@ -247,20 +350,59 @@ class ClientProtocol(Protocol):
             self._error(ErrorCode.FRAME_TOO_LARGE, str(e))
             self.close("frame too large")
             return
-        for body in bodies:
-            if self.state is State.CLOSING:
-                return
-            try:
-                frame = decode_body(body)
-            except BadFrame as e:
-                self._error(ErrorCode.BAD_FRAME, str(e))
-                continue
-            if self.state is State.READY:
-                self._dispatch(frame)
-            elif self.state is State.AUTHENTICATING:
-                self._queued.append(frame)
-            else:
-                self._begin_auth(frame)
+        if not bodies:
+            return
+        self._inbox.extend(bodies)
+        self._inbox_bytes += sum(map(len, bodies))
+        if self._inbox_bytes > self._inbox_limit:
+            self.gateway.inbox_overflowed += 1
+            self._error(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self._inbox_limit} bytes of requests waiting; wait for replies",
+            )
+            self.close("inbox overflow")
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """
+        Handle waiting frames while the connection may take more: it is not
+        authenticating and has fewer than C{max_in_flight} requests being
+        handled. Stop reading while some wait; read again once none do.
+        """
+        if self._draining:
+            return  # a reply came at once, inside the loop below: it goes on
+        self._draining = True
+        inbox = self._inbox
+        limit = self.gateway.config.max_in_flight
+        try:
+            while inbox:
+                state = self.state
+                if state is State.CLOSING:
+                    self._clear_inbox()
+                    return
+                if state is State.AUTHENTICATING or self._in_flight >= limit:
+                    if not self._reading_paused:
+                        self.gateway.throttled += 1
+                        self._pause_reading()
+                    return
+                body = inbox.popleft()
+                self._inbox_bytes -= len(body)
+                self._handle(body)
+        finally:
+            self._draining = False
+        self._maybe_resume_reading()
+
+    def _handle(self, body: bytes) -> None:
+        try:
+            frame = decode_body(body)
+        except BadFrame as e:
+            self._error(ErrorCode.BAD_FRAME, str(e))
+            return
+        if self.state is State.READY:
+            self._dispatch(frame)
+        else:
+            self._begin_auth(frame)
 
     def _dispatch(self, frame: Frame) -> None:
         gateway = self.gateway
@@ -270,8 +412,13 @@ class ClientProtocol(Protocol):
             self._reply_error(e, frames.request_id(frame))
             return
         req_id = request.id
+        op = gateway.ops[request.op]
+        result: Result | Deferred[Result]
         try:
-            result = gateway.ops[request.op].handle(self, request)
+            if op.fair:
+                result = gateway.scheduler.submit(self, lambda: op.handle(self, request))
+            else:
+                result = op.handle(self, request)
         except ImError as e:
             self._reply_error(e, req_id)
             return
@@ -296,6 +443,8 @@ class ClientProtocol(Protocol):
         if self._lose_when_idle and not self._in_flight:
             self._lose_when_idle = False
             self.transport.loseConnection()
+        elif self._inbox:
+            self._drain()
 
     def _reply_ok(self, result: Result, req_id: int) -> None:
         self._send(frames.ok(req_id, result))
@@ -303,7 +452,8 @@ class ClientProtocol(Protocol):
     def _reply_failure(self, failure: Failure, request: frames.Request) -> None:
         error = failure.value
         if isinstance(error, ImError):
-            self._reply_error(error, request.id)
+            if self._connected:  # not counted for a client that is gone
+                self._reply_error(error, request.id)
         else:
             self._internal_error(failure, request)
 
@@ -351,6 +501,7 @@ class ClientProtocol(Protocol):
             return
         self.uid = uid
         self.state = State.READY
+        self.gateway.authenticated(self)
         self.gateway.auths["ok"] += 1
         config = self.gateway.config
         clock = self.gateway.clock
@@ -367,11 +518,7 @@ class ClientProtocol(Protocol):
                 },
             )
         )
-        queued, self._queued = self._queued, []
-        for frame in queued:
-            if self.state is not State.READY:
-                break
-            self._dispatch(frame)
+        self._drain()
 
     def _login_failed(self, failure: Failure, request: frames.Auth) -> None:
         self.gateway.auths["error"] += 1
@@ -424,6 +571,8 @@ class Gateway(Factory):
     @param login: called once a token is verified, before the connection is
         registered in C{presence}; its failure (an L{ImError}) is sent to the
         client and closes the connection.
+    @param max_connections: connections held at most, authenticated or not
+        (L{imserver.listen.connection_budget}); past it new ones are closed.
     """
 
     log = Logger()
@@ -438,8 +587,11 @@ class Gateway(Factory):
         presence: IPresence,
         ops: Mapping[str, Op] | None = None,
         on_login: LoginHook | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.config = config
+        #: Connections held at most (the process's descriptor budget); None: no cap.
+        self.max_connections = max_connections
         self.clock = clock
         self.tokens = tokens
         self.presence = presence
@@ -450,21 +602,83 @@ class Gateway(Factory):
         self._epochs = itertools.count(1)
         self._all_closed: list[Deferred[None]] = []
         self.accepting = True
+        #: Requests other than send and ack pass here, round-robin by connection.
+        self.scheduler: FairQueue[Result] = FairQueue(config.max_concurrent_requests)
+        #: Connections not authenticated yet, in total and by L{source_key}.
+        self.unauthenticated = 0
+        self._unauthenticated_by: Counter[str] = Counter()
         # Counters read by metrics.
         self.auths = {"ok": 0, "failed": 0, "error": 0}
         self.errors: Counter[str] = Counter()
         self.overflowed = 0
         self.idle_closed = 0
+        #: Connections refused by the unauthenticated caps, by cap.
+        self.refused = {"total": 0, "per_address": 0, "descriptors": 0}
+        #: Times a connection stopped being read for its requests in flight or auth.
+        self.throttled = 0
+        #: Connections closed for sending on while they were not read.
+        self.inbox_overflowed = 0
 
     def buildProtocol(self, addr: IAddress | None) -> ClientProtocol | None:
+        """
+        A protocol for a new connection, or None (the port closes the socket
+        at once, in its accept loop) while shutting down or past a cap: one
+        source cannot hold every descriptor of the process with connections
+        that never authenticate.
+        """
         if not self.accepting:
             return None
-        return ClientProtocol(self, next(self._epochs))
+        config = self.config
+        if self.max_connections is not None and len(self.connections) >= self.max_connections:
+            self._refuse("descriptors", addr)
+            return None
+        if self.unauthenticated >= config.max_unauthenticated:
+            self._refuse("total", addr)
+            return None
+        source = source_key(addr)
+        per_address = config.max_unauthenticated_per_address
+        if source is not None:
+            if per_address and self._unauthenticated_by[source] >= per_address:
+                self._refuse("per_address", addr)
+                return None
+            self._unauthenticated_by[source] += 1
+        self.unauthenticated += 1
+        return ClientProtocol(self, next(self._epochs), source)
+
+    def factory_for(self, kind: str) -> Factory:
+        """The factory to listen with on an endpoint of type C{kind} (C{tcp}, C{ssl}...)."""
+        return self if kind in PLAIN_ENDPOINTS else _Refusing(self)
+
+    def _refuse(self, cap: str, addr: IAddress | None) -> None:
+        self.refused[cap] += 1
+        # One line per 1,000 refusals: a flood must not flood the log too.
+        if self.refused[cap] % 1000 == 1:
+            self.log.warn(
+                "refusing connections: {cap} cap reached, e.g. from {addr} ({n} refused so far)",
+                cap=cap,
+                addr=getattr(addr, "host", addr),
+                n=self.refused[cap],
+            )
+
+    def authenticated(self, conn: ClientProtocol) -> None:
+        """C{conn} logged in: it no longer counts against the unauthenticated caps."""
+        if not conn.unauthenticated:
+            return
+        conn.unauthenticated = False
+        self.unauthenticated -= 1
+        source = conn.source
+        if source is not None:
+            left = self._unauthenticated_by[source] - 1
+            if left:
+                self._unauthenticated_by[source] = left
+            else:
+                del self._unauthenticated_by[source]
 
     def connection_made(self, conn: ClientProtocol) -> None:
         self.connections.add(conn)
 
     def connection_lost(self, conn: ClientProtocol) -> None:
+        self.authenticated(conn)  # uncounted: gone
         self.connections.discard(conn)
         if not self.connections:
             waiting, self._all_closed = self._all_closed, []
