@@ -47,13 +47,23 @@ MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, r
 CONV_COLUMNS = "uid, sessionId, peerUid, lastMsgId, totalCount, readCount, version"
 
 
+def cid_text(value: Any) -> str:
+    """
+    A cid as stored: bytes from MySQL's VARBINARY (it compares exactly, as
+    Python does; see migration 0003), text from SQLite.
+    """
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8")
+    return str(value)
+
+
 def _message(row: Sequence[Any]) -> Message:
     return Message(
         msg_id=int(row[0]),
         session_id=int(row[1]),
         sender=int(row[2]),
         recipient=int(row[3]),
-        cid=str(row[4]),
+        cid=cid_text(row[4]),
         type=str(row[5]),
         body=bytes(row[6]),
         ts=int(row[7]),
@@ -256,7 +266,7 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
         f" AND cid IN ({marks(len(cids))})",
         (*senders, *cids),
     )
-    return {(int(r[0]), str(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    return {(int(r[0]), cid_text(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
 
 
 def _write_messages(
