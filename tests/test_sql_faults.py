@@ -8,15 +8,24 @@ the MariaDB cases run on the harness's real mariadbd.
 from __future__ import annotations
 
 import itertools
+import os
+import sqlite3
+import time
 from typing import Any
 
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from imserver.config import LimitsConfig
+from imserver.config import LimitsConfig, SqliteTarget, parse_config
 from imserver.errors import ErrorCode, ImError
-from imserver.storage.sql.database import Txn
+from imserver.storage.sql import queries as q
+from imserver.storage.sql.database import TOKEN_KEEP_SECONDS, Database, Txn
+from imserver.storage.sql.engines import SqliteEngine, create_engine
+from imserver.storage.sql.migrate import migrate
+from tests.harness import shared_mariadb
+from tests.mysql_proxy import MysqlProxy
 from tests.stack import Stack, make_stack
+from tests.support import eventually, reactor
 
 _uids = itertools.count(50_000)
 BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
@@ -190,3 +199,267 @@ class EmbeddedCidTests(IsolationContract, TestCase):
 
 class MariaDBCidTests(IsolationContract, TestCase):
     backend = "redis"
+
+
+# ---------------------------------------------------------------------------
+# Defect 2: a COMMIT whose reply is lost
+
+
+class LostCommitTests(TestCase):
+    """
+    The realtime pool reaches mariadbd through L{MysqlProxy}, which loses
+    the reply of one COMMIT (the server committed) or withholds the COMMIT
+    (it did not). The outcome must come from the database, not from a rerun.
+    """
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        url = shared_mariadb().fresh_database()
+        name = url.rsplit("/", 1)[1]
+        self.proxy = MysqlProxy(shared_mariadb().port)
+        self.addCleanup(self.proxy.close)
+        config = parse_config({"storage": {"sql": self.proxy.url(name)}})
+        db = Database(reactor, create_engine(config.storage.sql), name="test", max_connections=3)
+        self.stack = await make_stack(self, "redis", limits=BIG, db=db)
+        self.a, self.b = next(_uids), next(_uids)
+        for uid in (self.a, self.b):
+            await self.stack.chat.login(uid)
+        self.stack.presence.online_users.update((self.a, self.b))
+        # Both hot copies loaded, so "indexed" can be read from the hot store.
+        await self.stack.chat.sync(self.a, 10, 0, None)
+        await self.stack.chat.sync(self.b, 10, 0, None)
+
+    async def quiet(self) -> None:
+        """Nothing of the stack's own in flight: the next COMMIT is the test's."""
+        await self.stack.settle()
+        self.stack.presence.pushes.clear()
+
+    async def send(self, cid: str) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.stack.chat.send(self.a, self.b, cid, "text", cid)
+        await self.stack.settle()
+        return reply
+
+    def assertLost(self, outcome: str) -> None:
+        """The database was asked about one lost commit, and said C{outcome}."""
+        counts = {"committed": 0, "rolled_back": 0, "unknown": 0, outcome: 1}
+        self.assertEqual(self.stack.store.db.lost_commits, counts)
+
+    async def assertStoredOnce(self, cid: str, msg_id: int) -> None:
+        history = await self.stack.store.db.run("h", _history_txn, self.a)
+        self.assertEqual([h for h in history if h[0] == cid], [(cid, msg_id)])
+
+    async def test_lost_commit_of_a_send(self) -> None:
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        reply = await self.send("c1")
+        self.assertTrue(self.proxy.fired.is_set())
+        self.assertLost("committed")
+        self.assertFalse(reply["dup"])
+        await self.assertStoredOnce("c1", reply["msg_id"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([(f["msg_id"], f["cid"]) for f in pushed], [(reply["msg_id"], "c1")])
+        # Indexed once: the recipient's hot pending list and the session window.
+        self.assertEqual(
+            await self.stack.hot.pending(self.b, 0, 100, None), [(reply["msg_id"], self.a)]
+        )
+        self.assertEqual(
+            await self.stack.hot.window(reply["session_id"], None, 10), [reply["msg_id"]]
+        )
+        self.assertEqual(self.stack.chat.duplicates, 0)
+        again = await self.send("c1")
+        self.assertEqual({**again, "dup": False}, reply)
+        self.assertTrue(again["dup"])
+
+    async def test_withheld_commit_of_a_send_reruns(self) -> None:
+        await self.quiet()
+        before = len(self.proxy.queries)
+        self.proxy.arm("before", b"INSERT INTO t_msg_record_list")
+        reply = await self.send("c2")
+        self.assertTrue(self.proxy.fired.is_set())
+        self.assertLost("rolled_back")
+        self.assertFalse(reply["dup"])
+        await self.assertStoredOnce("c2", reply["msg_id"])
+        inserts = [s for s in self.proxy.queries[before:] if b"INTO t_msg_record_list" in s]
+        self.assertEqual(len(inserts), 2)  # the first try, rolled back, and the rerun
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [reply["msg_id"]])
+        self.assertEqual(
+            await self.stack.hot.pending(self.b, 0, 100, None), [(reply["msg_id"], self.a)]
+        )
+
+    async def test_lost_commit_of_a_recall(self) -> None:
+        sent = await self.send("r1")
+        await self.quiet()
+        self.proxy.arm("after", b"SET recordStatus")
+        await self.stack.chat.recall(self.a, sent["msg_id"])
+        self.assertTrue(self.proxy.fired.is_set())
+        self.assertLost("committed")
+        pushed = self.stack.presence.take(self.b, "recall")
+        self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
+        await self.stack.settle()
+        self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
+        self.assertEqual(await self.stack.store.history(sent["session_id"], None, 10), [])
+
+    async def test_lost_commit_of_a_read(self) -> None:
+        sent = await self.send("d1")
+        await self.quiet()
+        self.proxy.arm("after", b"UPDATE t_conv SET readUpTo")
+        reply = await self.stack.chat.read(self.b, sent["session_id"], sent["msg_id"])
+        self.assertTrue(self.proxy.fired.is_set())
+        self.assertLost("committed")
+        self.assertEqual(reply["unread"], 0)
+        pushed = self.stack.presence.take(self.a, "read")
+        self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+    async def test_lost_commit_of_an_ack(self) -> None:
+        sent = await self.send("k1")
+        await self.quiet()
+        self.proxy.arm("after", b"DELETE FROM t_pending WHERE uid")
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertTrue(self.proxy.fired.is_set())
+        self.assertLost("committed")
+        self.assertEqual(self.stack.chat.acked, 1)
+        await self.stack.settle()
+        self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
+        self.assertEqual(
+            await self.stack.store.db.run("p", q.pending_txn, self.b, 0, 100, None), []
+        )
+
+    async def test_commit_whose_outcome_cannot_be_asked(self) -> None:
+        """
+        The reply of a COMMIT is lost and the database cannot be reached to
+        ask: C{unavailable} (maybe committed). The client's retry with the
+        same cid then finds the message: one message, answered C{dup}.
+        """
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        self.proxy.refuse = True
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "u1", "text", "u1")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertLost("unknown")
+        self.proxy.refuse = False
+        again = await self.send("u1")
+        self.assertTrue(again["dup"])
+        await self.assertStoredOnce("u1", again["msg_id"])
+
+
+class _FlakySqlite(SqliteEngine):
+    """
+    SQLite whose next commit fails as a lost connection would: C{"after"}
+    the commit happened, C{"before"} it did not (then the connection is
+    closed, which rolls it back).
+    """
+
+    fail: str | None = None
+
+    def commit(self, cursor: Any, token: Any | None) -> None:
+        mode, self.fail = self.fail, None
+        if mode == "before":
+            raise sqlite3.OperationalError("disk I/O error (injected, before commit)")
+        super().commit(cursor, token)
+        if mode == "after":
+            raise sqlite3.OperationalError("disk I/O error (injected, after commit)")
+
+
+class SqliteLostCommitTests(TestCase):
+    """The same outcomes on the embedded engine, with the failure injected."""
+
+    async def setUp(self) -> None:
+        self.engine = _FlakySqlite(SqliteTarget(os.path.abspath(self.mktemp())))
+        db = Database(reactor, self.engine, name="test")
+        self.stack = await make_stack(self, "embedded", limits=BIG, db=db)
+        self.a, self.b = next(_uids), next(_uids)
+        for uid in (self.a, self.b):
+            await self.stack.chat.login(uid)
+        self.stack.presence.online_users.update((self.a, self.b))
+
+    def lost(self) -> dict[str, int]:
+        return self.stack.store.db.lost_commits
+
+    async def send(self, cid: str) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.stack.chat.send(self.a, self.b, cid, "text", cid)
+        await self.stack.settle()
+        return reply
+
+    async def test_send_ack_read_recall(self) -> None:
+        self.engine.fail = "after"
+        sent = await self.send("s1")
+        self.assertFalse(sent["dup"])
+        self.assertEqual(self.lost()["committed"], 1)
+        self.assertEqual(
+            [f["msg_id"] for f in self.stack.presence.take(self.b, "msg")], [sent["msg_id"]]
+        )
+        self.engine.fail = "before"
+        other = await self.send("s2")
+        self.assertFalse(other["dup"])
+        self.assertEqual(self.lost()["rolled_back"], 1)
+        history = await self.stack.store.db.run("h", _history_txn, self.a)
+        self.assertEqual(history, [("s1", sent["msg_id"]), ("s2", other["msg_id"])])
+
+        self.engine.fail = "after"
+        reply = await self.stack.chat.read(self.b, sent["session_id"], sent["msg_id"])
+        self.assertEqual(reply["unread"], 1)
+        self.assertEqual(len(self.stack.presence.take(self.a, "read")), 1)
+        self.engine.fail = "after"
+        await self.stack.chat.ack(self.b, [sent["msg_id"], other["msg_id"]])
+        self.assertEqual(self.stack.chat.acked, 2)
+        self.engine.fail = "after"
+        await self.stack.chat.recall(self.a, other["msg_id"])
+        self.assertEqual(len(self.stack.presence.take(self.b, "recall")), 1)
+        self.assertEqual(self.lost(), {"committed": 4, "rolled_back": 1, "unknown": 0})
+        await self.stack.settle()
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+
+def _tokens_txn(txn: Txn) -> list[tuple[int, int]]:
+    return [(int(r[0]), int(r[1])) for r in txn.query("SELECT at, token FROM t_commit")]
+
+
+def _write_txn(txn: Txn, uid: int) -> None:
+    txn.execute("INSERT INTO t_user (uid, createTime, updateTime) VALUES (?, ?, ?)", (uid, 0, 0))
+
+
+def _old_token_txn(txn: Txn, at: int) -> None:
+    txn.execute("INSERT INTO t_commit (at, token) VALUES (?, ?)", (at, 1))
+
+
+class TokenContract:
+    """Commit tokens: one per write transaction, none for reads, old ones pruned."""
+
+    def make_db(self) -> Database:
+        raise NotImplementedError
+
+    async def test_tokens(self) -> None:
+        db = self.make_db()
+        self.addCleanup(db.close)  # type: ignore[attr-defined]
+        await migrate(db, 0)
+        self.assertEqual(await db.run("t", _tokens_txn), [])  # migrations write none
+        await db.run("w", _write_txn, 1)
+        tokens = await db.run("t", _tokens_txn)
+        self.assertEqual(len(tokens), 1)  # reads write none either
+        await db.run("old", _old_token_txn, int(time.time()) - TOKEN_KEEP_SECONDS - 5)
+        db._pruned_at = -1e9  # due now
+        await db.run("w", _write_txn, 2)
+        await eventually(lambda: not db._pruning)
+        left = await db.run("t", _tokens_txn)
+        # Those of the three write transactions; not the old one.
+        self.assertEqual(len(left), 3)
+        self.assertIn(tokens[0], left)
+        self.assertNotIn(1, [token for _, token in left])
+
+
+class SqliteTokenTests(TokenContract, TestCase):
+    def make_db(self) -> Database:
+        return Database(
+            reactor, create_engine(SqliteTarget(os.path.abspath(self.mktemp()))), name="t"
+        )
+
+
+class MariaDBTokenTests(TokenContract, TestCase):
+    def make_db(self) -> Database:
+        config = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
+        return Database(reactor, create_engine(config.storage.sql), name="t", max_connections=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ CR_SERVER_LOST = 2013
 ER_CON_COUNT_ERROR = 1040
 ER_SERVER_SHUTDOWN = 1053
 ER_DUP_ENTRY = 1062
+ER_NO_SUCH_THREAD = 1094
 
 
 class Engine:
@@ -100,14 +102,34 @@ class Engine:
         """A transaction that failed this way rolled back and may be re-run."""
         return False
 
+    def commit(self, cursor: Any, token: Any | None) -> None:
+        """Commit, writing the commit token first (see L{Database})."""
+        if token is not None:
+            cursor.execute(self.convert(token.sql), token.args)
+        cursor.connection.commit()
+
+    def session_of(self, conn: Any) -> int | None:
+        """The server's id of this connection's session, if it has one."""
+        return None
+
+    def end_session(self, cursor: Any, session: int) -> None:
+        """
+        Make sure the session of a lost connection is over, so its
+        transaction is settled (committed or rolled back) before anyone
+        looks for what it wrote. Raises if it cannot be made sure.
+        """
+
     def is_duplicate(self, e: BaseException) -> bool:
         """A statement broke a unique key (the transaction is still open)."""
         return False
 
-    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+    def run_script(
+        self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None
+    ) -> list[Any]:
         """
         Run statements one by one (no round trips to save in process). Each
         is written with C{?} placeholders: converted here, not by the caller.
+        With C{commit}, the commit token (if any) and the commit follow.
         """
         results: list[Any] = []
         for s in statements:
@@ -116,7 +138,7 @@ class Engine:
                 [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
             )
         if commit:
-            cursor.connection.commit()
+            self.commit(cursor, token)
         return results
 
     def is_unavailable(self, e: BaseException) -> bool:
@@ -230,15 +252,20 @@ class MysqlEngine(Engine):
     def is_duplicate(self, e: BaseException) -> bool:
         return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_DUP_ENTRY,)
 
-    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+    def run_script(
+        self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None
+    ) -> list[Any]:
         """
-        All statements (and the COMMIT) in one multi-statement request. The
-        values are rendered as literals here (integers as digits, bytes as
-        hex, strings escaped by PyMySQL's own table), which costs half of
-        PyMySQL's general per-value escaping on the hot path.
+        All statements (and the commit token and COMMIT) in one
+        multi-statement request. The values are rendered as literals here
+        (integers as digits, bytes as hex, strings escaped by PyMySQL's own
+        table), which costs half of PyMySQL's general per-value escaping on
+        the hot path.
         """
         parts = [render(s.sql, s.args) for s in statements]
         if commit:
+            if token is not None:
+                parts.append(render(token.sql, token.args))
             parts.append("COMMIT")
         cursor.execute(";\n".join(parts))
         results: list[Any] = []
@@ -249,8 +276,42 @@ class MysqlEngine(Engine):
                 [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
             )
         if commit:
-            cursor.nextset()
+            for _ in range(1 + (token is not None) - (not statements)):
+                cursor.nextset()
         return results
+
+    def commit(self, cursor: Any, token: Any | None) -> None:
+        # The token and the COMMIT in one request: no round trip added.
+        if token is None:
+            cursor.connection.commit()
+        else:
+            cursor.execute(render(token.sql, token.args) + ";\nCOMMIT")
+            cursor.nextset()
+
+    def session_of(self, conn: Any) -> int | None:
+        session: int = conn.thread_id()
+        return session
+
+    def end_session(self, cursor: Any, session: int, wait: float = 10.0) -> None:
+        # The server may not know yet that the client is gone (a network
+        # fault), or may still be running the request: kill the session and
+        # wait until it is gone; its transaction is then committed or
+        # rolled back for good.
+        try:
+            cursor.execute("KILL CONNECTION %s", (session,))
+        except pymysql.err.MySQLError as e:
+            if e.args[:1] != (ER_NO_SUCH_THREAD,):
+                raise
+        deadline = time.monotonic() + wait
+        while True:
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (session,)
+            )
+            if not cursor.fetchone()[0]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"session {session} still running {wait}s after KILL")
+            time.sleep(0.01)
 
     def is_unavailable(self, e: BaseException) -> bool:
         if isinstance(e, pymysql.err.InterfaceError | ConnectionError):
