@@ -11,7 +11,11 @@ ending in C{COMMIT} it either:
   the server has committed), drops it and closes both sides: the client
   lost the answer of a commit that happened;
 * C{"before"}: closes both sides without forwarding it: the server rolls
-  the transaction back.
+  the transaction back;
+* C{"stall"}: closes the client's side at once, and forwards the query
+  only L{MysqlProxy.stall} seconds later, as a network partition could: the
+  server's session lives on meanwhile, its transaction open, and then tries
+  to commit.
 
 Plain threads and sockets (PyMySQL runs in pool threads; the reactor stays
 out of it). Each fault fires once per L{arm}.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 COM_QUERY = 0x03
 SERVER_MORE_RESULTS_EXISTS = 0x0008
@@ -88,6 +93,7 @@ class _Link:
         self.marked = False
         #: Set once the lost COMMIT is on its way: the reply is swallowed.
         self.swallow: _ReplyReader | None = None
+        self.replied = proxy.replied
         self.closed = False
         for target in (self._upstream, self._downstream):
             threading.Thread(target=target, daemon=True).start()
@@ -116,6 +122,13 @@ class _Link:
                         self.proxy._fired()
                         self.close()
                         return
+                    if action == "stall":
+                        self.proxy._fired()
+                        self.client.shutdown(socket.SHUT_RDWR)
+                        time.sleep(self.proxy.stall)
+                        self.swallow = _ReplyReader()
+                        self.server.sendall(packet)
+                        return
                     if action == "after":
                         self.swallow = _ReplyReader()
                     self.server.sendall(packet)
@@ -137,9 +150,10 @@ class _Link:
                 for packet in _packets(buf):
                     self.swallow.feed(packet[4:])
                 if self.swallow.done:
-                    # The server answered the COMMIT: it happened. The
-                    # client never hears of it.
+                    # The server answered the COMMIT (it happened, or failed
+                    # in a stall). The client never hears of it.
                     self.proxy._fired()
+                    self.replied.set()
                     break
         except OSError:
             pass
@@ -155,6 +169,10 @@ class MysqlProxy:
         self._armed: tuple[str, bytes] | None = None
         self._links: list[_Link] = []
         self.fired = threading.Event()
+        #: The server's reply to the lost or stalled COMMIT has come (and gone).
+        self.replied = threading.Event()
+        #: Seconds a stalled COMMIT waits.
+        self.stall = 1.0
         #: New connections are closed at once (the database "is down").
         self.refuse = False
         #: COM_QUERY texts seen, for tests that count attempts.
@@ -167,9 +185,10 @@ class MysqlProxy:
     def arm(self, mode: str, pattern: bytes) -> None:
         """Lose (C{"after"}) or withhold (C{"before"}) the next COMMIT of the
         connection that sends a query containing C{pattern}."""
-        assert mode in ("after", "before")
+        assert mode in ("after", "before", "stall")
         with self._lock:
             self.fired.clear()
+            self.replied.clear()
             self._armed = (mode, pattern)
             for link in self._links:
                 link.marked = False

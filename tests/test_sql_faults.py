@@ -301,6 +301,24 @@ class LostCommitTests(TestCase):
         self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
         self.assertEqual(await self.stack.store.history(sent["session_id"], None, 10), [])
 
+    async def test_stalled_commit_of_a_recall(self) -> None:
+        """
+        The connection is lost while its COMMIT is held up on the way (a
+        partition): the server's session lives on, and tries to commit
+        after the node asked. The node's check fences it off: the recall
+        happens once, by its rerun, and is pushed.
+        """
+        sent = await self.send("z1")
+        await self.quiet()
+        self.proxy.arm("stall", b"SET recordStatus")
+        await self.stack.chat.recall(self.a, sent["msg_id"])
+        self.assertLost("rolled_back")
+        self.assertTrue(self.proxy.replied.wait(10))  # the stalled COMMIT came, and failed
+        pushed = self.stack.presence.take(self.b, "recall")
+        self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
+        [message] = (await self.stack.store.messages([sent["msg_id"]])).values()
+        self.assertEqual(message.status, 1)
+
     async def test_lost_commit_of_a_read(self) -> None:
         sent = await self.send("d1")
         await self.quiet()

@@ -22,15 +22,17 @@ written twice). So the outcome is asked of the database instead. Every
 write transaction inserts a random commit token into C{t_commit} inside
 itself, in the same request as its COMMIT on MySQL (no round trip added).
 When the connection fails while a COMMIT may be on its way, the pool thread
-reconnects, makes sure the old session is over (MySQL: C{KILL} it and wait
-until it is gone, so its transaction is settled) and looks for the token:
+reconnects and inserts the same token itself, as a fence: if the old session
+still runs on the server (it has not noticed the lost client yet), the insert
+waits for its row lock, so the answer is final either way:
 
-* present: the transaction committed. If the function had finished (the
+* duplicate key: the transaction committed. If the function had finished (the
   COMMIT was the database's own), its result is returned. If the COMMIT was
   part of a L{Txn.script}, the script's replies are lost: it raises
   L{CommitConfirmed} and the function computes its result from what is
   committed, on a fresh read transaction;
-* absent: it rolled back; the function is run again, once, on the fresh
+* inserted: it did not commit, and now never can (its own insert of the
+  token would fail); the function is run again, once, on the fresh
   connection (as is a transaction whose connection failed before any COMMIT
   was sent).
 
@@ -443,19 +445,29 @@ class Database:
         C{resume}, C{txn} goes on, read-only, on a fresh connection); raises
         L{_RolledBack} if it did not, L{CommitUnknown} if nobody can tell.
         """
-        session = self.engine.session_of(txn.conn)
         self._drop(txn.conn)
         conn = None
         try:
             conn = self._pool.connect()
             cursor = conn.cursor()
-            if session is not None:
-                self.engine.end_session(cursor, session)
-            cursor.execute(
-                self.engine.convert("SELECT 1 FROM t_commit WHERE at = ? AND token = ?"),
-                txn.token,
-            )
-            committed = cursor.fetchone() is not None
+            self.engine.begin(cursor)
+            try:
+                # The fence: insert the token ourselves. If the old transaction
+                # still runs (the server has not noticed the lost client yet),
+                # this waits for its row lock. A duplicate means it committed;
+                # success means it did not, and now never can (its own insert
+                # of the token would fail).
+                cursor.execute(
+                    self.engine.convert("INSERT INTO t_commit (at, token) VALUES (?, ?)"),
+                    txn.token,
+                )
+                conn.commit()
+                committed = False
+            except Exception as e:
+                if not self.engine.is_duplicate(e):
+                    raise
+                conn.rollback()
+                committed = True
         except Exception as e:
             self.lost_commits["unknown"] += 1
             self.log.warn(
@@ -475,17 +487,14 @@ class Database:
             error=error,
             outcome="committed" if committed else "rolled back",
         )
-        if not committed:
-            conn.rollback()
-            cursor.close()
-            raise _RolledBack(error)
-        if resume:
+        if resume and committed:
             self.engine.begin(cursor)
             txn.resume(conn, cursor)
-        else:
-            conn.commit()
-            cursor.close()
-            self._last_used[id(conn)] = time.monotonic()
+            return
+        cursor.close()
+        self._last_used[id(conn)] = time.monotonic()
+        if not committed:
+            raise _RolledBack(error)
 
     def _maybe_prune(self) -> None:
         """Now and then, delete the commit tokens nobody will ask about."""

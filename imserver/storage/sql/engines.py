@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +29,6 @@ CR_SERVER_LOST = 2013
 ER_CON_COUNT_ERROR = 1040
 ER_SERVER_SHUTDOWN = 1053
 ER_DUP_ENTRY = 1062
-ER_NO_SUCH_THREAD = 1094
 
 
 class Engine:
@@ -107,17 +105,6 @@ class Engine:
         if token is not None:
             cursor.execute(self.convert(token.sql), token.args)
         cursor.connection.commit()
-
-    def session_of(self, conn: Any) -> int | None:
-        """The server's id of this connection's session, if it has one."""
-        return None
-
-    def end_session(self, cursor: Any, session: int) -> None:
-        """
-        Make sure the session of a lost connection is over, so its
-        transaction is settled (committed or rolled back) before anyone
-        looks for what it wrote. Raises if it cannot be made sure.
-        """
 
     def is_duplicate(self, e: BaseException) -> bool:
         """A statement broke a unique key (the transaction is still open)."""
@@ -287,31 +274,6 @@ class MysqlEngine(Engine):
         else:
             cursor.execute(render(token.sql, token.args) + ";\nCOMMIT")
             cursor.nextset()
-
-    def session_of(self, conn: Any) -> int | None:
-        session: int = conn.thread_id()
-        return session
-
-    def end_session(self, cursor: Any, session: int, wait: float = 10.0) -> None:
-        # The server may not know yet that the client is gone (a network
-        # fault), or may still be running the request: kill the session and
-        # wait until it is gone; its transaction is then committed or
-        # rolled back for good.
-        try:
-            cursor.execute("KILL CONNECTION %s", (session,))
-        except pymysql.err.MySQLError as e:
-            if e.args[:1] != (ER_NO_SUCH_THREAD,):
-                raise
-        deadline = time.monotonic() + wait
-        while True:
-            cursor.execute(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (session,)
-            )
-            if not cursor.fetchone()[0]:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"session {session} still running {wait}s after KILL")
-            time.sleep(0.01)
 
     def is_unavailable(self, e: BaseException) -> bool:
         if isinstance(e, pymysql.err.InterfaceError | ConnectionError):
