@@ -288,6 +288,21 @@ class LostCommitTests(TestCase):
             await self.stack.hot.pending(self.b, 0, 100, None), [(reply["msg_id"], self.a)]
         )
 
+    async def test_withheld_commits_of_a_read_and_an_ack_rerun(self) -> None:
+        sent = await self.send("w1")
+        await self.quiet()
+        self.proxy.arm("before", b"UPDATE t_conv SET readUpTo")
+        reply = await self.stack.chat.read(self.b, sent["session_id"], sent["msg_id"])
+        self.assertLost("rolled_back")
+        self.assertEqual(reply["unread"], 0)
+        self.assertEqual(len(self.stack.presence.take(self.a, "read")), 1)
+        self.proxy.arm("before", b"DELETE FROM t_pending WHERE uid")
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual(self.stack.store.db.lost_commits["rolled_back"], 2)
+        self.assertEqual(self.stack.chat.acked, 1)
+        await self.stack.settle()
+        self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
+
     async def test_lost_commit_of_a_recall(self) -> None:
         sent = await self.send("r1")
         await self.quiet()

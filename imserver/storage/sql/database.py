@@ -186,8 +186,10 @@ class Txn:
             if not (commit and self._db is not None and self.engine.is_unavailable(e)):
                 raise
             if token is None:
-                raise _RolledBack(e) from e  # nothing written: as good as rolled back
-            self._db._settle(self, e, resume=True)
+                # Nothing written: as good as rolled back.
+                self._db._drop(self.conn)
+                raise _RolledBack(e) from e
+            self._db._settle(self, e)
             raise CommitConfirmed() from e
         self.committed = commit
         return results
@@ -404,6 +406,7 @@ class Database:
             self._last_used[id(txn.conn)] = time.monotonic()
             return result
         except CommitConfirmed:
+            txn.conn.rollback()
             raise RuntimeError("a transaction function let CommitConfirmed through") from None
         except BaseException as e:
             try:
@@ -435,15 +438,17 @@ class Database:
                 # the COMMIT.
                 self._drop(txn.conn)
                 return
-            # Returns only if it committed; then the result stands.
-            self._settle(txn, e, resume=False)
+            # Returns only if it committed; then the result stands (and the
+            # read transaction the check left open ends).
+            self._settle(txn, e)
+            self.engine.commit(txn.cursor, None)
 
-    def _settle(self, txn: Txn, error: BaseException, *, resume: bool) -> None:
+    def _settle(self, txn: Txn, error: BaseException) -> None:
         """
         The connection failed while C{txn}'s COMMIT may have been on its way:
-        ask the database. Returns if the transaction committed (with
-        C{resume}, C{txn} goes on, read-only, on a fresh connection); raises
-        L{_RolledBack} if it did not, L{CommitUnknown} if nobody can tell.
+        ask the database. Returns if the transaction committed: C{txn} then
+        goes on, read-only, on a fresh connection. Raises L{_RolledBack} if it
+        did not, L{CommitUnknown} if nobody can tell.
         """
         self._drop(txn.conn)
         conn = None
@@ -487,14 +492,11 @@ class Database:
             error=error,
             outcome="committed" if committed else "rolled back",
         )
-        if resume and committed:
-            self.engine.begin(cursor)
-            txn.resume(conn, cursor)
-            return
-        cursor.close()
-        self._last_used[id(conn)] = time.monotonic()
         if not committed:
+            cursor.close()
             raise _RolledBack(error)
+        self.engine.begin(cursor)
+        txn.resume(conn, cursor)
 
     def _maybe_prune(self) -> None:
         """Now and then, delete the commit tokens nobody will ask about."""
