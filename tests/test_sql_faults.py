@@ -21,7 +21,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import TOKEN_KEEP_SECONDS, Database, Txn
 from imserver.storage.sql.engines import SqliteEngine, create_engine
-from imserver.storage.sql.migrate import migrate
+from imserver.storage.sql.migrate import _migrate_txn, available, migrate
 from tests.harness import shared_mariadb
 from tests.mysql_proxy import MysqlProxy
 from tests.stack import Stack, make_stack
@@ -485,14 +485,51 @@ class TokenContract:
         self.assertNotIn(1, [token for _, token in left])
 
 
-class SqliteTokenTests(TokenContract, TestCase):
+def _old_message_txn(txn: Txn, cid: str) -> None:
+    txn.execute(
+        "INSERT INTO t_msg_record_list (id, sessionId, msgId, senderUid, recipientUid, cid,"
+        " msgType, body, ts, createTime) VALUES (1, 1, 1, 7, 8, ?, 'text', ?, 0, "
+        + txn.engine.datetime_from_ms
+        + ")",
+        (cid, b"x", 0),
+    )
+
+
+def _dup_of_txn(txn: Txn, cid: str) -> list[int]:
+    return sorted(d.msg_id for d in q._used_cids(txn, [_probe(cid)]).values())
+
+
+def _probe(cid: str) -> Any:
+    from imserver.storage.model import NewMessage
+
+    return NewMessage(2, 7, 8, cid, "text", b"x", 0, 1, 0)
+
+
+class MigrationContract(TokenContract):
+    async def test_exact_cids_on_an_existing_database(self) -> None:
+        """Migration 0003 on a database that has messages already."""
+        db = self.make_db()
+        self.addCleanup(db.close)  # type: ignore[attr-defined]
+        first_two = available(db.engine.kind)[:2]
+        await db.run("migrate", _migrate_txn, first_two, 0)
+        db.commit_tokens = False  # no t_commit yet: as the old code wrote
+        await db.run("old", _old_message_txn, "p")
+        db.commit_tokens = True
+        self.assertEqual(await migrate(db, 0), [3, 4])
+        self.assertEqual(await db.run("dup", _dup_of_txn, "p"), [1])
+        self.assertEqual(await db.run("dup", _dup_of_txn, "p "), [])
+        [message] = await db.run("m", q.messages_txn, [1])
+        self.assertEqual(message.cid, "p")
+
+
+class SqliteTokenTests(MigrationContract, TestCase):
     def make_db(self) -> Database:
         return Database(
             reactor, create_engine(SqliteTarget(os.path.abspath(self.mktemp()))), name="t"
         )
 
 
-class MariaDBTokenTests(TokenContract, TestCase):
+class MariaDBTokenTests(MigrationContract, TestCase):
     def make_db(self) -> Database:
         config = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
         return Database(reactor, create_engine(config.storage.sql), name="t", max_connections=2)
