@@ -49,10 +49,10 @@ LOOKALIKES = [
 ]
 
 
-async def _settled(d: Any) -> list[tuple[bool, Any]]:
+async def _settled(ds: list[Any]) -> list[tuple[bool, Any]]:
     """Every result of a list of Deferreds, failures included, in order."""
     results: list[tuple[bool, Any]] = await gatherResults(
-        [d.addCallbacks(lambda r: (True, r), lambda f: (False, f.value)) for d in d]
+        [d.addCallbacks(lambda r: (True, r), lambda f: (False, f.value)) for d in ds]
     )
     return results
 
