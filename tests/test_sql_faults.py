@@ -271,6 +271,42 @@ class LostCommitTests(TestCase):
         self.assertEqual({**again, "dup": False}, reply)
         self.assertTrue(again["dup"])
 
+    async def test_lost_commit_of_a_group_commit(self) -> None:
+        """Several users' sends in the batch whose COMMIT reply is lost: each
+        answered once, ok, with its unread counts, pushed and indexed once."""
+        c, d = next(_uids), next(_uids)
+        for uid in (c, d):
+            await self.stack.chat.login(uid)
+        self.stack.presence.online_users.update((c, d))
+        await self.stack.chat.sync(d, 10, 0, None)
+        await self.quiet()
+        self.proxy.arm("after", b"'g2'")  # the second batch: the first runs alone
+        sends = [
+            (self.a, self.b, "g1"),
+            (self.a, self.b, "g2"),
+            (c, d, "g3"),
+            (self.a, self.b, "g4"),
+        ]
+        results = await _settled(
+            [self.stack.chat.send(x, y, cid, "text", cid) for x, y, cid in sends]
+        )
+        await self.stack.settle()
+        self.assertLost("committed")
+        for ok, value in results:
+            self.assertTrue(ok, value)
+            self.assertFalse(value["dup"])
+        ids = [value["msg_id"] for _, value in results]
+        pushed_b = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed_b], [ids[0], ids[1], ids[3]])
+        self.assertEqual([f["unread"] for f in pushed_b], [1, 2, 3])
+        self.assertEqual([f["msg_id"] for f in self.stack.presence.take(d, "msg")], [ids[2]])
+        self.assertEqual(
+            [i for i, _ in await self.stack.hot.pending(self.b, 0, 100, None)],
+            [ids[0], ids[1], ids[3]],
+        )
+        self.assertEqual(await self.stack.hot.pending(d, 0, 100, None), [(ids[2], c)])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"][0]["count"], 3)
+
     async def test_withheld_commit_of_a_send_reruns(self) -> None:
         await self.quiet()
         before = len(self.proxy.queries)
