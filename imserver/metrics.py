@@ -263,6 +263,15 @@ class ServerCollector(Collector):
             sql.add_metric([db.name, "ok"], db.transactions)
             sql.add_metric([db.name, "failed"], db.failures)
         yield sql
+        lost = CounterMetricFamily(
+            "imserver_sql_lost_commits",
+            "Connections lost during a COMMIT, by what the commit token said.",
+            labels=["pool", "outcome"],
+        )
+        for db in (s.db, s.background):
+            for outcome, n in db.lost_commits.items():
+                lost.add_metric([db.name, outcome], n)
+        yield lost
         failures = getattr(store.hot, "failures", 0)
         yield _counter("imserver_redis_failures", "Failed Redis calls.", failures)
         cluster = s.cluster

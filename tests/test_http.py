@@ -1006,6 +1006,9 @@ class HttpE2ETests(E2EMixin, ClientsMixin, TestCase):
         self.assertEqual(answer.header("Content-Type"), CONTENT_TYPE)
         self.assertIn(b"\nimserver_connections ", answer.body)
         self.assertIn(b'imserver_sql_transactions_total{pool="realtime",result="ok"}', answer.body)
+        self.assertIn(
+            b'imserver_sql_lost_commits_total{outcome="committed",pool="realtime"}', answer.body
+        )
         self.assertIn(b'imserver_http_requests_total{code="200"}', answer.body)
 
     async def test_admin_and_client_routes(self) -> None:

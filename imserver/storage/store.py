@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from imserver.batching import Batcher
-from imserver.errors import Unavailable
+from imserver.errors import ErrorCode, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
@@ -45,6 +45,7 @@ from imserver.storage.model import (
     Profile,
     ReadResult,
     RecallResult,
+    Refused,
     SendOutcome,
     session_pair,
 )
@@ -251,39 +252,92 @@ class Store:
             else attrs.evolve(m, session_id=self._pairs.get(session_pair(m.sender, m.recipient)))
             for m in msgs
         ]
-        now_ms = self._now_ms()
-        outbox = self._outbox("send", now_ms)
         done = self._take_done_outbox()
         try:
-            outcomes = await self.db.run(
-                "send",
-                q.commit_messages_txn,
-                msgs,
-                check,
-                now_ms,
-                outbox,
-                self.notify_delay_ms,
-                started,
-                done,
-            )
-        except Exception as e:
+            outcomes = await self._commit_group(msgs, check, started, done)
+        except Unavailable as e:
             self._put_back_done_outbox(done)
-            if isinstance(e, Unavailable):
-                # The commit may or may not have happened: distrust every
-                # copy these messages could have changed (if it happened, its
-                # outbox row gets it replayed too).
-                self._hot_failed(
-                    {u for m in msgs for u in (m.sender, m.recipient)},
-                    {m.session_id for m in msgs if m.session_id is not None},
-                    (),
-                    str(e),
-                )
+            self._commit_unavailable(msgs, e)
             raise
+        except Exception as e:
+            # Not an outage: most likely one message the database refuses.
+            # It must not fail the others: find it.
+            self._put_back_done_outbox(done)
+            outcomes = await self._isolate(msgs, check, started, e)
         for outcome in outcomes:
             if isinstance(outcome, Committed):
                 m = outcome.message
                 self._known_users.add(m.recipient)
                 self._remember_session(m.session_id, m.sender, m.recipient)
+        return outcomes
+
+    async def _commit_group(
+        self,
+        msgs: Sequence[NewMessage],
+        check: Sequence[int],
+        started: float,
+        done: Sequence[int],
+    ) -> list[SendOutcome]:
+        """One group-commit transaction, with its own outbox row."""
+        now_ms = self._now_ms()
+        return await self.db.run(
+            "send",
+            q.commit_messages_txn,
+            msgs,
+            check,
+            now_ms,
+            self._outbox("send", now_ms),
+            self.notify_delay_ms,
+            started,
+            done,
+        )
+
+    def _commit_unavailable(self, msgs: Sequence[NewMessage], e: Unavailable) -> None:
+        # The commit may or may not have happened (the database could not be
+        # asked): distrust every copy these messages could have changed (if
+        # it happened, its outbox row gets it replayed too).
+        self._hot_failed(
+            {u for m in msgs for u in (m.sender, m.recipient)},
+            {m.session_id for m in msgs if m.session_id is not None},
+            (),
+            str(e),
+        )
+
+    async def _isolate(
+        self,
+        msgs: Sequence[NewMessage],
+        check: Sequence[int],
+        started: float,
+        error: Exception,
+    ) -> list[SendOutcome]:
+        """
+        A group commit failed, and not for an outage (nor a deadlock: those
+        are retried): commit the batch in halves, recursively, so only the
+        messages the database refuses are refused and the others of the batch
+        (other users' sends) commit. The halves commit in order, so commit
+        order and per-sender order are kept. A systematic failure costs
+        about two transactions per message, and is logged once per message.
+        """
+        if len(msgs) == 1:
+            [m] = msgs
+            self.log.error(
+                "send {msg_id} from {uid} (cid {cid!r}) cannot be stored: {error!r}",
+                msg_id=m.msg_id,
+                uid=m.sender,
+                cid=m.cid,
+                error=error,
+            )
+            return [Refused(ErrorCode.INTERNAL, "this message could not be stored")]
+        half = len(msgs) // 2
+        outcomes: list[SendOutcome] = []
+        for part in (msgs[:half], msgs[half:]):
+            try:
+                outcomes += await self._commit_group(part, check, started, ())
+            except Unavailable as e:
+                self._commit_unavailable(part, e)
+                outcomes += [Refused(ErrorCode.UNAVAILABLE, str(e.message))] * len(part)
+            except Exception as e:
+                outcomes += await self._isolate(part, check, started, e)
         return outcomes
 
     async def fanout(self, committed: Sequence[Committed]) -> bool:

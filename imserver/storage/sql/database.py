@@ -13,19 +13,47 @@ thread pool: the real-time path and background work get separate pools, so
 slow background SQL never starves sends.
 
 Deadlocks and lock wait timeouts are retried (the transaction rolled back);
-connection failures become L{Unavailable}. A transaction whose COMMIT was
-interrupted has an unknown outcome: callers whose writes are not idempotent
-must treat L{Unavailable} as "maybe committed".
+connection failures become L{Unavailable}.
+
+A connection can fail after the server committed but before its reply came
+back: a rerun would then see its own writes (a send answered C{dup: true} to
+its first try, a recall or read with nothing left to do, an outbox row
+written twice). So the outcome is asked of the database instead. Every
+write transaction inserts a random commit token into C{t_commit} inside
+itself, in the same request as its COMMIT on MySQL (no round trip added).
+When the connection fails while a COMMIT may be on its way, the pool thread
+reconnects and inserts the same token itself, as a fence: if the old session
+still runs on the server (it has not noticed the lost client yet), the insert
+waits for its row lock, so the answer is final either way:
+
+* duplicate key: the transaction committed. If the function had finished (the
+  COMMIT was the database's own), its result is returned. If the COMMIT was
+  part of a L{Txn.script}, the script's replies are lost: it raises
+  L{CommitConfirmed} and the function computes its result from what is
+  committed, on a fresh read transaction;
+* inserted: it did not commit, and now never can (its own insert of the
+  token would fail); the function is run again, once, on the fresh
+  connection (as is a transaction whose connection failed before any COMMIT
+  was sent).
+
+Only when the database cannot be asked (it is down) is the outcome unknown:
+then L{CommitUnknown}, an L{Unavailable}, and the caller must treat it as
+"maybe committed" (the send path makes its users suspect; the outbox row, if
+committed, gets the follow-up replayed). Tokens older than
+L{TOKEN_KEEP_SECONDS} are deleted by a small transaction every
+L{PRUNE_SECONDS}.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -41,8 +69,40 @@ MAX_RETRIES = 5
 IDLE_CHECK_SECONDS = 1.0
 
 
+#: Commit tokens are kept this long (outcomes are asked within seconds; the
+#: margin covers clock skew between the nodes that prune).
+TOKEN_KEEP_SECONDS = 600
+#: How often a pool that wrote tokens deletes the old ones.
+PRUNE_SECONDS = 10.0
+
 ROWS = "rows"
 COUNT = "count"
+
+
+class CommitConfirmed(Exception):
+    """
+    Raised by L{Txn.script} with C{commit=True} when the connection failed
+    while the script ran but its commit token shows it committed: its
+    replies (row counts, SELECT results) are lost. The transaction function
+    catches it and computes its result from the committed state: the C{txn}
+    runs a fresh read transaction on a new connection by then.
+    """
+
+
+class CommitUnknown(Unavailable):
+    """The connection failed during a COMMIT and the database could not be
+    asked whether it happened: maybe committed."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable (the request may have been done)")
+
+
+class _RolledBack(Exception):
+    """The transaction surely did not commit: it may run again."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 @attrs.frozen
@@ -79,13 +139,32 @@ class Txn:
     hand for dialect-specific SQL, and nothing else.
     """
 
-    __slots__ = ("_cursor", "committed", "engine")
+    __slots__ = ("_db", "committed", "conn", "cursor", "engine", "token", "tokens", "wrote")
 
-    def __init__(self, cursor: Any, engine: Engine) -> None:
-        self._cursor = cursor
+    def __init__(self, db: Database | None, conn: Any, cursor: Any, engine: Engine) -> None:
+        self._db = db
+        self.conn = conn
+        self.cursor = cursor
         self.engine = engine
         #: The transaction was committed by a L{script}.
         self.committed = False
+        #: Something was written (a statement that is not a query): the
+        #: commit records a token.
+        self.wrote = False
+        #: Whether this transaction's commit records its token (off for
+        #: schema migrations: DDL commits on its own on MySQL, and t_commit
+        #: may not exist yet).
+        self.tokens = db is not None and db.commit_tokens
+        #: (at, token): this transaction's row in t_commit.
+        self.token = (int(time.time()), int.from_bytes(os.urandom(8), "big") >> 1)
+
+    def token_statement(self) -> Statement | None:
+        """The INSERT of this transaction's commit token, if it needs one."""
+        if not (self.tokens and self.wrote):
+            return None
+        assert self._db is not None
+        self._db.tokens_written = True
+        return Statement("INSERT INTO t_commit (at, token) VALUES (?, ?)", self.token)
 
     def script(self, statements: Sequence[Statement], *, commit: bool = False) -> list[Any]:
         """
@@ -94,31 +173,56 @@ class Txn:
         included: one round trip, where running them one by one costs one
         each. If a statement fails, the ones after it do not run and the
         exception propagates (the transaction is still open).
+
+        @raise CommitConfirmed: with C{commit}, the connection failed but the
+            transaction committed (see the module docstring).
         """
-        results = self.engine.run_script(self._cursor, statements, commit)
+        if any(s.returns == COUNT for s in statements):
+            self.wrote = True
+        token = self.token_statement() if commit else None
+        try:
+            results = self.engine.run_script(self.cursor, statements, commit, token)
+        except Exception as e:
+            if not (commit and self._db is not None and self.engine.is_unavailable(e)):
+                raise
+            if token is None:
+                # Nothing written: as good as rolled back.
+                self._db._drop(self.conn)
+                raise _RolledBack(e) from e
+            self._db._settle(self, e)
+            raise CommitConfirmed() from e
         self.committed = commit
         return results
 
+    def resume(self, conn: Any, cursor: Any) -> None:
+        """Go on, read-only, on a fresh connection (after a confirmed commit)."""
+        self.conn = conn
+        self.cursor = cursor
+        self.committed = False
+        self.wrote = False
+
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement; return the affected row count."""
-        self._cursor.execute(self.engine.convert(sql), tuple(args))
-        return int(self._cursor.rowcount)
+        self.wrote = True
+        self.cursor.execute(self.engine.convert(sql), tuple(args))
+        return int(self.cursor.rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         """Run one statement for many rows (one multi-row INSERT on MySQL)."""
         rows = [tuple(r) for r in rows]
         if not rows:
             return 0
-        self._cursor.executemany(self.engine.convert(sql), rows)
-        return int(self._cursor.rowcount)
+        self.wrote = True
+        self.cursor.executemany(self.engine.convert(sql), rows)
+        return int(self.cursor.rowcount)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._cursor.execute(self.engine.convert(sql), tuple(args))
-        return [tuple(row) for row in self._cursor.fetchall()]
+        self.cursor.execute(self.engine.convert(sql), tuple(args))
+        return [tuple(row) for row in self.cursor.fetchall()]
 
     def query_one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        self._cursor.execute(self.engine.convert(sql), tuple(args))
-        row = self._cursor.fetchone()
+        self.cursor.execute(self.engine.convert(sql), tuple(args))
+        row = self.cursor.fetchone()
         return None if row is None else tuple(row)
 
     def query_in(
@@ -158,10 +262,16 @@ class Database:
         *,
         name: str,
         max_connections: int | None = None,
+        commit_tokens: bool = True,
     ) -> None:
         self._reactor = reactor
         self.engine = engine
         self.name = name
+        #: Record commit tokens (off only to measure what they cost).
+        self.commit_tokens = commit_tokens
+        self._pruned_at = reactor.seconds()
+        self._pruning = False
+        self.tokens_written = False
         size = max_connections or engine.max_connections
         self._pool = adbapi.ConnectionPool(
             engine.dbapi_name,
@@ -183,6 +293,8 @@ class Database:
         # Transaction counts and time, read by metrics.
         self.transactions = 0
         self.failures = 0
+        #: Lost COMMIT replies, by what the token said: read by metrics and tests.
+        self.lost_commits = {"committed": 0, "rolled_back": 0, "unknown": 0}
 
     async def run(
         self,
@@ -230,6 +342,7 @@ class Database:
                     raise Unavailable("the database is unavailable") from e
                 raise
             self.transactions += 1
+            self._maybe_prune()
             if self.observe is not None:
                 queued, started, finished = stamps
                 self.observe("wait", started - queued)
@@ -250,7 +363,6 @@ class Database:
         # Runs in one of this pool's threads, on that thread's connection.
         pool = self._pool
         conn = pool.connect()
-        reused = id(conn) in self._last_used
         now = time.monotonic()
         if now - self._last_used.get(id(conn), now) > IDLE_CHECK_SECONDS:
             # A connection idle for a while may be stale (the server restarted
@@ -258,52 +370,169 @@ class Database:
             try:
                 self.engine.check_connection(conn)
             except Exception:
-                conn, reused = self._reconnect(conn), False
+                conn = self._reconnect(conn)
         try:
             return self._transaction(conn, func)
-        except Exception as e:
-            if not (reused and self.engine.is_unavailable(e)):
-                raise
-            # A reused connection was dead (the server restarted within the
-            # idle check's window): once more on a fresh one. Safe even if the
-            # first try committed: every write is idempotent (unique cids,
-            # monotonic reads, set-like acks, recalls and outbox replays).
+        except _RolledBack:
+            # The connection failed, and the transaction surely did not commit
+            # (it failed before a COMMIT was sent, or its token is absent):
+            # once more, on a fresh connection.
+            pass
+        try:
             return self._transaction(self._pool.connect(), func)
+        except _RolledBack as e:
+            raise e.error from None
 
     def _reconnect(self, conn: Any) -> Any:
         """A fresh connection through the pool, so the per-connection set-up runs."""
-        self._last_used.pop(id(conn), None)
-        self._pool.disconnect(conn)
+        self._drop(conn)
         return self._pool.connect()
 
-    def _transaction(self, conn: Any, func: Callable[[Txn], T]) -> T:
-        cursor = conn.cursor()
+    def _drop(self, conn: Any) -> None:
+        """Forget a dead connection: the thread's next connect() opens a new one."""
+        self._last_used.pop(id(conn), None)
         try:
-            self.engine.begin(cursor)
-            txn = Txn(cursor, self.engine)
+            self._pool.disconnect(conn)
+        except Exception:
+            pass
+
+    def _transaction(self, conn: Any, func: Callable[[Txn], T]) -> T:
+        txn = Txn(self, conn, conn.cursor(), self.engine)
+        try:
+            self.engine.begin(txn.cursor)
             result = func(txn)
             if not txn.committed:
-                conn.commit()
-            self._last_used[id(conn)] = time.monotonic()
+                self._commit(txn)
+            self._last_used[id(txn.conn)] = time.monotonic()
             return result
+        except CommitConfirmed:
+            txn.conn.rollback()
+            raise RuntimeError("a transaction function let CommitConfirmed through") from None
         except BaseException as e:
             try:
-                conn.rollback()
+                txn.conn.rollback()
             except Exception:
                 pass
             if self.engine.is_unavailable(e):
-                # Dead: the next transaction of this thread gets a new one.
-                self._last_used.pop(id(conn), None)
-                self._pool.disconnect(conn)
+                # Dead: the next transaction of this thread gets a new one,
+                # and nothing of this one was committed (commit failures are
+                # settled in _commit and Txn.script).
+                self._drop(txn.conn)
+                raise _RolledBack(e) from e
             raise
         finally:
             try:
-                cursor.close()
+                txn.cursor.close()
             except Exception:
                 pass
+
+    def _commit(self, txn: Txn) -> None:
+        token = txn.token_statement()
+        try:
+            self.engine.commit(txn.cursor, token)
+        except Exception as e:
+            if not self.engine.is_unavailable(e):
+                raise
+            if token is None:
+                # Nothing was written: the result stands, whatever became of
+                # the COMMIT.
+                self._drop(txn.conn)
+                return
+            # Returns only if it committed; then the result stands (and the
+            # read transaction the check left open ends).
+            self._settle(txn, e)
+            self.engine.commit(txn.cursor, None)
+
+    def _settle(self, txn: Txn, error: BaseException) -> None:
+        """
+        The connection failed while C{txn}'s COMMIT may have been on its way:
+        ask the database. Returns if the transaction committed: C{txn} then
+        goes on, read-only, on a fresh connection. Raises L{_RolledBack} if it
+        did not, L{CommitUnknown} if nobody can tell.
+        """
+        self._drop(txn.conn)
+        conn = None
+        try:
+            conn = self._pool.connect()
+            cursor = conn.cursor()
+            self.engine.begin(cursor)
+            try:
+                # The fence: insert the token ourselves. If the old transaction
+                # still runs (the server has not noticed the lost client yet),
+                # this waits for its row lock. A duplicate means it committed;
+                # success means it did not, and now never can (its own insert
+                # of the token would fail).
+                cursor.execute(
+                    self.engine.convert("INSERT INTO t_commit (at, token) VALUES (?, ?)"),
+                    txn.token,
+                )
+                conn.commit()
+                committed = False
+            except Exception as e:
+                if not self.engine.is_duplicate(e):
+                    raise
+                conn.rollback()
+                committed = True
+        except Exception as e:
+            self.lost_commits["unknown"] += 1
+            self.log.warn(
+                "{db}: connection lost during a commit ({error}); its outcome is unknown:"
+                " {check_error}",
+                db=self.name,
+                error=error,
+                check_error=e,
+            )
+            if conn is not None:
+                self._drop(conn)
+            raise CommitUnknown() from error
+        self.lost_commits["committed" if committed else "rolled_back"] += 1
+        self.log.info(
+            "{db}: connection lost during a commit ({error}); the database says it {outcome}",
+            db=self.name,
+            error=error,
+            outcome="committed" if committed else "rolled back",
+        )
+        if not committed:
+            cursor.close()
+            raise _RolledBack(error)
+        self.engine.begin(cursor)
+        txn.resume(conn, cursor)
+
+    def _maybe_prune(self) -> None:
+        """Now and then, delete the commit tokens nobody will ask about."""
+        now = self._reactor.seconds()
+        if (
+            not self.tokens_written
+            or self._pruning
+            or self._closed
+            or now - self._pruned_at < PRUNE_SECONDS
+        ):
+            return
+        self._pruned_at = now
+        self._pruning = True
+
+        def done(result: object) -> None:
+            self._pruning = False
+
+        d = Deferred.fromCoroutine(
+            self.run(
+                "prune_commit_tokens", _prune_tokens_txn, int(time.time()) - TOKEN_KEEP_SECONDS
+            )
+        )
+        d.addErrback(
+            lambda f: self.log.warn(
+                "{db}: old commit tokens not deleted: {error}", db=self.name, error=f.value
+            )
+        )
+        d.addBoth(done)
 
     def close(self) -> None:
         """Close the connections and stop the threads (once; later calls do nothing)."""
         if not self._closed:
             self._closed = True
             self._pool.close()
+
+
+def _prune_tokens_txn(txn: Txn, before: int) -> int:
+    txn.tokens = False
+    return txn.execute("DELETE FROM t_commit WHERE at < ?", (before,))

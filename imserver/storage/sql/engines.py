@@ -100,14 +100,23 @@ class Engine:
         """A transaction that failed this way rolled back and may be re-run."""
         return False
 
+    def commit(self, cursor: Any, token: Any | None) -> None:
+        """Commit, writing the commit token first (see L{Database})."""
+        if token is not None:
+            cursor.execute(self.convert(token.sql), token.args)
+        cursor.connection.commit()
+
     def is_duplicate(self, e: BaseException) -> bool:
         """A statement broke a unique key (the transaction is still open)."""
         return False
 
-    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+    def run_script(
+        self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None
+    ) -> list[Any]:
         """
         Run statements one by one (no round trips to save in process). Each
         is written with C{?} placeholders: converted here, not by the caller.
+        With C{commit}, the commit token (if any) and the commit follow.
         """
         results: list[Any] = []
         for s in statements:
@@ -116,7 +125,7 @@ class Engine:
                 [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
             )
         if commit:
-            cursor.connection.commit()
+            self.commit(cursor, token)
         return results
 
     def is_unavailable(self, e: BaseException) -> bool:
@@ -230,15 +239,20 @@ class MysqlEngine(Engine):
     def is_duplicate(self, e: BaseException) -> bool:
         return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_DUP_ENTRY,)
 
-    def run_script(self, cursor: Any, statements: Sequence[Any], commit: bool) -> list[Any]:
+    def run_script(
+        self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None
+    ) -> list[Any]:
         """
-        All statements (and the COMMIT) in one multi-statement request. The
-        values are rendered as literals here (integers as digits, bytes as
-        hex, strings escaped by PyMySQL's own table), which costs half of
-        PyMySQL's general per-value escaping on the hot path.
+        All statements (and the commit token and COMMIT) in one
+        multi-statement request. The values are rendered as literals here
+        (integers as digits, bytes as hex, strings escaped by PyMySQL's own
+        table), which costs half of PyMySQL's general per-value escaping on
+        the hot path.
         """
         parts = [render(s.sql, s.args) for s in statements]
         if commit:
+            if token is not None:
+                parts.append(render(token.sql, token.args))
             parts.append("COMMIT")
         cursor.execute(";\n".join(parts))
         results: list[Any] = []
@@ -249,8 +263,17 @@ class MysqlEngine(Engine):
                 [tuple(r) for r in cursor.fetchall()] if s.returns == "rows" else cursor.rowcount
             )
         if commit:
-            cursor.nextset()
+            for _ in range(1 + (token is not None) - (not statements)):
+                cursor.nextset()
         return results
+
+    def commit(self, cursor: Any, token: Any | None) -> None:
+        # The token and the COMMIT in one request: no round trip added.
+        if token is None:
+            cursor.connection.commit()
+        else:
+            cursor.execute(render(token.sql, token.args) + ";\nCOMMIT")
+            cursor.nextset()
 
     def is_unavailable(self, e: BaseException) -> bool:
         if isinstance(e, pymysql.err.InterfaceError | ConnectionError):

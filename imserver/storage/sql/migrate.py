@@ -50,6 +50,9 @@ def available(dialect: str) -> list[Migration]:
 
 def _migrate_txn(txn: Txn, migrations: list[Migration], now_ms: int) -> list[int]:
     engine = txn.engine
+    # DDL commits on its own on MySQL, and t_commit may not exist yet: no
+    # commit token (migrations are idempotent anyway).
+    txn.tokens = False
     engine.lock_migrations(txn)
     try:
         txn.execute(

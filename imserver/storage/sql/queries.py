@@ -41,10 +41,27 @@ from imserver.storage.model import (
     chunks,
     session_pair,
 )
-from imserver.storage.sql.database import ROWS, Statement, Txn, marks, values
+from imserver.storage.sql.database import (
+    ROWS,
+    CommitConfirmed,
+    Statement,
+    Txn,
+    marks,
+    values,
+)
 
 MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, recordStatus"
 CONV_COLUMNS = "uid, sessionId, peerUid, lastMsgId, totalCount, readCount, version"
+
+
+def cid_text(value: Any) -> str:
+    """
+    A cid as stored: bytes from MySQL's VARBINARY (it compares exactly, as
+    Python does; see migration 0003), text from SQLite.
+    """
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8")
+    return str(value)
 
 
 def _message(row: Sequence[Any]) -> Message:
@@ -53,7 +70,7 @@ def _message(row: Sequence[Any]) -> Message:
         session_id=int(row[1]),
         sender=int(row[2]),
         recipient=int(row[3]),
-        cid=str(row[4]),
+        cid=cid_text(row[4]),
         type=str(row[5]),
         body=bytes(row[6]),
         ts=int(row[7]),
@@ -256,7 +273,7 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
         f" AND cid IN ({marks(len(cids))})",
         (*senders, *cids),
     )
-    return {(int(r[0]), str(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    return {(int(r[0]), cid_text(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
 
 
 def _write_messages(
@@ -372,7 +389,13 @@ def _write_messages(
     reads = len(script)
     script += _conv_rows_statements(keys)
     script.append(_total_unread_statement(sorted({m.recipient for m in msgs})))
-    results = txn.script(script, commit=True)
+    try:
+        results = txn.script(script, commit=True)
+    except CommitConfirmed:
+        # Committed, but the replies were lost: read the rows again. They
+        # may hold later changes too (another node's send, a read): newer
+        # versions, which the hot copy takes as well.
+        results = [None] * reads + txn.script(script[reads:])
     conv = {(r.uid, r.session_id): r for r in _wanted_rows(results[reads:-1], keys)}
     totals = _total_unread_rows(results[-1])
 
@@ -499,7 +522,10 @@ def ack_txn(
             )
     if outbox is not None:
         script.append(outbox_statement(attrs.evolve(outbox, users=tuple(sorted(by_user)))))
-    results = txn.script(script, commit=True)
+    try:
+        results = txn.script(script, commit=True)
+    except CommitConfirmed:
+        return _acked_after_lost_commit(txn, requests, everything)
     removed: dict[int, list[tuple[int, int]]] = {}
     for rows in results[first_select:selects]:
         for msg_id, uid, sender in sorted((int(r[0]), int(r[1]), int(r[2])) for r in rows):
@@ -509,6 +535,33 @@ def ack_txn(
     for uid, msg_ids in requests:
         mine = set(msg_ids)
         out.append([p for p in removed.get(uid, ()) if p[0] in mine])
+    return out
+
+
+def _acked_after_lost_commit(
+    txn: Txn, requests: Sequence[tuple[int, Sequence[int]]], everything: Sequence[int]
+) -> list[list[tuple[int, int]]]:
+    """
+    What L{ack_txn} returns, when its commit happened but its replies were
+    lost: each user's messages among the ids that are not pending any more.
+    That includes ids acked before this transaction, which is harmless: the
+    hot-store ack only removes ids, and every one of these is gone in SQL.
+    """
+    sent = {
+        int(r[0]): (int(r[1]), int(r[2]))
+        for r in txn.query_in(
+            "SELECT id, recipientUid, senderUid FROM t_msg_record_list WHERE id IN (%s)",
+            everything,
+        )
+    }
+    still = {
+        int(r[0])
+        for r in txn.query_in("SELECT msgId FROM t_pending WHERE msgId IN (%s)", everything)
+    }
+    out = []
+    for uid, msg_ids in requests:
+        mine = sorted({i for i in msg_ids if i in sent and sent[i][0] == uid and i not in still})
+        out.append([(i, sent[i][1]) for i in mine])
     return out
 
 

@@ -1,0 +1,5 @@
+-- Keys compare exactly, as the server does; mirrors 0003_exact_keys.mysql.sql.
+--
+-- Nothing to change on SQLite: its default BINARY collation compares TEXT byte by byte
+-- (no trailing-space padding, case folding or Unicode normalisation), which is Python's
+-- string equality. This version exists so both dialects have the same migrations.
