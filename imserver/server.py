@@ -78,7 +78,7 @@ class IMServer(MultiService):
         self.presence: IPresence = self.registry
         self.cluster: ClusterPresence | None = None
         if config.storage.redis is None:
-            hot = MemoryHotStore(reactor)
+            hot = MemoryHotStore(reactor, max_cache_bytes=config.storage.embedded_cache_bytes)
         else:
             redis = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
             hot = redis
