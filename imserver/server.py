@@ -109,6 +109,7 @@ class IMServer(MultiService):
             clock=reactor,
             observe=self.metrics.observe,
             shared_profiles=self.cluster is not None,
+            max_reply_bytes=config.server.max_frame_bytes,
         )
         if self.cluster is not None:
             self.cluster.on_profile = self.chat.profiles.put
