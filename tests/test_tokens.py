@@ -47,6 +47,12 @@ class TokenTests(SynchronousTestCase):
         self.assertEqual(self.tokens.verify(token, now=NOW + 60), 42)
         self.assertRefused(token, now=NOW + 61)
 
+    def test_mint_refuses_a_token_verify_would_refuse(self) -> None:
+        self.assertRaises(ValueError, self.tokens.mint, 1, now=NOW, ttl_seconds=int(MAX_TIME))
+        self.assertRaises(ValueError, self.tokens.mint, 1, now=float("nan"))
+        token = self.tokens.mint(1, now=NOW, ttl_seconds=int(MAX_TIME - NOW))
+        self.assertEqual(self.tokens.verify(token, now=NOW), 1)
+
     def test_forged_helper_matches_pyjwt(self) -> None:
         self.assertEqual(self.tokens.verify(forge({"sub": "7", "exp": NOW + 5}), now=NOW), 7)
 

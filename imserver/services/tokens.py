@@ -42,6 +42,8 @@ class TokenService:
             raise ValueError("uid must be a positive int64")
         if ttl_seconds <= 0:
             raise ValueError("ttl must be positive")
+        if not 0 <= now <= MAX_TIME - ttl_seconds:
+            raise ValueError("the token would expire after the year 9999")
         claims = {"sub": str(uid), "iat": int(now), "exp": int(now) + ttl_seconds}
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
