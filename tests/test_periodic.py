@@ -81,3 +81,39 @@ class SweeperLogTests(TestCase):
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertNotIn("log_failure", event)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class NotifierLogTests(TestCase):
+    async def test_a_notification_meeting_an_outage_is_a_warning(self) -> None:
+        """The notification poll, per notification: the unread total (or the
+        retry's write) meets a database outage; it is claimed again later."""
+        from imserver.config import LimitsConfig, NotifyConfig
+        from imserver.services.notifier import Notifier
+        from tests.support import sleep
+
+        stack = await make_stack(
+            self, "embedded", limits=LimitsConfig(send_per_second=1e6), notify_delay_ms=0
+        )
+        a, b = 90_001, 90_002
+        for uid in (a, b):
+            await stack.chat.login(uid)
+        await stack.chat.send(a, b, "n1", "text", "hello")
+        await stack.settle()
+        await sleep(0.01)
+        posted: list[dict[str, Any]] = []
+
+        async def total_unread(uid: int) -> int:
+            raise Unavailable("the database is unavailable")
+
+        async def post(payload: dict[str, Any]) -> None:
+            posted.append(payload)
+
+        config = NotifyConfig(webhook="http://127.0.0.1:9/x", secret="s" * 16)
+        notifier = Notifier(stack.chat.clock, stack.store, config, total_unread, post=post)
+        logs = LogCapture(self)
+        self.assertEqual(await notifier.poll(), 1)
+        self.assertEqual(posted, [])
+        (event,) = [e for e in logs.events if "msg_id" in e]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertNotIn("log_failure", event)
+        self.assertEqual(self.flushLoggedErrors(), [])
