@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,11 +28,10 @@ def message(msg_id: int, size: int = BODY) -> Message:
     )
 
 
-def run(d: object) -> None:
+def run(coro: Coroutine[Any, Any, Any]) -> None:
     """The memory store's coroutines never wait: drive one to its end."""
-    coro = d
     try:
-        coro.send(None)  # type: ignore[attr-defined]
+        coro.send(None)
     except StopIteration:
         return
     raise AssertionError("the memory store waited")

@@ -5,10 +5,10 @@ without a traceback; anything unexpected stays critical with its traceback.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.errors import Unavailable
@@ -21,8 +21,9 @@ class LogCapture:
 
     def __init__(self, case: SynchronousTestCase) -> None:
         self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        case.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def about(self, what: str) -> list[LogEvent]:
         return [e for e in self.events if e.get("what") == what]

@@ -11,7 +11,8 @@ bodies.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import random
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
@@ -37,11 +38,17 @@ def reply_size(result: dict[str, Any]) -> int:
     return len(pack(frames.ok(2**63 - 1, result)))
 
 
-class ReplySizeContract:
+if TYPE_CHECKING:
+    _Base = TestCase
+else:
+    _Base = object
+
+
+class ReplySizeContract(_Base):
     backend = ""
 
     async def stack(self) -> Stack:
-        return await make_stack(self, self.backend, limits=BIG)  # type: ignore[arg-type]
+        return await make_stack(self, self.backend, limits=BIG)
 
     async def users(self, stack: Stack, n: int) -> list[int]:
         uids = [next(_uids) for _ in range(n)]
@@ -50,7 +57,7 @@ class ReplySizeContract:
 
     def check_frame(self, result: dict[str, Any], limit: int = FRAME) -> None:
         size = reply_size(result)
-        self.assertLessEqual(size, limit, f"a reply of {size} bytes")  # type: ignore[attr-defined]
+        self.assertLessEqual(size, limit, f"a reply of {size} bytes")
 
     async def send_many(self, stack: Stack, a: int, b: int, sizes: list[int]) -> list[int]:
         ids = []
@@ -173,7 +180,7 @@ class ReplySizeContract:
         )
         limit = frame - REPLY_RESERVE - ITEM_RESERVE
         self.assertEqual(chat.limits.max_body_bytes, limit)
-        with self.assertRaises(ImError) as e:  # type: ignore[attr-defined]
+        with self.assertRaises(ImError) as e:
             await chat.send(a, b, "too-big", "text", "q" * limit)
         self.assertEqual(e.exception.code, ErrorCode.TOO_LARGE)
         await chat.send(a, b, "fits", "text", "q" * (limit - 8))
@@ -181,6 +188,43 @@ class ReplySizeContract:
         page = await chat.sync(b, 100, 0, None)
         self.assertEqual(len(page["msgs"]), 1)
         self.check_frame(page, frame)
+
+    async def test_random_sizes_and_limits_page_exactly(self) -> None:
+        """Any mix of sizes, limits and reply bounds: every page fits (or is a
+        single item), and paging returns everything once, in order."""
+        stack = await self.stack()
+        rng = random.Random(7)
+        a, b = await self.users(stack, 2)
+        sizes = [rng.choice([1, 50, 400, 1500, 3000, 6000]) for _ in range(60)]
+        ids = await self.send_many(stack, a, b, sizes)
+        for _ in range(12):
+            bound = rng.choice([512, 2048, 4096, 9000, 20000])
+            limit = rng.randint(1, 70)
+            stack.chat.max_reply_bytes = bound
+            synced: list[int] = []
+            after = 0
+            while True:
+                page = await stack.chat.sync(b, limit, after, None)
+                self.assertTrue(0 < len(page["msgs"]) <= limit)
+                if len(page["msgs"]) > 1:
+                    self.check_frame(page, bound)
+                synced += [m["msg_id"] for m in page["msgs"]]
+                after = synced[-1]
+                if not page["more"]:
+                    break
+            self.assertEqual(synced, ids)
+            listed: list[int] = []
+            before = None
+            while True:
+                page = await stack.chat.history(a, b, None, before, limit)
+                self.assertTrue(0 < len(page["msgs"]) <= limit)
+                if len(page["msgs"]) > 1:
+                    self.check_frame(page, bound)
+                listed += [m["msg_id"] for m in page["msgs"]]
+                before = listed[-1]
+                if not page["more"]:
+                    break
+            self.assertEqual(listed, ids[::-1])
 
     # -- lists without a cursor: cut, with more: true --------------------------
 
