@@ -191,6 +191,19 @@ class RequestSchemaTests(SynchronousTestCase):
         self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": 2**63})
         self.assertCode(ErrorCode.UNKNOWN_OP, {"t": "fly", "id": 1})
 
+    def test_unknown_op_error_does_not_echo_a_huge_op(self) -> None:
+        """Defect 7c: the error echoed the op's repr, up to 4 bytes per byte
+        received ("\\x00"), so a 64 KB request made an error frame over
+        max_frame_bytes; the op is now cut in the message."""
+        for op in ("\x00" * 60_000, "é" * 30_000, "x" * 65_000):
+            with self.subTest(op=op[:3]):
+                e = self.assertRaises(ImError, frames.parse_request, {"t": op, "id": 1})
+                self.assertEqual(e.code, ErrorCode.UNKNOWN_OP)
+                self.assertLess(len(pack(frames.error(e.code, e.message, 1))), 300)
+                self.assertTrue(e.message.startswith("unknown op "))
+        e = self.assertRaises(ImError, frames.parse_request, {"t": "fly", "id": 1})
+        self.assertEqual(e.message, "unknown op 'fly'")
+
     def test_field_errors(self) -> None:
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1})
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": 7})
