@@ -31,7 +31,12 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise SystemExit("imserver: --uid must be a positive int64")
     if args.ttl <= 0:
         raise SystemExit("imserver: --ttl must be positive")
-    print(TokenService(config.auth.secret).mint(args.uid, now=time.time(), ttl_seconds=args.ttl))
+    tokens = TokenService(config.auth.secret)
+    try:
+        token = tokens.mint(args.uid, now=time.time(), ttl_seconds=args.ttl)
+    except ValueError as e:
+        raise SystemExit(f"imserver: --ttl: {e}") from None
+    print(token)
     return 0
 
 

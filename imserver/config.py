@@ -252,6 +252,9 @@ class StorageConfig:
     sql: SqlTarget = setting(SqliteTarget("imserver.db"), sql_target)
     redis: RedisTarget | None = setting(None, optional(redis_target))
     key_prefix: str = setting("im", text(max_len=32, pattern=r"[A-Za-z0-9_.-]+"))
+    # The embedded hot store (no redis): bytes its message cache may hold
+    # (profiles: a quarter of it more). Unused with Redis (maxmemory there).
+    embedded_cache_bytes: int = setting(128 * 1024 * 1024, int_in(1024 * 1024, 1024**4))
 
 
 @attrs.frozen

@@ -7,6 +7,11 @@ for a server's background loops (outbox sweeper, notification poll, presence
 refresh) means the work silently ends until the process restarts. Here a tick
 that fails is logged and the next one runs on time. Ticks never overlap: the
 next is scheduled once the previous has finished.
+
+A backend outage (L{Unavailable}: the database is down) is an ordinary,
+expected condition that the next tick retries: it is a warning without a
+traceback, as on the real-time path. Anything else is a bug and stays
+critical, with its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imserver.errors import Unavailable
+
 
 class Periodic:
     log = Logger()
@@ -29,8 +36,11 @@ class Periodic:
         seconds: float,
         tick: Callable[[], Awaitable[object]],
         what: str,
+        outages: tuple[type[Exception], ...] = (Unavailable,),
     ) -> None:
         self.seconds = seconds
+        #: Errors that mean "a backend is down": warned of, no traceback.
+        self.outages = outages
         self.what = what
         self._tick = tick
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._run()))
@@ -54,6 +64,14 @@ class Periodic:
     async def _run(self) -> None:
         try:
             await self._tick()
+        except self.outages as e:
+            self.failures += 1
+            self.log.warn(
+                "{what} failed: {error}; next try in {seconds}s",
+                what=self.what,
+                error=str(e),
+                seconds=self.seconds,
+            )
         except Exception:
             self.failures += 1
             self.log.failure(

@@ -78,7 +78,7 @@ class IMServer(MultiService):
         self.presence: IPresence = self.registry
         self.cluster: ClusterPresence | None = None
         if config.storage.redis is None:
-            hot = MemoryHotStore(reactor)
+            hot = MemoryHotStore(reactor, max_cache_bytes=config.storage.embedded_cache_bytes)
         else:
             redis = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
             hot = redis
@@ -109,6 +109,7 @@ class IMServer(MultiService):
             clock=reactor,
             observe=self.metrics.observe,
             shared_profiles=self.cluster is not None,
+            max_reply_bytes=config.server.max_frame_bytes,
         )
         if self.cluster is not None:
             self.cluster.on_profile = self.chat.profiles.put

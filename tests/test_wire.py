@@ -115,6 +115,51 @@ class CodecTests(SynchronousTestCase):
     def test_extension_types_are_bad_frames(self) -> None:
         self.assertRaises(BadFrame, decode_body, msgpack.packb({"a": msgpack.ExtType(5, b"x")}))
 
+    def test_timestamps_are_bad_frames(self) -> None:
+        """Defect 7b: ext type -1 (the msgpack timestamp) bypassed the ext hook
+        and was decoded into a msgpack.Timestamp."""
+        for ts in (
+            msgpack.Timestamp(1, 0),  # timestamp 32
+            msgpack.Timestamp(1, 5),  # timestamp 64
+            msgpack.Timestamp(2**40, 5),  # timestamp 96
+        ):
+            with self.subTest(ts=ts):
+                self.assertRaises(BadFrame, decode_body, msgpack.packb({"t": "ping", "a": ts}))
+        # As a key, nested, as the whole body, and malformed (length 0 and 3).
+        for body in ("81d6ff00000001a0", "81a161918100d6ff00000001", "d6ff00000001"):
+            with self.subTest(body=body):
+                self.assertRaises(BadFrame, decode_body, bytes.fromhex(body))
+        for ext in ("c700ff", "c703ff000000"):
+            with self.subTest(ext=ext):
+                self.assertRaises(BadFrame, decode_body, bytes.fromhex("81a161" + ext))
+
+    @given(
+        # -1 (the timestamp) is the one msgpack decodes itself: ask for it often.
+        st.just(-1) | st.integers(-128, 127),
+        st.sampled_from([0, 1, 2, 4, 8, 12, 16, 255, 256, 70000]),
+        st.sampled_from(["value", "nested", "array"]),
+    )
+    @settings(max_examples=400)
+    def test_every_extension_type_is_a_bad_frame(self, code: int, size: int, where: str) -> None:
+        """Every ext code, reserved (-128..-1) or application (0..127), in
+        every ext encoding (fixext 1/2/4/8/16, ext 8/16/32)."""
+        data = bytes(size)
+        if size in (1, 2, 4, 8, 16):
+            head = bytes([{1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}[size]])
+        elif size < 256:
+            head = bytes([0xC7, size])
+        elif size < 65536:
+            head = b"\xc8" + struct.pack(">H", size)
+        else:
+            head = b"\xc9" + struct.pack(">I", size)
+        ext = head + struct.pack(">b", code) + data
+        body = {
+            "value": b"\x82\xa1t\xa4ping\xa1a" + ext,
+            "nested": b"\x82\xa1t\xa4ping\xa1a\x81\xa1b\x91" + ext,
+            "array": b"\x82\xa1t\xa4ping\xa1a\x92\x01" + ext,
+        }[where]
+        self.assertRaises(BadFrame, decode_body, body)
+
     def test_invalid_utf8_is_a_bad_frame(self) -> None:
         self.assertRaises(BadFrame, decode_body, b"\x81\xa1t\xa2\xff\xfe")
 
@@ -145,6 +190,19 @@ class RequestSchemaTests(SynchronousTestCase):
         self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": True})
         self.assertCode(ErrorCode.INVALID, {"t": "ping", "id": 2**63})
         self.assertCode(ErrorCode.UNKNOWN_OP, {"t": "fly", "id": 1})
+
+    def test_unknown_op_error_does_not_echo_a_huge_op(self) -> None:
+        """Defect 7c: the error echoed the op's repr, up to 4 bytes per byte
+        received ("\\x00"), so a 64 KB request made an error frame over
+        max_frame_bytes; the op is now cut in the message."""
+        for op in ("\x00" * 60_000, "é" * 30_000, "x" * 65_000):
+            with self.subTest(op=op[:3]):
+                e = self.assertRaises(ImError, frames.parse_request, {"t": op, "id": 1})
+                self.assertEqual(e.code, ErrorCode.UNKNOWN_OP)
+                self.assertLess(len(pack(frames.error(e.code, e.message, 1))), 300)
+                self.assertTrue(e.message.startswith("unknown op "))
+        e = self.assertRaises(ImError, frames.parse_request, {"t": "fly", "id": 1})
+        self.assertEqual(e.message, "unknown op 'fly'")
 
     def test_field_errors(self) -> None:
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1})

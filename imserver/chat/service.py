@@ -10,15 +10,21 @@ fan-out (hot index, then push) follows in the background. Reads of a user's
 state first wait for that user's fan-outs still running on this node, so a
 client always reads its own writes.
 
+Every reply fits in one frame of C{max_reply_bytes} (the server's
+C{max_frame_bytes}): list replies are cut by encoded size as well as by
+count (see L{ChatService._fill}), and the send limit on bodies is lowered,
+if need be, so that any message that can be sent fits in a page of its own.
+
 Results are plain dicts with the wire protocol's field names; the layer
 knows nothing of frames or connections (pushes go through L{IPresence}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -54,6 +60,20 @@ Observer = Callable[[str, float], None]
 MAX_FANOUT_BACKLOG = 50_000
 #: How often the outbox sweeper looks for stale rows of any node.
 SWEEP_SECONDS = 30.0
+#: Bytes of a list reply beyond its items: the frame's map, t, id (an int64),
+#: the list's key and header, more, total (measured: at most 53).
+REPLY_RESERVE = 128
+#: Bytes of a list item beyond its message body, at worst: a convs entry
+#: with the peer's profile and a last message with its sender's (nicknames
+#: of 64 and avatars of 512 four-byte characters, cid and type at their
+#: limits) is 5,220; tests/test_reply_size.py checks it.
+ITEM_RESERVE = 8192
+#: Items read for a list reply before the first ones are measured; the next
+#: read asks for what the bytes left are likely to hold.
+FIRST_READ = 32
+
+T = TypeVar("T")
+C = TypeVar("C")
 
 
 def _ignore(name: str, seconds: float) -> None:
@@ -95,7 +115,20 @@ class ChatService:
         clock: IReactorTime,
         observe: Observer = _ignore,
         shared_profiles: bool = False,
+        max_reply_bytes: int = 65536,
     ) -> None:
+        #: No reply is larger than this (the server's max_frame_bytes).
+        self.max_reply_bytes = max_reply_bytes
+        deliverable = max(16, max_reply_bytes - REPLY_RESERVE - ITEM_RESERVE)
+        if limits.max_body_bytes > deliverable:
+            self.log.warn(
+                "[limits].max_body_bytes {body} lowered to {deliverable}: a larger body "
+                "would not fit in a reply of max_frame_bytes {frame}",
+                body=limits.max_body_bytes,
+                deliverable=deliverable,
+                frame=max_reply_bytes,
+            )
+            limits = attrs.evolve(limits, max_body_bytes=deliverable)
         self.store = store
         self.observe = observe
         self.presence = presence
@@ -295,24 +328,80 @@ class ChatService:
 
     async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
         await self._settled(uid)
-        page = await self.store.pending(uid, after, limit + 1, sender)
-        more = len(page) > limit
-        page = page[:limit]
-        messages = await self.store.normal_messages([msg_id for msg_id, _ in page])
-        return {"msgs": await self._objects(messages), "more": more}
+
+        async def read(after: int, n: int) -> tuple[list[Result], int, bool]:
+            page = await self.store.pending(uid, after, n + 1, sender)
+            more = len(page) > n
+            ids = [msg_id for msg_id, _ in page[:n]]
+            messages = await self.store.normal_messages(ids)
+            return await self._objects(messages), ids[-1] if ids else after, more
+
+        msgs, more = await self._fill(limit, after, read)
+        return {"msgs": msgs, "more": more}
 
     async def offline_summary(self, uid: int) -> Result:
         await self._settled(uid)
-        return {
-            "senders": [
-                {"uid": sender, "count": count, "last_msg_id": last}
-                for sender, count, last in await self.store.offline_summary(uid)
-            ]
-        }
+        senders = [
+            {"uid": sender, "count": count, "last_msg_id": last}
+            for sender, count, last in await self.store.offline_summary(uid)
+        ]
+        return self._cut({}, "senders", senders)
 
     async def _objects(self, messages: Sequence[Message]) -> list[Result]:
         senders = await self.profiles.get({m.sender for m in messages})
         return [message_object(m, senders.get(m.sender)) for m in messages]
+
+    # -- reply size ------------------------------------------------------------------
+
+    async def _fill(
+        self,
+        limit: int,
+        cursor: C,
+        read: Callable[[C, int], Awaitable[tuple[list[Result], C, bool]]],
+    ) -> tuple[list[Result], bool]:
+        """
+        A page of at most C{limit} entries that fits in a reply.
+
+        C{read(cursor, n)} gives the next items after C{cursor} for up to
+        C{n} entries (some entries may give no item: a recalled message),
+        the cursor after them and whether entries follow. Items are read a
+        few at a time (not a whole C{limit} of 32 KB bodies for a page of two)
+        and kept while the page's encoded size fits; the first item always
+        does. A page cut short says C{more}, and the client's cursor (the
+        last item's) continues at the first item left out.
+        """
+        budget = self.max_reply_bytes - REPLY_RESERVE
+        page: list[Result] = []
+        used = 0
+        left = limit
+        n = min(limit, FIRST_READ)
+        while True:
+            items, cursor, more = await read(cursor, n)
+            left -= n
+            for item in items:
+                size = len(pack_body(item))
+                if page and used + size > budget:
+                    return page, True
+                page.append(item)
+                used += size
+            if not more or left <= 0:
+                return page, more
+            # As many as the bytes left are likely to hold, and one more.
+            average = used // len(page) if page else 1
+            n = max(1, min(left, (budget - used) // max(average, 1) + 1))
+
+    def _cut(self, result: Result, key: str, items: list[T]) -> Result:
+        """
+        C{result} with C{key}: C{items}, as many as fit in a reply (at least
+        one); C{more: true} is added only when some were left out.
+        """
+        budget = self.max_reply_bytes - REPLY_RESERVE
+        used = 0
+        for i, item in enumerate(items):
+            used += len(pack_body(item))
+            if i and used > budget:
+                return {**result, key: items[:i], "more": True}
+        return {**result, key: items}
 
     # -- read and unread -------------------------------------------------------------
 
@@ -333,35 +422,41 @@ class ChatService:
     async def unread(self, uid: int) -> Result:
         await self._settled(uid)
         sessions = await self.store.unread(uid)
-        return {
-            "total": sum(count for _, count in sessions),
-            "sessions": [{"session_id": sid, "count": count} for sid, count in sessions],
-        }
+        return self._cut(
+            {"total": sum(count for _, count in sessions)},
+            "sessions",
+            [{"session_id": sid, "count": count} for sid, count in sessions],
+        )
 
     # -- conversations and history -----------------------------------------------------
 
     async def convs(self, uid: int, limit: int, before: int | None) -> Result:
         await self._settled(uid)
-        page = await self.store.convs(uid, before, limit + 1)
-        more = len(page) > limit
-        page = page[:limit]
-        users = await self.profiles.get(
-            {c.peer for c in page} | {c.last.sender for c in page if c.last is not None}
-        )
-        convs = []
-        for c in page:
-            peer = users.get(c.peer)
-            convs.append(
-                {
-                    "session_id": c.session_id,
-                    "peer": {"uid": c.peer, **sender_info(peer)},
-                    "last": None
-                    if c.last is None
-                    else message_object(c.last, users.get(c.last.sender)),
-                    "last_msg_id": c.last_msg_id,
-                    "unread": c.unread,
-                }
+
+        async def read(before: int | None, n: int) -> tuple[list[Result], int | None, bool]:
+            page = await self.store.convs(uid, before, n + 1)
+            more = len(page) > n
+            page = page[:n]
+            users = await self.profiles.get(
+                {c.peer for c in page} | {c.last.sender for c in page if c.last is not None}
             )
+            convs = []
+            for c in page:
+                peer = users.get(c.peer)
+                convs.append(
+                    {
+                        "session_id": c.session_id,
+                        "peer": {"uid": c.peer, **sender_info(peer)},
+                        "last": None
+                        if c.last is None
+                        else message_object(c.last, users.get(c.last.sender)),
+                        "last_msg_id": c.last_msg_id,
+                        "unread": c.unread,
+                    }
+                )
+            return convs, page[-1].last_msg_id if page else before, more
+
+        convs, more = await self._fill(limit, before, read)
         return {"convs": convs, "more": more}
 
     async def history(
@@ -377,9 +472,16 @@ class ChatService:
         else:
             await self._check_member(uid, session_id)
         await self._settled(uid)
-        page = await self.store.history(session_id, before, limit + 1)
-        more = len(page) > limit
-        return {"msgs": await self._objects(page[:limit]), "more": more}
+        sid = session_id
+
+        async def read(before: int | None, n: int) -> tuple[list[Result], int | None, bool]:
+            page = await self.store.history(sid, before, n + 1)
+            more = len(page) > n
+            page = page[:n]
+            return await self._objects(page), page[-1].msg_id if page else before, more
+
+        msgs, more = await self._fill(limit, before, read)
+        return {"msgs": msgs, "more": more}
 
     async def _check_member(self, uid: int, session_id: int) -> None:
         members = (await self.store.session_members([session_id])).get(session_id)
@@ -410,7 +512,8 @@ class ChatService:
 
     async def profile(self, uids: Sequence[int]) -> Result:
         found = await self.profiles.get(uids)
-        return {"users": [found[uid].public() for uid in dict.fromkeys(uids) if uid in found]}
+        users = [found[uid].public() for uid in dict.fromkeys(uids) if uid in found]
+        return self._cut({}, "users", users)
 
     async def set_profile(self, uid: int, nickname: str | None, avatar: str | None) -> Result:
         profile = await self.store.set_profile(uid, nickname, avatar)

@@ -35,6 +35,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from imserver.config import NotifyConfig
+from imserver.errors import Unavailable
 from imserver.periodic import Periodic
 from imserver.retry import RetryPolicy
 from imserver.storage.model import RECORD_NORMAL, DeadLetter, DueNotification, unpack_body
@@ -186,10 +187,20 @@ class Notifier:
         )
         for n, (_, result) in zip(send, outcomes, strict=True):
             if isinstance(result, Failure):
-                # Its lease runs out and it is claimed again.
-                self.log.failure(
-                    "notification of message {msg_id} not handled", result, msg_id=n.message.msg_id
-                )
+                # Its lease runs out and it is claimed again. A backend
+                # outage is expected: a warning, without traceback.
+                if result.check(Unavailable):
+                    self.log.warn(
+                        "notification of message {msg_id} not handled: {error}",
+                        msg_id=n.message.msg_id,
+                        error=str(result.value),
+                    )
+                else:
+                    self.log.failure(
+                        "notification of message {msg_id} not handled",
+                        result,
+                        msg_id=n.message.msg_id,
+                    )
             elif result:
                 done.append(n.message.msg_id)
         # One transaction for the poll's finished rows, sent or skipped.

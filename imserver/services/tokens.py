@@ -2,10 +2,13 @@
 Client tokens: JWT signed with HS256.
 
 C{sub} is the uid as a decimal string (a positive int64) and C{exp} is
-required. Only HS256 is accepted, so C{alg: none} and every asymmetric or
-other-HMAC token is refused. Expiry is checked against an injected clock
-(L{twisted.internet.interfaces.IReactorTime}), not the wall clock, so it can
-be tested with L{twisted.internet.task.Clock}.
+required. Every time claim (C{exp}, and C{iat} and C{nbf} when present) must
+be a finite number within the years 1970..9999: JSON lets a minter write NaN
+or Infinity, and a NaN or infinite C{exp} would never expire. Only HS256 is
+accepted, so C{alg: none} and every asymmetric or other-HMAC token is refused.
+Expiry and C{nbf} are checked against an injected clock
+(L{twisted.internet.interfaces.IReactorTime}), not the wall clock, so they
+can be tested with L{twisted.internet.task.Clock}.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from imserver.errors import ErrorCode, ImError
 
 ALGORITHM = "HS256"
 INT64_MAX = 2**63 - 1
+#: 9999-12-31T23:59:59Z: no real token has a time claim past it.
+MAX_TIME = 253402300799
+TIME_CLAIMS = ("exp", "iat", "nbf")
 
 
 class InvalidToken(ImError):
@@ -36,6 +42,8 @@ class TokenService:
             raise ValueError("uid must be a positive int64")
         if ttl_seconds <= 0:
             raise ValueError("ttl must be positive")
+        if not 0 <= now <= MAX_TIME - ttl_seconds:
+            raise ValueError("the token would expire after the year 9999")
         claims = {"sub": str(uid), "iat": int(now), "exp": int(now) + ttl_seconds}
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
@@ -44,22 +52,31 @@ class TokenService:
         Return the uid a valid token names.
 
         @raise InvalidToken: bad signature, wrong algorithm, malformed,
-            missing or past C{exp}, or a C{sub} that is not a positive int64.
+            missing or past C{exp}, a future C{nbf}, a time claim that is
+            not a finite number in range, or a C{sub} that is not a positive int64.
         """
         try:
             claims = jwt.decode(
                 token,
                 self.secret,
                 algorithms=[ALGORITHM],
-                options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False},
+                # The time claims are checked below, on the injected clock.
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.InvalidTokenError as e:
             raise InvalidToken(f"invalid token: {e}") from None
-        exp = claims["exp"]
-        if type(exp) not in (int, float):
-            raise InvalidToken("invalid token: exp must be a number")
-        if now > exp + self.leeway_seconds:
+        for name in TIME_CLAIMS:
+            if name in claims:
+                _check_time(name, claims[name])
+        if now > claims["exp"] + self.leeway_seconds:
             raise InvalidToken("token expired")
+        if "nbf" in claims and now < claims["nbf"] - self.leeway_seconds:
+            raise InvalidToken("token not valid yet")
         sub = claims["sub"]
         if not (isinstance(sub, str) and sub.isascii() and sub.isdigit() and len(sub) <= 19):
             raise InvalidToken("invalid token: sub must be a decimal uid")
@@ -67,3 +84,10 @@ class TokenService:
         if not 1 <= uid <= INT64_MAX:
             raise InvalidToken("invalid token: sub must be a positive int64")
         return uid
+
+
+def _check_time(name: str, value: object) -> None:
+    """A time claim is a finite number of seconds in 0..MAX_TIME (NaN fails
+    the range test too: every comparison with it is false)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_TIME:
+        raise InvalidToken(f"invalid token: {name} must be a time in seconds")

@@ -3,6 +3,7 @@ Frame bodies: one msgpack map with string keys.
 
 L{decode_body} turns the bytes of one frame into a dict or raises L{BadFrame};
 it never raises anything else, whatever the input (see the hypothesis tests).
+Extension types, the timestamp (-1) included, are always a L{BadFrame}.
 L{encode} packs a dict and prefixes the length.
 """
 
@@ -33,8 +34,12 @@ def decode_body(raw: bytes) -> Frame:
             raw,
             raw=False,
             strict_map_key=True,
+            # msgpack decodes ext type -1 (its timestamp) itself, without
+            # calling ext_hook; no ext of any type may carry data, so every
+            # timestamp fails (its data is 4, 8 or 12 bytes) and the hook
+            # refuses the empty ones.
             ext_hook=_reject_ext,
-            timestamp=0,
+            max_ext_len=0,
         )
     except Exception as e:
         raise BadFrame(f"body is not valid msgpack: {e.__class__.__name__}") from None

@@ -22,6 +22,8 @@ from imserver.wire.codec import Frame
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+#: Characters of a client's value an error message repeats, at most.
+MAX_ECHO = 32
 
 # ---------------------------------------------------------------------------
 # Field extractors: each reads one key of a frame and raises ImError naming it.
@@ -221,7 +223,10 @@ def parse_request(frame: Frame, known: Mapping[str, type[Request]] = REQUESTS) -
         raise _invalid("field 'id' must be an int64")
     schema = known.get(op)
     if schema is None:
-        raise ImError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+        # The op is the client's: echo only its start (its repr can take
+        # four bytes per byte received, and the error must fit in a frame).
+        shown = repr(op) if len(op) <= MAX_ECHO else f"{op[:MAX_ECHO]!r}... ({len(op)} characters)"
+        raise ImError(ErrorCode.UNKNOWN_OP, f"unknown op {shown}")
     return schema.parse(req_id, frame)
 
 

@@ -6,6 +6,10 @@ C{lua/}, in plain Python: the same markers, the same window and pending
 rules, the same versioned rows. It never fails and never loses data while the
 process runs; after a restart it starts empty and every user's copy is
 loaded from SQL on first use, as after a Redis FLUSHALL.
+
+Its caches of messages and profiles are bounded by count and by (estimated)
+bytes, least recently cached first out: a count alone let 100,000 messages
+with 32 KiB bodies take gigabytes. A message evicted is read from SQL.
 """
 
 from __future__ import annotations
@@ -20,6 +24,23 @@ from zope.interface import implementer
 
 from imserver.storage.hot.interface import GONE_MS, LIVE_MS, WINDOW_SIZE, IHotStore
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
+
+#: Bytes a cached message costs beyond its body, cid and type: the record,
+#: its ints and the cache's entry (measured with tracemalloc: about 330).
+MESSAGE_OVERHEAD = 400
+#: The same for a profile beyond its nickname and avatar.
+PROFILE_OVERHEAD = 300
+#: The default byte bound of the message cache ([storage].embedded_cache_bytes);
+#: profiles may take a quarter of it on top.
+CACHE_BYTES = 128 * 1024 * 1024
+
+
+def message_cost(m: Message) -> int:
+    return len(m.body) + len(m.cid) + len(m.type) + MESSAGE_OVERHEAD
+
+
+def profile_cost(p: Profile) -> int:
+    return len(p.nickname) + len(p.avatar) + PROFILE_OVERHEAD
 
 
 def _remove_sorted(items: list[int], ids: set[int]) -> list[int]:
@@ -48,12 +69,18 @@ class MemoryHotStore:
         live_ms: int = LIVE_MS,
         max_messages: int = 100_000,
         max_profiles: int = 100_000,
+        max_cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self._clock = clock
         self.window_size = window_size
         self.live_ms = live_ms
         self.max_messages = max_messages
         self.max_profiles = max_profiles
+        self.max_cache_bytes = max_cache_bytes
+        self.max_profile_bytes = max_cache_bytes // 4
+        #: Estimated bytes held by the message and profile caches.
+        self.cache_bytes = 0
+        self.profile_bytes = 0
         self._markers: dict[int, str] = {}
         self._gone: dict[int, dict[int, int]] = {}  # uid -> msg_id -> when (ms)
         self._gone_order: deque[tuple[int, int, int]] = deque()  # (when, uid, msg_id)
@@ -148,10 +175,21 @@ class MemoryHotStore:
             self._apply_row(row)
 
     def _cache_message(self, message: Message) -> None:
-        self._messages[message.msg_id] = message
-        self._messages.move_to_end(message.msg_id)
-        while len(self._messages) > self.max_messages:
-            self._messages.popitem(last=False)
+        cache = self._messages
+        self._uncache_message(message.msg_id)
+        cost = message_cost(message)
+        if cost > self.max_cache_bytes:
+            return  # it would push out everything else: read from SQL instead
+        cache[message.msg_id] = message
+        self.cache_bytes += cost
+        while cache and (len(cache) > self.max_messages or self.cache_bytes > self.max_cache_bytes):
+            _, evicted = cache.popitem(last=False)
+            self.cache_bytes -= message_cost(evicted)
+
+    def _uncache_message(self, msg_id: int) -> None:
+        old = self._messages.pop(msg_id, None)
+        if old is not None:
+            self.cache_bytes -= message_cost(old)
 
     async def ack(self, acked: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
         for uid, removed in acked:
@@ -165,7 +203,7 @@ class MemoryHotStore:
         window = self._windows.get(message.session_id)
         if window and message.msg_id in window:
             window.remove(message.msg_id)
-        self._messages.pop(message.msg_id, None)
+        self._uncache_message(message.msg_id)
         self._remove_pending(message.recipient, message.sender, {message.msg_id})
         if row is not None:
             self._apply_row(row)
@@ -182,7 +220,7 @@ class MemoryHotStore:
         for sid in session_ids:
             self._windows.pop(sid, None)
         for msg_id in msg_ids:
-            self._messages.pop(msg_id, None)
+            self._uncache_message(msg_id)
 
     async def load_begin(self, uid: int) -> str:
         token = str(next(self._nonces))
@@ -264,10 +302,17 @@ class MemoryHotStore:
         return {uid: self._profiles[uid] for uid in uids if uid in self._profiles}
 
     async def put_profiles(self, profiles: Sequence[Profile]) -> None:
+        cache = self._profiles
         for profile in profiles:
-            current = self._profiles.get(profile.uid)
+            current = cache.get(profile.uid)
             if current is None or current.version < profile.version:
-                self._profiles[profile.uid] = profile
-            self._profiles.move_to_end(profile.uid)
-        while len(self._profiles) > self.max_profiles:
-            self._profiles.popitem(last=False)
+                if current is not None:
+                    self.profile_bytes -= profile_cost(current)
+                cache[profile.uid] = profile
+                self.profile_bytes += profile_cost(profile)
+            cache.move_to_end(profile.uid)
+        while cache and (
+            len(cache) > self.max_profiles or self.profile_bytes > self.max_profile_bytes
+        ):
+            _, evicted = cache.popitem(last=False)
+            self.profile_bytes -= profile_cost(evicted)
