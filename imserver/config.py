@@ -178,18 +178,55 @@ def sql_target(value: Any, key: str) -> SqlTarget:
 
 @attrs.frozen
 class RedisTarget:
+    """One Redis server at a fixed address (which may float: a VIP, a proxy)."""
+
     host: str
     port: int
     db: int
     password: str | None = attrs.field(default=None, repr=False)
 
+    @property
+    def kind(self) -> str:
+        return "redis"
 
-def redis_target(value: Any, key: str) -> RedisTarget:
-    """C{redis://[:password@]host[:port][/db]}."""
+
+@attrs.frozen
+class RedisSentinelTarget:
+    """
+    The master of a Sentinel-monitored Redis service, asked of the
+    sentinels before every connection (see docs/scaling.md).
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    #: Of the data nodes (master and replicas).
+    password: str | None = attrs.field(default=None, repr=False)
+    #: Of the sentinels themselves, if they have C{requirepass}.
+    sentinel_password: str | None = attrs.field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "sentinel"
+
+
+AnyRedisTarget = RedisTarget | RedisSentinelTarget
+
+REDIS_URL_FORMS = (
+    "redis://[:password@]host[:port][/db] or "
+    "redis+sentinel://[:password@]host[:port][,host[:port]...]/service[/db]"
+)
+SENTINEL_PORT = 26379
+
+
+def redis_target(value: Any, key: str) -> AnyRedisTarget:
+    """C{redis://[:password@]host[:port][/db]} or a C{redis+sentinel://} URL."""
     url = text()(value, key)
+    if url.startswith("redis+sentinel:"):
+        return _sentinel_target(url, key)
     parts = urlsplit(url)
     if parts.scheme != "redis" or not parts.hostname:
-        raise ConfigError(f"{key} must be redis://host:port/db")
+        raise ConfigError(f"{key} must be {REDIS_URL_FORMS}")
     try:
         port = parts.port or 6379
         db = int(parts.path.lstrip("/") or 0)
@@ -201,6 +238,65 @@ def redis_target(value: Any, key: str) -> RedisTarget:
         db=db,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _sentinel_target(url: str, key: str) -> RedisSentinelTarget:
+    # Not urlsplit: it reads one host only, and a comma-separated list is
+    # the usual way to name several sentinels (redis-py, Lettuce, ...).
+    rest = url[len("redis+sentinel:") :]
+    if not rest.startswith("//"):
+        raise ConfigError(f"{key} must be {REDIS_URL_FORMS}")
+    rest, _, query = rest[2:].partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        if user and not colon:
+            secret = user  # redis+sentinel://password@... is accepted too
+        password = unquote(secret) or None
+    sentinels = tuple(
+        _host_port(item, f"{key}: sentinel {item!r}") for item in hosts.split(",") if item
+    )
+    if not sentinels:
+        raise ConfigError(f"{key}: name at least one sentinel, as in {REDIS_URL_FORMS}")
+    if len(set(sentinels)) != len(sentinels):
+        raise ConfigError(f"{key}: a sentinel is listed twice")
+    service, _, db_text = path.partition("/")
+    service = unquote(service)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", service):
+        raise ConfigError(
+            f"{key}: a redis+sentinel URL needs the monitored service's name after the "
+            f"sentinels (letters, digits, _ . -), as in {REDIS_URL_FORMS}"
+        )
+    if not re.fullmatch(r"[0-9]{0,5}", db_text):
+        raise ConfigError(f"{key}: bad db {db_text!r} (a number, after the service name)")
+    sentinel_password = None
+    for name, _, item in (p.partition("=") for p in query.split("&") if p):
+        if name != "sentinel_password":
+            raise ConfigError(f"{key}: unknown option {name!r} (known: sentinel_password)")
+        sentinel_password = unquote(item) or None
+    return RedisSentinelTarget(
+        sentinels=sentinels,
+        service=service,
+        db=int(db_text or 0),
+        password=password,
+        sentinel_password=sentinel_password,
+    )
+
+
+def _host_port(item: str, what: str) -> tuple[str, int]:
+    """C{host}, C{host:port} or C{[v6]:port}; the port defaults to Sentinel's."""
+    match = re.fullmatch(
+        r"\[([0-9A-Fa-f:.]+)\](?::([0-9]+))?|([A-Za-z0-9_.-]+)(?::([0-9]+))?", item
+    )
+    if match is None:
+        raise ConfigError(f"{what} is not host[:port]")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or SENTINEL_PORT)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return host, port
 
 
 # ---------------------------------------------------------------------------
@@ -250,7 +346,7 @@ class AuthConfig:
 @attrs.frozen
 class StorageConfig:
     sql: SqlTarget = setting(SqliteTarget("imserver.db"), sql_target)
-    redis: RedisTarget | None = setting(None, optional(redis_target))
+    redis: AnyRedisTarget | None = setting(None, optional(redis_target))
     key_prefix: str = setting("im", text(max_len=32, pattern=r"[A-Za-z0-9_.-]+"))
     # The embedded hot store (no redis): bytes its message cache may hold
     # (profiles: a quarter of it more). Unused with Redis (maxmemory there).

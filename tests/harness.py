@@ -150,6 +150,9 @@ def _cleanup_all() -> None:
 
 
 class RedisServer(_Process):
+    #: Added to the command line (subclasses: replicas).
+    extra_args: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         self.binary = need("redis-server")
         super().__init__("redis")
@@ -173,6 +176,7 @@ class RedisServer(_Process):
                 "no",
                 "--dir",
                 self.dir,
+                *self.extra_args,
             ]
         )
         wait_for(self.ping, 10, f"redis-server on port {self.port}")
@@ -196,6 +200,83 @@ class RedisServer(_Process):
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class RedisReplica(RedisServer):
+    """
+    A replica of a L{RedisServer}. Writable (C{replica-read-only no}) so that
+    a test can make it miss writes, as asynchronous replication may.
+    """
+
+    def __init__(self, master: RedisServer) -> None:
+        super().__init__()
+        self.extra_args = (
+            "--replicaof",
+            "127.0.0.1",
+            str(master.port),
+            "--replica-read-only",
+            "no",
+        )
+
+    def info(self, section: str) -> dict[str, str]:
+        reply = self.command("INFO", section).decode(errors="replace")
+        return dict(
+            line.split(":", 1) for line in reply.splitlines() if ":" in line and line[0] != "$"
+        )
+
+    def synced(self) -> bool:
+        return self.info("replication").get("master_link_status") == "up"
+
+
+class RedisSentinel(RedisServer):
+    """
+    C{redis-server --sentinel} (no extra package) monitoring one master as
+    service C{name}, with short timeouts: down after C{down_after_ms}, so a
+    failover takes a couple of seconds.
+    """
+
+    def __init__(
+        self,
+        master: RedisServer,
+        name: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self.dir}\n"
+                f"sentinel monitor {name} 127.0.0.1 {master.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+                f"sentinel failover-timeout {name} {failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {name} 1\n"
+            )
+        self.conf = conf
+
+    def start(self) -> RedisSentinel:
+        # The config file first: sentinel rewrites it as it learns the topology.
+        self._spawn([self.binary, self.conf, "--sentinel"])
+        wait_for(self.ping, 10, f"redis sentinel on port {self.port}")
+        return self
+
+    def master(self) -> dict[str, str]:
+        """C{SENTINEL MASTER name} as a dict (raw RESP parsed for flat replies)."""
+        reply = self.command("SENTINEL", "MASTER", self.name).decode(errors="replace")
+        values = [line for line in reply.split("\r\n") if line and line[0] not in "*$"]
+        return dict(zip(values[::2], values[1::2], strict=False))
+
+    def master_port(self) -> int:
+        return int(self.master().get("port", 0))
+
+
+def redis_sentinel_url(sentinels: list[RedisSentinel], db: int = 0) -> str:
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+    return f"redis+sentinel://{hosts}/{sentinels[0].name}/{db}"
 
 
 class MariaDBServer(_Process):

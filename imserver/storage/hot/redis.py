@@ -28,11 +28,11 @@ from typing import Any
 import msgpack
 import txredisapi
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imserver.config import RedisTarget
+from imserver.config import AnyRedisTarget
+from imserver.storage.hot.connect import connect_pool, connect_subscriber
 from imserver.storage.hot.interface import (
     GONE_MS,
     LIVE_MS,
@@ -41,9 +41,6 @@ from imserver.storage.hot.interface import (
     IHotStore,
 )
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot, chunks
-
-#: Seconds between reconnection attempts at most (txredisapi's default is 10).
-RECONNECT_MAX_DELAY = 1.0
 
 SCRIPTS = (
     "fanout",
@@ -124,7 +121,7 @@ class RedisHotStore:
     def __init__(
         self,
         reactor: Any,
-        target: RedisTarget,
+        target: AnyRedisTarget,
         prefix: str,
         *,
         timeout: float = 2.0,
@@ -149,20 +146,14 @@ class RedisHotStore:
         self.failures = 0
 
     async def start(self) -> None:
-        t = self.target
-        self._redis = txredisapi.lazyConnectionPool(
-            t.host,
-            t.port,
-            dbid=t.db,
+        # Plain or Sentinel; reconnects within a second (imserver/storage/hot/connect.py).
+        self._redis = connect_pool(
+            self._reactor,
+            self.target,
+            prefix=self.prefix,
             poolsize=self.poolsize,
-            password=t.password,
-            charset=None,
-            convertNumbers=False,
-            connectTimeout=self.timeout,
+            timeout=self.timeout,
         )
-        # Reconnect within a second of Redis coming back: until every pooled
-        # connection is back, commands routed to the pool can only time out.
-        self._redis._factory.maxDelay = RECONNECT_MAX_DELAY
 
     async def stop(self) -> None:
         if self._redis is not None:
@@ -421,7 +412,7 @@ class Subscription:
     def __init__(
         self,
         reactor: Any,
-        target: RedisTarget,
+        target: AnyRedisTarget,
         channels: Sequence[str],
         on_message: Callable[[bytes], None],
     ) -> None:
@@ -442,16 +433,7 @@ class Subscription:
             pass
 
         Protocol.subscription = subscription
-        factory = txredisapi.SubscriberFactory()
-        factory.protocol = Protocol
-        factory.charset = None
-        factory.convertNumbers = False
-        factory.password = self.target.password
-        factory.maxDelay = RECONNECT_MAX_DELAY
-        self._factory = factory
-        factory.startConnecting(
-            TCP4ClientEndpoint(self._reactor, self.target.host, self.target.port)
-        )
+        self._factory = connect_subscriber(self._reactor, self.target, Protocol)
 
     def _subscribed(self, protocol: Any) -> None:
         self._protocol = protocol
