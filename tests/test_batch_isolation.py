@@ -13,18 +13,25 @@ rule, beyond the send group commit).
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+import pymysql
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.batching import Batcher, ItemFailure
-from imserver.errors import Unavailable
+from imserver.config import LimitsConfig
+from imserver.errors import ErrorCode, ImError, Unavailable
+from imserver.storage.model import Profile
+from imserver.storage.sql.database import Txn
+from tests.stack import Stack, make_stack
+from tests.support import reactor
 
 
 class ItemError(Exception):
@@ -187,3 +194,224 @@ class BatcherIsolationProperty(SynchronousTestCase):
             else:
                 expected.append((i, "ItemError", i))
         self.assertEqual(got, expected)
+
+
+# ---------------------------------------------------------------------------
+# The ack and login batches of the store, on both engines
+
+_uids = itertools.count(70_000)
+BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
+
+
+async def _settled(ds: list[Deferred[Any]]) -> list[tuple[bool, Any]]:
+    """Every result of a list of Deferreds, failures included, in order."""
+    results: list[tuple[bool, Any]] = await gatherResults(
+        [d.addCallbacks(lambda r: (True, r), lambda f: (False, f.value)) for d in ds]
+    )
+    return results
+
+
+def _poison_ack_txn(txn: Txn, msg_id: int) -> None:
+    """A trigger that refuses to clear one pending message: an ack the database refuses."""
+    if txn.engine.kind == "mysql":
+        txn.execute(
+            "CREATE TRIGGER poison_ack BEFORE DELETE ON t_pending FOR EACH ROW"
+            f" IF OLD.msgId = {int(msg_id)} THEN"
+            " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poisoned ack'; END IF"
+        )
+    else:
+        txn.execute(
+            "CREATE TRIGGER poison_ack BEFORE DELETE ON t_pending"
+            f" WHEN OLD.msgId = {int(msg_id)} BEGIN SELECT RAISE(ABORT, 'poisoned ack'); END"
+        )
+
+
+def _poison_login_txn(txn: Txn, uid: int) -> None:
+    """A trigger that refuses to create one user: a login the database refuses."""
+    if txn.engine.kind == "mysql":
+        txn.execute(
+            "CREATE TRIGGER poison_user BEFORE INSERT ON t_user FOR EACH ROW"
+            f" IF NEW.uid = {int(uid)} THEN"
+            " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poisoned user'; END IF"
+        )
+    else:
+        txn.execute(
+            "CREATE TRIGGER poison_user BEFORE INSERT ON t_user"
+            f" WHEN NEW.uid = {int(uid)} BEGIN SELECT RAISE(ABORT, 'poisoned user'); END"
+        )
+
+
+def _pending_txn(txn: Txn, uid: int) -> list[int]:
+    return [
+        int(r[0])
+        for r in txn.query("SELECT msgId FROM t_pending WHERE uid = ? ORDER BY msgId", (uid,))
+    ]
+
+
+def _users_txn(txn: Txn, uids: Sequence[int]) -> list[int]:
+    return sorted(int(r[0]) for r in txn.query_in("SELECT uid FROM t_user WHERE uid IN (%s)", uids))
+
+
+class BatchIsolationContract:
+    backend = ""
+
+    async def stack(self) -> Stack:
+        return await make_stack(self, self.backend, limits=BIG)  # type: ignore[arg-type]
+
+    async def users(self, stack: Stack, n: int) -> list[int]:
+        uids = [next(_uids) for _ in range(n)]
+        for uid in uids:
+            await stack.chat.login(uid)
+        return uids
+
+    async def test_one_bad_ack_fails_alone(self) -> None:
+        """
+        One ack in a batch of other users' acks touches a message the
+        database refuses to clear: that ack alone fails (internal, a clear
+        message); every other ack of the batch commits and clears its
+        pending messages, in SQL and in the hot copy.
+        """
+        stack = await self.stack()
+        senders = await self.users(stack, 1)
+        readers = await self.users(stack, 6)
+        [s] = senders
+        sent: dict[int, list[int]] = {}
+        for r in readers:
+            sent[r] = [
+                (await stack.chat.send(s, r, f"{r}-{k}", "text", "x"))["msg_id"] for k in range(3)
+            ]
+        await stack.settle()
+        bad_reader = readers[3]
+        poisoned = sent[bad_reader][1]
+        await stack.store.db.run("poison", _poison_ack_txn, poisoned)
+        # A first ack runs alone; the others wait for it and share one batch.
+        first = stack.chat.ack(readers[0], sent[readers[0]][:1])
+        acks = [stack.chat.ack(r, sent[r]) for r in readers[1:]]
+        self.assertEqual(stack.store.acks.depth, len(acks))
+        results = await _settled([first, *acks])
+        for r, (ok, value) in zip(readers, results, strict=True):
+            if r == bad_reader:
+                self.assertFalse(ok)
+                self.assertIsInstance(value, ImError)
+                self.assertEqual(value.code, ErrorCode.INTERNAL)
+                self.assertEqual(value.message, "this ack could not be stored")
+            else:
+                self.assertTrue(ok, value)
+        await stack.settle()
+        self.assertEqual(
+            await stack.store.db.run("p", _pending_txn, readers[0]), sent[readers[0]][1:]
+        )
+        for r in readers[1:]:
+            left = await stack.store.db.run("p", _pending_txn, r)
+            self.assertEqual(left, sent[r] if r == bad_reader else [])
+            sync = await stack.chat.sync(r, 100, 0, None)
+            self.assertEqual(
+                [m["msg_id"] for m in sync["msgs"]], sent[r] if r == bad_reader else []
+            )
+        # The refused user can ack the rest (another batch, alone): still
+        # refused as a whole, since their ack holds the bad id; without it, fine.
+        with self.assertRaises(ImError):
+            await stack.chat.ack(bad_reader, sent[bad_reader])
+        await stack.chat.ack(bad_reader, [sent[bad_reader][0], sent[bad_reader][2]])
+        self.assertEqual(await stack.store.db.run("p", _pending_txn, bad_reader), [poisoned])
+
+    async def test_one_bad_login_fails_alone(self) -> None:
+        """
+        One first login in a batch of others is refused by the database:
+        that login alone fails (internal, a clear message), every other
+        user of the batch is created and logged in.
+        """
+        stack = await self.stack()
+        uids = [next(_uids) for _ in range(7)]
+        bad = uids[4]
+        await stack.store.db.run("poison", _poison_login_txn, bad)
+        first = Deferred.fromCoroutine(stack.chat.login(uids[0]))
+        logins = [Deferred.fromCoroutine(stack.chat.login(uid)) for uid in uids[1:]]
+        self.assertEqual(stack.store.logins.depth, len(logins))
+        results = await _settled([first, *logins])
+        for uid, (ok, value) in zip(uids, results, strict=True):
+            if uid == bad:
+                self.assertFalse(ok)
+                self.assertIsInstance(value, ImError)
+                self.assertEqual(value.code, ErrorCode.INTERNAL)
+                self.assertEqual(value.message, "this login could not be stored")
+            else:
+                self.assertTrue(ok, value)
+                self.assertIsInstance(value, Profile)
+                self.assertEqual(value.uid, uid)
+        self.assertEqual(
+            await stack.store.db.run("u", _users_txn, uids), sorted(u for u in uids if u != bad)
+        )
+        # The good users can send to each other at once.
+        await stack.chat.send(uids[1], uids[2], "c", "text", "x")
+
+    async def test_an_outage_still_fails_the_whole_batch(self) -> None:
+        """Unavailable is not isolated: every ack of the batch is answered unavailable."""
+        stack = await self.stack()
+        [s, r1, r2] = await self.users(stack, 3)
+        m1 = (await stack.chat.send(s, r1, "a", "text", "x"))["msg_id"]
+        m2 = (await stack.chat.send(s, r2, "b", "text", "x"))["msg_id"]
+        await stack.settle()
+        calls: list[int] = []
+        real = stack.store.db.run
+
+        async def down(desc: str, func: Any, *args: Any, **kw: Any) -> Any:
+            if desc == "ack":
+                calls.append(len(args[0]))
+                await deferLater(reactor, 0, lambda: None)
+                raise Unavailable("the database is unavailable")
+            return await real(desc, func, *args, **kw)
+
+        stack.store.db.run = down  # type: ignore[method-assign]
+        first = stack.chat.ack(s, [m1])  # runs alone; the next two share a batch
+        both = [stack.chat.ack(r1, [m1]), stack.chat.ack(r2, [m2])]
+        results = await _settled([first, *both])
+        stack.store.db.run = real  # type: ignore[method-assign]
+        self.assertEqual([ok for ok, _ in results], [False, False, False])
+        self.assertTrue(all(isinstance(v, Unavailable) for _, v in results))
+        # One transaction per batch, no halves.
+        self.assertEqual(calls, [1, 2])
+
+    async def test_a_lock_conflict_left_after_retries_fails_the_whole_batch(self) -> None:
+        """
+        A deadlock or lock wait the database pool's retries did not clear is
+        not one item's fault: not halved (halves would wait on the same
+        locks), every ack of that batch fails with it.
+        """
+        stack = await self.stack()
+        [s, r1, r2] = await self.users(stack, 3)
+        m1 = (await stack.chat.send(s, r1, "a", "text", "x"))["msg_id"]
+        m2 = (await stack.chat.send(s, r2, "b", "text", "x"))["msg_id"]
+        await stack.settle()
+        engine = stack.store.db.engine
+        conflict: Exception
+        if engine.kind == "mysql":
+            conflict = pymysql.err.OperationalError(1213, "Deadlock found")
+        else:
+            conflict = sqlite3.OperationalError("database is locked")
+        self.assertTrue(engine.is_retryable(conflict))
+        calls: list[int] = []
+        real = stack.store.db.run
+
+        async def busy(desc: str, func: Any, *args: Any, **kw: Any) -> Any:
+            if desc == "ack":
+                calls.append(len(args[0]))
+                await deferLater(reactor, 0, lambda: None)
+                raise conflict
+            return await real(desc, func, *args, **kw)
+
+        stack.store.db.run = busy  # type: ignore[method-assign]
+        first = stack.chat.ack(s, [m1])  # runs alone; the next two share a batch
+        both = [stack.chat.ack(r1, [m1]), stack.chat.ack(r2, [m2])]
+        results = await _settled([first, *both])
+        stack.store.db.run = real  # type: ignore[method-assign]
+        self.assertTrue(all(v is conflict for _, v in results), results)
+        self.assertEqual(calls, [1, 2])
+
+
+class EmbeddedBatchIsolationTests(BatchIsolationContract, TestCase):
+    backend = "embedded"
+
+
+class MariaDBBatchIsolationTests(BatchIsolationContract, TestCase):
+    backend = "redis"
