@@ -345,6 +345,43 @@ class BatchIsolationContract:
         # The good users can send to each other at once.
         await stack.chat.send(uids[1], uids[2], "c", "text", "x")
 
+    async def test_an_unexpected_hot_step_error_after_the_commit(self) -> None:
+        """
+        The ack committed in SQL, then its hot-store step failed with an
+        unexpected error (not an outage): every ack of the batch is answered
+        ok (it is stored), nothing is run again, and the hot copies are
+        repaired, so sync does not show the acked messages again.
+        """
+        stack = await self.stack()
+        [s] = await self.users(stack, 1)
+        readers = await self.users(stack, 3)
+        sent = {r: (await stack.chat.send(s, r, f"x{r}", "text", "x"))["msg_id"] for r in readers}
+        await stack.settle()
+        for r in readers:  # the hot copies are loaded
+            self.assertEqual(len((await stack.chat.sync(r, 10, 0, None))["msgs"]), 1)
+        real = stack.store.hot.ack
+        calls: list[int] = []
+
+        async def broken(acked: Any) -> None:
+            calls.append(len(acked))
+            if len(calls) == 1:
+                raise RuntimeError("unexpected hot-store error")
+            await real(acked)
+
+        stack.store.hot.ack = broken  # type: ignore[method-assign]
+        results = await _settled([stack.chat.ack(r, [sent[r]]) for r in readers])
+        self.assertTrue(all(ok for ok, _ in results), results)
+        await stack.settle()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # type: ignore[attr-defined]
+        for r in readers:
+            self.assertEqual(await stack.store.db.run("p", _pending_txn, r), [])
+            self.assertEqual((await stack.chat.sync(r, 10, 0, None))["msgs"], [])
+        # Repaired: the hot copies answer again, without the acked messages.
+        while stack.store.suspect_users:
+            await deferLater(reactor, 0.05, lambda: None)
+        for r in readers:
+            self.assertEqual((await stack.chat.sync(r, 10, 0, None))["msgs"], [])
+
     async def test_an_outage_still_fails_the_whole_batch(self) -> None:
         """Unavailable is not isolated: every ack of the batch is answered unavailable."""
         stack = await self.stack()

@@ -649,10 +649,17 @@ class Store:
         session_ids: Iterable[int],
         msg_ids: Iterable[int],
     ) -> None:
-        """Run a hot-store step that follows a commit; settle its outbox row."""
+        """
+        Run a hot-store step that follows a commit; settle its outbox row.
+        It never fails the request: the commit happened, so even an
+        unexpected error (logged) only makes the copies suspect and
+        repaired. (Raised, it would also make a batch run its halves again.)
+        """
         try:
             await step
-        except HotUnavailable as e:
+        except Exception as e:
+            if not isinstance(e, HotUnavailable):
+                self.log.failure("hot-store step after a commit failed", Failure())
             self._hot_failed(uids, session_ids, msg_ids, str(e))
             self.outbox_downgrade([outbox_id])
         else:
