@@ -59,30 +59,24 @@ class BatcherItemFailureTests(SynchronousTestCase):
 
         pending: list[tuple[Deferred[list[int | ItemFailure]], list[int | ItemFailure]]] = []
         b: Batcher[int, int] = Batcher("t", run)
-        first = b.submit(0)
-        rest = [b.submit(i) for i in range(1, 5)]
-        for d, out in pending[:1]:
+        ds = [b.submit(i) for i in range(5)]
+        while pending:  # [0] runs alone, [1, 2, 3, 4] share the next batch
+            d, out = pending.pop(0)
             d.callback(out)
-        for d, out in pending[1:]:
-            d.callback(out)
-        self.assertEqual(self.successResultOf(first), 0)
-        self.assertEqual(self.successResultOf(rest[0]), 10)
-        self.failureResultOf(rest[1], ItemError)
-        self.failureResultOf(rest[2], ItemError)
-        self.assertEqual(self.successResultOf(rest[3]), 40)
+        self.assertEqual(self.successResultOf(ds[0]), 0)
+        self.assertEqual(self.successResultOf(ds[1]), 10)
+        self.failureResultOf(ds[2], ItemError)
+        self.failureResultOf(ds[3], ItemError)
+        self.assertEqual(self.successResultOf(ds[4]), 40)
         self.successResultOf(b.idle())
 
     def test_raising_still_fails_the_whole_batch(self) -> None:
-        def run(items: Sequence[int]) -> Deferred[list[int]]:
-            d: Deferred[list[int]] = Deferred()
-            d.errback(Unavailable("down"))
-            return d
+        async def run(items: Sequence[int]) -> list[int]:
+            raise Unavailable("down")
 
-        b: Batcher[int, int] = Batcher("t", run, gather=Clock())
+        clock = Clock()
+        b: Batcher[int, int] = Batcher("t", run, gather=clock)
         ds = [b.submit(i) for i in range(3)]
-        assert b.gather is not None
-        clock = b.gather
-        assert isinstance(clock, Clock)
         clock.advance(0)
         for d in ds:
             self.failureResultOf(d, Unavailable)
@@ -94,14 +88,14 @@ class BatcherItemFailureTests(SynchronousTestCase):
         async def run(items: Sequence[int]) -> list[int | ItemFailure]:
             return [ItemError(i) if i % 3 == 1 else i for i in items]
 
-        b: Batcher[int, int] = Batcher("t", run, gather=Clock())
+        clock = Clock()
+        b: Batcher[int, int] = Batcher("t", run, gather=clock)
         for i in range(9):
             b.submit(i).addCallbacks(
                 lambda r: order.append((r, True)),
                 lambda f: order.append((f.value.args[0], False)),
             )
-        assert isinstance(b.gather, Clock)
-        b.gather.advance(0)
+        clock.advance(0)
         self.assertEqual(order, [(i, i % 3 != 1) for i in range(9)])
 
 
