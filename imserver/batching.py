@@ -11,6 +11,11 @@ Results reach the callers in the order the batches started, whatever the
 concurrency: with C{concurrency=2} a second batch runs while the first
 commits, and its results wait for the first one's. The send path relies on
 that for ordering.
+
+One bad item must not fail the others: a batch function may give, in place
+of an item's result, a L{Failure} (or an exception instance), which fails
+that item's Deferred alone (see L{Batcher}). Raising fails the whole batch:
+that is for outages, where no item could succeed.
 """
 
 from __future__ import annotations
@@ -35,9 +40,19 @@ class QueueFull(ImError):
         super().__init__(ErrorCode.UNAVAILABLE, f"the {name} queue is full; retry shortly")
 
 
+#: What a batch function may give for an item it could not do (the item's
+#: Deferred fails with it, the other items are not touched).
+ItemFailure = Failure | BaseException
+_FAILED = (Failure, BaseException)
+#: A batch's results: one per item, each a result or an L{ItemFailure}.
+Results = Sequence[O | ItemFailure]
+
+
 class Batcher(Generic[I, O]):
     """
-    @param run: runs one batch; returns one result per item, in order. If it
+    @param run: runs one batch; returns one result per item, in order. A
+        result that is a L{Failure} or an exception instance fails that
+        item alone (so results of type O must not be exceptions). If C{run}
         raises, every item of the batch fails with that error.
     @param max_queue: items allowed to wait; beyond it L{submit} fails with
         C{unavailable} instead of growing memory without bound.
@@ -48,7 +63,7 @@ class Batcher(Generic[I, O]):
     def __init__(
         self,
         name: str,
-        run: Callable[[Sequence[I]], Awaitable[Sequence[O]]],
+        run: Callable[[Sequence[I]], Awaitable[Results[O]]],
         *,
         max_batch: int = 500,
         concurrency: int = 1,
@@ -71,7 +86,7 @@ class Batcher(Generic[I, O]):
         self._running = 0
         self._started = 0
         self._delivered = 0
-        self._finished: dict[int, tuple[Sequence[O] | Failure, list[tuple[I, Deferred[O]]]]] = {}
+        self._finished: dict[int, tuple[Results[O] | Failure, list[tuple[I, Deferred[O]]]]] = {}
         self._idle: list[Deferred[None]] = []
 
     @property
@@ -125,11 +140,11 @@ class Batcher(Generic[I, O]):
         d = Deferred.fromCoroutine(self._run_batch([item for item, _ in batch]))
         d.addBoth(self._completed, seq, batch)
 
-    async def _run_batch(self, items: list[I]) -> Sequence[O]:
+    async def _run_batch(self, items: list[I]) -> Results[O]:
         return await self._run(items)
 
     def _completed(
-        self, outcome: Sequence[O] | Failure, seq: int, batch: list[tuple[I, Deferred[O]]]
+        self, outcome: Results[O] | Failure, seq: int, batch: list[tuple[I, Deferred[O]]]
     ) -> None:
         """
         A batch finished. Results are handed out in the order batches
@@ -150,7 +165,7 @@ class Batcher(Generic[I, O]):
             for d in waiting:
                 d.callback(None)
 
-    def _deliver(self, outcome: Sequence[O] | Failure, batch: list[tuple[I, Deferred[O]]]) -> None:
+    def _deliver(self, outcome: Results[O] | Failure, batch: list[tuple[I, Deferred[O]]]) -> None:
         if not isinstance(outcome, Failure) and len(outcome) != len(batch):
             outcome = Failure(
                 RuntimeError(f"{self.name}: {len(outcome)} results for {len(batch)} items")
@@ -160,4 +175,8 @@ class Batcher(Generic[I, O]):
                 d.errback(outcome)
         else:
             for (_, d), result in zip(batch, outcome, strict=True):
-                d.callback(result)
+                # One isinstance per item: nothing is allocated for successes.
+                if isinstance(result, _FAILED):
+                    d.errback(result)
+                else:
+                    d.callback(result)

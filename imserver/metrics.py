@@ -166,6 +166,15 @@ class ServerCollector(Collector):
             "Connections dropped for not reading (backpressure).",
             gateway.overflowed,
         )
+        oversized = CounterMetricFamily(
+            "imserver_frames_oversized",
+            "Frames over max_frame_bytes not written: replies (answered internal instead)"
+            " and pushes (dropped).",
+            labels=["kind"],
+        )
+        for kind, n in gateway.oversized.items():
+            oversized.add_metric([kind], n)
+        yield oversized
         yield _counter(
             "imserver_connections_closed_idle",
             "Connections closed for silence.",

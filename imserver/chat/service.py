@@ -71,6 +71,10 @@ ITEM_RESERVE = 8192
 #: Items read for a list reply before the first ones are measured; the next
 #: read asks for what the bytes left are likely to hold.
 FIRST_READ = 32
+#: Entries a page may read past C{limit} while it is still empty (pending ids
+#: whose messages are recalled or missing give no item): beyond them sync
+#: answers an empty page with C{after}, the cursor to go on from.
+SYNC_SKIP = 1000
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -328,15 +332,22 @@ class ChatService:
 
     async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
         await self._settled(uid)
+        last = after
 
         async def read(after: int, n: int) -> tuple[list[Result], int, bool]:
+            nonlocal last
             page = await self.store.pending(uid, after, n + 1, sender)
             more = len(page) > n
             ids = [msg_id for msg_id, _ in page[:n]]
             messages = await self.store.normal_messages(ids)
-            return await self._objects(messages), ids[-1] if ids else after, more
+            last = ids[-1] if ids else after
+            return await self._objects(messages), last, more
 
-        msgs, more = await self._fill(limit, after, read)
+        msgs, more = await self._fill(limit, after, read, SYNC_SKIP)
+        if more and not msgs:
+            # Only entries without a readable message, as far as this page
+            # looked: the client cannot continue from a last message.
+            return {"msgs": msgs, "more": more, "after": last}
         return {"msgs": msgs, "more": more}
 
     async def offline_summary(self, uid: int) -> Result:
@@ -358,6 +369,7 @@ class ChatService:
         limit: int,
         cursor: C,
         read: Callable[[C, int], Awaitable[tuple[list[Result], C, bool]]],
+        skip: int = 0,
     ) -> tuple[list[Result], bool]:
         """
         A page of at most C{limit} entries that fits in a reply.
@@ -369,6 +381,10 @@ class ChatService:
         and kept while the page's encoded size fits; the first item always
         does. A page cut short says C{more}, and the client's cursor (the
         last item's) continues at the first item left out.
+
+        While the page is empty, up to C{skip} more entries are read past
+        C{limit} (entries that give no item must not make an empty page with
+        C{more} when items follow); the page still holds at most C{limit}.
         """
         budget = self.max_reply_bytes - REPLY_RESERVE
         page: list[Result] = []
@@ -380,12 +396,19 @@ class ChatService:
             left -= n
             for item in items:
                 size = len(pack_body(item))
-                if page and used + size > budget:
+                if page and (used + size > budget or len(page) == limit):
                     return page, True
                 page.append(item)
                 used += size
-            if not more or left <= 0:
+            if not more:
                 return page, more
+            if left <= 0:
+                if page or skip <= 0:
+                    return page, more
+                # Nothing yet: read on past the entries that gave no item.
+                left = n = min(skip, max(limit, FIRST_READ))
+                skip -= n
+                continue
             # As many as the bytes left are likely to hold, and one more.
             average = used // len(page) if page else 1
             n = max(1, min(left, (budget - used) // max(average, 1) + 1))

@@ -55,7 +55,7 @@ from imserver.services.ratelimit import TokenBucket
 from imserver.services.tokens import TokenService
 from imserver.wire import frames
 from imserver.wire.codec import BadFrame, Frame, decode_body, encode
-from imserver.wire.framing import FrameDecoder, FrameTooLarge
+from imserver.wire.framing import HEADER_SIZE, FrameDecoder, FrameTooLarge
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -180,6 +180,8 @@ class ClientProtocol(Protocol):
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
+        # The largest frame written, its length prefix included.
+        self._max_write = gateway.config.max_frame_bytes + HEADER_SIZE
         # Frame bodies received but not handled yet (in-flight cap, auth).
         self._inbox: deque[bytes] = deque()
         self._inbox_bytes = 0
@@ -310,10 +312,14 @@ class ClientProtocol(Protocol):
 
     # -- output ------------------------------------------------------------------
 
-    def _send(self, frame: Mapping[str, Any]) -> None:
+    def _send(self, frame: Mapping[str, Any], op: str | None = None) -> None:
+        """Write a frame (C{op}: the request's, for a reply: logged if it is too large)."""
         if not self._connected:
             return
         data = encode(frame)
+        if len(data) > self._max_write:
+            self._oversized(frame, len(data), op)
+            return
         if self._paused:
             self._paused_bytes += len(data)
             if self._paused_bytes > self.gateway.config.max_outbound_bytes:
@@ -330,6 +336,39 @@ class ClientProtocol(Protocol):
                 self.transport.abortConnection()
                 return
         self.transport.write(data)
+
+    def _oversized(self, frame: Mapping[str, Any], size: int, op: str | None) -> None:
+        """
+        A frame larger than max_frame_bytes: the client would refuse it and
+        close (its decoder cannot skip it). The chat layer bounds its
+        replies; this is the backstop for anything it missed. A reply
+        becomes an C{internal} error for its request id, a push is dropped.
+        """
+        kind = frame.get("t")
+        req_id = frame.get("id") if kind in ("ok", "error") else None
+        if req_id is None:
+            self.gateway.oversized["push"] += 1
+            self.log.warn(
+                "dropped a {push} push of {size} bytes to uid {uid}: over max_frame_bytes {max}",
+                push=kind,
+                size=size,
+                uid=self.uid,
+                max=self._max_write - HEADER_SIZE,
+            )
+            return
+        self.gateway.oversized["reply"] += 1
+        self.log.error(
+            "reply to op {op} (id {req_id}) of uid {uid} is {size} bytes, over"
+            " max_frame_bytes {max}: answered internal",
+            op=op,
+            req_id=req_id,
+            uid=self.uid,
+            size=size,
+            max=self._max_write - HEADER_SIZE,
+        )
+        self._error(
+            ErrorCode.INTERNAL, "internal server error: the reply exceeds max_frame_bytes", req_id
+        )
 
     def _reply_error(self, e: ImError, req_id: int | None) -> None:
         self._error(e.code, e.message, req_id)
@@ -430,12 +469,12 @@ class ClientProtocol(Protocol):
             result.addCallbacks(
                 self._reply_ok,
                 self._reply_failure,
-                callbackArgs=(req_id,),
+                callbackArgs=(request,),
                 errbackArgs=(request,),
             )
             result.addBoth(self._replied)
         else:
-            self._send(frames.ok(req_id, result))
+            self._send(frames.ok(req_id, result), request.op)
 
     def _replied(self, _: None) -> None:
         """A reply was written: close if this was the last one we waited for."""
@@ -446,8 +485,8 @@ class ClientProtocol(Protocol):
         elif self._inbox:
             self._drain()
 
-    def _reply_ok(self, result: Result, req_id: int) -> None:
-        self._send(frames.ok(req_id, result))
+    def _reply_ok(self, result: Result, request: frames.Request) -> None:
+        self._send(frames.ok(request.id, result), request.op)
 
     def _reply_failure(self, failure: Failure, request: frames.Request) -> None:
         error = failure.value
@@ -516,7 +555,8 @@ class ClientProtocol(Protocol):
                     "heartbeat": config.heartbeat_seconds,
                     "server_time": int(clock.seconds() * 1000),
                 },
-            )
+            ),
+            "auth",
         )
         self._drain()
 
@@ -611,6 +651,9 @@ class Gateway(Factory):
         self.auths = {"ok": 0, "failed": 0, "error": 0}
         self.errors: Counter[str] = Counter()
         self.overflowed = 0
+        #: Frames over max_frame_bytes not written: replies (answered
+        #: internal instead) and pushes (dropped).
+        self.oversized = {"reply": 0, "push": 0}
         self.idle_closed = 0
         #: Connections refused by the unauthenticated caps, by cap.
         self.refused = {"total": 0, "per_address": 0, "descriptors": 0}

@@ -27,9 +27,10 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from imserver.batching import Batcher
-from imserver.errors import ErrorCode, Unavailable
+from imserver.batching import Batcher, ItemFailure
+from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
@@ -54,6 +55,7 @@ from imserver.storage.sql.database import Database
 from imserver.storage.sql.migrate import migrate
 
 T = TypeVar("T")
+R = TypeVar("R")
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -124,11 +126,13 @@ class Store:
         self.sends: Batcher[NewMessage, SendOutcome] = Batcher(
             "send", self._commit_batch, max_batch=max_batch, max_queue=max_queue
         )
+        # Acks and logins: one transaction for many users, and one bad item
+        # fails alone (see _isolating).
         self.acks: Batcher[tuple[int, Sequence[int]], list[tuple[int, int]]] = Batcher(
-            "ack", self._ack_batch, max_batch=max_batch, max_queue=max_queue
+            "ack", self._ack_requests, max_batch=max_batch, max_queue=max_queue
         )
         self.logins: Batcher[int, Profile] = Batcher(
-            "login", self._ensure_batch, max_batch=max_batch, max_queue=max_queue
+            "login", self._login_requests, max_batch=max_batch, max_queue=max_queue
         )
         self._known_users: set[int] = set()
         self._pairs: LRU[tuple[int, int], int] = LRU(200_000)
@@ -181,6 +185,9 @@ class Store:
             if uid in found:
                 return found[uid]
         return await self.logins.submit(uid)
+
+    async def _login_requests(self, uids: Sequence[int]) -> Sequence[Profile | ItemFailure]:
+        return await self._isolating("login", uids, self._ensure_batch, lambda uid: f"uid {uid}")
 
     async def _ensure_batch(self, uids: Sequence[int]) -> list[Profile]:
         profiles = await self.db.run("ensure_users", q.ensure_users_txn, uids, self._now_ms())
@@ -260,9 +267,11 @@ class Store:
             self._commit_unavailable(msgs, e)
             raise
         except Exception as e:
+            self._put_back_done_outbox(done)
+            if not self._isolable(e):
+                raise  # a lock conflict the retries did not clear
             # Not an outage: most likely one message the database refuses.
             # It must not fail the others: find it.
-            self._put_back_done_outbox(done)
             outcomes = await self._isolate(msgs, check, started, e)
         for outcome in outcomes:
             if isinstance(outcome, Committed):
@@ -340,6 +349,65 @@ class Store:
                 outcomes += await self._isolate(part, check, started, e)
         return outcomes
 
+    def _isolable(self, e: Exception) -> bool:
+        """
+        A batch failure that may be one item's fault: not an outage (no item
+        could succeed) and not a lock conflict still there after the
+        retries (halves would only wait on the same locks again).
+        """
+        return not isinstance(e, Unavailable) and not self.db.engine.is_retryable(e)
+
+    async def _isolating(
+        self,
+        what: str,
+        items: Sequence[T],
+        run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        describe: Callable[[T], str],
+    ) -> Sequence[R | ItemFailure]:
+        """
+        Run a batch in one transaction (C{run}); if it fails for anything but
+        an outage or a lock conflict, run it again in halves, recursively, so
+        that only the items the database refuses fail (with C{internal} and a
+        clear message, logged once each) and the others commit, in order, as
+        the send group commit does. An outage still fails the whole batch.
+        """
+        try:
+            return await run(items)
+        except Exception as e:
+            if not self._isolable(e):
+                raise
+            return await self._halves(what, items, run, describe, e)
+
+    async def _halves(
+        self,
+        what: str,
+        items: Sequence[T],
+        run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        describe: Callable[[T], str],
+        error: Exception,
+    ) -> list[R | ItemFailure]:
+        if len(items) == 1:
+            self.log.error(
+                "{what} of {item} cannot be stored: {error!r}",
+                what=what,
+                item=describe(items[0]),
+                error=error,
+            )
+            return [Failure(ImError(ErrorCode.INTERNAL, f"this {what} could not be stored"))]
+        half = len(items) // 2
+        out: list[R | ItemFailure] = []
+        for part in (items[:half], items[half:]):
+            try:
+                out += await run(part)
+            except Exception as e:
+                if self._isolable(e):
+                    out += await self._halves(what, part, run, describe, e)
+                else:
+                    # Not this part's fault: its items fail with the error, the
+                    # parts already committed keep their results.
+                    out += [Failure(e)] * len(part)
+        return out
+
     async def fanout(self, committed: Sequence[Committed]) -> bool:
         """
         Index committed messages in the hot store (in commit order). False if
@@ -371,6 +439,13 @@ class Store:
     def ack(self, uid: int, msg_ids: Sequence[int]) -> Deferred[list[tuple[int, int]]]:
         """Clear pending messages; fires with the (msg_id, sender) that were pending."""
         return self.acks.submit((uid, msg_ids))
+
+    async def _ack_requests(
+        self, requests: Sequence[tuple[int, Sequence[int]]]
+    ) -> Sequence[list[tuple[int, int]] | ItemFailure]:
+        return await self._isolating(
+            "ack", requests, self._ack_batch, lambda r: f"uid {r[0]} (msg_ids {list(r[1])[:8]})"
+        )
 
     async def _ack_batch(
         self, requests: Sequence[tuple[int, Sequence[int]]]
@@ -574,10 +649,17 @@ class Store:
         session_ids: Iterable[int],
         msg_ids: Iterable[int],
     ) -> None:
-        """Run a hot-store step that follows a commit; settle its outbox row."""
+        """
+        Run a hot-store step that follows a commit; settle its outbox row.
+        It never fails the request: the commit happened, so even an
+        unexpected error (logged) only makes the copies suspect and
+        repaired. (Raised, it would also make a batch run its halves again.)
+        """
         try:
             await step
-        except HotUnavailable as e:
+        except Exception as e:
+            if not isinstance(e, HotUnavailable):
+                self.log.failure("hot-store step after a commit failed", Failure())
             self._hot_failed(uids, session_ids, msg_ids, str(e))
             self.outbox_downgrade([outbox_id])
         else:
