@@ -122,6 +122,8 @@ class Store:
         # OUTBOX_FLUSH_SECONDS by a background transaction if none comes.
         self._done_outbox: list[int] = []
         self._done_flush: IDelayedCall | None = None
+        self._downgrades: list[int] = []
+        self._downgrade_flush: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -164,6 +166,8 @@ class Store:
         self._stopped = True
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
+        if self._downgrade_flush is not None and self._downgrade_flush.active():
+            self._downgrade_flush.cancel()
         self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
@@ -620,8 +624,25 @@ class Store:
         return len(self._done_outbox)
 
     def outbox_downgrade(self, outbox_ids: Sequence[int]) -> None:
-        """Pushes done, hot repair pending: a replay must only repair."""
+        """
+        Pushes done, hot repair pending: a replay must only repair. Written
+        by one background transaction for all the rows of the next
+        L{OUTBOX_FLUSH_SECONDS} (while Redis is out every fan-out batch
+        fails: one transaction each would halve the send rate); a crash
+        meanwhile only means the rows' messages are pushed again.
+        """
         ids = [i for i in outbox_ids if i]
+        if not ids:
+            return
+        self._downgrades.extend(ids)
+        if self._downgrade_flush is None and not self._stopped:
+            self._downgrade_flush = self._reactor.callLater(
+                OUTBOX_FLUSH_SECONDS, self._flush_downgrades
+            )
+
+    def _flush_downgrades(self) -> None:
+        self._downgrade_flush = None
+        ids, self._downgrades = self._downgrades, []
         if ids:
             d = Deferred.fromCoroutine(
                 self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
@@ -758,6 +779,15 @@ class Store:
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
         await self._flush_done_outbox()
+        if self._downgrade_flush is not None and self._downgrade_flush.active():
+            self._downgrade_flush.cancel()
+        self._downgrade_flush = None
+        ids, self._downgrades = self._downgrades, []
+        if ids:
+            try:
+                await self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
+            except Exception as e:
+                self.log.warn("outbox downgrade failed: {error}", error=e)
 
 
 @attrs.define(eq=False)
