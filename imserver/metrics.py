@@ -283,6 +283,26 @@ class ServerCollector(Collector):
         yield lost
         failures = getattr(store.hot, "failures", 0)
         yield _counter("imserver_redis_failures", "Failed Redis calls.", failures)
+        redis = s.redis
+        if redis is not None:
+            yield GaugeMetricFamily(
+                "imserver_redis_circuit_open",
+                "1 while Redis calls fail fast (circuit open or half-open).",
+                0 if redis.breaker.state == "closed" else 1,
+            )
+            yield _counter(
+                "imserver_redis_circuit_opened",
+                "Times Redis was found unreachable.",
+                redis.breaker.opened,
+            )
+            yield _counter(
+                "imserver_redis_rejected",
+                "Redis calls failed fast (circuit open, or too many in flight).",
+                redis.breaker.rejected + redis.too_busy,
+            )
+            yield GaugeMetricFamily(
+                "imserver_redis_in_flight", "Redis calls in flight.", redis.in_flight
+            )
         cluster = s.cluster
         if cluster is not None:
             yield GaugeMetricFamily(
@@ -301,6 +321,16 @@ class ServerCollector(Collector):
                 "imserver_cluster_kicks",
                 "Connections kicked by a login on another node.",
                 cluster.kicked_remotely,
+            )
+            yield _counter(
+                "imserver_cluster_data_losses",
+                "Times Redis was found to have lost its data (presences restored).",
+                cluster.data_losses,
+            )
+            yield _counter(
+                "imserver_cluster_sync_pushes",
+                "Sync pushes to users who may have missed pushes.",
+                cluster.sync_pushes,
             )
             yield _counter(
                 "imserver_cluster_profiles",

@@ -135,6 +135,20 @@ class RetryQueue:
         else:
             self._tasks.discard(task)
 
+    def expedite(self, kind: str | None = None) -> int:
+        """
+        Run the waiting tasks (of C{kind}, or all) now instead of after their
+        backoff: what they wait for is back. Returns how many.
+        """
+        n = 0
+        for task in list(self._tasks):
+            if (kind is None or task.kind == kind) and task.call is not None:
+                if task.call.active():
+                    task.call.cancel()
+                task.call = self._clock.callLater(0, self._fire, task)
+                n += 1
+        return n
+
     def cancel_all(self) -> None:
         for task in self._tasks:
             if task.call is not None and task.call.active():

@@ -35,6 +35,8 @@ from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
 from imserver.services.presence import IPresence
 from imserver.services.tokens import TokenService
+from imserver.storage.hot.bus import RedisBus
+from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
 from imserver.storage.hot.redis import RedisHotStore
@@ -77,15 +79,21 @@ class IMServer(MultiService):
         # Redis.
         self.presence: IPresence = self.registry
         self.cluster: ClusterPresence | None = None
+        self.redis: RedisConnection | None = None
         if config.storage.redis is None:
             hot = MemoryHotStore(reactor, max_cache_bytes=config.storage.embedded_cache_bytes)
         else:
-            redis = RedisHotStore(reactor, config.storage.redis, config.storage.key_prefix)
-            hot = redis
+            # One pool (and circuit breaker) for the hot index and the bus.
+            self.redis = RedisConnection(
+                reactor, config.storage.redis, prefix=config.storage.key_prefix
+            )
+            hot = RedisHotStore(
+                reactor, config.storage.redis, config.storage.key_prefix, connection=self.redis
+            )
             self.cluster = ClusterPresence(
                 reactor,
                 self.registry,
-                redis,
+                RedisBus(self.redis, config.storage.key_prefix),
                 config.server.node_id,
                 ttl_seconds=config.server.presence_ttl_seconds,
             )
@@ -113,6 +121,9 @@ class IMServer(MultiService):
         )
         if self.cluster is not None:
             self.cluster.on_profile = self.chat.profiles.put
+        if self.redis is not None:
+            # What failed while Redis was out is repaired as soon as it answers.
+            self.redis.breaker.on_closed.append(self.store.hot_back)
         for db in (self.db, self.background):
             db.observe = self.metrics.sql(db.name)
         for queue, batcher in (

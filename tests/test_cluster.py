@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,10 +34,11 @@ from zope.interface import implementer
 from imserver.client import IMClientProtocol
 from imserver.config import parse_config
 from imserver.gateway.registry import LocalRegistry
-from imserver.services.cluster import KICK_LOGIN_ELSEWHERE, ClusterPresence
+from imserver.services.cluster import KICK_LOGIN_ELSEWHERE, SYNC_PUSH, ClusterPresence
 from imserver.services.presence import IClientLink
+from imserver.storage.hot.bus import RedisBus
+from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import HotUnavailable
-from imserver.storage.hot.redis import RedisHotStore
 from imserver.storage.model import Profile
 from tests import test_e2e_messaging as messaging
 from tests.harness import (
@@ -86,13 +87,16 @@ class ClusterPresenceTests(TestCase):
         self.prefix = fresh_prefix()
         self.epochs = itertools.count(1)
 
-    async def node(self, node_id: int, redis: RedisServer | None = None) -> ClusterPresence:
+    async def node(
+        self, node_id: int, redis: RedisServer | None = None, ttl_seconds: float = 3
+    ) -> ClusterPresence:
         target = parse_config({"storage": {"redis": (redis or shared_redis()).url}}).storage.redis
         assert target is not None
-        hot = RedisHotStore(reactor, target, self.prefix, timeout=1.0)
-        await hot.start()
-        self.addCleanup(lambda: Deferred.fromCoroutine(hot.stop()))
-        presence = ClusterPresence(reactor, LocalRegistry(), hot, node_id, ttl_seconds=3)
+        connection = RedisConnection(reactor, target, timeout=1.0)
+        await connection.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(connection.stop()))
+        bus = RedisBus(connection, self.prefix)
+        presence = ClusterPresence(reactor, LocalRegistry(), bus, node_id, ttl_seconds=ttl_seconds)
         presence.start()
         self.addCleanup(lambda: Deferred.fromCoroutine(presence.stop()))
         await eventually(lambda: presence.pubsub_state() == "ok")
@@ -161,7 +165,8 @@ class ClusterPresenceTests(TestCase):
         original = b._redis._script
 
         def counting(name: str, *args: str | bytes) -> Any:
-            calls.append(name)
+            if name.startswith("presence_"):
+                calls.append(name)
             return original(name, *args)
 
         b._redis._script = counting  # type: ignore[method-assign]
@@ -278,14 +283,56 @@ class ClusterPresenceTests(TestCase):
         self.assertFalse(a.push(bob.uid, {"t": "msg", "n": 1}))  # lost: Redis is down
         await eventually(lambda: a.route_failures == 1)
 
-        redis.start()  # empty: presences are gone until the next refresh
+        redis.start()  # empty: presences are restored at once
         await eventually(lambda: b.pubsub_state() == "ok", timeout=15)
         self.assertGreaterEqual(b.subscription.resubscriptions, 2)  # type: ignore[union-attr]
         await eventually(lambda: answers(a))
-        await b.refresh()
+        await eventually(lambda: a.online(bob.uid))
         a.push(bob.uid, {"t": "msg", "n": 2})
+        await eventually(lambda: {"t": "msg", "n": 2} in bob.pushes)
+        # Told to sync (what was published meanwhile is lost), pushed again.
+        self.assertEqual(set(map(str, bob.pushes)), {str(SYNC_PUSH), "{'t': 'msg', 'n': 2}"})
+
+    async def test_redis_losing_its_data_restores_presences_and_tells_users_to_sync(
+        self,
+    ) -> None:
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        # A refresh every 10 s: what brings presences back must be quicker.
+        a = await self.node(1, redis, ttl_seconds=30)
+        b = await self.node(2, redis, ttl_seconds=30)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        await eventually(lambda: a.generation is not None and b.generation is not None)
+        redis.command("FLUSHALL")
+        self.assertFalse(await a.online(bob.uid))
+        started = reactor.seconds()
+        await eventually(lambda: a.online(bob.uid), timeout=3)
+        self.assertLess(reactor.seconds() - started, 2)
         await eventually(lambda: bob.pushes)
-        self.assertEqual(bob.pushes, [{"t": "msg", "n": 2}])
+        self.assertEqual(bob.pushes, [SYNC_PUSH])
+        await eventually(lambda: a.data_losses == 1 and b.data_losses == 1)
+        a.push(bob.uid, {"t": "msg"})
+        await eventually(lambda: len(bob.pushes) == 2)
+
+    async def test_recipients_of_unroutable_pushes_are_told_to_sync(self) -> None:
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        self.addCleanup(redis.signal, signal.SIGCONT)
+        a = await self.node(1, redis, ttl_seconds=30)
+        b = await self.node(2, redis, ttl_seconds=30)
+        bob = self.link(next(_uids))
+        await b.login(bob.uid, bob)
+        redis.signal(signal.SIGSTOP)
+        a.push(bob.uid, {"t": "msg", "n": 1})
+        await eventually(lambda: a.route_failures == 1)
+        self.assertEqual(a._redis.state(), "open")
+        a.push(bob.uid, {"t": "msg", "n": 2})  # fails at once
+        await eventually(lambda: a.route_failures == 2, timeout=0.5)
+        redis.signal(signal.SIGCONT)
+        await eventually(lambda: SYNC_PUSH in bob.pushes, timeout=10)
+        self.assertEqual(a.sync_pushes, 1)
+        self.assertEqual(b.data_losses, 0)
 
 
 def cluster_backend() -> dict[str, dict[str, Any]]:
@@ -438,11 +485,91 @@ class NodeFailureTests(messaging.MessagingHelpers, TestCase):
                 return False
 
         wait_for(lambda: healthy(a) and healthy(b), 20, "both nodes resubscribed")
-        # Within one refresh period (ttl / 3) bob's presence is back.
-        await sleep(1.5)
+        # Bob's presence is back at once, and he is told to sync.
+        self.assertEqual(await self.push(bob), {"t": "sync"})
         second = await self.send(alice, bob, "after")
-        self.assertEqual(await self.push(bob), second.push(2, 2))
+        push = await self.push(bob)
+        while push["t"] == "sync":  # told again (resubscribed, then data lost)
+            push = await self.push(bob)
+        self.assertEqual(push, second.push(2, 2))
         self.assertIn("resubscribed to", b.log())
+
+    async def test_pushes_across_nodes_survive_redis_losing_its_data(self) -> None:
+        """
+        FLUSHALL, then a restart without persistence, while alice on node a
+        sends to bob on node b: every message reaches bob, still connected,
+        within a few seconds, pushed or through the sync he is told to do
+        (issue 9, defect 8). The default presence TTL: its refresh (every
+        10 s) must not be what brings pushes back.
+        """
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        backend = cluster_backend()
+        backend["storage"]["redis"] = redis.url
+        backend["limits"] = {"send_per_second": 1000, "send_burst": 1000}
+        a, b = start_nodes(self, backend, 2)
+        alice = await self.login(server=a)
+        bob = await self.login(server=b)
+        assert bob.uid is not None
+        received: set[int] = set()
+        syncs: list[Deferred[None]] = []
+
+        async def sync() -> None:
+            after = 0
+            while True:
+                page = await within(bob.request("sync", limit=500, after=after))
+                received.update(m["msg_id"] for m in page["msgs"])
+                if not page["more"]:
+                    return
+                after = page["msgs"][-1]["msg_id"]
+
+        def on_push(frame: Frame) -> None:
+            if frame["t"] == "msg":
+                received.add(frame["msg_id"])
+            elif frame["t"] == "sync":
+                syncs.append(Deferred.fromCoroutine(sync()))
+
+        bob.on_push = on_push
+        sent: list[int] = []
+
+        async def traffic(n: int, tag: str) -> None:
+            for i in range(n):
+                reply = await within(
+                    alice.request("send", to=bob.uid, cid=f"{tag}{i}", body=f"{tag}{i}")
+                )
+                sent.append(reply["msg_id"])
+                await sleep(0.02)
+
+        async def window(tag: str, fault: Callable[[], None]) -> float:
+            """Seconds until bob has every message sent around the fault."""
+            sending = Deferred.fromCoroutine(traffic(100, tag))
+            await eventually(lambda: len(sent) >= 20 or sending.called, timeout=30)
+            fault()
+            await within(sending, 60)
+            done = reactor.seconds()
+            try:
+                await eventually(lambda: received >= set(sent), timeout=5, interval=0.05)
+            except AssertionError:
+                missing = sorted(set(sent) - received)
+                self.fail(
+                    f"{tag}: {len(missing)} of {len(sent)} never reached bob;"
+                    f" node b's log:\n{b.log()[-3000:]}\nnode a's log:\n{a.log()[-3000:]}"
+                )
+            return reactor.seconds() - done
+
+        flushall = await window("f", lambda: redis.command("FLUSHALL"))
+        await within(gatherResults(syncs))
+        self.assertIn("redis lost its data", b.log())
+
+        def restart() -> None:
+            redis.kill()
+            redis.start()
+
+        restarted = await window("r", restart)
+        await within(gatherResults(syncs))
+        print(f"every message at bob {flushall:.2f}s / {restarted:.2f}s after the last send")
+        self.assertGreater(len(syncs), 0)
+        self.assertFalse(bob.closed.called)
 
 
 def alive(pid: int) -> bool:

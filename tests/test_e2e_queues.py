@@ -8,6 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import json
+import signal
+import statistics
+import time
+import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -85,6 +91,135 @@ class RedisOutageE2ETests(ClientsMixin, TestCase):
         [history] = state["histories"].values()
         self.assertEqual(len(history), 26)
         self.assertEqual(len(set(history)), 26)
+
+
+def healthz(server: ServerProcess) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz") as r:
+            return dict(json.load(r))
+    except urllib.error.HTTPError as e:  # 503 while degraded, with the same body
+        return dict(json.load(e))
+
+
+class RedisStallE2ETests(ClientsMixin, TestCase):
+    """
+    Redis stopped (SIGSTOP: connections stay open, nothing answers) or killed:
+    replies must not wait for it, sends go on at full rate, and once Redis is
+    back the hot copy converges to what SQL says (issue 9, defect 5).
+    """
+
+    timeout = 300
+
+    async def test_replies_do_not_wait_for_a_stopped_or_killed_redis(self) -> None:
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        server = ServerProcess(
+            {
+                "storage": {
+                    "sql": shared_mariadb().fresh_database(),
+                    "redis": redis.url,
+                    "key_prefix": fresh_prefix(),
+                },
+                "limits": FAST,
+            }
+        )
+        self.addCleanup(server.cleanup)
+        server.start()
+        a, b, c = next(_uids), next(_uids), next(_uids)
+        alice = await self.client(server.endpoint, server.token(a))
+        bob = await self.client(server.endpoint, server.token(b))
+        carol = await self.client(server.endpoint, server.token(c))
+        await carol.close()  # a known user, for logins during the outage
+        marker = f"{server.config['storage']['key_prefix']}:hot:{b}"
+
+        async def timed(d: Any) -> tuple[float, Any]:
+            started = time.monotonic()
+            result = await within(d, 30)
+            return time.monotonic() - started, result
+
+        async def sends(tag: str, n: int) -> tuple[float, list[int]]:
+            """n sends alice -> bob, one at a time; (sends per second, msg ids)."""
+            started = time.monotonic()
+            ids = []
+            for i in range(n):
+                reply = await within(alice.request("send", to=b, cid=f"{tag}{i}", body=tag), 30)
+                ids.append(reply["msg_id"])
+            return n / (time.monotonic() - started), ids
+
+        async def pushes(n: int) -> list[int]:
+            ids: list[int] = []
+            while len(ids) < n:
+                push = await within(bob.next_push())
+                if push["t"] == "msg":
+                    ids.append(push["msg_id"])
+            return ids
+
+        async def phase(tag: str, halt: Callable[[], None], resume: Callable[[], None]) -> None:
+            rate_before, before = await sends(f"{tag}-before", 50)
+            self.assertEqual(await pushes(50), before)
+            await within(bob.request("sync", limit=500))  # bob's copy is in Redis
+            self.assertEqual(redis.command("EXISTS", marker), b":1\r\n")
+            session_id = (await within(bob.request("convs", limit=1)))["convs"][0]["session_id"]
+
+            halt()
+            acks, reads = [], []
+            for i in range(5):
+                seconds, _ = await timed(bob.request("ack", msg_ids=[before[i]]))
+                acks.append(seconds)
+                seconds, _ = await timed(
+                    bob.request("read", session_id=session_id, msg_id=before[10 + i])
+                )
+                reads.append(seconds)
+            # Once Redis is known to be unreachable, nothing waits for it.
+            await eventually(lambda: healthz(server).get("redis") == "down", timeout=15)
+            logins = []
+            for _ in range(3):
+                seconds, client = await timed(self.client(server.endpoint, server.token(c)))
+                logins.append(seconds)
+                await client.close()
+            rate_during, during = await sends(f"{tag}-during", 200)
+            self.assertEqual(await pushes(200), during)
+            for i in range(5, 10):
+                seconds, _ = await timed(bob.request("ack", msg_ids=[before[i]]))
+                acks.append(seconds)
+            seconds, _ = await timed(bob.request("read", session_id=session_id, msg_id=during[-1]))
+            reads.append(seconds)
+            figures = (
+                f"{tag}: ack max {max(acks):.3f}s median {statistics.median(acks):.3f}s, "
+                f"read max {max(reads):.3f}s, login max {max(logins):.3f}s, "
+                f"sends/s {rate_before:.0f} before, {rate_during:.0f} during"
+            )
+            print(figures)
+            self.assertLess(statistics.median(acks), 0.2, figures)
+            self.assertLess(max(acks), 0.5, figures)
+            self.assertLess(statistics.median(reads), 0.2, figures)
+            self.assertLess(max(reads), 0.5, figures)
+            self.assertLess(max(logins), 0.5, figures)
+            self.assertGreater(rate_during, rate_before / 2, figures)
+            expected = await state_of(bob)  # answered from SQL while Redis is out
+            self.assertEqual(expected["pending"][:1], [before[10]])
+            self.assertEqual(expected["unread"][0], 0)
+
+            resume()
+            await eventually(lambda: healthz(server).get("redis") == "ok", timeout=30)
+
+            async def served_from_redis_again() -> bool:
+                # Once bob's copy is repaired, a read loads it into Redis again.
+                await within(bob.request("sync"))
+                return redis.command("EXISTS", marker) == b":1\r\n"
+
+            await eventually(served_from_redis_again, timeout=30, interval=0.2)
+            self.assertEqual(await state_of(bob), expected)
+            self.assertEqual(redis.command("EXISTS", marker), b":1\r\n")
+            # Clean up for the next phase: bob has nothing pending.
+            await within(bob.request("ack", msg_ids=expected["pending"]))
+
+        await phase(
+            "stopped",
+            lambda: redis.signal(signal.SIGSTOP),
+            lambda: redis.signal(signal.SIGCONT),
+        )
+        await phase("killed", redis.kill, redis.start)
 
 
 class WebhookE2ETests(ClientsMixin, TestCase):

@@ -961,7 +961,7 @@ class ApiRedisTests(HttpMixin, TestCase):
         self.assertAnswer(
             await self.call("GET", "/healthz"),
             503,
-            {"status": "degraded", "sql": "ok", "redis": "down"},
+            {"status": "degraded", "sql": "ok", "redis": "down", "redis_circuit": "open"},
         )
         redis.start()
 

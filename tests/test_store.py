@@ -175,6 +175,7 @@ class StoreContract:
         r = await stack.chat.send(a, b, "x", "text", "x")
         await stack.settle()
         await stack.chat.ack(b, [r["msg_id"]])  # b has no hot copy yet
+        await stack.settle()  # the ack's hot step runs after its reply
         self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])  # loads it
         [message] = (await stack.store.messages([r["msg_id"]])).values()
         await stack.hot.fanout([(message, 3)], [])  # the late fan-out

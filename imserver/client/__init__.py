@@ -9,7 +9,10 @@ tool, bots).
 
 L{IMClientProtocol.request} fires with the C{ok} frame or fails with
 L{RequestFailed}; pushes (and error frames without an id) go to C{on_push},
-by default a queue read by L{IMClientProtocol.next_push}.
+by default a queue read by L{IMClientProtocol.next_push}. A C{{"t": "sync"}}
+push (docs/protocol.md) arrives there too: it asks the program to C{sync},
+as after a reconnect, because pushes may have been lost; ignoring it only
+delays those messages to the next C{sync}.
 """
 
 from imserver.client.protocol import (

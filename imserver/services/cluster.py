@@ -19,13 +19,22 @@ L{ClusterPresence} wraps this node's local registry (any L{IPresence}):
   node hears, so their in-process profile caches never show an old one.
 * Kick: a login tells the node holding the user's previous connection to
   kick it (C{login_elsewhere}), whichever node that is.
+* Recovery: when Redis loses its data (FLUSHALL, a restart without
+  persistence) the bus's generation changes; every node notices within a
+  second (at once if it routes a push or hears another node tell it), and
+  restores its presences at once. Pushes lost meanwhile cannot be found
+  again, so every user connected to the node is told C{{"t": "sync"}}; the
+  same after a resubscription (pushes published while the node was not
+  subscribed are gone) and, for the recipients of pushes that could not be
+  routed, when Redis answers again after an outage.
 
 If Redis is down, logins and local pushes work; cross-node pushes and kicks
-wait for it (presences come back with the next refresh).
+wait for it (presences are restored as soon as it answers again).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,14 +49,24 @@ from imserver.batching import Batcher, QueueFull
 from imserver.errors import Unavailable
 from imserver.periodic import Periodic
 from imserver.services.presence import KICK_LOGIN_ELSEWHERE, IClientLink, IPresence
-from imserver.storage.hot.interface import HotUnavailable
-from imserver.storage.hot.redis import RedisHotStore, Subscription
+from imserver.storage.hot.interface import (
+    HotUnavailable,
+    IClusterBus,
+    ISubscription,
+)
 from imserver.storage.model import Profile
 
-__all__ = ["KICK_LOGIN_ELSEWHERE", "ClusterPresence"]
+__all__ = ["KICK_LOGIN_ELSEWHERE", "SYNC_PUSH", "ClusterPresence"]
 
 PRESENCE_TTL_MS = 30_000
 REFRESH_CHUNK = 1000
+#: How often the bus's generation is checked (a FLUSHALL disconnects nobody).
+GENERATION_SECONDS = 1.0
+#: Recipients of unroutable pushes remembered for a sync push; beyond it
+#: every local user is told to sync.
+MAX_UNROUTED = 100_000
+#: Pushed to a connected user who may have missed pushes: sync now.
+SYNC_PUSH: Mapping[str, Any] = {"t": "sync"}
 
 
 @implementer(IPresence)
@@ -58,14 +77,14 @@ class ClusterPresence:
         self,
         reactor: Any,
         local: IPresence,
-        redis: RedisHotStore,
+        bus: IClusterBus,
         node_id: int,
         ttl_seconds: float = PRESENCE_TTL_MS / 1000,
     ) -> None:
         self.ttl_ms = int(ttl_seconds * 1000)
         self._reactor = reactor
         self.registry = local
-        self._redis = redis
+        self._redis = bus
         self.node = str(node_id)
         # Distinguishes this run of the node from earlier ones, so that a
         # stale kick never hits a new connection with a recycled epoch.
@@ -82,13 +101,25 @@ class ClusterPresence:
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
-        self.subscription: Subscription | None = None
+        self._generation_check = Periodic(
+            reactor, GENERATION_SECONDS, self._check_generation, "generation check"
+        )
+        #: The bus's generation last seen (None: not known yet).
+        self.generation: str | None = None
+        self._unrouted: set[int] = set()
+        self._unrouted_overflow = False
+        self._everyone_pending = False
+        self._recovering = False
+        self._recover_again: str | None = None
+        self.subscription: ISubscription | None = None
         # Read by metrics.
         self.routed = 0
         self.received = 0
         self.kicked_remotely = 0
         self.route_failures = 0
         self.profiles_received = 0
+        self.data_losses = 0
+        self.sync_pushes = 0
         #: Called with each profile changed on a node (this one included).
         self.on_profile: Callable[[Profile], None] | None = None
 
@@ -96,11 +127,14 @@ class ClusterPresence:
         return f"{self.node}:{self.incarnation}:{link.epoch}"
 
     def start(self) -> None:
-        self.subscription = self._redis.subscribe(self.node, self._on_message)
+        self.subscription = self._redis.subscribe(self.node, self._on_message, self._subscribed)
+        self._redis.when_back(lambda: self._recover("redis answers again"))
         self._refresh.start()
+        self._generation_check.start(now=True)
 
     async def stop(self) -> None:
         self._refresh.stop()
+        self._generation_check.stop()
         # Logouts of the last turn (clients leaving at shutdown).
         await self._logouts.idle()
         if self.subscription is not None:
@@ -122,10 +156,13 @@ class ClusterPresence:
 
     async def _login_batch(self, entries: Sequence[tuple[int, str]]) -> list[None]:
         try:
-            await self._redis.presence_login(entries, self.ttl_ms)
+            self._saw(await self._redis.presence_login(entries, self.ttl_ms))
         except HotUnavailable as e:
-            # The refresh loop writes them once Redis answers again.
-            self.log.warn("presence of {n} logins not written: {error}", n=len(entries), error=e)
+            # Written by the recovery once Redis answers again.
+            if self._redis.state() == "ok":
+                self.log.warn(
+                    "presence of {n} logins not written: {error}", n=len(entries), error=e
+                )
         return [None] * len(entries)
 
     def logout(self, uid: int, link: IClientLink) -> None:
@@ -206,11 +243,20 @@ class ClusterPresence:
 
     async def _route(self, pushes: list[tuple[int, bytes]]) -> None:
         try:
-            self.routed += await self._redis.route(self.node, pushes)
+            sent, generation = await self._redis.route(self.node, pushes)
         except HotUnavailable as e:
-            # Lost pushes only: the messages stay pending for their recipients.
+            # Lost pushes: the messages stay pending, and their recipients
+            # are told to sync once Redis answers again.
             self.route_failures += len(pushes)
-            self.log.warn("{n} cross-node pushes lost: {error}", n=len(pushes), error=e)
+            if len(self._unrouted) < MAX_UNROUTED:
+                self._unrouted.update(uid for uid, _ in pushes)
+            else:
+                self._unrouted_overflow = True
+            if self._redis.state() == "ok":
+                self.log.warn("{n} cross-node pushes lost: {error}", n=len(pushes), error=e)
+            return
+        self.routed += sent
+        self._saw(generation)
 
     def _on_message(self, message: bytes) -> None:
         # Lua's cmsgpack packs every string as "str", and push frames are
@@ -221,6 +267,10 @@ class ClusterPresence:
             self.log.warn("unreadable message on this node's channel: {error!r}", error=e)
             return
         for kind, uid, data in entries:
+            if kind == "g":
+                # Another node found the bus's data lost: check now.
+                self._recover("told by another node")
+                continue
             if kind == "u":
                 self.profiles_received += 1
                 if self.on_profile is not None:
@@ -248,14 +298,111 @@ class ClusterPresence:
         for i in range(0, len(entries), REFRESH_CHUNK):
             chunk = entries[i : i + REFRESH_CHUNK]
             try:
-                lost = await self._redis.presence_refresh(chunk, self.ttl_ms)
+                lost, generation = await self._redis.presence_refresh(chunk, self.ttl_ms)
             except HotUnavailable:
                 return
+            self._saw(generation)
             for uid in lost:
                 # Logged in elsewhere while the kick could not reach us.
                 link = self.registry.local(uid)
                 if link is not None:
                     link.kick(KICK_LOGIN_ELSEWHERE)
+
+    # -- recovery -------------------------------------------------------------------
+
+    def _saw(self, generation: str | None) -> None:
+        """A generation a script returned: a change means Redis lost its data."""
+        if generation is not None and generation == self.generation:
+            return
+        if generation is not None and self.generation is None and not self._recovering:
+            self.generation = generation
+            return
+        self._recover("the bus's generation changed")
+
+    async def _check_generation(self) -> None:
+        try:
+            current = await self._redis.generation(secrets.token_hex(8))
+        except HotUnavailable:
+            return  # checked again when Redis answers
+        self._saw(current)
+
+    def _subscribed(self, again: bool) -> None:
+        if again:
+            # Whatever was published to this node meanwhile is lost.
+            self._everyone_pending = True
+            self._recover("resubscribed")
+
+    def _recover(self, reason: str) -> None:
+        """Start a recovery (or run one more after the one running)."""
+        if self._recovering:
+            self._recover_again = reason
+            return
+        self._recovering = True
+        d = Deferred.fromCoroutine(self._recovery(reason))
+        d.addErrback(lambda f: self.log.failure("cluster recovery failed", f))
+        d.addBoth(self._recovered)
+
+    def _recovered(self, _: object) -> None:
+        self._recovering = False
+        again, self._recover_again = self._recover_again, None
+        if again is not None:
+            self._recover(again)
+
+    async def _recovery(self, reason: str) -> None:
+        """
+        Check the generation, restore this node's presences at once, and
+        tell the users who may have missed pushes to sync: every local user
+        if Redis lost its data or this node was not subscribed for a while,
+        else the recipients of pushes that could not be routed.
+        """
+        try:
+            current = await self._redis.generation(secrets.token_hex(8))
+        except HotUnavailable:
+            return  # started again when Redis answers
+        previous, self.generation = self.generation, current
+        lost = previous is not None and previous != current
+        everyone = lost or self._everyone_pending or self._unrouted_overflow
+        self._everyone_pending = False
+        if lost:
+            self.data_losses += 1
+            # The other nodes check at once instead of within a second.
+            try:
+                await self._redis.broadcast(msgpack.packb([["g", "0", b""]], use_bin_type=True))
+            except HotUnavailable:
+                pass
+        await self.refresh()
+        unrouted, self._unrouted = self._unrouted, set()
+        self._unrouted_overflow = False
+        told = 0
+        for uid in unrouted:
+            # Recipients on other nodes (or on none: then the push goes nowhere).
+            if not everyone or self.registry.local(uid) is None:
+                self.push(uid, SYNC_PUSH)
+                told += 1
+        if everyone:
+            for link in list(self.registry.links()):
+                link.push(SYNC_PUSH)
+                told += 1
+            if lost:
+                self.log.warn(
+                    "redis lost its data: node {node} restored {presences} presences at once "
+                    "(pub/sub {pubsub}) and told {told} users to sync",
+                    node=self.node,
+                    presences=len(self._values),
+                    pubsub=self.pubsub_state(),
+                    told=told,
+                )
+            else:
+                self.log.warn("{reason}: told {told} users to sync", reason=reason, told=told)
+        elif told:
+            self.log.warn(
+                "{reason}: restored {presences} presences; told {told} users whose "
+                "pushes were lost to sync",
+                reason=reason,
+                presences=len(self._values),
+                told=told,
+            )
+        self.sync_pushes += told
 
     def pubsub_state(self) -> str:
         """C{ok} while subscribed to this node's channel, else C{down}."""
@@ -265,8 +412,10 @@ class ClusterPresence:
 def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
     """
     One entry of a channel message: (C{p}, uid, push frame), (C{k}, uid,
-    presence) or (C{u}, uid, profile).
+    presence), (C{u}, uid, profile) or (C{g}, 0, empty): the bus lost its data.
     """
+    if kind == b"g":
+        return "g", 0, None
     if kind == b"u":
         nickname, avatar, version = msgpack.unpackb(data, raw=False)
         return "u", int(uid), Profile(int(uid), str(nickname), str(avatar), int(version))

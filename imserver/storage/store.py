@@ -12,6 +12,9 @@ seed's hot index). The business layer never knows which.
   go to SQL, and the retry queue invalidates their hot copies as soon as the
   hot store answers, so they are rebuilt from SQL. After a crash the outbox
   rows are replayed (L{replay_outbox}).
+* The hot step of an ack, a read or a login runs after the reply (as the
+  fan-out of a send does): replies never wait for Redis. Until it is done
+  the user's reads here go to SQL, so the user still reads their own writes.
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
@@ -20,7 +23,7 @@ seed's hot index). The business layer never knows which.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -66,6 +69,8 @@ REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=4
 OUTBOX_STALE_MS = 60_000
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
+#: Users (and sessions, messages) per invalidate call of a repair.
+REPAIR_CHUNK = 1000
 
 
 class IdSource(Protocol):
@@ -120,6 +125,8 @@ class Store:
         # OUTBOX_FLUSH_SECONDS by a background transaction if none comes.
         self._done_outbox: list[int] = []
         self._done_flush: IDelayedCall | None = None
+        self._downgrades: list[int] = []
+        self._downgrade_flush: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -141,6 +148,11 @@ class Store:
         # not done yet): their reads go to SQL.
         self.suspect_users: Counter[int] = Counter()
         self.suspect_sessions: Counter[int] = Counter()
+        # Users with a hot step running after its reply: their reads go to SQL.
+        self._hot_busy: Counter[int] = Counter()
+        self._after_reply: set[Deferred[None]] = set()
+        # The repair that failures join until it runs (one per attempt, not per failure).
+        self._open_repair: _Repair | None = None
         self._stopped = False
         # Read by metrics.
         self.hot_fallbacks = 0
@@ -159,10 +171,18 @@ class Store:
         self._stopped = True
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
+        if self._downgrade_flush is not None and self._downgrade_flush.active():
+            self._downgrade_flush.cancel()
         self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
         self.background.close()
+
+    def hot_back(self) -> None:
+        """The hot store answers again after an outage: repair now, not after the backoff."""
+        n = self.retries.expedite()
+        if n:
+            self.log.info("hot store back: running {n} repairs now", n=n)
 
     async def health(self) -> dict[str, str]:
         status = {"sql": "ok", "redis": "embedded" if self.hot.kind == "embedded" else "ok"}
@@ -174,6 +194,10 @@ class Store:
             await self.hot.ping()
         except HotUnavailable:
             status["redis"] = "down"
+        connection = getattr(self.hot, "connection", None)
+        if connection is not None and connection.breaker.state != "closed":
+            # Calls to Redis fail fast now (see imserver.storage.hot.connection).
+            status["redis_circuit"] = connection.breaker.state
         return status
 
     # -- users ---------------------------------------------------------------
@@ -193,7 +217,8 @@ class Store:
         profiles = await self.db.run("ensure_users", q.ensure_users_txn, uids, self._now_ms())
         by_uid = {p.uid: p for p in profiles}
         self._known_users.update(by_uid)
-        await self._put_profiles(profiles)
+        # After the reply: a copy missing meanwhile is read from SQL.
+        self._run_after_reply(self._put_profiles(profiles, changed=False), ())
         return [by_uid[uid] for uid in uids]
 
     async def profiles(self, uids: Iterable[int]) -> dict[int, Profile]:
@@ -207,13 +232,16 @@ class Store:
             rows = await self.db.run("profiles", q.get_profiles_txn, missing)
             found.update((p.uid, p) for p in rows)
             self._known_users.update(p.uid for p in rows)
-            await self._put_profiles(rows)
+            # A cache fill, after the reply; if it fails the next read fills it.
+            self._run_after_reply(self._put_profiles(rows, changed=False), ())
         return found
 
-    async def _put_profiles(self, profiles: Sequence[Profile]) -> None:
+    async def _put_profiles(self, profiles: Sequence[Profile], changed: bool = True) -> None:
         try:
             await self.hot.put_profiles(profiles)
         except HotUnavailable as e:
+            if not changed:
+                return
             # A stale cached profile would outlive its TTL otherwise.
             uids = [p.uid for p in profiles]
             self.retries.add(
@@ -459,7 +487,10 @@ class Store:
             raise
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
-            await self._follow_up(outbox.id, self.hot.ack(acked), {uid for uid, _ in acked}, (), ())
+            uids = {uid for uid, _ in acked}
+            self._run_after_reply(
+                self._follow_up(outbox.id, self.hot.ack(acked), uids, (), ()), uids
+            )
         else:
             self.outbox_done(outbox.id)
         return removed
@@ -484,7 +515,10 @@ class Store:
         outbox = self._outbox("read")
         result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
         if result.advanced_to is not None:
-            await self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ())
+            self._run_after_reply(
+                self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ()),
+                (uid,),
+            )
         return result
 
     async def unread(self, uid: int) -> list[tuple[int, int]]:
@@ -613,8 +647,26 @@ class Store:
 
     # -- the hot copy: loading and repair ----------------------------------------
 
+    def _run_after_reply(self, step: Coroutine[Any, Any, None], uids: Iterable[int]) -> None:
+        """
+        Run a hot-store step in the background (it handles its own
+        failures); the users' reads go to SQL until it is done, so a reply
+        never waits for Redis and a user still reads their own writes.
+        """
+        busy = Counter(uids)
+        self._hot_busy.update(busy)
+
+        def done(_: object) -> None:
+            self._hot_busy -= busy
+            self._after_reply.discard(d)
+
+        d = Deferred.fromCoroutine(step)
+        self._after_reply.add(d)
+        d.addErrback(lambda f: self.log.failure("hot-store step after a reply failed", f))
+        d.addBoth(done)
+
     async def _hot_user_read(self, uid: int, read: Callable[[], Awaitable[T | None]]) -> T | None:
-        if uid in self.suspect_users:
+        if uid in self.suspect_users or uid in self._hot_busy:
             self.hot_fallbacks += 1
             return None
         try:
@@ -708,8 +760,25 @@ class Store:
         return len(self._done_outbox)
 
     def outbox_downgrade(self, outbox_ids: Sequence[int]) -> None:
-        """Pushes done, hot repair pending: a replay must only repair."""
+        """
+        Pushes done, hot repair pending: a replay must only repair. Written
+        by one background transaction for all the rows of the next
+        L{OUTBOX_FLUSH_SECONDS} (while Redis is out every fan-out batch
+        fails: one transaction each would halve the send rate); a crash
+        meanwhile only means the rows' messages are pushed again.
+        """
         ids = [i for i in outbox_ids if i]
+        if not ids:
+            return
+        self._downgrades.extend(ids)
+        if self._downgrade_flush is None and not self._stopped:
+            self._downgrade_flush = self._reactor.callLater(
+                OUTBOX_FLUSH_SECONDS, self._flush_downgrades
+            )
+
+    def _flush_downgrades(self) -> None:
+        self._downgrade_flush = None
+        ids, self._downgrades = self._downgrades, []
         if ids:
             d = Deferred.fromCoroutine(
                 self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
@@ -729,19 +798,37 @@ class Store:
         self.suspect_sessions.update(session_ids)
         if self._stopped:
             return
+        # Failures join the repair waiting for its next attempt: while Redis
+        # is out that is one task (and one warning) per attempt, not one per
+        # failed batch.
+        repair = self._open_repair
+        if repair is None:
+            repair = self._open_repair = _Repair(self.node_id)
+            self.log.warn(
+                "hot store write failed ({error}): repairing {n} users", error=error, n=len(uids)
+            )
+            self.retries.add(
+                Task("repair", uids[0] if uids else 0, lambda: self._repair(repair), repair.row),
+                error,
+            )
+        repair.users.update(uids)
+        repair.sessions.update(session_ids)
+        repair.msgs.update(msg_ids)
 
-        async def repair() -> None:
-            await self.hot.invalidate(uids, session_ids, msg_ids)
-            # -= drops the counts that reach zero.
-            self.suspect_users -= Counter(uids)
-            self.suspect_sessions -= Counter(session_ids)
-
-        self.log.warn(
-            "hot store write failed ({error}): repairing {n} users", error=error, n=len(uids)
-        )
-        # A dead letter describes the repair as an outbox row would.
-        row = Outbox(0, self.node_id, "repair", tuple(uids), tuple(session_ids), tuple(msg_ids))
-        self.retries.add(Task("repair", uids[0] if uids else 0, repair, row.payload), error)
+    async def _repair(self, repair: _Repair) -> None:
+        """Invalidate the copies a repair names; later failures join a new repair."""
+        if self._open_repair is repair:
+            self._open_repair = None
+        users, sessions, msgs = list(repair.users), list(repair.sessions), list(repair.msgs)
+        for i in range(0, max(len(users), len(sessions), len(msgs)), REPAIR_CHUNK):
+            await self.hot.invalidate(
+                users[i : i + REPAIR_CHUNK],
+                sessions[i : i + REPAIR_CHUNK],
+                msgs[i : i + REPAIR_CHUNK],
+            )
+        # -= drops the counts that reach zero.
+        self.suspect_users -= repair.users
+        self.suspect_sessions -= repair.sessions
 
     async def _dead_letter(self, task: Task) -> None:
         letter = DeadLetter(
@@ -823,9 +910,41 @@ class Store:
         delete the outbox rows of finished follow-ups."""
         for batcher in (self.sends, self.acks, self.logins):
             await batcher.idle()
+        while self._after_reply:
+            await next(iter(self._after_reply))
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
         await self._flush_done_outbox()
+        if self._downgrade_flush is not None and self._downgrade_flush.active():
+            self._downgrade_flush.cancel()
+        self._downgrade_flush = None
+        ids, self._downgrades = self._downgrades, []
+        if ids:
+            try:
+                await self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
+            except Exception as e:
+                self.log.warn("outbox downgrade failed: {error}", error=e)
+
+
+@attrs.define(eq=False)
+class _Repair:
+    """What one repair task invalidates: every failure that joined it (counts per failure)."""
+
+    node_id: int
+    users: Counter[int] = attrs.Factory(Counter)
+    sessions: Counter[int] = attrs.Factory(Counter)
+    msgs: set[int] = attrs.Factory(set)
+
+    def row(self) -> bytes:
+        """A dead letter describes the repair as an outbox row would."""
+        return Outbox(
+            0,
+            self.node_id,
+            "repair",
+            tuple(sorted(self.users)),
+            tuple(sorted(self.sessions)),
+            tuple(sorted(self.msgs)),
+        ).payload()
 
 
 def _select_one_txn(txn: Any) -> None:

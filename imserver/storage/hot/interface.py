@@ -18,9 +18,9 @@ Any method may raise L{HotUnavailable}.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 
@@ -111,3 +111,74 @@ class IHotStore(Interface):
 
     async def put_profiles(profiles: Sequence[Profile]) -> None:
         """Cache profiles (a cached profile is only replaced by a newer version)."""
+
+
+class ISubscription(Interface):
+    """Pub/sub channels this node listens on (kept subscribed across reconnects)."""
+
+    subscribed = Attribute("Whether the channels are subscribed now (bool).")
+
+    async def stop() -> None:
+        """Unsubscribe and disconnect."""
+
+
+class IClusterBus(Interface):
+    """
+    What the cluster's nodes share besides SQL: presences, pushes routed to
+    the node holding a user, broadcasts, and the data's generation (which
+    changes when the bus loses its data: FLUSHALL, a restart without
+    persistence). Presence values are C{node:incarnation:epoch}. Any method
+    may raise L{HotUnavailable}.
+    """
+
+    async def ping() -> None:
+        """Raise L{HotUnavailable} unless the bus answers."""
+
+    async def generation(fresh: str) -> str:
+        """
+        The bus's generation, set to C{fresh} first if the bus has none
+        (it lost its data, or never had any): a value different from the
+        last one seen means everything written before is gone.
+        """
+
+    async def presence_login(entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
+        """
+        Claim the presences of (uid, value) pairs; the nodes that held them
+        are told to kick their connections. Returns the generation (None if
+        the bus has none).
+        """
+
+    async def presence_get(uid: int) -> str | None:
+        """The user's presence, if online anywhere."""
+
+    async def presence_logout(entries: Sequence[tuple[int, str]]) -> None:
+        """Forget the presences of (uid, value) pairs that are still those values."""
+
+    async def presence_refresh(
+        entries: Sequence[tuple[int, str]], ttl_ms: int
+    ) -> tuple[list[int], str | None]:
+        """Extend (or restore) presences: the uids now held by another
+        connection, and the generation."""
+
+    async def route(node: str, pushes: Sequence[tuple[int, bytes]]) -> tuple[int, str | None]:
+        """Publish pushes to the nodes holding their users: how many went
+        out, and the generation."""
+
+    async def broadcast(message: bytes) -> None:
+        """Publish to every node."""
+
+    def subscribe(
+        node: str,
+        on_message: Callable[[bytes], None],
+        on_subscribed: Callable[[bool], None] | None = None,
+    ) -> ISubscription:
+        """
+        Listen on this node's channel and on the one every node hears;
+        C{on_subscribed(again)} each time the subscription is (re)made.
+        """
+
+    def when_back(callback: Callable[[], None]) -> None:
+        """Call C{callback} each time the bus answers again after an outage."""
+
+    def state() -> str:
+        """C{ok}, or why calls fail at once now (e.g. C{open})."""

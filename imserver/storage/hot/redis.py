@@ -14,30 +14,33 @@ The hot store on Redis (txredisapi), with the seed's key layout
     {p}:hot:{uid}                           the user's copy marker (lua/prelude.lua)
 
 Each operation is one Lua script, so one round trip, whatever it touches.
-Every call is bounded by a timeout (txredisapi would wait forever for a
-command issued while Redis is down) and failures become L{HotUnavailable}.
+Calls go through the node's L{RedisConnection} (shared with the cluster
+bus, L{imserver.storage.hot.bus.RedisBus}): bounded by a timeout and a
+circuit breaker, failures become L{HotUnavailable}.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
-import txredisapi
-from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.config import AnyRedisTarget
-from imserver.storage.hot.connect import connect_pool, connect_subscriber
+from imserver.storage.hot.connection import (
+    RedisConnection,
+    load_scripts,
+    pack,
+    to_int,
+    to_str,
+)
 from imserver.storage.hot.interface import (
     GONE_MS,
     LIVE_MS,
     WINDOW_SIZE,
-    HotUnavailable,
     IHotStore,
 )
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot, chunks
@@ -56,26 +59,10 @@ SCRIPTS = (
     "read_last",
     "profiles_get",
     "profiles_put",
-    "presence_login",
-    "presence_logout",
-    "presence_refresh",
-    "presence_route",
 )
-
-
-def load_scripts() -> dict[str, bytes]:
-    lua = resources.files("imserver.storage.hot").joinpath("lua")
-    prelude = lua.joinpath("prelude.lua").read_text("utf-8")
-    return {
-        name: (prelude + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")).encode()
-        for name in SCRIPTS
-    }
-
-
-def _pack(obj: Any) -> bytes:
-    """A script argument: Redis's cmsgpack has no bin type, so bytes go as raw strings."""
-    data: bytes = msgpack.packb(obj, use_bin_type=False)
-    return data
+_pack = pack
+_int = to_int
+_str = to_str
 
 
 def _row(row: ConvRow) -> list[str]:
@@ -103,16 +90,6 @@ def _from_record(blob: bytes) -> Message:
     return Message(msg_id, sid, sender, recipient, cid, kind, body, ts)
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bytes):
-        value = value.decode()
-    return int(value) if not isinstance(value, str) or "." not in value else int(float(value))
-
-
-def _str(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 @implementer(IHotStore)
 class RedisHotStore:
     kind = "redis"
@@ -130,61 +107,41 @@ class RedisHotStore:
         profile_ttl: int = 3600,
         window_size: int = WINDOW_SIZE,
         live_ms: int = LIVE_MS,
+        connection: RedisConnection | None = None,
     ) -> None:
         self._reactor = reactor
         self.target = target
         self.prefix = prefix
-        self.timeout = timeout
-        self.poolsize = poolsize
+        #: Shared with the cluster bus; started and stopped with this store.
+        self.connection = connection or RedisConnection(
+            reactor, target, prefix=prefix, timeout=timeout, poolsize=poolsize
+        )
         self.message_ttl = message_ttl
         self.profile_ttl = profile_ttl
         self.window_size = window_size
         self.live_ms = live_ms
-        self._scripts = load_scripts()
-        self._redis: Any = None
-        # Read by metrics.
-        self.failures = 0
+        self._scripts = load_scripts(SCRIPTS)
+
+    @property
+    def failures(self) -> int:
+        """Failed Redis calls (read by metrics)."""
+        return self.connection.failures
 
     async def start(self) -> None:
-        # Plain or Sentinel; reconnects within a second (imserver/storage/hot/connect.py).
-        self._redis = connect_pool(
-            self._reactor,
-            self.target,
-            prefix=self.prefix,
-            poolsize=self.poolsize,
-            timeout=self.timeout,
-        )
+        await self.connection.start()
 
     async def stop(self) -> None:
-        if self._redis is not None:
-            redis, self._redis = self._redis, None
-            await redis.disconnect()
-
-    async def _call(self, d: Deferred[Any]) -> Any:
-        d.addTimeout(self.timeout, self._reactor)
-        try:
-            return await d
-        except (txredisapi.RedisError, TimeoutError, OSError) as e:
-            self.failures += 1
-            if isinstance(e, txredisapi.ResponseError):
-                self.log.error("redis refused a command: {error}", error=e)
-            raise HotUnavailable(f"redis: {e.__class__.__name__}: {e}") from e
+        await self.connection.stop()
 
     async def _script(self, name: str, *args: Any) -> Any:
-        if self._redis is None:
-            raise HotUnavailable("redis is not connected")
-        return await self._call(self._redis.eval(self._scripts[name], [], [self.prefix, *args]))
+        return await self.connection.eval(self._scripts[name], [self.prefix, *args])
 
     async def ping(self) -> None:
-        if self._redis is None:
-            raise HotUnavailable("redis is not connected")
-        await self._call(self._redis.ping())
+        await self.connection.ping()
 
     async def command(self, *args: Any) -> Any:
         """A raw command (tests, admin)."""
-        if self._redis is None:
-            raise HotUnavailable("redis is not connected")
-        return await self._call(self._redis.execute_command(*args))
+        return await self.connection.command(*args)
 
     # -- writes ------------------------------------------------------------
 
@@ -334,133 +291,3 @@ class RedisHotStore:
                 _pack([[str(p.uid), p.nickname, p.avatar, str(p.version)] for p in profiles]),
                 str(self.profile_ttl),
             )
-
-    # -- presence and routing (see imserver.services.cluster) -----------------
-
-    async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> int:
-        """
-        Claim the presences of (uid, value) pairs; the nodes that held them
-        are told to kick their connections. How many kicks went out.
-        """
-        packed = _pack([[str(uid), value] for uid, value in entries])
-        return int(await self._script("presence_login", str(ttl_ms), packed))
-
-    async def presence_get(self, uid: int) -> str | None:
-        """The user's presence (C{node:incarnation:epoch}), if online anywhere."""
-        value = await self.command("GET", f"{self.prefix}:presence:{uid}")
-        return None if value is None else _str(value)
-
-    async def presence_logout(self, entries: Sequence[tuple[int, str]]) -> None:
-        """Forget the presences of (uid, value) pairs that are still those values."""
-        await self._script("presence_logout", _pack([[str(uid), value] for uid, value in entries]))
-
-    async def presence_refresh(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> list[int]:
-        """Extend (or restore) presences; the uids now held by another connection."""
-        lost = await self._script(
-            "presence_refresh", str(ttl_ms), _pack([[str(uid), value] for uid, value in entries])
-        )
-        return [_int(uid) for uid in lost]
-
-    async def route(self, node: str, pushes: Sequence[tuple[int, bytes]]) -> int:
-        """Publish pushes to the nodes holding their users; how many went out."""
-        return int(
-            await self._script("presence_route", node, _pack([[str(u), f] for u, f in pushes]))
-        )
-
-    async def broadcast(self, message: bytes) -> None:
-        """Publish to every node (the channel all of them listen on besides their own)."""
-        await self.command("PUBLISH", f"{self.prefix}:nodes", message)
-
-    def subscribe(self, node: str, on_message: Callable[[bytes], None]) -> Subscription:
-        """
-        Listen on this node's channel and on the one every node hears
-        (resubscribing after every reconnect).
-        """
-        channels = (f"{self.prefix}:node:{node}", f"{self.prefix}:nodes")
-        subscription = Subscription(self._reactor, self.target, channels, on_message)
-        subscription.start()
-        return subscription
-
-
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
-    """Subscribes in connectionMade, so a reconnect subscribes again."""
-
-    subscription: Subscription
-
-    def connectionMade(self) -> Deferred[None]:
-        d: Deferred[None] = super().connectionMade()
-        d.addCallback(lambda _: self.subscribe(list(self.subscription.channels)))
-        d.addCallbacks(lambda _: self.subscription._subscribed(self), self.subscription._failed)
-        return d
-
-    def connectionLost(self, reason: Any) -> None:
-        self.subscription._lost(self)
-        super().connectionLost(reason)
-
-    def messageReceived(self, pattern: Any, channel: Any, message: bytes) -> None:
-        self.subscription.on_message(message)
-
-
-class Subscription:
-    """
-    Pub/sub channels, kept subscribed across Redis restarts (txredisapi
-    reconnects the connection but does not subscribe again by itself).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        reactor: Any,
-        target: AnyRedisTarget,
-        channels: Sequence[str],
-        on_message: Callable[[bytes], None],
-    ) -> None:
-        self._reactor = reactor
-        self.target = target
-        self.channels = tuple(channels)
-        self.on_message = on_message
-        self._factory: Any = None
-        self._protocol: Any = None
-        #: Read by health and metrics.
-        self.subscribed = False
-        self.resubscriptions = 0
-
-    def start(self) -> None:
-        subscription = self
-
-        class Protocol(_SubscriberProtocol):
-            pass
-
-        Protocol.subscription = subscription
-        self._factory = connect_subscriber(self._reactor, self.target, Protocol)
-
-    def _subscribed(self, protocol: Any) -> None:
-        self._protocol = protocol
-        if self.resubscriptions:
-            self.log.info("resubscribed to {channels}", channels=", ".join(self.channels))
-        self.resubscriptions += 1
-        self.subscribed = True
-
-    def _failed(self, failure: Any) -> None:
-        self.log.warn(
-            "cannot subscribe to {channels}: {error}",
-            channels=", ".join(self.channels),
-            error=failure.value,
-        )
-
-    def _lost(self, protocol: Any) -> None:
-        if protocol is self._protocol:
-            self.subscribed = False
-            self._protocol = None
-            self.log.warn(
-                "lost the subscription to {channels}; reconnecting",
-                channels=", ".join(self.channels),
-            )
-
-    async def stop(self) -> None:
-        if self._factory is not None:
-            factory, self._factory = self._factory, None
-            self._protocol = None  # a loss we asked for: nothing to warn about
-            self.subscribed = False
-            await factory.disconnect()

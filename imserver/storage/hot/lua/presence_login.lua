@@ -2,7 +2,7 @@
 -- logged in on this node (value: node:incarnation:epoch). Each becomes its
 -- user's presence. A node that held the user before is told to kick that
 -- connection ({'k', uid, old value} entries, one PUBLISH per node). Returns
--- how many kicks went out.
+-- {how many kicks went out, the generation (false if missing)}.
 local ttl = ARGV[2]
 local by_node = {}
 local sent = 0
@@ -18,4 +18,4 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
   end
 end
 publish_by_node(by_node)
-return sent
+return {sent, redis.call('GET', key('generation'))}

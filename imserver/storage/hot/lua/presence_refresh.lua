@@ -1,7 +1,7 @@
 -- ARGV[2]: ttl ms, ARGV[3]: msgpack {{uid, value}, ...}: this node's users.
 -- Extends each presence that is still ours, restores the ones that vanished
--- (a Redis restart or FLUSHALL), and returns the uids now held elsewhere
--- (their local connection is stale).
+-- (a Redis restart or FLUSHALL), and returns {the generation (false if
+-- missing), the uids now held elsewhere (their local connection is stale)}.
 local ttl = ARGV[2]
 local lost = {}
 for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
@@ -13,4 +13,4 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
     lost[#lost + 1] = entry[1]
   end
 end
-return lost
+return {redis.call('GET', key('generation')), lost}

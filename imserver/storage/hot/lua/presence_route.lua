@@ -1,7 +1,8 @@
 -- ARGV[2]: this node, ARGV[3]: msgpack {{uid, frame}, ...}: pushes for users
 -- not connected here. Each goes to the node that holds the user, one PUBLISH
 -- per node ({'p', uid, frame} entries). Users that are not online anywhere
--- are skipped: their messages stay pending. Returns how many went out.
+-- are skipped: their messages stay pending. Returns {how many went out, the
+-- generation (false if Redis lost it: presences may be missing too)}.
 local me = ARGV[2]
 local by_node = {}
 local sent = 0
@@ -16,4 +17,4 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
   end
 end
 publish_by_node(by_node)
-return sent
+return {sent, redis.call('GET', key('generation'))}
