@@ -215,14 +215,17 @@ class IMServer(MultiService):
         # Everything acked to a sender is committed already; let the
         # fan-outs that follow commits finish too.
         self.chat.stop_sweeper()
-        if self.notifier is not None:
-            self.notifier.stop()
+        # The poll in progress records what it posted before the pools close
+        # (bounded by the notifier), while the fan-outs drain.
+        notifier_stopped = None if self.notifier is None else self.notifier.stop()
         drained = Deferred.fromCoroutine(self.chat.drain())
         drained.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         try:
             await drained
         except Exception:
             self.log.warn("fan-out still running after the shutdown grace period")
+        if notifier_stopped is not None:
+            await notifier_stopped
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.stop()

@@ -669,9 +669,13 @@ class Store:
             "notify_claim", q.notify_claim_txn, self.node_id, self._now_ms(), lease_ms, limit
         )
 
-    async def notifications_done(self, msg_ids: Sequence[int]) -> None:
-        if msg_ids:
-            await self.background.run("notify_done", q.notify_done_txn, msg_ids)
+    async def notifications_done(self, msg_ids: Sequence[int], release: Sequence[int] = ()) -> None:
+        """Delete finished notifications and hand back (unclaim) the ones
+        claimed but not started, in one transaction."""
+        if msg_ids or release:
+            await self.background.run(
+                "notify_done", q.notify_done_txn, msg_ids, self.node_id, release
+            )
 
     async def retry_notification(self, msg_id: int, due_ms: int) -> None:
         await self.background.run("notify_retry", q.notify_retry_txn, msg_id, due_ms)
