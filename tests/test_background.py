@@ -20,7 +20,7 @@ from imserver.services.notifier import Notifier
 from imserver.storage.sql.database import Txn
 from imserver.storage.store import Store
 from tests.stack import Stack, make_stack
-from tests.support import reactor, sleep, within
+from tests.support import eventually, reactor, sleep, within
 from tests.test_queues import Sink
 
 BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
@@ -207,3 +207,153 @@ class NotifierLeaseTests(TestCase):
             notifier = Notifier(clock, None, config, None)  # type: ignore[arg-type]
             self.assertGreater(notifier.lease_seconds, 2 * notifier.budget)
             self.assertGreater(notifier.budget, 2 * timeout)
+
+
+# ---------------------------------------------------------------------------
+# The fan-out's outbox countdown
+
+
+def _outbox_rows(txn: Txn) -> list[tuple[int, str]]:
+    return [(int(r[0]), str(r[1])) for r in txn.query("SELECT id, kind FROM t_outbox ORDER BY id")]
+
+
+def _age_outbox(txn: Txn) -> None:
+    txn.execute(
+        "UPDATE t_outbox SET createdAt = createdAt - 120000, claimedAt = claimedAt - 120000"
+    )
+
+
+def _countdowns(stack: Stack) -> int:
+    """Outbox rows whose fan-out this node still counts down."""
+    old = getattr(stack.chat, "_outbox_left", None)  # where it lived before the fix
+    return len(old) if old is not None else stack.store.outbox_countdowns
+
+
+class FanoutErrorTests(TestCase):
+    """
+    Regression: an unexpected error in a fan-out left its outbox row's
+    countdown entry in memory for good (and, with a row spread over two
+    fan-out batches, the row was never finished by this node). Every row is
+    now finished, or left for the sweeper, exactly once.
+    """
+
+    timeout = 60
+
+    async def setUp(self) -> None:
+        self.stack = await make_stack(self, "embedded", limits=BIG)
+        self.a, self.b, self.c = await _users(self.stack, 3)
+        self.stack.presence.online_users.update((self.b, self.c))
+
+    async def sent_together(self) -> list[int]:
+        """Three sends at once: the first commits alone, the last two share the
+        next commit (and its outbox row). Their msg_ids."""
+        ds = [
+            self.stack.chat.send(self.a, self.c, "0", "text", "w"),
+            self.stack.chat.send(self.a, self.b, "1", "text", "x"),
+            self.stack.chat.send(self.a, self.c, "2", "text", "y"),
+        ]
+        return [(await d)["msg_id"] for d in ds]
+
+    async def rows(self) -> list[tuple[int, str]]:
+        await self.stack.settle()
+        return await self.stack.store.background.run("t", _outbox_rows)
+
+    async def sweep(self) -> None:
+        await self.stack.store.background.run("t", _age_outbox)
+        await self.stack.chat._sweep()
+
+    def break_fanout(self, failing: tuple[int, ...] = (1,)) -> None:
+        """Make these fan-out batches (1 = the next) fail with an unexpected error."""
+        real = self.stack.store.fanout
+        calls = [0]
+
+        async def fanout(committed: Any) -> bool:
+            calls[0] += 1
+            if calls[0] in failing:
+                raise RuntimeError("unexpected")
+            return await real(committed)
+
+        self.stack.store.fanout = fanout  # type: ignore[method-assign]
+
+    async def test_unexpected_error_leaves_no_entry_and_the_row_to_the_sweeper(self) -> None:
+        self.break_fanout()
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        self.assertEqual([kind for _, kind in await self.rows()], ["send"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        await self.sweep()
+        [push] = self.stack.presence.take(self.b, "msg")
+        self.assertEqual(push["msg_id"], sent["msg_id"])
+        self.assertEqual(await self.rows(), [])
+
+    async def test_a_row_split_over_two_batches_is_left_once(self) -> None:
+        """One commit, two fan-out batches: the first fails, the second works."""
+        self.stack.chat.fanouts.max_batch = 1
+        self.break_fanout((2,))
+        _, first, second = await self.sent_together()
+        rows = await self.rows()
+        self.assertEqual(len(rows), 1, "both messages share one commit and one outbox row")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual([kind for _, kind in rows], ["send"])  # not deleted: b missed his push
+        await self.sweep()
+        self.assertEqual([p["msg_id"] for p in self.stack.presence.take(self.b)], [first])
+        self.assertEqual(await self.rows(), [])
+        self.assertIn(second, [p["msg_id"] for p in self.stack.presence.take(self.c)])
+
+    async def test_a_failing_push_spares_the_others(self) -> None:
+        real = self.stack.presence.push
+
+        def push(uid: int, frame: Any) -> bool:
+            if uid == self.b:
+                raise RuntimeError("broken link")
+            return real(uid, frame)
+
+        self.stack.presence.push = push  # type: ignore[method-assign]
+        await self.sent_together()
+        await self.stack.settle()
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(self.stack.presence.take(self.c, "msg")), 2)
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual([kind for _, kind in await self.rows()], ["send"])  # b: replayed
+
+    async def test_a_failing_push_at_commit_still_answers_and_settles(self) -> None:
+        """The recipient is on this node: pushed at commit, and that push raises."""
+        self.stack.presence.local = lambda uid: object()  # type: ignore[method-assign,assignment,return-value]
+
+        def push(uid: int, frame: Any) -> bool:
+            raise RuntimeError("broken link")
+
+        self.stack.presence.push = push  # type: ignore[method-assign]
+        await self.stack.chat.profile([self.a])  # the sender's profile is at hand
+        sent = await within(self.stack.chat.send(self.a, self.b, "1", "text", "x"))
+        self.assertFalse(sent["dup"])
+        # Reads of both users do not wait for ever on a fan-out that never ran.
+        await within(self.stack.chat.sync(self.a, 10, 0, None), 5)
+        await within(self.stack.chat.sync(self.b, 10, 0, None), 5)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual([kind for _, kind in await self.rows()], ["send"])
+
+    async def test_unexpected_hot_store_error_is_repaired_like_an_outage(self) -> None:
+        """Not a HotUnavailable (a script error, a client bug): the hot copy
+        may still lack the messages, so their users are served from SQL and
+        repaired, as in an outage, instead of trusting the copy until a sweep."""
+        await self.stack.chat.sync(self.b, 10, 0, None)  # b has a hot copy
+        real = self.stack.hot.fanout
+
+        async def fanout(*args: Any) -> None:
+            raise RuntimeError("ERR Error running script")
+
+        self.stack.hot.fanout = fanout  # type: ignore[method-assign]
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        self.assertEqual([kind for _, kind in await self.rows()], ["repair"])
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(self.stack.presence.take(self.b, "msg")), 1)  # pushed anyway
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
+        self.stack.hot.fanout = real  # type: ignore[method-assign]
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])

@@ -19,6 +19,7 @@ seed's hot index). The business layer never knows which.
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -27,6 +28,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
 from imserver.errors import Unavailable
@@ -63,6 +65,25 @@ REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=4
 OUTBOX_STALE_MS = 60_000
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
+
+
+class FanoutOutcome(enum.IntEnum):
+    """How the fan-out of committed messages ended (the worse outcome wins for a row)."""
+
+    #: Indexed in the hot store and pushed: the outbox row is finished.
+    DONE = 0
+    #: Pushed, but the hot write failed (a repair is queued): the row only repairs.
+    REPAIR = 1
+    #: An unexpected error: the row stays as it is, for the sweeper to replay.
+    REPLAY = 2
+
+
+@attrs.define
+class OutboxCountdown:
+    """A send batch's outbox row while its messages are fanned out."""
+
+    left: int
+    outcome: FanoutOutcome = FanoutOutcome.DONE
 
 
 class IdSource(Protocol):
@@ -117,6 +138,8 @@ class Store:
         # OUTBOX_FLUSH_SECONDS by a background transaction if none comes.
         self._done_outbox: list[int] = []
         self._done_flush: IDelayedCall | None = None
+        # Send batches' outbox rows whose messages are being fanned out.
+        self._countdowns: dict[int, OutboxCountdown] = {}
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -302,7 +325,10 @@ class Store:
                     rows[key] = row
         try:
             await self.hot.fanout(messages, list(rows.values()))
-        except HotUnavailable as e:
+        except Exception as e:
+            if not isinstance(e, HotUnavailable):
+                # Not an outage, but the copy may lack these messages all the same.
+                self.log.failure("hot store fan-out failed unexpectedly", Failure())
             self._hot_failed(
                 {u for c in committed for u in (c.message.sender, c.message.recipient)},
                 {c.message.session_id for c in committed},
@@ -311,6 +337,42 @@ class Store:
             )
             return False
         return True
+
+    def fanout_started(self, committed: Committed) -> None:
+        """A committed message goes to the fan-out: count it down on its outbox row."""
+        if committed.outbox_id and committed.outbox_id not in self._countdowns:
+            self._countdowns[committed.outbox_id] = OutboxCountdown(committed.outbox_count)
+
+    def fanout_finished(self, committed: Sequence[Committed], outcome: FanoutOutcome) -> None:
+        """
+        The fan-out of these messages ended. A row whose messages have all
+        ended is deleted (all L{FanoutOutcome.DONE}), downgraded to a repair
+        (one L{FanoutOutcome.REPAIR}: a replay must not push again), or left
+        as it is for the sweeper (one L{FanoutOutcome.REPLAY}). Each message
+        must end exactly once, whatever happened to it.
+        """
+        done: list[int] = []
+        downgrade: list[int] = []
+        for c in committed:
+            entry = self._countdowns.get(c.outbox_id)
+            if entry is None:
+                continue
+            entry.left -= 1
+            entry.outcome = max(entry.outcome, outcome)
+            if entry.left <= 0:
+                del self._countdowns[c.outbox_id]
+                if entry.outcome is FanoutOutcome.DONE:
+                    done.append(c.outbox_id)
+                elif entry.outcome is FanoutOutcome.REPAIR:
+                    downgrade.append(c.outbox_id)
+        for outbox_id in done:
+            self.outbox_done(outbox_id)
+        self.outbox_downgrade(downgrade)
+
+    @property
+    def outbox_countdowns(self) -> int:
+        """Send batches' outbox rows whose fan-out is not over yet."""
+        return len(self._countdowns)
 
     # -- delivery state --------------------------------------------------------
 
