@@ -53,6 +53,9 @@ class Task:
     attempts: int = 0
     last_error: str = ""
     call: IDelayedCall | None = None
+    #: Called when the retries are exhausted, before the dead letter is
+    #: written: the owner's chance not to forget the work (e.g. park it).
+    on_dead: Callable[[], None] | None = None
 
 
 class RetryQueueFull(ImError):
@@ -129,6 +132,8 @@ class RetryQueue:
                     attempts=task.attempts,
                     error=task.last_error,
                 )
+                if task.on_dead is not None:
+                    task.on_dead()
                 await self._dead(task)
             else:
                 self._schedule(task)

@@ -15,8 +15,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from imserver.config import LimitsConfig, NotifyConfig
+from imserver.retry import RetryPolicy
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
+from imserver.storage.hot.interface import HotUnavailable
 from imserver.storage.sql.database import Txn
 from imserver.storage.store import Store
 from tests.stack import Stack, make_stack
@@ -357,3 +359,87 @@ class FanoutErrorTests(TestCase):
         await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
         sync = await self.stack.chat.sync(self.b, 10, 0, None)
         self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
+
+
+# ---------------------------------------------------------------------------
+# Repairs that outlive their retries
+
+
+class ParkedRepairTests(TestCase):
+    """
+    Regression: a hot-store repair that exhausted its retries (Redis down
+    for more than ~20 minutes) was dead-lettered and its users stayed
+    "suspect" for the life of the process: every read of theirs went to SQL
+    for good. A repair given up on is now parked and tried again (every
+    C{parked_repair_seconds}) until the hot store answers.
+    """
+
+    timeout = 60
+
+    async def setUp(self) -> None:
+        self.stack = await make_stack(self, "embedded", limits=BIG)
+        store = self.stack.store
+        store.retries.policy = RetryPolicy(
+            base=0.01, factor=1.0, max_delay=0.01, max_attempts=2, jitter=0.0
+        )
+        store.parked_repair_seconds = 0.05
+        self.a, self.b = await _users(self.stack, 2)
+        await self.stack.chat.sync(self.b, 10, 0, None)  # b has a hot copy
+
+    def hot_down(self) -> Any:
+        hot = self.stack.hot
+        real = {name: getattr(hot, name) for name in ("fanout", "invalidate", "recall")}
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        for name in real:
+            setattr(hot, name, down)
+
+        def up() -> None:
+            for name, method in real.items():
+                setattr(hot, name, method)
+
+        return up
+
+    async def test_a_dead_lettered_repair_is_tried_again_later(self) -> None:
+        up = self.hot_down()
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+
+        async def dead_lettered() -> bool:
+            letters = await self.stack.store.dead_letters(None, 10)
+            return any(letter.kind == "repair" for letter in letters)
+
+        await eventually(dead_lettered)
+        await sleep(0.2)
+        self.assertIn(self.b, self.stack.store.suspect_users)  # Redis still down: SQL
+        up()
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        self.assertFalse(self.stack.store.suspect_sessions)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
+        # Served from the rebuilt hot copy again.
+        self.assertEqual(
+            await self.stack.hot.pending(self.b, 0, 10, None), [(sent["msg_id"], self.a)]
+        )
+
+    async def test_a_full_retry_queue_neither_fails_the_request_nor_forgets_the_repair(
+        self,
+    ) -> None:
+        """Regression: with the repair queue full, the committed recall was
+        answered unavailable (its push lost: a retry finds it recalled
+        already), and its users stayed suspect with no repair at all."""
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        self.stack.store.retries.max_tasks = 0
+        self.stack.presence.online_users.add(self.b)
+        up = self.hot_down()
+        self.assertEqual(await self.stack.chat.recall(self.a, sent["msg_id"]), {})
+        [push] = self.stack.presence.take(self.b, "recall")
+        self.assertEqual(push["msg_id"], sent["msg_id"])
+        self.assertIn(self.b, self.stack.store.suspect_users)
+        up()
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        self.assertFalse(self.stack.store.suspect_sessions)
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])

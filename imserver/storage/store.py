@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
 from imserver.errors import Unavailable
-from imserver.retry import RetryPolicy, RetryQueue, Task
+from imserver.retry import RetryPolicy, RetryQueue, RetryQueueFull, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
@@ -48,6 +48,7 @@ from imserver.storage.model import (
     ReadResult,
     RecallResult,
     SendOutcome,
+    chunks,
     session_pair,
 )
 from imserver.storage.sql import queries as q
@@ -65,6 +66,11 @@ REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=4
 OUTBOX_STALE_MS = 60_000
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
+#: How often repairs given up on (retries exhausted, or no room in the retry
+#: queue) are tried again; their users and sessions stay on SQL meanwhile.
+PARKED_REPAIR_SECONDS = 30.0
+#: Users, sessions or messages per invalidation of parked repairs.
+PARKED_CHUNK = 500
 
 
 class FanoutOutcome(enum.IntEnum):
@@ -159,6 +165,13 @@ class Store:
         # not done yet): their reads go to SQL.
         self.suspect_users: Counter[int] = Counter()
         self.suspect_sessions: Counter[int] = Counter()
+        # The part of those counts held by repairs given up on (parked): tried
+        # again every parked_repair_seconds until the hot store answers.
+        self.parked_repair_seconds = PARKED_REPAIR_SECONDS
+        self._parked_users: Counter[int] = Counter()
+        self._parked_sessions: Counter[int] = Counter()
+        self._parked_msgs: set[int] = set()
+        self._parked_call: IDelayedCall | None = None
         self._stopped = False
         # Read by metrics.
         self.hot_fallbacks = 0
@@ -177,6 +190,8 @@ class Store:
         self._stopped = True
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
+        if self._parked_call is not None and self._parked_call.active():
+            self._parked_call.cancel()
         self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
@@ -667,7 +682,88 @@ class Store:
         )
         # A dead letter describes the repair as an outbox row would.
         row = Outbox(0, self.node_id, "repair", tuple(uids), tuple(session_ids), tuple(msg_ids))
-        self.retries.add(Task("repair", uids[0] if uids else 0, repair, row.payload), error)
+        task = Task(
+            "repair",
+            uids[0] if uids else 0,
+            repair,
+            row.payload,
+            on_dead=lambda: self._park(uids, session_ids, msg_ids),
+        )
+        try:
+            self.retries.add(task, error)
+        except RetryQueueFull:
+            # Never fail the request that was committed: the repair waits
+            # with the ones given up on.
+            self._park(uids, session_ids, msg_ids)
+
+    def _park(
+        self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int]
+    ) -> None:
+        """
+        A repair given up on keeps its users and sessions suspect (their
+        reads stay on SQL, which is right) and is merged with the other
+        parked ones, all invalidated together every C{parked_repair_seconds}
+        until the hot store answers: without it they would stay suspect for
+        the life of the process.
+        """
+        self._parked_users.update(uids)
+        self._parked_sessions.update(session_ids)
+        self._parked_msgs.update(msg_ids)
+        self._arm_parked()
+
+    @property
+    def parked_repairs(self) -> int:
+        """Users and sessions waiting for a repair given up on."""
+        return len(self._parked_users) + len(self._parked_sessions)
+
+    def _arm_parked(self) -> None:
+        parked = self._parked_users or self._parked_sessions or self._parked_msgs
+        if parked and self._parked_call is None and not self._stopped:
+            self._parked_call = self._reactor.callLater(
+                self.parked_repair_seconds, self._run_parked
+            )
+
+    def _run_parked(self) -> None:
+        self._parked_call = None
+        d = Deferred.fromCoroutine(self._repair_parked())
+        d.addErrback(lambda f: self.log.failure("parked repairs failed", f))
+        # Whatever happened, try again later while anything is parked.
+        d.addBoth(lambda _: self._arm_parked())
+
+    async def _repair_parked(self) -> None:
+        """Invalidate the parked copies, chunk by chunk; each chunk done is no
+        longer suspect. Messages first, then sessions, then users: a user
+        served from the hot store again must not meet a stale cached message."""
+        msgs = sorted(self._parked_msgs)
+        sessions = dict(self._parked_sessions)
+        users = dict(self._parked_users)
+        try:
+            for part in chunks(msgs, PARKED_CHUNK):
+                await self.hot.invalidate((), (), part)
+                self._parked_msgs.difference_update(part)
+            for part in chunks(sorted(sessions), PARKED_CHUNK):
+                await self.hot.invalidate((), part)
+                done = Counter({sid: sessions[sid] for sid in part})
+                self._parked_sessions -= done
+                self.suspect_sessions -= done
+            for part in chunks(sorted(users), PARKED_CHUNK):
+                await self.hot.invalidate(part, ())
+                done = Counter({uid: users[uid] for uid in part})
+                self._parked_users -= done
+                self.suspect_users -= done
+        except HotUnavailable as e:
+            self.log.warn(
+                "parked repairs of {n} users still waiting: {error}",
+                n=len(self._parked_users),
+                error=e,
+            )
+        else:
+            if users or sessions:
+                self.log.info(
+                    "parked repairs done: {users} users, {sessions} sessions",
+                    users=len(users),
+                    sessions=len(sessions),
+                )
 
     async def _dead_letter(self, task: Task) -> None:
         letter = DeadLetter(
