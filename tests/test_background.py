@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from imserver.config import LimitsConfig, NotifyConfig
+from imserver.errors import Unavailable
 from imserver.retry import RetryPolicy
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
@@ -443,3 +444,57 @@ class ParkedRepairTests(TestCase):
         await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
         self.assertFalse(self.stack.store.suspect_sessions)
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+
+
+# ---------------------------------------------------------------------------
+# The outbox sweeper
+
+
+class SweeperTests(TestCase):
+    timeout = 60
+
+    async def test_rows_whose_pushes_failed_are_replayed_again(self) -> None:
+        """Regression: a replay deleted its rows before pushing their messages,
+        so a push step that failed (SQL down while reading the messages or the
+        unread counts) lost those pushes for good."""
+        stack = await make_stack(self, "embedded", limits=BIG)
+        a, b = await _users(stack, 2)
+        stack.presence.online_users.add(b)
+        stack.chat._start_fanout = lambda *args: None  # type: ignore[method-assign]
+        sent = await stack.chat.send(a, b, "1", "text", "x")  # the node "dies" here
+        del stack.chat._start_fanout
+        stack.chat._inflight.clear()
+        real = stack.store.normal_messages
+
+        async def down(msg_ids: Any) -> Any:
+            raise Unavailable("SQL down")
+
+        stack.store.normal_messages = down  # type: ignore[method-assign]
+        await stack.store.background.run("t", _age_outbox)
+        with self.assertRaises(Unavailable):
+            await stack.chat._sweep()
+        self.assertEqual(stack.presence.take(b, "msg"), [])
+        stack.store.normal_messages = real  # type: ignore[method-assign]
+        await stack.store.background.run("t", _age_outbox)
+        await stack.chat._sweep()
+        [push] = stack.presence.take(b, "msg")
+        self.assertEqual(push["msg_id"], sent["msg_id"])
+        self.assertEqual(await stack.store.background.run("t", _outbox_rows), [])
+
+    async def test_recover_keeps_rows_whose_pushes_failed(self) -> None:
+        stack = await make_stack(self, "embedded", limits=BIG)
+        a, b = await _users(stack, 2)
+        stack.chat._start_fanout = lambda *args: None  # type: ignore[method-assign]
+        await stack.chat.send(a, b, "1", "text", "x")
+        del stack.chat._start_fanout
+        stack.chat._inflight.clear()
+
+        async def down(uid: int) -> Any:
+            raise Unavailable("SQL down")
+
+        stack.store.unread = down  # type: ignore[method-assign]
+        with self.assertRaises(Unavailable):
+            await stack.chat.recover()
+        del stack.store.unread
+        self.assertEqual(len(await stack.store.background.run("t", _outbox_rows)), 1)
+

@@ -455,11 +455,11 @@ class ChatService:
         """
         total = 0
         while True:
-            rows = await self.store.replay_outbox(own=True)
+            # Rows are deleted once their messages are pushed, not before.
+            rows = await self.store.replay_outbox(own=True, push=self._push_replayed)
             if not rows:
                 return total
             total += len(rows)
-            await self._push_replayed(rows)
 
     def start_sweeper(self) -> None:
         """Replay any node's outbox rows left stale (a node died) every 30 s."""
@@ -469,10 +469,9 @@ class ChatService:
         self._sweeper.stop()
 
     async def _sweep(self) -> None:
-        rows = await self.store.replay_outbox(own=False)
+        rows = await self.store.replay_outbox(own=False, push=self._push_replayed)
         if rows:
             self.log.info("replayed {n} stale outbox rows", n=len(rows))
-            await self._push_replayed(rows)
 
     async def _push_replayed(self, rows: Sequence[Any]) -> None:
         """Push the messages of replayed send rows (clients dedupe by msg_id)."""

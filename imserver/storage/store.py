@@ -786,14 +786,20 @@ class Store:
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
         return await self.background.run("dead_letters", q.dead_letters_txn, before, limit)
 
-    async def replay_outbox(self, own: bool, limit: int = 500) -> list[Outbox]:
+    async def replay_outbox(
+        self,
+        own: bool,
+        limit: int = 500,
+        push: Callable[[Sequence[Outbox]], Awaitable[None]] | None = None,
+    ) -> list[Outbox]:
         """
         Redo the hot-store follow-up of outbox rows whose transactions
         committed but whose follow-up never finished: this node's rows from
         its previous life (C{own}), or any node's rows older than
-        L{OUTBOX_STALE_MS}. Returns the rows replayed (the caller re-pushes
-        the messages of C{send} rows); rows whose repair fails stay for the
-        next attempt.
+        L{OUTBOX_STALE_MS}. Returns the rows replayed; rows whose repair
+        fails stay for the next attempt. C{push} (the caller re-pushing the
+        messages of C{send} rows) runs before the rows are deleted: if it
+        raises, they stay too, and are replayed again.
         """
         now = self._now_ms()
         rows = await self.background.run(
@@ -813,6 +819,8 @@ class Store:
             except HotUnavailable:
                 continue
             done.append(row)
+        if done and push is not None:
+            await push(done)
         if done:
             await self.background.run("outbox_done", q.delete_outbox, [r.id for r in done])
         return done
