@@ -11,11 +11,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred, maybeDeferred
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from imserver.config import LimitsConfig, NotifyConfig
 from imserver.errors import Unavailable
+from imserver.periodic import Periodic
 from imserver.retry import RetryPolicy
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
@@ -498,3 +499,38 @@ class SweeperTests(TestCase):
         del stack.store.unread
         self.assertEqual(len(await stack.store.background.run("t", _outbox_rows)), 1)
 
+
+class PeriodicStopTests(SynchronousTestCase):
+    """Regression: stopping a loop did not wait for its tick in progress, so
+    at shutdown a sweep went on after the pools it uses were closed."""
+
+    def test_stop_waits_for_the_running_tick(self) -> None:
+        clock = Clock()
+        gate: Deferred[None] = Deferred()
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            ticks.append(clock.seconds())
+            await gate
+
+        loop = Periodic(clock, 5.0, tick, "test loop")
+        loop.start()
+        clock.advance(5)
+        stopped = maybeDeferred(loop.stop)
+        self.assertFalse(stopped.called)
+        gate.callback(None)
+        self.assertTrue(stopped.called)
+        clock.advance(20)
+        self.assertEqual(ticks, [5.0])
+
+    def test_stop_between_ticks_is_immediate(self) -> None:
+        clock = Clock()
+
+        async def tick() -> None:
+            pass
+
+        loop = Periodic(clock, 5.0, tick, "test loop")
+        loop.start()
+        clock.advance(5)
+        self.assertTrue(maybeDeferred(loop.stop).called)
+        self.assertTrue(maybeDeferred(loop.stop).called)  # twice: harmless

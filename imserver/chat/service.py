@@ -465,8 +465,9 @@ class ChatService:
         """Replay any node's outbox rows left stale (a node died) every 30 s."""
         self._sweeper.start()
 
-    def stop_sweeper(self) -> None:
-        self._sweeper.stop()
+    def stop_sweeper(self) -> Deferred[None]:
+        """Stop sweeping; fires once the sweep in progress, if any, has finished."""
+        return self._sweeper.stop()
 
     async def _sweep(self) -> None:
         rows = await self.store.replay_outbox(own=False, push=self._push_replayed)
