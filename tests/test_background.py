@@ -534,3 +534,56 @@ class PeriodicStopTests(SynchronousTestCase):
         clock.advance(5)
         self.assertTrue(maybeDeferred(loop.stop).called)
         self.assertTrue(maybeDeferred(loop.stop).called)  # twice: harmless
+
+
+class NotifierOutageTests(TestCase):
+    """The notifier while SQL fails under it."""
+
+    timeout = 60
+
+    async def setUp(self) -> None:
+        self.stack = await make_stack(self, "embedded", limits=BIG, notify_delay_ms=0)
+        self.a, self.b = await _users(self.stack, 2)
+        config = NotifyConfig(
+            webhook="http://127.0.0.1:1/push", max_attempts=1, secret=SECRET, timeout_seconds=1.0
+        )
+
+        async def post(payload: dict[str, Any]) -> None:
+            raise RuntimeError("HTTP 500")
+
+        self.notifier = Notifier(
+            reactor, self.stack.store, config, self.stack.store.total_unread, post=post
+        )
+        self.failing: set[str] = set()
+        db = self.stack.store.background
+        real = db.run
+
+        async def run(desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+            if desc in self.failing:
+                raise Unavailable("the database is unavailable")
+            return await real(desc, func, *args, **kwargs)
+
+        db.run = run  # type: ignore[method-assign]
+        self.addCleanup(lambda: db.__dict__.pop("run"))
+
+    async def test_a_dead_letter_not_written_keeps_the_notification(self) -> None:
+        """Regression: the dead letter's write failed (logged), and the
+        notification was deleted all the same: no record of it anywhere."""
+        await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        self.failing.add("dead_letter")
+        await self.notifier.poll()
+        self.assertEqual(await self.stack.store.notify_backlog(), 1)
+        self.assertEqual(await self.stack.store.dead_letters(None, 10), [])
+        self.flushLoggedErrors()
+
+    async def test_a_database_outage_is_a_warning_not_a_crash_report(self) -> None:
+        """An outage while recording a retry is an ordinary condition: a
+        warning, not a CRITICAL traceback (docs/reliability.md)."""
+        await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        self.notifier.policy = RetryPolicy(max_attempts=5)
+        self.failing.add("notify_retry")
+        await self.notifier.poll()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(await self.stack.store.notify_backlog(), 1)

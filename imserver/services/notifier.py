@@ -49,6 +49,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from imserver.config import NotifyConfig
+from imserver.errors import Unavailable
 from imserver.periodic import Periodic
 from imserver.retry import RetryPolicy
 from imserver.storage.model import RECORD_NORMAL, DeadLetter, DueNotification, unpack_body
@@ -261,9 +262,19 @@ class Notifier:
         for n, (_, result) in zip(send, outcomes, strict=True):
             if isinstance(result, Failure):
                 # Its lease runs out and it is claimed again.
-                self.log.failure(
-                    "notification of message {msg_id} not handled", result, msg_id=n.message.msg_id
-                )
+                if result.check(Unavailable):
+                    # An outage is an ordinary condition: no crash report.
+                    self.log.warn(
+                        "notification of message {msg_id} not handled: {error}",
+                        msg_id=n.message.msg_id,
+                        error=result.value,
+                    )
+                else:
+                    self.log.failure(
+                        "notification of message {msg_id} not handled",
+                        result,
+                        msg_id=n.message.msg_id,
+                    )
             elif result is None:
                 release.append(n.message.msg_id)
             elif result:
@@ -321,7 +332,7 @@ class Notifier:
                 n=attempts,
                 error=error,
             )
-            await self._store.add_dead_letter(
+            return await self._store.add_dead_letter(
                 DeadLetter(
                     self._store.ids.next_id(),
                     "notify",
@@ -331,8 +342,7 @@ class Notifier:
                     attempts,
                     int(self._reactor.seconds() * 1000),
                 )
-            )
-            return True
+            )  # not written: the row stays, claimed again when its lease ends
         self.retries += 1
         delay = self.policy.delay(attempts, self._rng)
         due = int((self._reactor.seconds() + delay) * 1000)

@@ -777,11 +777,14 @@ class Store:
         )
         await self.add_dead_letter(letter)
 
-    async def add_dead_letter(self, letter: DeadLetter) -> None:
+    async def add_dead_letter(self, letter: DeadLetter) -> bool:
+        """Record a dead letter; False (logged) if it could not be written."""
         try:
             await self.background.run("dead_letter", q.dead_letter_txn, letter)
         except Exception as e:
             self.log.error("cannot record dead letter {letter}: {error}", letter=letter, error=e)
+            return False
+        return True
 
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
         return await self.background.run("dead_letters", q.dead_letters_txn, before, limit)
