@@ -499,6 +499,54 @@ class SweeperTests(TestCase):
         del stack.store.unread
         self.assertEqual(len(await stack.store.background.run("t", _outbox_rows)), 1)
 
+    async def stale_rows(self, n: int) -> Stack:
+        """A stack with C{n} stale send rows (their fan-outs never ran)."""
+        stack = await make_stack(self, "embedded", limits=BIG)
+        a, b = await _users(stack, 2)
+        stack.chat._start_fanout = lambda *args: None  # type: ignore[method-assign]
+        for i in range(n):
+            await stack.chat.send(a, b, str(i), "text", "x")
+        del stack.chat._start_fanout
+        stack.chat._inflight.clear()
+        await stack.store.background.run("t", _age_outbox)
+        return stack
+
+    async def test_a_replay_stops_at_the_first_hot_store_outage(self) -> None:
+        """Regression: with Redis unreachable every row's invalidation waited
+        for its timeout in turn (500 rows a sweep, and at start-up), so a
+        sweep outlived its 60 s claim and other nodes replayed the same rows."""
+        stack = await self.stale_rows(3)
+        calls = []
+
+        async def down(*args: Any) -> None:
+            calls.append(args)
+            raise HotUnavailable("timeout")
+
+        stack.hot.invalidate = down  # type: ignore[method-assign]
+        self.assertEqual(await stack.store.replay_outbox(own=False), [])
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(await stack.store.background.run("t", _outbox_rows)), 3)
+
+    async def test_a_replay_stops_before_its_claim_can_run_out(self) -> None:
+        """A slow hot store (each invalidation 20 s): a replay ends well
+        within the stale bound after its claim, leaving the rest claimed."""
+        stack = await self.stale_rows(5)
+        clock = Clock()
+        clock.advance(reactor.seconds())
+        store = Store(clock, stack.store.db, stack.hot, ids=IdGenerator(3, clock), node_id=3)
+        real = stack.hot.invalidate
+
+        async def slow(*args: Any) -> None:
+            clock.advance(20)
+            await real(*args)
+
+        stack.hot.invalidate = slow  # type: ignore[method-assign]
+        started = clock.seconds()
+        replayed = await store.replay_outbox(own=False)
+        self.assertLess(clock.seconds() - started, 60)
+        self.assertEqual(len(replayed), 2)
+        self.assertEqual(len(await stack.store.background.run("t", _outbox_rows)), 3)
+
 
 class PeriodicStopTests(SynchronousTestCase):
     """Regression: stopping a loop did not wait for its tick in progress, so

@@ -814,13 +814,19 @@ class Store:
             limit,
         )
         done = []
+        # The claim holds for OUTBOX_STALE_MS: stop well before another node
+        # may claim the same rows, and at the first outage (every other row
+        # would wait for its timeout in turn); the rest stay claimed.
+        deadline = now + OUTBOX_STALE_MS // 2
         for row in rows:
+            if self._now_ms() >= deadline:
+                break
             try:
                 await self.hot.invalidate(
                     row.users, row.sessions, row.msgs if row.kind == "recall" else ()
                 )
             except HotUnavailable:
-                continue
+                break
             done.append(row)
         if done and push is not None:
             await push(done)
