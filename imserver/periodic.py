@@ -7,9 +7,6 @@ for a server's background loops (outbox sweeper, notification poll, presence
 refresh) means the work silently ends until the process restarts. Here a tick
 that fails is logged and the next one runs on time. Ticks never overlap: the
 next is scheduled once the previous has finished.
-
-Stopping returns a Deferred that fires once the tick in progress (if any) has
-finished, so that a shutdown closes the pools a tick uses only after it.
 """
 
 from __future__ import annotations
@@ -53,7 +50,8 @@ class Periodic:
         )
 
     def stop(self) -> Deferred[None]:
-        """Stop ticking; fires once the tick in progress, if any, has finished."""
+        """Stop ticking; fires once the tick in progress, if any, has finished
+        (so that a shutdown closes the pools a tick uses only after it)."""
         if self._loop.running:
             self._loop.stop()
         if not self._ticking:

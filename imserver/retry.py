@@ -97,9 +97,14 @@ class RetryQueue:
     def depth(self) -> int:
         return len(self._tasks)
 
+    @property
+    def full(self) -> bool:
+        """L{add} would raise L{RetryQueueFull}."""
+        return len(self._tasks) >= self.max_tasks
+
     def add(self, task: Task, error: str = "") -> None:
         """A first attempt of C{task} failed: schedule the next one."""
-        if len(self._tasks) >= self.max_tasks:
+        if self.full:
             raise RetryQueueFull()
         task.attempts = max(task.attempts, 1)
         task.last_error = error or task.last_error

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
 from imserver.errors import Unavailable
-from imserver.retry import RetryPolicy, RetryQueue, RetryQueueFull, Task
+from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
@@ -689,12 +689,12 @@ class Store:
             row.payload,
             on_dead=lambda: self._park(uids, session_ids, msg_ids),
         )
-        try:
-            self.retries.add(task, error)
-        except RetryQueueFull:
+        if self.retries.full:
             # Never fail the request that was committed: the repair waits
             # with the ones given up on.
             self._park(uids, session_ids, msg_ids)
+        else:
+            self.retries.add(task, error)
 
     def _park(
         self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int]
