@@ -291,6 +291,22 @@ class FanoutErrorTests(TestCase):
         self.assertEqual(push["msg_id"], sent["msg_id"])
         self.assertEqual(await self.rows(), [])
 
+    async def test_an_unexpected_error_does_not_leave_stale_reads(self) -> None:
+        """The hot copy may lack the messages of a fan-out that failed
+        unexpectedly: their users read from SQL until it is repaired, not
+        from a stale copy until the sweeper comes (60 to 90 s)."""
+        await self.stack.chat.sync(self.b, 10, 0, None)  # b has a hot copy
+        self.break_fanout()
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        self.flushLoggedErrors(RuntimeError)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
+        self.assertEqual((await self.stack.chat.unread(self.b))["total"], 1)
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
+
     async def test_a_row_split_over_two_batches_is_left_once(self) -> None:
         """One commit, two fan-out batches: the first fails, the second works."""
         self.stack.chat.fanouts.max_batch = 1

@@ -366,6 +366,15 @@ class Store:
         as it is for the sweeper (one L{FanoutOutcome.REPLAY}). Each message
         must end exactly once, whatever happened to it.
         """
+        if outcome is FanoutOutcome.REPLAY and committed:
+            # What the hot copy holds is unknown: read these from SQL until
+            # they are repaired, not from a stale copy until the sweep.
+            self._hot_failed(
+                {u for c in committed for u in (c.message.sender, c.message.recipient)},
+                {c.message.session_id for c in committed},
+                (),
+                "fan-out did not finish",
+            )
         done: list[int] = []
         downgrade: list[int] = []
         for c in committed:
