@@ -432,8 +432,10 @@ class ParkedRepairTests(TestCase):
         await eventually(dead_lettered)
         await sleep(0.2)
         self.assertIn(self.b, self.stack.store.suspect_users)  # Redis still down: SQL
+        self.assertGreater(self.stack.store.parked_repairs, 0)
         up()
         await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        self.assertEqual(self.stack.store.parked_repairs, 0)
         self.assertFalse(self.stack.store.suspect_sessions)
         sync = await self.stack.chat.sync(self.b, 10, 0, None)
         self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
