@@ -470,9 +470,13 @@ class ChatService:
         return self._sweeper.stop()
 
     async def _sweep(self) -> None:
+        # Rows still being fanned out here are not stale, however old: keep
+        # them from every sweeper (before and after a replay that may last 30 s).
+        await self.store.renew_outbox_claims()
         rows = await self.store.replay_outbox(own=False, push=self._push_replayed)
         if rows:
             self.log.info("replayed {n} stale outbox rows", n=len(rows))
+        await self.store.renew_outbox_claims()
 
     async def _push_replayed(self, rows: Sequence[Any]) -> None:
         """Push the messages of replayed send rows (clients dedupe by msg_id)."""

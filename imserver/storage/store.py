@@ -393,6 +393,19 @@ class Store:
             self.outbox_done(outbox_id)
         self.outbox_downgrade(downgrade)
 
+    async def renew_outbox_claims(self) -> None:
+        """
+        Keep this node's claim on the send rows whose fan-out is still
+        running: a row counts as stale L{OUTBOX_STALE_MS} after its commit,
+        but a fan-out backlog can take longer, and other nodes' sweepers
+        must not replay it meanwhile (called by each sweep).
+        """
+        ids = sorted(self._countdowns)
+        if ids:
+            await self.background.run(
+                "outbox_renew", q.outbox_renew_txn, ids, self.node_id, self._now_ms()
+            )
+
     @property
     def outbox_countdowns(self) -> int:
         """Send batches' outbox rows whose fan-out is not over yet."""

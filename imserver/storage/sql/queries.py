@@ -804,6 +804,15 @@ def outbox_claim_txn(
     return claimed
 
 
+def outbox_renew_txn(txn: Txn, ids: Sequence[int], node_id: int, now_ms: int) -> None:
+    """This node still works on these rows: no sweeper may take them yet."""
+    for part in chunks(ids, 500):
+        txn.execute(
+            f"UPDATE t_outbox SET claimedAt = ? WHERE claimedBy = ? AND id IN ({marks(len(part))})",
+            (now_ms, node_id, *part),
+        )
+
+
 def outbox_downgrade_txn(txn: Txn, ids: Sequence[int]) -> None:
     """The pushes of these rows are done; only the hot-store repair is left."""
     for part in chunks(ids, 500):
