@@ -307,6 +307,28 @@ class FanoutErrorTests(TestCase):
         sync = await self.stack.chat.sync(self.b, 10, 0, None)
         self.assertEqual([m["msg_id"] for m in sync["msgs"]], [sent["msg_id"]])
 
+    async def test_drain_waits_for_the_downgrade_of_a_repair_row(self) -> None:
+        """Regression (a flaky test, and a shutdown race): the downgrade of a
+        row to 'repair' ran unawaited, so a drain (then the pools' close) could
+        come first and the row stayed 'send': its replay pushed again."""
+        db = self.stack.store.background
+        real = db.run
+
+        async def run(desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+            if desc == "outbox_downgrade":
+                await sleep(0.3)
+            return await real(desc, func, *args, **kwargs)
+
+        db.run = run  # type: ignore[method-assign]
+        self.addCleanup(lambda: db.__dict__.pop("run"))
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        self.stack.hot.fanout = down  # type: ignore[method-assign]
+        await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        self.assertEqual([kind for _, kind in await self.rows()], ["repair"])
+
     async def test_a_row_split_over_two_batches_is_left_once(self) -> None:
         """One commit, two fan-out batches: the first fails, the second works."""
         self.stack.chat.fanouts.max_batch = 1
@@ -690,3 +712,28 @@ class NotifierOutageTests(TestCase):
         await self.notifier.poll()
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(await self.stack.store.notify_backlog(), 1)
+
+    async def test_a_hung_unread_count_ends_within_the_budget(self) -> None:
+        """Reading the unread total hangs (SQL stuck): the notification ends
+        at its budget with a warning, and is claimed again after its lease."""
+        await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        clock = Clock()
+        clock.advance(reactor.seconds() + 1)
+        store = Store(
+            clock, self.stack.store.db, self.stack.hot, ids=IdGenerator(2, clock), node_id=2
+        )
+        config = NotifyConfig(webhook="http://127.0.0.1:1/push", secret=SECRET, timeout_seconds=1.0)
+
+        def hung(uid: int) -> Deferred[int]:
+            return Deferred()
+
+        notifier = Notifier(clock, store, config, hung, post=self.notifier._post)
+        polling = ensureDeferred(notifier.poll())
+        await eventually(lambda: clock.getDelayedCalls())  # claimed; the budget runs
+        clock.advance(notifier.budget)
+        self.assertEqual(await within(polling), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [(_, by, until)] = await self.stack.store.background.run("t", _claims)
+        self.assertEqual(by, 2)
+        self.assertGreater(until, clock.seconds() * 1000)

@@ -262,8 +262,9 @@ class Notifier:
         for n, (_, result) in zip(send, outcomes, strict=True):
             if isinstance(result, Failure):
                 # Its lease runs out and it is claimed again.
-                if result.check(Unavailable):
-                    # An outage is an ordinary condition: no crash report.
+                if result.check(Unavailable, TimeoutError):
+                    # An outage (or a budget run out) is an ordinary condition:
+                    # no crash report.
                     self.log.warn(
                         "notification of message {msg_id} not handled: {error}",
                         msg_id=n.message.msg_id,

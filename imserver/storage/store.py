@@ -146,6 +146,8 @@ class Store:
         self._done_flush: IDelayedCall | None = None
         # Send batches' outbox rows whose messages are being fanned out.
         self._countdowns: dict[int, OutboxCountdown] = {}
+        # Downgrades of outbox rows to 'repair' not written yet.
+        self._downgrades: set[Deferred[None]] = set()
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -678,6 +680,9 @@ class Store:
                 self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
             )
             d.addErrback(lambda f: self.log.warn("outbox downgrade failed: {error}", error=f.value))
+            # drain() waits for it: a row left 'send' would push again on replay.
+            self._downgrades.add(d)
+            d.addBoth(lambda _: self._downgrades.discard(d))
 
     def _hot_failed(
         self,
@@ -891,6 +896,8 @@ class Store:
         if self._done_flush is not None and self._done_flush.active():
             self._done_flush.cancel()
         await self._flush_done_outbox()
+        while self._downgrades:
+            await next(iter(self._downgrades))
 
 
 def _select_one_txn(txn: Any) -> None:
