@@ -261,14 +261,13 @@ class Notifier:
         release = []
         for n, (_, result) in zip(send, outcomes, strict=True):
             if isinstance(result, Failure):
-                # Its lease runs out and it is claimed again.
-                if result.check(Unavailable, TimeoutError):
-                    # An outage (or a budget run out) is an ordinary condition:
-                    # no crash report.
+                # Its lease runs out and it is claimed again. A backend
+                # outage is expected: a warning, without traceback.
+                if result.check(Unavailable):
                     self.log.warn(
                         "notification of message {msg_id} not handled: {error}",
                         msg_id=n.message.msg_id,
-                        error=result.value,
+                        error=str(result.value),
                     )
                 else:
                     self.log.failure(
@@ -302,6 +301,14 @@ class Notifier:
         d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)
         return await d
 
+    async def _unread(self, uid: int, deadline: float) -> int:
+        """The recipient's unread total, or L{Unavailable} at the deadline (SQL stuck)."""
+        try:
+            total: int = await self._bounded(self._total_unread(uid), deadline)
+        except TimeoutError:
+            raise Unavailable("the unread total was not read in time") from None
+        return total
+
     async def _notify(self, n: DueNotification) -> bool:
         """Post one notification; True once it is finished (sent or dead)."""
         m = n.message
@@ -312,7 +319,7 @@ class Notifier:
             "msg_id": m.msg_id,
             "session_id": m.session_id,
             "preview": preview(m.type, unpack_body(m.body)),
-            "total_unread": await self._bounded(self._total_unread(m.recipient), deadline),
+            "total_unread": await self._unread(m.recipient, deadline),
         }
         try:
             await self._bounded(self._post(payload), deadline)
