@@ -254,11 +254,11 @@ class Notifier:
             else:
                 done.append(n.message.msg_id)
         self.skipped += len(done)
+        release: list[int] = []
         outcomes = await DeferredList(
-            [self._limit.run(self._notify_now, n, start_by) for n in send],
+            [self._limit.run(self._notify_now, n, start_by, release) for n in send],
             consumeErrors=True,
         )
-        release = []
         for n, (_, result) in zip(send, outcomes, strict=True):
             if isinstance(result, Failure):
                 # Its lease runs out and it is claimed again. A backend
@@ -275,8 +275,6 @@ class Notifier:
                         result,
                         msg_id=n.message.msg_id,
                     )
-            elif result is None:
-                release.append(n.message.msg_id)
             elif result:
                 done.append(n.message.msg_id)
         # One transaction for the poll's finished rows, sent or skipped, and
@@ -289,10 +287,14 @@ class Notifier:
             )
         return len(due)
 
-    def _notify_now(self, n: DueNotification, start_by: float) -> Deferred[bool | None]:
-        """Start one notification, bounded by the budget; None if too late to start."""
+    def _notify_now(
+        self, n: DueNotification, start_by: float, release: list[int]
+    ) -> Deferred[bool]:
+        """Start one notification, bounded by the budget; too late to start
+        (or stopping), it goes to C{release}, to be handed back."""
         if self._stopping or self._reactor.seconds() > start_by:
-            return succeed(None)
+            release.append(n.message.msg_id)
+            return succeed(False)
         return Deferred.fromCoroutine(self._notify(n))
 
     async def _bounded(self, step: Any, deadline: float) -> Any:
