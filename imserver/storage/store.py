@@ -66,6 +66,14 @@ REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=4
 OUTBOX_STALE_MS = 60_000
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
+
+
+class IdSource(Protocol):
+    """Where outbox and dead-letter ids come from (the node's id generator)."""
+
+    def next_id(self) -> int: ...
+
+
 #: How often repairs given up on (retries exhausted, or no room in the retry
 #: queue) are tried again; their users and sessions stay on SQL meanwhile.
 PARKED_REPAIR_SECONDS = 30.0
@@ -90,12 +98,6 @@ class OutboxCountdown:
 
     left: int
     outcome: FanoutOutcome = FanoutOutcome.DONE
-
-
-class IdSource(Protocol):
-    """Where outbox and dead-letter ids come from (the node's id generator)."""
-
-    def next_id(self) -> int: ...
 
 
 class LRU(OrderedDict[K, V]):
@@ -148,6 +150,14 @@ class Store:
         self._countdowns: dict[int, OutboxCountdown] = {}
         # Downgrades of outbox rows to 'repair' not written yet.
         self._downgrades: set[Deferred[None]] = set()
+        # The part of suspect_users / suspect_sessions held by repairs given
+        # up on (parked): tried again every parked_repair_seconds until the
+        # hot store answers.
+        self.parked_repair_seconds = PARKED_REPAIR_SECONDS
+        self._parked_users: Counter[int] = Counter()
+        self._parked_sessions: Counter[int] = Counter()
+        self._parked_msgs: set[int] = set()
+        self._parked_call: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -167,13 +177,6 @@ class Store:
         # not done yet): their reads go to SQL.
         self.suspect_users: Counter[int] = Counter()
         self.suspect_sessions: Counter[int] = Counter()
-        # The part of those counts held by repairs given up on (parked): tried
-        # again every parked_repair_seconds until the hot store answers.
-        self.parked_repair_seconds = PARKED_REPAIR_SECONDS
-        self._parked_users: Counter[int] = Counter()
-        self._parked_sessions: Counter[int] = Counter()
-        self._parked_msgs: set[int] = set()
-        self._parked_call: IDelayedCall | None = None
         self._stopped = False
         # Read by metrics.
         self.hot_fallbacks = 0
@@ -723,15 +726,37 @@ class Store:
         else:
             self.retries.add(task, error)
 
+    async def _dead_letter(self, task: Task) -> None:
+        letter = DeadLetter(
+            self.ids.next_id(),
+            task.kind,
+            task.ref,
+            task.describe(),
+            task.last_error,
+            task.attempts,
+            self._now_ms(),
+        )
+        await self.add_dead_letter(letter)
+
+    async def add_dead_letter(self, letter: DeadLetter) -> bool:
+        """Record a dead letter; False (logged) if it could not be written."""
+        try:
+            await self.background.run("dead_letter", q.dead_letter_txn, letter)
+        except Exception as e:
+            self.log.error("cannot record dead letter {letter}: {error}", letter=letter, error=e)
+            return False
+        return True
+
     def _park(
-        self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int]
+        self, uids: Iterable[int], session_ids: Iterable[int], msg_ids: Iterable[int]
     ) -> None:
         """
         A repair given up on keeps its users and sessions suspect (their
         reads stay on SQL, which is right) and is merged with the other
         parked ones, all invalidated together every C{parked_repair_seconds}
         until the hot store answers: without it they would stay suspect for
-        the life of the process.
+        the life of the process. (A C{Counter} of users or sessions adds its
+        counts: one per failure that marked them suspect.)
         """
         self._parked_users.update(uids)
         self._parked_sessions.update(session_ids)
@@ -791,27 +816,6 @@ class Store:
                     users=len(users),
                     sessions=len(sessions),
                 )
-
-    async def _dead_letter(self, task: Task) -> None:
-        letter = DeadLetter(
-            self.ids.next_id(),
-            task.kind,
-            task.ref,
-            task.describe(),
-            task.last_error,
-            task.attempts,
-            self._now_ms(),
-        )
-        await self.add_dead_letter(letter)
-
-    async def add_dead_letter(self, letter: DeadLetter) -> bool:
-        """Record a dead letter; False (logged) if it could not be written."""
-        try:
-            await self.background.run("dead_letter", q.dead_letter_txn, letter)
-        except Exception as e:
-            self.log.error("cannot record dead letter {letter}: {error}", letter=letter, error=e)
-            return False
-        return True
 
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
         return await self.background.run("dead_letters", q.dead_letters_txn, before, limit)
