@@ -183,6 +183,22 @@ class NotifierLeaseTests(TestCase):
             notifier._limit = DeferredSemaphore(1)
             return notifier
 
+        # Simulated time moves only while no transaction is running, so a
+        # slow machine cannot make a claim look older than it is.
+        db = stack.store.db
+        real_run = db.run
+        running_txns = [0]
+
+        async def run(desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+            running_txns[0] += 1
+            try:
+                return await real_run(desc, func, *args, **kwargs)
+            finally:
+                running_txns[0] -= 1
+
+        db.run = run  # type: ignore[method-assign]
+        self.addCleanup(lambda: db.__dict__.pop("run"))
+
         nodes = [node(1), node(2)]
         polls: list[Deferred[Any] | None] = [None, None]
         for _ in range(300):
@@ -190,7 +206,8 @@ class NotifierLeaseTests(TestCase):
                 running = polls[i]
                 if running is None or running.called:
                     polls[i] = ensureDeferred(notifier.poll())
-            await sleep(0.01)  # the pool threads' claims and bookkeeping
+            await sleep(0.005)
+            await eventually(lambda: running_txns[0] == 0, interval=0.005)
             clock.advance(1)
             everyone = len({msg_id for _, msg_id in posts}) == len(sent)
             if everyone and not await stack.store.notify_backlog():
