@@ -125,6 +125,9 @@ class RetryQueue:
         try:
             await task.run()
         except Exception as e:
+            if task not in self._tasks:
+                # Cancelled while it ran (the owner is stopping): drop it.
+                return
             task.attempts += 1
             task.last_error = f"{e.__class__.__name__}: {e}"
             if self.policy.exhausted(task.attempts):

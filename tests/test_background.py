@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from imserver.config import LimitsConfig, NotifyConfig
 from imserver.errors import Unavailable
 from imserver.periodic import Periodic
-from imserver.retry import RetryPolicy
+from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
 from imserver.storage.hot.interface import HotUnavailable
@@ -754,3 +754,30 @@ class NotifierOutageTests(TestCase):
         [(_, by, until)] = await self.stack.store.background.run("t", _claims)
         self.assertEqual(by, 2)
         self.assertGreater(until, clock.seconds() * 1000)
+
+
+class RetryQueueStopTests(SynchronousTestCase):
+    """Regression: an attempt in flight when the queue was cancelled (the
+    store stopping) rescheduled itself on failure, so repairs went on against
+    closed backends after shutdown, and ended as dead letters nobody could
+    write."""
+
+    def test_an_attempt_in_flight_at_cancel_is_not_rescheduled(self) -> None:
+        clock = Clock()
+        dead: list[Task] = []
+
+        async def record(task: Task) -> None:
+            dead.append(task)
+
+        queue = RetryQueue(
+            clock, RetryPolicy(base=1.0, factor=1.0, max_attempts=3, jitter=0.0), record
+        )
+        attempt: Deferred[None] = Deferred()
+        queue.add(Task("repair", 1, lambda: attempt), "down")
+        clock.advance(1)  # the second attempt starts, and waits
+        queue.cancel_all()
+        attempt.errback(HotUnavailable("closed"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(10)
+        self.assertEqual(dead, [])
+        self.assertEqual(queue.depth, 0)
