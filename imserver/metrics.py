@@ -265,6 +265,11 @@ class ServerCollector(Collector):
             "Users served from SQL until their hot copy is repaired.",
             len(store.suspect_users),
         )
+        yield GaugeMetricFamily(
+            "imserver_hot_parked_repairs",
+            "Users and sessions whose repair exhausted its retries (retried every 30 s).",
+            store.parked_repairs,
+        )
         sql = CounterMetricFamily(
             "imserver_sql_transactions", "SQL transactions.", labels=["pool", "result"]
         )

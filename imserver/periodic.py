@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -43,8 +43,10 @@ class Periodic:
         self.outages = outages
         self.what = what
         self._tick = tick
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self._run()))
+        self._loop = LoopingCall(self._start_tick)
         self._loop.clock = clock
+        self._ticking = False
+        self._stopped: list[Deferred[None]] = []
         #: Ticks that raised (read by tests and logs).
         self.failures = 0
 
@@ -57,9 +59,27 @@ class Periodic:
             lambda f: self.log.failure("{what} stopped", f, what=self.what)
         )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """Stop ticking; fires once the tick in progress, if any, has finished
+        (so that a shutdown closes the pools a tick uses only after it)."""
         if self._loop.running:
             self._loop.stop()
+        if not self._ticking:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stopped.append(d)
+        return d
+
+    def _start_tick(self) -> Deferred[None]:
+        self._ticking = True
+        return Deferred.fromCoroutine(self._run()).addBoth(self._tick_ended)
+
+    def _tick_ended(self, result: object) -> object:
+        self._ticking = False
+        waiting, self._stopped = self._stopped, []
+        for d in waiting:
+            d.callback(None)
+        return result
 
     async def _run(self) -> None:
         try:

@@ -53,6 +53,9 @@ class Task:
     attempts: int = 0
     last_error: str = ""
     call: IDelayedCall | None = None
+    #: Called when the retries are exhausted, before the dead letter is
+    #: written: the owner's chance not to forget the work (e.g. park it).
+    on_dead: Callable[[], None] | None = None
 
 
 class RetryQueueFull(ImError):
@@ -94,9 +97,14 @@ class RetryQueue:
     def depth(self) -> int:
         return len(self._tasks)
 
+    @property
+    def full(self) -> bool:
+        """L{add} would raise L{RetryQueueFull}."""
+        return len(self._tasks) >= self.max_tasks
+
     def add(self, task: Task, error: str = "") -> None:
         """A first attempt of C{task} failed: schedule the next one."""
-        if len(self._tasks) >= self.max_tasks:
+        if self.full:
             raise RetryQueueFull()
         task.attempts = max(task.attempts, 1)
         task.last_error = error or task.last_error
@@ -117,6 +125,9 @@ class RetryQueue:
         try:
             await task.run()
         except Exception as e:
+            if task not in self._tasks:
+                # Cancelled while it ran (the owner is stopping): drop it.
+                return
             task.attempts += 1
             task.last_error = f"{e.__class__.__name__}: {e}"
             if self.policy.exhausted(task.attempts):
@@ -129,6 +140,8 @@ class RetryQueue:
                     attempts=task.attempts,
                     error=task.last_error,
                 )
+                if task.on_dead is not None:
+                    task.on_dead()
                 await self._dead(task)
             else:
                 self._schedule(task)

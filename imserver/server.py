@@ -228,15 +228,24 @@ class IMServer(MultiService):
             self.log.warn("clients still connected after the shutdown grace period")
         # Everything acked to a sender is committed already; let the
         # fan-outs that follow commits finish too.
-        self.chat.stop_sweeper()
-        if self.notifier is not None:
-            self.notifier.stop()
+        # A sweep in progress finishes before the pools close (bounded).
+        swept = self.chat.stop_sweeper()
+        swept.addTimeout(self.config.server.shutdown_seconds, self.reactor)
+        # The poll in progress records what it posted before the pools close
+        # (bounded by the notifier), while the fan-outs drain.
+        notifier_stopped = None if self.notifier is None else self.notifier.stop()
         drained = Deferred.fromCoroutine(self.chat.drain())
         drained.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         try:
             await drained
         except Exception:
             self.log.warn("fan-out still running after the shutdown grace period")
+        if notifier_stopped is not None:
+            await notifier_stopped
+        try:
+            await swept
+        except Exception:
+            self.log.warn("outbox sweep still running after the shutdown grace period")
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.stop()

@@ -49,7 +49,7 @@ from imserver.storage.model import (
     pack_body,
     unpack_body,
 )
-from imserver.storage.store import Store
+from imserver.storage.store import FanoutOutcome, Store
 
 Result = dict[str, Any]
 #: Observes a latency: (name, seconds). The composition root wires metrics.
@@ -152,8 +152,6 @@ class ChatService:
         )
         self._inflight: dict[int, int] = {}
         self._settled_waiters: dict[int, list[Deferred[None]]] = {}
-        # outbox id -> [messages of the row not fanned out yet, all went well]
-        self._outbox_left: dict[int, list[Any]] = {}
         self._sweeper = Periodic(clock, SWEEP_SECONDS, self._sweep, "outbox sweep")
         # Read by metrics.
         self.sent = 0
@@ -239,16 +237,28 @@ class ChatService:
         uids = (m.sender, m.recipient)
         for uid in uids:
             self._inflight[uid] = self._inflight.get(uid, 0) + 1
-        if committed.outbox_id and committed.outbox_id not in self._outbox_left:
-            self._outbox_left[committed.outbox_id] = [committed.outbox_count, True]
-        sender = self.profiles.peek(m.sender)
-        pushed = sender is not None and self.presence.local(m.recipient) is not None
-        if pushed:
-            self._push(committed, body, started, sender)
-        # _fanout_batch logs its own failures: the item always succeeds.
-        self.fanouts.submit((committed, None if pushed else body, started)).addBoth(
-            self._fanned_out, uids
-        )
+        self.store.fanout_started(committed)
+        pushed = False
+        try:
+            sender = self.profiles.peek(m.sender)
+            if sender is not None and self.presence.local(m.recipient) is not None:
+                self._push(committed, body, started, sender)
+                pushed = True
+        except Exception:
+            # The send is committed: answer it; the fan-out tries the push again.
+            self.log.failure("push of message {msg_id} failed", Failure(), msg_id=m.msg_id)
+        try:
+            # _fanout_batch logs its own failures: the item always succeeds.
+            d = self.fanouts.submit((committed, None if pushed else body, started))
+        except Exception as e:
+            # Queue full: the sweeper replays the outbox row.
+            self.log.warn(
+                "fan-out of message {msg_id} not queued: {error}", msg_id=m.msg_id, error=e
+            )
+            self.store.fanout_finished([committed], FanoutOutcome.REPLAY)
+            self._fanned_out(None, uids)
+            return
+        d.addBoth(self._fanned_out, uids)
 
     def _fanned_out(self, _: object, uids: Sequence[int]) -> None:
         for uid in uids:
@@ -280,9 +290,12 @@ class ChatService:
     async def _fanout_batch(self, items: Sequence[tuple[Committed, Any, float]]) -> list[None]:
         """The real-time queue: index a batch in the hot store, then push the
         messages not pushed at commit (recipient on another node, or sender's
-        profile not at hand)."""
+        profile not at hand). Every message's outbox row learns how its
+        fan-out ended, whatever the error."""
+        committed = [c for c, _, _ in items]
+        outcome = FanoutOutcome.REPLAY
+        unpushed: list[Committed] = []
         try:
-            committed = [c for c, _, _ in items]
             indexed = await self.store.fanout(committed)
             late = [(c, body, started) for c, body, started in items if body is not None]
             if late:
@@ -292,33 +305,28 @@ class ChatService:
                     # Pushed without the sender's profile; the client fetches it.
                     self.log.warn("sender profiles not read: {error}", error=e)
                     senders = {}
+                failure = None
                 for c, body, started in late:
-                    self._push(c, body, started, senders.get(c.message.sender))
-            self._settle_outbox(committed, indexed)
+                    try:
+                        self._push(c, body, started, senders.get(c.message.sender))
+                    except Exception:
+                        # One broken push spares the others; its row is replayed.
+                        failure = Failure()
+                        unpushed.append(c)
+                if failure is not None:
+                    self.log.failure("{n} pushes failed", failure, n=len(unpushed))
+            outcome = FanoutOutcome.DONE if indexed else FanoutOutcome.REPAIR
         except Exception:
             # Once per batch, not once per message. The outbox rows stay and
             # are replayed by the sweeper.
             self.log.failure("fan-out of {n} messages failed", Failure(), n=len(items))
+            unpushed = []
+        if unpushed:
+            left = set(map(id, unpushed))
+            self.store.fanout_finished(unpushed, FanoutOutcome.REPLAY)
+            committed = [c for c in committed if id(c) not in left]
+        self.store.fanout_finished(committed, outcome)
         return [None] * len(items)
-
-    def _settle_outbox(self, committed: Sequence[Committed], indexed: bool) -> None:
-        """Delete the outbox rows whose messages are all fanned out; rows
-        with a failed hot step keep waiting for their repair (downgraded, so
-        a replay does not push again)."""
-        done: list[int] = []
-        downgrade: list[int] = []
-        for c in committed:
-            entry = self._outbox_left.get(c.outbox_id)
-            if entry is None:
-                continue
-            entry[0] -= 1
-            entry[1] = entry[1] and indexed
-            if entry[0] <= 0:
-                del self._outbox_left[c.outbox_id]
-                (done if entry[1] else downgrade).append(c.outbox_id)
-        for outbox_id in done:
-            self.store.outbox_done(outbox_id)
-        self.store.outbox_downgrade(downgrade)
 
     # -- delivery state ------------------------------------------------------------
 
@@ -573,24 +581,28 @@ class ChatService:
         """
         total = 0
         while True:
-            rows = await self.store.replay_outbox(own=True)
+            # Rows are deleted once their messages are pushed, not before.
+            rows = await self.store.replay_outbox(own=True, push=self._push_replayed)
             if not rows:
                 return total
             total += len(rows)
-            await self._push_replayed(rows)
 
     def start_sweeper(self) -> None:
         """Replay any node's outbox rows left stale (a node died) every 30 s."""
         self._sweeper.start()
 
-    def stop_sweeper(self) -> None:
-        self._sweeper.stop()
+    def stop_sweeper(self) -> Deferred[None]:
+        """Stop sweeping; fires once the sweep in progress, if any, has finished."""
+        return self._sweeper.stop()
 
     async def _sweep(self) -> None:
-        rows = await self.store.replay_outbox(own=False)
+        # Rows still being fanned out here are not stale, however old: keep
+        # them from every sweeper (before and after a replay that may last 30 s).
+        await self.store.renew_outbox_claims()
+        rows = await self.store.replay_outbox(own=False, push=self._push_replayed)
         if rows:
             self.log.info("replayed {n} stale outbox rows", n=len(rows))
-            await self._push_replayed(rows)
+        await self.store.renew_outbox_claims()
 
     async def _push_replayed(self, rows: Sequence[Any]) -> None:
         """Push the messages of replayed send rows (clients dedupe by msg_id)."""

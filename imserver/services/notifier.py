@@ -14,6 +14,13 @@ POSTs the rest to C{[notify].webhook}:
 A non-2xx answer or a timeout schedules a retry (exponential backoff with
 jitter, kept in SQL); after C{max_attempts} the notification becomes a dead
 letter. Delivery is at least once: the receiver dedupes by C{msg_id}.
+
+Claims are leases, and a poll never outlives its own: every notification is
+bounded (L{Notifier.budget}, from the webhook's timeouts), the lease is
+derived from that bound, and a poll starts no notification that could end
+after its lease minus a margin; the ones it did not start are handed back.
+Stopping waits (bounded) for the poll in progress, so what was posted is
+recorded and never posted again by the next node.
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    TimeoutError,
+    ensureDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,8 +57,15 @@ from imserver.storage.store import Store
 
 PREVIEW_CHARS = 100
 POLL_SECONDS = 0.5
-LEASE_MS = 60_000
+#: The shortest lease on claimed notifications (a crashed node's claims
+#: are taken over after it).
+MIN_LEASE_SECONDS = 60.0
+#: Kept free at the end of a lease: the poll's bookkeeping, clock skew between nodes.
+LEASE_MARGIN_SECONDS = 10.0
+#: What reading the recipient's unread total may take, besides the webhook's timeouts.
+UNREAD_SECONDS = 5.0
 BATCH = 200
+CONCURRENCY = 20
 
 
 def preview(kind: str, body: Any) -> str:
@@ -152,7 +173,16 @@ class Notifier:
         )
         self._rng = rng or random.Random()
         self._loop = Periodic(reactor, POLL_SECONDS, self.poll, "notification poll")
-        self._limit = DeferredSemaphore(20)
+        self._limit = DeferredSemaphore(CONCURRENCY)
+        #: The longest one notification may take: the unread total, then the
+        #: webhook's connect + answer and body (each bounded by its timeout).
+        self.budget = UNREAD_SECONDS + 2 * config.timeout_seconds
+        #: Longer than the longest poll can use: a poll starts no notification
+        #: later than C{lease - margin - budget} after its claim.
+        self.lease_seconds = max(MIN_LEASE_SECONDS, 2 * self.budget + LEASE_MARGIN_SECONDS)
+        self._stopping = False
+        self._polls = 0
+        self._idle: list[Deferred[None]] = []
         # Read by metrics.
         self.sent = 0
         self.skipped = 0
@@ -161,18 +191,61 @@ class Notifier:
         self.failures = 0
 
     def start(self) -> None:
+        self._stopping = False
         self._loop.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> Deferred[None]:
+        """
+        Stop polling; fires once the poll in progress has recorded what it
+        posted (its notifications not started yet are handed back), or
+        after C{timeout} (default: one notification's budget plus the
+        margin), whichever comes first.
+        """
+        self._stopping = True
         self._loop.stop()
+        if not self._polls:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        bound = self.budget + LEASE_MARGIN_SECONDS if timeout is None else timeout
+        d.addTimeout(bound, self._reactor)
 
-    async def poll(self) -> int:
-        """Handle every due notification once; returns how many were due."""
+        def late(f: Failure) -> None:
+            f.trap(TimeoutError)
+            self.log.warn(
+                "notification poll still running after {seconds}s; its posts may be repeated",
+                seconds=bound,
+            )
+
+        return d.addErrback(late)
+
+    def poll(self) -> Deferred[int]:
+        """Handle every due notification once; fires with how many were due."""
+        self._polls += 1
+        d = Deferred.fromCoroutine(self._poll())
+        d.addBoth(self._poll_ended)
+        return d
+
+    def _poll_ended(self, result: Any) -> Any:
+        self._polls -= 1
+        if not self._polls:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                if not d.called:
+                    d.callback(None)
+        return result
+
+    async def _poll(self) -> int:
+        if self._stopping:
+            return 0
+        claimed_at = self._reactor.seconds()
         try:
-            due = await self._store.claim_notifications(LEASE_MS, BATCH)
+            due = await self._store.claim_notifications(int(self.lease_seconds * 1000), BATCH)
         except Exception as e:
             self.log.warn("cannot read due notifications: {error}", error=e)
             return 0
+        # Nothing starts after this: it could end after the lease.
+        start_by = claimed_at + self.lease_seconds - LEASE_MARGIN_SECONDS - self.budget
         done = []
         send = []
         for n in due:
@@ -181,8 +254,9 @@ class Notifier:
             else:
                 done.append(n.message.msg_id)
         self.skipped += len(done)
+        release: list[int] = []
         outcomes = await DeferredList(
-            [self._limit.run(self._notify_now, n) for n in send],
+            [self._limit.run(self._notify_now, n, start_by, release) for n in send],
             consumeErrors=True,
         )
         for n, (_, result) in zip(send, outcomes, strict=True):
@@ -203,28 +277,56 @@ class Notifier:
                     )
             elif result:
                 done.append(n.message.msg_id)
-        # One transaction for the poll's finished rows, sent or skipped.
-        await self._store.notifications_done(done)
+        # One transaction for the poll's finished rows, sent or skipped, and
+        # the ones handed back unstarted.
+        try:
+            await self._store.notifications_done(done, release)
+        except Exception as e:
+            self.log.warn(
+                "notifications sent but not recorded ({error}): they are sent again", error=e
+            )
         return len(due)
 
-    def _notify_now(self, n: DueNotification) -> Deferred[bool]:
+    def _notify_now(
+        self, n: DueNotification, start_by: float, release: list[int]
+    ) -> Deferred[bool]:
+        """Start one notification, bounded by the budget; too late to start
+        (or stopping), it goes to C{release}, to be handed back."""
+        if self._stopping or self._reactor.seconds() > start_by:
+            release.append(n.message.msg_id)
+            return succeed(False)
         return Deferred.fromCoroutine(self._notify(n))
+
+    async def _bounded(self, step: Any, deadline: float) -> Any:
+        """Await C{step}, cancelled at C{deadline} (reactor seconds)."""
+        d = ensureDeferred(step)
+        d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)
+        return await d
+
+    async def _unread(self, uid: int, deadline: float) -> int:
+        """The recipient's unread total, or L{Unavailable} at the deadline (SQL stuck)."""
+        try:
+            total: int = await self._bounded(self._total_unread(uid), deadline)
+        except TimeoutError:
+            raise Unavailable("the unread total was not read in time") from None
+        return total
 
     async def _notify(self, n: DueNotification) -> bool:
         """Post one notification; True once it is finished (sent or dead)."""
         m = n.message
+        deadline = self._reactor.seconds() + self.budget
         payload = {
             "uid": m.recipient,
             "from": m.sender,
             "msg_id": m.msg_id,
             "session_id": m.session_id,
             "preview": preview(m.type, unpack_body(m.body)),
-            "total_unread": await self._total_unread(m.recipient),
+            "total_unread": await self._unread(m.recipient, deadline),
         }
         try:
-            await self._post(payload)
+            await self._bounded(self._post(payload), deadline)
         except Exception as e:
-            return await self._failed(n, payload, str(e))
+            return await self._failed(n, payload, f"{e.__class__.__name__}: {e}")
         self.sent += 1
         return True
 
@@ -240,7 +342,7 @@ class Notifier:
                 n=attempts,
                 error=error,
             )
-            await self._store.add_dead_letter(
+            return await self._store.add_dead_letter(
                 DeadLetter(
                     self._store.ids.next_id(),
                     "notify",
@@ -250,8 +352,7 @@ class Notifier:
                     attempts,
                     int(self._reactor.seconds() * 1000),
                 )
-            )
-            return True
+            )  # not written: the row stays, claimed again when its lease ends
         self.retries += 1
         delay = self.policy.delay(attempts, self._rng)
         due = int((self._reactor.seconds() + delay) * 1000)

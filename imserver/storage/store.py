@@ -22,6 +22,7 @@ seed's hot index). The business layer never knows which.
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -51,6 +52,7 @@ from imserver.storage.model import (
     RecallResult,
     Refused,
     SendOutcome,
+    chunks,
     session_pair,
 )
 from imserver.storage.sql import queries as q
@@ -77,6 +79,32 @@ class IdSource(Protocol):
     """Where outbox and dead-letter ids come from (the node's id generator)."""
 
     def next_id(self) -> int: ...
+
+
+#: How often repairs given up on (retries exhausted, or no room in the retry
+#: queue) are tried again; their users and sessions stay on SQL meanwhile.
+PARKED_REPAIR_SECONDS = 30.0
+#: Users, sessions or messages per invalidation of parked repairs.
+PARKED_CHUNK = 500
+
+
+class FanoutOutcome(enum.IntEnum):
+    """How the fan-out of committed messages ended (the worse outcome wins for a row)."""
+
+    #: Indexed in the hot store and pushed: the outbox row is finished.
+    DONE = 0
+    #: Pushed, but the hot write failed (a repair is queued): the row only repairs.
+    REPAIR = 1
+    #: An unexpected error: the row stays as it is, for the sweeper to replay.
+    REPLAY = 2
+
+
+@attrs.define
+class OutboxCountdown:
+    """A send batch's outbox row while its messages are fanned out."""
+
+    left: int
+    outcome: FanoutOutcome = FanoutOutcome.DONE
 
 
 class LRU(OrderedDict[K, V]):
@@ -125,8 +153,21 @@ class Store:
         # OUTBOX_FLUSH_SECONDS by a background transaction if none comes.
         self._done_outbox: list[int] = []
         self._done_flush: IDelayedCall | None = None
+        # Outbox rows to downgrade to 'repair', written together (see
+        # outbox_downgrade), and the transactions writing them (drain waits).
         self._downgrades: list[int] = []
         self._downgrade_flush: IDelayedCall | None = None
+        self._downgrading: set[Deferred[None]] = set()
+        # Send batches' outbox rows whose messages are being fanned out.
+        self._countdowns: dict[int, OutboxCountdown] = {}
+        # The part of suspect_users / suspect_sessions held by repairs given
+        # up on (parked): tried again every parked_repair_seconds until the
+        # hot store answers.
+        self.parked_repair_seconds = PARKED_REPAIR_SECONDS
+        self._parked_users: Counter[int] = Counter()
+        self._parked_sessions: Counter[int] = Counter()
+        self._parked_msgs: set[int] = set()
+        self._parked_call: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
         # report unread counts that include later messages.
@@ -173,6 +214,8 @@ class Store:
             self._done_flush.cancel()
         if self._downgrade_flush is not None and self._downgrade_flush.active():
             self._downgrade_flush.cancel()
+        if self._parked_call is not None and self._parked_call.active():
+            self._parked_call.cancel()
         self.retries.cancel_all()
         await self.hot.stop()
         self.db.close()
@@ -183,6 +226,9 @@ class Store:
         n = self.retries.expedite()
         if n:
             self.log.info("hot store back: running {n} repairs now", n=n)
+        if self._parked_call is not None and self._parked_call.active():
+            self._parked_call.cancel()
+            self._run_parked()
 
     async def health(self) -> dict[str, str]:
         status = {"sql": "ok", "redis": "embedded" if self.hot.kind == "embedded" else "ok"}
@@ -452,7 +498,10 @@ class Store:
                     rows[key] = row
         try:
             await self.hot.fanout(messages, list(rows.values()))
-        except HotUnavailable as e:
+        except Exception as e:
+            if not isinstance(e, HotUnavailable):
+                # Not an outage, but the copy may lack these messages all the same.
+                self.log.failure("hot store fan-out failed unexpectedly", Failure())
             self._hot_failed(
                 {u for c in committed for u in (c.message.sender, c.message.recipient)},
                 {c.message.session_id for c in committed},
@@ -461,6 +510,64 @@ class Store:
             )
             return False
         return True
+
+    def fanout_started(self, committed: Committed) -> None:
+        """A committed message goes to the fan-out: count it down on its outbox row."""
+        if committed.outbox_id and committed.outbox_id not in self._countdowns:
+            self._countdowns[committed.outbox_id] = OutboxCountdown(committed.outbox_count)
+
+    def fanout_finished(self, committed: Sequence[Committed], outcome: FanoutOutcome) -> None:
+        """
+        The fan-out of these messages ended. A row whose messages have all
+        ended is deleted (all L{FanoutOutcome.DONE}), downgraded to a repair
+        (one L{FanoutOutcome.REPAIR}: a replay must not push again), or left
+        as it is for the sweeper (one L{FanoutOutcome.REPLAY}). Each message
+        must end exactly once, whatever happened to it.
+        """
+        if outcome is FanoutOutcome.REPLAY and committed:
+            # What the hot copy holds is unknown: read these from SQL until
+            # they are repaired, not from a stale copy until the sweep.
+            self._hot_failed(
+                {u for c in committed for u in (c.message.sender, c.message.recipient)},
+                {c.message.session_id for c in committed},
+                (),
+                "fan-out did not finish",
+            )
+        done: list[int] = []
+        downgrade: list[int] = []
+        for c in committed:
+            entry = self._countdowns.get(c.outbox_id)
+            if entry is None:
+                continue
+            entry.left -= 1
+            entry.outcome = max(entry.outcome, outcome)
+            if entry.left <= 0:
+                del self._countdowns[c.outbox_id]
+                if entry.outcome is FanoutOutcome.DONE:
+                    done.append(c.outbox_id)
+                elif entry.outcome is FanoutOutcome.REPAIR:
+                    downgrade.append(c.outbox_id)
+        for outbox_id in done:
+            self.outbox_done(outbox_id)
+        self.outbox_downgrade(downgrade)
+
+    async def renew_outbox_claims(self) -> None:
+        """
+        Keep this node's claim on the send rows whose fan-out is still
+        running: a row counts as stale L{OUTBOX_STALE_MS} after its commit,
+        but a fan-out backlog can take longer, and other nodes' sweepers
+        must not replay it meanwhile (called by each sweep).
+        """
+        ids = sorted(self._countdowns)
+        if ids:
+            await self.background.run(
+                "outbox_renew", q.outbox_renew_txn, ids, self.node_id, self._now_ms()
+            )
+
+    @property
+    def outbox_countdowns(self) -> int:
+        """Send batches' outbox rows whose fan-out is not over yet."""
+        return len(self._countdowns)
 
     # -- delivery state --------------------------------------------------------
 
@@ -784,6 +891,9 @@ class Store:
                 self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
             )
             d.addErrback(lambda f: self.log.warn("outbox downgrade failed: {error}", error=f.value))
+            # drain() waits for it: a row left 'send' would push again on replay.
+            self._downgrading.add(d)
+            d.addBoth(lambda _: self._downgrading.discard(d))
 
     def _hot_failed(
         self,
@@ -803,14 +913,23 @@ class Store:
         # failed batch.
         repair = self._open_repair
         if repair is None:
+            if self.retries.full:
+                # Never fail the request that was committed: the repair waits
+                # with the ones given up on.
+                self._park(uids, session_ids, msg_ids)
+                return
             repair = self._open_repair = _Repair(self.node_id)
             self.log.warn(
                 "hot store write failed ({error}): repairing {n} users", error=error, n=len(uids)
             )
-            self.retries.add(
-                Task("repair", uids[0] if uids else 0, lambda: self._repair(repair), repair.row),
-                error,
+            task = Task(
+                "repair",
+                uids[0] if uids else 0,
+                lambda: self._repair(repair),
+                repair.row,
+                on_dead=lambda: self._park(repair.users, repair.sessions, repair.msgs),
             )
+            self.retries.add(task, error)
         repair.users.update(uids)
         repair.sessions.update(session_ids)
         repair.msgs.update(msg_ids)
@@ -842,23 +961,102 @@ class Store:
         )
         await self.add_dead_letter(letter)
 
-    async def add_dead_letter(self, letter: DeadLetter) -> None:
+    async def add_dead_letter(self, letter: DeadLetter) -> bool:
+        """Record a dead letter; False (logged) if it could not be written."""
         try:
             await self.background.run("dead_letter", q.dead_letter_txn, letter)
         except Exception as e:
             self.log.error("cannot record dead letter {letter}: {error}", letter=letter, error=e)
+            return False
+        return True
+
+    def _park(
+        self, uids: Iterable[int], session_ids: Iterable[int], msg_ids: Iterable[int]
+    ) -> None:
+        """
+        A repair given up on keeps its users and sessions suspect (their
+        reads stay on SQL, which is right) and is merged with the other
+        parked ones, all invalidated together every C{parked_repair_seconds}
+        until the hot store answers: without it they would stay suspect for
+        the life of the process. (A C{Counter} of users or sessions adds its
+        counts: one per failure that marked them suspect.)
+        """
+        self._parked_users.update(uids)
+        self._parked_sessions.update(session_ids)
+        self._parked_msgs.update(msg_ids)
+        self._arm_parked()
+
+    @property
+    def parked_repairs(self) -> int:
+        """Users and sessions waiting for a repair given up on."""
+        return len(self._parked_users) + len(self._parked_sessions)
+
+    def _arm_parked(self) -> None:
+        parked = self._parked_users or self._parked_sessions or self._parked_msgs
+        if parked and self._parked_call is None and not self._stopped:
+            self._parked_call = self._reactor.callLater(
+                self.parked_repair_seconds, self._run_parked
+            )
+
+    def _run_parked(self) -> None:
+        self._parked_call = None
+        d = Deferred.fromCoroutine(self._repair_parked())
+        d.addErrback(lambda f: self.log.failure("parked repairs failed", f))
+        # Whatever happened, try again later while anything is parked.
+        d.addBoth(lambda _: self._arm_parked())
+
+    async def _repair_parked(self) -> None:
+        """Invalidate the parked copies, chunk by chunk; each chunk done is no
+        longer suspect. Messages first, then sessions, then users: a user
+        served from the hot store again must not meet a stale cached message."""
+        msgs = sorted(self._parked_msgs)
+        sessions = dict(self._parked_sessions)
+        users = dict(self._parked_users)
+        try:
+            for part in chunks(msgs, PARKED_CHUNK):
+                await self.hot.invalidate((), (), part)
+                self._parked_msgs.difference_update(part)
+            for part in chunks(sorted(sessions), PARKED_CHUNK):
+                await self.hot.invalidate((), part)
+                done = Counter({sid: sessions[sid] for sid in part})
+                self._parked_sessions -= done
+                self.suspect_sessions -= done
+            for part in chunks(sorted(users), PARKED_CHUNK):
+                await self.hot.invalidate(part, ())
+                done = Counter({uid: users[uid] for uid in part})
+                self._parked_users -= done
+                self.suspect_users -= done
+        except HotUnavailable as e:
+            self.log.warn(
+                "parked repairs of {n} users still waiting: {error}",
+                n=len(self._parked_users),
+                error=e,
+            )
+        else:
+            if users or sessions:
+                self.log.info(
+                    "parked repairs done: {users} users, {sessions} sessions",
+                    users=len(users),
+                    sessions=len(sessions),
+                )
 
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
         return await self.background.run("dead_letters", q.dead_letters_txn, before, limit)
 
-    async def replay_outbox(self, own: bool, limit: int = 500) -> list[Outbox]:
+    async def replay_outbox(
+        self,
+        own: bool,
+        limit: int = 500,
+        push: Callable[[Sequence[Outbox]], Awaitable[None]] | None = None,
+    ) -> list[Outbox]:
         """
         Redo the hot-store follow-up of outbox rows whose transactions
         committed but whose follow-up never finished: this node's rows from
         its previous life (C{own}), or any node's rows older than
-        L{OUTBOX_STALE_MS}. Returns the rows replayed (the caller re-pushes
-        the messages of C{send} rows); rows whose repair fails stay for the
-        next attempt.
+        L{OUTBOX_STALE_MS}. Returns the rows replayed; rows whose repair
+        fails stay for the next attempt. C{push} (the caller re-pushing the
+        messages of C{send} rows) runs before the rows are deleted: if it
+        raises, they stay too, and are replayed again.
         """
         now = self._now_ms()
         rows = await self.background.run(
@@ -870,14 +1068,22 @@ class Store:
             limit,
         )
         done = []
+        # The claim holds for OUTBOX_STALE_MS: stop well before another node
+        # may claim the same rows, and at the first outage (every other row
+        # would wait for its timeout in turn); the rest stay claimed.
+        deadline = now + OUTBOX_STALE_MS // 2
         for row in rows:
+            if self._now_ms() >= deadline:
+                break
             try:
                 await self.hot.invalidate(
                     row.users, row.sessions, row.msgs if row.kind == "recall" else ()
                 )
             except HotUnavailable:
-                continue
+                break
             done.append(row)
+        if done and push is not None:
+            await push(done)
         if done:
             await self.background.run("outbox_done", q.delete_outbox, [r.id for r in done])
         return done
@@ -892,9 +1098,13 @@ class Store:
             "notify_claim", q.notify_claim_txn, self.node_id, self._now_ms(), lease_ms, limit
         )
 
-    async def notifications_done(self, msg_ids: Sequence[int]) -> None:
-        if msg_ids:
-            await self.background.run("notify_done", q.notify_done_txn, msg_ids)
+    async def notifications_done(self, msg_ids: Sequence[int], release: Sequence[int] = ()) -> None:
+        """Delete finished notifications and hand back (unclaim) the ones
+        claimed but not started, in one transaction."""
+        if msg_ids or release:
+            await self.background.run(
+                "notify_done", q.notify_done_txn, msg_ids, self.node_id, release
+            )
 
     async def retry_notification(self, msg_id: int, due_ms: int) -> None:
         await self.background.run("notify_retry", q.notify_retry_txn, msg_id, due_ms)
@@ -918,12 +1128,9 @@ class Store:
         if self._downgrade_flush is not None and self._downgrade_flush.active():
             self._downgrade_flush.cancel()
         self._downgrade_flush = None
-        ids, self._downgrades = self._downgrades, []
-        if ids:
-            try:
-                await self.background.run("outbox_downgrade", q.outbox_downgrade_txn, ids)
-            except Exception as e:
-                self.log.warn("outbox downgrade failed: {error}", error=e)
+        self._flush_downgrades()
+        while self._downgrading:
+            await next(iter(self._downgrading))
 
 
 @attrs.define(eq=False)

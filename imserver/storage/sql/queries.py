@@ -857,6 +857,15 @@ def outbox_claim_txn(
     return claimed
 
 
+def outbox_renew_txn(txn: Txn, ids: Sequence[int], node_id: int, now_ms: int) -> None:
+    """This node still works on these rows: no sweeper may take them yet."""
+    for part in chunks(ids, 500):
+        txn.execute(
+            f"UPDATE t_outbox SET claimedAt = ? WHERE claimedBy = ? AND id IN ({marks(len(part))})",
+            (now_ms, node_id, *part),
+        )
+
+
 def outbox_downgrade_txn(txn: Txn, ids: Sequence[int]) -> None:
     """The pushes of these rows are done; only the hot-store repair is left."""
     for part in chunks(ids, 500):
@@ -908,9 +917,19 @@ def notify_claim_txn(
     ]
 
 
-def notify_done_txn(txn: Txn, msg_ids: Sequence[int]) -> None:
+def notify_done_txn(
+    txn: Txn, msg_ids: Sequence[int], node_id: int = 0, release: Sequence[int] = ()
+) -> None:
+    """Delete finished notifications; end this node's claims of C{release}
+    (not started: due again at once, for any node)."""
     for part in chunks(msg_ids, 500):
         txn.execute(f"DELETE FROM t_notify WHERE msgId IN ({marks(len(part))})", part)
+    for part in chunks(release, 500):
+        txn.execute(
+            f"UPDATE t_notify SET claimedUntil = 0 WHERE claimedBy = ? AND msgId IN"
+            f" ({marks(len(part))})",
+            (node_id, *part),
+        )
 
 
 def notify_retry_txn(txn: Txn, msg_id: int, due_ms: int) -> None:
