@@ -648,8 +648,8 @@ class Soak:
                 self.violations.add("storm", f"the storm failed: {out['error']}")
         elif kind in NETEM_FAULTS:
             assert self.netem is not None
-            shape = "delay 100ms 20ms" if kind == "netem_delay" else "loss 10%"
-            f.detail["netem"] = shape
+            shape = "delay 100 20" if kind == "netem_delay" else "loss 10"
+            f.detail["netem"] = f"{shape} ({self.netem.mode})"
             self.netem.shape(shape)
             try:
                 self.sleep(8.0)
@@ -665,8 +665,18 @@ class Soak:
         if args.netem:
             from bench import netem
 
+            why = netem.available()
+            if why:
+                raise BenchError(why)
             self.netem = netem.Netem()
-            self.netem.setup()
+            try:
+                self.netem.setup()
+            except RuntimeError as e:
+                raise BenchError(f"--netem: {e}") from e
+            log(
+                f"netem: node 1 reaches its backends through {self.netem.ns_a} and "
+                f"{self.netem.ns_b} (shaped by {self.netem.mode})"
+            )
             per_node = self.netem.per_node
         log(f"starting imserver (mysql-redis, {args.nodes} node(s)) ...")
         try:
@@ -799,6 +809,7 @@ class Soak:
             "violations": v.as_dict(),
             "faults_by_kind": dict(Counter(f.kind for f in self.faults)),
             "fault_costs": costs,
+            "netem_mode": self.netem.mode if self.netem is not None else None,
             "latency": lat,
             "errors": dict(errors),
             "nodes": nodes,
