@@ -35,7 +35,15 @@ from bench.runner import BenchError, Progress, Uids, WorkerPool, log
 from bench.stacks import Target, start_imserver
 
 #: Faults a 60-second CI run injects: deterministic enough to pass every time.
-CI_FAULTS = ("malformed", "node_kill", "flushall", "redis_stop", "mariadb_kill", "slow_consumer")
+CI_FAULTS = (
+    "malformed",
+    "node_kill",
+    "flushall",
+    "redis_stop",
+    "mariadb_kill",
+    "sql_kill",
+    "slow_consumer",
+)
 #: Every fault, in schedule order (C{--netem} adds the network ones).
 ALL_FAULTS = (
     "malformed",
@@ -43,6 +51,7 @@ ALL_FAULTS = (
     "flushall",
     "redis_stop",
     "mariadb_kill",
+    "sql_kill",
     "slow_consumer",
     "redis_restart",
     "storm",
@@ -588,6 +597,42 @@ class Soak:
             self.tick()
         return {"error": f"no result after {timeout:.0f}s"}
 
+    def sql_kill(self, seconds: float) -> dict[str, Any]:
+        """
+        For C{seconds}: KILL every connection of imserver's that is running a
+        statement, as fast as one client can (each may be in its COMMIT: the
+        server then cannot know whether it committed). MariaDB stays up.
+        """
+        import pymysql
+
+        assert self.target is not None and self.target.config is not None
+        mariadb = self.target.backends["mariadb"]
+        database = self.target.config["storage"]["sql"].rsplit("/", 1)[1]
+        conn = pymysql.connect(unix_socket=mariadb.socket, user="root", autocommit=True)
+        killed = rounds = 0
+        end = time.monotonic() + seconds
+        try:
+            with conn.cursor() as cur:
+                while time.monotonic() < end:
+                    rounds += 1
+                    cur.execute(
+                        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s"
+                        " AND COMMAND = 'Query' AND ID <> CONNECTION_ID()",
+                        (database,),
+                    )
+                    for (pid,) in cur.fetchall():
+                        try:
+                            cur.execute(f"KILL CONNECTION {int(pid)}")
+                            killed += 1
+                        except pymysql.MySQLError:
+                            pass  # gone meanwhile
+                    assert self.pool is not None
+                    self.pool.poll(0.005)
+                    self.tick()
+        finally:
+            conn.close()
+        return {"killed": killed, "rounds": rounds}
+
     def inject(self, kind: str) -> None:
         assert self.target is not None
         f = Fault(kind, time.monotonic_ns())
@@ -607,6 +652,8 @@ class Soak:
                 f.detail["restart_s"] = round(time.monotonic() - t, 2)
             finally:
                 self.killing.discard(i)
+        elif kind == "sql_kill":
+            f.detail.update(self.sql_kill(3.0))
         elif kind == "flushall":
             f.detail["reply"] = redis.command("FLUSHALL").decode(errors="replace").strip()
         elif kind == "redis_stop":
@@ -734,7 +781,7 @@ class Soak:
         if not all(e["in_time"] for e in settled):
             self.violations.add(
                 "settle_timeout",
-                f"not everything was answered and delivered in {self.args.settle}s",
+                f"sends still unanswered {self.args.settle:.0f} s after the load",
             )
         log(f"[{time.monotonic() - self.t0:6.1f}s] verifying through the protocol and SQL")
         pool.send({"cmd": "verify"})
@@ -923,6 +970,8 @@ def summary_lines(result: Mapping[str, Any]) -> Iterable[str]:
             extra = f", {c.get('ok')}/{c.get('clients')} in {c.get('seconds')} s"
         elif c["kind"] == "malformed":
             extra = f", {c.get('checked')} frames, {len(c.get('mismatches', []))} answered wrong"
+        elif c["kind"] == "sql_kill":
+            extra = f", {c.get('killed')} connections killed"
         elif "restart_s" in c:
             extra = f", restart {c['restart_s']} s"
         for kind, count in c.get("after", {}).items():
