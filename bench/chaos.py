@@ -411,6 +411,17 @@ def latencies(
     return {k: stats.summary(stats.histogram(v)) for k, v in sorted(out.items())}
 
 
+def _follows(t: int, faults: Sequence[Fault]) -> Fault | None:
+    """The fault that most recently started before C{t}, if it ended less than 15 s before."""
+    last = None
+    for f in faults:
+        if f.start_ns <= t:
+            last = f
+    if last is not None and t <= (last.end_ns or last.start_ns) + 15 * 10**9:
+        return last
+    return None
+
+
 def fault_costs(
     senders: Sequence[Mapping[str, Any]],
     recipients: Sequence[Mapping[str, Any]],
@@ -459,10 +470,10 @@ def fault_costs(
                 "ack": stats.summary(stats.histogram(acks)),
                 "longest_without_ok_s": round(stall / 1e9, 2),
                 "refused": dict(refused),
-                # Violations about messages answered ok from the fault's start
-                # to 15 s after its end.
+                # Violations about messages answered ok after this fault
+                # started (and before the next one), up to 15 s after its end.
                 "after": {
-                    kind: sum(1 for t in times if a <= t <= b + 13 * 10**9)
+                    kind: sum(1 for t in times if _follows(t, faults) is f)
                     for kind, times in (when or {}).items()
                 },
                 **f.detail,
@@ -813,6 +824,14 @@ class Soak:
                     break
                 time.sleep(0.5)
             node: dict[str, Any] = {"node": i + 1, "running": server.running, "healthz": status}
+            # Its log goes with its temporary directory: keep what it complained about.
+            noisy = [
+                line[:400]
+                for line in server.log().splitlines()
+                if any(w in line for w in ("#warn]", "#error]", "#critical]", "Traceback"))
+            ]
+            node["log_complaints"] = len(noisy)
+            node["log_last_complaints"] = noisy[-40:]
             if not server.running:
                 v.add("node_dead", f"node {i + 1} is not running at the end")
             elif status != 200:

@@ -185,8 +185,10 @@ def _hold() -> float:
     return hold
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction, each chunk released at its time (never before an earlier one)."""
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shaped: bool = False
+) -> None:
+    """Copy one direction; if C{shaped}, each chunk is held (L{_hold}), order kept."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -205,7 +207,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     last = 0.0
     try:
         while data := await reader.read(65536):
-            last = max(last, loop.time() + _hold())
+            last = max(last, loop.time() + (_hold() if shaped else 0.0))
             queue.put_nowait((last, data))
             if sender.done():
                 break
@@ -237,8 +239,9 @@ async def _join(
     w1: asyncio.StreamWriter,
     r2: asyncio.StreamReader,
     w2: asyncio.StreamWriter,
+    shaped: bool = False,
 ) -> None:
-    await asyncio.gather(_pipe(r1, w2), _pipe(r2, w1))
+    await asyncio.gather(_pipe(r1, w2, shaped), _pipe(r2, w1, shaped))
 
 
 async def forward(ns_a: str, ns_b: str, targets: list[int]) -> None:
@@ -273,7 +276,8 @@ async def forward(ns_a: str, ns_b: str, targets: list[int]) -> None:
                 sock.close()
                 w.close()
                 return
-            await _join(r, w, r2, w2)
+            # This hop crosses the veth: the one the forwarder shapes (no sch_netem).
+            await _join(r, w, r2, w2, shaped=True)
 
         with namespace(ns_b):
             listen_b = socket.create_server((ADDR_B, inner_port))
