@@ -120,7 +120,7 @@ class Actor:
         self.run = run
         self.uid = uid
         self.token = token
-        self.node = node
+        self.home = self.node = node
         self.link: Link | None = None
         self.connecting = False
         self.wanted = True
@@ -150,7 +150,7 @@ class Actor:
     def _connect_failed(self, f: Failure) -> None:
         self.connecting = False
         self.errors[f"connect:{type(f.value).__name__}"] += 1
-        self.node += 1  # another node next time (if there are several)
+        self.node += 1  # the next node next time (if there are several)
         self.reconnect_later()
 
     def reconnect_later(self) -> None:
@@ -178,6 +178,7 @@ class Actor:
             self.reconnect_later()
             return
         self.link = None
+        self.node = self.home  # its own node first again (it may be back)
         self.epochs[-1][1] = monotonic_ns()
         waiting, self.waiting = self.waiting, {}
         self.on_down(waiting)

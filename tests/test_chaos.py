@@ -205,7 +205,7 @@ class SoakTests(TestCase):
         self.addCleanup(shutil.rmtree, out, True)
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -219,18 +219,25 @@ class SoakTests(TestCase):
             ],
             cwd=REPO,
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=540,
         )
-        report = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        try:
+            stdout, stderr = proc.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: the tool stops every process it started, then exits.
+            proc.terminate()
+            stdout, stderr = proc.communicate(timeout=60)
+            self.fail(f"the soak took more than 540 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        report = f"stdout:\n{stdout[-6000:]}\nstderr:\n{stderr[-3000:]}"
         files = glob.glob(os.path.join(out, "chaos-*.json"))
         self.assertEqual(len(files), 1, report)
         with open(files[0]) as f:
             result = json.load(f)
         figures = result["figures"]
         for line in ("chaos soak: 60 s", "sent ", "faults ", "send p50/p99/max ms"):
-            self.assertIn(line, proc.stdout, report)
+            self.assertIn(line, stdout, report)
         self.assertEqual(set(result["faults_by_kind"]), set(chaos.CI_FAULTS), report)
         self.assertGreater(figures["ok"], 1000, report)
         self.assertGreater(figures["reconnects"], 0, report)
