@@ -313,7 +313,15 @@ def judge(
             want = sorted(pending & normal)
             got = r["final_sync"]
             if got != want:
-                v.add("mismatch:sync", f"recipient {ruid}: sync {_history_diff(got, want)}")
+                missing = sorted(set(want) - set(got))
+                extra = sorted(set(got) - set(want))
+                misreported = {msg_id[q] for q in s["spurious_dup"]}
+                v.add(
+                    "mismatch:sync",
+                    f"recipient {ruid}: sync {_history_diff(got, want)}"
+                    f" (missing {missing[:3]}, {len(set(missing) & misreported)} of them"
+                    f" answered dup:true on their only attempt; extra {extra[:3]})",
+                )
         for q, a, b in r["dups"]:
             v.add("duplicated", f"recipient {ruid}: seq {q} received as {a} and {b}")
         # Pushed to a connected recipient.

@@ -270,6 +270,10 @@ class Actor:
     def tick(self, now: int) -> None:
         pass
 
+    @property
+    def quiet(self) -> bool:
+        return True
+
     async def history(self, peer: int) -> list[int]:
         """Every msg_id of the conversation with C{peer}, newest first."""
         out: list[int] = []
@@ -419,6 +423,8 @@ class Sender(Actor):
             self.rejected.append([seq, code, f.get("message")])
 
     def recall(self, seq: int) -> None:
+        if self.run.phase == "verify":
+            return  # left unresolved (judged as such)
         self.recall_todo.discard(seq)
         if not self.request("recall", {"msg_id": self.msg_id[seq]}, "recall", seq):
             self.recall_todo.add(seq)
@@ -436,7 +442,7 @@ class Sender(Actor):
             reactor.callLater(0.5, self._recall_again, data)
 
     def _recall_again(self, seq: int) -> None:
-        if seq in self.recall_todo and self.link is not None:
+        if seq in self.recall_todo and self.link is not None and self.run.phase != "verify":
             self.recall(seq)
 
     def timed_out(self, kind: str, data: Any) -> None:
@@ -446,6 +452,10 @@ class Sender(Actor):
     @property
     def resolved(self) -> bool:
         return not self.inflight and not self.retry and not self.recall_todo
+
+    @property
+    def quiet(self) -> bool:
+        return self.resolved and not any(k == "recall" for k, _, _ in self.waiting.values())
 
     def result(self) -> dict[str, Any]:
         return {
@@ -605,7 +615,7 @@ class Recipient(Actor):
 
     @property
     def quiet(self) -> bool:
-        """Nothing of ours in flight or still to send."""
+        """Nothing that changes the server's state in flight or still to send."""
         return not self.to_ack and not any(
             k in ("ack", "read") for k, _, _ in self.waiting.values()
         )
@@ -1051,6 +1061,11 @@ class Chaos(Scenario):
                 for s, r in zip(self.senders, self.recipients, strict=True)
             ):
                 break
+            await _sleep(0.2)
+        # Whatever happens, nothing of ours may still change SQL once the final
+        # reads start: every ack, read and recall answered.
+        until = monotonic_ns() + int(ARRIVAL_S * 1e9)
+        while monotonic_ns() < until and not all(a.quiet for a in self.actors):
             await _sleep(0.2)
         await _sleep(0.5)
         self.phase = "verify"
