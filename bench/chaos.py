@@ -751,9 +751,9 @@ class Soak:
             raise BenchError(f"could not start imserver: {e}") from e
         uids = Uids()
         self.uids = uids.take(2 * args.pairs)
-        spare_per_worker = 2 * 4 * len(self.plan) + args.storm * (
-            1 + self.kinds.count("storm") * len(self.plan)
-        )
+        # Fresh users for the faults worker 0 runs: 2 per malformed or slow
+        # consumer, --storm per storm.
+        spare = sum(args.storm if k == "storm" else 2 for _, k in self.plan)
         parts = runner.split(args.pairs, args.workers)
         specs = []
         first = 0
@@ -766,7 +766,7 @@ class Soak:
                     "secret": self.target.secret,
                     "uids": self.uids[2 * first : 2 * (first + n)],
                     "first_pair": first,
-                    "spare_uids": uids.take(spare_per_worker if i == 0 else 0),
+                    "spare_uids": uids.take(spare if i == 0 else 0),
                     "rate": args.rate,
                     "window": args.window,
                     "burst": args.burst,
