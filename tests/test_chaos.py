@@ -3,6 +3,7 @@ The chaos soak (bench/chaos.py, bench/chaosload.py).
 
 L{JudgeTests} feed the checker made-up client records and SQL rows, so that
 each kind of violation is shown to be caught (and a clean run to pass).
+L{NetemTests} checks the namespaces and forwarder of C{--netem} (as root).
 L{SoakTests} runs the CI version, ``python -m bench chaos --seconds 60``, on
 its own MariaDB and Redis, as CI does: every fault of the CI set, and exit
 status 0 only if nothing was lost, duplicated, reordered or mismatched.
@@ -14,12 +15,14 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from bench import chaos
 from bench.chaos import Conv, Row, Sql, judge
@@ -243,3 +246,46 @@ class SoakTests(TestCase):
         self.assertGreater(figures["reconnects"], 0, report)
         self.assertEqual(result["violations"], {}, report)
         self.assertEqual(proc.returncode, 0, report)
+
+
+class NetemTests(TestCase):
+    """bench/netem.py: the namespaces, the forwarder, the delay, the clean-up (root only)."""
+
+    timeout = 60
+
+    def test_forward_delay_cleanup(self) -> None:
+        from bench import netem
+        from tests.harness import RedisServer
+
+        why = netem.available()
+        if why:
+            raise SkipTest(why)
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        n = netem.Netem()
+        self.addCleanup(n.cleanup)
+        n.setup()
+        [port] = n.forward([redis.port])
+
+        def ping() -> tuple[bytes, float]:
+            t = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(100), time.monotonic() - t
+
+        self.assertEqual(ping()[0], b"+PONG\r\n")
+        n.shape("delay 100 0")
+        reply, took = ping()
+        self.assertEqual(reply, b"+PONG\r\n")
+        self.assertGreater(took, 0.18)  # 100 ms each way
+        n.shape(None)
+        self.assertLess(ping()[1], 0.15)
+        redis.kill()
+        self.assertEqual(ping()[0], b"")  # accepted, then closed: the backend is down
+        redis.start()
+        self.assertEqual(ping()[0], b"+PONG\r\n")
+        names = (n.ns_a, n.ns_b)
+        n.cleanup()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for name in names:
+            self.assertNotIn(name, listed)
