@@ -542,6 +542,7 @@ class Soak:
         self.netem: Any = None
         self.progress = Progress(not args.quiet)
         self.killing: set[int] = set()
+        self.given_up: set[int] = set()
         self.rss: dict[int, dict[str, Any]] = {}  # pid -> node, base, peak, last (KiB)
         self.started = time.monotonic()
         self.next_sample = 0.0
@@ -557,13 +558,17 @@ class Soak:
             return
         self.next_sample = now + 1.0
         for i, server in enumerate(self.target.servers):
-            if i in self.killing:
+            if i in self.killing or i in self.given_up:
                 continue
             if not server.running:
                 self.violations.add(
                     "node_died", f"node {i + 1} exited by itself: {server.log()[-1500:]!r}"
                 )
-                self.restart_node(i)
+                try:
+                    self.restart_node(i)
+                except Exception as e:
+                    self.given_up.add(i)
+                    self.violations.add("node_dead", f"node {i + 1} did not start again: {e}")
                 continue
             pid = server.proc.pid
             sample = procstat.sample(pid)
@@ -788,7 +793,15 @@ class Soak:
             pool.sleep_until(self.t0 + at, self.tick)
             self.progress.done()
             log(f"[{time.monotonic() - self.t0:6.1f}s] fault: {kind}")
-            self.inject(kind)
+            try:
+                self.inject(kind)
+            except (KeyboardInterrupt, BenchError):
+                raise
+            except Exception as e:
+                # A process that does not come back is a finding, not a crash of the tool.
+                self.violations.add("fault_failed", f"{kind}: {type(e).__name__}: {e}"[:2000])
+                if self.faults and not self.faults[-1].end_ns:
+                    self.faults[-1].end_ns = time.monotonic_ns()
         pool.sleep_until(self.t0 + self.duration, self.tick)
         self.progress.done()
         log(
