@@ -320,7 +320,9 @@ def judge(
                     "mismatch:sync",
                     f"recipient {ruid}: sync {_history_diff(got, want)}"
                     f" (missing {missing[:3]}, {len(set(missing) & misreported)} of them"
-                    f" answered dup:true on their only attempt; extra {extra[:3]})",
+                    f" answered dup:true on their only attempt; extra {extra[:3]},"
+                    f" {len(set(extra) & acked)} of them acked ok,"
+                    f" {len(set(extra) & gone)} recalled)",
                 )
         for q, a, b in r["dups"]:
             v.add("duplicated", f"recipient {ruid}: seq {q} received as {a} and {b}")
