@@ -131,6 +131,53 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     _server_options(p, "imserver")
 
+    p = sub.add_parser(
+        "chaos", help="mixed load on MariaDB + Redis while faults are injected; checks against SQL"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--minutes", type=float, default=1.0, help="load duration (default 1)")
+    g.add_argument("--seconds", type=float, help="load duration in seconds (instead of --minutes)")
+    p.add_argument("--nodes", type=int, default=1, help="imserver nodes (default 1)")
+    p.add_argument("--pairs", type=int, default=20, help="sender/recipient pairs (default 20)")
+    p.add_argument("--rate", type=float, default=10.0, help="msg/s per sender (default 10)")
+    p.add_argument("--window", type=int, default=8, help="sends in flight per sender, at most (8)")
+    p.add_argument("--burst", type=int, default=4, help="sends written at once (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="load worker processes (default 1)")
+    p.add_argument(
+        "--faults",
+        help="comma-separated faults in schedule order (default: the CI set up to 90 s, "
+        "all of them beyond; see bench/README.md)",
+    )
+    p.add_argument(
+        "--every", type=float, help="seconds between fault starts (default 8 up to 2 min, else 15)"
+    )
+    p.add_argument(
+        "--netem",
+        action="store_true",
+        help="node 1 reaches its backends through two network namespaces and tc netem "
+        "(root; adds the netem_delay and netem_loss faults)",
+    )
+    p.add_argument(
+        "--reconnect-every",
+        type=float,
+        default=60.0,
+        help="each client drops its connection once per this many seconds on average "
+        "(60; 0: never)",
+    )
+    p.add_argument("--storm", type=int, default=300, help="clients of a connect storm (300)")
+    p.add_argument(
+        "--settle", type=float, default=60.0, help="max seconds to answer what was left (60)"
+    )
+    p.add_argument(
+        "--rss-growth-mb",
+        type=float,
+        default=150.0,
+        help="a node whose RSS grows more than this is a violation (150)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--results-dir", default=runner.RESULTS_DIR)
+    o.add_argument("--quiet", action="store_true", help="no progress line")
+
     p = sub.add_parser("plot", help="redraw the plots of saved results")
     p.add_argument("files", nargs="+")
     return ap
@@ -152,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             for png in plot.plot_file(path) or ["(nothing to plot for this scenario)"]:
                 print(png)
         return 0
+    if args.scenario == "chaos":
+        from bench import chaos
+
+        return chaos.cmd_chaos(args)
     try:
         runner.check_server_args(args)
         result = COMMANDS[args.scenario](args)

@@ -78,12 +78,12 @@ def bar(fraction: float, width: int = 24) -> str:
 class WorkerPool:
     """C{python -m bench.worker SPEC} processes, spoken to in JSON lines."""
 
-    def __init__(self, specs: list[dict[str, Any]]) -> None:
+    def __init__(self, specs: list[dict[str, Any]], module: str = "bench.worker") -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "bench.worker", json.dumps(spec)],
+                [sys.executable, "-m", module, json.dumps(spec)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 cwd=REPO,

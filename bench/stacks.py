@@ -75,6 +75,11 @@ class Target:
     stop: Callable[[], None] = lambda: None
     #: Every process measured so far (a worker's pid stays listed once it is gone).
     seen_pids: dict[str, int] = attrs.Factory(dict)
+    #: The processes the tool started (tests.harness objects), for the chaos
+    #: soak to kill and restart: the ServerProcess of each node, and the
+    #: "mariadb" and "redis" servers.
+    servers: list[Any] = attrs.Factory(list)
+    backends: dict[str, Any] = attrs.Factory(dict)
 
     @property
     def endpoint(self) -> str:
@@ -122,6 +127,7 @@ def start_imserver(
     backlog: int | None = None,
     nodes: int = 1,
     server_workers: int = 1,
+    per_node: Callable[[int, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Target:
     """
     A fresh imserver (and its own mariadbd and redis-server for mysql-redis).
@@ -131,6 +137,9 @@ def start_imserver(
         database and Redis, each on its own ports (mysql-redis only).
     @param server_workers: C{[server] workers}: one supervisor and that many
         worker processes sharing the ports (mysql-redis only).
+    @param per_node: called with each node's id and config before it starts,
+        to change it (the chaos soak points one node at its backends through
+        a delayed network).
     """
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
@@ -143,6 +152,7 @@ def start_imserver(
     config: dict[str, dict[str, Any]] = {"limits": dict(LIMITS_LIFTED)}
     pids: dict[str, int] = {}
     backends: list[Any] = []
+    named: dict[str, Any] = {}
     servers: list[Any] = []
     leftovers: set[int] = set()
 
@@ -177,6 +187,7 @@ def start_imserver(
             backends.append(mariadb)
             redis = RedisServer().start()
             backends.append(redis)
+            named.update(mariadb=mariadb, redis=redis)
             assert mariadb.proc is not None and redis.proc is not None
             pids["mariadb"] = mariadb.proc.pid
             pids["redis"] = redis.proc.pid
@@ -195,6 +206,8 @@ def start_imserver(
             node_config = {name: dict(table) for name, table in config.items()}
             if nodes > 1:
                 node_config.setdefault("server", {})["node_id"] = node_id
+            if per_node is not None:
+                per_node(node_id, node_config)
             port = None
             if backlog:
                 port = free_port()
@@ -230,6 +243,8 @@ def start_imserver(
         nodes=nodes,
         server_workers=server_workers,
         stop=cleanup,
+        servers=servers,
+        backends=named,
     )
 
 
