@@ -29,6 +29,8 @@ CR_SERVER_LOST = 2013
 ER_CON_COUNT_ERROR = 1040
 ER_SERVER_SHUTDOWN = 1053
 ER_DUP_ENTRY = 1062
+#: MariaDB's answer to a statement of a connection KILLed meanwhile (then it closes).
+ER_CONNECTION_KILLED = 1927
 
 
 class Engine:
@@ -284,6 +286,7 @@ class MysqlEngine(Engine):
             (CR_SERVER_LOST,),
             (ER_CON_COUNT_ERROR,),
             (ER_SERVER_SHUTDOWN,),
+            (ER_CONNECTION_KILLED,),
         )
 
     def lock_migrations(self, cursor: Any) -> None:
