@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -138,6 +138,16 @@ class _Factory(txredisapi.RedisFactory):
             d.addBoth(lambda _: sentinel.disconnect())
             d.addBoth(lambda _: None)
         return d
+
+    def stopTrying(self) -> Deferred[None]:
+        """
+        Keep trying. txredisapi calls this from C{connectionMade} when AUTH
+        or SELECT fails, and that is also what a proxy in front of a Redis
+        that is down does to every reconnection (it accepts, then closes):
+        the pool gave up for good. Only L{disconnect} stops a pool here; a
+        wrong password is logged at each attempt instead.
+        """
+        return succeed(None)
 
     def retryDelay(self, attempt: int) -> float:
         if self.sentinel is not None and attempt <= 1:
