@@ -29,7 +29,12 @@ from imserver.config import (
     parse_config,
     redis_target,
 )
-from imserver.storage.hot.connect import connect_pool
+from imserver.errors import Unavailable
+from imserver.gateway.registry import LocalRegistry
+from imserver.services.cluster import ClusterPresence
+from imserver.storage.hot.bus import RedisBus
+from imserver.storage.hot.connect import SwitchWatch, connect_pool
+from imserver.storage.hot.connection import RedisConnection
 from tests.harness import (
     MariaDBServer,
     RedisReplica,
@@ -42,6 +47,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.support import ClientsMixin, eventually, reactor, sleep, within
+from tests.test_pubsub_check import Link
 
 _uids = itertools.count(70_000)
 KEY = "[storage].redis"
@@ -468,6 +474,109 @@ class SentinelFailoverTests(ClientsMixin, TestCase):
         now = reactor.seconds()
         recent = [s for records in load.sent.values() for s in records if s.end > now - seconds]
         return bool(recent) and all(s.code == "ok" and s.end - s.start < 0.25 for s in recent)
+
+
+class _Transport:
+    def __init__(self, host: str, port: int) -> None:
+        self.peer = attrs.make_class("Peer", ["host", "port"])(host, port)
+        self.lost = False
+
+    def getPeer(self) -> Any:
+        return self.peer
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+
+class SwitchWatchTests(SynchronousTestCase):
+    def test_drops_connections_to_any_other_server_than_the_new_master(self) -> None:
+        conns = [
+            attrs.make_class("Conn", ["transport"])(_Transport(h, p))
+            for h, p in (("10.0.0.1", 6379), ("10.0.0.2", 6379), ("10.0.0.2", 6380))
+        ]
+        factory = attrs.make_class("Factory", ["pool"])(conns)
+        watch = SwitchWatch(reactor, RedisSentinelTarget((), "im", 0), factory, 1.0)
+        for junk in ("", "other 10.0.0.1 6379 10.0.0.2 6379", "im 10.0.0.1 6379 10.0.0.2 x"):
+            watch.switched(junk)
+        self.assertEqual([c.transport.lost for c in conns], [False, False, False])
+        watch.switched("im 10.0.0.1 6379 10.0.0.2 6379")
+        self.assertEqual([c.transport.lost for c in conns], [True, False, True])
+        self.assertEqual(watch.dropped, 2)
+
+
+def numsub(redis: RedisServer, channel: str) -> int:
+    return int(redis.command("PUBSUB", "NUMSUB", channel).rsplit(b":", 1)[1])
+
+
+class SentinelSwitchTests(TestCase):
+    """
+    A failover with the old master alive (C{SENTINEL FAILOVER}, as for
+    maintenance): the sentinels name the promoted replica at once, but the
+    old master stays a master, with the nodes' connections, until they
+    convert it to a replica (10 s later here): nodes must follow the
+    switch, not wait for that.
+    """
+
+    timeout = 90
+
+    async def test_nodes_follow_a_switch_of_a_live_master(self) -> None:
+        master = RedisServer().start()
+        replica = RedisReplica(master).start()
+        sentinels = [RedisSentinel(master) for _ in range(3)]
+        for process in (master, replica, *sentinels):
+            self.addCleanup(process.cleanup)
+        for sentinel in sentinels:
+            sentinel.start()
+        wait_for(replica.synced, 10, "the replica to sync")
+
+        def known() -> bool:
+            states = [s.master() for s in sentinels]
+            return all(
+                s.get("num-other-sentinels") == "2" and s.get("num-slaves") == "1" for s in states
+            )
+
+        wait_for(known, 20, "the sentinels to know each other and the replica", interval=0.1)
+        prefix = fresh_prefix()
+        target = redis_target(redis_sentinel_url(sentinels), KEY)
+        nodes = []
+        for node_id in (1, 2):
+            connection = RedisConnection(reactor, target, prefix=prefix, timeout=2.0)
+            await connection.start()
+            self.addCleanup(lambda c=connection: Deferred.fromCoroutine(c.stop()))
+            node = ClusterPresence(
+                reactor, LocalRegistry(), RedisBus(connection, prefix), node_id, ttl_seconds=30
+            )
+            node.start()
+            self.addCleanup(lambda n=node: Deferred.fromCoroutine(n.stop()))
+            await eventually(lambda n=node: n.pubsub_state() == "ok")
+            nodes.append(node)
+        a, b = nodes
+        bob = Link(next(_uids))
+        await within(b.login(bob.uid, bob))
+        channel = f"{prefix}:node:2"
+        self.assertEqual(numsub(master, channel), 1)
+
+        started = reactor.seconds()
+        self.assertEqual(sentinels[0].command("SENTINEL", "FAILOVER", "mymaster"), b"+OK\r\n")
+        await eventually(lambda: all(s.master_port() == replica.port for s in sentinels), 10)
+        switched = reactor.seconds() - started
+        # Subscribed on the new master, and the pools there too (its
+        # presence restored there, a push from node 1 reaches bob).
+        await eventually(lambda: numsub(replica, channel) == 1, timeout=3)
+        moved = reactor.seconds() - started
+        self.assertEqual(numsub(master, channel), 0)
+
+        async def online() -> bool:
+            try:
+                return await a.online(bob.uid)
+            except Unavailable:  # node 1's breaker, a moment after the drop
+                return False
+
+        await eventually(online, timeout=3)
+        frame = {"t": "msg", "n": 1}
+        a.push(bob.uid, frame)
+        await eventually(lambda: frame in bob.pushes, timeout=3)
+        print(f"\nswitch after {switched:.2f}s, nodes on the new master after {moved:.2f}s")
 
 
 class MariaDBPrimaryTests(ClientsMixin, TestCase):
