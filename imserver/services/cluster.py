@@ -393,7 +393,8 @@ class ClusterPresence:
             )
 
     def _pubsub_failed(self, reason: str) -> None:
-        assert self.subscription is not None
+        if self.subscription is None:
+            return
         self.pubsub_failures += 1
         self.log.warn(
             "pub/sub self-check of node {node}: {reason}; pushes from other nodes may be "
@@ -493,7 +494,7 @@ def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
     """
     One entry of a channel message: (C{p}, uid, push frame), (C{k}, uid,
     presence), (C{u}, uid, profile), (C{g}, 0, empty): the bus lost its data,
-    or (C{h}, n, node's probe id): a node's self-check probe.
+    or (C{h}, 0, a node's probe id): a node's self-check probe.
     """
     if kind == b"g":
         return "g", 0, None
