@@ -328,6 +328,11 @@ class ServerCollector(Collector):
                 cluster.kicked_remotely,
             )
             yield _counter(
+                "imserver_pubsub_self_check_failures",
+                "Times this node found it did not hear its own channel (subscriber re-created).",
+                cluster.pubsub_failures,
+            )
+            yield _counter(
                 "imserver_cluster_data_losses",
                 "Times Redis was found to have lost its data (presences restored).",
                 cluster.data_losses,

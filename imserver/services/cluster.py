@@ -62,6 +62,13 @@ PRESENCE_TTL_MS = 30_000
 REFRESH_CHUNK = 1000
 #: How often the bus's generation is checked (a FLUSHALL disconnects nobody).
 GENERATION_SECONDS = 1.0
+#: The pub/sub self-check (see L{ClusterPresence._check_pubsub}): a node
+#: whose probes have not come back for this long re-creates its subscriber
+#: connection...
+PUBSUB_ECHO_SECONDS = 3
+#: ...and one that is not subscribed again this long after losing its
+#: subscription, while Redis answers.
+PUBSUB_STUCK_SECONDS = 5
 #: Recipients of unroutable pushes remembered for a sync push; beyond it
 #: every local user is told to sync.
 MAX_UNROUTED = 100_000
@@ -112,6 +119,12 @@ class ClusterPresence:
         self._recovering = False
         self._recover_again: str | None = None
         self.subscription: ISubscription | None = None
+        # The self-check's probes carry this, so that only ours count.
+        self._probe_id = secrets.token_hex(8)
+        self._probes = 0
+        self._echo_at = 0.0
+        self._subscribed_at = 0.0
+        self._unsubscribed_since: float | None = None
         # Read by metrics.
         self.routed = 0
         self.received = 0
@@ -120,6 +133,8 @@ class ClusterPresence:
         self.profiles_received = 0
         self.data_losses = 0
         self.sync_pushes = 0
+        #: Self-checks that found the subscription useless (re-created).
+        self.pubsub_failures = 0
         #: Called with each profile changed on a node (this one included).
         self.on_profile: Callable[[Profile], None] | None = None
 
@@ -267,6 +282,10 @@ class ClusterPresence:
             self.log.warn("unreadable message on this node's channel: {error!r}", error=e)
             return
         for kind, uid, data in entries:
+            if kind == "h":
+                if data == self._probe_id:
+                    self._echo_at = self._reactor.seconds()
+                continue
             if kind == "g":
                 # Another node found the bus's data lost: check now.
                 self._recover("told by another node")
@@ -320,13 +339,75 @@ class ClusterPresence:
         self._recover("the bus's generation changed")
 
     async def _check_generation(self) -> None:
+        """The generation and the pub/sub self-check: one script call a second."""
         try:
-            current = await self._redis.generation(secrets.token_hex(8))
+            current, receivers = await self._redis.heartbeat(
+                secrets.token_hex(8), self.node, self._probe()
+            )
         except HotUnavailable:
             return  # checked again when Redis answers
         self._saw(current)
+        self._check_pubsub(receivers)
+
+    def _probe(self) -> bytes:
+        """A message for this node's own channel that only this node counts."""
+        self._probes += 1
+        probe: bytes = msgpack.packb(
+            [["h", str(self._probes), self._probe_id.encode()]], use_bin_type=True
+        )
+        return probe
+
+    def _check_pubsub(self, receivers: int) -> None:
+        """
+        Whatever the subscription believes, a node must hear its own
+        channel, or pushes from other nodes miss its users without anything
+        saying so: the probe it just published reached no subscriber (the
+        connection was killed without us noticing: a NAT, a proxy, a server
+        that lost it), or its probes do not come back (what we hear is not
+        what is published), or a lost subscription is not made again while
+        Redis answers (a reconnect stuck somewhere). Then the subscriber
+        connection is dropped and made again, and the users are told to
+        sync once it is (as after any resubscription).
+        """
+        subscription = self.subscription
+        if subscription is None:
+            return
+        now = self._reactor.seconds()
+        if not subscription.subscribed:
+            # Its own reconnect is on it; unless that takes too long.
+            if self._unsubscribed_since is None:
+                self._unsubscribed_since = now
+            elif now - self._unsubscribed_since >= PUBSUB_STUCK_SECONDS:
+                self._pubsub_failed(
+                    f"not subscribed again after {now - self._unsubscribed_since:.0f}s "
+                    "while redis answers"
+                )
+            return
+        self._unsubscribed_since = None
+        if receivers == 0:
+            self._pubsub_failed("a probe published to this node's channel reached no subscriber")
+        elif now - max(self._echo_at, self._subscribed_at) >= PUBSUB_ECHO_SECONDS:
+            self._pubsub_failed(
+                f"no probe came back on this node's channel for "
+                f"{now - max(self._echo_at, self._subscribed_at):.0f}s"
+            )
+
+    def _pubsub_failed(self, reason: str) -> None:
+        if self.subscription is None:
+            return
+        self.pubsub_failures += 1
+        self.log.warn(
+            "pub/sub self-check of node {node}: {reason}; pushes from other nodes may be "
+            "missing: re-creating the subscriber connection (its users will be told to sync)",
+            node=self.node,
+            reason=reason,
+        )
+        self._unsubscribed_since = None
+        self.subscription.restart()
 
     def _subscribed(self, again: bool) -> None:
+        self._subscribed_at = self._reactor.seconds()
+        self._unsubscribed_since = None
         if again:
             # Whatever was published to this node meanwhile is lost.
             self._everyone_pending = True
@@ -412,10 +493,13 @@ class ClusterPresence:
 def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
     """
     One entry of a channel message: (C{p}, uid, push frame), (C{k}, uid,
-    presence), (C{u}, uid, profile) or (C{g}, 0, empty): the bus lost its data.
+    presence), (C{u}, uid, profile), (C{g}, 0, empty): the bus lost its data,
+    or (C{h}, 0, a node's probe id): a node's self-check probe.
     """
     if kind == b"g":
         return "g", 0, None
+    if kind == b"h":
+        return "h", 0, data.decode()
     if kind == b"u":
         nickname, avatar, version = msgpack.unpackb(data, raw=False)
         return "u", int(uid), Profile(int(uid), str(nickname), str(avatar), int(version))

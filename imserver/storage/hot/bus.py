@@ -30,6 +30,7 @@ from imserver.storage.hot.interface import IClusterBus
 
 SCRIPTS = (
     "bus_generation",
+    "bus_heartbeat",
     "presence_login",
     "presence_logout",
     "presence_refresh",
@@ -60,6 +61,10 @@ class RedisBus:
 
     async def generation(self, fresh: str) -> str:
         return to_str(await self._script("bus_generation", fresh))
+
+    async def heartbeat(self, fresh: str, node: str, probe: bytes) -> tuple[str, int]:
+        generation, receivers = await self._script("bus_heartbeat", fresh, node, probe)
+        return to_str(generation), to_int(receivers)
 
     async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
         packed = pack([[str(uid), value] for uid, value in entries])

@@ -8,6 +8,13 @@ at a fixed address, or the master of a Sentinel-monitored service.
   that is not (or no longer) the master is dropped, so both follow a
   failover by themselves; the subscriber's protocol subscribes again in
   C{connectionMade}, so it follows too.
+* L{SwitchWatch}: a failover with the old master alive (C{SENTINEL
+  FAILOVER}, a master that was only unreachable from the sentinels) leaves
+  it a master, with our connections, until the sentinels convert it to a
+  replica (about 10 s later): nodes that reconnect meanwhile reach the new
+  master, the others stay, and pushes between them are lost. So each
+  factory also listens to the sentinels' C{+switch-master} and drops its
+  connections to any other server at once.
 * L{ServerWatch}: after a failover (or a restart from an old snapshot) the
   server we reach may lack the last writes we made: Redis replicates
   asynchronously. Users' copies marked complete would then stay wrong for
@@ -28,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -122,6 +129,9 @@ def _factory(
     factory.maxDelay = RECONNECT_MAX_DELAY
     factory.sentinel = sentinel
     factory.watch = None
+    factory.switch = None
+    if isinstance(target, RedisSentinelTarget):
+        factory.switch = SwitchWatch(reactor, target, factory, timeout)
     return factory
 
 
@@ -130,9 +140,14 @@ class _Factory(txredisapi.RedisFactory):
 
     sentinel: Any
     watch: ServerWatch | None
+    switch: SwitchWatch | None
 
     def disconnect(self) -> Deferred[None]:
         d: Deferred[None] = super().disconnect()
+        if self.switch is not None:
+            switch, self.switch = self.switch, None
+            d.addBoth(lambda _: switch.disconnect())
+            d.addBoth(lambda _: None)
         if self.sentinel is not None:
             sentinel, self.sentinel = self.sentinel, None
             d.addBoth(lambda _: sentinel.disconnect())
@@ -213,6 +228,74 @@ class SentinelMasterEndpoint:
             return await endpoint.connect(protocol_factory)
 
         return Deferred.fromCoroutine(connect())
+
+
+class _SwitchProtocol(txredisapi.SubscriberProtocol):
+    """A sentinel connection that listens to C{+switch-master} (resubscribing on reconnects)."""
+
+    watch: SwitchWatch
+
+    def connectionMade(self) -> Deferred[None]:
+        d: Deferred[None] = super().connectionMade()
+        d.addCallback(lambda _: self.subscribe(["+switch-master"]))
+        d.addErrback(
+            lambda f: log.warn("redis sentinel: no +switch-master events: {error}", error=f.value)
+        )
+        return d
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.watch.switched(_text(message))
+
+
+class SwitchWatch:
+    """
+    Follows C{+switch-master} (C{name old-ip old-port new-ip new-port}) on
+    every sentinel: when the service's master changes, the factory's
+    connections to another address are dropped, and reconnect to the
+    master the sentinels name. (Sentinel only kills the old master's
+    clients once it converts it to a replica.)
+    """
+
+    def __init__(self, reactor: Any, target: RedisSentinelTarget, factory: Any, timeout: float):
+        self.service = target.service
+        self._factory = factory
+        #: Read by tests: connections dropped on a switch.
+        self.dropped = 0
+        self._sentinels = []
+        for host, port in target.sentinels:
+            sentinel = txredisapi.RedisFactory(
+                None, None, 1, isLazy=True, password=target.sentinel_password
+            )
+            sentinel.protocol = type("SwitchProtocol", (_SwitchProtocol,), {"watch": self})
+            sentinel.maxDelay = RECONNECT_MAX_DELAY
+            sentinel.startConnecting(HostnameEndpoint(reactor, host, port, timeout=timeout))
+            self._sentinels.append(sentinel)
+
+    def switched(self, message: str) -> None:
+        parts = message.split()
+        if len(parts) != 5 or parts[0] != self.service or not parts[4].isdigit():
+            return
+        master = (parts[3], int(parts[4]))
+        n = 0
+        for conn in list(self._factory.pool):
+            peer = conn.transport.getPeer()
+            if (getattr(peer, "host", None), getattr(peer, "port", None)) != master:
+                conn.transport.loseConnection()
+                n += 1
+        if n:
+            self.dropped += n
+            log.warn(
+                "redis sentinel: +switch-master {service} to {host}:{port}: dropped {n} "
+                "connections to the old master",
+                service=self.service,
+                host=master[0],
+                port=master[1],
+                n=n,
+            )
+
+    def disconnect(self) -> Deferred[Any]:
+        sentinels, self._sentinels = self._sentinels, []
+        return gatherResults([s.disconnect() for s in sentinels], consumeErrors=True)
 
 
 def _text(value: Any) -> str:

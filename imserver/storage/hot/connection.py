@@ -317,6 +317,8 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
 
     subscription: Subscription
 
+    factory: Any
+
     def connectionMade(self) -> Deferred[None]:
         d: Deferred[None] = super().connectionMade()
         d.addCallback(lambda _: self.subscribe(list(self.subscription.channels)))
@@ -328,7 +330,9 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
         super().connectionLost(reason)
 
     def messageReceived(self, pattern: Any, channel: Any, message: bytes) -> None:
-        self.subscription.on_message(message)
+        # Not from a connection dropped by restart() (it may linger a moment).
+        if self.factory is self.subscription._factory:
+            self.subscription.on_message(message)
 
 
 @implementer(ISubscription)
@@ -356,6 +360,7 @@ class Subscription:
         #: Read by health and metrics.
         self.subscribed = False
         self.resubscriptions = 0
+        self.restarts = 0
 
     def start(self) -> None:
         subscription = self
@@ -367,6 +372,8 @@ class Subscription:
         self._factory = self._connection._new_subscriber_factory(Protocol)
 
     def _subscribed(self, protocol: Any) -> None:
+        if protocol.factory is not self._factory:
+            return  # a connection restart() dropped
         self._protocol = protocol
         again = self.resubscriptions > 0
         if again:
@@ -391,6 +398,30 @@ class Subscription:
                 "lost the subscription to {channels}; reconnecting",
                 channels=", ".join(self.channels),
             )
+
+    def restart(self) -> None:
+        """
+        Drop the subscriber connection, whatever its state, and start a new
+        one: the node's self-check found that it receives nothing (killed
+        without a FIN reaching us, made to another server, a reconnect that
+        never ends). A new factory, not just a closed transport: the old
+        one's reconnecting may be what is stuck.
+        """
+        factory, protocol = self._factory, self._protocol
+        self._factory = self._protocol = None
+        self.subscribed = False
+        self.restarts += 1
+        if protocol is not None and protocol.transport is not None:
+            # Nothing to flush that matters; a dead peer would hold a close.
+            protocol.transport.abortConnection()
+        if factory is not None:
+            d = factory.disconnect()
+            d.addErrback(
+                lambda f: self.log.warn(
+                    "closing the dropped subscriber connection failed: {error}", error=f.value
+                )
+            )
+        self.start()
 
     async def stop(self) -> None:
         if self._factory is not None:

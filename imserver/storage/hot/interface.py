@@ -118,6 +118,12 @@ class ISubscription(Interface):
 
     subscribed = Attribute("Whether the channels are subscribed now (bool).")
 
+    def restart() -> None:
+        """
+        Drop the subscriber connection, whatever state it is in, and make a
+        new one (the node found it useless: see L{IClusterBus.heartbeat}).
+        """
+
     async def stop() -> None:
         """Unsubscribe and disconnect."""
 
@@ -139,6 +145,13 @@ class IClusterBus(Interface):
         The bus's generation, set to C{fresh} first if the bus has none
         (it lost its data, or never had any): a value different from the
         last one seen means everything written before is gone.
+        """
+
+    async def heartbeat(fresh: str, node: str, probe: bytes) -> tuple[str, int]:
+        """
+        The generation (as L{generation}), and how many subscribers got
+        C{probe}, published to C{node}'s own channel in the same call: 0
+        means the node's subscription is gone, whatever the node believes.
         """
 
     async def presence_login(entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
