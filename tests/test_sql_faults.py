@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from imserver.config import LimitsConfig, SqliteTarget, parse_config
@@ -414,6 +414,37 @@ class LostCommitTests(TestCase):
         self.assertTrue(again["dup"])
         await self.assertStoredOnce("u1", again["msg_id"])
 
+    async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
+        """
+        The send whose outcome nobody could tell committed; its client's
+        retry (same cid) is answered C{dup: true}, and the fan-out its first
+        try never had happens now: the connected recipient is pushed the
+        message once, without waiting for the outbox sweeper (60 s), and the
+        batch's outbox row is finished. A second retry pushes nothing more.
+        """
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        self.proxy.refuse = True
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "u2", "text", "u2")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertLost("unknown")
+        self.proxy.refuse = False
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        again = await self.send("u2")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([(f["msg_id"], f["cid"]) for f in pushed], [(again["msg_id"], "u2")])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+        third = await self.send("u2")
+        self.assertEqual(third, again)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        await self.assertStoredOnce("u2", again["msg_id"])
+        # Its copies are right once repaired: pending and in the session window.
+        await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [again["msg_id"]])
+
 
 class _FlakySqlite(SqliteEngine):
     """
@@ -423,6 +454,14 @@ class _FlakySqlite(SqliteEngine):
     """
 
     fail: str | None = None
+    #: Transactions that fail at their start (the database "is down").
+    down = 0
+
+    def begin(self, cursor: Any) -> None:
+        if self.down:
+            self.down -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected, down)")
+        super().begin(cursor)
 
     def commit(self, cursor: Any, token: Any | None) -> None:
         mode, self.fail = self.fail, None
@@ -430,6 +469,10 @@ class _FlakySqlite(SqliteEngine):
             raise sqlite3.OperationalError("disk I/O error (injected, before commit)")
         super().commit(cursor, token)
         if mode == "after":
+            raise sqlite3.OperationalError("disk I/O error (injected, after commit)")
+        if mode == "unknown":
+            # Committed, and the check that would ask fails too.
+            self.down = 1
             raise sqlite3.OperationalError("disk I/O error (injected, after commit)")
 
 
@@ -482,6 +525,64 @@ class SqliteLostCommitTests(TestCase):
         await self.stack.settle()
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
         self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+    async def unknown_send(self, cid: str) -> None:
+        """A send that commits while its outcome cannot be asked: unavailable."""
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, cid, "text", cid)
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 1)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+
+    async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
+        """As on MariaDB: the retry is C{dup: true} and the recipient is
+        pushed the message once, at once; the outbox row is finished."""
+        await self.unknown_send("u1")
+        again = await self.send("u1")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([(f["msg_id"], f["cid"]) for f in pushed], [(again["msg_id"], "u1")])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+        self.assertEqual(await self.send("u1"), again)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+
+    async def test_quick_retry_of_a_committed_send_pushes_once(self) -> None:
+        """An ordinary retry (the first reply lost on the way to the client),
+        while the first send's fan-out runs on this node: C{dup: true}, and
+        the node's own fan-out is the only push."""
+        gate: Deferred[None] = Deferred()
+        fanout = self.stack.hot.fanout
+
+        async def held(*args: Any) -> Any:
+            await gate
+            return await fanout(*args)
+
+        self.patch(self.stack.hot, "fanout", held)
+        sent = await self.stack.chat.send(self.a, self.b, "q1", "text", "q1")
+        again = await self.stack.chat.send(self.a, self.b, "q1", "text", "q1")
+        gate.callback(None)
+        await self.stack.settle()
+        self.assertTrue(again["dup"])
+        self.assertEqual(again["msg_id"], sent["msg_id"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
+        self.assertEqual(self.stack.store.finished_early, 0)
+
+    async def test_unknown_commit_replayed_by_a_sweeper_meanwhile(self) -> None:
+        """A sweeper (here: another node's) claimed the row first: the
+        retry is C{dup: true} and leaves the push to the sweeper's replay,
+        so the message is not pushed by both."""
+        await self.unknown_send("u3")
+        now = self.stack.store._now_ms()
+        claimed = await self.stack.store.background.run(
+            "claim", q.outbox_claim_txn, 999, now, now + 1, 10
+        )
+        self.assertEqual(len(claimed), 1)
+        again = await self.send("u3")
+        self.assertTrue(again["dup"])
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        self.assertEqual(await self.stack.store.outbox_size(), 1)
 
 
 def _tokens_txn(txn: Txn) -> list[tuple[int, int]]:
