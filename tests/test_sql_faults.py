@@ -414,6 +414,30 @@ class LostCommitTests(TestCase):
         self.assertTrue(again["dup"])
         await self.assertStoredOnce("u1", again["msg_id"])
 
+    async def test_lost_commit_whose_reread_fails(self) -> None:
+        """
+        The COMMIT's reply of a send is lost, the database says it
+        committed, and the connection the send re-reads its rows on is lost
+        too: the send happened, but its results cannot be read. It is
+        C{unavailable} (maybe done), never run again: a rerun would find its
+        own message and answer C{dup: true} to a first try, with no push.
+        The retry is C{dup: true} and pushed.
+        """
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        self.proxy.kill_prefix = b"SELECT " + q.CONV_COLUMNS.encode()
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "v1", "text", "v1")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIsNone(self.proxy.kill_prefix)
+        self.assertLost("committed")
+        self.assertEqual(self.stack.chat.duplicates, 0)
+        again = await self.send("v1")
+        self.assertTrue(again["dup"])
+        await self.assertStoredOnce("v1", again["msg_id"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+
     async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
         """
         The send whose outcome nobody could tell committed; its client's
@@ -462,6 +486,17 @@ class _FlakySqlite(SqliteEngine):
             self.down -= 1
             raise sqlite3.OperationalError("disk I/O error (injected, down)")
         super().begin(cursor)
+
+    #: Scripts without a commit (reads after a lost commit) that fail.
+    fail_reads = 0
+
+    def run_script(
+        self, cursor: Any, statements: Any, commit: bool, token: Any | None = None
+    ) -> list[Any]:
+        if not commit and self.fail_reads:
+            self.fail_reads -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected, read)")
+        return super().run_script(cursor, statements, commit, token)
 
     def commit(self, cursor: Any, token: Any | None) -> None:
         mode, self.fail = self.fail, None
@@ -546,6 +581,21 @@ class SqliteLostCommitTests(TestCase):
         self.assertEqual(await self.stack.store.outbox_size(), 0)
         self.assertEqual(await self.send("u1"), again)
         self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+
+    async def test_lost_commit_whose_reread_fails(self) -> None:
+        """As on MariaDB: committed, its rows not readable: C{unavailable},
+        not a rerun answering C{dup: true}; the retry is pushed."""
+        self.engine.fail = "after"
+        self.engine.fail_reads = 1
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "v1", "text", "v1")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.engine.fail_reads, 0)
+        self.assertEqual(self.lost()["committed"], 1)
+        again = await self.send("v1")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
 
     async def test_quick_retry_of_a_committed_send_pushes_once(self) -> None:
         """An ordinary retry (the first reply lost on the way to the client),
