@@ -438,6 +438,23 @@ class LostCommitTests(TestCase):
         pushed = self.stack.presence.take(self.b, "msg")
         self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
 
+    async def test_lost_commit_of_an_ack_whose_reread_fails(self) -> None:
+        """An ack committed, its reply and then its re-read lost: C{unavailable},
+        not a rerun that fails on its own outbox row (C{internal})."""
+        sent = await self.send("k2")
+        await self.quiet()
+        self.proxy.arm("after", b"DELETE FROM t_pending WHERE uid")
+        self.proxy.kill_prefix = b"SELECT id, recipientUid"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIsNone(self.proxy.kill_prefix)
+        self.assertLost("committed")
+        self.assertEqual(
+            await self.stack.store.db.run("p", q.pending_txn, self.b, 0, 100, None), []
+        )
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+
     async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
         """
         The send whose outcome nobody could tell committed; its client's
