@@ -636,6 +636,22 @@ class SqliteLostCommitTests(TestCase):
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
         self.assertEqual(self.stack.store.finished_early, 0)
 
+    async def test_retry_whose_own_outcome_is_unknown(self) -> None:
+        """The first retry claims the row, and its own commit's outcome is
+        unknown too (C{unavailable} again): the next retry still finishes the
+        row, at once."""
+        await self.unknown_send("u4")
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "u4", "text", "u4")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 2)
+        again = await self.send("u4")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+
     async def test_unknown_commit_replayed_by_a_sweeper_meanwhile(self) -> None:
         """A sweeper (here: another node's) claimed the row first: the
         retry is C{dup: true} and leaves the push to the sweeper's replay,

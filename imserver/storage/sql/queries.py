@@ -289,14 +289,16 @@ def _claim_unfinished(
 ) -> dict[tuple[int, str], Duplicate]:
     """
     Find, among the duplicates' originals, those whose send outbox row is
-    still there untouched by any replay (C{attempts = 0}): their fan-out
-    never finished (the commit's outcome was unknown and the client got
-    C{unavailable}), or is still running on its node. Claim each such row
-    for this node, as a sweeper would (the claim is what keeps two replays
-    of one row apart: a sweeper's takes C{attempts} past 0, and this one
-    makes the row fresh, so no sweeper takes it for the stale bound, 60 s), and
-    hand it back on one of its duplicates. Only on the duplicate path: a
-    send that is no retry pays nothing for it.
+    still there untouched by any sweeper or recovery (C{attempts = 0}):
+    their fan-out never finished (the commit's outcome was unknown and the
+    client got C{unavailable}), or is still running on its node. Claim each
+    such row for this node and hand it back on one of its duplicates. The
+    claim keeps a retry and a sweeper apart: a sweeper's takes C{attempts}
+    past 0, this one makes the row fresh (no sweeper takes it for the stale
+    bound, 60 s), and each is conditional on the other's absence. It leaves
+    C{attempts} at 0, so that a later retry can still take the row if this
+    transaction's own outcome is lost. Only on the duplicate path: a send
+    that is no retry pays nothing for it.
     """
     by_msg = {d.msg_id: key for key, d in used.items()}
     rows = txn.query(
@@ -308,7 +310,7 @@ def _claim_unfinished(
     for row in map(Outbox.from_row, rows):
         mine = [by_msg[m] for m in row.msgs if m in by_msg]
         if mine and txn.execute(
-            "UPDATE t_outbox SET claimedBy = ?, claimedAt = ?, attempts = attempts + 1"
+            "UPDATE t_outbox SET claimedBy = ?, claimedAt = ?"
             " WHERE id = ? AND kind = 'send' AND attempts = 0",
             (node_id, now_ms, row.id),
         ):
