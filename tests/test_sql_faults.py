@@ -636,6 +636,30 @@ class SqliteLostCommitTests(TestCase):
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
         self.assertEqual(self.stack.store.finished_early, 0)
 
+    async def test_unknown_ack_and_read_are_not_served_stale(self) -> None:
+        """An ack and a read whose outcome is unknown (both committed):
+        C{unavailable}; their retries find nothing left to do, and the
+        user's sync and unread counts must not come from the hot copy that
+        never heard of them."""
+        sent = await self.send("n1")
+        self.stack.presence.take(self.b)
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.read(self.b, sent["session_id"], sent["msg_id"])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 2)
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        await self.stack.settle()
+        await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
     async def test_retry_whose_own_outcome_is_unknown(self) -> None:
         """The first retry claims the row, and its own commit's outcome is
         unknown too (C{unavailable} again): the next retry still finishes the

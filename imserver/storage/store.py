@@ -56,7 +56,7 @@ from imserver.storage.model import (
     session_pair,
 )
 from imserver.storage.sql import queries as q
-from imserver.storage.sql.database import Database
+from imserver.storage.sql.database import CommitUnknown, Database
 from imserver.storage.sql.migrate import migrate
 
 T = TypeVar("T")
@@ -592,8 +592,13 @@ class Store:
         done = self._take_done_outbox()
         try:
             removed = await self.db.run("ack", q.ack_txn, requests, outbox, done)
-        except Exception:
+        except Exception as e:
             self._put_back_done_outbox(done)
+            if isinstance(e, CommitUnknown):
+                # Maybe acked: the retry will find nothing pending and skip
+                # the hot step, so distrust these users' copies now (as a
+                # send does), not only when the sweeper replays the row.
+                self._hot_failed({uid for uid, _ in requests}, (), (), str(e))
             raise
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
@@ -623,7 +628,12 @@ class Store:
 
     async def read(self, uid: int, session_id: int, msg_id: int) -> ReadResult:
         outbox = self._outbox("read")
-        result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
+        try:
+            result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
+        except CommitUnknown as e:
+            # Maybe read: as for an ack.
+            self._hot_failed((uid,), (session_id,), (), str(e))
+            raise
         if result.advanced_to is not None:
             self._run_after_reply(
                 self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ()),
