@@ -17,6 +17,10 @@ ending in C{COMMIT} it either:
   server's session lives on meanwhile, its transaction open, and then tries
   to commit.
 
+Independently, L{MysqlProxy.kill_prefix} closes the connection that sends
+the next query starting with it, without forwarding it (a connection killed
+between two requests).
+
 Plain threads and sockets (PyMySQL runs in pool threads; the reactor stays
 out of it). Each fault fires once per L{arm}.
 """
@@ -175,6 +179,9 @@ class MysqlProxy:
         self.stall = 1.0
         #: New connections are closed at once (the database "is down").
         self.refuse = False
+        #: The next query starting with this is not forwarded: its connection
+        #: is closed (once).
+        self.kill_prefix: bytes | None = None
         #: COM_QUERY texts seen, for tests that count attempts.
         self.queries: list[bytes] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -199,6 +206,9 @@ class MysqlProxy:
         text = packet[5:]
         with self._lock:
             self.queries.append(text)
+            if self.kill_prefix is not None and text.startswith(self.kill_prefix):
+                self.kill_prefix = None
+                return "before"
             if self._armed is None:
                 return None
             mode, pattern = self._armed

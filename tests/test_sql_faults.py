@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Any
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from imserver.config import LimitsConfig, SqliteTarget, parse_config
@@ -414,6 +414,78 @@ class LostCommitTests(TestCase):
         self.assertTrue(again["dup"])
         await self.assertStoredOnce("u1", again["msg_id"])
 
+    async def test_lost_commit_whose_reread_fails(self) -> None:
+        """
+        The COMMIT's reply of a send is lost, the database says it
+        committed, and the connection the send re-reads its rows on is lost
+        too: the send happened, but its results cannot be read. It is
+        C{unavailable} (maybe done), never run again: a rerun would find its
+        own message and answer C{dup: true} to a first try, with no push.
+        The retry is C{dup: true} and pushed.
+        """
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        self.proxy.kill_prefix = b"SELECT " + q.CONV_COLUMNS.encode()
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "v1", "text", "v1")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIsNone(self.proxy.kill_prefix)
+        self.assertLost("committed")
+        self.assertEqual(self.stack.chat.duplicates, 0)
+        again = await self.send("v1")
+        self.assertTrue(again["dup"])
+        await self.assertStoredOnce("v1", again["msg_id"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+
+    async def test_lost_commit_of_an_ack_whose_reread_fails(self) -> None:
+        """An ack committed, its reply and then its re-read lost: C{unavailable},
+        not a rerun that fails on its own outbox row (C{internal})."""
+        sent = await self.send("k2")
+        await self.quiet()
+        self.proxy.arm("after", b"DELETE FROM t_pending WHERE uid")
+        self.proxy.kill_prefix = b"SELECT id, recipientUid"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertIsNone(self.proxy.kill_prefix)
+        self.assertLost("committed")
+        self.assertEqual(
+            await self.stack.store.db.run("p", q.pending_txn, self.b, 0, 100, None), []
+        )
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+
+    async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
+        """
+        The send whose outcome nobody could tell committed; its client's
+        retry (same cid) is answered C{dup: true}, and the fan-out its first
+        try never had happens now: the connected recipient is pushed the
+        message once, without waiting for the outbox sweeper (60 s), and the
+        batch's outbox row is finished. A second retry pushes nothing more.
+        """
+        await self.quiet()
+        self.proxy.arm("after", b"INSERT INTO t_msg_record_list")
+        self.proxy.refuse = True
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "u2", "text", "u2")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertLost("unknown")
+        self.proxy.refuse = False
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        again = await self.send("u2")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([(f["msg_id"], f["cid"]) for f in pushed], [(again["msg_id"], "u2")])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+        third = await self.send("u2")
+        self.assertEqual(third, again)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        await self.assertStoredOnce("u2", again["msg_id"])
+        # Its copies are right once repaired: pending and in the session window.
+        await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual([m["msg_id"] for m in sync["msgs"]], [again["msg_id"]])
+
 
 class _FlakySqlite(SqliteEngine):
     """
@@ -423,6 +495,25 @@ class _FlakySqlite(SqliteEngine):
     """
 
     fail: str | None = None
+    #: Transactions that fail at their start (the database "is down").
+    down = 0
+
+    def begin(self, cursor: Any) -> None:
+        if self.down:
+            self.down -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected, down)")
+        super().begin(cursor)
+
+    #: Scripts without a commit (reads after a lost commit) that fail.
+    fail_reads = 0
+
+    def run_script(
+        self, cursor: Any, statements: Any, commit: bool, token: Any | None = None
+    ) -> list[Any]:
+        if not commit and self.fail_reads:
+            self.fail_reads -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected, read)")
+        return super().run_script(cursor, statements, commit, token)
 
     def commit(self, cursor: Any, token: Any | None) -> None:
         mode, self.fail = self.fail, None
@@ -430,6 +521,10 @@ class _FlakySqlite(SqliteEngine):
             raise sqlite3.OperationalError("disk I/O error (injected, before commit)")
         super().commit(cursor, token)
         if mode == "after":
+            raise sqlite3.OperationalError("disk I/O error (injected, after commit)")
+        if mode == "unknown":
+            # Committed, and the check that would ask fails too.
+            self.down = 1
             raise sqlite3.OperationalError("disk I/O error (injected, after commit)")
 
 
@@ -482,6 +577,119 @@ class SqliteLostCommitTests(TestCase):
         await self.stack.settle()
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
         self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+    async def unknown_send(self, cid: str) -> None:
+        """A send that commits while its outcome cannot be asked: unavailable."""
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, cid, "text", cid)
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 1)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+
+    async def test_unknown_commit_retried_is_pushed_at_once(self) -> None:
+        """As on MariaDB: the retry is C{dup: true} and the recipient is
+        pushed the message once, at once; the outbox row is finished."""
+        await self.unknown_send("u1")
+        again = await self.send("u1")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([(f["msg_id"], f["cid"]) for f in pushed], [(again["msg_id"], "u1")])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+        self.assertEqual(await self.send("u1"), again)
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+
+    async def test_lost_commit_whose_reread_fails(self) -> None:
+        """As on MariaDB: committed, its rows not readable: C{unavailable},
+        not a rerun answering C{dup: true}; the retry is pushed."""
+        self.engine.fail = "after"
+        self.engine.fail_reads = 1
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "v1", "text", "v1")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.engine.fail_reads, 0)
+        self.assertEqual(self.lost()["committed"], 1)
+        again = await self.send("v1")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+
+    async def test_quick_retry_of_a_committed_send_pushes_once(self) -> None:
+        """An ordinary retry (the first reply lost on the way to the client),
+        while the first send's fan-out runs on this node: C{dup: true}, and
+        the node's own fan-out is the only push."""
+        gate: Deferred[None] = Deferred()
+        fanout = self.stack.hot.fanout
+
+        async def held(*args: Any) -> Any:
+            await gate
+            return await fanout(*args)
+
+        self.patch(self.stack.hot, "fanout", held)
+        sent = await self.stack.chat.send(self.a, self.b, "q1", "text", "q1")
+        again = await self.stack.chat.send(self.a, self.b, "q1", "text", "q1")
+        gate.callback(None)
+        await self.stack.settle()
+        self.assertTrue(again["dup"])
+        self.assertEqual(again["msg_id"], sent["msg_id"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
+        self.assertEqual(self.stack.store.finished_early, 0)
+
+    async def test_unknown_ack_and_read_are_not_served_stale(self) -> None:
+        """An ack and a read whose outcome is unknown (both committed):
+        C{unavailable}; their retries find nothing left to do, and the
+        user's sync and unread counts must not come from the hot copy that
+        never heard of them."""
+        sent = await self.send("n1")
+        self.stack.presence.take(self.b)
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.read(self.b, sent["session_id"], sent["msg_id"])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 2)
+        await self.stack.chat.ack(self.b, [sent["msg_id"]])
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        await self.stack.settle()
+        await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+    async def test_retry_whose_own_outcome_is_unknown(self) -> None:
+        """The first retry claims the row, and its own commit's outcome is
+        unknown too (C{unavailable} again): the next retry still finishes the
+        row, at once."""
+        await self.unknown_send("u4")
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.send(self.a, self.b, "u4", "text", "u4")
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 2)
+        again = await self.send("u4")
+        self.assertTrue(again["dup"])
+        pushed = self.stack.presence.take(self.b, "msg")
+        self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+        self.assertEqual(await self.stack.store.outbox_size(), 0)
+
+    async def test_unknown_commit_replayed_by_a_sweeper_meanwhile(self) -> None:
+        """A sweeper (here: another node's) claimed the row first: the
+        retry is C{dup: true} and leaves the push to the sweeper's replay,
+        so the message is not pushed by both."""
+        await self.unknown_send("u3")
+        now = self.stack.store._now_ms()
+        claimed = await self.stack.store.background.run(
+            "claim", q.outbox_claim_txn, 999, now, now + 1, 10
+        )
+        self.assertEqual(len(claimed), 1)
+        again = await self.send("u3")
+        self.assertTrue(again["dup"])
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        self.assertEqual(await self.stack.store.outbox_size(), 1)
 
 
 def _tokens_txn(txn: Txn) -> list[tuple[int, int]]:

@@ -211,6 +211,9 @@ class ChatService:
             raise ImError(ErrorCode(outcome.code), outcome.message)
         if isinstance(outcome, Duplicate):
             self.duplicates += 1
+            if outcome.unfinished is not None:
+                # The original's fan-out never finished: finish it now.
+                self.store.finish_unfinished(outcome.unfinished, self._push_replayed)
             return {
                 "msg_id": outcome.msg_id,
                 "session_id": outcome.session_id,

@@ -122,6 +122,11 @@ class Duplicate:
     msg_id: int
     session_id: int
     ts: int
+    #: The original's send outbox row, if its fan-out never finished (its
+    #: commit's outcome was unknown, say) and this transaction claimed it:
+    #: the caller finishes it now (invalidate and push, as a replay does).
+    #: On one duplicate of the row only.
+    unfinished: Outbox | None = None
 
 
 @attrs.frozen

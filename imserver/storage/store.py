@@ -56,7 +56,7 @@ from imserver.storage.model import (
     session_pair,
 )
 from imserver.storage.sql import queries as q
-from imserver.storage.sql.database import Database
+from imserver.storage.sql.database import CommitUnknown, Database
 from imserver.storage.sql.migrate import migrate
 
 T = TypeVar("T")
@@ -160,6 +160,8 @@ class Store:
         self._downgrading: set[Deferred[None]] = set()
         # Send batches' outbox rows whose messages are being fanned out.
         self._countdowns: dict[int, OutboxCountdown] = {}
+        # Send rows a duplicate claimed, being finished (finish_unfinished).
+        self._finishing: set[int] = set()
         # The part of suspect_users / suspect_sessions held by repairs given
         # up on (parked): tried again every parked_repair_seconds until the
         # hot store answers.
@@ -198,6 +200,7 @@ class Store:
         # Read by metrics.
         self.hot_fallbacks = 0
         self.loads = 0
+        self.finished_early = 0
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -589,8 +592,13 @@ class Store:
         done = self._take_done_outbox()
         try:
             removed = await self.db.run("ack", q.ack_txn, requests, outbox, done)
-        except Exception:
+        except Exception as e:
             self._put_back_done_outbox(done)
+            if isinstance(e, CommitUnknown):
+                # Maybe acked: the retry will find nothing pending and skip
+                # the hot step, so distrust these users' copies now (as a
+                # send does), not only when the sweeper replays the row.
+                self._hot_failed({uid for uid, _ in requests}, (), (), str(e))
             raise
         acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
         if acked:
@@ -620,7 +628,12 @@ class Store:
 
     async def read(self, uid: int, session_id: int, msg_id: int) -> ReadResult:
         outbox = self._outbox("read")
-        result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
+        try:
+            result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
+        except CommitUnknown as e:
+            # Maybe read: as for an ack.
+            self._hot_failed((uid,), (session_id,), (), str(e))
+            raise
         if result.advanced_to is not None:
             self._run_after_reply(
                 self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ()),
@@ -1087,6 +1100,58 @@ class Store:
         if done:
             await self.background.run("outbox_done", q.delete_outbox, [r.id for r in done])
         return done
+
+    def finish_unfinished(
+        self, row: Outbox, push: Callable[[Sequence[Outbox]], Awaitable[None]]
+    ) -> None:
+        """
+        A send answered as a duplicate found its original's outbox row
+        unfinished and claimed it (L{q.commit_messages_txn}): replay it now,
+        after the reply, rather than in a minute by the sweeper, so that a
+        connected recipient gets a message whose first send was answered
+        C{unavailable} (its commit's outcome unknown) as soon as the retry
+        is. The steps are a replay's (invalidate, C{push}, delete), so they
+        are idempotent: clients dedupe pushes by msg_id. Not when this node
+        is still at it (the row's fan-out runs, or has ended, here: it
+        settles the row itself), nor twice for one row.
+        """
+        if (
+            row.id in self._countdowns
+            or row.id in self._finishing
+            or row.id in self._done_outbox
+            or row.id in self._downgrades
+        ):
+            return
+        self._finishing.add(row.id)
+        self.finished_early += 1
+        self._run_after_reply(self._finish_row(row, push), row.users)
+
+    async def _finish_row(
+        self, row: Outbox, push: Callable[[Sequence[Outbox]], Awaitable[None]]
+    ) -> None:
+        try:
+            try:
+                await self.hot.invalidate(row.users, row.sessions, ())
+                indexed = True
+            except Exception as e:
+                if not isinstance(e, HotUnavailable):
+                    self.log.failure("hot store invalidate failed unexpectedly", Failure())
+                self._hot_failed(row.users, row.sessions, (), str(e))
+                indexed = False
+            try:
+                await push([row])
+            except Exception as e:
+                # The row stays, claimed: the sweeper replays it once stale.
+                self.log.warn(
+                    "pushes of unfinished outbox row {id} failed: {error}", id=row.id, error=e
+                )
+                return
+            if indexed:
+                self.outbox_done(row.id)
+            else:
+                self.outbox_downgrade([row.id])
+        finally:
+            self._finishing.discard(row.id)
 
     async def outbox_size(self) -> int:
         return await self.background.run("outbox_size", q.outbox_size_txn)

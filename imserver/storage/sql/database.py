@@ -139,7 +139,17 @@ class Txn:
     hand for dialect-specific SQL, and nothing else.
     """
 
-    __slots__ = ("_db", "committed", "conn", "cursor", "engine", "token", "tokens", "wrote")
+    __slots__ = (
+        "_db",
+        "committed",
+        "confirmed",
+        "conn",
+        "cursor",
+        "engine",
+        "token",
+        "tokens",
+        "wrote",
+    )
 
     def __init__(self, db: Database | None, conn: Any, cursor: Any, engine: Engine) -> None:
         self._db = db
@@ -148,6 +158,9 @@ class Txn:
         self.engine = engine
         #: The transaction was committed by a L{script}.
         self.committed = False
+        #: Its commit's reply was lost and the database said it committed:
+        #: whatever fails from now on, it must never run again.
+        self.confirmed = False
         #: Something was written (a statement that is not a query): the
         #: commit records a token.
         self.wrote = False
@@ -199,6 +212,7 @@ class Txn:
         self.conn = conn
         self.cursor = cursor
         self.committed = False
+        self.confirmed = True
         self.wrote = False
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
@@ -413,6 +427,19 @@ class Database:
                 txn.conn.rollback()
             except Exception:
                 pass
+            if txn.confirmed and not isinstance(e, CommitUnknown):
+                # It committed, and what it read afterwards failed (its new
+                # connection was lost too, say): it must not run again (a send
+                # would find its own message and answer dup: true to its first
+                # try), and its result is lost. Maybe done, as far as the
+                # caller can tell.
+                self._drop(txn.conn)
+                self.log.warn(
+                    "{db}: committed, but its result could not be read: {error}",
+                    db=self.name,
+                    error=e,
+                )
+                raise CommitUnknown() from e
             if self.engine.is_unavailable(e):
                 # Dead: the next transaction of this thread gets a new one,
                 # and nothing of this one was committed (commit failures are
@@ -438,17 +465,16 @@ class Database:
                 # the COMMIT.
                 self._drop(txn.conn)
                 return
-            # Returns only if it committed; then the result stands (and the
-            # read transaction the check left open ends).
-            self._settle(txn, e)
-            self.engine.commit(txn.cursor, None)
+            # Returns only if it committed; then the result stands.
+            self._settle(txn, e, resume=False)
 
-    def _settle(self, txn: Txn, error: BaseException) -> None:
+    def _settle(self, txn: Txn, error: BaseException, resume: bool = True) -> None:
         """
         The connection failed while C{txn}'s COMMIT may have been on its way:
         ask the database. Returns if the transaction committed: C{txn} then
-        goes on, read-only, on a fresh connection. Raises L{_RolledBack} if it
-        did not, L{CommitUnknown} if nobody can tell.
+        goes on (C{resume}: in a read transaction) on a fresh connection.
+        Raises L{_RolledBack} if it did not, L{CommitUnknown} if nobody can
+        tell.
         """
         self._drop(txn.conn)
         conn = None
@@ -495,8 +521,15 @@ class Database:
         if not committed:
             cursor.close()
             raise _RolledBack(error)
-        self.engine.begin(cursor)
         txn.resume(conn, cursor)
+        if resume:
+            try:
+                self.engine.begin(cursor)
+            except Exception as e:
+                if not self.engine.is_unavailable(e):
+                    raise
+                self._drop(conn)
+                raise CommitUnknown() from e
 
     def _maybe_prune(self) -> None:
         """Now and then, delete the commit tokens nobody will ask about."""

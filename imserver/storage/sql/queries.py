@@ -243,6 +243,8 @@ def commit_messages_txn(
         # duplicates; write the rest. (The outbox rows were deleted by the
         # statements before the failed one, which itself changed nothing.)
         used = _used_cids(txn, [msgs[i] for i in fresh])
+        if outbox is not None and used:
+            used = _claim_unfinished(txn, used, outbox.node_id, now_ms)
         for i in fresh:
             outcomes[i] = used.get((msgs[i].sender, msgs[i].cid))
         fresh = [i for i in fresh if outcomes[i] is None]
@@ -274,6 +276,46 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
         (*senders, *cids),
     )
     return {(int(r[0]), cid_text(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
+
+
+#: How far before its message's time a send outbox row may have been created
+#: (the message id and the row's time are read from one node's clock, the id
+#: first: a margin for that clock being stepped back).
+OUTBOX_CLOCK_MARGIN_MS = 10_000
+
+
+def _claim_unfinished(
+    txn: Txn, used: dict[tuple[int, str], Duplicate], node_id: int, now_ms: int
+) -> dict[tuple[int, str], Duplicate]:
+    """
+    Find, among the duplicates' originals, those whose send outbox row is
+    still there untouched by any sweeper or recovery (C{attempts = 0}):
+    their fan-out never finished (the commit's outcome was unknown and the
+    client got C{unavailable}), or is still running on its node. Claim each
+    such row for this node and hand it back on one of its duplicates. The
+    claim keeps a retry and a sweeper apart: a sweeper's takes C{attempts}
+    past 0, this one makes the row fresh (no sweeper takes it for the stale
+    bound, 60 s), and each is conditional on the other's absence. It leaves
+    C{attempts} at 0, so that a later retry can still take the row if this
+    transaction's own outcome is lost. Only on the duplicate path: a send
+    that is no retry pays nothing for it.
+    """
+    by_msg = {d.msg_id: key for key, d in used.items()}
+    rows = txn.query(
+        f"SELECT {OUTBOX_COLUMNS} FROM t_outbox"
+        " WHERE createdAt >= ? AND kind = 'send' AND attempts = 0",
+        (min(d.ts for d in used.values()) - OUTBOX_CLOCK_MARGIN_MS,),
+    )
+    out = dict(used)
+    for row in map(Outbox.from_row, rows):
+        mine = [by_msg[m] for m in row.msgs if m in by_msg]
+        if mine and txn.execute(
+            "UPDATE t_outbox SET claimedBy = ?, claimedAt = ?"
+            " WHERE id = ? AND kind = 'send' AND attempts = 0",
+            (node_id, now_ms, row.id),
+        ):
+            out[mine[0]] = attrs.evolve(used[mine[0]], unfinished=row)
+    return out
 
 
 def _write_messages(
