@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.config import AnyRedisTarget
+from imserver.deferreds import within
 from imserver.storage.hot.connect import connect_pool, connect_subscriber
 from imserver.storage.hot.interface import HotUnavailable, ISubscription
 
@@ -225,19 +226,11 @@ class RedisConnection:
         self._pool = self._new_pool()
         connected: Deferred[Any] | None = self._pool._factory.deferred
         if connected is not None:
-            # Not the factory's own Deferred: a timeout would cancel it.
-            waiter: Deferred[None] = Deferred()
-
-            def done(_: object) -> None:
-                if not waiter.called:
-                    waiter.callback(None)
-
-            connected.addBoth(done)
-            waiter.addTimeout(self.timeout, self._reactor)
+            # Not on the factory's own Deferred: a timeout would cancel it.
             try:
-                await waiter
-            except TimeoutError:
-                pass
+                await within(connected, self.timeout, self._reactor)
+            except Exception:
+                pass  # Not connected (yet): the check below says what to do.
         if not self._connected():
             # Redis is down at start: sends go on without it.
             self.breaker.failed("not reachable at start")
