@@ -95,6 +95,8 @@ class FakeBus:
         self.probes: list[bytes] = []
         self.subscription: FakeSubscription | None = None
         self.back: list[Callable[[], None]] = []
+        #: Set: the next heartbeat waits for it.
+        self.held: Deferred[None] | None = None
 
     def _up(self) -> None:
         if self.down:
@@ -108,6 +110,9 @@ class FakeBus:
         return "g1"
 
     async def heartbeat(self, fresh: str, node: str, probe: bytes) -> tuple[str, int]:
+        if self.held is not None:
+            held, self.held = self.held, None
+            await held
         self._up()
         self.probes.append(probe)
         if self.echo and self.subscription is not None and self.subscription.subscribed:
@@ -229,6 +234,27 @@ class SelfCheckTests(TestCase):
         self.sub.made()
         self.seconds(cluster.PUBSUB_ECHO_SECONDS - 1)
         self.assertEqual(self.sub.restarts, 1)
+
+    def test_nothing_runs_after_stop(self) -> None:
+        """A heartbeat in flight at stop, and Redis answering again after
+        it, neither re-create the subscriber (a connection nobody would
+        stop) nor start a recovery; stop waits for the heartbeat."""
+        gate: Deferred[None] = Deferred()
+        self.bus.held = gate
+        self.bus.receivers = 0
+        self.seconds(1)
+        stopped = Deferred.fromCoroutine(self.node.stop())
+        self.assertNoResult(stopped)
+        gate.callback(None)
+        self.successResultOf(stopped)
+        for back in self.bus.back:
+            back()
+        self.sub.on_subscribed = self.node._subscribed
+        self.sub.made()
+        self.clock.advance(0)
+        self.assertEqual((self.sub.restarts, self.node.pubsub_failures), (0, 0))
+        self.assertEqual(self.bob.pushes, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_probes_of_another_incarnation_do_not_count(self) -> None:
         self.bus.echo = False
