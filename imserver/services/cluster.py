@@ -350,7 +350,12 @@ class ClusterPresence:
                 secrets.token_hex(8), self.node, self._probe()
             )
         except HotUnavailable:
-            return  # checked again when Redis answers
+            # Checked again when Redis answers, from then on: no probe is
+            # published meanwhile, and only time Redis answers counts
+            # towards a reconnect stuck.
+            self._echo_at = self._reactor.seconds()
+            self._unsubscribed_since = None
+            return
         self._saw(current)
         self._check_pubsub(receivers)
 
