@@ -139,6 +139,9 @@ class RedisHotStore:
     async def ping(self) -> None:
         await self.connection.ping()
 
+    def circuit_state(self) -> str | None:
+        return self.connection.breaker.state
+
     async def command(self, *args: Any) -> Any:
         """A raw command (tests, admin)."""
         return await self.connection.command(*args)
