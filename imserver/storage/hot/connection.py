@@ -305,6 +305,28 @@ class RedisConnection:
         return subscription
 
 
+class RedisScripts:
+    """
+    What the hot index and the cluster bus share: their Lua scripts (each
+    after the prelude), run under their key prefix on the node's connection.
+    """
+
+    def __init__(self, connection: RedisConnection, prefix: str, scripts: Sequence[str]) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self._scripts = load_scripts(scripts)
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        return await self.connection.eval(self._scripts[name], [self.prefix, *args])
+
+    async def ping(self) -> None:
+        await self.connection.ping()
+
+    async def command(self, *args: Any) -> Any:
+        """A raw command (tests, admin)."""
+        return await self.connection.command(*args)
+
+
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):
     """Subscribes in connectionMade, so a reconnect subscribes again."""
 
