@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from imserver.chat.service import ChatService
 from imserver.config import Config, endpoint_args
+from imserver.deferreds import within
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
@@ -234,10 +235,11 @@ class IMServer(MultiService):
         # The poll in progress records what it posted before the pools close
         # (bounded by the notifier), while the fan-outs drain.
         notifier_stopped = None if self.notifier is None else self.notifier.stop()
+        # The drain awaits other tasks' work (hot-store steps, a downgrade
+        # transaction): bound the wait, never cancel that work.
         drained = Deferred.fromCoroutine(self.chat.drain())
-        drained.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         try:
-            await drained
+            await within(drained, self.config.server.shutdown_seconds, self.reactor)
         except Exception:
             self.log.warn("fan-out still running after the shutdown grace period")
         if notifier_stopped is not None:

@@ -95,6 +95,11 @@ class FakeBus:
         self.probes: list[bytes] = []
         self.subscription: FakeSubscription | None = None
         self.back: list[Callable[[], None]] = []
+        #: Set: probes come back a little after the heartbeat's reply (as
+        #: on Redis: the subscriber is another connection), on this clock.
+        self.late: Clock | None = None
+        #: Set: the next heartbeat waits for it.
+        self.held: Deferred[None] | None = None
 
     def _up(self) -> None:
         if self.down:
@@ -108,10 +113,16 @@ class FakeBus:
         return "g1"
 
     async def heartbeat(self, fresh: str, node: str, probe: bytes) -> tuple[str, int]:
+        if self.held is not None:
+            held, self.held = self.held, None
+            await held
         self._up()
         self.probes.append(probe)
         if self.echo and self.subscription is not None and self.subscription.subscribed:
-            self.subscription.on_message(probe)
+            if self.late is None:
+                self.subscription.on_message(probe)
+            else:
+                self.late.callLater(0.01, self.subscription.on_message, probe)
         return "g1", self.receivers
 
     async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
@@ -229,6 +240,57 @@ class SelfCheckTests(TestCase):
         self.sub.made()
         self.seconds(cluster.PUBSUB_ECHO_SECONDS - 1)
         self.assertEqual(self.sub.restarts, 1)
+
+    def test_an_outage_the_subscriber_survived_is_no_failure(self) -> None:
+        """While Redis is down no probe is published: the first heartbeat
+        after the outage does not count the outage as probes lost (the
+        subscriber is fine: no restart, nobody told to sync)."""
+        self.bus.late = self.clock
+        self.seconds(3)
+        self.bus.down = True
+        self.seconds(cluster.PUBSUB_ECHO_SECONDS + 5)
+        self.bus.down = False
+        self.seconds(cluster.PUBSUB_ECHO_SECONDS - 1)
+        self.assertEqual((self.sub.restarts, self.node.pubsub_failures), (0, 0))
+        self.assertEqual(self.bob.pushes, [])
+        # Probes lost after the outage still count.
+        self.bus.echo = False
+        self.seconds(cluster.PUBSUB_ECHO_SECONDS + 1)
+        self.assertEqual(self.sub.restarts, 1)
+
+    def test_an_outage_does_not_count_as_a_reconnect_stuck(self) -> None:
+        """Only the time Redis answers counts towards a stuck reconnect."""
+        self.sub.subscribed = False
+        self.bus.receivers = 0
+        self.seconds(cluster.PUBSUB_STUCK_SECONDS - 2)
+        self.bus.down = True
+        self.seconds(10)
+        self.bus.down = False
+        self.seconds(cluster.PUBSUB_STUCK_SECONDS - 1)
+        self.assertEqual(self.sub.restarts, 0)
+        self.seconds(2)
+        self.assertEqual(self.sub.restarts, 1)
+
+    def test_nothing_runs_after_stop(self) -> None:
+        """A heartbeat in flight at stop, and Redis answering again after
+        it, neither re-create the subscriber (a connection nobody would
+        stop) nor start a recovery; stop waits for the heartbeat."""
+        gate: Deferred[None] = Deferred()
+        self.bus.held = gate
+        self.bus.receivers = 0
+        self.seconds(1)
+        stopped = Deferred.fromCoroutine(self.node.stop())
+        self.assertNoResult(stopped)
+        gate.callback(None)
+        self.successResultOf(stopped)
+        for back in self.bus.back:
+            back()
+        self.sub.on_subscribed = self.node._subscribed
+        self.sub.made()
+        self.clock.advance(0)
+        self.assertEqual((self.sub.restarts, self.node.pubsub_failures), (0, 0))
+        self.assertEqual(self.bob.pushes, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_probes_of_another_incarnation_do_not_count(self) -> None:
         self.bus.echo = False

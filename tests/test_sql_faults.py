@@ -22,6 +22,7 @@ from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import TOKEN_KEEP_SECONDS, Database, Txn
 from imserver.storage.sql.engines import SqliteEngine, create_engine
 from imserver.storage.sql.migrate import _migrate_txn, available, migrate
+from imserver.storage.store import OUTBOX_STALE_MS
 from tests.harness import shared_mariadb
 from tests.mysql_proxy import MysqlProxy
 from tests.stack import Stack, make_stack
@@ -613,6 +614,19 @@ class SqliteLostCommitTests(TestCase):
         self.assertTrue(again["dup"])
         pushed = self.stack.presence.take(self.b, "msg")
         self.assertEqual([f["msg_id"] for f in pushed], [again["msg_id"]])
+
+    async def test_retry_of_an_old_send_leaves_its_row_to_the_sweeper(self) -> None:
+        """A retry of a message whose unfinished row is past the stale bound
+        (a reconnect storm retrying old sends) claims nothing and reads no
+        outbox row inside the send commit: the row is the sweepers'."""
+        await self.unknown_send("u4")
+        now = self.stack.store._now_ms()
+        self.patch(self.stack.store, "_now_ms", lambda: now + OUTBOX_STALE_MS + 1)
+        again = await self.send("u4")
+        self.assertTrue(again["dup"])
+        self.assertEqual(self.stack.presence.take(self.b, "msg"), [])
+        self.assertEqual(await self.stack.store.outbox_size(), 1)
+        self.assertEqual(q.OUTBOX_STALE_MS, OUTBOX_STALE_MS)
 
     async def test_quick_retry_of_a_committed_send_pushes_once(self) -> None:
         """An ordinary retry (the first reply lost on the way to the client),

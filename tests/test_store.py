@@ -293,6 +293,18 @@ class EmbeddedStoreTests(StoreContract, TestCase):
     backend = "embedded"
 
 
+class HealthTests(TestCase):
+    async def test_the_circuit_state_comes_from_the_hot_store(self) -> None:
+        """Store.health asks the hot store for its breaker's state (through
+        IHotStore, not the Redis implementation's attributes)."""
+        stack = await make_stack(self, "embedded")
+        self.assertIsNone(stack.hot.circuit_state())
+        self.assertEqual(await stack.store.health(), {"sql": "ok", "redis": "embedded"})
+        self.patch(stack.hot, "circuit_state", lambda: "open")
+        health = await stack.store.health()
+        self.assertEqual(health["redis_circuit"], "open")
+
+
 class RedisStoreTests(StoreContract, TestCase):
     backend = "redis"
 

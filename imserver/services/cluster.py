@@ -118,6 +118,9 @@ class ClusterPresence:
         self._everyone_pending = False
         self._recovering = False
         self._recover_again: str | None = None
+        # Set by stop: a heartbeat in flight, Redis answering again or a
+        # resubscription must not start work (a subscriber nobody stops).
+        self._stopped = False
         self.subscription: ISubscription | None = None
         # The self-check's probes carry this, so that only ours count.
         self._probe_id = secrets.token_hex(8)
@@ -148,8 +151,10 @@ class ClusterPresence:
         self._generation_check.start(now=True)
 
     async def stop(self) -> None:
-        self._refresh.stop()
-        self._generation_check.stop()
+        self._stopped = True
+        # The ticks in flight finish before the subscription stops.
+        await self._refresh.stop()
+        await self._generation_check.stop()
         # Logouts of the last turn (clients leaving at shutdown).
         await self._logouts.idle()
         if self.subscription is not None:
@@ -345,7 +350,12 @@ class ClusterPresence:
                 secrets.token_hex(8), self.node, self._probe()
             )
         except HotUnavailable:
-            return  # checked again when Redis answers
+            # Checked again when Redis answers, from then on: no probe is
+            # published meanwhile, and only time Redis answers counts
+            # towards a reconnect stuck.
+            self._echo_at = self._reactor.seconds()
+            self._unsubscribed_since = None
+            return
         self._saw(current)
         self._check_pubsub(receivers)
 
@@ -393,7 +403,7 @@ class ClusterPresence:
             )
 
     def _pubsub_failed(self, reason: str) -> None:
-        if self.subscription is None:
+        if self.subscription is None or self._stopped:
             return
         self.pubsub_failures += 1
         self.log.warn(
@@ -415,6 +425,8 @@ class ClusterPresence:
 
     def _recover(self, reason: str) -> None:
         """Start a recovery (or run one more after the one running)."""
+        if self._stopped:
+            return
         if self._recovering:
             self._recover_again = reason
             return

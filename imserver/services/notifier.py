@@ -191,6 +191,7 @@ class Notifier:
         self.failures = 0
 
     def start(self) -> None:
+        # Not a leftover of __init__'s: a stopped notifier may be started again.
         self._stopping = False
         self._loop.start()
 

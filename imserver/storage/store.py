@@ -243,10 +243,10 @@ class Store:
             await self.hot.ping()
         except HotUnavailable:
             status["redis"] = "down"
-        connection = getattr(self.hot, "connection", None)
-        if connection is not None and connection.breaker.state != "closed":
+        circuit = self.hot.circuit_state()
+        if circuit is not None and circuit != "closed":
             # Calls to Redis fail fast now (see imserver.storage.hot.connection).
-            status["redis_circuit"] = connection.breaker.state
+            status["redis_circuit"] = circuit
         return status
 
     # -- users ---------------------------------------------------------------

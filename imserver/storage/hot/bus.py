@@ -20,8 +20,8 @@ from zope.interface import implementer
 from imserver.storage.hot.connection import (
     CLOSED,
     RedisConnection,
+    RedisScripts,
     Subscription,
-    load_scripts,
     pack,
     to_int,
     to_str,
@@ -43,21 +43,9 @@ def _generation(value: Any) -> str | None:
 
 
 @implementer(IClusterBus)
-class RedisBus:
+class RedisBus(RedisScripts):
     def __init__(self, connection: RedisConnection, prefix: str) -> None:
-        self.connection = connection
-        self.prefix = prefix
-        self._scripts = load_scripts(SCRIPTS)
-
-    async def _script(self, name: str, *args: Any) -> Any:
-        return await self.connection.eval(self._scripts[name], [self.prefix, *args])
-
-    async def ping(self) -> None:
-        await self.connection.ping()
-
-    async def command(self, *args: Any) -> Any:
-        """A raw command (tests, admin)."""
-        return await self.connection.command(*args)
+        super().__init__(connection, prefix, SCRIPTS)
 
     async def generation(self, fresh: str) -> str:
         return to_str(await self._script("bus_generation", fresh))

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.config import AnyRedisTarget
+from imserver.deferreds import within
 from imserver.storage.hot.connect import connect_pool, connect_subscriber
 from imserver.storage.hot.interface import HotUnavailable, ISubscription
 
@@ -225,19 +226,11 @@ class RedisConnection:
         self._pool = self._new_pool()
         connected: Deferred[Any] | None = self._pool._factory.deferred
         if connected is not None:
-            # Not the factory's own Deferred: a timeout would cancel it.
-            waiter: Deferred[None] = Deferred()
-
-            def done(_: object) -> None:
-                if not waiter.called:
-                    waiter.callback(None)
-
-            connected.addBoth(done)
-            waiter.addTimeout(self.timeout, self._reactor)
+            # Not on the factory's own Deferred: a timeout would cancel it.
             try:
-                await waiter
-            except TimeoutError:
-                pass
+                await within(connected, self.timeout, self._reactor)
+            except Exception:
+                pass  # Not connected (yet): the check below says what to do.
         if not self._connected():
             # Redis is down at start: sends go on without it.
             self.breaker.failed("not reachable at start")
@@ -310,6 +303,28 @@ class RedisConnection:
         subscription = Subscription(self, channels, on_message, on_subscribed)
         subscription.start()
         return subscription
+
+
+class RedisScripts:
+    """
+    What the hot index and the cluster bus share: their Lua scripts (each
+    after the prelude), run under their key prefix on the node's connection.
+    """
+
+    def __init__(self, connection: RedisConnection, prefix: str, scripts: Sequence[str]) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self._scripts = load_scripts(scripts)
+
+    async def _script(self, name: str, *args: Any) -> Any:
+        return await self.connection.eval(self._scripts[name], [self.prefix, *args])
+
+    async def ping(self) -> None:
+        await self.connection.ping()
+
+    async def command(self, *args: Any) -> Any:
+        """A raw command (tests, admin)."""
+        return await self.connection.command(*args)
 
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):

@@ -49,6 +49,13 @@ class IHotStore(Interface):
     async def ping() -> None:
         """Raise L{HotUnavailable} unless the store answers."""
 
+    def circuit_state() -> str | None:
+        """
+        The state of the circuit breaker in front of the store (C{closed},
+        C{open}, C{half-open}: calls fail fast unless closed), or None if
+        it has none (the in-process store). Read by the health check.
+        """
+
     # -- writes -------------------------------------------------------------
 
     async def fanout(messages: Sequence[tuple[Message, int]], rows: Sequence[ConvRow]) -> None:

@@ -104,6 +104,9 @@ class MemoryHotStore:
     async def ping(self) -> None:
         pass
 
+    def circuit_state(self) -> str | None:
+        return None
+
     # -- helpers shared by the writes (the prelude of the scripts) ---------
 
     def _ready(self, uid: int) -> bool:

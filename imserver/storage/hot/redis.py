@@ -32,7 +32,7 @@ from zope.interface import implementer
 from imserver.config import AnyRedisTarget
 from imserver.storage.hot.connection import (
     RedisConnection,
-    load_scripts,
+    RedisScripts,
     pack,
     to_int,
     to_str,
@@ -60,9 +60,6 @@ SCRIPTS = (
     "profiles_get",
     "profiles_put",
 )
-_pack = pack
-_int = to_int
-_str = to_str
 
 
 def _row(row: ConvRow) -> list[str]:
@@ -91,7 +88,7 @@ def _from_record(blob: bytes) -> Message:
 
 
 @implementer(IHotStore)
-class RedisHotStore:
+class RedisHotStore(RedisScripts):
     kind = "redis"
     log = Logger()
 
@@ -109,18 +106,19 @@ class RedisHotStore:
         live_ms: int = LIVE_MS,
         connection: RedisConnection | None = None,
     ) -> None:
+        #: Shared with the cluster bus; started and stopped with this store.
+        super().__init__(
+            connection
+            or RedisConnection(reactor, target, prefix=prefix, timeout=timeout, poolsize=poolsize),
+            prefix,
+            SCRIPTS,
+        )
         self._reactor = reactor
         self.target = target
-        self.prefix = prefix
-        #: Shared with the cluster bus; started and stopped with this store.
-        self.connection = connection or RedisConnection(
-            reactor, target, prefix=prefix, timeout=timeout, poolsize=poolsize
-        )
         self.message_ttl = message_ttl
         self.profile_ttl = profile_ttl
         self.window_size = window_size
         self.live_ms = live_ms
-        self._scripts = load_scripts(SCRIPTS)
 
     @property
     def failures(self) -> int:
@@ -133,15 +131,8 @@ class RedisHotStore:
     async def stop(self) -> None:
         await self.connection.stop()
 
-    async def _script(self, name: str, *args: Any) -> Any:
-        return await self.connection.eval(self._scripts[name], [self.prefix, *args])
-
-    async def ping(self) -> None:
-        await self.connection.ping()
-
-    async def command(self, *args: Any) -> Any:
-        """A raw command (tests, admin)."""
-        return await self.connection.command(*args)
+    def circuit_state(self) -> str | None:
+        return self.connection.breaker.state
 
     # -- writes ------------------------------------------------------------
 
@@ -161,19 +152,19 @@ class RedisHotStore:
             ],
             [_row(r) for r in rows],
         ]
-        await self._script("fanout", _pack(payload))
+        await self._script("fanout", pack(payload))
 
     async def ack(self, acked: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
         await self._script(
             "ack",
-            _pack([[str(uid), [[str(i), str(s)] for i, s in removed]] for uid, removed in acked]),
+            pack([[str(uid), [[str(i), str(s)] for i, s in removed]] for uid, removed in acked]),
             str(GONE_MS),
         )
 
     async def recall(self, message: Message, row: ConvRow | None) -> None:
         await self._script(
             "recall",
-            _pack(
+            pack(
                 [
                     str(message.msg_id),
                     str(message.session_id),
@@ -187,14 +178,14 @@ class RedisHotStore:
 
     async def apply_rows(self, rows: Sequence[ConvRow]) -> None:
         if rows:
-            await self._script("rows", _pack([_row(r) for r in rows]))
+            await self._script("rows", pack([_row(r) for r in rows]))
 
     async def invalidate(
         self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
     ) -> None:
         await self._script(
             "invalidate",
-            _pack(
+            pack(
                 [[str(u) for u in uids], [str(s) for s in session_ids], [str(m) for m in msg_ids]]
             ),
         )
@@ -209,7 +200,7 @@ class RedisHotStore:
             [[str(i), str(s)] for i, s in snapshot.pending],
             [_row(r) for r in snapshot.convs],
         ]
-        return bool(await self._script("load_finish", str(uid), token, _pack(payload)))
+        return bool(await self._script("load_finish", str(uid), token, pack(payload)))
 
     # -- reads -------------------------------------------------------------
 
@@ -221,14 +212,15 @@ class RedisHotStore:
         )
         if flat is None:
             return None
-        return [(_int(flat[i]), _int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [(to_int(flat[i]), to_int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def offline_summary(self, uid: int) -> list[tuple[int, int, int]] | None:
         flat = await self._script("read_summary", str(uid))
         if flat is None:
             return None
         return [
-            (_int(flat[i]), _int(flat[i + 1]), _int(flat[i + 2])) for i in range(0, len(flat), 3)
+            (to_int(flat[i]), to_int(flat[i + 1]), to_int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
         ]
 
     async def convs(
@@ -240,7 +232,7 @@ class RedisHotStore:
         if flat is None:
             return None
         return [
-            (_int(flat[i]), _int(flat[i + 1]), _int(flat[i + 2]), _int(flat[i + 3]))
+            (to_int(flat[i]), to_int(flat[i + 1]), to_int(flat[i + 2]), to_int(flat[i + 3]))
             for i in range(0, len(flat), 4)
         ]
 
@@ -255,13 +247,13 @@ class RedisHotStore:
             0,
             limit,
         )
-        return [_int(i) for i in ids]
+        return [to_int(i) for i in ids]
 
     async def last_in_windows(self, session_ids: Sequence[int]) -> dict[int, int]:
         if not session_ids:
             return {}
-        flat = await self._script("read_last", _pack([str(s) for s in session_ids]))
-        return {_int(flat[i]): _int(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i + 1]}
+        flat = await self._script("read_last", pack([str(s) for s in session_ids]))
+        return {to_int(flat[i]): to_int(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i + 1]}
 
     async def messages(self, msg_ids: Sequence[int]) -> dict[int, Message]:
         out: dict[int, Message] = {}
@@ -276,10 +268,10 @@ class RedisHotStore:
     async def profiles(self, uids: Sequence[int]) -> dict[int, Profile]:
         if not uids:
             return {}
-        flat = await self._script("profiles_get", _pack([str(u) for u in uids]))
+        flat = await self._script("profiles_get", pack([str(u) for u in uids]))
         return {
-            _int(flat[i]): Profile(
-                _int(flat[i]), _str(flat[i + 1]), _str(flat[i + 2]), _int(flat[i + 3])
+            to_int(flat[i]): Profile(
+                to_int(flat[i]), to_str(flat[i + 1]), to_str(flat[i + 2]), to_int(flat[i + 3])
             )
             for i in range(0, len(flat), 4)
         }
@@ -288,6 +280,6 @@ class RedisHotStore:
         if profiles:
             await self._script(
                 "profiles_put",
-                _pack([[str(p.uid), p.nickname, p.avatar, str(p.version)] for p in profiles]),
+                pack([[str(p.uid), p.nickname, p.avatar, str(p.version)] for p in profiles]),
                 str(self.profile_ttl),
             )

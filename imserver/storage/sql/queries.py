@@ -282,6 +282,12 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
 #: (the message id and the row's time are read from one node's clock, the id
 #: first: a margin for that clock being stepped back).
 OUTBOX_CLOCK_MARGIN_MS = 10_000
+#: Outbox rows older than this belong to the sweepers (the store's
+#: C{OUTBOX_STALE_MS} is the same bound; tests check that they agree).
+OUTBOX_STALE_MS = 60_000
+#: Unfinished send rows a duplicate's transaction reads at most: it runs
+#: inside the serialized send commit; a row past it is left to the sweeper.
+OUTBOX_CLAIM_LIMIT = 100
 
 
 def _claim_unfinished(
@@ -298,13 +304,23 @@ def _claim_unfinished(
     bound, 60 s), and each is conditional on the other's absence. It leaves
     C{attempts} at 0, so that a later retry can still take the row if this
     transaction's own outcome is lost. Only on the duplicate path: a send
-    that is no retry pays nothing for it.
+    that is no retry pays nothing for it. Only rows younger than the stale
+    bound, and a bounded number of them (this runs inside the serialized
+    send commit): a retry of an old message (a reconnect storm) reads
+    nothing, its row is the sweepers'.
     """
+    since = max(min(d.ts for d in used.values()) - OUTBOX_CLOCK_MARGIN_MS, now_ms - OUTBOX_STALE_MS)
+    # No send commits a minute after its message got its id (its client
+    # gave up long before): rows younger than that are other messages'.
+    until = max(d.ts for d in used.values()) + OUTBOX_STALE_MS
+    if since > until:
+        return used
     by_msg = {d.msg_id: key for key, d in used.items()}
     rows = txn.query(
         f"SELECT {OUTBOX_COLUMNS} FROM t_outbox"
-        " WHERE createdAt >= ? AND kind = 'send' AND attempts = 0",
-        (min(d.ts for d in used.values()) - OUTBOX_CLOCK_MARGIN_MS,),
+        " WHERE createdAt >= ? AND createdAt <= ? AND kind = 'send' AND attempts = 0"
+        " ORDER BY createdAt LIMIT ?",
+        (since, until, OUTBOX_CLAIM_LIMIT),
     )
     out = dict(used)
     for row in map(Outbox.from_row, rows):

@@ -4,10 +4,4 @@
 -- got it: 0 means this node's subscription is not on this server (killed
 -- without the node noticing, or made to another server), whatever the node
 -- believes. Returns {the generation, receivers}.
-local k = key('generation')
-local g = redis.call('GET', k)
-if not g then
-  redis.call('SET', k, ARGV[2])
-  g = ARGV[2]
-end
-return {g, redis.call('PUBLISH', key('node', ARGV[3]), ARGV[4])}
+return {generation(ARGV[2]), redis.call('PUBLISH', key('node', ARGV[3]), ARGV[4])}

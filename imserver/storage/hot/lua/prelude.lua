@@ -21,6 +21,21 @@ local function key(...)
   return P .. ':' .. table.concat({...}, ':')
 end
 
+-- {p}:generation is written once by the first node to find it missing (at
+-- start, or after Redis lost its data) and never expires: a node that sees
+-- a value other than the last one it saw knows that everything written
+-- before (presences above all) is gone. Returns the value, `fresh` if the
+-- bus had none.
+local function generation(fresh)
+  local k = key('generation')
+  local g = redis.call('GET', k)
+  if not g then
+    redis.call('SET', k, fresh)
+    g = fresh
+  end
+  return g
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
