@@ -528,18 +528,16 @@ class ChatService:
 
     async def recall(self, uid: int, msg_id: int) -> Result:
         await self._settled(uid)
-        result = await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000)
-        if not result.already:
-            m = result.message
+
+        def tell(m: Message) -> None:
+            # Also when recalled already: the retry of a recall whose first
+            # reply was lost must still tell the recipient (clients dedupe).
             self.presence.push(
                 m.recipient,
-                {
-                    "t": "recall",
-                    "msg_id": m.msg_id,
-                    "session_id": m.session_id,
-                    "by": uid,
-                },
+                {"t": "recall", "msg_id": m.msg_id, "session_id": m.session_id, "by": uid},
             )
+
+        await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000, tell)
         return {}
 
     # -- profiles ------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class Store:
         self.suspect_sessions: Counter[int] = Counter()
         # Users with a hot step running after its reply: their reads go to SQL.
         self._hot_busy: Counter[int] = Counter()
+        self._hot_busy_sessions: Counter[int] = Counter()
         self._after_reply: set[Deferred[None]] = set()
         # The repair that failures join until it runs (one per attempt, not per failure).
         self._open_repair: _Repair | None = None
@@ -649,21 +650,61 @@ class Store:
 
     # -- recall ------------------------------------------------------------------
 
-    async def recall(self, uid: int, msg_id: int, window_ms: int) -> RecallResult:
+    async def recall(
+        self,
+        uid: int,
+        msg_id: int,
+        window_ms: int,
+        then: Callable[[Message], None] | None = None,
+    ) -> RecallResult:
+        """
+        Recall a message. Its hot step runs after the reply, then C{then}
+        (the recall push: the recipient is told once the hot copy has it).
+        A message recalled already (a retry after C{unavailable}, whose
+        first try may have committed) has its copies invalidated and
+        C{then} run again: pushes are idempotent by msg_id.
+        """
         outbox = self._outbox("recall")
-        result = await self.db.run(
-            "recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms, outbox
-        )
-        if not result.already:
-            m = result.message
-            await self._follow_up(
-                outbox.id,
-                self.hot.recall(m, result.recipient_row),
-                {m.sender, m.recipient},
-                {m.session_id},
-                (m.msg_id,),
+        try:
+            result = await self.db.run(
+                "recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms, outbox
             )
+        except CommitUnknown as e:
+            # Maybe recalled: distrust every copy it may have changed that
+            # can be named without SQL (the retry finds it recalled already
+            # and invalidates the rest).
+            users, sessions = {uid}, set()
+            try:
+                cached = (await self.hot.messages([msg_id])).get(msg_id)
+            except Exception:
+                cached = None
+            if cached is not None:
+                users.add(cached.recipient)
+                sessions.add(cached.session_id)
+            self._hot_failed(users, sessions, (msg_id,), str(e))
+            raise
+        m = result.message
+        self._run_after_reply(
+            self._recall_follow_up(0 if result.already else outbox.id, result, then),
+            (m.sender, m.recipient),
+            (m.session_id,),
+        )
         return result
+
+    async def _recall_follow_up(
+        self, outbox_id: int, result: RecallResult, then: Callable[[Message], None] | None
+    ) -> None:
+        m = result.message
+        users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
+        try:
+            if result.already:
+                step = self.hot.invalidate(users, sessions, msgs)
+            else:
+                step = self.hot.recall(m, result.recipient_row)
+            await self._follow_up(outbox_id, step, users, sessions, msgs)
+        finally:
+            if then is not None:
+                then(m)
 
     # -- conversations, history, messages ----------------------------------------
 
@@ -685,7 +726,7 @@ class Store:
 
     async def last_messages(self, session_ids: Sequence[int]) -> dict[int, Message]:
         """Each session's newest normal message."""
-        usable = [sid for sid in session_ids if sid not in self.suspect_sessions]
+        usable = [sid for sid in session_ids if self._hot_session(sid)]
         try:
             ids = await self.hot.last_in_windows(usable) if usable else {}
         except HotUnavailable:
@@ -703,7 +744,7 @@ class Store:
 
     async def history(self, session_id: int, before: int | None, limit: int) -> list[Message]:
         """Up to C{limit} normal messages below C{before}, newest first."""
-        if session_id not in self.suspect_sessions:
+        if self._hot_session(session_id):
             try:
                 ids = await self.hot.window(session_id, before, limit)
             except HotUnavailable:
@@ -767,23 +808,36 @@ class Store:
 
     # -- the hot copy: loading and repair ----------------------------------------
 
-    def _run_after_reply(self, step: Coroutine[Any, Any, None], uids: Iterable[int]) -> None:
+    def _run_after_reply(
+        self,
+        step: Coroutine[Any, Any, None],
+        uids: Iterable[int],
+        session_ids: Iterable[int] = (),
+    ) -> None:
         """
         Run a hot-store step in the background (it handles its own
-        failures); the users' reads go to SQL until it is done, so a reply
-        never waits for Redis and a user still reads their own writes.
+        failures); the users' (and sessions') reads go to SQL until it is
+        done, so a reply never waits for Redis and a user still reads their
+        own writes.
         """
         busy = Counter(uids)
+        busy_sessions = Counter(session_ids)
         self._hot_busy.update(busy)
+        self._hot_busy_sessions.update(busy_sessions)
 
         def done(_: object) -> None:
             self._hot_busy -= busy
+            self._hot_busy_sessions -= busy_sessions
             self._after_reply.discard(d)
 
         d = Deferred.fromCoroutine(step)
         self._after_reply.add(d)
         d.addErrback(lambda f: self.log.failure("hot-store step after a reply failed", f))
         d.addBoth(done)
+
+    def _hot_session(self, session_id: int) -> bool:
+        """Whether the session's hot window can be trusted now."""
+        return session_id not in self.suspect_sessions and session_id not in self._hot_busy_sessions
 
     async def _hot_user_read(self, uid: int, read: Callable[[], Awaitable[T | None]]) -> T | None:
         if uid in self.suspect_users or uid in self._hot_busy:
