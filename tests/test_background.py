@@ -503,6 +503,54 @@ class ParkedRepairTests(TestCase):
         self.assertFalse(self.stack.store.suspect_sessions)
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
 
+    async def test_a_profile_change_with_a_full_retry_queue_is_answered_and_parked(
+        self,
+    ) -> None:
+        """Regression: with the repair queue full, a committed profile change
+        whose hot write failed was answered unavailable (RetryQueueFull) and
+        the stale cached profile stayed. It is answered, and its hot write
+        is parked and done once the hot store answers."""
+        self.stack.store.retries.max_tasks = 0
+        hot = self.stack.hot
+        real = hot.put_profiles
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        self.patch(hot, "put_profiles", down)
+        reply = await self.stack.chat.set_profile(self.a, "new", None)
+        self.assertEqual(reply["user"]["nickname"], "new")
+        profile, _ = await self.stack.store.upsert_user(self.b, "bee", None)
+        self.assertEqual(profile.nickname, "bee")
+        self.patch(hot, "put_profiles", real)
+
+        async def cached() -> bool:
+            found = await hot.profiles([self.a, self.b])
+            return [p.nickname for p in found.values()] == ["new", "bee"]
+
+        await eventually(cached, timeout=10)
+
+    async def test_a_profile_change_replies_before_the_hot_store(self) -> None:
+        """Regression: set_profile and upsert_user waited for Redis before replying."""
+        gate: Deferred[None] = Deferred()
+        real = self.stack.hot.put_profiles
+
+        async def held(*args: Any) -> None:
+            await gate
+            await real(*args)
+
+        self.patch(self.stack.hot, "put_profiles", held)
+        try:
+            reply = await within(self.stack.chat.set_profile(self.a, "later", None), 5)
+            self.assertEqual(reply["user"]["nickname"], "later")
+            profile, _ = await within(self.stack.store.upsert_user(self.b, "b2", None), 5)
+            self.assertEqual(profile.nickname, "b2")
+        finally:
+            gate.callback(None)
+        await self.stack.settle()
+        found = await self.stack.hot.profiles([self.a])
+        self.assertEqual(found[self.a].nickname, "later")
+
 
 # ---------------------------------------------------------------------------
 # The outbox sweeper

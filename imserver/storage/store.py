@@ -169,6 +169,7 @@ class Store:
         self._parked_users: Counter[int] = Counter()
         self._parked_sessions: Counter[int] = Counter()
         self._parked_msgs: set[int] = set()
+        self._parked_profiles: dict[int, Profile] = {}
         self._parked_call: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
@@ -292,10 +293,21 @@ class Store:
         except HotUnavailable as e:
             if not changed:
                 return
-            # A stale cached profile would outlive its TTL otherwise.
-            uids = [p.uid for p in profiles]
+            # A stale cached profile would outlive its TTL otherwise. With
+            # the retry queue full (or the retries given up), the write
+            # waits with the parked repairs: the change is committed, so it
+            # never fails the request.
+            if self.retries.full:
+                self._park_profiles(profiles)
+                return
             self.retries.add(
-                Task("profile", uids[0], lambda: self.hot.put_profiles(profiles)), str(e)
+                Task(
+                    "profile",
+                    profiles[0].uid,
+                    lambda: self.hot.put_profiles(profiles),
+                    on_dead=lambda: self._park_profiles(profiles),
+                ),
+                str(e),
             )
 
     async def set_profile(
@@ -305,7 +317,8 @@ class Store:
             "set_profile", q.set_profile_txn, uid, nickname, avatar, self._now_ms()
         )
         if profile is not None:
-            await self._put_profiles([profile])
+            # After the reply: the caller caches the new profile on this node.
+            self._run_after_reply(self._put_profiles([profile]), ())
         return profile
 
     async def upsert_user(
@@ -315,7 +328,7 @@ class Store:
             "upsert_user", q.upsert_user_txn, uid, nickname, avatar, self._now_ms()
         )
         self._known_users.add(uid)
-        await self._put_profiles([profile])
+        self._run_after_reply(self._put_profiles([profile]), ())
         return profile, created
 
     # -- sending ---------------------------------------------------------------
@@ -1053,13 +1066,23 @@ class Store:
         self._parked_msgs.update(msg_ids)
         self._arm_parked()
 
+    def _park_profiles(self, profiles: Iterable[Profile]) -> None:
+        """A profile write given up on waits with the parked repairs (newest version kept)."""
+        for p in profiles:
+            held = self._parked_profiles.get(p.uid)
+            if held is None or held.version <= p.version:
+                self._parked_profiles[p.uid] = p
+        self._arm_parked()
+
     @property
     def parked_repairs(self) -> int:
         """Users and sessions waiting for a repair given up on."""
         return len(self._parked_users) + len(self._parked_sessions)
 
     def _arm_parked(self) -> None:
-        parked = self._parked_users or self._parked_sessions or self._parked_msgs
+        parked = any(
+            (self._parked_users, self._parked_sessions, self._parked_msgs, self._parked_profiles)
+        )
         if parked and self._parked_call is None and not self._stopped:
             self._parked_call = self._reactor.callLater(
                 self.parked_repair_seconds, self._run_parked
@@ -1079,7 +1102,13 @@ class Store:
         msgs = sorted(self._parked_msgs)
         sessions = dict(self._parked_sessions)
         users = dict(self._parked_users)
+        profiles = dict(self._parked_profiles)
         try:
+            for part in chunks(sorted(profiles), PARKED_CHUNK):
+                await self.hot.put_profiles([profiles[uid] for uid in part])
+                for uid in part:
+                    if self._parked_profiles.get(uid) is profiles[uid]:
+                        del self._parked_profiles[uid]
             for part in chunks(msgs, PARKED_CHUNK):
                 await self.hot.invalidate((), (), part)
                 self._parked_msgs.difference_update(part)
