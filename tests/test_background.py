@@ -361,6 +361,60 @@ class FanoutErrorTests(TestCase):
         self.assertEqual(await self.rows(), [])
         self.assertIn(second, [p["msg_id"] for p in self.stack.presence.take(self.c)])
 
+    async def test_a_failing_observe_still_counts_the_message_down(self) -> None:
+        """Regression: an error between the commit and the start of its
+        fan-out (here the latency metric) left its row's countdown one short
+        for good: the row was renewed by every sweep and never replayed."""
+        real = self.stack.chat.observe
+        calls = [0]
+
+        def observe(name: str, seconds: float) -> None:
+            calls[0] += name == "send_to_commit"
+            if name == "send_to_commit" and calls[0] == 2:
+                raise RuntimeError("broken metric")
+            real(name, seconds)
+
+        self.stack.chat.observe = observe  # type: ignore[method-assign]
+        ds = [
+            self.stack.chat.send(self.a, self.c, "0", "text", "w"),
+            self.stack.chat.send(self.a, self.b, "1", "text", "x"),
+            self.stack.chat.send(self.a, self.c, "2", "text", "y"),
+        ]
+        for d in ds:
+            d.addErrback(lambda f: f.trap(RuntimeError))
+        await self.stack.settle()
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual(await self.rows(), [])
+        self.assertEqual(len(self.stack.presence.take(self.b, "msg")), 1)
+
+    async def test_a_countdown_left_too_long_goes_to_the_sweeper(self) -> None:
+        """Regression: a countdown entry had no age limit, and every sweep
+        renewed its row's claim: one that never reached zero kept its row
+        from every sweeper for good. Past a few times OUTBOX_STALE_MS it is
+        dropped (logged), and the sweeper replays the row."""
+        gate: Deferred[None] = Deferred()
+        real = self.stack.hot.fanout
+
+        async def held(*args: Any) -> Any:
+            await gate
+            return await real(*args)
+
+        self.patch(self.stack.hot, "fanout", held)
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        self.assertEqual(_countdowns(self.stack), 1)
+        store = self.stack.store
+        now_ms = store._now_ms
+        self.patch(store, "_now_ms", lambda: now_ms() + 600_000)
+        try:
+            await self.stack.chat._sweep()
+            self.assertEqual(_countdowns(self.stack), 0)
+            [push] = self.stack.presence.take(self.b, "msg")
+            self.assertEqual(push["msg_id"], sent["msg_id"])
+        finally:
+            gate.callback(None)
+        await self.stack.settle()
+        self.assertEqual(await self.rows(), [])
+
     async def test_a_failing_push_spares_the_others(self) -> None:
         real = self.stack.presence.push
 

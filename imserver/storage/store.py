@@ -69,6 +69,8 @@ V = TypeVar("V")
 REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=45)
 #: Outbox rows older than this are replayed by any node's sweeper.
 OUTBOX_STALE_MS = 60_000
+#: A send row's fan-out still unfinished here after this is left to the sweepers.
+OUTBOX_COUNTDOWN_MAX_MS = 5 * OUTBOX_STALE_MS
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
 #: Users (and sessions, messages) per invalidate call of a repair.
@@ -104,6 +106,8 @@ class OutboxCountdown:
     """A send batch's outbox row while its messages are fanned out."""
 
     left: int
+    #: When its first message went to the fan-out (ms, the store's clock).
+    started_ms: int
     outcome: FanoutOutcome = FanoutOutcome.DONE
 
 
@@ -531,7 +535,9 @@ class Store:
     def fanout_started(self, committed: Committed) -> None:
         """A committed message goes to the fan-out: count it down on its outbox row."""
         if committed.outbox_id and committed.outbox_id not in self._countdowns:
-            self._countdowns[committed.outbox_id] = OutboxCountdown(committed.outbox_count)
+            self._countdowns[committed.outbox_id] = OutboxCountdown(
+                committed.outbox_count, self._now_ms()
+            )
 
     def fanout_finished(self, committed: Sequence[Committed], outcome: FanoutOutcome) -> None:
         """
@@ -573,13 +579,27 @@ class Store:
         Keep this node's claim on the send rows whose fan-out is still
         running: a row counts as stale L{OUTBOX_STALE_MS} after its commit,
         but a fan-out backlog can take longer, and other nodes' sweepers
-        must not replay it meanwhile (called by each sweep).
+        must not replay it meanwhile (called by each sweep). An entry older
+        than L{OUTBOX_COUNTDOWN_MAX_MS} is given up on (a message of its row
+        never ended here: a bug): dropped, not renewed, so that a sweeper
+        replays the row (its pushes again, harmlessly).
         """
+        now = self._now_ms()
+        old = [
+            i for i, c in self._countdowns.items() if now - c.started_ms > OUTBOX_COUNTDOWN_MAX_MS
+        ]
+        for outbox_id in old:
+            entry = self._countdowns.pop(outbox_id)
+            self.log.warn(
+                "fan-out of outbox row {id} unfinished after {s} s ({left} messages left):"
+                " left to the sweeper",
+                id=outbox_id,
+                s=(now - entry.started_ms) // 1000,
+                left=entry.left,
+            )
         ids = sorted(self._countdowns)
         if ids:
-            await self.background.run(
-                "outbox_renew", q.outbox_renew_txn, ids, self.node_id, self._now_ms()
-            )
+            await self.background.run("outbox_renew", q.outbox_renew_txn, ids, self.node_id, now)
 
     @property
     def outbox_countdowns(self) -> int:
