@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from imserver.config import LimitsConfig, NotifyConfig
 from imserver.errors import Unavailable
 from imserver.periodic import Periodic
-from imserver.retry import RetryPolicy, RetryQueue, Task
+from imserver.retry import EXPEDITE_CHUNK, RetryPolicy, RetryQueue, Task
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
 from imserver.storage.hot.interface import HotUnavailable
@@ -557,6 +557,28 @@ class ParkedRepairTests(TestCase):
         self.assertFalse(self.stack.store.suspect_sessions)
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
 
+    async def test_one_repair_task_however_long_the_outage(self) -> None:
+        """Regression: each attempt of a repair let the next failure open a
+        new repair task, even one failing at once (circuit open): about two
+        new tasks a second during an outage, until the queue was full."""
+        store = self.stack.store
+        store.retries.policy = RetryPolicy(
+            base=0.01, factor=1.0, max_delay=0.01, max_attempts=10_000, jitter=0.0
+        )
+        up = self.hot_down()
+        for i in range(8):
+            await self.stack.chat.send(self.a, self.b, str(i), "text", "x")
+            await self.stack.settle()
+            await sleep(0.03)
+        self.assertEqual(store.retries.depth, 1)
+        up()
+        store.hot_back()
+        await eventually(lambda: not store.suspect_users, timeout=10)
+        self.assertFalse(store.suspect_sessions)
+        self.assertEqual(store.retries.depth, 0)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual(len(sync["msgs"]), 8)
+
     async def test_a_profile_change_with_a_full_retry_queue_is_answered_and_parked(
         self,
     ) -> None:
@@ -882,4 +904,32 @@ class RetryQueueStopTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(10)
         self.assertEqual(dead, [])
+        self.assertEqual(queue.depth, 0)
+
+    def test_expedite_runs_the_waiting_tasks_in_bounded_chunks(self) -> None:
+        """Regression: at hot_back every waiting task ran at once, beyond
+        what one Redis connection takes in flight (part failed as too busy)."""
+        clock = Clock()
+
+        async def record(task: Task) -> None:
+            pass
+
+        queue = RetryQueue(
+            clock, RetryPolicy(base=60.0, factor=1.0, max_attempts=3, jitter=0.0), record
+        )
+        ran: list[int] = []
+
+        def task(i: int) -> Task:
+            async def run() -> None:
+                ran.append(i)
+
+            return Task("repair", i, run)
+
+        for i in range(250):
+            queue.add(task(i), "down")
+        self.assertEqual(queue.expedite(), 250)
+        clock.advance(0)
+        self.assertEqual(len(ran), EXPEDITE_CHUNK)
+        clock.advance(1)
+        self.assertEqual(sorted(ran), list(range(250)))
         self.assertEqual(queue.depth, 0)

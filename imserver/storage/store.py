@@ -1027,7 +1027,7 @@ class Store:
                 uids[0] if uids else 0,
                 lambda: self._repair(repair),
                 repair.row,
-                on_dead=lambda: self._park(repair.users, repair.sessions, repair.msgs),
+                on_dead=lambda: self._repair_dead(repair),
             )
             self.retries.add(task, error)
         repair.users.update(uids)
@@ -1035,19 +1035,44 @@ class Store:
         repair.msgs.update(msg_ids)
 
     async def _repair(self, repair: _Repair) -> None:
-        """Invalidate the copies a repair names; later failures join a new repair."""
+        """
+        Invalidate the copies a repair names. Failures during the attempt
+        join a new repair; an attempt that fails makes its repair the one
+        failures join again (or, if failures opened a new one meanwhile,
+        joins it and ends), so an outage, however long, keeps one repair
+        task with its backoff growing, not a new task per attempt.
+        """
         if self._open_repair is repair:
             self._open_repair = None
         users, sessions, msgs = list(repair.users), list(repair.sessions), list(repair.msgs)
-        for i in range(0, max(len(users), len(sessions), len(msgs)), REPAIR_CHUNK):
-            await self.hot.invalidate(
-                users[i : i + REPAIR_CHUNK],
-                sessions[i : i + REPAIR_CHUNK],
-                msgs[i : i + REPAIR_CHUNK],
-            )
+        try:
+            for i in range(0, max(len(users), len(sessions), len(msgs)), REPAIR_CHUNK):
+                await self.hot.invalidate(
+                    users[i : i + REPAIR_CHUNK],
+                    sessions[i : i + REPAIR_CHUNK],
+                    msgs[i : i + REPAIR_CHUNK],
+                )
+        except Exception:
+            if self._stopped:
+                raise
+            newer = self._open_repair
+            if newer is None:
+                self._open_repair = repair
+                raise
+            # The newer repair's task does this one's work too.
+            newer.users.update(repair.users)
+            newer.sessions.update(repair.sessions)
+            newer.msgs.update(repair.msgs)
+            return
         # -= drops the counts that reach zero.
         self.suspect_users -= repair.users
         self.suspect_sessions -= repair.sessions
+
+    def _repair_dead(self, repair: _Repair) -> None:
+        """A repair's retries are exhausted: park it; later failures open a new one."""
+        if self._open_repair is repair:
+            self._open_repair = None
+        self._park(repair.users, repair.sessions, repair.msgs)
 
     async def _dead_letter(self, task: Task) -> None:
         letter = DeadLetter(
