@@ -579,6 +579,38 @@ class ParkedRepairTests(TestCase):
         sync = await self.stack.chat.sync(self.b, 10, 0, None)
         self.assertEqual(len(sync["msgs"]), 8)
 
+    async def test_a_repair_invalidates_messages_then_sessions_then_users(self) -> None:
+        """Regression: a repair invalidated users, sessions and messages in
+        one call per chunk (the parked repairs in the documented order): a
+        user served from the hot store again could meet a stale cached
+        message. Both now go messages, then sessions, then users."""
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        hot = self.stack.hot
+        calls: list[tuple[list[int], list[int], list[int]]] = []
+        real_invalidate, real_recall = hot.invalidate, hot.recall
+
+        async def invalidate(uids: Any, sessions: Any, msgs: Any = ()) -> None:
+            calls.append((list(uids), list(sessions), list(msgs)))
+            await real_invalidate(uids, sessions, msgs)
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        self.patch(hot, "invalidate", invalidate)
+        self.patch(hot, "recall", down)
+        await self.stack.chat.recall(self.a, sent["msg_id"])
+        self.patch(hot, "recall", real_recall)
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        self.assertEqual(
+            calls,
+            [
+                ([], [], [sent["msg_id"]]),
+                ([], [sent["session_id"]], []),
+                (sorted((self.a, self.b)), [], []),
+            ],
+        )
+
     async def test_a_profile_change_with_a_full_retry_queue_is_answered_and_parked(
         self,
     ) -> None:

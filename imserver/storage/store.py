@@ -73,8 +73,8 @@ OUTBOX_STALE_MS = 60_000
 OUTBOX_COUNTDOWN_MAX_MS = 5 * OUTBOX_STALE_MS
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
-#: Users (and sessions, messages) per invalidate call of a repair.
-REPAIR_CHUNK = 1000
+#: Users, sessions or messages per invalidate call of a repair (parked or not).
+REPAIR_CHUNK = 500
 
 
 class IdSource(Protocol):
@@ -86,8 +86,6 @@ class IdSource(Protocol):
 #: How often repairs given up on (retries exhausted, or no room in the retry
 #: queue) are tried again; their users and sessions stay on SQL meanwhile.
 PARKED_REPAIR_SECONDS = 30.0
-#: Users, sessions or messages per invalidation of parked repairs.
-PARKED_CHUNK = 500
 
 
 class FanoutOutcome(enum.IntEnum):
@@ -1044,14 +1042,8 @@ class Store:
         """
         if self._open_repair is repair:
             self._open_repair = None
-        users, sessions, msgs = list(repair.users), list(repair.sessions), list(repair.msgs)
         try:
-            for i in range(0, max(len(users), len(sessions), len(msgs)), REPAIR_CHUNK):
-                await self.hot.invalidate(
-                    users[i : i + REPAIR_CHUNK],
-                    sessions[i : i + REPAIR_CHUNK],
-                    msgs[i : i + REPAIR_CHUNK],
-                )
+            await self._invalidate_chunked(repair.users, repair.sessions, repair.msgs)
         except Exception:
             if self._stopped:
                 raise
@@ -1063,10 +1055,33 @@ class Store:
             newer.users.update(repair.users)
             newer.sessions.update(repair.sessions)
             newer.msgs.update(repair.msgs)
-            return
-        # -= drops the counts that reach zero.
-        self.suspect_users -= repair.users
-        self.suspect_sessions -= repair.sessions
+
+    async def _invalidate_chunked(
+        self, users: Counter[int], sessions: Counter[int], msgs: set[int]
+    ) -> None:
+        """
+        Invalidate these copies chunk by chunk: messages first, then
+        sessions, then users (a user served from the hot store again must
+        not meet a stale cached message). Each chunk done leaves the given
+        collections and, by the counts taken at the start, the suspects;
+        if a chunk fails the rest stays in them. (Counts added meanwhile,
+        by failures after the start, stay suspect.)
+        """
+        user_counts, session_counts = dict(users), dict(sessions)
+        for part in chunks(sorted(msgs), REPAIR_CHUNK):
+            await self.hot.invalidate((), (), part)
+            msgs.difference_update(part)
+        for part in chunks(sorted(session_counts), REPAIR_CHUNK):
+            await self.hot.invalidate((), part)
+            done = Counter({sid: session_counts[sid] for sid in part})
+            # -= drops the counts that reach zero.
+            sessions -= done
+            self.suspect_sessions -= done
+        for part in chunks(sorted(user_counts), REPAIR_CHUNK):
+            await self.hot.invalidate(part, ())
+            done = Counter({uid: user_counts[uid] for uid in part})
+            users -= done
+            self.suspect_users -= done
 
     def _repair_dead(self, repair: _Repair) -> None:
         """A repair's retries are exhausted: park it; later failures open a new one."""
@@ -1141,32 +1156,19 @@ class Store:
         d.addBoth(lambda _: self._arm_parked())
 
     async def _repair_parked(self) -> None:
-        """Invalidate the parked copies, chunk by chunk; each chunk done is no
-        longer suspect. Messages first, then sessions, then users: a user
-        served from the hot store again must not meet a stale cached message."""
-        msgs = sorted(self._parked_msgs)
-        sessions = dict(self._parked_sessions)
-        users = dict(self._parked_users)
+        """Write the parked profiles, then invalidate the parked copies (see
+        L{_invalidate_chunked}: each chunk done is no longer suspect)."""
+        users, sessions = len(self._parked_users), len(self._parked_sessions)
         profiles = dict(self._parked_profiles)
         try:
-            for part in chunks(sorted(profiles), PARKED_CHUNK):
+            for part in chunks(sorted(profiles), REPAIR_CHUNK):
                 await self.hot.put_profiles([profiles[uid] for uid in part])
                 for uid in part:
                     if self._parked_profiles.get(uid) is profiles[uid]:
                         del self._parked_profiles[uid]
-            for part in chunks(msgs, PARKED_CHUNK):
-                await self.hot.invalidate((), (), part)
-                self._parked_msgs.difference_update(part)
-            for part in chunks(sorted(sessions), PARKED_CHUNK):
-                await self.hot.invalidate((), part)
-                done = Counter({sid: sessions[sid] for sid in part})
-                self._parked_sessions -= done
-                self.suspect_sessions -= done
-            for part in chunks(sorted(users), PARKED_CHUNK):
-                await self.hot.invalidate(part, ())
-                done = Counter({uid: users[uid] for uid in part})
-                self._parked_users -= done
-                self.suspect_users -= done
+            await self._invalidate_chunked(
+                self._parked_users, self._parked_sessions, self._parked_msgs
+            )
         except HotUnavailable as e:
             self.log.warn(
                 "parked repairs of {n} users still waiting: {error}",
@@ -1177,8 +1179,8 @@ class Store:
             if users or sessions:
                 self.log.info(
                     "parked repairs done: {users} users, {sessions} sessions",
-                    users=len(users),
-                    sessions=len(sessions),
+                    users=users,
+                    sessions=sessions,
                 )
 
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
