@@ -12,9 +12,10 @@ seed's hot index). The business layer never knows which.
   go to SQL, and the retry queue invalidates their hot copies as soon as the
   hot store answers, so they are rebuilt from SQL. After a crash the outbox
   rows are replayed (L{replay_outbox}).
-* The hot step of an ack, a read or a login runs after the reply (as the
-  fan-out of a send does): replies never wait for Redis. Until it is done
-  the user's reads here go to SQL, so the user still reads their own writes.
+* The hot step of an ack, a read, a recall, a profile change or a login
+  runs after the reply (as the fan-out of a send does): replies never wait
+  for Redis. Until it is done the user's reads here go to SQL, so the user
+  still reads their own writes.
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
