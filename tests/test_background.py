@@ -708,6 +708,8 @@ class SweeperTests(TestCase):
             raise Unavailable("SQL down")
 
         stack.store.unread = down  # type: ignore[method-assign]
+        # A row is claimed once claimedAt < now: not in its commit's millisecond.
+        await sleep(0.01)
         with self.assertRaises(Unavailable):
             await stack.chat.recover()
         del stack.store.unread
