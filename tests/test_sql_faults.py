@@ -346,9 +346,9 @@ class LostCommitTests(TestCase):
         await self.stack.chat.recall(self.a, sent["msg_id"])
         self.assertTrue(self.proxy.fired.is_set())
         self.assertLost("committed")
+        await self.stack.settle()  # the push follows the hot step, after the reply
         pushed = self.stack.presence.take(self.b, "recall")
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
-        await self.stack.settle()
         self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
         self.assertEqual(await self.stack.store.history(sent["session_id"], None, 10), [])
 
@@ -365,6 +365,7 @@ class LostCommitTests(TestCase):
         await self.stack.chat.recall(self.a, sent["msg_id"])
         self.assertLost("rolled_back")
         self.assertTrue(self.proxy.replied.wait(10))  # the stalled COMMIT came, and failed
+        await self.stack.settle()  # the push follows the hot step, after the reply
         pushed = self.stack.presence.take(self.b, "recall")
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
         [message] = (await self.stack.store.messages([sent["msg_id"]])).values()
@@ -572,6 +573,7 @@ class SqliteLostCommitTests(TestCase):
         self.assertEqual(self.stack.chat.acked, 2)
         self.engine.fail = "after"
         await self.stack.chat.recall(self.a, other["msg_id"])
+        await self.stack.settle()
         self.assertEqual(len(self.stack.presence.take(self.b, "recall")), 1)
         self.assertEqual(self.lost(), {"committed": 4, "rolled_back": 1, "unknown": 0})
         await self.stack.settle()
