@@ -19,6 +19,12 @@ from twisted.logger import Logger
 
 from imserver.errors import ErrorCode, ImError
 
+#: Tasks L{RetryQueue.expedite} starts together, and the seconds between
+#: such chunks: all at once would exceed what one Redis connection takes in
+#: flight (MAX_IN_FLIGHT), and part would fail again as too busy.
+EXPEDITE_CHUNK = 100
+EXPEDITE_SPACING = 0.05
+
 
 @attrs.frozen
 class RetryPolicy:
@@ -151,14 +157,16 @@ class RetryQueue:
     def expedite(self, kind: str | None = None) -> int:
         """
         Run the waiting tasks (of C{kind}, or all) now instead of after their
-        backoff: what they wait for is back. Returns how many.
+        backoff: what they wait for is back. L{EXPEDITE_CHUNK} at a time,
+        L{EXPEDITE_SPACING} apart. Returns how many.
         """
         n = 0
         for task in list(self._tasks):
             if (kind is None or task.kind == kind) and task.call is not None:
                 if task.call.active():
                     task.call.cancel()
-                task.call = self._clock.callLater(0, self._fire, task)
+                delay = (n // EXPEDITE_CHUNK) * EXPEDITE_SPACING
+                task.call = self._clock.callLater(delay, self._fire, task)
                 n += 1
         return n
 

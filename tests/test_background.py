@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from imserver.config import LimitsConfig, NotifyConfig
 from imserver.errors import Unavailable
 from imserver.periodic import Periodic
-from imserver.retry import RetryPolicy, RetryQueue, Task
+from imserver.retry import EXPEDITE_CHUNK, RetryPolicy, RetryQueue, Task
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
 from imserver.storage.hot.interface import HotUnavailable
@@ -361,6 +361,60 @@ class FanoutErrorTests(TestCase):
         self.assertEqual(await self.rows(), [])
         self.assertIn(second, [p["msg_id"] for p in self.stack.presence.take(self.c)])
 
+    async def test_a_failing_observe_still_counts_the_message_down(self) -> None:
+        """Regression: an error between the commit and the start of its
+        fan-out (here the latency metric) left its row's countdown one short
+        for good: the row was renewed by every sweep and never replayed."""
+        real = self.stack.chat.observe
+        calls = [0]
+
+        def observe(name: str, seconds: float) -> None:
+            calls[0] += name == "send_to_commit"
+            if name == "send_to_commit" and calls[0] == 2:
+                raise RuntimeError("broken metric")
+            real(name, seconds)
+
+        self.stack.chat.observe = observe  # type: ignore[method-assign]
+        ds = [
+            self.stack.chat.send(self.a, self.c, "0", "text", "w"),
+            self.stack.chat.send(self.a, self.b, "1", "text", "x"),
+            self.stack.chat.send(self.a, self.c, "2", "text", "y"),
+        ]
+        for d in ds:
+            d.addErrback(lambda f: f.trap(RuntimeError))
+        await self.stack.settle()
+        self.assertEqual(_countdowns(self.stack), 0)
+        self.assertEqual(await self.rows(), [])
+        self.assertEqual(len(self.stack.presence.take(self.b, "msg")), 1)
+
+    async def test_a_countdown_left_too_long_goes_to_the_sweeper(self) -> None:
+        """Regression: a countdown entry had no age limit, and every sweep
+        renewed its row's claim: one that never reached zero kept its row
+        from every sweeper for good. Past a few times OUTBOX_STALE_MS it is
+        dropped (logged), and the sweeper replays the row."""
+        gate: Deferred[None] = Deferred()
+        real = self.stack.hot.fanout
+
+        async def held(*args: Any) -> Any:
+            await gate
+            return await real(*args)
+
+        self.patch(self.stack.hot, "fanout", held)
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        self.assertEqual(_countdowns(self.stack), 1)
+        store = self.stack.store
+        now_ms = store._now_ms
+        self.patch(store, "_now_ms", lambda: now_ms() + 600_000)
+        try:
+            await self.stack.chat._sweep()
+            self.assertEqual(_countdowns(self.stack), 0)
+            [push] = self.stack.presence.take(self.b, "msg")
+            self.assertEqual(push["msg_id"], sent["msg_id"])
+        finally:
+            gate.callback(None)
+        await self.stack.settle()
+        self.assertEqual(await self.rows(), [])
+
     async def test_a_failing_push_spares_the_others(self) -> None:
         real = self.stack.presence.push
 
@@ -503,6 +557,108 @@ class ParkedRepairTests(TestCase):
         self.assertFalse(self.stack.store.suspect_sessions)
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
 
+    async def test_one_repair_task_however_long_the_outage(self) -> None:
+        """Regression: each attempt of a repair let the next failure open a
+        new repair task, even one failing at once (circuit open): about two
+        new tasks a second during an outage, until the queue was full."""
+        store = self.stack.store
+        store.retries.policy = RetryPolicy(
+            base=0.01, factor=1.0, max_delay=0.01, max_attempts=10_000, jitter=0.0
+        )
+        up = self.hot_down()
+        for i in range(8):
+            await self.stack.chat.send(self.a, self.b, str(i), "text", "x")
+            await self.stack.settle()
+            await sleep(0.03)
+        self.assertEqual(store.retries.depth, 1)
+        up()
+        store.hot_back()
+        await eventually(lambda: not store.suspect_users, timeout=10)
+        self.assertFalse(store.suspect_sessions)
+        self.assertEqual(store.retries.depth, 0)
+        sync = await self.stack.chat.sync(self.b, 10, 0, None)
+        self.assertEqual(len(sync["msgs"]), 8)
+
+    async def test_a_repair_invalidates_messages_then_sessions_then_users(self) -> None:
+        """Regression: a repair invalidated users, sessions and messages in
+        one call per chunk (the parked repairs in the documented order): a
+        user served from the hot store again could meet a stale cached
+        message. Both now go messages, then sessions, then users."""
+        sent = await self.stack.chat.send(self.a, self.b, "1", "text", "x")
+        await self.stack.settle()
+        hot = self.stack.hot
+        calls: list[tuple[list[int], list[int], list[int]]] = []
+        real_invalidate, real_recall = hot.invalidate, hot.recall
+
+        async def invalidate(uids: Any, sessions: Any, msgs: Any = ()) -> None:
+            calls.append((list(uids), list(sessions), list(msgs)))
+            await real_invalidate(uids, sessions, msgs)
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        self.patch(hot, "invalidate", invalidate)
+        self.patch(hot, "recall", down)
+        await self.stack.chat.recall(self.a, sent["msg_id"])
+        self.patch(hot, "recall", real_recall)
+        await eventually(lambda: not self.stack.store.suspect_users, timeout=10)
+        self.assertEqual(
+            calls,
+            [
+                ([], [], [sent["msg_id"]]),
+                ([], [sent["session_id"]], []),
+                (sorted((self.a, self.b)), [], []),
+            ],
+        )
+
+    async def test_a_profile_change_with_a_full_retry_queue_is_answered_and_parked(
+        self,
+    ) -> None:
+        """Regression: with the repair queue full, a committed profile change
+        whose hot write failed was answered unavailable (RetryQueueFull) and
+        the stale cached profile stayed. It is answered, and its hot write
+        is parked and done once the hot store answers."""
+        self.stack.store.retries.max_tasks = 0
+        hot = self.stack.hot
+        real = hot.put_profiles
+
+        async def down(*args: Any) -> None:
+            raise HotUnavailable("down")
+
+        self.patch(hot, "put_profiles", down)
+        reply = await self.stack.chat.set_profile(self.a, "new", None)
+        self.assertEqual(reply["user"]["nickname"], "new")
+        profile, _ = await self.stack.store.upsert_user(self.b, "bee", None)
+        self.assertEqual(profile.nickname, "bee")
+        self.patch(hot, "put_profiles", real)
+
+        async def cached() -> bool:
+            found = await hot.profiles([self.a, self.b])
+            return [p.nickname for p in found.values()] == ["new", "bee"]
+
+        await eventually(cached, timeout=10)
+
+    async def test_a_profile_change_replies_before_the_hot_store(self) -> None:
+        """Regression: set_profile and upsert_user waited for Redis before replying."""
+        gate: Deferred[None] = Deferred()
+        real = self.stack.hot.put_profiles
+
+        async def held(*args: Any) -> None:
+            await gate
+            await real(*args)
+
+        self.patch(self.stack.hot, "put_profiles", held)
+        try:
+            reply = await within(self.stack.chat.set_profile(self.a, "later", None), 5)
+            self.assertEqual(reply["user"]["nickname"], "later")
+            profile, _ = await within(self.stack.store.upsert_user(self.b, "b2", None), 5)
+            self.assertEqual(profile.nickname, "b2")
+        finally:
+            gate.callback(None)
+        await self.stack.settle()
+        found = await self.stack.hot.profiles([self.a])
+        self.assertEqual(found[self.a].nickname, "later")
+
 
 # ---------------------------------------------------------------------------
 # The outbox sweeper
@@ -552,6 +708,8 @@ class SweeperTests(TestCase):
             raise Unavailable("SQL down")
 
         stack.store.unread = down  # type: ignore[method-assign]
+        # A row is claimed once claimedAt < now: not in its commit's millisecond.
+        await sleep(0.01)
         with self.assertRaises(Unavailable):
             await stack.chat.recover()
         del stack.store.unread
@@ -780,4 +938,32 @@ class RetryQueueStopTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(10)
         self.assertEqual(dead, [])
+        self.assertEqual(queue.depth, 0)
+
+    def test_expedite_runs_the_waiting_tasks_in_bounded_chunks(self) -> None:
+        """Regression: at hot_back every waiting task ran at once, beyond
+        what one Redis connection takes in flight (part failed as too busy)."""
+        clock = Clock()
+
+        async def record(task: Task) -> None:
+            pass
+
+        queue = RetryQueue(
+            clock, RetryPolicy(base=60.0, factor=1.0, max_attempts=3, jitter=0.0), record
+        )
+        ran: list[int] = []
+
+        def task(i: int) -> Task:
+            async def run() -> None:
+                ran.append(i)
+
+            return Task("repair", i, run)
+
+        for i in range(250):
+            queue.add(task(i), "down")
+        self.assertEqual(queue.expedite(), 250)
+        clock.advance(0)
+        self.assertEqual(len(ran), EXPEDITE_CHUNK)
+        clock.advance(1)
+        self.assertEqual(sorted(ran), list(range(250)))
         self.assertEqual(queue.depth, 0)

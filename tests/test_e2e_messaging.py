@@ -594,9 +594,13 @@ class MessagingTestsMixin(MessagingHelpers):
         [bob_conv] = (await self.result(bob, "convs"))["convs"]
         self.assertEqual(bob_conv["unread"], 1)
 
-        # Recalling twice is not an error and is not pushed again: the next
-        # push bob gets is m1's recall.
+        # Recalling twice is not an error, and bob is told again (a retry
+        # after unavailable may find the first try committed); then m1's.
         self.assertEqual(await self.result(alice, "recall", msg_id=m2.msg_id), {})
+        self.assertEqual(
+            await self.push(bob),
+            {"t": "recall", "msg_id": m2.msg_id, "session_id": sid, "by": alice.uid},
+        )
         self.assertEqual(await self.result(alice, "recall", msg_id=m1.msg_id), {})
         self.assertEqual(
             await self.push(bob),

@@ -488,8 +488,8 @@ class MessagingMachine(RuleBasedStateMachine):
                 elif step[0] == "recall":
                     _, uid, m = step
                     parts.append(f"recall {m.label} by {uid}")
-                    if not m.recalled:
-                        self.push(m.to, ("recall", m.msg_id, m.session_id, m.sender))
+                    # Again too if recalled already (docs/protocol.md, "Recall").
+                    self.push(m.to, ("recall", m.msg_id, m.session_id, m.sender))
                     m.recalled = True
                 else:
                     _, uid, m = step
@@ -630,8 +630,7 @@ class MessagingMachine(RuleBasedStateMachine):
                 )
                 return
             reply = await self.stack.chat.recall(uid, m.msg_id)
-            if not m.recalled:
-                self.push(m.to, ("recall", m.msg_id, m.session_id, m.sender))
+            self.push(m.to, ("recall", m.msg_id, m.session_id, m.sender))
             m.recalled = True
             self.check(f"recall of {m.label}: reply", reply, {})
 

@@ -26,7 +26,7 @@ from imserver.storage.store import OUTBOX_STALE_MS
 from tests.harness import shared_mariadb
 from tests.mysql_proxy import MysqlProxy
 from tests.stack import Stack, make_stack
-from tests.support import eventually, reactor
+from tests.support import eventually, reactor, within
 
 _uids = itertools.count(50_000)
 BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
@@ -347,9 +347,9 @@ class LostCommitTests(TestCase):
         await self.stack.chat.recall(self.a, sent["msg_id"])
         self.assertTrue(self.proxy.fired.is_set())
         self.assertLost("committed")
+        await self.stack.settle()  # the push follows the hot step, after the reply
         pushed = self.stack.presence.take(self.b, "recall")
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
-        await self.stack.settle()
         self.assertEqual(await self.stack.hot.pending(self.b, 0, 100, None), [])
         self.assertEqual(await self.stack.store.history(sent["session_id"], None, 10), [])
 
@@ -366,6 +366,7 @@ class LostCommitTests(TestCase):
         await self.stack.chat.recall(self.a, sent["msg_id"])
         self.assertLost("rolled_back")
         self.assertTrue(self.proxy.replied.wait(10))  # the stalled COMMIT came, and failed
+        await self.stack.settle()  # the push follows the hot step, after the reply
         pushed = self.stack.presence.take(self.b, "recall")
         self.assertEqual([f["msg_id"] for f in pushed], [sent["msg_id"]])
         [message] = (await self.stack.store.messages([sent["msg_id"]])).values()
@@ -573,6 +574,7 @@ class SqliteLostCommitTests(TestCase):
         self.assertEqual(self.stack.chat.acked, 2)
         self.engine.fail = "after"
         await self.stack.chat.recall(self.a, other["msg_id"])
+        await self.stack.settle()
         self.assertEqual(len(self.stack.presence.take(self.b, "recall")), 1)
         self.assertEqual(self.lost(), {"committed": 4, "rolled_back": 1, "unknown": 0})
         await self.stack.settle()
@@ -673,6 +675,54 @@ class SqliteLostCommitTests(TestCase):
         await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
         self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
         self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+
+    async def test_unknown_recall_retried_pushes_and_is_not_served_stale(self) -> None:
+        """Regression: a recall whose outcome is unknown (it committed) is
+        C{unavailable}; its retry found the message recalled already and
+        did nothing: the recipient was never told, and the hot copy kept the
+        message in sync, history and the unread count until the sweeper. The
+        retry is C{{}} and pushes the recall (again: clients dedupe by msg_id)."""
+        await self.stack.chat.sync(self.b, 10, 0, None)  # b has a hot copy
+        sent = await self.send("r1")
+        self.stack.presence.take(self.b)
+        self.engine.fail = "unknown"
+        with self.assertRaises(ImError) as e:
+            await self.stack.chat.recall(self.a, sent["msg_id"])
+        self.assertEqual(e.exception.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(self.lost()["unknown"], 1)
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        self.assertEqual(await self.stack.chat.recall(self.a, sent["msg_id"]), {})
+        await self.stack.settle()
+        [push] = self.stack.presence.take(self.b, "recall")
+        self.assertEqual(push["msg_id"], sent["msg_id"])
+        await eventually(lambda: not self.stack.store.suspect_users)
+        self.assertEqual((await self.stack.chat.sync(self.b, 10, 0, None))["msgs"], [])
+        self.assertEqual((await self.stack.chat.unread(self.b))["sessions"], [])
+        history = await self.stack.chat.history(self.b, None, sent["session_id"], None, 10)
+        self.assertEqual(history["msgs"], [])
+
+    async def test_recall_replies_before_the_hot_store(self) -> None:
+        """Regression: a recall waited for its hot-store step before replying
+        (a slow Redis held every recall). Until the step is done the users
+        read from SQL, so the sender's own history no longer has the message."""
+        sent = await self.send("r2")
+        gate: Deferred[None] = Deferred()
+        recall = self.stack.hot.recall
+
+        async def held(*args: Any) -> Any:
+            await gate
+            return await recall(*args)
+
+        self.patch(self.stack.hot, "recall", held)
+        try:
+            self.assertEqual(await within(self.stack.chat.recall(self.a, sent["msg_id"]), 5), {})
+            history = await self.stack.chat.history(self.a, None, sent["session_id"], None, 10)
+        finally:
+            gate.callback(None)
+        self.assertEqual(history["msgs"], [])
+        await self.stack.settle()
+        [push] = self.stack.presence.take(self.b, "recall")
+        self.assertEqual(push["msg_id"], sent["msg_id"])
 
     async def test_retry_whose_own_outcome_is_unknown(self) -> None:
         """The first retry claims the row, and its own commit's outcome is

@@ -206,7 +206,13 @@ class ChatService:
         return d.addCallback(self._committed, body, started)
 
     def _committed(self, outcome: SendOutcome, body: Any, started: float) -> Result:
-        self.observe("send_to_commit", self.clock.seconds() - started)
+        elapsed = self.clock.seconds() - started
+        if isinstance(outcome, Committed):
+            # First: once committed, the message must reach its fan-out (and
+            # its outbox row's countdown) whatever fails below.
+            self.sent += 1
+            self._start_fanout(outcome, body, started)
+        self.observe("send_to_commit", elapsed)
         if isinstance(outcome, Refused):
             raise ImError(ErrorCode(outcome.code), outcome.message)
         if isinstance(outcome, Duplicate):
@@ -220,8 +226,6 @@ class ChatService:
                 "ts": outcome.ts,
                 "dup": True,
             }
-        self.sent += 1
-        self._start_fanout(outcome, body, started)
         m = outcome.message
         return {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
 
@@ -528,18 +532,16 @@ class ChatService:
 
     async def recall(self, uid: int, msg_id: int) -> Result:
         await self._settled(uid)
-        result = await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000)
-        if not result.already:
-            m = result.message
+
+        def tell(m: Message) -> None:
+            # Also when recalled already: the retry of a recall whose first
+            # reply was lost must still tell the recipient (clients dedupe).
             self.presence.push(
                 m.recipient,
-                {
-                    "t": "recall",
-                    "msg_id": m.msg_id,
-                    "session_id": m.session_id,
-                    "by": uid,
-                },
+                {"t": "recall", "msg_id": m.msg_id, "session_id": m.session_id, "by": uid},
             )
+
+        await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000, tell)
         return {}
 
     # -- profiles ------------------------------------------------------------------------

@@ -12,9 +12,10 @@ seed's hot index). The business layer never knows which.
   go to SQL, and the retry queue invalidates their hot copies as soon as the
   hot store answers, so they are rebuilt from SQL. After a crash the outbox
   rows are replayed (L{replay_outbox}).
-* The hot step of an ack, a read or a login runs after the reply (as the
-  fan-out of a send does): replies never wait for Redis. Until it is done
-  the user's reads here go to SQL, so the user still reads their own writes.
+* The hot step of an ack, a read, a recall, a profile change or a login
+  runs after the reply (as the fan-out of a send does): replies never wait
+  for Redis. Until it is done the user's reads here go to SQL, so the user
+  still reads their own writes.
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
@@ -69,10 +70,12 @@ V = TypeVar("V")
 REPAIR_POLICY = RetryPolicy(base=0.5, factor=2.0, max_delay=30.0, max_attempts=45)
 #: Outbox rows older than this are replayed by any node's sweeper.
 OUTBOX_STALE_MS = 60_000
+#: A send row's fan-out still unfinished here after this is left to the sweepers.
+OUTBOX_COUNTDOWN_MAX_MS = 5 * OUTBOX_STALE_MS
 #: With no commit or ack to carry them, finished outbox rows are deleted after this.
 OUTBOX_FLUSH_SECONDS = 0.5
-#: Users (and sessions, messages) per invalidate call of a repair.
-REPAIR_CHUNK = 1000
+#: Users, sessions or messages per invalidate call of a repair (parked or not).
+REPAIR_CHUNK = 500
 
 
 class IdSource(Protocol):
@@ -84,8 +87,6 @@ class IdSource(Protocol):
 #: How often repairs given up on (retries exhausted, or no room in the retry
 #: queue) are tried again; their users and sessions stay on SQL meanwhile.
 PARKED_REPAIR_SECONDS = 30.0
-#: Users, sessions or messages per invalidation of parked repairs.
-PARKED_CHUNK = 500
 
 
 class FanoutOutcome(enum.IntEnum):
@@ -104,6 +105,8 @@ class OutboxCountdown:
     """A send batch's outbox row while its messages are fanned out."""
 
     left: int
+    #: When its first message went to the fan-out (ms, the store's clock).
+    started_ms: int
     outcome: FanoutOutcome = FanoutOutcome.DONE
 
 
@@ -169,6 +172,7 @@ class Store:
         self._parked_users: Counter[int] = Counter()
         self._parked_sessions: Counter[int] = Counter()
         self._parked_msgs: set[int] = set()
+        self._parked_profiles: dict[int, Profile] = {}
         self._parked_call: IDelayedCall | None = None
         # One commit at a time: two concurrent batches upserting the same
         # conversation rows deadlock in InnoDB, and the retried one would
@@ -193,6 +197,7 @@ class Store:
         self.suspect_sessions: Counter[int] = Counter()
         # Users with a hot step running after its reply: their reads go to SQL.
         self._hot_busy: Counter[int] = Counter()
+        self._hot_busy_sessions: Counter[int] = Counter()
         self._after_reply: set[Deferred[None]] = set()
         # The repair that failures join until it runs (one per attempt, not per failure).
         self._open_repair: _Repair | None = None
@@ -291,10 +296,21 @@ class Store:
         except HotUnavailable as e:
             if not changed:
                 return
-            # A stale cached profile would outlive its TTL otherwise.
-            uids = [p.uid for p in profiles]
+            # A stale cached profile would outlive its TTL otherwise. With
+            # the retry queue full (or the retries given up), the write
+            # waits with the parked repairs: the change is committed, so it
+            # never fails the request.
+            if self.retries.full:
+                self._park_profiles(profiles)
+                return
             self.retries.add(
-                Task("profile", uids[0], lambda: self.hot.put_profiles(profiles)), str(e)
+                Task(
+                    "profile",
+                    profiles[0].uid,
+                    lambda: self.hot.put_profiles(profiles),
+                    on_dead=lambda: self._park_profiles(profiles),
+                ),
+                str(e),
             )
 
     async def set_profile(
@@ -304,7 +320,8 @@ class Store:
             "set_profile", q.set_profile_txn, uid, nickname, avatar, self._now_ms()
         )
         if profile is not None:
-            await self._put_profiles([profile])
+            # After the reply: the caller caches the new profile on this node.
+            self._run_after_reply(self._put_profiles([profile]), ())
         return profile
 
     async def upsert_user(
@@ -314,7 +331,7 @@ class Store:
             "upsert_user", q.upsert_user_txn, uid, nickname, avatar, self._now_ms()
         )
         self._known_users.add(uid)
-        await self._put_profiles([profile])
+        self._run_after_reply(self._put_profiles([profile]), ())
         return profile, created
 
     # -- sending ---------------------------------------------------------------
@@ -517,7 +534,9 @@ class Store:
     def fanout_started(self, committed: Committed) -> None:
         """A committed message goes to the fan-out: count it down on its outbox row."""
         if committed.outbox_id and committed.outbox_id not in self._countdowns:
-            self._countdowns[committed.outbox_id] = OutboxCountdown(committed.outbox_count)
+            self._countdowns[committed.outbox_id] = OutboxCountdown(
+                committed.outbox_count, self._now_ms()
+            )
 
     def fanout_finished(self, committed: Sequence[Committed], outcome: FanoutOutcome) -> None:
         """
@@ -559,13 +578,27 @@ class Store:
         Keep this node's claim on the send rows whose fan-out is still
         running: a row counts as stale L{OUTBOX_STALE_MS} after its commit,
         but a fan-out backlog can take longer, and other nodes' sweepers
-        must not replay it meanwhile (called by each sweep).
+        must not replay it meanwhile (called by each sweep). An entry older
+        than L{OUTBOX_COUNTDOWN_MAX_MS} is given up on (a message of its row
+        never ended here: a bug): dropped, not renewed, so that a sweeper
+        replays the row (its pushes again, harmlessly).
         """
+        now = self._now_ms()
+        old = [
+            i for i, c in self._countdowns.items() if now - c.started_ms > OUTBOX_COUNTDOWN_MAX_MS
+        ]
+        for outbox_id in old:
+            entry = self._countdowns.pop(outbox_id)
+            self.log.warn(
+                "fan-out of outbox row {id} unfinished after {s} s ({left} messages left):"
+                " left to the sweeper",
+                id=outbox_id,
+                s=(now - entry.started_ms) // 1000,
+                left=entry.left,
+            )
         ids = sorted(self._countdowns)
         if ids:
-            await self.background.run(
-                "outbox_renew", q.outbox_renew_txn, ids, self.node_id, self._now_ms()
-            )
+            await self.background.run("outbox_renew", q.outbox_renew_txn, ids, self.node_id, now)
 
     @property
     def outbox_countdowns(self) -> int:
@@ -649,21 +682,61 @@ class Store:
 
     # -- recall ------------------------------------------------------------------
 
-    async def recall(self, uid: int, msg_id: int, window_ms: int) -> RecallResult:
+    async def recall(
+        self,
+        uid: int,
+        msg_id: int,
+        window_ms: int,
+        then: Callable[[Message], None] | None = None,
+    ) -> RecallResult:
+        """
+        Recall a message. Its hot step runs after the reply, then C{then}
+        (the recall push: the recipient is told once the hot copy has it).
+        A message recalled already (a retry after C{unavailable}, whose
+        first try may have committed) has its copies invalidated and
+        C{then} run again: pushes are idempotent by msg_id.
+        """
         outbox = self._outbox("recall")
-        result = await self.db.run(
-            "recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms, outbox
-        )
-        if not result.already:
-            m = result.message
-            await self._follow_up(
-                outbox.id,
-                self.hot.recall(m, result.recipient_row),
-                {m.sender, m.recipient},
-                {m.session_id},
-                (m.msg_id,),
+        try:
+            result = await self.db.run(
+                "recall", q.recall_txn, uid, msg_id, self._now_ms(), window_ms, outbox
             )
+        except CommitUnknown as e:
+            # Maybe recalled: distrust every copy it may have changed that
+            # can be named without SQL (the retry finds it recalled already
+            # and invalidates the rest).
+            users, sessions = {uid}, set()
+            try:
+                cached = (await self.hot.messages([msg_id])).get(msg_id)
+            except Exception:
+                cached = None
+            if cached is not None:
+                users.add(cached.recipient)
+                sessions.add(cached.session_id)
+            self._hot_failed(users, sessions, (msg_id,), str(e))
+            raise
+        m = result.message
+        self._run_after_reply(
+            self._recall_follow_up(0 if result.already else outbox.id, result, then),
+            (m.sender, m.recipient),
+            (m.session_id,),
+        )
         return result
+
+    async def _recall_follow_up(
+        self, outbox_id: int, result: RecallResult, then: Callable[[Message], None] | None
+    ) -> None:
+        m = result.message
+        users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
+        try:
+            if result.already:
+                step = self.hot.invalidate(users, sessions, msgs)
+            else:
+                step = self.hot.recall(m, result.recipient_row)
+            await self._follow_up(outbox_id, step, users, sessions, msgs)
+        finally:
+            if then is not None:
+                then(m)
 
     # -- conversations, history, messages ----------------------------------------
 
@@ -685,7 +758,7 @@ class Store:
 
     async def last_messages(self, session_ids: Sequence[int]) -> dict[int, Message]:
         """Each session's newest normal message."""
-        usable = [sid for sid in session_ids if sid not in self.suspect_sessions]
+        usable = [sid for sid in session_ids if self._hot_session(sid)]
         try:
             ids = await self.hot.last_in_windows(usable) if usable else {}
         except HotUnavailable:
@@ -703,7 +776,7 @@ class Store:
 
     async def history(self, session_id: int, before: int | None, limit: int) -> list[Message]:
         """Up to C{limit} normal messages below C{before}, newest first."""
-        if session_id not in self.suspect_sessions:
+        if self._hot_session(session_id):
             try:
                 ids = await self.hot.window(session_id, before, limit)
             except HotUnavailable:
@@ -767,23 +840,36 @@ class Store:
 
     # -- the hot copy: loading and repair ----------------------------------------
 
-    def _run_after_reply(self, step: Coroutine[Any, Any, None], uids: Iterable[int]) -> None:
+    def _run_after_reply(
+        self,
+        step: Coroutine[Any, Any, None],
+        uids: Iterable[int],
+        session_ids: Iterable[int] = (),
+    ) -> None:
         """
         Run a hot-store step in the background (it handles its own
-        failures); the users' reads go to SQL until it is done, so a reply
-        never waits for Redis and a user still reads their own writes.
+        failures); the users' (and sessions') reads go to SQL until it is
+        done, so a reply never waits for Redis and a user still reads their
+        own writes.
         """
         busy = Counter(uids)
+        busy_sessions = Counter(session_ids)
         self._hot_busy.update(busy)
+        self._hot_busy_sessions.update(busy_sessions)
 
         def done(_: object) -> None:
             self._hot_busy -= busy
+            self._hot_busy_sessions -= busy_sessions
             self._after_reply.discard(d)
 
         d = Deferred.fromCoroutine(step)
         self._after_reply.add(d)
         d.addErrback(lambda f: self.log.failure("hot-store step after a reply failed", f))
         d.addBoth(done)
+
+    def _hot_session(self, session_id: int) -> bool:
+        """Whether the session's hot window can be trusted now."""
+        return session_id not in self.suspect_sessions and session_id not in self._hot_busy_sessions
 
     async def _hot_user_read(self, uid: int, read: Callable[[], Awaitable[T | None]]) -> T | None:
         if uid in self.suspect_users or uid in self._hot_busy:
@@ -940,7 +1026,7 @@ class Store:
                 uids[0] if uids else 0,
                 lambda: self._repair(repair),
                 repair.row,
-                on_dead=lambda: self._park(repair.users, repair.sessions, repair.msgs),
+                on_dead=lambda: self._repair_dead(repair),
             )
             self.retries.add(task, error)
         repair.users.update(uids)
@@ -948,19 +1034,61 @@ class Store:
         repair.msgs.update(msg_ids)
 
     async def _repair(self, repair: _Repair) -> None:
-        """Invalidate the copies a repair names; later failures join a new repair."""
+        """
+        Invalidate the copies a repair names. Failures during the attempt
+        join a new repair; an attempt that fails makes its repair the one
+        failures join again (or, if failures opened a new one meanwhile,
+        joins it and ends), so an outage, however long, keeps one repair
+        task with its backoff growing, not a new task per attempt.
+        """
         if self._open_repair is repair:
             self._open_repair = None
-        users, sessions, msgs = list(repair.users), list(repair.sessions), list(repair.msgs)
-        for i in range(0, max(len(users), len(sessions), len(msgs)), REPAIR_CHUNK):
-            await self.hot.invalidate(
-                users[i : i + REPAIR_CHUNK],
-                sessions[i : i + REPAIR_CHUNK],
-                msgs[i : i + REPAIR_CHUNK],
-            )
-        # -= drops the counts that reach zero.
-        self.suspect_users -= repair.users
-        self.suspect_sessions -= repair.sessions
+        try:
+            await self._invalidate_chunked(repair.users, repair.sessions, repair.msgs)
+        except Exception:
+            if self._stopped:
+                raise
+            newer = self._open_repair
+            if newer is None:
+                self._open_repair = repair
+                raise
+            # The newer repair's task does this one's work too.
+            newer.users.update(repair.users)
+            newer.sessions.update(repair.sessions)
+            newer.msgs.update(repair.msgs)
+
+    async def _invalidate_chunked(
+        self, users: Counter[int], sessions: Counter[int], msgs: set[int]
+    ) -> None:
+        """
+        Invalidate these copies chunk by chunk: messages first, then
+        sessions, then users (a user served from the hot store again must
+        not meet a stale cached message). Each chunk done leaves the given
+        collections and, by the counts taken at the start, the suspects;
+        if a chunk fails the rest stays in them. (Counts added meanwhile,
+        by failures after the start, stay suspect.)
+        """
+        user_counts, session_counts = dict(users), dict(sessions)
+        for part in chunks(sorted(msgs), REPAIR_CHUNK):
+            await self.hot.invalidate((), (), part)
+            msgs.difference_update(part)
+        for part in chunks(sorted(session_counts), REPAIR_CHUNK):
+            await self.hot.invalidate((), part)
+            done = Counter({sid: session_counts[sid] for sid in part})
+            # -= drops the counts that reach zero.
+            sessions -= done
+            self.suspect_sessions -= done
+        for part in chunks(sorted(user_counts), REPAIR_CHUNK):
+            await self.hot.invalidate(part, ())
+            done = Counter({uid: user_counts[uid] for uid in part})
+            users -= done
+            self.suspect_users -= done
+
+    def _repair_dead(self, repair: _Repair) -> None:
+        """A repair's retries are exhausted: park it; later failures open a new one."""
+        if self._open_repair is repair:
+            self._open_repair = None
+        self._park(repair.users, repair.sessions, repair.msgs)
 
     async def _dead_letter(self, task: Task) -> None:
         letter = DeadLetter(
@@ -999,13 +1127,23 @@ class Store:
         self._parked_msgs.update(msg_ids)
         self._arm_parked()
 
+    def _park_profiles(self, profiles: Iterable[Profile]) -> None:
+        """A profile write given up on waits with the parked repairs (newest version kept)."""
+        for p in profiles:
+            held = self._parked_profiles.get(p.uid)
+            if held is None or held.version <= p.version:
+                self._parked_profiles[p.uid] = p
+        self._arm_parked()
+
     @property
     def parked_repairs(self) -> int:
         """Users and sessions waiting for a repair given up on."""
         return len(self._parked_users) + len(self._parked_sessions)
 
     def _arm_parked(self) -> None:
-        parked = self._parked_users or self._parked_sessions or self._parked_msgs
+        parked = any(
+            (self._parked_users, self._parked_sessions, self._parked_msgs, self._parked_profiles)
+        )
         if parked and self._parked_call is None and not self._stopped:
             self._parked_call = self._reactor.callLater(
                 self.parked_repair_seconds, self._run_parked
@@ -1019,26 +1157,19 @@ class Store:
         d.addBoth(lambda _: self._arm_parked())
 
     async def _repair_parked(self) -> None:
-        """Invalidate the parked copies, chunk by chunk; each chunk done is no
-        longer suspect. Messages first, then sessions, then users: a user
-        served from the hot store again must not meet a stale cached message."""
-        msgs = sorted(self._parked_msgs)
-        sessions = dict(self._parked_sessions)
-        users = dict(self._parked_users)
+        """Write the parked profiles, then invalidate the parked copies (see
+        L{_invalidate_chunked}: each chunk done is no longer suspect)."""
+        users, sessions = len(self._parked_users), len(self._parked_sessions)
+        profiles = dict(self._parked_profiles)
         try:
-            for part in chunks(msgs, PARKED_CHUNK):
-                await self.hot.invalidate((), (), part)
-                self._parked_msgs.difference_update(part)
-            for part in chunks(sorted(sessions), PARKED_CHUNK):
-                await self.hot.invalidate((), part)
-                done = Counter({sid: sessions[sid] for sid in part})
-                self._parked_sessions -= done
-                self.suspect_sessions -= done
-            for part in chunks(sorted(users), PARKED_CHUNK):
-                await self.hot.invalidate(part, ())
-                done = Counter({uid: users[uid] for uid in part})
-                self._parked_users -= done
-                self.suspect_users -= done
+            for part in chunks(sorted(profiles), REPAIR_CHUNK):
+                await self.hot.put_profiles([profiles[uid] for uid in part])
+                for uid in part:
+                    if self._parked_profiles.get(uid) is profiles[uid]:
+                        del self._parked_profiles[uid]
+            await self._invalidate_chunked(
+                self._parked_users, self._parked_sessions, self._parked_msgs
+            )
         except HotUnavailable as e:
             self.log.warn(
                 "parked repairs of {n} users still waiting: {error}",
@@ -1049,8 +1180,8 @@ class Store:
             if users or sessions:
                 self.log.info(
                     "parked repairs done: {users} users, {sessions} sessions",
-                    users=len(users),
-                    sessions=len(sessions),
+                    users=users,
+                    sessions=sessions,
                 )
 
     async def dead_letters(self, before: int | None, limit: int) -> list[DeadLetter]:
