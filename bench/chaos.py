@@ -45,17 +45,7 @@ CI_FAULTS = (
     "slow_consumer",
 )
 #: Every fault, in schedule order (C{--netem} adds the network ones).
-ALL_FAULTS = (
-    "malformed",
-    "node_kill",
-    "flushall",
-    "redis_stop",
-    "mariadb_kill",
-    "sql_kill",
-    "slow_consumer",
-    "redis_restart",
-    "storm",
-)
+ALL_FAULTS = (*CI_FAULTS, "redis_restart", "storm")
 NETEM_FAULTS = ("netem_delay", "netem_loss")
 KNOWN_FAULTS = ALL_FAULTS + NETEM_FAULTS
 

@@ -29,24 +29,30 @@ _uids = itertools.count(90_000)
 FAST = {"send_per_second": 100000.0, "send_burst": 100000}
 
 
+def own_redis_server(case: TestCase) -> tuple[RedisServer, ServerProcess]:
+    """A twistd node on the shared MariaDB and a Redis of its own (to stop and kill)."""
+    redis = RedisServer().start()
+    case.addCleanup(redis.cleanup)
+    server = ServerProcess(
+        {
+            "storage": {
+                "sql": shared_mariadb().fresh_database(),
+                "redis": redis.url,
+                "key_prefix": fresh_prefix(),
+            },
+            "limits": FAST,
+        }
+    )
+    case.addCleanup(server.cleanup)
+    server.start()
+    return redis, server
+
+
 class RedisOutageE2ETests(ClientsMixin, TestCase):
     timeout = 180
 
     async def test_sends_go_on_while_redis_is_down_and_everything_converges(self) -> None:
-        redis = RedisServer().start()
-        self.addCleanup(redis.cleanup)
-        server = ServerProcess(
-            {
-                "storage": {
-                    "sql": shared_mariadb().fresh_database(),
-                    "redis": redis.url,
-                    "key_prefix": fresh_prefix(),
-                },
-                "limits": FAST,
-            }
-        )
-        self.addCleanup(server.cleanup)
-        server.start()
+        redis, server = own_redis_server(self)
         a, b = next(_uids), next(_uids)
         alice = await self.client(server.endpoint, server.token(a))
         bob = await self.client(server.endpoint, server.token(b))
@@ -111,20 +117,7 @@ class RedisStallE2ETests(ClientsMixin, TestCase):
     timeout = 300
 
     async def test_replies_do_not_wait_for_a_stopped_or_killed_redis(self) -> None:
-        redis = RedisServer().start()
-        self.addCleanup(redis.cleanup)
-        server = ServerProcess(
-            {
-                "storage": {
-                    "sql": shared_mariadb().fresh_database(),
-                    "redis": redis.url,
-                    "key_prefix": fresh_prefix(),
-                },
-                "limits": FAST,
-            }
-        )
-        self.addCleanup(server.cleanup)
-        server.start()
+        redis, server = own_redis_server(self)
         a, b, c = next(_uids), next(_uids), next(_uids)
         alice = await self.client(server.endpoint, server.token(a))
         bob = await self.client(server.endpoint, server.token(b))

@@ -48,6 +48,7 @@ from tests.harness import (
 )
 from tests.support import ClientsMixin, eventually, reactor, sleep, within
 from tests.test_pubsub_check import Link
+from tests.test_recovery import all_pending
 
 _uids = itertools.count(70_000)
 KEY = "[storage].redis"
@@ -270,18 +271,6 @@ class HealthWatch:
     def down_after(self, t0: float) -> tuple[float, float] | None:
         after = [t - t0 for t in self.bad if t >= t0]
         return (round(after[0], 2), round(after[-1], 2)) if after else None
-
-
-async def all_pending(client: IMClientProtocol) -> list[int]:
-    """Every pending msg id, paging sync with C{after} (without acking)."""
-    pending: list[int] = []
-    after = 0
-    while True:
-        page = await within(client.request("sync", limit=500, after=after))
-        pending += [m["msg_id"] for m in page["msgs"]]
-        if not page["more"]:
-            return pending
-        after = pending[-1]
 
 
 async def pushed_or_synced(client: IMClientProtocol, msg_id: int, seconds: float) -> str:
