@@ -141,7 +141,7 @@ class LoginHookTests(SynchronousTestCase):
         self.assertTrue(conn.catching_up)
 
     def test_since_beyond_the_head_is_reset(self) -> None:
-        reply, conn = self.start(login(created=False), since=10)
+        reply, _ = self.start(login(created=False), since=10)
         self.assertEqual((reply["seq"], reply["reset"]), (9, True))
 
 
