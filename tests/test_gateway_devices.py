@@ -50,6 +50,7 @@ class CatchupModeTests(SynchronousTestCase):
         proto = ClientProtocol.__new__(ClientProtocol)
         proto.filter_stream = proto.catching_up = since
         proto.position = 10
+        proto._held = 0
         proto._send = lambda frame, op=None: written.append(frame)  # type: ignore[method-assign]
         return proto, written
 
@@ -65,6 +66,21 @@ class CatchupModeTests(SynchronousTestCase):
         for seq in (14, 15, 16, 17):
             proto.push({"t": "msg", "seq": seq})
         self.assertEqual(written[1:], [{"t": "msg", "seq": 16}, {"t": "msg", "seq": 17}])
+
+    def test_push_held_beyond_the_last_page_means_more(self) -> None:
+        """
+        Regression: a push held back while the last page was read (its event
+        committed after the page's snapshot) was lost: the page said the
+        stream ended before it, and the connection went live past it.
+        """
+        proto, written = self.proto(since=True)
+        proto.push({"t": "msg", "seq": 13})
+        self.assertTrue(proto.caught_up(12, more=False))
+        self.assertTrue(proto.catching_up)
+        self.assertFalse(proto.caught_up(13, more=False))
+        proto.push({"t": "msg", "seq": 13})
+        proto.push({"t": "msg", "seq": 14})
+        self.assertEqual(written, [{"t": "msg", "seq": 14}])
 
     def test_no_since_no_filter(self) -> None:
         """A client that never asked for catch-up mode gets every push (v1 behaviour)."""

@@ -86,7 +86,7 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
     async def _catchup(conn: ClientProtocol, r: frames.Catchup) -> Result:
         after = conn.position if r.after is None else r.after
         page = await chat.catchup(uid(conn), conn.device_id, after, r.limit)
-        conn.caught_up(page["seq"], page["more"])
+        page["more"] = conn.caught_up(page["seq"], page["more"])
         return page
 
     def catchup(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:

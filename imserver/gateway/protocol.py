@@ -189,6 +189,8 @@ class ClientProtocol(Protocol):
         self.position = 0
         self.catching_up = False
         self.filter_stream = False
+        # The highest seq held back while catching up.
+        self._held = 0
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
@@ -276,16 +278,29 @@ class ClientProtocol(Protocol):
 
     def push(self, frame: Mapping[str, Any]) -> None:
         seq = frame.get("seq")
-        if seq is not None and self.filter_stream and (self.catching_up or seq <= self.position):
-            # The catch-up pages carry it (or did): each event once.
-            return
+        if seq is not None and self.filter_stream:
+            if self.catching_up:
+                # A catch-up page brings it: each event once.
+                if seq > self._held:
+                    self._held = seq
+                return
+            if seq <= self.position:
+                return  # a page brought it
         self._send(frame)
 
-    def caught_up(self, position: int, more: bool) -> None:
-        """A catch-up page went out: the stream stands at C{position}."""
+    def caught_up(self, position: int, more: bool) -> bool:
+        """
+        A catch-up page reaches C{position}: whether more follows. A push held
+        back beyond the page (committed after the page's snapshot was read)
+        means more: the next page brings it, so no event falls between the
+        pages and the live pushes.
+        """
         self.position = max(self.position, position)
+        if not more and self._held > self.position:
+            more = True
         if not more:
             self.catching_up = False
+        return more
 
     def kick(self, reason: str) -> None:
         if self.state is State.CLOSING:
