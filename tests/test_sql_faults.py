@@ -823,9 +823,24 @@ class MigrationContract(TokenContract):
         db.commit_tokens = False  # no t_commit yet: as the old code wrote
         await db.run("old", _old_message_txn, "p")
         db.commit_tokens = True
-        self.assertEqual(await migrate(db, 0), [3, 4])
+        self.assertEqual(await migrate(db, 0), [3, 4, 5])
         self.assertEqual(await db.run("dup", _dup_of_txn, "p"), [1])
         self.assertEqual(await db.run("dup", _dup_of_txn, "p "), [])
+        [message] = await db.run("m", q.messages_txn, [1])
+        self.assertEqual(message.cid, "p")
+
+    async def test_devices_on_an_existing_database(self) -> None:
+        """Migration 0005 on a database with messages: old rows have no seqs
+        (catch-up never shows them), the users' streams start at 0."""
+        db = self.make_db()
+        self.addCleanup(db.close)  # type: ignore[attr-defined]
+        await db.run("migrate", _migrate_txn, available(db.engine.kind)[:4], 0)
+        await db.run("old", _old_message_txn, "p")
+        await db.run("users", q.ensure_users_txn, [7, 8], 0)
+        self.assertEqual(await migrate(db, 0), [5])
+        self.assertEqual(await db.run("head", q.head_txn, 8), 0)
+        page = await db.run("catchup", q.catchup_txn, 8, 0, 0, 10)
+        self.assertEqual((page.events, page.seq, page.more, page.head), ((), 0, False, 0))
         [message] = await db.run("m", q.messages_txn, [1])
         self.assertEqual(message.cid, "p")
 
