@@ -44,6 +44,21 @@ def _count_txn(txn: Txn, table: str, uid: int) -> int:
     return int(row[0])
 
 
+def _poison_cid_txn(txn: Txn, cid: str) -> None:
+    """A trigger that refuses one cid: a message the database refuses (the isolate path)."""
+    if txn.engine.kind == "mysql":
+        txn.execute(
+            "CREATE TRIGGER poison_cid BEFORE INSERT ON t_msg_record_list FOR EACH ROW"
+            f" IF NEW.cid = '{cid}' THEN"
+            " SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poisoned cid'; END IF"
+        )
+    else:
+        txn.execute(
+            "CREATE TRIGGER poison_cid BEFORE INSERT ON t_msg_record_list"
+            f" WHEN NEW.cid = '{cid}' BEGIN SELECT RAISE(ABORT, 'poisoned cid'); END"
+        )
+
+
 def _stream_of(outcomes: Sequence[SendOutcome], uid: int) -> list[int]:
     """The seqs these committed messages took in C{uid}'s stream."""
     seqs = []
@@ -157,6 +172,27 @@ class DeviceStoreContract:
         )
         self.assertEqual(_stream_of(outcomes, a), [1, 2])
         self.assertEqual(await store.head(a), 2)
+
+    async def test_isolated_batches_keep_the_stream_whole(self) -> None:
+        """A message the database refuses: the batch is committed in halves;
+        the refused message takes no seq, the others take 1..n in order."""
+        stack = await self.stack()
+        store = stack.store
+        a, b = await self.users(store, 2)
+        await store.db.run("poison", _poison_cid_txn, "poison")
+        self.flushLoggedErrors()
+        outcomes = await self.send(
+            store,
+            [self.message(store, a, b)]
+            + [self.message(store, a, b, cid=c) for c in ("x1", "poison", "x2", "x3")],
+        )
+        kinds = [type(o).__name__ for o in outcomes]
+        self.assertEqual(kinds, ["Committed", "Committed", "Refused", "Committed", "Committed"])
+        self.assertEqual(_stream_of(outcomes, b), [1, 2, 3, 4])
+        self.assertEqual(_stream_of(outcomes, a), [1, 2, 3, 4])
+        self.assertEqual(await store.head(b), 4)
+        page = await store.catchup(b, 0, 0, 10)
+        self.assertEqual([e.seq for e in page.events], [1, 2, 3, 4])
 
     async def test_read_and_recall_events(self) -> None:
         stack = await self.stack()

@@ -206,6 +206,11 @@ class MariaDBCidTests(IsolationContract, TestCase):
 # Defect 2: a COMMIT whose reply is lost
 
 
+def _keep(outcome: Any, seen: list[Any]) -> Any:
+    seen.append(outcome)
+    return outcome
+
+
 class LostCommitTests(TestCase):
     """
     The realtime pool reaches mariadbd through L{MysqlProxy}, which loses
@@ -307,6 +312,30 @@ class LostCommitTests(TestCase):
         )
         self.assertEqual(await self.stack.hot.pending(d, 0, 100, None), [(ids[2], c)])
         self.assertEqual((await self.stack.chat.unread(self.b))["sessions"][0]["count"], 3)
+
+    async def test_lost_commit_of_a_group_commit_keeps_the_seqs(self) -> None:
+        """The seqs of a batch whose COMMIT reply is lost are the committed
+        ones: what the senders are told is what catch-up reads."""
+        store = self.stack.store
+        seen: list[Any] = []
+        commit = store.commit
+        self.patch(store, "commit", lambda m: commit(m).addCallback(_keep, seen))
+        await self.quiet()
+        self.proxy.arm("after", b"'k2'")  # the second batch: the first runs alone
+        results = await _settled(
+            [self.stack.chat.send(self.a, self.b, cid, "text", cid) for cid in ("k1", "k2", "k3")]
+        )
+        await self.stack.settle()
+        self.assertLost("committed")
+        self.assertTrue(all(ok for ok, _ in results), results)
+        self.assertEqual([c.recipient_seq for c in seen], [1, 2, 3])
+        self.assertEqual([c.sender_seq for c in seen], [1, 2, 3])
+        page = await store.catchup(self.b, 0, 0, 10)
+        self.assertEqual(
+            [(e.seq, e.msg_id) for e in page.events],
+            [(c.recipient_seq, c.message.msg_id) for c in seen],
+        )
+        self.assertEqual(await store.head(self.a), 3)
 
     async def test_withheld_commit_of_a_send_reruns(self) -> None:
         await self.quiet()
