@@ -351,10 +351,14 @@ class DeviceStoreContract:
 
     async def test_login_refuses_bad_device_names(self) -> None:
         stack = await self.stack()
-        for device in ("", "x" * 65):
+        for device in ("", "x" * 65, "\ud800"):
             with self.assertRaises(ImError) as e:
                 await stack.store.login(1, device, "")
             self.assertEqual(e.exception.code, ErrorCode.INVALID)
+        # The client string is informational: cut and cleaned, never refused.
+        login = await stack.store.login(next(_uids), "x" * 64, "c\ud800" + "y" * 200)
+        self.assertEqual(login.device.client, "c?" + "y" * 126)
+        self.assertEqual(login.device.device, "x" * 64)
 
     async def test_device_names_compare_exactly(self) -> None:
         stack = await self.stack()

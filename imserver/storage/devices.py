@@ -48,6 +48,12 @@ def check_device(device: str) -> None:
         raise ImError(ErrorCode.INVALID, "device must be valid Unicode text") from None
 
 
+def _client_text(client: str) -> str:
+    """What a client calls itself is informational: cut to size, never refused."""
+    text = str(client)[:CLIENT_MAX_CHARS]
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class DeviceStore:
     log = Logger()
 
@@ -67,7 +73,7 @@ class DeviceStore:
         """
         store = self._store
         with_device = [
-            (uid, device, client[:CLIENT_MAX_CHARS], store.ids.next_id())
+            (uid, device, _client_text(client), store.ids.next_id())
             for uid, device, client in items
             if device is not None
         ]
