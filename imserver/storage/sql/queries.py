@@ -114,10 +114,6 @@ def get_profiles_txn(txn: Txn, uids: Sequence[int]) -> list[Profile]:
     return [Profile(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
 
 
-def existing_users_txn(txn: Txn, uids: Sequence[int]) -> set[int]:
-    return {int(r[0]) for r in txn.query_in("SELECT uid FROM t_user WHERE uid IN (%s)", uids)}
-
-
 # ---------------------------------------------------------------------------
 # The users' streams
 
@@ -248,15 +244,17 @@ def commit_messages_txn(
     done_outbox: Sequence[int] = (),
 ) -> list[SendOutcome]:
     """
-    Commit a batch of messages (group commit), in one transaction:
-    recipients checked, sessions created on first use, messages inserted
-    (a repeated (sender, cid) is a L{Duplicate}, never a second message),
-    pending rows for the recipients, both users' conversation rows bumped,
-    the batch's outbox row, and (if notifications are on) one delayed
-    notification per message. Returns one outcome per message, in order.
+    Commit a batch of messages (group commit), in one transaction: the
+    users' t_user rows locked (the recipients checked, the stream heads
+    read), sessions created on first use, messages inserted with their two
+    seqs (a repeated (sender, cid) is a L{Duplicate}, never a second
+    message, and takes no seq), the new heads, pending rows for the
+    recipients, both users' conversation rows bumped, the batch's outbox
+    row, and (if notifications are on) one delayed notification per
+    message. Returns one outcome per message, in order.
 
-    In the common case (known recipients and sessions, no repeated cid) all
-    of it is one round trip to MySQL: see L{_write_messages}. The outbox
+    In the common case (known sessions, no repeated cid) all of it is two
+    round trips to MySQL: the locking read, then L{_write_messages}. The outbox
     rows of finished follow-ups (C{done_outbox}) are deleted in the same
     request.
     """
