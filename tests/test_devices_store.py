@@ -273,6 +273,19 @@ class DeviceStoreContract:
         p = await store.catchup(b, phone.id, 5, 10)
         self.assertEqual((p.events, p.seq, p.more), ((), 5, False))
 
+    async def test_catchup_page_of_exactly_limit_events_is_the_last(self) -> None:
+        stack = await self.stack()
+        store = stack.store
+        a, b = await self.users(store, 2)
+        await self.send(store, [self.message(store, a, b) for _ in range(3)])
+        page = await store.catchup(b, 0, 0, 3)
+        self.assertEqual(([e.seq for e in page.events], page.seq, page.more), ([1, 2, 3], 3, False))
+        page = await store.catchup(b, 0, 0, 2)
+        self.assertEqual(([e.seq for e in page.events], page.seq, page.more), ([1, 2], 2, True))
+        # A position past the head (a confused client): nothing, and the head.
+        page = await store.catchup(b, 0, 10, 5)
+        self.assertEqual((page.events, page.seq, page.more, page.head), ((), 3, False, 3))
+
     async def test_catchup_records_a_monotonic_cursor(self) -> None:
         stack = await self.stack()
         store = stack.store
@@ -399,7 +412,9 @@ class DeviceStoreContract:
         long_ago = int(reactor.seconds() * 1000) - 40 * 86_400_000
         await store.db.run("t", _age_txn, "t_device", "lastSeen", b, long_ago)
         await store.db.run("t", _age_txn, "t_event", "ts", b, long_ago)
-        await store.touch_devices([kept.id])
+        # Chunked IN lists: unknown ids beside the real one change nothing.
+        await store.touch_devices([kept.id, *range(1, 1200)])
+        await store.touch_devices([])
         # Several chunks of the sweep.
         self.patch(q, "FORGET_CHUNK", 2)
         for i in range(5):

@@ -19,6 +19,8 @@ seed's hot index). The business layer never knows which.
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
+* Devices, the user's stream and catch-up are SQL only: the methods here
+  delegate to L{DeviceStore} (C{imserver.storage.devices}).
 """
 
 from __future__ import annotations
