@@ -756,11 +756,12 @@ class Store:
         uid: int,
         msg_id: int,
         window_ms: int,
-        then: Callable[[Message], None] | None = None,
+        then: Callable[[RecallResult], None] | None = None,
     ) -> RecallResult:
         """
         Recall a message. Its hot step runs after the reply, then C{then}
-        (the recall push: the recipient is told once the hot copy has it).
+        with the result (the recall push: the recipient is told once the hot
+        copy has it).
         A message recalled already (a retry after C{unavailable}, whose
         first try may have committed) has its copies invalidated and
         C{then} run again: pushes are idempotent by msg_id.
@@ -793,7 +794,7 @@ class Store:
         return result
 
     async def _recall_follow_up(
-        self, outbox_id: int, result: RecallResult, then: Callable[[Message], None] | None
+        self, outbox_id: int, result: RecallResult, then: Callable[[RecallResult], None] | None
     ) -> None:
         m = result.message
         users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
@@ -805,7 +806,7 @@ class Store:
             await self._follow_up(outbox_id, step, users, sessions, msgs)
         finally:
             if then is not None:
-                then(m)
+                then(result)
 
     # -- conversations, history, messages ----------------------------------------
 
