@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 from zope.interface import implementer
 
 from imserver.storage.hot.connection import (
@@ -43,6 +44,11 @@ SCRIPTS = (
     "presence_refresh",
     "presence_route",
 )
+
+
+def _unpack(value: bytes) -> Any:
+    """A script's msgpack answer (a Lua empty table may come as a map: use C{or ()})."""
+    return msgpack.unpackb(value, raw=False)
 
 
 def _generation(value: Any) -> str | None:
@@ -70,8 +76,6 @@ class RedisBus(RedisScripts):
         max_online: int,
     ) -> tuple[list[LoginAnswer], str | None]:
         answers, generation = await self._script(
-            "presence_devices",
-            "presence_kick",
             "presence_login",
             str(ttl_ms),
             str(max_online),
@@ -80,16 +84,13 @@ class RedisBus(RedisScripts):
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
         )
         return [
-            (
-                [(to_str(d), to_str(c), to_str(r), to_str(t)) for d, c, r, t in kicks],
-                [to_str(n) for n in others],
-            )
-            for kicks, others in answers
+            ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()))
+            for kicks, others in _unpack(answers)
         ], _generation(generation)
 
     async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
-        rows = await self._script("presence_devices", str(uid))
-        return [(to_str(d), to_str(c), to_int(s)) for d, c, s in rows]
+        rows = _unpack(await self._script("presence_devices", str(uid)))
+        return [(d, c, int(s)) for d, c, s in rows or ()]
 
     async def presence_logout(self, node: str, entries: Sequence[tuple[int, str, str]]) -> None:
         await self._script("presence_logout", node, pack([[str(u), d, c] for u, d, c in entries]))
@@ -97,15 +98,16 @@ class RedisBus(RedisScripts):
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
     ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
-        generation, lost, shared = await self._script(
+        generation, packed = await self._script(
             "presence_refresh",
             str(ttl_ms),
             node,
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
         )
+        lost, shared = _unpack(packed)
         return (
-            [(to_int(u), to_str(d)) for u, d in lost],
-            {to_int(row[0]): {to_str(n) for n in row[1:]} for row in shared},
+            [(int(u), d) for u, d in lost or ()],
+            {int(row[0]): set(row[1:]) for row in shared or ()},
             _generation(generation),
         )
 

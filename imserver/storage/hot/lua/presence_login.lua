@@ -6,9 +6,10 @@
 -- other device (too_many_devices). A kick on another node is published to
 -- it ({'k', uid, {conn, device, reason, nonce, this node}}: it confirms to
 -- the nonce); the other nodes still holding the user hear that this node
--- joined ({'j', uid, node}) unless it held the user already. Returns {{for
--- each entry: {{device, conn, reason, nonce ('' if on this node)}, ...},
--- {other nodes holding the user, ...}}, ...}, the generation (false if missing)}.
+-- joined ({'j', uid, node}) unless it held the user already. Returns {msgpack
+-- of {for each entry: {{device, conn, reason, nonce ('' if on this node)}, ...},
+-- {other nodes holding the user, ...}}, ...}, the generation (false if missing)} (packed: Redis
+-- replies lose nested empty lists).
 local ttl, max, me, nonce = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
 local by_node = {}
@@ -66,4 +67,4 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[6])) do
   answers[#answers + 1] = {kicks, others}
 end
 publish_by_node(by_node)
-return {answers, redis.call('GET', key('generation'))}
+return {cmsgpack.pack(answers), redis.call('GET', key('generation'))}

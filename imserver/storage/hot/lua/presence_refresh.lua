@@ -2,8 +2,9 @@
 -- conn, since_ms, idle_ms}, ...}: this node's connections. Extends each
 -- device that is still ours (with its last activity), restores the ones that
 -- vanished (a Redis restart or FLUSHALL), and returns {the generation (false
--- if missing), {{uid, device}, ...} now held by another connection (stale
--- here), {{uid, other node, ...}, ...} for the users other nodes hold too}.
+-- if missing), msgpack of {{{uid, device}, ...} now held by another
+-- connection (stale here), {{uid, other node, ...}, ...} for the users other
+-- nodes hold too}}.
 local ttl, me = tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 local lost = {}
@@ -35,4 +36,4 @@ for _, uid in ipairs(order) do
     shared[#shared + 1] = others
   end
 end
-return {redis.call('GET', key('generation')), lost, shared}
+return {redis.call('GET', key('generation')), cmsgpack.pack({lost, shared})}
