@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -374,3 +374,39 @@ class ClusterDevicesTests(TestCase):
         other = self.link(a, uid, "phone")
         await a.login(uid, other)
         self.assertEqual(a.local(uid), [other])
+
+    async def test_two_logins_of_one_device_in_one_turn(self) -> None:
+        # One script call: the second replaces the first before either is
+        # registered; the first is kicked, never registered.
+        a = await self.node(1)
+        uid = next(_uids)
+        first, second = self.link(a, uid, "phone"), self.link(a, uid, "phone")
+        await gatherResults([a.login(uid, first), a.login(uid, second)])
+        self.assertEqual((first.kicks, second.kicks), ([KICK_REPLACED], []))
+        self.assertEqual(a.local(uid), [second])
+        await sleep(0.1)
+        devices = await a.online_devices(uid)
+        self.assertEqual(len(devices), 1)
+        a.logout(uid, second)
+        await eventually(lambda: a.online(uid).addCallback(lambda online: not online))
+
+    async def test_a_connection_gone_before_its_login_completed_is_not_registered(
+        self,
+    ) -> None:
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        await b.stop()  # its kick confirmation never comes: the login waits 2 s
+        old = DeviceLink(uid, "phone", last_active=reactor.seconds())
+        await b._redis.command(  # type: ignore[attr-defined]
+            "HSET",
+            f"{self.prefix}:devices:{uid}",
+            "phone",
+            f"{b.value(old)}|0|0|99999999999999",
+        )
+        new = self.link(a, uid, "phone")
+        d = a.login(uid, new)
+        await sleep(0.2)
+        a.logout(uid, new)  # the client went away meanwhile
+        await d
+        self.assertEqual(a.local(uid), [])
+        await eventually(lambda: a.online_devices(uid).addCallback(lambda d: d == []))
