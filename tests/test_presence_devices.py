@@ -198,6 +198,8 @@ class ClusterDevicesTests(TestCase):
         links = [self.link(n, uid, f"d{i}") for i, n in enumerate(nodes)]
         for node, link in zip(nodes, links, strict=True):
             await node.login(uid, link)
+        # The earlier nodes hear of the later ones by their join notices.
+        await eventually(lambda: all(len(n._others[uid]) == 2 for n in nodes))
         for i, node in enumerate(nodes):
             self.assertTrue(node.push(uid, {"t": "msg", "from": i}))
             await eventually(lambda i=i: all({"t": "msg", "from": i} in x.pushes for x in links))
@@ -410,3 +412,17 @@ class ClusterDevicesTests(TestCase):
         await d
         self.assertEqual(a.local(uid), [])
         await eventually(lambda: a.online_devices(uid).addCallback(lambda d: d == []))
+
+    async def test_the_uid_given_counts_not_the_link_s(self) -> None:
+        # Regression: the gateway sets link.uid only once logged in; the
+        # presence was written under a key without the uid.
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        phone = self.link(a, uid, "phone")
+        phone.uid = None  # type: ignore[assignment]
+        await a.login(uid, phone)
+        self.assertEqual([d.device for d in await b.online_devices(uid)], ["phone"])
+        phone.uid = uid
+        await a.refresh()
+        b.push(uid, {"t": "msg"})
+        await eventually(lambda: phone.pushes)

@@ -152,5 +152,9 @@ class LocalRegistry:
     def online(self, uid: int) -> Deferred[bool]:
         return succeed(uid in self._links)
 
+    def pairs(self) -> list[tuple[int, IClientLink]]:
+        """(uid, link) of every connection here."""
+        return [(uid, link) for uid, devices in self._links.items() for link in devices.values()]
+
     def links(self) -> Iterator[IClientLink]:
         return iter([link for devices in self._links.values() for link in devices.values()])

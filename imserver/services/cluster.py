@@ -194,9 +194,10 @@ class ClusterPresence:
         """The connection's id in the cluster (conn): node:incarnation:epoch."""
         return f"{self.node}:{self.incarnation}:{link.epoch}"
 
-    def _entry(self, link: IClientLink) -> LoginEntry:
+    def _entry(self, uid: int, link: IClientLink) -> LoginEntry:
+        # The uid given, not link.uid: the gateway sets that once logged in.
         idle_ms = max(0, int((self._reactor.seconds() - link.last_active) * 1000))
-        return (link.uid, link.device, self.value(link), int(link.connected_at), idle_ms)
+        return (uid, link.device, self.value(link), int(link.connected_at), idle_ms)
 
     def start(self) -> None:
         self.subscription = self._redis.subscribe(self.node, self._on_message, self._subscribed)
@@ -222,7 +223,7 @@ class ClusterPresence:
             self._pending[conn] = None
             try:
                 try:
-                    outcome = await self._logins.submit(self._entry(link))
+                    outcome = await self._logins.submit(self._entry(uid, link))
                 except QueueFull:
                     self.log.warn("presence of {uid} not written: too many logins", uid=uid)
                     outcome = None
@@ -538,7 +539,7 @@ class ClusterPresence:
         its last activity, kick the devices another connection took, and
         re-read which other nodes hold each local user.
         """
-        entries = [self._entry(link) for link in list(self.registry.links())]
+        entries = [self._entry(uid, link) for uid, link in self.registry.pairs()]
         for i in range(0, len(entries), REFRESH_CHUNK):
             chunk = entries[i : i + REFRESH_CHUNK]
             asked = self._notices
