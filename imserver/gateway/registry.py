@@ -69,7 +69,7 @@ class LocalRegistry:
             old.kick(KICK_REPLACED)
             kicked.append(old)
         if limit is not None:
-            while len(devices) > limit:
+            while len(devices) > max(limit, 1):
                 name, victim = min(
                     ((d, other) for d, other in devices.items() if other is not link),
                     key=lambda item: item[1].last_active,
