@@ -426,3 +426,15 @@ class ClusterDevicesTests(TestCase):
         await a.refresh()
         b.push(uid, {"t": "msg"})
         await eventually(lambda: phone.pushes)
+
+    async def test_a_link_without_a_device_fails_its_login_only(self) -> None:
+        a = await self.node(1)
+        uid = next(_uids)
+        bad = self.link(a, uid, "phone")
+        bad.device = None  # type: ignore[assignment]
+        good = self.link(a, next(_uids), "phone")
+        results = await gatherResults(
+            [a.login(uid, bad).addErrback(lambda f: f.trap(TypeError)), a.login(good.uid, good)]
+        )
+        self.assertEqual(results[0], TypeError)
+        self.assertEqual((a.local(uid), a.local(good.uid)), ([], [good]))

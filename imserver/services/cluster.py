@@ -219,6 +219,9 @@ class ClusterPresence:
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
         async def login() -> None:
+            if not isinstance(link.device, str):
+                # One bad entry would fail the script call of every login of the turn.
+                raise TypeError(f"a connection's device must be a str, not {link.device!r}")
             conn = self.value(link)
             self._pending[conn] = None
             try:
