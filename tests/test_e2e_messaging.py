@@ -296,7 +296,7 @@ class MessagingTestsMixin(MessagingHelpers):
         # Also from a new connection of the same user.
         assert alice.uid is not None
         alice2 = await self.login(alice.uid)
-        self.assertEqual(await self.push(alice), {"t": "kick", "reason": "login_elsewhere"})
+        self.assertEqual(await self.push(alice), {"t": "kick", "reason": "replaced"})
         again2 = await self.ok(alice2, "send", to=bob.uid, cid="same-cid", body="once")
         self.assertEqual(
             (again2["msg_id"], again2["session_id"], again2["ts"], again2["dup"]),

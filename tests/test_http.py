@@ -109,6 +109,9 @@ class Producer:
 class FakeLink:
     uid: int
     epoch: int = 1
+    device: str = "default"
+    connected_at: int = 0
+    last_active: float = 0.0
 
     def push(self, frame: Mapping[str, Any]) -> None:
         pass
