@@ -62,7 +62,9 @@ class IMServer(MultiService):
         self.worker_index = worker_index
         self.config = config
         self.reactor = reactor
-        self.registry = LocalRegistry(max_online=config.devices.max_online)
+        self.registry = LocalRegistry(
+            max_online=config.devices.max_online, node=str(config.server.node_id)
+        )
         self.tokens = TokenService(config.auth.secret)
         self.metrics = Metrics()
         ids = IdGenerator(config.server.node_id, reactor)

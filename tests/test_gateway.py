@@ -25,7 +25,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.gateway.protocol import ClientProtocol, Gateway, Op
 from imserver.gateway.registry import LocalRegistry
 from imserver.services.presence import IClientLink, IPresence
-from imserver.services.tokens import TokenService
+from imserver.services.tokens import Claims, TokenService
 from imserver.wire import frames
 from imserver.wire.codec import decode_body, encode
 from imserver.wire.framing import FrameDecoder
@@ -81,8 +81,8 @@ class GatewayTestsMixin:
         self.gateway = self.make_gateway()
 
     def make_gateway(self, **ops: Op) -> Gateway:
-        def on_login(uid: int, conn: ClientProtocol, req: frames.Auth) -> Deferred[None]:
-            self.logins.append(uid)
+        def on_login(claims: Claims, conn: ClientProtocol, req: frames.Auth) -> Deferred[None]:
+            self.logins.append(claims.uid)
             return self.login_result if self.login_result is not None else succeed(None)
 
         return Gateway(

@@ -85,8 +85,8 @@ class HotOutageTests(TestCase):
     async def test_a_login_does_not_wait_for_the_profile_cache(self) -> None:
         stack, _, _ = await self.stack()
         gate = self.hang(stack, "put_profiles")
-        profile = await within(stack.chat.login(next(_uids)), 1)  # a new user
-        self.assertEqual(profile.nickname, "")
+        login = await within(stack.chat.login(next(_uids)), 1)  # a new user
+        self.assertEqual(login.profile.nickname, "")
         gate.errback(HotUnavailable("redis: timeout"))
         gate.addErrback(lambda _: None)
         # A cache fill that failed needs no repair: the next read fills it.

@@ -38,7 +38,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.periodic import Periodic
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator, id_time_ms
-from imserver.services.presence import IClientLink, IPresence
+from imserver.services.presence import DEFAULT_DEVICE, IClientLink, IPresence
 from imserver.storage.model import (
     Committed,
     Duplicate,
@@ -180,7 +180,13 @@ class ChatService:
 
     # -- login -----------------------------------------------------------------
 
-    async def login(self, uid: int, device: str, client: str, issued_at: float | None) -> Login:
+    async def login(
+        self,
+        uid: int,
+        device: str = DEFAULT_DEVICE,
+        client: str = "",
+        issued_at: float | None = None,
+    ) -> Login:
         """A connection authenticated: the user and its device (L{DeviceService.login})."""
         return await self.devices.login(uid, device, client, issued_at)
 

@@ -22,6 +22,8 @@ from zope.interface import Attribute, Interface
 
 from imserver.storage.model import Profile
 
+#: The device of a connection that names none (the wire protocol's default).
+DEFAULT_DEVICE = "default"
 #: Kick reasons. A second auth on the same (uid, device):
 KICK_REPLACED = "replaced"
 #: Beyond C{[devices] max_online}: the least recently active other device goes.
