@@ -33,9 +33,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise SystemExit("imserver: --ttl must be positive")
     tokens = TokenService(config.auth.secret)
     try:
-        token = tokens.mint(
-            args.uid, now=time.time(), ttl_seconds=args.ttl, device=args.device
-        )
+        token = tokens.mint(args.uid, now=time.time(), ttl_seconds=args.ttl, device=args.device)
     except ValueError as e:
         raise SystemExit(f"imserver: {e}") from None
     print(token)

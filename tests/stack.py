@@ -88,12 +88,17 @@ class RecordingPresence:
     def push_local(
         self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
     ) -> bool:
+        """Users with links (or for whom a test makes C{local} say so) are on this node."""
+        if not self.local(uid):
+            return False
         return self.push(uid, frame, exclude)
 
     def push_remote(
         self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
     ) -> None:
-        pass
+        """Users online without links are on "another node": pushed after indexing."""
+        if not self.local(uid):
+            self.push(uid, frame, exclude)
 
     def kick_device(self, uid: int, device: str, reason: str) -> Deferred[bool]:
         self.kicked.append((uid, device, reason))

@@ -164,6 +164,9 @@ class MessagingHelpers(ClientsMixin, _Base):
         """The ok reply without its envelope (C{t}, C{id})."""
         reply = await self.ok(client, op, **fields)
         del reply["t"], reply["id"]
+        if op in ("read", "recall") and "seq" in reply:
+            # The caller's stream seq of the event (devices: their own tests check it).
+            self.assertIsInstance(reply.pop("seq"), int)
         return reply
 
     async def fails(

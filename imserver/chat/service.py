@@ -256,12 +256,15 @@ class ChatService:
             if outcome.unfinished is not None:
                 # The original's fan-out never finished: finish it now.
                 self.store.finish_unfinished(outcome.unfinished, self._push_replayed)
-            return {
+            reply: Result = {
                 "msg_id": outcome.msg_id,
                 "session_id": outcome.session_id,
                 "ts": outcome.ts,
                 "dup": True,
             }
+            if outcome.seq:
+                reply["seq"] = outcome.seq
+            return reply
         m = outcome.message
         reply = {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
         if outcome.sender_seq:

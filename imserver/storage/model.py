@@ -132,6 +132,8 @@ class Duplicate:
     #: the caller finishes it now (invalidate and push, as a replay does).
     #: On one duplicate of the row only.
     unfinished: Outbox | None = None
+    #: The sender's stream seq of the original (0: stored before streams).
+    seq: int = 0
 
 
 @attrs.frozen

@@ -323,7 +323,9 @@ def commit_messages_txn(
         first_use = outcomes[j]
         if isinstance(first_use, Committed):
             stored = first_use.message
-            outcomes[i] = Duplicate(stored.msg_id, stored.session_id, stored.ts)
+            outcomes[i] = Duplicate(
+                stored.msg_id, stored.session_id, stored.ts, seq=first_use.sender_seq
+            )
         else:
             outcomes[i] = first_use
     result = [o for o in outcomes if o is not None]
@@ -336,12 +338,17 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
     senders = sorted({m.sender for m in msgs})
     cids = sorted({m.cid for m in msgs})
     rows = txn.query(
-        f"SELECT senderUid, cid, id, sessionId, ts FROM t_msg_record_list"
+        f"SELECT senderUid, cid, id, sessionId, ts, senderSeq FROM t_msg_record_list"
         f" WHERE senderUid IN ({marks(len(senders))})"
         f" AND cid IN ({marks(len(cids))})",
         (*senders, *cids),
     )
-    return {(int(r[0]), cid_text(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    return {
+        (int(r[0]), cid_text(r[1])): Duplicate(
+            int(r[2]), int(r[3]), int(r[4]), seq=0 if r[5] is None else int(r[5])
+        )
+        for r in rows
+    }
 
 
 #: How far before its message's time a send outbox row may have been created
