@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver.batching import Batcher, ItemFailure
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError, Unavailable
-from imserver.storage.model import Login, Profile
+from imserver.storage.model import Login
 from imserver.storage.sql.database import Txn
 from tests.stack import Stack, make_stack
 from tests.support import reactor

@@ -68,6 +68,8 @@ class Sent:
     cid: str
     body: Any
     type: str = "text"
+    #: The sender's stream seq of the message (devices).
+    seq: int = 0
 
     @property
     def msg_id(self) -> int:
@@ -201,9 +203,10 @@ class MessagingHelpers(ClientsMixin, _Base):
         reply = await self.ok(client, "send", **fields)
         # seq: the sender's stream position of the message (devices, additive).
         self.assertEqual(set(reply), {"t", "id", "msg_id", "session_id", "ts", "dup", "seq"})
-        self.assertIsInstance(reply.pop("seq"), int)
+        seq = reply.pop("seq")
+        self.assertIsInstance(seq, int)
         self.assertIs(reply["dup"], False)
-        return Sent(reply, client.uid, recipient, cid, body, type or "text")
+        return Sent(reply, client.uid, recipient, cid, body, type or "text", seq)
 
     async def push(self, client: IMClientProtocol) -> Frame:
         """The next push, without its stream seq (devices: checked by their own tests)."""
@@ -300,6 +303,7 @@ class MessagingTestsMixin(MessagingHelpers):
                 "session_id": original.session_id,
                 "ts": original.ts,
                 "dup": True,
+                "seq": original.seq,
             },
         )
         # Also from a new connection of the same user.
