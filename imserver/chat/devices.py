@@ -95,13 +95,13 @@ class DeviceService:
     async def login(self, uid: int, device: str, client: str, issued_at: float | None) -> Login:
         """
         Create the user and the device if need be. A device revoked by the
-        admin API refuses the tokens issued before the second of its
-        revocation (a token's C{iat} has whole seconds), and tokens without
-        C{iat}.
+        admin API refuses the tokens issued before its revocation or in the
+        same second (a token's C{iat} has whole seconds: one minted a moment
+        before the revocation must not pass), and tokens without C{iat}.
         """
         login = await self.store.login(uid, device, client)
         revoked = login.device.revoked_at
-        if revoked and (issued_at is None or issued_at < revoked // 1000):
+        if revoked and (issued_at is None or issued_at <= revoked // 1000):
             self.refused_revoked += 1
             raise ImError(
                 ErrorCode.AUTH_FAILED,
