@@ -70,6 +70,8 @@ FAR = 2**53 - 1
 CALL_TIMEOUT = 30.0
 #: Page size of the catch-up: small, so that catching up takes several pages.
 PAGE = 3
+#: The first device of every user gives no device name (a client of protocol v1).
+DEFAULT = "default"
 
 log = Logger()
 
@@ -341,7 +343,10 @@ class DevicesMachine(RuleBasedStateMachine):
 
     async def connect(self, device: Device, since: int | None) -> tuple[Conn, dict[str, Any]]:
         """A new connection of C{device} (auth with C{since} when given)."""
-        fields: dict[str, Any] = {"device": device.name, "client": "property-test/1"}
+        fields: dict[str, Any] = {"client": "property-test/1"}
+        if device.name != DEFAULT:
+            # The default device names none, as a client of protocol v1.
+            fields["device"] = device.name
         if since is not None:
             fields["since"] = since
         token = self.tokens.mint(device.uid, now=reactor.seconds())
@@ -393,7 +398,7 @@ class DevicesMachine(RuleBasedStateMachine):
         async def go() -> None:
             for uid, n in zip(UIDS, counts, strict=True):
                 for i in range(n):
-                    await self._new_device(uid, f"dev{i + 1}")
+                    await self._new_device(uid, DEFAULT if i == 0 else f"dev{i + 1}")
             self.note(
                 "devices: " + ", ".join(f"user {u}: {n}" for u, n in zip(UIDS, counts, strict=True))
             )
@@ -753,6 +758,48 @@ class DevicesMachine(RuleBasedStateMachine):
         self.check(f"catch-up of {device.label}: last page's seq", pages[-1][2], head)
         full = [p for p in pages[:-1] if p[0] != PAGE]
         self.check(f"catch-up of {device.label}: pages before the last are full", full, [])
+
+    @precondition(lambda self: self.online())
+    @rule(pick=picks)
+    def set_profile(self, pick: int) -> None:
+        """A device changes the user's profile: the user's other devices are told."""
+        device = self.sender_device(pick)
+        assert device is not None and device.conn is not None
+        conn = device.conn
+        nickname = f"n{self.steps}"
+
+        async def go() -> None:
+            await self.barrier()
+            before = {d.label: len(d.conn.other) for d in self.devices_of(device.uid) if d.conn}
+            reply = await self.request(device, "set_profile", nickname=nickname)
+            self.note(f"set_profile by {device.label} (#{conn.id}): {nickname}")
+            self.check(
+                f"set_profile by {device.label}: nickname", reply["user"]["nickname"], nickname
+            )
+            await self.barrier()
+            for d in self.devices_of(device.uid):
+                if d.conn is None:
+                    continue
+                new = [f for f in d.conn.other[before[d.label] :] if f.get("t") == "profile"]
+                expected = [] if d is device else [nickname]
+                self.check(
+                    f"profile pushes to {d.label} (#{d.conn.id})",
+                    [f["user"]["nickname"] for f in new],
+                    expected,
+                )
+
+        self.run(go)
+
+    @rule()
+    def flush_hot(self) -> None:
+        """Lose the whole hot copy: catch-up, unread and pending come from SQL."""
+
+        async def go() -> None:
+            await self.stack.settle()
+            await self.stack.flush_hot()
+            self.note("flush the hot store")
+
+        self.run(go)
 
     # -- invariants ----------------------------------------------------------------
 
