@@ -45,6 +45,7 @@ from hypothesis.stateful import (
 )
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import FailTest, TestCase
 
@@ -55,7 +56,7 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from tests.stack import Stack, make_stack
-from tests.support import reactor
+from tests.support import reactor, sleep
 from tests.test_properties import SCALE, Bridge, _Scope, in_thread
 
 T = TypeVar("T")
@@ -70,6 +71,8 @@ FAR = 2**53 - 1
 CALL_TIMEOUT = 30.0
 #: Page size of the catch-up: small, so that catching up takes several pages.
 PAGE = 3
+#: Seconds the racing rule delays a catch-up page's reply, or pushes.
+SLOW = 0.03
 #: The first device of every user gives no device name (a client of protocol v1).
 DEFAULT = "default"
 
@@ -197,6 +200,9 @@ class DevicesMachine(RuleBasedStateMachine):
         super().__init__()
         self.scope = _Scope(self.case)
         self.tokens = TokenService(SECRET)
+        #: What the racing rule slows down: None, "pages" or "pushes".
+        self.slow: str | None = None
+        self.delayed: list[Deferred[Any]] = []
         self.stack, self.endpoint = self.bridge(self._start)
         self.devices: list[Device] = []
         self.streams: dict[int, list[Event]] = {uid: [] for uid in UIDS}
@@ -224,6 +230,38 @@ class DevicesMachine(RuleBasedStateMachine):
             on_login=login_hook(stack.chat),
         )
         port = reactor.listenTCP(0, gateway, interface="127.0.0.1")
+        # The racing rule slows one side of the race: the catch-up ("pages":
+        # a page's snapshot is read, then the racing sends commit and push
+        # before its reply) or the pushes ("pushes": the fan-out of a send
+        # committed before a page's snapshot reaches the connection after the
+        # page's reply). Delayed pushes keep their order.
+        read_page = stack.store.catchup
+        push = registry.push_local
+
+        async def catchup(uid: int, device_id: int, after: int, limit: int) -> Any:
+            page = await read_page(uid, device_id, after, limit)
+            if self.slow == "pages":
+                await sleep(SLOW)
+            return page
+
+        held: list[tuple[int, Any, Any]] = []
+
+        def flush() -> None:
+            while held:
+                push(*held.pop(0))
+
+        def slow_push(uid: int, frame: Any, exclude: Any = None) -> bool:
+            if self.slow != "pushes" and not held:
+                return push(uid, frame, exclude)
+            # Held, and so is every push after it until they all go (in order).
+            if not held:
+                self.delayed.append(deferLater(reactor, SLOW, flush))
+            held.append((uid, frame, exclude))
+            return any(link is not exclude for link in registry.local(uid))
+
+        stack.store.catchup = catchup  # type: ignore[method-assign]
+        # (LocalRegistry.push pushes through push_local.)
+        registry.push_local = slow_push  # type: ignore[method-assign]
 
         async def stop() -> None:
             for device in self.devices:
@@ -358,7 +396,13 @@ class DevicesMachine(RuleBasedStateMachine):
         reply = dict(await d)
         return conn, reply
 
-    async def catch_up(self, device: Device, conn: Conn, start: int) -> list[tuple[int, bool, int]]:
+    async def catch_up(
+        self,
+        device: Device,
+        conn: Conn,
+        start: int,
+        before_page: Callable[[int], Deferred[Any] | None] | None = None,
+    ) -> list[tuple[int, bool, int]]:
         """
         Pull catch-up pages (after: the connection's position, the default)
         until more is false; (events, more, seq) of each page. Each page's
@@ -367,6 +411,10 @@ class DevicesMachine(RuleBasedStateMachine):
         pages = []
         after = start
         while len(pages) < 1000:
+            if before_page is not None:
+                wait = before_page(len(pages))
+                if wait is not None:
+                    await wait
             reply = await self.request(device, "catchup", limit=PAGE)
             device.cursor = max(device.cursor, after)
             events = reply["events"]
@@ -381,6 +429,8 @@ class DevicesMachine(RuleBasedStateMachine):
     async def barrier(self) -> None:
         """Everything pushed so far has reached the clients."""
         await self.stack.settle()
+        delayed, self.delayed = self.delayed, []
+        await gatherResults(delayed, consumeErrors=True)
         live = [d.conn for d in self.devices if d.conn is not None]
         pings = []
         for conn in live:
@@ -491,7 +541,11 @@ class DevicesMachine(RuleBasedStateMachine):
         self._sent(batch, cids, replies)
 
     def _sent(
-        self, batch: list[tuple[Device, int]], cids: list[str], replies: list[dict[str, Any]]
+        self,
+        batch: list[tuple[Device, int]],
+        cids: list[str],
+        replies: list[dict[str, Any]],
+        what: str = "",
     ) -> None:
         """Add sends that were in flight together to the model, in commit (msg_id) order."""
         concurrent = len(batch) > 1
@@ -530,7 +584,7 @@ class DevicesMachine(RuleBasedStateMachine):
             parts.append(f"{device.label}->{to} {cid} = {m.label}")
         self.msgs.sort(key=lambda m: m.msg_id)
         self.loose = concurrent
-        self.note(("burst " if concurrent else "send ") + "; ".join(parts))
+        self.note((what or ("burst " if concurrent else "send ")) + "; ".join(parts))
 
     @precondition(lambda self: self.msgs and self.online())
     @rule(
@@ -688,10 +742,16 @@ class DevicesMachine(RuleBasedStateMachine):
         self.run(go)
 
     @precondition(lambda self: self.offline())
-    @rule(pick=picks, sends=st.lists(st.tuples(picks, st.integers(1, 2)), min_size=1, max_size=6))
-    def reconnect_racing(self, pick: int, sends: list[tuple[int, int]]) -> None:
+    @rule(
+        pick=picks,
+        sends=st.lists(st.tuples(picks, st.integers(1, 2)), min_size=1, max_size=9),
+        slow=st.sampled_from(["pages", "pushes"]),
+    )
+    def reconnect_racing(self, pick: int, sends: list[tuple[int, int]], slow: str) -> None:
         """An offline device reconnects (since, catch-up) while messages to and
-        from its user are being sent: each must reach it once, by page or push."""
+        from its user are being sent, in three waves: before the auth, with the
+        first catch-up page, with the second. Each must reach it once, by page
+        or by push: none may fall between the last page and the live pushes."""
         pool = self.offline()
         device = pool[pick % len(pool)]
         batch = []
@@ -702,31 +762,51 @@ class DevicesMachine(RuleBasedStateMachine):
             # Half of them to the reconnecting user.
             to = device.uid if p % 2 and sender.uid != device.uid else other(sender.uid, d)
             batch.append((sender, to))
+        cids = [f"c{next(self.cids)}" for _ in batch]
+        waves = [list(range(len(batch)))[w::3] for w in range(3)]
 
         async def go() -> None:
-            cids = [f"c{next(self.cids)}" for _ in batch]
-            sending = gatherResults(
-                [
-                    ensureDeferred(self.request(s, "send", to=to, cid=cid, body=f"body {cid}"))
-                    for (s, to), cid in zip(batch, cids, strict=True)
-                ],
-                consumeErrors=True,
-            )
+            sending: dict[int, Deferred[dict[str, Any]]] = {}
+
+            def wave(w: int) -> Deferred[Any] | None:
+                """Send the w-th wave; with slow pushes, wait until it is committed
+                (so the next page has it and its pushes come after the page)."""
+                started = []
+                for i in waves[w] if w < len(waves) else ():
+                    if i not in sending:
+                        (s, to), cid = batch[i], cids[i]
+                        sending[i] = ensureDeferred(
+                            self.request(s, "send", to=to, cid=cid, body=f"body {cid}")
+                        )
+                        started.append(sending[i])
+                if slow != "pushes" or not started:
+                    return None
+                return gatherResults(started, consumeErrors=True)
+
+            wave(0)
             since = device.confirmed
             conn, reply = await self.connect(device, since)
             device.conn = conn
-            pages = await self.catch_up(device, conn, since)
-            replies = await sending
+            self.slow = slow
+            try:
+                pages = await self.catch_up(device, conn, since, lambda n: wave(n + 1))
+            finally:
+                self.slow = None
+            wave(1)
+            wave(2)
+            replies = await gatherResults(
+                [sending[i] for i in range(len(batch))], consumeErrors=True
+            )
             # The sends are in the model only now: the checks of the connection
             # run after the step, against the whole stream.
             conn.start = since
             self.check(f"racing reconnect of {device.label}: auth seq", reply.get("seq"), since)
             self.note(
                 f"reconnect {device.label} (#{conn.id}) since {since} racing"
-                f" {len(batch)} sends; pages {pages}"
+                f" {len(batch)} sends (slow {slow}); pages {pages}"
             )
             if batch:
-                self._sent(batch, cids, replies)
+                self._sent(batch, cids, replies, "  ...the racing sends: ")
             self.loose = True
 
         self.run(go)
@@ -937,9 +1017,9 @@ class DevicesPropertiesMixin:
 
 class EmbeddedDeviceProperties(DevicesPropertiesMixin, TestCase):
     backend = "embedded"
-    programs = 15
+    programs = 60
 
 
 class RedisDeviceProperties(DevicesPropertiesMixin, TestCase):
     backend = "redis"
-    programs = 6
+    programs = 15
