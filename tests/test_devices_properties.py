@@ -731,6 +731,7 @@ class DevicesMachine(RuleBasedStateMachine):
         async def go() -> None:
             await self.barrier()
             self._check_conn(device, old)
+            self.note(f"replace {device.label} (#{old.id}) by a new connection:")
             await self._reconnect(device, live=False)
             d = old.proto.closed
             d.addTimeout(CALL_TIMEOUT, reactor)
