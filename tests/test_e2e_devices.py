@@ -210,6 +210,39 @@ class DevicesClusterTests(DevicesHelpers, TestCase):
                 set(x), {"device", "client", "online", "node", "since", "last_seen"}, x
             )
 
+        # d1 confirms seq 3 and goes; meanwhile a message comes, d2 sends one and
+        # recalls it, d3 reads. d1 comes back on node 2 with since 3: the
+        # message, the recall (the recalled message is passed over) and the read.
+        await self.ok(d1, "ack", seq=3)
+        await within(d1.close())
+        r = await self.ok(peer, "send", to=uid, cid="c3", body="while away")
+        third = messaging.Sent(
+            {k: r[k] for k in ("msg_id", "session_id", "ts", "dup")},
+            peer_uid,
+            uid,
+            "c3",
+            "while away",
+        )
+        r = await self.ok(d2, "send", to=peer_uid, cid="c4", body="oops")
+        self.assertEqual(r["seq"], 5)
+        self.assertEqual(await self.result(d2, "recall", msg_id=r["msg_id"]), {"seq": 6})
+        recall = {"t": "recall", "msg_id": r["msg_id"], "session_id": sent.session_id, "by": uid}
+        reply = await self.result(d3, "read", session_id=sent.session_id, msg_id=third.msg_id)
+        self.assertEqual(reply, {"unread": 0, "total_unread": 0, "seq": 7})
+        back, auth = await self.device(n2, uid, "d1", since=3)
+        self.assertEqual((auth["seq"], auth["head"], auth["new_device"]), (3, 7, False))
+        events, position = await self.catch_up(back, limit=2)
+        self.assertEqual(
+            events,
+            [
+                {"t": "msg", **third.obj(), "seq": 4},
+                {**recall, "seq": 6},
+                {**read, "msg_id": third.msg_id, "seq": 7},
+            ],
+        )
+        self.assertEqual(position, 7)
+        await self.quiet(back)
+
     async def test_offline_device_catches_up_5000_messages(self) -> None:
         n1, n2, n3 = self.nodes
         uid = next(_uids)
