@@ -73,6 +73,8 @@ CALL_TIMEOUT = 30.0
 PAGE = 3
 #: Seconds the racing rule delays a catch-up page's reply, or pushes.
 SLOW = 0.03
+#: [devices] forget_days, the default: 30 days.
+FORGET_MS = 30 * 86400 * 1000
 #: The first device of every user gives no device name (a client of protocol v1).
 DEFAULT = "default"
 
@@ -183,6 +185,8 @@ class Device:
     #: The server's cursor for it, as the model knows: max of acks and catch-up starts.
     cursor: int = 0
     conn: Conn | None = None
+    #: The server forgot it (unseen for forget_days): its next login makes it anew.
+    forgotten: bool = False
 
     @property
     def label(self) -> str:
@@ -753,8 +757,10 @@ class DevicesMachine(RuleBasedStateMachine):
         from its user are being sent, in three waves: before the auth, with the
         first catch-up page, with the second. Each must reach it once, by page
         or by push: none may fall between the last page and the live pushes."""
-        pool = self.offline()
+        pool = [d for d in self.offline() if not d.forgotten] or self.offline()
         device = pool[pick % len(pool)]
+        if device.forgotten:
+            return
         batch = []
         for p, d in sends:
             sender = self.sender_device(p)
@@ -817,17 +823,35 @@ class DevicesMachine(RuleBasedStateMachine):
         since = None if live else device.confirmed
         conn, reply = await self.connect(device, since)
         device.conn = conn
-        self.check(
-            f"auth of {device.label} again" + (" without since" if live else f" since {since}"),
-            {k: reply.get(k) for k in ("device", "seq", "head", "new_device", "reset")},
-            {
-                "device": device.name,
-                "seq": device.cursor if live else since,
-                "head": head,
-                "new_device": False,
-                "reset": None,
-            },
-        )
+        forgotten = device.forgotten
+        if forgotten:
+            # Made anew: from the head; told to rebuild if it had a position.
+            self.check(
+                f"auth of forgotten {device.label}" + ("" if live else f" since {since}"),
+                {k: reply.get(k) for k in ("device", "seq", "head", "new_device", "reset")},
+                {
+                    "device": device.name,
+                    "seq": head,
+                    "head": head,
+                    "new_device": True,
+                    "reset": True if since else None,
+                },
+            )
+            device.forgotten = False
+            device.confirmed = device.cursor = head
+            since = None if live else head
+        else:
+            self.check(
+                f"auth of {device.label} again" + (" without since" if live else f" since {since}"),
+                {k: reply.get(k) for k in ("device", "seq", "head", "new_device", "reset")},
+                {
+                    "device": device.name,
+                    "seq": device.cursor if live else since,
+                    "head": head,
+                    "new_device": False,
+                    "reset": None,
+                },
+            )
         if live:
             conn.start = head
             self.note(f"reconnect {device.label} (#{conn.id}) without since, live from {head}")
@@ -835,7 +859,11 @@ class DevicesMachine(RuleBasedStateMachine):
         assert since is not None
         conn.start = since
         pages = await self.catch_up(device, conn, since)
-        self.note(f"reconnect {device.label} (#{conn.id}) since {since}: pages {pages}")
+        self.note(
+            f"reconnect {device.label} (#{conn.id}) since {since}"
+            + (" (forgotten: reset)" if forgotten else "")
+            + f": pages {pages}"
+        )
         self.check(f"catch-up of {device.label}: last page's seq", pages[-1][2], head)
         full = [p for p in pages[:-1] if p[0] != PAGE]
         self.check(f"catch-up of {device.label}: pages before the last are full", full, [])
@@ -868,6 +896,22 @@ class DevicesMachine(RuleBasedStateMachine):
                     [f["user"]["nickname"] for f in new],
                     expected,
                 )
+
+        self.run(go)
+
+    @precondition(lambda self: any(not d.forgotten for d in self.offline()))
+    @rule(pick=picks)
+    def forget(self, pick: int) -> None:
+        """An offline device goes unseen for [devices] forget_days: the sweep forgets it."""
+        pool = [d for d in self.offline() if not d.forgotten]
+        device = pool[pick % len(pool)]
+
+        async def go() -> None:
+            await self.stack.store.db.run("unseen", _unseen, device.uid, device.name)
+            forgot = await self.stack.store.forget_devices(FORGET_MS)
+            self.note(f"forget {device.label}")
+            self.check(f"devices forgotten with {device.label}", forgot, 1)
+            device.forgotten = True
 
         self.run(go)
 
@@ -966,6 +1010,14 @@ class DevicesMachine(RuleBasedStateMachine):
             sorted((s["uid"], s["count"]) for s in summary["senders"]),
             sorted((s, len(ms)) for s, ms in per_sender.items()),
         )
+
+
+def _unseen(txn: Any, uid: int, device: str) -> None:
+    """Make a device last seen long ago (as the forget sweep's test needs)."""
+    rows = txn.execute(
+        "UPDATE t_device SET lastSeen = 1 WHERE uid = ? AND device = ?", (uid, device)
+    )
+    assert rows == 1, rows
 
 
 def _unread_truth(txn: Any, uid: int) -> dict[int, int]:
