@@ -56,7 +56,7 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from tests.stack import Stack, make_stack
-from tests.support import reactor, sleep
+from tests.support import eventually, reactor, sleep
 from tests.test_properties import SCALE, Bridge, _Scope, in_thread
 
 T = TypeVar("T")
@@ -207,6 +207,7 @@ class DevicesMachine(RuleBasedStateMachine):
         #: What the racing rule slows down: None, "pages" or "pushes".
         self.slow: str | None = None
         self.delayed: list[Deferred[Any]] = []
+        self.registry: LocalRegistry
         self.stack, self.endpoint = self.bridge(self._start)
         self.devices: list[Device] = []
         self.streams: dict[int, list[Event]] = {uid: [] for uid in UIDS}
@@ -222,9 +223,12 @@ class DevicesMachine(RuleBasedStateMachine):
 
     async def _start(self) -> tuple[Stack, str]:
         stack = await make_stack(self.scope, self.backend, limits=LIMITS)  # type: ignore[arg-type]
-        registry = LocalRegistry(max_online=MAX_DEVICES + 1)
-        # The service pushes to the real registry the gateway logs connections into.
+        registry = self.registry = LocalRegistry(max_online=MAX_DEVICES + 1)
+        # The service (and its device ops) push to and ask the real registry the
+        # gateway logs connections into.
         stack.chat.presence = registry
+        if hasattr(stack.chat, "devices"):
+            stack.chat.devices.presence = registry
         gateway = Gateway(
             config=ServerConfig(),
             clock=reactor,
@@ -711,6 +715,12 @@ class DevicesMachine(RuleBasedStateMachine):
             await conn.proto.close()
             device.conn = None
             self.note(f"disconnect {device.label} (#{conn.id})")
+            # The server has seen it go (devices {} says offline from here on).
+            await eventually(
+                lambda: all(link.device != device.name for link in self.registry.local(device.uid)),
+                timeout=CALL_TIMEOUT,
+                interval=0.001,
+            )
 
         self.run(go)
 
@@ -939,7 +949,20 @@ class DevicesMachine(RuleBasedStateMachine):
             self._check_conn(device, device.conn)
         for uid in UIDS:
             await self._check_user(uid)
+        await self._check_devices(UIDS[self.steps % len(UIDS)])
         self.loose = False
+
+    async def _check_devices(self, uid: int) -> None:
+        """devices {} (asked from one of the user's devices): every device known, which online."""
+        asking = self.sender_device(0, uid)
+        if asking is None:
+            return
+        listed = (await self.request(asking, "devices"))["devices"]
+        self.check(
+            f"devices of {uid} (device, online)",
+            sorted((d["device"], d["online"]) for d in listed),
+            sorted((d.name, d.conn is not None) for d in self.devices_of(uid) if not d.forgotten),
+        )
 
     def _check_conn(self, device: Device, conn: Conn) -> None:
         """Exactly the events after where it started, minus its own, each once, in order."""
