@@ -23,6 +23,14 @@ catch-up reached it may be passed over: its recall event comes instead); and
 for every user unread (COUNT over the message rows in SQL, the unread op, the
 counts in pushes) and pending (sync, offline_summary) must match the model.
 
+Three runs: the embedded default, MariaDB + Redis on one node, and a cluster
+of two nodes (each with its own service, store and gateway on the shared
+database and Redis, presence L{ClusterPresence}) where each connection goes
+to the next node, so a user's devices, replacements and races span nodes;
+there pushes between nodes travel over pub/sub, may overtake each other, and
+are waited for (bounded), and seqs are read from SQL, since two nodes' commits
+may take a user's seqs in either order.
+
 Environment: IMSERVER_PROPERTY_SCALE multiplies the number of programs.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
+from unittest import mock
 
 import attrs
 from hypothesis import HealthCheck, Phase, settings
@@ -50,11 +59,15 @@ from twisted.logger import Logger
 from twisted.trial.unittest import FailTest, TestCase
 
 from imserver.client import IMClientProtocol, connect
-from imserver.config import LimitsConfig, ServerConfig
+from imserver.config import LimitsConfig, ServerConfig, parse_config
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
+from imserver.services.cluster import ClusterPresence
 from imserver.services.tokens import TokenService
+from imserver.storage.hot.bus import RedisBus
+from imserver.storage.hot.connection import RedisConnection
+from imserver.storage.sql.database import Database
 from tests.stack import Stack, make_stack
 from tests.support import eventually, reactor, sleep
 from tests.test_properties import SCALE, Bridge, _Scope, in_thread
@@ -69,6 +82,8 @@ SECRET = "device-properties-secret-0123456789-abcdef"
 FAR = 2**53 - 1
 #: Bound on one step's wait for a reply.
 CALL_TIMEOUT = 30.0
+#: Seconds a push between nodes (Redis pub/sub) may take before it counts as missing.
+CROSS_NODE = 5.0
 #: Page size of the catch-up: small, so that catching up takes several pages.
 PAGE = 3
 #: Seconds the racing rule delays a catch-up page's reply, or pushes.
@@ -160,6 +175,7 @@ class Conn:
     proto: IMClientProtocol
     #: Events after this seq must all reach the connection.
     start: int
+    node: Node
     #: (how, frame) of every frame carrying a seq, in arrival order; how is
     #: "push" or "page".
     got: list[tuple[str, dict[str, Any]]] = attrs.Factory(list)
@@ -193,12 +209,22 @@ class Device:
         return f"{self.uid}/{self.name}"
 
 
+@attrs.define(eq=False)
+class Node:
+    id: int
+    stack: Stack
+    registry: LocalRegistry
+    endpoint: str
+
+
 class DevicesMachine(RuleBasedStateMachine):
     """Users 1..3 with 1..4 devices each, every device a real connection."""
 
     case: TestCase
     backend: str
     bridge: Bridge
+    #: Nodes (more than one: a cluster on Redis; each connection goes to the next).
+    node_count = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -207,9 +233,11 @@ class DevicesMachine(RuleBasedStateMachine):
         #: What the racing rule slows down: None, "pages" or "pushes".
         self.slow: str | None = None
         self.delayed: list[Deferred[Any]] = []
-        self.registry: LocalRegistry
-        self.stack, self.endpoint = self.bridge(self._start)
         self.devices: list[Device] = []
+        self.nodes = self.bridge(self._start)
+        #: Where the checks ask (every node shares the database and the hot store).
+        self.stack = self.nodes[0].stack
+        self.connections = itertools.count()
         self.streams: dict[int, list[Event]] = {uid: [] for uid in UIDS}
         self.msgs: list[Msg] = []
         self.sessions: dict[tuple[int, int], int] = {}
@@ -221,23 +249,80 @@ class DevicesMachine(RuleBasedStateMachine):
         #: The last step ran things concurrently: push counts are not checked.
         self.loose = False
 
-    async def _start(self) -> tuple[Stack, str]:
-        stack = await make_stack(self.scope, self.backend, limits=LIMITS)  # type: ignore[arg-type]
-        registry = self.registry = LocalRegistry(max_online=MAX_DEVICES + 1)
-        # The service (and its device ops) push to and ask the real registry the
+    async def _start(self) -> list[Node]:
+        nodes: list[Node] = []
+        for node_id in range(1, self.node_count + 1):
+            nodes.append(await self._node(node_id, nodes[0] if nodes else None))
+
+        async def stop() -> None:
+            for device in self.devices:
+                if device.conn is not None:
+                    await device.conn.proto.close()
+
+        # Cleanups run last first: connections close before the nodes stop.
+        self.scope.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+        return nodes
+
+    async def _node(self, node_id: int, first: Node | None) -> Node:
+        """
+        One node: the service and storage of L{make_stack}, the real gateway
+        on a loopback port, and presence: the node's registry alone, or (a
+        cluster) L{ClusterPresence} on the Redis, key prefix and database of
+        the first node.
+        """
+        if first is None:
+            stack = await make_stack(self.scope, self.backend, limits=LIMITS)  # type: ignore[arg-type]
+        else:
+            db = Database(
+                reactor, first.stack.store.db.engine, name=f"node{node_id}", max_connections=8
+            )
+            with mock.patch("tests.stack.fresh_prefix", lambda: first.stack.prefix):
+                stack = await make_stack(
+                    self.scope,  # type: ignore[arg-type]
+                    self.backend,
+                    limits=LIMITS,
+                    node_id=node_id,
+                    redis=first.stack.redis,
+                    db=db,
+                )
+        registry = LocalRegistry(max_online=MAX_DEVICES + 1)
+        presence: Any = registry
+        if self.node_count > 1:
+            assert stack.redis is not None
+            target = parse_config({"storage": {"redis": stack.redis.url}}).storage.redis
+            assert target is not None
+            connection = RedisConnection(reactor, target, timeout=1.0)
+            await connection.start()
+            presence = ClusterPresence(
+                reactor,
+                registry,
+                RedisBus(connection, stack.prefix),
+                node_id,
+                max_online=MAX_DEVICES + 1,
+            )
+            presence.start()
+
+            async def stop_presence() -> None:
+                await presence.stop()
+                await connection.stop()
+
+            self.scope.addCleanup(lambda: Deferred.fromCoroutine(stop_presence()))
+            await eventually(lambda: presence.pubsub_state() == "ok")
+        # The service (and its device ops) push to and ask the presence the
         # gateway logs connections into.
-        stack.chat.presence = registry
+        stack.chat.presence = presence
         if hasattr(stack.chat, "devices"):
-            stack.chat.devices.presence = registry
+            stack.chat.devices.presence = presence
         gateway = Gateway(
             config=ServerConfig(),
             clock=reactor,
             tokens=self.tokens,
-            presence=registry,
+            presence=presence,
             ops=business_ops(stack.chat, LIMITS),
             on_login=login_hook(stack.chat),
         )
         port = reactor.listenTCP(0, gateway, interface="127.0.0.1")
+        self.scope.addCleanup(port.stopListening)
         # The racing rule slows one side of the race: the catch-up ("pages":
         # a page's snapshot is read, then the racing sends commit and push
         # before its reply) or the pushes ("pushes": the fan-out of a send
@@ -270,16 +355,7 @@ class DevicesMachine(RuleBasedStateMachine):
         stack.store.catchup = catchup  # type: ignore[method-assign]
         # (LocalRegistry.push pushes through push_local.)
         registry.push_local = slow_push  # type: ignore[method-assign]
-
-        async def stop() -> None:
-            for device in self.devices:
-                if device.conn is not None:
-                    await device.conn.proto.close()
-            await port.stopListening()
-
-        # Cleanups run last first: connections close before the stack stops.
-        self.scope.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-        return stack, f"tcp:127.0.0.1:{port.getHost().port}"
+        return Node(node_id, stack, registry, f"tcp:127.0.0.1:{port.getHost().port}")
 
     def run(self, f: Callable[[], Coroutine[Any, Any, T]]) -> T:
         try:
@@ -396,8 +472,9 @@ class DevicesMachine(RuleBasedStateMachine):
         if since is not None:
             fields["since"] = since
         token = self.tokens.mint(device.uid, now=reactor.seconds())
-        proto = await connect(reactor, self.endpoint)
-        conn = Conn(next(self.conn_ids), proto, start=0)
+        node = self.nodes[next(self.connections) % len(self.nodes)]
+        proto = await connect(reactor, node.endpoint)
+        conn = Conn(next(self.conn_ids), proto, start=0, node=node)
         proto.on_push = conn.on_push
         d = proto.request("auth", token=token, **fields)
         d.addTimeout(CALL_TIMEOUT, reactor)
@@ -435,8 +512,9 @@ class DevicesMachine(RuleBasedStateMachine):
         self.fail(f"catch-up of {device.label}", "1000 pages and more", "an end")
 
     async def barrier(self) -> None:
-        """Everything pushed so far has reached the clients."""
-        await self.stack.settle()
+        """Everything pushed so far has reached the clients (on one node)."""
+        for node in self.nodes:
+            await node.stack.settle()
         delayed, self.delayed = self.delayed, []
         await gatherResults(delayed, consumeErrors=True)
         live = [d.conn for d in self.devices if d.conn is not None]
@@ -546,19 +624,26 @@ class DevicesMachine(RuleBasedStateMachine):
             ],
             consumeErrors=True,
         )
-        self._sent(batch, cids, replies)
+        await self._sent(batch, cids, replies)
 
-    def _sent(
+    async def _sent(
         self,
         batch: list[tuple[Device, int]],
         cids: list[str],
         replies: list[dict[str, Any]],
         what: str = "",
     ) -> None:
-        """Add sends that were in flight together to the model, in commit (msg_id) order."""
+        """
+        Add sends that were in flight together to the model. On one node they
+        commit in msg_id order, each message taking the recipient's next seq,
+        then the sender's: the model predicts every seq. In a cluster the
+        nodes' batches commit in either order: the seqs are read from SQL and
+        must still be each user's next ones, without gap, in msg_id order for
+        the messages of one node.
+        """
         concurrent = len(batch) > 1
         order = sorted(range(len(batch)), key=lambda i: replies[i]["msg_id"])
-        parts = []
+        parts, made = [], {}
         for i in order:
             (device, to), cid, reply = batch[i], cids[i], replies[i]
             a = device.uid
@@ -570,29 +655,45 @@ class DevicesMachine(RuleBasedStateMachine):
                 self.check(f"send {device.label}->{to}: session_id", sid, self.sessions[key])
             self.sessions[key] = sid
             m = Msg(
-                f"m{len(self.msgs) + 1}",
-                a,
-                to,
-                sid,
-                reply["msg_id"],
-                reply["ts"],
-                cid,
-                device.name,
+                f"m{len(self.msgs) + 1}", a, to, sid, reply["msg_id"], reply["ts"], cid, device.name
             )
             self.msgs.append(m)
-            # Recipient first, then sender (the batch's seq order per message).
-            counts = None if concurrent else (self.unread_in(to, sid), self.total_unread(to))
-            self.add_event(to, m.view(), msg=m, counts=counts)
-            mine = self.add_event(a, m.view(), msg=m, own_device=device.name)
-            self.check(
-                f"send {device.label}->{to} {cid} = {m.label}: reply seq",
-                reply.get("seq"),
-                mine.seq,
-            )
+            made[i] = m
             parts.append(f"{device.label}->{to} {cid} = {m.label}")
+            if len(self.nodes) == 1:
+                # Recipient first, then sender (the batch's seq order per message).
+                counts = None if concurrent else (self.unread_in(to, sid), self.total_unread(to))
+                self.add_event(to, m.view(), msg=m, counts=counts)
+                mine = self.add_event(a, m.view(), msg=m, own_device=device.name)
+                self.check(f"send {m.label}: reply seq", reply.get("seq"), mine.seq)
         self.msgs.sort(key=lambda m: m.msg_id)
         self.loose = concurrent
         self.note((what or ("burst " if concurrent else "send ")) + "; ".join(parts))
+        if len(self.nodes) == 1:
+            return
+        seqs = await self.stack.store.db.run("seqs", _seqs, [m.msg_id for m in made.values()])
+        new: dict[int, list[tuple[int, int, Msg, str | None]]] = {}
+        for i, m in made.items():
+            sender_seq, recipient_seq = seqs[m.msg_id]
+            self.check(f"send {m.label}: reply seq", replies[i].get("seq"), sender_seq)
+            node = batch[i][0].conn.node.id if batch[i][0].conn else 0
+            new.setdefault(m.to, []).append((recipient_seq, node, m, None))
+            new.setdefault(m.sender, []).append((sender_seq, node, m, m.device))
+        for uid, events in new.items():
+            events.sort(key=lambda e: e[0])
+            self.check(
+                f"seqs of user {uid} for the sends",
+                [e[0] for e in events],
+                list(range(self.head(uid) + 1, self.head(uid) + len(events) + 1)),
+            )
+            for node in {e[1] for e in events}:
+                ids = [e[2].msg_id for e in events if e[1] == node]
+                self.check(f"seqs of user {uid} for node {node}'s sends in order", ids, sorted(ids))
+            for _, _, m, own in events:
+                counts = None
+                if not concurrent and own is None:
+                    counts = (self.unread_in(uid, m.session_id), self.total_unread(uid))
+                self.add_event(uid, m.view(), msg=m, own_device=own, counts=counts)
 
     @precondition(lambda self: self.msgs and self.online())
     @rule(
@@ -710,14 +811,16 @@ class DevicesMachine(RuleBasedStateMachine):
         conn = device.conn
 
         async def go() -> None:
-            await self.barrier()
+            await self.settled()
             self._check_conn(device, conn)
             await conn.proto.close()
             device.conn = None
             self.note(f"disconnect {device.label} (#{conn.id})")
             # The server has seen it go (devices {} says offline from here on).
             await eventually(
-                lambda: all(link.device != device.name for link in self.registry.local(device.uid)),
+                lambda: all(
+                    link.device != device.name for link in conn.node.registry.local(device.uid)
+                ),
                 timeout=CALL_TIMEOUT,
                 interval=0.001,
             )
@@ -743,7 +846,7 @@ class DevicesMachine(RuleBasedStateMachine):
         old = device.conn
 
         async def go() -> None:
-            await self.barrier()
+            await self.settled()
             self._check_conn(device, old)
             self.note(f"replace {device.label} (#{old.id}) by a new connection:")
             await self._reconnect(device, live=False)
@@ -823,7 +926,7 @@ class DevicesMachine(RuleBasedStateMachine):
                 f" {len(batch)} sends (slow {slow}); pages {pages}"
             )
             if batch:
-                self._sent(batch, cids, replies, "  ...the racing sends: ")
+                await self._sent(batch, cids, replies, "  ...the racing sends: ")
             self.loose = True
 
         self.run(go)
@@ -896,6 +999,8 @@ class DevicesMachine(RuleBasedStateMachine):
                 f"set_profile by {device.label}: nickname", reply["user"]["nickname"], nickname
             )
             await self.barrier()
+            if len(self.nodes) > 1:
+                await sleep(0.1)  # to the devices on other nodes, over pub/sub
             for d in self.devices_of(device.uid):
                 if d.conn is None:
                     continue
@@ -925,6 +1030,7 @@ class DevicesMachine(RuleBasedStateMachine):
 
         self.run(go)
 
+    @precondition(lambda self: len(self.nodes) == 1)
     @rule()
     def flush_hot(self) -> None:
         """Lose the whole hot copy: catch-up, unread and pending come from SQL."""
@@ -942,8 +1048,25 @@ class DevicesMachine(RuleBasedStateMachine):
     def views_match_the_model(self) -> None:
         self.run(self._check_all)
 
-    async def _check_all(self) -> None:
+    async def settled(self) -> None:
+        """
+        L{barrier}; in a cluster, pushes between nodes go over Redis pub/sub,
+        with nothing to wait on: wait (a bounded time) until no connection
+        misses an event, then a little more for anything extra to show.
+        """
         await self.barrier()
+        if len(self.nodes) == 1:
+            return
+        deadline = reactor.seconds() + CROSS_NODE
+        while reactor.seconds() < deadline:
+            if not any(self._missing(d, d.conn) for d in self.online() if d.conn):
+                break
+            await sleep(0.005)
+        await sleep(0.02)
+        await self.barrier()
+
+    async def _check_all(self) -> None:
+        await self.settled()
         for device in self.online():
             assert device.conn is not None
             self._check_conn(device, device.conn)
@@ -957,12 +1080,18 @@ class DevicesMachine(RuleBasedStateMachine):
         asking = self.sender_device(0, uid)
         if asking is None:
             return
-        listed = (await self.request(asking, "devices"))["devices"]
-        self.check(
-            f"devices of {uid} (device, online)",
-            sorted((d["device"], d["online"]) for d in listed),
-            sorted((d.name, d.conn is not None) for d in self.devices_of(uid) if not d.forgotten),
+        expected = sorted(
+            (d.name, d.conn is not None) for d in self.devices_of(uid) if not d.forgotten
         )
+        deadline = reactor.seconds() + CROSS_NODE
+        while True:
+            listed = (await self.request(asking, "devices"))["devices"]
+            observed = sorted((d["device"], d["online"]) for d in listed)
+            # In a cluster a logout reaches Redis a moment later.
+            if observed == expected or len(self.nodes) == 1 or reactor.seconds() > deadline:
+                break
+            await sleep(0.01)
+        self.check(f"devices of {uid} (device, online)", observed, expected)
 
     def _check_conn(self, device: Device, conn: Conn) -> None:
         """Exactly the events after where it started, minus its own, each once, in order."""
@@ -971,15 +1100,14 @@ class DevicesMachine(RuleBasedStateMachine):
         name = f"{device.label} (#{conn.id}, from seq {conn.start})"
         self.check(f"kicks of {name}", conn.kicks, [])
         seqs = [f["seq"] for _, f in conn.got]
-        self.check(f"seqs reaching {name} in order, each once", seqs, sorted(set(seqs)))
-        required, optional = [], set()
-        for e in stream[conn.start :]:
-            if e.own_device == device.name or (e.actor is not None and e.actor == conn.id):
-                continue
-            if e.kind == "msg" and e.msg is not None and e.msg.recalled:
-                optional.add(e.seq)
-            else:
-                required.append(e.seq)
+        if len(self.nodes) == 1:
+            self.check(f"seqs reaching {name} in order, each once", seqs, sorted(set(seqs)))
+        else:
+            # Pushes from different nodes may overtake each other; pages may not.
+            self.check(f"seqs reaching {name} once", sorted(seqs), sorted(set(seqs)))
+            paged = [f["seq"] for how, f in conn.got if how == "page"]
+            self.check(f"seqs of the catch-up pages to {name} in order", paged, sorted(paged))
+        required, optional = self._expected(device, conn)
         got = set(seqs)
         missing = [s for s in required if s not in got]
         extra = sorted(s for s in got if s not in required and s not in optional)
@@ -1002,6 +1130,23 @@ class DevicesMachine(RuleBasedStateMachine):
             if expected is not None:
                 counts = (frame.get("unread"), frame.get("total_unread"))
                 self.check(f"{how} {frame['seq']} to {name}: unread counts", counts, expected)
+
+    def _expected(self, device: Device, conn: Conn) -> tuple[list[int], set[int]]:
+        """(required, optional) seqs of the connection: everything after its start
+        but what it caused; a message recalled since may be passed over."""
+        required, optional = [], set()
+        for e in self.streams[device.uid][conn.start :]:
+            if e.own_device == device.name or (e.actor is not None and e.actor == conn.id):
+                continue
+            if e.kind == "msg" and e.msg is not None and e.msg.recalled:
+                optional.add(e.seq)
+            else:
+                required.append(e.seq)
+        return required, optional
+
+    def _missing(self, device: Device, conn: Conn) -> bool:
+        got = {f["seq"] for _, f in conn.got}
+        return any(s not in got for s in self._expected(device, conn)[0])
 
     async def _check_user(self, uid: int) -> None:
         chat = self.stack.chat
@@ -1035,6 +1180,14 @@ class DevicesMachine(RuleBasedStateMachine):
         )
 
 
+def _seqs(txn: Any, msg_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """msg_id -> (senderSeq, recipientSeq), from the message rows."""
+    rows = txn.query_in(
+        "SELECT id, senderSeq, recipientSeq FROM t_msg_record_list WHERE id IN (%s)", msg_ids
+    )
+    return {int(i): (int(s), int(r)) for i, s, r in rows}
+
+
 def _unseen(txn: Any, uid: int, device: str) -> None:
     """Make a device last seen long ago (as the forget sweep's test needs)."""
     rows = txn.execute(
@@ -1057,6 +1210,7 @@ def _unread_truth(txn: Any, uid: int) -> dict[int, int]:
 
 class DevicesPropertiesMixin:
     backend = ""
+    node_count = 1
     programs = 0
     steps = 25
     timeout = 900
@@ -1067,7 +1221,12 @@ class DevicesPropertiesMixin:
         machine = type(
             "DevicesMachine",
             (DevicesMachine,),
-            {"case": self, "backend": self.backend, "bridge": bridge},
+            {
+                "case": self,
+                "backend": self.backend,
+                "bridge": bridge,
+                "node_count": self.node_count,
+            },
         )
         config = settings(
             max_examples=max(1, round(self.programs * SCALE)),
@@ -1099,3 +1258,11 @@ class EmbeddedDeviceProperties(DevicesPropertiesMixin, TestCase):
 class RedisDeviceProperties(DevicesPropertiesMixin, TestCase):
     backend = "redis"
     programs = 15
+
+
+class ClusterDeviceProperties(DevicesPropertiesMixin, TestCase):
+    """Two nodes on MariaDB + Redis, each connection on the next node."""
+
+    backend = "redis"
+    node_count = 2
+    programs = 10
