@@ -431,6 +431,29 @@ class DeviceStoreContract:
         self.assertTrue(again.created)
         self.assertNotEqual(again.device.id, old.id)
 
+    async def test_a_revoked_device_is_not_forgotten(self) -> None:
+        """
+        Regression (review): the forget sweep deleted revoked devices too, so
+        after forget_days the revocation was gone and an old token signed the
+        device in again, as a new device.
+        """
+        stack = await self.stack()
+        store = stack.store
+        [a] = await self.users(store, 1)
+        await store.login(a, "stolen", "")
+        await store.login(a, "plain", "")
+        # Many unseen devices before it in the lastSeen order: the chunks step over it.
+        self.patch(q, "FORGET_CHUNK", 2)
+        for i in range(3):
+            await store.login(a, f"x{i}", "")
+        assert await store.revoke_device(a, "stolen") is not None
+        long_ago = int(reactor.seconds() * 1000) - 40 * 86_400_000
+        await store.db.run("t", _age_txn, "t_device", "lastSeen", a, long_ago)
+        self.assertEqual(await store.forget_devices(30 * 86_400_000), 4)
+        [kept] = await store.devices(a)
+        self.assertEqual(kept.device, "stolen")
+        self.assertTrue(kept.revoked_at)
+
 
 class EmbeddedDeviceStoreTests(DeviceStoreContract, TestCase):
     backend = "embedded"

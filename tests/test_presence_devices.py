@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import msgpack
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -311,6 +312,33 @@ class ClusterDevicesTests(TestCase):
         await sleep(0.1)
         self.assertEqual(self.routes["1"], 1)
         self.assertEqual(len(phone.pushes), 7)
+
+    async def test_a_login_completes_once_the_other_nodes_route_to_it(self) -> None:
+        """
+        Regression: a login completed before the user's other nodes had heard
+        its join notice, so a push they made meanwhile (for an event committed
+        after the new device's catch-up had read) reached no device of that
+        node: the new device missed it until its next catch-up.
+        """
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        phone, tablet = self.link(a, uid, "phone"), self.link(b, uid, "tablet")
+        await a.login(uid, phone)
+        await b.login(uid, tablet)
+        # No wait for the notice: the login itself waited for a's confirmation.
+        self.assertEqual(a._others.get(uid), {"2"})
+        a.push(uid, {"t": "msg", "n": 1})
+        await eventually(lambda: tablet.pushes)
+        self.assertEqual(tablet.pushes, [{"t": "msg", "n": 1}])
+        self.assertEqual(b.kicks_unconfirmed, 0)
+
+    async def test_a_join_heard_before_the_login_knew_the_user_is_kept(self) -> None:
+        a = await self.node(1)
+        uid = next(_uids)
+        a._on_message(msgpack.packb([["j", str(uid), [b"9", b""]]], use_bin_type=True))
+        phone = self.link(a, uid, "phone")
+        await a.login(uid, phone)
+        self.assertEqual(a._others.get(uid), {"9"})
 
     async def test_refresh_rereads_the_other_nodes_and_tells_a_late_found_one_to_sync(
         self,

@@ -143,7 +143,7 @@ class FakeBus:
         max_online: int,
     ) -> tuple[list[LoginAnswer], str | None]:
         self._up()
-        return [([], []) for _ in entries], "g1"
+        return [([], [], []) for _ in entries], "g1"
 
     async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
         return []

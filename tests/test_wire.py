@@ -188,13 +188,30 @@ class RequestSchemaTests(SynchronousTestCase):
         self.assertEqual(request, frames.Auth(id=1, token="abc", device="default"))
         request = self.parse({"t": "auth", "id": 1, "token": "a", "device": "é" * 64, "since": 0})
         self.assertEqual(request, frames.Auth(id=1, token="a", device="é" * 64, since=0))
-        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "device": ""})
         self.assertCode(
-            ErrorCode.TOO_LARGE, {"t": "auth", "id": 1, "token": "a", "device": "x" * 65}
+            ErrorCode.TOO_LARGE, {"t": "auth", "id": 1, "token": "a", "device": "x" * 129}
         )
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "device": 5})
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "since": -1})
         self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "since": "1"})
+
+    def test_v1_device_strings_still_authenticate(self) -> None:
+        """
+        Regression (review): v1 took device strings of 0..128 characters; an
+        empty one or one over 64 failed auth after devices came. Empty is the
+        default device; a long one a stable name of 64 characters.
+        """
+        request = self.parse({"t": "auth", "id": 1, "token": "a", "device": ""})
+        assert isinstance(request, frames.Auth)
+        self.assertEqual(request.device, "default")
+        names = set()
+        for long in ("x" * 65, "x" * 128, "x" * 127 + "y", "é" * 100):
+            request = self.parse({"t": "auth", "id": 1, "token": "a", "device": long})
+            assert isinstance(request, frames.Auth)
+            self.assertEqual(len(request.device), 64)
+            self.assertEqual(request.device, frames.device_name(long))
+            names.add(request.device)
+        self.assertEqual(len(names), 4)
 
     def test_device_ops(self) -> None:
         self.assertEqual(

@@ -37,6 +37,8 @@ TOUCH_SECONDS = 600.0
 #: How often forgotten devices (and stream events as old) are deleted.
 FORGET_SECONDS = 3600.0
 DAY_MS = 86_400_000
+#: A revoked device is kicked again this long after its revocation.
+REVOKE_AGAIN_SECONDS = 5.0
 #: Devices that disconnected within this long share one last-seen write.
 LEFT_FLUSH_SECONDS = 1.0
 
@@ -67,6 +69,7 @@ class DeviceService:
         self._forget = Periodic(clock, FORGET_SECONDS, self._forget_old, "device forget")
         self._left: set[int] = set()
         self._left_call: IDelayedCall | None = None
+        self._again: set[IDelayedCall] = set()
         # Read by metrics.
         self.catchups = 0
         self.caught_up_events = 0
@@ -82,6 +85,10 @@ class DeviceService:
         if self._left_call is not None and self._left_call.active():
             self._left_call.cancel()
             self._flush_left()
+        for call in self._again:
+            if call.active():
+                call.cancel()
+        self._again.clear()
 
     # -- login -----------------------------------------------------------------
 
@@ -181,8 +188,25 @@ class DeviceService:
         if row is None:
             return False
         await self.presence.kick_device(uid, device, KICK_REVOKED)
+        # A login of the device that read its row before the revocation may
+        # still be on its way into presence (its kicks take up to 2 s): kick
+        # once more when it must have arrived.
+        call = self.clock.callLater(REVOKE_AGAIN_SECONDS, self._kick_again, uid, device)
+        self._again.add(call)
         self.log.info("device {device!r} of uid {uid} revoked", device=device, uid=uid)
         return True
+
+    def _kick_again(self, uid: int, device: str) -> None:
+        self._again = {c for c in self._again if c.active()}
+        d = self.presence.kick_device(uid, device, KICK_REVOKED)
+        d.addErrback(
+            lambda f: self.log.warn(
+                "second kick of revoked device {device!r} of uid {uid} failed: {error}",
+                device=device,
+                uid=uid,
+                error=f.value,
+            )
+        )
 
     # -- upkeep --------------------------------------------------------------------
 

@@ -98,6 +98,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
+#: Join notices remembered for users this node does not know yet.
+MAX_EARLY_JOINS = 10_000
 #: A pending login's state once its connection went away before it was
 #: registered (else None: waiting, or the reason it was kicked meanwhile).
 _GONE = ""
@@ -131,6 +133,9 @@ class ClusterPresence:
         #: uid -> the other nodes holding the user's devices, for each user
         #: with a connection here (an empty set: pushes need no Redis).
         self._others: dict[int, set[str]] = {}
+        # Join notices for users not (yet) known here: a login in flight
+        # takes them; the refresh forgets the rest.
+        self._early_joins: dict[int, set[str]] = {}
         #: When each local user last had a join or leave notice (a count),
         #: so a refresh answer older than the notice does not undo it.
         self._notices = 0
@@ -231,7 +236,7 @@ class ClusterPresence:
                     self.log.warn("presence of {uid} not written: too many logins", uid=uid)
                     outcome = None
                 if outcome is not None:
-                    (kicks, others), confirmations = outcome
+                    (kicks, others, _), confirmations = outcome
                     for device, kicked, reason, nonce in kicks:
                         if not nonce:
                             self._kick_here(uid, device, kicked, reason)
@@ -252,6 +257,8 @@ class ClusterPresence:
             known = self._others.setdefault(uid, set())
             if outcome is not None:
                 known.update(others)
+            # Join notices heard before this login knew the user was ours.
+            known.update(self._early_joins.pop(uid, ()))
 
         return Deferred.fromCoroutine(login())
 
@@ -276,7 +283,13 @@ class ClusterPresence:
         self._saw(generation)
         out: list[tuple[LoginAnswer, list[Deferred[None]]] | None] = []
         for answer in answers:
-            out.append((answer, [self._confirmation(k[3]) for k in answer[0] if k[3]]))
+            kicks, _, joins = answer
+            waits = [self._confirmation(k[3]) for k in kicks if k[3]]
+            # The login completes once the user's other nodes route to this
+            # one: a push they make after that reaches the new device, and an
+            # event they pushed before is committed before its catch-up reads.
+            waits += [self._confirmation(tag) for tag in joins]
+            out.append((answer, waits))
         self._early = {n for n in self._early if not n.startswith(nonce + ":")}
         return out
 
@@ -510,15 +523,21 @@ class ClusterPresence:
                 elif data.split(":", 1)[0] in self._calls:
                     self._early.add(data)
             elif kind in ("j", "l"):
+                node, tag = data
                 others = self._others.get(uid)
                 if others is None:
-                    continue  # not a user of ours (any more)
-                self._notices += 1
-                self._noticed[uid] = self._notices
-                if kind == "j":
-                    others.add(data)
+                    if kind == "j" and len(self._early_joins) < MAX_EARLY_JOINS:
+                        # A login of ours may be under way: it takes them.
+                        self._early_joins.setdefault(uid, set()).add(node)
                 else:
-                    others.discard(data)
+                    self._notices += 1
+                    self._noticed[uid] = self._notices
+                    if kind == "j":
+                        others.add(node)
+                    else:
+                        others.discard(node)
+                if tag:
+                    self._confirm(node, uid, tag)
 
     def _confirm(self, asker: str, uid: int, nonce: str) -> None:
         message = msgpack.packb([["c", str(uid), nonce.encode()]], use_bin_type=True)
@@ -542,6 +561,7 @@ class ClusterPresence:
         its last activity, kick the devices another connection took, and
         re-read which other nodes hold each local user.
         """
+        self._early_joins.clear()
         entries = [self._entry(uid, link) for uid, link in self.registry.pairs()]
         for i in range(0, len(entries), REFRESH_CHUNK):
             chunk = entries[i : i + REFRESH_CHUNK]
@@ -746,8 +766,9 @@ def _entry(kind: bytes, uid: bytes, data: Any, *rest: bytes) -> tuple[str, int, 
     """
     One entry of a channel message: (C{p}, uid, (push frame, excluded conn)),
     (C{k}, uid, (conn, device, reason, nonce, asking node)): a kick, (C{c},
-    uid, nonce): a kick confirmed, (C{j} or C{l}, uid, node): that node now
-    holds the user or no longer does, (C{u}, uid, profile), (C{g}, 0,
+    uid, nonce): a kick confirmed, (C{j}, uid, (node, nonce)): that node
+    now holds the user (confirm the nonce), (C{l}, uid, (node, "")): it no
+    longer does, (C{u}, uid, profile), (C{g}, 0,
     empty): the bus lost its data, or (C{h}, 0, a node's probe id): a node's
     self-check probe.
     """
@@ -766,6 +787,14 @@ def _entry(kind: bytes, uid: bytes, data: Any, *rest: bytes) -> tuple[str, int, 
     if kind == b"k":
         conn, device, reason, nonce, asker = (part.decode() for part in data)
         return "k", int(uid), (conn, device, reason, nonce, asker)
-    if kind in (b"c", b"j", b"l"):
-        return kind.decode(), int(uid), data.decode()
+    if kind == b"j":
+        # (node, nonce to confirm); a bare node from an older node.
+        if isinstance(data, bytes):
+            return "j", int(uid), (data.decode(), "")
+        node, tag = (part.decode() for part in data)
+        return "j", int(uid), (node, tag)
+    if kind == b"l":
+        return "l", int(uid), (data.decode(), "")
+    if kind == b"c":
+        return "c", int(uid), data.decode()
     raise ValueError(f"unknown entry kind {kind!r}")

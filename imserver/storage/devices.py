@@ -121,7 +121,9 @@ class DeviceStore:
         before = self._now_ms() - forget_ms
         devices = events = 0
         for _ in range(FORGET_MAX_CHUNKS):
-            d, e = await self._store.background.run("forget_devices", q.forget_txn, before)
+            d, e = await self._store.background.run(
+                "forget_devices", q.forget_txn, before, self._now_ms()
+            )
             devices += d
             events += e
             if d < q.FORGET_CHUNK and e < q.FORGET_CHUNK:

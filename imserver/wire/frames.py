@@ -12,6 +12,7 @@ Replies and pushes are plain dicts built by L{ok}, L{error} and L{push}.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -152,6 +153,23 @@ def check_plain(value: object, key: str, depth: int = 0) -> None:
 DEFAULT_DEVICE = "default"
 #: Characters of a device name, at most.
 MAX_DEVICE = 64
+#: What protocol v1 accepted in auth's device before devices had a meaning.
+V1_MAX_DEVICE = 128
+
+
+def device_name(given: str | None) -> str:
+    """
+    The device an auth names: absent or empty (as v1 allowed) is
+    L{DEFAULT_DEVICE}; a name over L{MAX_DEVICE} characters (v1 allowed
+    128) becomes a stable one of L{MAX_DEVICE}: its start and a digest of
+    the whole, so two long names stay two devices.
+    """
+    if not given:
+        return DEFAULT_DEVICE
+    if len(given) <= MAX_DEVICE:
+        return given
+    digest = hashlib.sha256(given.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{given[: MAX_DEVICE - 17]}~{digest}"
 
 
 @attrs.frozen
@@ -194,11 +212,13 @@ class Auth(Request):
 
     @classmethod
     def parse(cls, req_id: int, frame: Frame) -> Auth:
-        device = opt_str(frame, "device", max_len=MAX_DEVICE, min_len=1)
+        # Protocol v1 took any device string of up to 128 characters: those
+        # clients keep working (see device_name).
+        device = opt_str(frame, "device", max_len=V1_MAX_DEVICE)
         return cls(
             id=req_id,
             token=req_str(frame, "token", max_len=4096),
-            device=DEFAULT_DEVICE if device is None else device,
+            device=device_name(device),
             client=opt_str(frame, "client", max_len=128),
             since=opt_int(frame, "since", None, minimum=0),
         )

@@ -84,8 +84,8 @@ class RedisBus(RedisScripts):
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
         )
         return [
-            ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()))
-            for kicks, others in _unpack(answers)
+            ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()), list(joins or ()))
+            for kicks, others, joins in _unpack(answers)
         ], _generation(generation)
 
     async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:

@@ -37,8 +37,9 @@ GONE_MS = 60_000
 #: idle_ms being how long ago the connection's last request was.
 LoginEntry = tuple[int, str, str, int, int]
 #: What a login did: the kicks (device, conn, reason, nonce: empty when the
-#: conn is on the asking node), and the other nodes holding the user.
-LoginAnswer = tuple[list[tuple[str, str, str, str]], list[str]]
+#: conn is on the asking node), the other nodes holding the user, and the
+#: nonces of the join notices those nodes confirm.
+LoginAnswer = tuple[list[tuple[str, str, str, str]], list[str], list[str]]
 
 
 class HotUnavailable(Exception):
@@ -181,9 +182,11 @@ class IClusterBus(Interface):
         connection: the older connection of the device is kicked
         (C{replaced}), and beyond C{max_online} the least recently active
         other device (C{too_many_devices}); a kick on another node is
-        published to it with a nonce (C{nonce:n}), which it confirms. Per
-        entry: the kicks (device, conn, reason, nonce: empty when the conn is
-        on C{node}) and the other nodes holding the user; and the generation.
+        published to it with a nonce (C{nonce:n}), which it confirms; so is
+        the join notice to each other node holding the user (when C{node}
+        did not hold it yet). Per entry: the kicks (device, conn, reason,
+        nonce: empty when the conn is on C{node}), the other nodes holding
+        the user and the join nonces; and the generation.
         """
 
     async def presence_devices(uid: int) -> list[tuple[str, str, int]]:

@@ -1330,37 +1330,54 @@ def touch_devices_txn(txn: Txn, device_ids: Sequence[int], now_ms: int) -> None:
     )
 
 
-def _chunk_bound(txn: Txn, table: str, column: str, before_ms: int) -> int | None:
+def _chunk_bound(
+    txn: Txn, table: str, column: str, before_ms: int, where: str = "", args: tuple[Any, ...] = ()
+) -> int | None:
     """
     A bound so that C{column <= bound} holds at most about L{FORGET_CHUNK}
-    rows older than C{before_ms} (more only where many share a time): a
-    range delete on the column's index, on both dialects (SQLite's DELETE
-    has no LIMIT). None if there is nothing to delete.
+    rows older than C{before_ms} (more only where many share a time) that
+    also match C{where}: a range delete on the column's index, on both
+    dialects (SQLite's DELETE has no LIMIT). None if there is nothing to delete.
     """
     row = txn.query_one(
-        f"SELECT {column} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT 1 OFFSET ?",
-        (before_ms, FORGET_CHUNK - 1),
+        f"SELECT {column} FROM {table} WHERE {column} < ?{where} ORDER BY {column}"
+        " LIMIT 1 OFFSET ?",
+        (before_ms, *args, FORGET_CHUNK - 1),
     )
     if row is not None:
         return int(row[0])
-    first = txn.query_one(f"SELECT {column} FROM {table} WHERE {column} < ? LIMIT 1", (before_ms,))
+    first = txn.query_one(
+        f"SELECT {column} FROM {table} WHERE {column} < ?{where} LIMIT 1", (before_ms, *args)
+    )
     return None if first is None else before_ms - 1
 
 
-def forget_txn(txn: Txn, before_ms: int) -> tuple[int, int]:
+#: A revoked device is remembered this long after its revocation, however
+#: long unseen: forgetting it would forget the revocation too, and an old
+#: token (without a device claim, or a long-lived one) would sign it in again.
+REVOKED_KEEP_MS = 400 * 86_400_000
+
+
+def forget_txn(txn: Txn, before_ms: int, now_ms: int | None = None) -> tuple[int, int]:
     """
     One chunk of the forget sweep: devices last seen before C{before_ms}
-    and stream events older than it. Returns (devices, events) deleted;
-    the caller runs it again while a chunk is full.
+    (but not those revoked in the last L{REVOKED_KEEP_MS}) and stream
+    events older than it. Returns (devices, events) deleted; the caller
+    runs it again while a chunk is full.
     """
+    revoked_before = (before_ms if now_ms is None else now_ms) - REVOKED_KEEP_MS
     deleted = []
-    for table, column in (("t_device", "lastSeen"), ("t_event", "ts")):
-        bound = _chunk_bound(txn, table, column, before_ms)
+    for table, column, where, args in (
+        ("t_device", "lastSeen", " AND (revokedAt = 0 OR revokedAt < ?)", (revoked_before,)),
+        ("t_event", "ts", "", ()),
+    ):
+        bound = _chunk_bound(txn, table, column, before_ms, where, args)
         deleted.append(
             0
             if bound is None
             else txn.execute(
-                f"DELETE FROM {table} WHERE {column} <= ? AND {column} < ?", (bound, before_ms)
+                f"DELETE FROM {table} WHERE {column} <= ? AND {column} < ?{where}",
+                (bound, before_ms, *args),
             )
         )
     return deleted[0], deleted[1]

@@ -6,10 +6,12 @@
 -- other device (too_many_devices). A kick on another node is published to
 -- it ({'k', uid, {conn, device, reason, nonce, this node}}: it confirms to
 -- the nonce); the other nodes still holding the user hear that this node
--- joined ({'j', uid, node}) unless it held the user already. Returns {msgpack
--- of {for each entry: {{device, conn, reason, nonce ('' if on this node)}, ...},
--- {other nodes holding the user, ...}}, ...}, the generation (false if missing)} (packed: Redis
--- replies lose nested empty lists).
+-- joined ({'j', uid, {node, nonce}}: they confirm too, so that the login
+-- completes only once every node that pushes to the user routes to this
+-- one) unless it held the user already. Returns {msgpack of {for each
+-- entry: {{device, conn, reason, nonce ('' if on this node)}, ...}, {other
+-- nodes holding the user, ...}, {join nonces, ...}}, ...}, the generation
+-- (false if missing)} (packed: Redis replies lose nested empty lists).
 local ttl, max, me, nonce = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
 local by_node = {}
@@ -59,12 +61,16 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[6])) do
   end
   redis.call('PEXPIRE', k, ttl)
   local others = other_nodes(devices, me)
+  local joins = {}
   if not had then
     for _, node in ipairs(others) do
-      add_for_node(by_node, node, {'j', uid, me})
+      n_kicks = n_kicks + 1
+      local tag = nonce .. ':' .. n_kicks
+      add_for_node(by_node, node, {'j', uid, {me, tag}})
+      joins[#joins + 1] = tag
     end
   end
-  answers[#answers + 1] = {kicks, others}
+  answers[#answers + 1] = {kicks, others, joins}
 end
 publish_by_node(by_node)
 return {cmsgpack.pack(answers), redis.call('GET', key('generation'))}
