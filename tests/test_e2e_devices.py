@@ -40,6 +40,9 @@ _uids = itertools.count(900_000)
 FAST = {"send_per_second": 1_000_000, "send_burst": 1_000_000}
 #: How long a push between nodes may take before it counts as missing.
 QUIET = 0.5
+#: Seconds after a revocation by which all it does is done (the server kicks the
+#: device again 5 s later, for a login that was on its way in).
+REVOKE_SETTLED = 5.5
 
 
 def token(server: ServerProcess, uid: int, device: str | None = None, ttl: int = 3600) -> str:
@@ -388,6 +391,7 @@ class DevicesClusterTests(DevicesHelpers, TestCase):
         self.assertEqual(sorted(d["device"] for d in listed["devices"]), ["laptop", "phone"])
 
         status, body = admin(n3, "POST", devices_path(uid) + "/revoke", {"device": "laptop"})
+        revoked_at = time.time()
         self.assertEqual((status, body), (200, {"revoked": True}))
         self.assertLess(time.time() % 1, 0.9, "the revocation was in the second of the token")
         await self.kicked(laptop, "revoked")
@@ -399,8 +403,18 @@ class DevicesClusterTests(DevicesHelpers, TestCase):
         await sleep(1.1)
         status, minted = admin(n1, "POST", "/v1/admin/tokens", {"uid": uid, "device": "laptop"})
         self.assertEqual(status, 200, minted)
-        _again, reply = await self.device(n2, uid, "laptop", tok=minted["token"])
+        again, reply = await self.device(n2, uid, "laptop", tok=minted["token"])
         self.assertEqual(reply["device"], "laptop")
+        # ...and stays: nothing that follows the revocation kicks the device
+        # signed in again with a token issued after it.
+        await sleep(max(0.0, revoked_at + REVOKE_SETTLED - time.time()))
+        kicks = [dict(await again.next_push()) for _ in range(again.pending_pushes)]
+        self.assertTrue(
+            again.is_open,
+            f"the device signed in with a token issued after its revocation was closed: {kicks}",
+        )
+        await within(again.request("ping"))
+        await self.quiet(again)
         # The other device was never touched.
         await within(phone.request("ping"))
         # An unknown device cannot be revoked.
