@@ -226,6 +226,13 @@ class DevicesMachine(RuleBasedStateMachine):
     #: Nodes (more than one: a cluster on Redis; each connection goes to the next).
     node_count = 1
 
+    #: [devices] max_online: on one node, as many as a user starts with, so that
+    #: one more (L{extra_device}, or the reconnect of the device it kicked)
+    #: kicks the least recently active; in the cluster, more than a user has.
+    @property
+    def max_online(self) -> int:
+        return MAX_DEVICES if self.node_count == 1 else MAX_DEVICES + 2
+
     def __init__(self) -> None:
         super().__init__()
         self.scope = _Scope(self.case)
@@ -285,7 +292,7 @@ class DevicesMachine(RuleBasedStateMachine):
                     redis=first.stack.redis,
                     db=db,
                 )
-        registry = LocalRegistry(max_online=MAX_DEVICES + 1)
+        registry = LocalRegistry(max_online=self.max_online)
         presence: Any = registry
         if self.node_count > 1:
             assert stack.redis is not None
@@ -298,7 +305,7 @@ class DevicesMachine(RuleBasedStateMachine):
                 registry,
                 RedisBus(connection, stack.prefix),
                 node_id,
-                max_online=MAX_DEVICES + 1,
+                max_online=self.max_online,
             )
             presence.start()
 
@@ -473,13 +480,49 @@ class DevicesMachine(RuleBasedStateMachine):
             fields["since"] = since
         token = self.tokens.mint(device.uid, now=reactor.seconds())
         node = self.nodes[next(self.connections) % len(self.nodes)]
+        # Beyond max_online the least recently active other device goes (as
+        # the registry saw their last requests; equal times: any of them).
+        others = [d for d in self.online() if d.uid == device.uid and d is not device]
+        victims: list[Device] = []
+        if len(others) >= self.max_online:
+            active = {
+                link.device: link.last_active
+                for n in self.nodes
+                for link in n.registry.local(device.uid)
+            }
+            least = min(active[d.name] for d in others)
+            victims = [d for d in others if active[d.name] == least]
         proto = await connect(reactor, node.endpoint)
         conn = Conn(next(self.conn_ids), proto, start=0, node=node)
         proto.on_push = conn.on_push
         d = proto.request("auth", token=token, **fields)
         d.addTimeout(CALL_TIMEOUT, reactor)
         reply = dict(await d)
+        if len(others) >= self.max_online:
+            await self._kicked_one(device, others, victims)
         return conn, reply
+
+    async def _kicked_one(
+        self, device: Device, others: list[Device], victims: list[Device]
+    ) -> None:
+        """The login of C{device} kicked one of C{victims} (too_many_devices), no other."""
+        conns = {d: d.conn for d in others if d.conn is not None}
+        await eventually(
+            lambda: any(not c.proto.is_open for c in conns.values()), timeout=CALL_TIMEOUT
+        )
+        gone = [d for d, c in conns.items() if not c.proto.is_open]
+        self.check(
+            f"devices kicked by the login of {device.label} beyond max_online {self.max_online}"
+            " (one of the least recently active)",
+            [d.label for d in gone],
+            [gone[0].label] if gone and gone[0] in victims else [v.label for v in victims],
+        )
+        victim = gone[0]
+        kicked = conns[victim]
+        self.check(f"kick of {victim.label} (#{kicked.id})", kicked.kicks, ["too_many_devices"])
+        victim.conn = None
+        self.bridge.stats["too_many kicks"] += 1
+        self.note(f"  ...which kicked {victim.label} (#{kicked.id}): too_many_devices")
 
     async def catch_up(
         self,
@@ -590,6 +633,34 @@ class DevicesMachine(RuleBasedStateMachine):
             self.devices.append(device)
             pages = await self.catch_up(device, conn, head)
             self.check(f"catch-up of new device {device.label}", pages, [(0, False, head)])
+
+        self.run(go)
+
+    @precondition(
+        lambda self: any(
+            len([d for d in self.devices_of(u) if d.conn is not None]) >= self.max_online
+            and len(self.devices_of(u)) <= self.max_online
+            for u in UIDS
+        )
+    )
+    @rule(pick=picks)
+    def extra_device(self, pick: int) -> None:
+        """A device joins a user online on max_online devices already."""
+        full = [
+            u
+            for u in UIDS
+            if len([d for d in self.devices_of(u) if d.conn is not None]) >= self.max_online
+            and len(self.devices_of(u)) <= self.max_online
+        ]
+        uid = full[pick % len(full)]
+
+        async def go() -> None:
+            await self.settled()
+            for d in self.devices_of(uid):
+                if d.conn is not None:
+                    self._check_conn(d, d.conn)
+            self.note(f"extra device {uid}/extra beyond max_online {self.max_online}")
+            await self._new_device(uid, "extra")
 
         self.run(go)
 
@@ -872,7 +943,9 @@ class DevicesMachine(RuleBasedStateMachine):
         or by push: none may fall between the last page and the live pushes."""
         pool = [d for d in self.offline() if not d.forgotten] or self.offline()
         device = pool[pick % len(pool)]
-        if device.forgotten:
+        online = [d for d in self.devices_of(device.uid) if d.conn is not None]
+        if device.forgotten or len(online) >= self.max_online:
+            # (Not with a kick: a sender could be the device it kicks.)
             return
         batch = []
         for p, d in sends:
@@ -1252,7 +1325,7 @@ class DevicesPropertiesMixin:
 
 class EmbeddedDeviceProperties(DevicesPropertiesMixin, TestCase):
     backend = "embedded"
-    programs = 60
+    programs = 50
 
 
 class RedisDeviceProperties(DevicesPropertiesMixin, TestCase):
@@ -1265,4 +1338,4 @@ class ClusterDeviceProperties(DevicesPropertiesMixin, TestCase):
 
     backend = "redis"
     node_count = 2
-    programs = 10
+    programs = 6
