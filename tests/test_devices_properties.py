@@ -21,7 +21,18 @@ where it started, minus what it caused itself (its own device's sends; its own
 reads and recalls), each once, in seq order (a message recalled before a
 catch-up reached it may be passed over: its recall event comes instead); and
 for every user unread (COUNT over the message rows in SQL, the unread op, the
-counts in pushes) and pending (sync, offline_summary) must match the model.
+counts in pushes) and pending (sync, offline_summary) must match the model,
+and devices {} must list every known device and which are online.
+
+Rules: send, bursts of sends from several devices, read, recall (again too),
+ack (msg_ids and/or seq), set_profile, disconnect, reconnect (with since =
+the confirmed seq and catch-up to the end, or live without since), replace
+(the same device again: the old one is kicked replaced), a reconnect racing
+sends (the catch-up or the pushes slowed down, so that both races happen: a
+send committed after a page's snapshot, and one pushed after the page that
+had it), forget (the sweep after forget_days: reset), a device beyond
+max_online (the least recently active goes: too_many_devices), losing the
+hot store.
 
 Three runs: the embedded default, MariaDB + Redis on one node, and a cluster
 of two nodes (each with its own service, store and gateway on the shared
