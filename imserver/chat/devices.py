@@ -191,14 +191,16 @@ class DeviceService:
         # A login of the device that read its row before the revocation may
         # still be on its way into presence (its kicks take up to 2 s): kick
         # once more when it must have arrived.
-        call = self.clock.callLater(REVOKE_AGAIN_SECONDS, self._kick_again, uid, device)
+        call = self.clock.callLater(
+            REVOKE_AGAIN_SECONDS, self._kick_again, uid, device, row.revoked_at
+        )
         self._again.add(call)
         self.log.info("device {device!r} of uid {uid} revoked", device=device, uid=uid)
         return True
 
-    def _kick_again(self, uid: int, device: str) -> None:
+    def _kick_again(self, uid: int, device: str, revoked_at: int) -> None:
         self._again = {c for c in self._again if c.active()}
-        d = self.presence.kick_device(uid, device, KICK_REVOKED)
+        d = Deferred.fromCoroutine(self._kick_if_older(uid, device, revoked_at))
         d.addErrback(
             lambda f: self.log.warn(
                 "second kick of revoked device {device!r} of uid {uid} failed: {error}",
@@ -207,6 +209,12 @@ class DeviceService:
                 error=f.value,
             )
         )
+
+    async def _kick_if_older(self, uid: int, device: str, revoked_at: int) -> None:
+        """Kick the device if its connection began before the revocation (not a new sign-in)."""
+        for online in await self.presence.online_devices(uid):
+            if online.device == device and online.since < revoked_at:
+                await self.presence.kick_device(uid, device, KICK_REVOKED)
 
     # -- upkeep --------------------------------------------------------------------
 
