@@ -466,3 +466,55 @@ class ClusterDevicesTests(TestCase):
         )
         self.assertEqual(results[0], TypeError)
         self.assertEqual((a.local(uid), a.local(good.uid)), ([], [good]))
+
+    async def test_a_stale_refresh_entry_does_not_kick_the_device_s_new_connection(self) -> None:
+        """
+        Regression: the device reconnected here while a refresh chunk holding
+        its old connection was in flight; the script found the field held by
+        the new one and the node kicked whatever the device had now: the new
+        connection.
+        """
+        a = await self.node(1)
+        uid = next(_uids)
+        o1 = self.link(a, uid, "phone")
+        await a.login(uid, o1)
+        original = a._redis.presence_refresh
+        o2 = self.link(a, uid, "phone")
+
+        async def refresh(*args: Any, **kw: Any) -> Any:
+            # Its login script runs before the refresh's (entries built before).
+            await a.login(uid, o2)
+            return await original(*args, **kw)
+
+        a._redis.presence_refresh = refresh  # type: ignore[method-assign]
+        await a.refresh()
+        self.assertEqual((o1.kicks, o2.kicks), ([KICK_REPLACED], []))
+        self.assertEqual(a.local(uid), [o2])
+        await sleep(0.1)
+        self.assertEqual([d.device for d in await a.online_devices(uid)], ["phone"])
+
+    async def test_a_stale_refresh_entry_does_not_restore_a_closed_connection(self) -> None:
+        """
+        Regression: a connection closed (its logout removed its field) while
+        a refresh chunk holding it was in flight; the script restored the
+        field: a ghost device online until the TTL, counting towards
+        max_online.
+        """
+        a = await self.node(1)
+        uid = next(_uids)
+        o1 = self.link(a, uid, "phone")
+        await a.login(uid, o1)
+        original = a._redis.presence_refresh
+
+        async def refresh(*args: Any, **kw: Any) -> Any:
+            a.logout(uid, o1)
+            await a._logouts.idle()
+            self.assertEqual(await a.online_devices(uid), [])
+            return await original(*args, **kw)
+
+        a._redis.presence_refresh = refresh  # type: ignore[method-assign]
+        await a.refresh()
+        await eventually(lambda: a.online_devices(uid).addCallback(lambda d: d == []), timeout=2)
+        a._redis.presence_refresh = original  # type: ignore[method-assign]
+        await a.refresh()  # nothing written back either
+        self.assertEqual(await a.online_devices(uid), [])

@@ -153,7 +153,7 @@ class FakeBus:
 
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         self._up()
         return [], {}, "g1"
 

@@ -562,9 +562,17 @@ class ClusterPresence:
         re-read which other nodes hold each local user.
         """
         self._early_joins.clear()
-        entries = [self._entry(uid, link) for uid, link in self.registry.pairs()]
-        for i in range(0, len(entries), REFRESH_CHUNK):
-            chunk = entries[i : i + REFRESH_CHUNK]
+        pairs = self.registry.pairs()
+        for i in range(0, len(pairs), REFRESH_CHUNK):
+            # Built just before the call: a connection closed or replaced
+            # since the refresh started is not written back.
+            chunk = [
+                self._entry(uid, link)
+                for uid, link in pairs[i : i + REFRESH_CHUNK]
+                if self.registry.device_link(uid, link.device) is link
+            ]
+            if not chunk:
+                continue
             asked = self._notices
             try:
                 lost, shared, generation = await self._redis.presence_refresh(
@@ -573,12 +581,21 @@ class ClusterPresence:
             except HotUnavailable:
                 return
             self._saw(generation)
-            for uid, device in lost:
-                # Logged in elsewhere while the kick could not reach us.
+            stale = {conn for _, _, conn in lost}
+            for uid, device, conn in lost:
+                # Logged in elsewhere while the kick could not reach us; only
+                # that connection: the device may have a newer one here now.
                 link = self.registry.device_link(uid, device)
-                if link is not None:
+                if link is not None and self.value(link) == conn:
                     self.logout(uid, link)
                     link.kick(KICK_REPLACED)
+            for uid, device, conn, _, _ in chunk:
+                # Closed or replaced during the call: if the script restored
+                # its field after its logout had removed it, remove it again
+                # (only if still that connection's).
+                link = self.registry.device_link(uid, device)
+                if conn not in stale and (link is None or self.value(link) != conn):
+                    self._forget(uid, device, conn)
             for uid in {entry[0] for entry in chunk}:
                 known = self._others.get(uid)
                 if known is None:

@@ -97,7 +97,7 @@ class RedisBus(RedisScripts):
 
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         generation, packed = await self._script(
             "presence_refresh",
             str(ttl_ms),
@@ -106,7 +106,7 @@ class RedisBus(RedisScripts):
         )
         lost, shared = _unpack(packed)
         return (
-            [(int(u), d) for u, d in lost or ()],
+            [(int(u), d, c) for u, d, c in lost or ()],
             {int(row[0]): set(row[1:]) for row in shared or ()},
             _generation(generation),
         )

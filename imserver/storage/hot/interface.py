@@ -200,10 +200,11 @@ class IClusterBus(Interface):
 
     async def presence_refresh(
         node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         """
         Extend (or restore) devices with their last activity: the (uid,
-        device) now held by another connection, the other nodes holding each
+        device, conn) now held by another connection (conn: the entry's,
+        stale), the other nodes holding each
         user (users held by C{node} alone are absent), and the generation.
         """
 
