@@ -335,10 +335,60 @@ class ClusterDevicesTests(TestCase):
     async def test_a_join_heard_before_the_login_knew_the_user_is_kept(self) -> None:
         a = await self.node(1)
         uid = next(_uids)
-        a._on_message(msgpack.packb([["j", str(uid), [b"9", b""]]], use_bin_type=True))
         phone = self.link(a, uid, "phone")
-        await a.login(uid, phone)
+        d = a.login(uid, phone)  # pending: its script runs in the next turn
+        a._on_message(msgpack.packb([["j", str(uid), [b"9", b""]]], use_bin_type=True))
+        await d
         self.assertEqual(a._others.get(uid), {"9"})
+        # A notice for a user with no login pending here is not kept.
+        other = next(_uids)
+        a._on_message(msgpack.packb([["j", str(other), [b"9", b""]]], use_bin_type=True))
+        self.assertEqual((a._early_notices, a._early_count), ({}, 0))
+
+    async def pending_login(
+        self, a: ClusterPresence, c: ClusterPresence, uid: int
+    ) -> Deferred[None]:
+        """A login on C{a} that waits 2 s for the kick confirmation of dead C{c}."""
+        await c.login(uid, self.link(c, uid, "phone"))
+        await c.stop()
+        d = a.login(uid, self.link(a, uid, "phone"))
+        await eventually(lambda: a._confirms)  # its script ran: it waits
+        return d
+
+    async def test_a_refresh_keeps_the_notices_of_a_pending_login(self) -> None:
+        """
+        Regression: the refresh forgot every early join notice, also those
+        of a login still waiting for its kick confirmations: the node never
+        routed to the user's device that joined meanwhile.
+        """
+        a, b, c = await self.node(1), await self.node(2), await self.node(3)
+        uid = next(_uids)
+        d = await self.pending_login(a, c, uid)
+        tablet = self.link(b, uid, "tablet")
+        await b.login(uid, tablet)  # its join notice reaches a, still pending
+        await a.refresh()
+        await d
+        self.assertEqual(a._others.get(uid), {"2"})
+        a.push(uid, {"t": "msg", "n": 1})
+        await eventually(lambda: tablet.pushes, timeout=2)
+        self.assertEqual(a._early_count, 0)
+
+    async def test_a_leave_heard_while_a_login_is_pending_is_applied_in_order(self) -> None:
+        """
+        Regression: a leave notice for a user whose login was pending was
+        dropped, while the join before it was kept: the node kept routing
+        to a node that no longer held the user.
+        """
+        a, b, c = await self.node(1), await self.node(2), await self.node(3)
+        uid = next(_uids)
+        d = await self.pending_login(a, c, uid)
+        tablet = self.link(b, uid, "tablet")
+        await b.login(uid, tablet)
+        b.logout(uid, tablet)
+        await b._logouts.idle()
+        await sleep(0.1)
+        await d
+        self.assertEqual(a._others.get(uid), set())
 
     async def test_refresh_rereads_the_other_nodes_and_tells_a_late_found_one_to_sync(
         self,

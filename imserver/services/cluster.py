@@ -98,8 +98,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
-#: Join notices remembered for users this node does not know yet.
-MAX_EARLY_JOINS = 10_000
+#: Join and leave notices remembered for users whose login is pending here.
+MAX_EARLY_NOTICES = 10_000
 #: A pending login's state once its connection went away before it was
 #: registered (else None: waiting, or the reason it was kicked meanwhile).
 _GONE = ""
@@ -133,9 +133,12 @@ class ClusterPresence:
         #: uid -> the other nodes holding the user's devices, for each user
         #: with a connection here (an empty set: pushes need no Redis).
         self._others: dict[int, set[str]] = {}
-        # Join notices for users not (yet) known here: a login in flight
-        # takes them; the refresh forgets the rest.
-        self._early_joins: dict[int, set[str]] = {}
+        #: Join and leave notices, (kind, node) in the order heard, for
+        #: users not known here yet whose login is pending: applied when it
+        #: registers, forgotten when the user's last pending login ends
+        #: without registering (at most L{MAX_EARLY_NOTICES} in all).
+        self._early_notices: dict[int, list[tuple[str, str]]] = {}
+        self._early_count = 0
         #: When each local user last had a join or leave notice (a count),
         #: so a refresh answer older than the notice does not undo it.
         self._notices = 0
@@ -143,6 +146,8 @@ class ClusterPresence:
         #: Logins waiting for their script or kick confirmations, by conn
         #: (see L{_GONE}).
         self._pending: dict[str, str | None] = {}
+        #: How many logins are pending per user.
+        self._pending_users: dict[int, int] = {}
         #: Kick confirmations awaited, by nonce.
         self._confirms: dict[str, Deferred[None]] = {}
         #: Login calls in flight (by nonce), and confirmations that came
@@ -229,6 +234,7 @@ class ClusterPresence:
                 raise TypeError(f"a connection's device must be a str, not {link.device!r}")
             conn = self.value(link)
             self._pending[conn] = None
+            self._pending_users[uid] = self._pending_users.get(uid, 0) + 1
             try:
                 try:
                     outcome = await self._logins.submit(self._entry(uid, link))
@@ -244,7 +250,12 @@ class ClusterPresence:
                         await gatherResults(confirmations)
             finally:
                 state = self._pending.pop(conn, _GONE)
+                left = self._pending_users.pop(uid, 1) - 1
+                if left:
+                    self._pending_users[uid] = left
             if state is not None:
+                if not left:
+                    self._drop_early(uid)
                 # Gone, or kicked by a later login, before it was registered.
                 self._forget(uid, link.device, conn)
                 if state != _GONE:
@@ -257,10 +268,21 @@ class ClusterPresence:
             known = self._others.setdefault(uid, set())
             if outcome is not None:
                 known.update(others)
-            # Join notices heard before this login knew the user was ours.
-            known.update(self._early_joins.pop(uid, ()))
+            # Notices heard while this login was pending, after (or before)
+            # its script read the user's nodes: in order.
+            for kind, node in self._drop_early(uid):
+                if kind == "j":
+                    known.add(node)
+                else:
+                    known.discard(node)
 
         return Deferred.fromCoroutine(login())
+
+    def _drop_early(self, uid: int) -> list[tuple[str, str]]:
+        """Forget (and return) the early notices of C{uid}."""
+        notices = self._early_notices.pop(uid, [])
+        self._early_count -= len(notices)
+        return notices
 
     async def _login_batch(
         self, entries: Sequence[LoginEntry]
@@ -526,9 +548,10 @@ class ClusterPresence:
                 node, tag = data
                 others = self._others.get(uid)
                 if others is None:
-                    if kind == "j" and len(self._early_joins) < MAX_EARLY_JOINS:
-                        # A login of ours may be under way: it takes them.
-                        self._early_joins.setdefault(uid, set()).add(node)
+                    if uid in self._pending_users and self._early_count < MAX_EARLY_NOTICES:
+                        # Our login is under way: it applies them.
+                        self._early_notices.setdefault(uid, []).append((kind, node))
+                        self._early_count += 1
                 else:
                     self._notices += 1
                     self._noticed[uid] = self._notices
@@ -561,7 +584,8 @@ class ClusterPresence:
         its last activity, kick the devices another connection took, and
         re-read which other nodes hold each local user.
         """
-        self._early_joins.clear()
+        for uid in [uid for uid in self._early_notices if uid not in self._pending_users]:
+            self._drop_early(uid)
         pairs = self.registry.pairs()
         for i in range(0, len(pairs), REFRESH_CHUNK):
             # Built just before the call: a connection closed or replaced
