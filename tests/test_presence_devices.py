@@ -36,6 +36,7 @@ from imserver.services.presence import (
 )
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
+from imserver.storage.hot.interface import HotUnavailable
 from tests.harness import RedisServer, fresh_prefix, shared_redis
 from tests.stack import RecordingPresence
 from tests.support import eventually, reactor, sleep
@@ -564,7 +565,81 @@ class ClusterDevicesTests(TestCase):
 
         a._redis.presence_refresh = refresh  # type: ignore[method-assign]
         await a.refresh()
-        await eventually(lambda: a.online_devices(uid).addCallback(lambda d: d == []), timeout=2)
+        self.assertEqual(await a.online_devices(uid), [])  # removed before it returned
         a._redis.presence_refresh = original  # type: ignore[method-assign]
         await a.refresh()  # nothing written back either
         self.assertEqual(await a.online_devices(uid), [])
+
+    async def blip_login(self, b: ClusterPresence, link: DeviceLink) -> None:
+        """Log C{link} in on C{b} while its login script cannot reach Redis."""
+        original = b._redis.presence_login
+
+        async def down(*args: Any, **kw: Any) -> Any:
+            raise HotUnavailable("blip")
+
+        b._redis.presence_login = down  # type: ignore[method-assign]
+        try:
+            await b.login(link.uid, link)  # checked on b only
+        finally:
+            b._redis.presence_login = original  # type: ignore[method-assign]
+
+    async def test_a_login_checked_locally_wins_once_redis_answers(self) -> None:
+        """
+        Regression: a device reconnected to another node during a Redis
+        blip (its login checked there only); once Redis answered, that
+        node's refresh found the field held by the older connection and
+        kicked its own, newer one.
+        """
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        old = self.link(a, uid, "phone", connected_at=1000)
+        await a.login(uid, old)
+        new = self.link(b, uid, "phone", connected_at=2000)
+        await self.blip_login(b, new)
+        await b.refresh()  # as when Redis answers again: replayed as a login
+        self.assertEqual((old.kicks, new.kicks), ([KICK_REPLACED], []))  # confirmed
+        self.assertEqual(b.kicks_unconfirmed, 0)
+        await a.refresh()
+        await b.refresh()
+        self.assertEqual((old.kicks, new.kicks), ([KICK_REPLACED], []))
+        self.assertEqual((a.local(uid), b.local(uid)), ([], [new]))
+        devices = await a.online_devices(uid)
+        self.assertEqual([(d.device, d.node) for d in devices], [("phone", "2")])
+
+    async def test_the_recovery_replays_the_logins_checked_locally(self) -> None:
+        # Regression, as above, by the recovery that runs when the breaker closes.
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        old, laptop = self.link(a, uid, "phone"), self.link(a, uid, "laptop")
+        await a.login(uid, old)
+        await a.login(uid, laptop)
+        new = self.link(b, uid, "phone")
+        await self.blip_login(b, new)
+        self.assertEqual(b._others.get(uid), set())  # no idea of a meanwhile
+        b._recover("redis answers again")
+        await eventually(lambda: old.kicks, timeout=3)
+        await eventually(lambda: not b._recovering, timeout=3)
+        self.assertEqual((old.kicks, new.kicks, laptop.kicks), ([KICK_REPLACED], [], []))
+        # b learned that a holds the user (and told the laptop to sync).
+        self.assertEqual(b._others.get(uid), {"1"})
+        await eventually(lambda: {"t": "sync"} in laptop.pushes, timeout=2)
+        b.push(uid, {"t": "msg"})
+        await eventually(lambda: {"t": "msg"} in laptop.pushes, timeout=2)
+
+    async def test_a_replayed_login_older_than_the_device_s_connection_is_kicked(
+        self,
+    ) -> None:
+        # Newest wins: a connection made through Redis after the local-only
+        # login keeps the device; the replayed one goes.
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        older = self.link(b, uid, "phone", connected_at=1000)
+        await self.blip_login(b, older)
+        newer = self.link(a, uid, "phone", connected_at=2000)
+        await a.login(uid, newer)
+        await b.refresh()
+        self.assertEqual((older.kicks, newer.kicks), ([KICK_REPLACED], []))
+        self.assertEqual((a.local(uid), b.local(uid)), ([newer], []))
+        await sleep(0.1)
+        devices = await b.online_devices(uid)
+        self.assertEqual([(d.device, d.node) for d in devices], [("phone", "1")])

@@ -141,6 +141,7 @@ class FakeBus:
         entries: Sequence[LoginEntry],
         ttl_ms: int,
         max_online: int,
+        replay: bool = False,
     ) -> tuple[list[LoginAnswer], str | None]:
         self._up()
         return [([], [], []) for _ in entries], "g1"

@@ -40,8 +40,12 @@ L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
 
 If Redis is down, logins are checked against this node's devices only (its
 registry's max_online), and local pushes work; cross-node pushes and kicks
-wait for it (presences are restored as soon as it answers again, and the
-refresh then kicks a device another connection took meanwhile).
+wait for it. As soon as it answers again (the recovery, or the next
+refresh) the logins checked here only are replayed through the login
+script, so the newest connection of a device wins wherever it is (an older
+one elsewhere is kicked, with confirmation; one older than the device's
+connection elsewhere is kicked here); then presences are restored, and a
+device another connection took meanwhile is kicked.
 """
 
 from __future__ import annotations
@@ -148,6 +152,11 @@ class ClusterPresence:
         self._pending: dict[str, str | None] = {}
         #: How many logins are pending per user.
         self._pending_users: dict[int, int] = {}
+        #: Registered connections whose login was checked on this node only
+        #: (Redis down), by conn: replayed by the next refresh (never
+        #: refreshed before: that would kick them), and those being replayed.
+        self._unchecked: dict[str, tuple[int, IClientLink]] = {}
+        self._replaying: set[str] = set()
         #: Kick confirmations awaited, by nonce.
         self._confirms: dict[str, Deferred[None]] = {}
         #: Login calls in flight (by nonce), and confirmations that came
@@ -261,10 +270,13 @@ class ClusterPresence:
                 if state != _GONE:
                     link.kick(state)
                 return
-            # Checked across nodes, or (Redis down) against this node only.
+            # Checked across nodes, or (Redis down) against this node only: replayed
+            # through the login script once Redis answers (see _replay).
             limit = None if outcome is not None else self.max_online
             for old in self.registry.register(uid, link, limit):
                 self._forget(uid, old.device, self.value(old))
+            if outcome is None:
+                self._unchecked[conn] = (uid, link)
             known = self._others.setdefault(uid, set())
             if outcome is not None:
                 known.update(others)
@@ -285,13 +297,13 @@ class ClusterPresence:
         return notices
 
     async def _login_batch(
-        self, entries: Sequence[LoginEntry]
+        self, entries: Sequence[LoginEntry], replay: bool = False
     ) -> list[tuple[LoginAnswer, list[Deferred[None]]] | None]:
         nonce = secrets.token_hex(8)
         self._calls.add(nonce)
         try:
             answers, generation = await self._redis.presence_login(
-                self.node, nonce, entries, self.ttl_ms, self.max_online
+                self.node, nonce, entries, self.ttl_ms, self.max_online, replay
             )
         except HotUnavailable as e:
             # Checked here only; written by the refresh once Redis answers.
@@ -362,13 +374,17 @@ class ClusterPresence:
             self._noticed.pop(uid, None)
         self._forget(uid, link.device, conn)
 
-    def _forget(self, uid: int, device: str, conn: str) -> None:
-        """Remove the device's presence if still C{conn}'s (one batch per turn)."""
+    def _forget(self, uid: int, device: str, conn: str) -> Deferred[None] | None:
+        """
+        Remove the device's presence if still C{conn}'s (one batch per
+        turn): fires once done (None if not queued: the TTL removes it).
+        """
+        self._unchecked.pop(conn, None)
         try:
             # Never fails: _logout_batch handles its errors.
-            self._logouts.submit((uid, device, conn))
+            return self._logouts.submit((uid, device, conn))
         except QueueFull:
-            pass  # the TTL removes it
+            return None
 
     async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[None]:
         try:
@@ -580,12 +596,18 @@ class ClusterPresence:
 
     async def refresh(self) -> None:
         """
-        Extend the presence of every local device (restoring lost ones) with
-        its last activity, kick the devices another connection took, and
-        re-read which other nodes hold each local user.
+        Replay the logins checked on this node only (L{_replay}), then
+        extend the presence of every local device (restoring lost ones) with
+        its last activity, kick the connections whose device another one
+        took, and re-read which other nodes hold each local user. Each chunk
+        is built just before its call; a connection closed or replaced
+        during the call is removed again (its field may have been restored
+        after its logout) before this returns.
         """
         for uid in [uid for uid in self._early_notices if uid not in self._pending_users]:
             self._drop_early(uid)
+        if self._unchecked and not await self._replay():
+            return  # Redis is still down
         pairs = self.registry.pairs()
         for i in range(0, len(pairs), REFRESH_CHUNK):
             # Built just before the call: a connection closed or replaced
@@ -593,7 +615,7 @@ class ClusterPresence:
             chunk = [
                 self._entry(uid, link)
                 for uid, link in pairs[i : i + REFRESH_CHUNK]
-                if self.registry.device_link(uid, link.device) is link
+                if self._registered(uid, link) and not self._to_replay(link)
             ]
             if not chunk:
                 continue
@@ -606,6 +628,7 @@ class ClusterPresence:
                 return
             self._saw(generation)
             stale = {conn for _, _, conn in lost}
+            undone: list[Deferred[None]] = []
             for uid, device, conn in lost:
                 # Logged in elsewhere while the kick could not reach us; only
                 # that connection: the device may have a newer one here now.
@@ -619,7 +642,9 @@ class ClusterPresence:
                 # (only if still that connection's).
                 link = self.registry.device_link(uid, device)
                 if conn not in stale and (link is None or self.value(link) != conn):
-                    self._forget(uid, device, conn)
+                    d = self._forget(uid, device, conn)
+                    if d is not None:
+                        undone.append(d)
             for uid in {entry[0] for entry in chunk}:
                 known = self._others.get(uid)
                 if known is None:
@@ -633,6 +658,71 @@ class ClusterPresence:
                     # Pushes meanwhile missed the user's devices there.
                     self.push_remote(uid, SYNC_PUSH)
                     self.sync_pushes += 1
+            if undone:
+                await gatherResults(undone)
+
+    def _registered(self, uid: int, link: IClientLink) -> bool:
+        return self.registry.device_link(uid, link.device) is link
+
+    def _to_replay(self, link: IClientLink) -> bool:
+        """Whether the link's login is still to be (or being) replayed."""
+        conn = self.value(link)
+        return conn in self._unchecked or conn in self._replaying
+
+    async def _replay(self) -> bool:
+        """
+        Log in again, through the login script, the connections whose login
+        was checked on this node only (Redis was down), as logins and not as
+        refreshes: the newest connection of the device wins (an older one
+        elsewhere is kicked, with confirmation, before this returns), and
+        beyond max_online the least recently active device goes. False if
+        Redis is still down (they are replayed next time).
+        """
+        unchecked, self._unchecked = self._unchecked, {}
+        self._replaying.update(unchecked)
+        try:
+            return await self._replay_logins(
+                [(uid, link) for uid, link in unchecked.values() if self._registered(uid, link)]
+            )
+        finally:
+            self._replaying.difference_update(unchecked)
+
+    async def _replay_logins(self, pairs: list[tuple[int, IClientLink]]) -> bool:
+        waits: list[Deferred[None]] = []
+        for i in range(0, len(pairs), REFRESH_CHUNK):
+            chunk = [
+                (u, link) for u, link in pairs[i : i + REFRESH_CHUNK] if self._registered(u, link)
+            ]
+            if not chunk:
+                continue
+            entries = [self._entry(uid, link) for uid, link in chunk]
+            outcomes = await self._login_batch(entries, replay=True)
+            for (uid, link), entry, outcome in zip(chunk, entries, outcomes, strict=True):
+                if not self._registered(uid, link):
+                    # Closed meanwhile: its logout may have come before the script.
+                    self._forget(uid, link.device, entry[2])
+                elif outcome is None:
+                    self._unchecked[entry[2]] = (uid, link)
+                else:
+                    (kicks, others, _), confirmations = outcome
+                    waits += confirmations
+                    for device, kicked, reason, nonce in kicks:
+                        if not nonce:
+                            self._kick_here(uid, device, kicked, reason)
+                    known = self._others.get(uid)
+                    if known is not None and not set(others) <= known:
+                        # Pushes made meanwhile missed the user's devices there.
+                        known.update(others)
+                        self.push_remote(uid, SYNC_PUSH)
+                        self.sync_pushes += 1
+            if outcomes and outcomes[0] is None:
+                for uid, link in pairs[i + REFRESH_CHUNK :]:
+                    if self._registered(uid, link):
+                        self._unchecked[self.value(link)] = (uid, link)
+                return False
+        if waits:
+            await gatherResults(waits)
+        return True
 
     # -- recovery -------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class RedisBus(RedisScripts):
         entries: Sequence[LoginEntry],
         ttl_ms: int,
         max_online: int,
+        replay: bool = False,
     ) -> tuple[list[LoginAnswer], str | None]:
         answers, generation = await self._script(
             "presence_login",
@@ -82,6 +83,7 @@ class RedisBus(RedisScripts):
             node,
             nonce,
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
+            "1" if replay else "0",
         )
         return [
             ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()), list(joins or ()))
