@@ -140,7 +140,8 @@ class ClusterPresence:
         #: Join and leave notices, (kind, node) in the order heard, for
         #: users not known here yet whose login is pending: applied when it
         #: registers, forgotten when the user's last pending login ends
-        #: without registering (at most L{MAX_EARLY_NOTICES} in all).
+        #: without registering (or by the refresh, if left over; at most
+        #: L{MAX_EARLY_NOTICES} in all).
         self._early_notices: dict[int, list[tuple[str, str]]] = {}
         self._early_count = 0
         #: When each local user last had a join or leave notice (a count),
@@ -306,7 +307,7 @@ class ClusterPresence:
                 self.node, nonce, entries, self.ttl_ms, self.max_online, replay
             )
         except HotUnavailable as e:
-            # Checked here only; written by the refresh once Redis answers.
+            # Checked here only; replayed by the refresh once Redis answers.
             if self._redis.state() == "ok":
                 self.log.warn(
                     "presence of {n} logins not written: {error}", n=len(entries), error=e
