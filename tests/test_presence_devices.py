@@ -36,6 +36,7 @@ from imserver.services.presence import (
 )
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
+from imserver.storage.hot.interface import HotUnavailable
 from tests.harness import RedisServer, fresh_prefix, shared_redis
 from tests.stack import RecordingPresence
 from tests.support import eventually, reactor, sleep
@@ -335,10 +336,60 @@ class ClusterDevicesTests(TestCase):
     async def test_a_join_heard_before_the_login_knew_the_user_is_kept(self) -> None:
         a = await self.node(1)
         uid = next(_uids)
-        a._on_message(msgpack.packb([["j", str(uid), [b"9", b""]]], use_bin_type=True))
         phone = self.link(a, uid, "phone")
-        await a.login(uid, phone)
+        d = a.login(uid, phone)  # pending: its script runs in the next turn
+        a._on_message(msgpack.packb([["j", str(uid), [b"9", b""]]], use_bin_type=True))
+        await d
         self.assertEqual(a._others.get(uid), {"9"})
+        # A notice for a user with no login pending here is not kept.
+        other = next(_uids)
+        a._on_message(msgpack.packb([["j", str(other), [b"9", b""]]], use_bin_type=True))
+        self.assertEqual((a._early_notices, a._early_count), ({}, 0))
+
+    async def pending_login(
+        self, a: ClusterPresence, c: ClusterPresence, uid: int
+    ) -> Deferred[None]:
+        """A login on C{a} that waits 2 s for the kick confirmation of dead C{c}."""
+        await c.login(uid, self.link(c, uid, "phone"))
+        await c.stop()
+        d = a.login(uid, self.link(a, uid, "phone"))
+        await eventually(lambda: a._confirms)  # its script ran: it waits
+        return d
+
+    async def test_a_refresh_keeps_the_notices_of_a_pending_login(self) -> None:
+        """
+        Regression: the refresh forgot every early join notice, also those
+        of a login still waiting for its kick confirmations: the node never
+        routed to the user's device that joined meanwhile.
+        """
+        a, b, c = await self.node(1), await self.node(2), await self.node(3)
+        uid = next(_uids)
+        d = await self.pending_login(a, c, uid)
+        tablet = self.link(b, uid, "tablet")
+        await b.login(uid, tablet)  # its join notice reaches a, still pending
+        await a.refresh()
+        await d
+        self.assertEqual(a._others.get(uid), {"2"})
+        a.push(uid, {"t": "msg", "n": 1})
+        await eventually(lambda: tablet.pushes, timeout=2)
+        self.assertEqual(a._early_count, 0)
+
+    async def test_a_leave_heard_while_a_login_is_pending_is_applied_in_order(self) -> None:
+        """
+        Regression: a leave notice for a user whose login was pending was
+        dropped, while the join before it was kept: the node kept routing
+        to a node that no longer held the user.
+        """
+        a, b, c = await self.node(1), await self.node(2), await self.node(3)
+        uid = next(_uids)
+        d = await self.pending_login(a, c, uid)
+        tablet = self.link(b, uid, "tablet")
+        await b.login(uid, tablet)
+        b.logout(uid, tablet)
+        await b._logouts.idle()
+        await sleep(0.1)
+        await d
+        self.assertEqual(a._others.get(uid), set())
 
     async def test_refresh_rereads_the_other_nodes_and_tells_a_late_found_one_to_sync(
         self,
@@ -466,3 +517,129 @@ class ClusterDevicesTests(TestCase):
         )
         self.assertEqual(results[0], TypeError)
         self.assertEqual((a.local(uid), a.local(good.uid)), ([], [good]))
+
+    async def test_a_stale_refresh_entry_does_not_kick_the_device_s_new_connection(self) -> None:
+        """
+        Regression: the device reconnected here while a refresh chunk holding
+        its old connection was in flight; the script found the field held by
+        the new one and the node kicked whatever the device had now: the new
+        connection.
+        """
+        a = await self.node(1)
+        uid = next(_uids)
+        o1 = self.link(a, uid, "phone")
+        await a.login(uid, o1)
+        original = a._redis.presence_refresh
+        o2 = self.link(a, uid, "phone")
+
+        async def refresh(*args: Any, **kw: Any) -> Any:
+            # Its login script runs before the refresh's (entries built before).
+            await a.login(uid, o2)
+            return await original(*args, **kw)
+
+        a._redis.presence_refresh = refresh  # type: ignore[method-assign]
+        await a.refresh()
+        self.assertEqual((o1.kicks, o2.kicks), ([KICK_REPLACED], []))
+        self.assertEqual(a.local(uid), [o2])
+        await sleep(0.1)
+        self.assertEqual([d.device for d in await a.online_devices(uid)], ["phone"])
+
+    async def test_a_stale_refresh_entry_does_not_restore_a_closed_connection(self) -> None:
+        """
+        Regression: a connection closed (its logout removed its field) while
+        a refresh chunk holding it was in flight; the script restored the
+        field: a ghost device online until the TTL, counting towards
+        max_online.
+        """
+        a = await self.node(1)
+        uid = next(_uids)
+        o1 = self.link(a, uid, "phone")
+        await a.login(uid, o1)
+        original = a._redis.presence_refresh
+
+        async def refresh(*args: Any, **kw: Any) -> Any:
+            a.logout(uid, o1)
+            await a._logouts.idle()
+            self.assertEqual(await a.online_devices(uid), [])
+            return await original(*args, **kw)
+
+        a._redis.presence_refresh = refresh  # type: ignore[method-assign]
+        await a.refresh()
+        self.assertEqual(await a.online_devices(uid), [])  # removed before it returned
+        a._redis.presence_refresh = original  # type: ignore[method-assign]
+        await a.refresh()  # nothing written back either
+        self.assertEqual(await a.online_devices(uid), [])
+
+    async def blip_login(self, b: ClusterPresence, link: DeviceLink) -> None:
+        """Log C{link} in on C{b} while its login script cannot reach Redis."""
+        original = b._redis.presence_login
+
+        async def down(*args: Any, **kw: Any) -> Any:
+            raise HotUnavailable("blip")
+
+        b._redis.presence_login = down  # type: ignore[method-assign]
+        try:
+            await b.login(link.uid, link)  # checked on b only
+        finally:
+            b._redis.presence_login = original  # type: ignore[method-assign]
+
+    async def test_a_login_checked_locally_wins_once_redis_answers(self) -> None:
+        """
+        Regression: a device reconnected to another node during a Redis
+        blip (its login checked there only); once Redis answered, that
+        node's refresh found the field held by the older connection and
+        kicked its own, newer one.
+        """
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        old = self.link(a, uid, "phone", connected_at=1000)
+        await a.login(uid, old)
+        new = self.link(b, uid, "phone", connected_at=2000)
+        await self.blip_login(b, new)
+        await b.refresh()  # as when Redis answers again: replayed as a login
+        self.assertEqual((old.kicks, new.kicks), ([KICK_REPLACED], []))  # confirmed
+        self.assertEqual(b.kicks_unconfirmed, 0)
+        await a.refresh()
+        await b.refresh()
+        self.assertEqual((old.kicks, new.kicks), ([KICK_REPLACED], []))
+        self.assertEqual((a.local(uid), b.local(uid)), ([], [new]))
+        devices = await a.online_devices(uid)
+        self.assertEqual([(d.device, d.node) for d in devices], [("phone", "2")])
+
+    async def test_the_recovery_replays_the_logins_checked_locally(self) -> None:
+        # Regression, as above, by the recovery that runs when the breaker closes.
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        old, laptop = self.link(a, uid, "phone"), self.link(a, uid, "laptop")
+        await a.login(uid, old)
+        await a.login(uid, laptop)
+        new = self.link(b, uid, "phone")
+        await self.blip_login(b, new)
+        self.assertEqual(b._others.get(uid), set())  # no idea of a meanwhile
+        b._recover("redis answers again")
+        await eventually(lambda: old.kicks, timeout=3)
+        await eventually(lambda: not b._recovering, timeout=3)
+        self.assertEqual((old.kicks, new.kicks, laptop.kicks), ([KICK_REPLACED], [], []))
+        # b learned that a holds the user (and told the laptop to sync).
+        self.assertEqual(b._others.get(uid), {"1"})
+        await eventually(lambda: {"t": "sync"} in laptop.pushes, timeout=2)
+        b.push(uid, {"t": "msg"})
+        await eventually(lambda: {"t": "msg"} in laptop.pushes, timeout=2)
+
+    async def test_a_replayed_login_older_than_the_device_s_connection_is_kicked(
+        self,
+    ) -> None:
+        # Newest wins: a connection made through Redis after the local-only
+        # login keeps the device; the replayed one goes.
+        a, b = await self.node(1), await self.node(2)
+        uid = next(_uids)
+        older = self.link(b, uid, "phone", connected_at=1000)
+        await self.blip_login(b, older)
+        newer = self.link(a, uid, "phone", connected_at=2000)
+        await a.login(uid, newer)
+        await b.refresh()
+        self.assertEqual((older.kicks, newer.kicks), ([KICK_REPLACED], []))
+        self.assertEqual((a.local(uid), b.local(uid)), ([newer], []))
+        await sleep(0.1)
+        devices = await b.online_devices(uid)
+        self.assertEqual([(d.device, d.node) for d in devices], [("phone", "1")])

@@ -141,6 +141,7 @@ class FakeBus:
         entries: Sequence[LoginEntry],
         ttl_ms: int,
         max_online: int,
+        replay: bool = False,
     ) -> tuple[list[LoginAnswer], str | None]:
         self._up()
         return [([], [], []) for _ in entries], "g1"
@@ -153,7 +154,7 @@ class FakeBus:
 
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         self._up()
         return [], {}, "g1"
 

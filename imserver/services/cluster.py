@@ -40,8 +40,12 @@ L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
 
 If Redis is down, logins are checked against this node's devices only (its
 registry's max_online), and local pushes work; cross-node pushes and kicks
-wait for it (presences are restored as soon as it answers again, and the
-refresh then kicks a device another connection took meanwhile).
+wait for it. As soon as it answers again (the recovery, or the next
+refresh) the logins checked here only are replayed through the login
+script, so the newest connection of a device wins wherever it is (an older
+one elsewhere is kicked, with confirmation; one older than the device's
+connection elsewhere is kicked here); then presences are restored, and a
+device another connection took meanwhile is kicked.
 """
 
 from __future__ import annotations
@@ -98,8 +102,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
-#: Join notices remembered for users this node does not know yet.
-MAX_EARLY_JOINS = 10_000
+#: Join and leave notices remembered for users whose login is pending here.
+MAX_EARLY_NOTICES = 10_000
 #: A pending login's state once its connection went away before it was
 #: registered (else None: waiting, or the reason it was kicked meanwhile).
 _GONE = ""
@@ -133,9 +137,13 @@ class ClusterPresence:
         #: uid -> the other nodes holding the user's devices, for each user
         #: with a connection here (an empty set: pushes need no Redis).
         self._others: dict[int, set[str]] = {}
-        # Join notices for users not (yet) known here: a login in flight
-        # takes them; the refresh forgets the rest.
-        self._early_joins: dict[int, set[str]] = {}
+        #: Join and leave notices, (kind, node) in the order heard, for
+        #: users not known here yet whose login is pending: applied when it
+        #: registers, forgotten when the user's last pending login ends
+        #: without registering (or by the refresh, if left over; at most
+        #: L{MAX_EARLY_NOTICES} in all).
+        self._early_notices: dict[int, list[tuple[str, str]]] = {}
+        self._early_count = 0
         #: When each local user last had a join or leave notice (a count),
         #: so a refresh answer older than the notice does not undo it.
         self._notices = 0
@@ -143,6 +151,13 @@ class ClusterPresence:
         #: Logins waiting for their script or kick confirmations, by conn
         #: (see L{_GONE}).
         self._pending: dict[str, str | None] = {}
+        #: How many logins are pending per user.
+        self._pending_users: dict[int, int] = {}
+        #: Registered connections whose login was checked on this node only
+        #: (Redis down), by conn: replayed by the next refresh (never
+        #: refreshed before: that would kick them), and those being replayed.
+        self._unchecked: dict[str, tuple[int, IClientLink]] = {}
+        self._replaying: set[str] = set()
         #: Kick confirmations awaited, by nonce.
         self._confirms: dict[str, Deferred[None]] = {}
         #: Login calls in flight (by nonce), and confirmations that came
@@ -229,6 +244,7 @@ class ClusterPresence:
                 raise TypeError(f"a connection's device must be a str, not {link.device!r}")
             conn = self.value(link)
             self._pending[conn] = None
+            self._pending_users[uid] = self._pending_users.get(uid, 0) + 1
             try:
                 try:
                     outcome = await self._logins.submit(self._entry(uid, link))
@@ -244,35 +260,54 @@ class ClusterPresence:
                         await gatherResults(confirmations)
             finally:
                 state = self._pending.pop(conn, _GONE)
+                left = self._pending_users.pop(uid, 1) - 1
+                if left:
+                    self._pending_users[uid] = left
             if state is not None:
+                if not left:
+                    self._drop_early(uid)
                 # Gone, or kicked by a later login, before it was registered.
                 self._forget(uid, link.device, conn)
                 if state != _GONE:
                     link.kick(state)
                 return
-            # Checked across nodes, or (Redis down) against this node only.
+            # Checked across nodes, or (Redis down) against this node only: replayed
+            # through the login script once Redis answers (see _replay).
             limit = None if outcome is not None else self.max_online
             for old in self.registry.register(uid, link, limit):
                 self._forget(uid, old.device, self.value(old))
+            if outcome is None:
+                self._unchecked[conn] = (uid, link)
             known = self._others.setdefault(uid, set())
             if outcome is not None:
                 known.update(others)
-            # Join notices heard before this login knew the user was ours.
-            known.update(self._early_joins.pop(uid, ()))
+            # Notices heard while this login was pending, after (or before)
+            # its script read the user's nodes: in order.
+            for kind, node in self._drop_early(uid):
+                if kind == "j":
+                    known.add(node)
+                else:
+                    known.discard(node)
 
         return Deferred.fromCoroutine(login())
 
+    def _drop_early(self, uid: int) -> list[tuple[str, str]]:
+        """Forget (and return) the early notices of C{uid}."""
+        notices = self._early_notices.pop(uid, [])
+        self._early_count -= len(notices)
+        return notices
+
     async def _login_batch(
-        self, entries: Sequence[LoginEntry]
+        self, entries: Sequence[LoginEntry], replay: bool = False
     ) -> list[tuple[LoginAnswer, list[Deferred[None]]] | None]:
         nonce = secrets.token_hex(8)
         self._calls.add(nonce)
         try:
             answers, generation = await self._redis.presence_login(
-                self.node, nonce, entries, self.ttl_ms, self.max_online
+                self.node, nonce, entries, self.ttl_ms, self.max_online, replay
             )
         except HotUnavailable as e:
-            # Checked here only; written by the refresh once Redis answers.
+            # Checked here only; replayed by the refresh once Redis answers.
             if self._redis.state() == "ok":
                 self.log.warn(
                     "presence of {n} logins not written: {error}", n=len(entries), error=e
@@ -340,13 +375,17 @@ class ClusterPresence:
             self._noticed.pop(uid, None)
         self._forget(uid, link.device, conn)
 
-    def _forget(self, uid: int, device: str, conn: str) -> None:
-        """Remove the device's presence if still C{conn}'s (one batch per turn)."""
+    def _forget(self, uid: int, device: str, conn: str) -> Deferred[None] | None:
+        """
+        Remove the device's presence if still C{conn}'s (one batch per
+        turn): fires once done (None if not queued: the TTL removes it).
+        """
+        self._unchecked.pop(conn, None)
         try:
             # Never fails: _logout_batch handles its errors.
-            self._logouts.submit((uid, device, conn))
+            return self._logouts.submit((uid, device, conn))
         except QueueFull:
-            pass  # the TTL removes it
+            return None
 
     async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[None]:
         try:
@@ -526,9 +565,10 @@ class ClusterPresence:
                 node, tag = data
                 others = self._others.get(uid)
                 if others is None:
-                    if kind == "j" and len(self._early_joins) < MAX_EARLY_JOINS:
-                        # A login of ours may be under way: it takes them.
-                        self._early_joins.setdefault(uid, set()).add(node)
+                    if uid in self._pending_users and self._early_count < MAX_EARLY_NOTICES:
+                        # Our login is under way: it applies them.
+                        self._early_notices.setdefault(uid, []).append((kind, node))
+                        self._early_count += 1
                 else:
                     self._notices += 1
                     self._noticed[uid] = self._notices
@@ -557,14 +597,29 @@ class ClusterPresence:
 
     async def refresh(self) -> None:
         """
-        Extend the presence of every local device (restoring lost ones) with
-        its last activity, kick the devices another connection took, and
-        re-read which other nodes hold each local user.
+        Replay the logins checked on this node only (L{_replay}), then
+        extend the presence of every local device (restoring lost ones) with
+        its last activity, kick the connections whose device another one
+        took, and re-read which other nodes hold each local user. Each chunk
+        is built just before its call; a connection closed or replaced
+        during the call is removed again (its field may have been restored
+        after its logout) before this returns.
         """
-        self._early_joins.clear()
-        entries = [self._entry(uid, link) for uid, link in self.registry.pairs()]
-        for i in range(0, len(entries), REFRESH_CHUNK):
-            chunk = entries[i : i + REFRESH_CHUNK]
+        for uid in [uid for uid in self._early_notices if uid not in self._pending_users]:
+            self._drop_early(uid)
+        if self._unchecked and not await self._replay():
+            return  # Redis is still down
+        pairs = self.registry.pairs()
+        for i in range(0, len(pairs), REFRESH_CHUNK):
+            # Built just before the call: a connection closed or replaced
+            # since the refresh started is not written back.
+            chunk = [
+                self._entry(uid, link)
+                for uid, link in pairs[i : i + REFRESH_CHUNK]
+                if self._registered(uid, link) and not self._to_replay(link)
+            ]
+            if not chunk:
+                continue
             asked = self._notices
             try:
                 lost, shared, generation = await self._redis.presence_refresh(
@@ -573,12 +628,24 @@ class ClusterPresence:
             except HotUnavailable:
                 return
             self._saw(generation)
-            for uid, device in lost:
-                # Logged in elsewhere while the kick could not reach us.
+            stale = {conn for _, _, conn in lost}
+            undone: list[Deferred[None]] = []
+            for uid, device, conn in lost:
+                # Logged in elsewhere while the kick could not reach us; only
+                # that connection: the device may have a newer one here now.
                 link = self.registry.device_link(uid, device)
-                if link is not None:
+                if link is not None and self.value(link) == conn:
                     self.logout(uid, link)
                     link.kick(KICK_REPLACED)
+            for uid, device, conn, _, _ in chunk:
+                # Closed or replaced during the call: if the script restored
+                # its field after its logout had removed it, remove it again
+                # (only if still that connection's).
+                link = self.registry.device_link(uid, device)
+                if conn not in stale and (link is None or self.value(link) != conn):
+                    d = self._forget(uid, device, conn)
+                    if d is not None:
+                        undone.append(d)
             for uid in {entry[0] for entry in chunk}:
                 known = self._others.get(uid)
                 if known is None:
@@ -592,6 +659,71 @@ class ClusterPresence:
                     # Pushes meanwhile missed the user's devices there.
                     self.push_remote(uid, SYNC_PUSH)
                     self.sync_pushes += 1
+            if undone:
+                await gatherResults(undone)
+
+    def _registered(self, uid: int, link: IClientLink) -> bool:
+        return self.registry.device_link(uid, link.device) is link
+
+    def _to_replay(self, link: IClientLink) -> bool:
+        """Whether the link's login is still to be (or being) replayed."""
+        conn = self.value(link)
+        return conn in self._unchecked or conn in self._replaying
+
+    async def _replay(self) -> bool:
+        """
+        Log in again, through the login script, the connections whose login
+        was checked on this node only (Redis was down), as logins and not as
+        refreshes: the newest connection of the device wins (an older one
+        elsewhere is kicked, with confirmation, before this returns), and
+        beyond max_online the least recently active device goes. False if
+        Redis is still down (they are replayed next time).
+        """
+        unchecked, self._unchecked = self._unchecked, {}
+        self._replaying.update(unchecked)
+        try:
+            return await self._replay_logins(
+                [(uid, link) for uid, link in unchecked.values() if self._registered(uid, link)]
+            )
+        finally:
+            self._replaying.difference_update(unchecked)
+
+    async def _replay_logins(self, pairs: list[tuple[int, IClientLink]]) -> bool:
+        waits: list[Deferred[None]] = []
+        for i in range(0, len(pairs), REFRESH_CHUNK):
+            chunk = [
+                (u, link) for u, link in pairs[i : i + REFRESH_CHUNK] if self._registered(u, link)
+            ]
+            if not chunk:
+                continue
+            entries = [self._entry(uid, link) for uid, link in chunk]
+            outcomes = await self._login_batch(entries, replay=True)
+            for (uid, link), entry, outcome in zip(chunk, entries, outcomes, strict=True):
+                if not self._registered(uid, link):
+                    # Closed meanwhile: its logout may have come before the script.
+                    self._forget(uid, link.device, entry[2])
+                elif outcome is None:
+                    self._unchecked[entry[2]] = (uid, link)
+                else:
+                    (kicks, others, _), confirmations = outcome
+                    waits += confirmations
+                    for device, kicked, reason, nonce in kicks:
+                        if not nonce:
+                            self._kick_here(uid, device, kicked, reason)
+                    known = self._others.get(uid)
+                    if known is not None and not set(others) <= known:
+                        # Pushes made meanwhile missed the user's devices there.
+                        known.update(others)
+                        self.push_remote(uid, SYNC_PUSH)
+                        self.sync_pushes += 1
+            if outcomes and outcomes[0] is None:
+                for uid, link in pairs[i + REFRESH_CHUNK :]:
+                    if self._registered(uid, link):
+                        self._unchecked[self.value(link)] = (uid, link)
+                return False
+        if waits:
+            await gatherResults(waits)
+        return True
 
     # -- recovery -------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class RedisBus(RedisScripts):
         entries: Sequence[LoginEntry],
         ttl_ms: int,
         max_online: int,
+        replay: bool = False,
     ) -> tuple[list[LoginAnswer], str | None]:
         answers, generation = await self._script(
             "presence_login",
@@ -82,6 +83,7 @@ class RedisBus(RedisScripts):
             node,
             nonce,
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
+            "1" if replay else "0",
         )
         return [
             ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()), list(joins or ()))
@@ -97,7 +99,7 @@ class RedisBus(RedisScripts):
 
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         generation, packed = await self._script(
             "presence_refresh",
             str(ttl_ms),
@@ -106,7 +108,7 @@ class RedisBus(RedisScripts):
         )
         lost, shared = _unpack(packed)
         return (
-            [(int(u), d) for u, d in lost or ()],
+            [(int(u), d, c) for u, d, c in lost or ()],
             {int(row[0]): set(row[1:]) for row in shared or ()},
             _generation(generation),
         )

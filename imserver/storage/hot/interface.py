@@ -176,6 +176,7 @@ class IClusterBus(Interface):
         entries: Sequence[LoginEntry],
         ttl_ms: int,
         max_online: int,
+        replay: bool = False,
     ) -> tuple[list[LoginAnswer], str | None]:
         """
         Make each (uid, device, conn, since_ms, idle_ms) its device's
@@ -186,7 +187,10 @@ class IClusterBus(Interface):
         the join notice to each other node holding the user (when C{node}
         did not hold it yet). Per entry: the kicks (device, conn, reason,
         nonce: empty when the conn is on C{node}), the other nodes holding
-        the user and the join nonces; and the generation.
+        the user and the join nonces; and the generation. C{replay}: the
+        logins were checked on C{node} only (Redis was down); one whose
+        device a newer connection (a later since_ms) holds takes nothing and
+        its answer kicks it instead (its own conn, C{replaced}, nonce empty).
         """
 
     async def presence_devices(uid: int) -> list[tuple[str, str, int]]:
@@ -200,10 +204,11 @@ class IClusterBus(Interface):
 
     async def presence_refresh(
         node: str, entries: Sequence[LoginEntry], ttl_ms: int
-    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+    ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
         """
         Extend (or restore) devices with their last activity: the (uid,
-        device) now held by another connection, the other nodes holding each
+        device, conn) now held by another connection (conn: the entry's,
+        stale), the other nodes holding each
         user (users held by C{node} alone are absent), and the generation.
         """
 

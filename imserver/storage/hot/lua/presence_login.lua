@@ -12,7 +12,12 @@
 -- entry: {{device, conn, reason, nonce ('' if on this node)}, ...}, {other
 -- nodes holding the user, ...}, {join nonces, ...}}, ...}, the generation
 -- (false if missing)} (packed: Redis replies lose nested empty lists).
+-- ARGV[7] '1': a replay of logins checked on this node only (Redis was
+-- down): an entry whose device is held by a connection newer than it (a
+-- later since_ms) takes nothing, and its answer kicks the entry itself
+-- ({{device, conn, 'replaced', ''}}, the other nodes, {}).
 local ttl, max, me, nonce = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local replay = ARGV[7] == '1'
 local now = now_ms()
 local by_node = {}
 local answers = {}
@@ -34,43 +39,47 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[6])) do
     kicks[#kicks + 1] = {name, d[1], reason, tag}
   end
   local old = devices[device]
-  if old then
-    count = count - 1
-    if old[1] ~= conn then
-      kick(device, old, 'replaced')
-    end
-  end
-  local active = now - tonumber(entry[5])
-  devices[device] = {conn, entry[4], active, now + ttl}
-  count = count + 1
-  redis.call('HSET', k, device, device_value(conn, entry[4], active, now + ttl))
-  while count > max do
-    local victim, least = nil, nil
-    for name, d in pairs(devices) do
-      if name ~= device and (not least or d[3] < least) then
-        victim, least = name, d[3]
+  if replay and old and old[1] ~= conn and tonumber(old[2]) > tonumber(entry[4]) then
+    answers[#answers + 1] = {{{device, conn, 'replaced', ''}}, other_nodes(devices, me), {}}
+  else
+    if old then
+      count = count - 1
+      if old[1] ~= conn then
+        kick(device, old, 'replaced')
       end
     end
-    if not victim then
-      break
+    local active = now - tonumber(entry[5])
+    devices[device] = {conn, entry[4], active, now + ttl}
+    count = count + 1
+    redis.call('HSET', k, device, device_value(conn, entry[4], active, now + ttl))
+    while count > max do
+      local victim, least = nil, nil
+      for name, d in pairs(devices) do
+        if name ~= device and (not least or d[3] < least) then
+          victim, least = name, d[3]
+        end
+      end
+      if not victim then
+        break
+      end
+      kick(victim, devices[victim], 'too_many_devices')
+      devices[victim] = nil
+      redis.call('HDEL', k, victim)
+      count = count - 1
     end
-    kick(victim, devices[victim], 'too_many_devices')
-    devices[victim] = nil
-    redis.call('HDEL', k, victim)
-    count = count - 1
-  end
-  redis.call('PEXPIRE', k, ttl)
-  local others = other_nodes(devices, me)
-  local joins = {}
-  if not had then
-    for _, node in ipairs(others) do
-      n_kicks = n_kicks + 1
-      local tag = nonce .. ':' .. n_kicks
-      add_for_node(by_node, node, {'j', uid, {me, tag}})
-      joins[#joins + 1] = tag
+    redis.call('PEXPIRE', k, ttl)
+    local others = other_nodes(devices, me)
+    local joins = {}
+    if not had then
+      for _, node in ipairs(others) do
+        n_kicks = n_kicks + 1
+        local tag = nonce .. ':' .. n_kicks
+        add_for_node(by_node, node, {'j', uid, {me, tag}})
+        joins[#joins + 1] = tag
+      end
     end
+    answers[#answers + 1] = {kicks, others, joins}
   end
-  answers[#answers + 1] = {kicks, others, joins}
 end
 publish_by_node(by_node)
 return {cmsgpack.pack(answers), redis.call('GET', key('generation'))}

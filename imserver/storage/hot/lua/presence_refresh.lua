@@ -2,9 +2,10 @@
 -- conn, since_ms, idle_ms}, ...}: this node's connections. Extends each
 -- device that is still ours (with its last activity), restores the ones that
 -- vanished (a Redis restart or FLUSHALL), and returns {the generation (false
--- if missing), msgpack of {{{uid, device}, ...} now held by another
--- connection (stale here), {{uid, other node, ...}, ...} for the users other
--- nodes hold too}}.
+-- if missing), msgpack of {{{uid, device, conn}, ...} now held by another
+-- connection (conn: the stale one sent), {{uid, other node, ...}, ...} for
+-- the users other nodes hold too}}. A restored device whose connection
+-- closed meanwhile is undone by the node (a logout of that conn).
 local ttl, me = tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 local lost = {}
@@ -25,7 +26,7 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[4])) do
     redis.call('HSET', key('devices', uid), device, device_value(conn, entry[4], active, now + ttl))
     redis.call('PEXPIRE', key('devices', uid), ttl)
   else
-    lost[#lost + 1] = {uid, device}
+    lost[#lost + 1] = {uid, device, conn}
   end
 end
 local shared = {}
