@@ -272,6 +272,46 @@ class ClusterDevicesTests(TestCase):
         devices = await c.online_devices(uid)
         self.assertEqual(sorted(x.device for x in devices), ["laptop", "tablet"])
 
+    async def test_too_many_sees_activity_of_the_last_second_on_other_nodes(self) -> None:
+        """
+        Regression (tests/test_e2e_devices.py): the activity in Redis was
+        written by the refresh only (every ttl/3), so a login on a third node
+        kicked a device active a moment ago instead of the idle one.
+        """
+        a, b, c = await self.node(1, 2), await self.node(2, 2), await self.node(3, 2)
+        uid = next(_uids)
+        laptop, phone = self.link(b, uid, "laptop"), self.link(c, uid, "phone")
+        await b.login(uid, laptop)
+        await c.login(uid, phone)
+        await b.write_activity()
+        await c.write_activity()
+        laptop.last_active = reactor.seconds() + 0.2  # busy after the phone
+        await b.write_activity()
+        tablet = self.link(a, uid, "tablet")
+        await a.login(uid, tablet)
+        self.assertEqual((phone.kicks, laptop.kicks), ([KICK_TOO_MANY], []))
+
+    async def test_activity_is_not_written_for_a_user_with_one_device(self) -> None:
+        a = await self.node(1)
+        calls: list[str] = []
+        original = a._redis._script
+
+        def counting(script: str, *args: Any) -> Any:
+            calls.append(script)
+            return original(script, *args)
+
+        a._redis._script = counting  # type: ignore[method-assign]
+        uid = next(_uids)
+        await a.login(uid, self.link(a, uid, "phone"))
+        await a.write_activity()
+        self.assertNotIn("presence_active", calls)
+        other = self.link(a, uid, "laptop")
+        await a.login(uid, other)
+        await a.write_activity()
+        self.assertEqual(calls.count("presence_active"), 1)
+        await a.write_activity()  # nothing new since
+        self.assertEqual(calls.count("presence_active"), 1)
+
     async def test_login_goes_on_after_the_timeout_when_the_old_node_is_dead(self) -> None:
         a, b = await self.node(1), await self.node(2)
         uid = next(_uids)

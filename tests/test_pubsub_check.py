@@ -158,6 +158,10 @@ class FakeBus:
         self._up()
         return [], {}, "g1"
 
+    async def presence_active(self, entries: Sequence[tuple[int, str, str, int]]) -> int:
+        self._up()
+        return len(entries)
+
     async def presence_kick(
         self, uid: int, device: str, reason: str, node: str, nonce: str
     ) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -151,6 +151,15 @@ class LocalRegistry:
 
     def online(self, uid: int) -> Deferred[bool]:
         return succeed(uid in self._links)
+
+    def several(self, also: Callable[[int], bool]) -> list[tuple[int, IClientLink]]:
+        """The links of the users with several devices here, or for whom C{also} says so."""
+        return [
+            (uid, link)
+            for uid, devices in self._links.items()
+            if len(devices) > 1 or also(uid)
+            for link in devices.values()
+        ]
 
     def pairs(self) -> list[tuple[int, IClientLink]]:
         """(uid, link) of every connection here."""

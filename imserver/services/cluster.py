@@ -102,6 +102,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
+#: How often the activity of devices of users with several devices is written.
+ACTIVITY_SECONDS = 1.0
 #: Join and leave notices remembered for users whose login is pending here.
 MAX_EARLY_NOTICES = 10_000
 #: A pending login's state once its connection went away before it was
@@ -175,6 +177,11 @@ class ClusterPresence:
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
+        # The last activity of devices of users with several devices, written
+        # every second (the refresh writes everyone's every ttl/3 only): the
+        # too_many victim is chosen on any node by what Redis holds.
+        self._activity = Periodic(reactor, ACTIVITY_SECONDS, self.write_activity, "device activity")
+        self._activity_sent: dict[str, float] = {}
         self._generation_check = Periodic(
             reactor, GENERATION_SECONDS, self._check_generation, "generation check"
         )
@@ -223,12 +230,14 @@ class ClusterPresence:
         self.subscription = self._redis.subscribe(self.node, self._on_message, self._subscribed)
         self._redis.when_back(lambda: self._recover("redis answers again"))
         self._refresh.start()
+        self._activity.start()
         self._generation_check.start(now=True)
 
     async def stop(self) -> None:
         self._stopped = True
         # The ticks in flight finish before the subscription stops.
         await self._refresh.stop()
+        await self._activity.stop()
         await self._generation_check.stop()
         # Logouts of the last turn (clients leaving at shutdown).
         await self._logouts.idle()
@@ -594,6 +603,32 @@ class ClusterPresence:
             self.log.failure("confirming a kick to node {node} failed", failure, node=asker)
 
     # -- presence refresh ---------------------------------------------------------
+
+    async def write_activity(self) -> None:
+        """
+        Write the last activity of the devices that were active since it was
+        last written, for the users with several devices (here, or here and
+        elsewhere): their too_many victim is chosen by it, on whichever node
+        the next login comes. One script call a second, none when no such
+        device was active; nothing for a user with one device.
+        """
+        sent = self._activity_sent
+        now = self._reactor.seconds()
+        entries: list[tuple[int, str, str, int]] = []
+        live: dict[str, float] = {}
+        for uid, link in self.registry.several(lambda uid: bool(self._others.get(uid))):
+            conn = self.value(link)
+            active = link.last_active
+            live[conn] = sent.get(conn, active)
+            if active > sent.get(conn, 0.0):
+                entries.append((uid, link.device, conn, max(0, int((now - active) * 1000))))
+                live[conn] = active
+        self._activity_sent = live
+        for i in range(0, len(entries), REFRESH_CHUNK):
+            try:
+                await self._redis.presence_active(entries[i : i + REFRESH_CHUNK])
+            except HotUnavailable:
+                return
 
     async def refresh(self) -> None:
         """

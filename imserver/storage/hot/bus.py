@@ -41,6 +41,7 @@ SCRIPTS = (
     "presence_kick",
     "presence_login",
     "presence_logout",
+    "presence_active",
     "presence_refresh",
     "presence_route",
 )
@@ -96,6 +97,12 @@ class RedisBus(RedisScripts):
 
     async def presence_logout(self, node: str, entries: Sequence[tuple[int, str, str]]) -> None:
         await self._script("presence_logout", node, pack([[str(u), d, c] for u, d, c in entries]))
+
+    async def presence_active(self, entries: Sequence[tuple[int, str, str, int]]) -> int:
+        written = await self._script(
+            "presence_active", pack([[str(u), d, c, str(i)] for u, d, c, i in entries])
+        )
+        return to_int(written)
 
     async def presence_refresh(
         self, node: str, entries: Sequence[LoginEntry], ttl_ms: int

@@ -202,6 +202,12 @@ class IClusterBus(Interface):
         C{node} no longer holds are announced to the nodes still holding them.
         """
 
+    async def presence_active(entries: Sequence[tuple[int, str, str, int]]) -> int:
+        """
+        Write the last activity of these (uid, device, conn, idle_ms) devices
+        whose field still holds that conn; returns how many were written.
+        """
+
     async def presence_refresh(
         node: str, entries: Sequence[LoginEntry], ttl_ms: int
     ) -> tuple[list[tuple[int, str, str]], dict[int, set[str]], str | None]:
