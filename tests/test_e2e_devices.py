@@ -507,9 +507,10 @@ class TooManyDevicesTests(DevicesHelpers, TestCase):
         await self.quiet(b, c)
 
         # Now c is the least recently active of b and c (b asked something after
-        # c's login, on another node than c's): a new login kicks c, not b.
+        # c's login, on another node than c's): a new login kicks c, not b. (A
+        # node writes its devices' activity every second: wait for it.)
         await self.ok(b, "ping")
-        await sleep(0.2)
+        await sleep(1.2)
         a2, _ = await self.device(n1, uid, "a")
         await eventually(lambda: not (b.is_open and c.is_open))
         self.assertTrue(
