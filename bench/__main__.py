@@ -94,6 +94,19 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="open loop: total offered msg/s (paced per sender; in flight still capped by W)",
     )
+    p.add_argument(
+        "--devices",
+        default="1",
+        metavar="N[,M...]",
+        help="each sender and recipient online on N devices (default 1); several counts, "
+        "e.g. 1,3: a run of each on the same server, compared",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --devices: measure each count this many times, alternating (default 1)",
+    )
     _server_options(p, "both")
 
     p = sub.add_parser("sweep", help="pairs open loop at several rates; plots")

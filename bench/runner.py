@@ -527,6 +527,8 @@ def relay_target(args: Any, secret: str) -> Target:
         secret or "bench-relay-secret-0123456789-abcdefgh",
         args.backlog,
         getattr(args, "relay_nagle", False),
+        # Several devices per user: the relay pushes to every connection of a uid.
+        max(parse_devices(getattr(args, "devices", None))) > 1,
     )
 
 
@@ -634,6 +636,7 @@ def run_pairs(
                 "pad": params["pad"],
                 "drain_s": params["drain_s"],
                 "bind": params.get("bind"),
+                "devices": params.get("devices", 1),
             }
         )
         first += n
@@ -691,10 +694,12 @@ def summarize_pairs(
     errors = merged_errors(results)
     duration = win["seconds"]
     in_window = total("delivered_in_window")
+    pushes = total("pushes_in_window")
     verify = {
         "sent": total("sent"),
         "ok": total("ok"),
         "expected": total("expected"),
+        "expected_msgs": total("expected_msgs"),
         "delivered": total("delivered"),
         "delivered_unique": total("unique"),
         "duplicates": total("duplicates"),
@@ -721,6 +726,12 @@ def summarize_pairs(
             "delivered_in_window": in_window,
             "window_s": duration,
             "backlog_at_end": total("backlog_at_end"),
+            # Several devices per user: msg pushes received by every device (the
+            # recipient's and the sender's other ones), per second of the window.
+            "devices": params.get("devices", 1),
+            "delivered_pushes_s": round(pushes / duration, 1),
+            "pushes_in_window": pushes,
+            "pushes_per_msg": round(pushes / in_window, 3) if in_window else None,
         },
         "latency": {
             "send_to_ok": stats.summary(stats.merge(r["lat_ok"] for r in results)),
@@ -759,7 +770,32 @@ def ratio(imserver: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
+def parse_devices(text: str | None) -> list[int]:
+    """C{--devices 1,3}: the devices per user of each run (default one run of 1)."""
+    if not text:
+        return [1]
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--devices takes counts separated by commas, not {text!r}") from None
+    if not out or any(not 1 <= d <= 1000 for d in out):
+        raise BenchError(f"--devices: each count must be 1..1000 (got {text!r})")
+    return out
+
+
+def device_order(devices: list[int], rounds: int) -> list[tuple[int, int]]:
+    """(round, devices) of each run: the counts alternate, round after round
+    (C{1,3} x 2: 1, 3, 1, 3), so a drift of the machine hits each alike."""
+    return [(r, d) for r in range(1, rounds + 1) for d in devices]
+
+
+def device_sections(devices: list[int]) -> dict[str, dict[str, Any]] | None:
+    """Lift C{[devices] max_online} (default 5) when a run needs more."""
+    most = max(devices)
+    return {"devices": {"max_online": most}} if most > 5 else None
+
+
+def pairs_params(args: Any, rate: float | None = None, devices: int = 1) -> dict[str, Any]:
     return {
         "pairs": args.pairs,
         "window": args.window,
@@ -772,20 +808,115 @@ def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
         "drain_s": args.drain,
         "stack": "none (relay only)" if args.target == "relay" else stack_param(args),
         "target": args.target,
+        "devices": devices,
     }
 
 
 def cmd_pairs(args: Any) -> dict[str, Any]:
-    params = pairs_params(args)
+    devices = parse_devices(getattr(args, "devices", None))
+    rounds = getattr(args, "rounds", 1) or 1
+    if rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    if len(devices) > 1 or rounds > 1:
+        return cmd_pairs_devices(args, devices, rounds)
+    params = pairs_params(args, devices=devices[0])
     result = base_result("pairs", args, params)
     uids = Uids()
     progress = Progress(not args.quiet)
     result["targets"] = each_target(
-        args, lambda target: run_pairs(target, params, uids, progress, target.name)
+        args,
+        lambda target: run_pairs(target, params, uids, progress, target.name),
+        device_sections(devices),
     )
     if len(result["targets"]) == 2:
         result["ratio_to_relay"] = ratio(result["targets"]["imserver"], result["targets"]["relay"])
     return result
+
+
+def cmd_pairs_devices(args: Any, devices: list[int], rounds: int) -> dict[str, Any]:
+    """
+    C{pairs --devices 1,3 [--rounds R]}: one server per target for every run,
+    the device counts alternating (L{device_order}); C{runs} holds each run's
+    numbers as C{pairs} gives them, C{devices_comparison} the medians per count
+    and their ratios to the first count.
+    """
+    order = device_order(devices, rounds)
+    params = pairs_params(args, devices=devices[0])
+    params.update(devices=devices, rounds=rounds, order=[d for _, d in order])
+    result = base_result("pairs", args, params)
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    runs: list[dict[str, Any]] = [{"round": r, "devices": d, "targets": {}} for r, d in order]
+
+    def run_all(target: Target) -> dict[str, Any]:
+        for run in runs:
+            label = f"{target.name}, {run['devices']} devices, round {run['round']}"
+            t = run_pairs(target, pairs_params(args, devices=run["devices"]), uids, progress, label)
+            run["targets"][target.name] = t
+            log(f"  {label}: {line_pairs(t)}")
+        return {}
+
+    each_target(args, run_all, device_sections(devices))
+    for run in runs:
+        if len(run["targets"]) == 2:
+            run["ratio_to_relay"] = ratio(run["targets"]["imserver"], run["targets"]["relay"])
+    result["runs"] = runs
+    result["devices_comparison"] = compare_devices(runs, devices)
+    return result
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+#: The bar of issue 10: with several devices, messages sent per second at
+#: least this fraction of the one-device figure.
+DEVICES_BAR = 0.60
+
+
+def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str, Any]:
+    """Per target and device count: the median over the rounds of messages/s,
+    pushes/s, send->push p99 and server CPU per message; each count's ratio to
+    the first count's messages/s (and whether it meets L{DEVICES_BAR})."""
+    out: dict[str, Any] = {}
+    names = sorted({n for run in runs for n in run["targets"]})
+    for name in names:
+        per: dict[str, Any] = {}
+        for d in devices:
+            ts = [run["targets"][name] for run in runs if run["devices"] == d]
+            ts = [t for t in ts if t]
+            per[str(d)] = {
+                "runs": len(ts),
+                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in ts]),
+                "messages_s_each": [t["throughput"]["delivered_msg_s"] for t in ts],
+                "delivered_pushes_s": _median([t["throughput"]["delivered_pushes_s"] for t in ts]),
+                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in ts]),
+                "ok_p99_ms": _median([t["latency"]["send_to_ok"].get("p99_ms") for t in ts]),
+                "server_cores": _median([t["cost"]["server"]["cores"] for t in ts]),
+                "server_cpu_ms_per_1k_msgs": _median(
+                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in ts]
+                ),
+                "workers_cores": _median([t["cost"]["workers"]["cores"] for t in ts]),
+                "workers_max_core": _median(
+                    [max(t["cost"]["workers"]["per_worker_cores"] or [0.0]) for t in ts]
+                ),
+                "machine_busy_cores": _median([t["machine_busy_cores"] for t in ts]),
+                "exactly_once_in_order": all(t["verify"]["exactly_once_in_order"] for t in ts),
+            }
+        base = per[str(devices[0])]["messages_s"]
+        for d in devices[1:]:
+            mine = per[str(d)]["messages_s"]
+            r = round(mine / base, 3) if base and mine is not None else None
+            per[str(d)]["messages_ratio_to_first"] = r
+            if devices[0] == 1 and d > 1:
+                per[str(d)]["meets_bar"] = r is not None and r >= DEVICES_BAR
+        out[name] = per
+    out["bar"] = f"messages/s with several devices >= {DEVICES_BAR:.0%} of --devices {devices[0]}"
+    return out
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -1193,8 +1324,14 @@ def line_pairs(t: dict[str, Any]) -> str:
     th, lat, v = t["throughput"], t["latency"], t["verify"]
     ok, push = lat["send_to_ok"], lat["send_to_push"]
     server = t["cost"]["server"]
+    devices = th.get("devices", 1)
+    pushes = (
+        f" ({th['delivered_pushes_s']:.0f} pushes/s, {devices} devices per user)"
+        if devices > 1
+        else ""
+    )
     return (
-        f"{th['delivered_msg_s']:.0f} msg/s delivered; send->ok p50 {ok.get('p50_ms')} "
+        f"{th['delivered_msg_s']:.0f} msg/s delivered{pushes}; send->ok p50 {ok.get('p50_ms')} "
         f"p99 {ok.get('p99_ms')} ms; send->push p50 {push.get('p50_ms')} p99 "
         f"{push.get('p99_ms')} p99.9 {push.get('p99.9_ms')} ms; server "
         f"{server_cores(server)}, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
@@ -1218,14 +1355,38 @@ def _warning_lines(result: dict[str, Any]) -> list[str]:
             for i, v in enumerate(node):
                 walk(v, f"{where}[{i}]")
 
-    walk(result.get("targets") or result.get("points"), "")
+    walk(result.get("targets") or result.get("points") or result.get("runs"), "")
     return lines
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = _warning_lines(result)
     scenario = result["scenario"]
-    if scenario == "pairs":
+    if scenario == "pairs" and "runs" in result:
+        for run in result["runs"]:
+            for name, t in run["targets"].items():
+                lines.append(
+                    f"{run['devices']} devices, round {run['round']}, {name}{tag(t)}: "
+                    f"{line_pairs(t)}"
+                )
+        comparison = result["devices_comparison"]
+        for name, per in comparison.items():
+            if name == "bar":
+                continue
+            for d, c in per.items():
+                vs = c.get("messages_ratio_to_first")
+                lines.append(
+                    f"{name} {d} devices (median of {c['runs']}): {c['messages_s']} msg/s, "
+                    f"{c['delivered_pushes_s']} pushes/s, send->push p99 {c['push_p99_ms']} ms, "
+                    f"server {c['server_cores']} cores, load workers {c['workers_cores']} cores"
+                    + (f"; msg/s x{vs} of the first count" if vs is not None else "")
+                    + (
+                        f" (bar >= {DEVICES_BAR:.2f}: {'met' if c['meets_bar'] else 'MISSED'})"
+                        if "meets_bar" in c
+                        else ""
+                    )
+                )
+    elif scenario == "pairs":
         for name, t in result["targets"].items():
             lines.append(f"{name}{tag(t)}: {line_pairs(t)}")
         if "ratio_to_relay" in result:

@@ -77,6 +77,11 @@ class Conn(Protocol):
         self.authed = False
         self.started = self.connected_at = 0
         self.node = 0  # which of the server's endpoints (nodes) to connect to
+        # Several devices per user: the auth's device name and catch-up position
+        # (None: not sent, the v1 frame).
+        self.device: str | None = None
+        self.since: int | None = None
+        self.auth_ok: Frame = {}
         self.ready: Deferred[Conn] = Deferred()
         self.errors: Counter[str] = Counter()
 
@@ -84,7 +89,7 @@ class Conn(Protocol):
         self.open = True
         self.connected_at = monotonic_ns()
         self.transport.setTcpNoDelay(True)
-        self.transport.write(wire.auth_frame(self.token))
+        self.transport.write(wire.auth_frame(self.token, device=self.device, since=self.since))
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -109,6 +114,7 @@ class Conn(Protocol):
     def _auth_reply(self, f: Frame) -> None:
         if f.get("t") == "ok" and f.get("id") == 1:
             self.authed = True
+            self.auth_ok = f
             self.on_authed()
             d, self.ready = self.ready, Deferred()
             d.callback(self)
@@ -334,11 +340,17 @@ class Sender(Conn):
 
 
 class Recipient(Conn):
-    """Receives pushes, checks them against the sequence, acks in small batches."""
+    """Receives pushes, checks them against the sequence, acks in small batches.
+
+    With several devices per user, each device of the recipient is one of
+    these (each acks what it got: a message stays pending for every device
+    until that device acks it)."""
 
     def __init__(self, run: Pairs, uid: int, token: str) -> None:
         super().__init__(uid, token)
         self.run = run
+        self.delivered = 0
+        self.in_window = 0
         self.seen = bytearray(1024)
         self.max_q = -1
         self.unique = 0
@@ -367,9 +379,9 @@ class Recipient(Conn):
                 sent = b["s"]
                 if sent >= t_start:
                     lat.append(now - sent)
-                run.delivered += 1
+                self.delivered += 1
                 if in_window:
-                    run.in_window += 1
+                    self.in_window += 1
                 if q >= len(seen):
                     seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
                 if seen[q]:
@@ -406,6 +418,22 @@ class Recipient(Conn):
     def on_lost(self) -> None:
         if self.run.phase in ("sending", "draining"):
             self.errors["disconnected"] += 1
+
+
+class Echo(Recipient):
+    """Another device of a sender: every message its user sends from the
+    sending device is pushed here too, and checked like a recipient's (each
+    once, in order). Nothing to ack: a message is pending for its recipient's
+    devices, not for its sender's."""
+
+    def flush_acks(self) -> None:
+        self.pending_acks = []
+
+
+def device_names(devices: int) -> list[str | None]:
+    """The device of each connection of a user: none named with one device (the
+    v1 auth frame, the server's "default"), else C{d0}, C{d1}, ..."""
+    return [None] if devices <= 1 else [f"d{k}" for k in range(devices)]
 
 
 class Scenario:
@@ -464,8 +492,6 @@ class Pairs(Scenario):
         self.t_start = self.t_end = 1 << 62
         self.lat_ok = array("q")
         self.lat_push = array("q")
-        self.delivered = 0
-        self.in_window = 0
         self.heap: list[tuple[int, int, Sender]] = []
         self.ack_dirty: list[Recipient] = []
         uids: list[int] = spec["uids"]  # [sender0, recipient0, sender1, ...]
@@ -477,12 +503,34 @@ class Pairs(Scenario):
             Sender(self, i // 2, uids[i], tokens[i], uids[i + 1]) for i in range(0, len(uids), 2)
         ]
         self.place_pairs(self.senders, self.recipients)
+        self.devices: int = spec.get("devices", 1)
+        # Pair j's receiving connections: the recipient's device 0, then each
+        # further device k of the recipient and of the sender (its pushes of the
+        # sender's own messages), on node (first + j + 1 + k) % N and
+        # (first + j + k) % N: with several nodes, a user's devices spread out.
+        self.receivers: list[list[Recipient]] = [[r] for r in self.recipients]
+        self.others: list[Recipient] = []
+        names = device_names(self.devices)
+        n = len(self.endpoints)
+        first = spec.get("first_pair", 0)
+        for j, (s, r) in enumerate(zip(self.senders, self.recipients, strict=True)):
+            s.device = r.device = names[0]
+            for k in range(1, self.devices):
+                rd: Recipient = Recipient(self, r.uid, r.token)
+                sd: Recipient = Echo(self, s.uid, s.token)
+                rd.device = sd.device = names[k]
+                rd.node = (first + j + 1 + k) % n
+                sd.node = (first + j + k) % n
+                self.receivers[j] += [rd, sd]
+                self.others += [rd, sd]
+        self.all_receivers = [*self.recipients, *self.others]
         self.ack_loop = LoopingCall(self.flush_acks)
         self.tick_call: Any = None
 
     def setup(self) -> Deferred[Any]:
         async def go() -> None:
-            for group in (self.recipients, self.senders):
+            groups = (self.recipients, self.others, self.senders)
+            for group in groups if self.others else (self.recipients, self.senders):
                 ok = await self.connector.open_all(list(group))
                 if len(ok) != len(group):
                     raise RuntimeError(f"only {len(ok)} of {len(group)} connections authenticated")
@@ -545,15 +593,15 @@ class Pairs(Scenario):
     def check_drained(self) -> None:
         now = monotonic_ns()
         done = all(
-            (not s.inflight or not s.open) and (r.unique >= s.ok or not r.open)
-            for s, r in zip(self.senders, self.recipients, strict=True)
+            (not s.inflight or not s.open) and all(r.unique >= s.ok or not r.open for r in rs)
+            for s, rs in zip(self.senders, self.receivers, strict=True)
         )
         if self.phase == "draining" and (done or now > self.deadline):
             self.phase = "acking"
             self.flush_acks()
             self.ack_deadline = now + int(3e9)
         if self.phase == "acking":
-            acked = all(r.acks_ok >= r.acks_out or not r.open for r in self.recipients)
+            acked = all(r.acks_ok >= r.acks_out or not r.open for r in self.all_receivers)
             if acked or now > self.ack_deadline:
                 self.drain_loop.stop()
                 self.ack_loop.stop()
@@ -563,28 +611,28 @@ class Pairs(Scenario):
         return {
             "sent": sum(s.seq for s in self.senders),
             "ok": sum(s.ok for s in self.senders),
-            "delivered": self.delivered,
-            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.recipients)),
+            "delivered": sum(r.delivered for r in self.all_receivers),
+            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.all_receivers)),
         }
 
     def finish(self) -> None:
-        missing = unexpected = no_reply = expected = 0
-        for s, r in zip(self.senders, self.recipients, strict=True):
+        missing = unexpected = no_reply = expected = expected_msgs = 0
+        for s, rs in zip(self.senders, self.receivers, strict=True):
             no_reply += len(s.inflight)
-            seen = r.seen
-            good = 0
-            for q in range(s.seq):
-                got = q < len(seen) and seen[q]
-                should = q not in s.failed and q not in s.inflight
-                if should:
-                    expected += 1
-                    if got:
-                        good += 1
-                    else:
-                        missing += 1
-                elif got:
-                    unexpected += 1
-        conns: list[Conn] = [*self.senders, *self.recipients]
+            for i, r in enumerate(rs):
+                seen = r.seen
+                for q in range(s.seq):
+                    got = q < len(seen) and seen[q]
+                    should = q not in s.failed and q not in s.inflight
+                    if should:
+                        expected += 1  # a push expected on this device
+                        expected_msgs += i == 0
+                        if not got:
+                            missing += 1
+                    elif got:
+                        unexpected += 1
+        receivers = self.all_receivers
+        conns: list[Conn] = [*self.senders, *receivers]
         self.worker.finish(
             {
                 "pairs": len(self.senders),
@@ -594,16 +642,20 @@ class Pairs(Scenario):
                 "failed": sum(len(s.failed) for s in self.senders),
                 "no_reply": no_reply,
                 "backlog_at_end": getattr(self, "backlog", 0),
-                "delivered": self.delivered,
-                "delivered_in_window": self.in_window,
+                "devices": self.devices,
+                # Pushes received by every device; messages: by the recipient's device 0.
+                "delivered": sum(r.delivered for r in receivers),
+                "delivered_in_window": sum(r.in_window for r in self.recipients),
+                "pushes_in_window": sum(r.in_window for r in receivers),
                 "expected": expected,
-                "unique": sum(r.unique for r in self.recipients),
-                "duplicates": sum(r.duplicates for r in self.recipients),
-                "reorders": sum(r.reorders for r in self.recipients),
+                "expected_msgs": expected_msgs,
+                "unique": sum(r.unique for r in receivers),
+                "duplicates": sum(r.duplicates for r in receivers),
+                "reorders": sum(r.reorders for r in receivers),
                 "missing": missing,
                 "unexpected": unexpected,
-                "acks_sent": sum(r.acks_out for r in self.recipients),
-                "acks_ok": sum(r.acks_ok for r in self.recipients),
+                "acks_sent": sum(r.acks_out for r in receivers),
+                "acks_ok": sum(r.acks_ok for r in receivers),
                 "errors": dict(total_errors(conns, self.connector.errors)),
                 "lat_ok": stats.histogram(self.lat_ok),
                 "lat_push": stats.histogram(self.lat_push),
