@@ -1071,6 +1071,162 @@ def cmd_offline(args: Any) -> dict[str, Any]:
     return result
 
 
+# -- catchup ------------------------------------------------------------------------------------
+
+#: The device name of the catch-up benchmark's device.
+CATCHUP_DEVICE = "bench-catchup"
+
+
+def cmd_catchup(args: Any) -> dict[str, Any]:
+    """
+    A device that missed C{--messages} N: it registers (auth with its device
+    name), leaves; C{--senders} S send N messages to its user, W in flight
+    each, as fast as they are answered; after C{--settle} seconds the device
+    comes back with C{since} and pages C{catchup} (C{--limit}) until C{more}
+    is false. Timed from its reconnect to the last page; the server's CPU
+    (and MariaDB's, Redis's) in a window around that. The device must get
+    exactly the N messages, once each, in order (L{StreamCheck}).
+    """
+    n, senders = args.messages, max(1, min(args.senders, args.messages or 1))
+    params = {
+        "messages": n,
+        "senders": senders,
+        "window": args.window,
+        "limit": args.limit,
+        "pad": args.pad,
+        "workers": args.workers,
+        "settle_s": args.settle,
+        "stack": stack_param(args),
+    }
+    result = base_result("catchup", args, params)
+    counts = split(n, senders) if n else []
+    uids = Uids()
+    user = uids.take(1)[0]
+    sender_uids = uids.take(len(counts))
+    expected = {str(u): c for u, c in zip(sender_uids, counts, strict=True)}
+    target = imserver_target(args)
+    progress = Progress(not args.quiet)
+    try:
+        specs = []
+        i = 0
+        for w, k in enumerate(split(len(counts), args.workers) if counts else [0]):
+            specs.append(
+                {
+                    "scenario": "catchup",
+                    "endpoints": target.endpoints,
+                    "first": i,
+                    "secret": target.secret,
+                    "user": user,
+                    "uids": sender_uids[i : i + k],
+                    "counts": counts[i : i + k],
+                    "expected": expected,
+                    "device": CATCHUP_DEVICE if w == 0 else None,
+                    "window": args.window,
+                    "limit": args.limit,
+                    "pad": args.pad,
+                }
+            )
+            i += k
+        with workers(specs) as pool:
+            t0 = time.monotonic()
+
+            def tick(phase: str, key: str) -> Callable[[], None]:
+                def show() -> None:
+                    done = pool.total(key)
+                    el = time.monotonic() - t0
+                    progress.show(
+                        f"[catchup] {phase} {bar(done / max(n, 1))} {el:5.1f}s "
+                        f"{int(done)}/{n}  errors {int(pool.total('errors'))}"
+                    )
+
+                return show
+
+            pool.wait("ready", 120, lambda: progress.show("[catchup] connecting"))
+            send_win = Window(target, pool.pids)
+            send_win.begin()
+            t0 = time.monotonic()
+            pool.send({"cmd": "start"})
+            sent = pool.wait("sent", 600, tick("sending", "ok"))
+            t_sent = max(e["t"] for e in sent) / 1e9
+            sending = send_win.end()
+            # The server's work after the replies (pushes to nobody, hot-store
+            # writes) is left out of the catch-up's window.
+            pool.sleep_until(time.monotonic() + args.settle)
+            win = Window(target, pool.pids)
+            win.begin()
+            t0 = time.monotonic()
+            pool.send({"cmd": "catchup"})
+            caught = pool.wait("caught_up", 600, tick("catching up", "events"))
+            catching = win.end()
+            pool.wait("acked", 60)
+            pool.send({"cmd": "stop"})
+            results = pool.collect(60)
+        progress.done()
+    finally:
+        target.stop()
+    dev = next(e for e in caught if e["device"])
+    mine = next(r for r in results if r["device"])
+    check = mine["check"] or {}
+    seconds = (dev["t_done"] - dev["t_connect"]) / 1e9 if dev["t_done"] else None
+    events = dev["events"]
+    errors = merged_errors(results)
+    queue_s = t_sent - send_win.t0
+    ok = sum(r["ok"] for r in results)
+    verify = {
+        "sent": sum(r["sent"] for r in results),
+        "ok": ok,
+        "failed_sends": sum(r["failed"] for r in results),
+        **check,
+        "pushes_during_catchup": mine["pushes_during_catchup"],
+        "device_failed": mine["device_failed"],
+        "reset": bool(mine["auth"].get("reset")),
+    }
+    verify["ok_exactly"] = (
+        ok == n
+        and bool(check.get("exactly_once_in_order"))
+        and check.get("msg_events") == n
+        and not verify["device_failed"]
+        and not verify["reset"]
+        and not errors
+    )
+    server = costs(catching, events, "cpu_ms_per_1k_events")
+    result["targets"] = {
+        "imserver": {
+            "target": target.describe(),
+            "placement": placement(target, pairs=False),
+            "queue": {
+                "seconds": round(queue_s, 3),
+                "msg_s": round(ok / queue_s, 1) if queue_s > 0 else None,
+                "cost": costs(sending, ok),
+                "warnings": warnings(sending),
+            },
+            "catchup": {
+                "seconds": round(seconds, 3) if seconds is not None else None,
+                "auth_ms": round((dev["t_authed"] - dev["t_connect"]) / 1e6, 2)
+                if dev["t_authed"]
+                else None,
+                "events": events,
+                "pages": dev["pages"],
+                "limit": args.limit,
+                "events_s": round(events / seconds, 1) if seconds else None,
+                "server_cpu_s": server["server"]["cpu_s"],
+                "window_s": catching["seconds"],
+                "cost": server,
+                "warnings": warnings(catching),
+                "other_cores": catching["other_cores"],
+                "server_metrics": catching["metrics"],
+                "server_metrics_scope": catching["metrics_scope"],
+            },
+            "first_auth": mine["first_auth"],
+            "auth": mine["auth"],
+            "position_before": mine["position_before"],
+            "errors": dict(errors),
+            "verify": verify,
+        }
+    }
+    return result
+
+
 # -- idle ---------------------------------------------------------------------------------------
 
 
@@ -1410,6 +1566,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"(server {t['drain']['cost']['server']['cpu_ms_per_1k_msgs']} CPU-ms/1k); "
             f"errors {sum(t['errors'].values())}; exactly once in order: "
             f"{t['verify']['exactly_once_in_order']}"
+        )
+    elif scenario == "catchup":
+        t = result["targets"]["imserver"]
+        c, v = t["catchup"], t["verify"]
+        cost = c["cost"]
+        backends = "".join(
+            f", {name} {cost[name]['cpu_s']} s" for name in ("mariadb", "redis") if name in cost
+        )
+        lines.append(
+            f"imserver{tag(t)}: sent {v['ok']} msgs at {t['queue']['msg_s']} msg/s; the device "
+            f"caught up {c['events']} events in {c['pages']} pages in {c['seconds']} s = "
+            f"{c['events_s']} events/s; server CPU {c['server_cpu_s']} s "
+            f"({cost['server']['cpu_ms_per_1k_events']} CPU-ms/1k events{backends}); "
+            f"{v.get('msg_events')} msg events of {result['params']['messages']}: "
+            f"exactly once in order: {v['ok_exactly']}"
+            + (f"; failed: {v['device_failed']}" if v["device_failed"] else "")
         )
     elif scenario == "idle":
         for name, t in result["targets"].items():

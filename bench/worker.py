@@ -40,6 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from bench import stats, wire
+from bench.streamcheck import StreamCheck
 from imserver.wire.framing import FrameDecoder
 
 reactor: Any = _reactor
@@ -825,7 +826,7 @@ class Visitor(Conn):
 
 
 class OfflineSender(Conn):
-    def __init__(self, run: Offline, uid: int, token: str, to: int, count: int) -> None:
+    def __init__(self, run: Offline | Catchup, uid: int, token: str, to: int, count: int) -> None:
         super().__init__(uid, token)
         self.run = run
         self.build = wire.send_builder(to, run.pad)
@@ -1031,6 +1032,213 @@ class Offline(Scenario):
         )
 
 
+# -- catchup ----------------------------------------------------------------------------
+
+
+class CatchupDevice(Conn):
+    """The device coming back: auth with C{since} = its position, then
+    C{catchup} pages (no C{after}: the server pages from the connection's
+    position) until C{more} is false, then C{ack {seq}} of the last position."""
+
+    def __init__(self, run: Catchup, uid: int, token: str, device: str, since: int) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.device = device
+        self.since = since
+        self.check = StreamCheck(run.expected)
+        self.next_id = 1
+        self.waiting: dict[int, str] = {}
+        self.pushes = 0
+        self.t_authed = self.t_done = 0
+        self.failed = ""
+
+    def request(self, kind: str, frame: Callable[[int], bytes]) -> None:
+        self.next_id += 1
+        self.waiting[self.next_id] = kind
+        self.transport.write(frame(self.next_id))
+
+    def on_authed(self) -> None:
+        self.t_authed = monotonic_ns()
+        if self.auth_ok.get("reset"):
+            self.failed = "the server answered reset: it did not know the device"
+        self.request("catchup", lambda i: wire.catchup_frame(i, self.run.limit))
+
+    def on_frame(self, f: Frame) -> None:
+        kind = self.waiting.pop(f.get("id", -1), None)
+        if kind is None:
+            # A push (none expected: nothing is sent during the catch-up, and
+            # pushes with a seq are held back until the last page).
+            self.pushes += 1
+            return
+        if f.get("t") == "error":
+            self.errors[f"{kind}:{f.get('code')}"] += 1
+            self.failed = self.failed or f"{kind} answered {f.get('code')}: {f.get('message')}"
+            self.run.caught_up(self)
+            return
+        if kind == "catchup":
+            if self.check.page(f):
+                self.request("catchup", lambda i: wire.catchup_frame(i, self.run.limit))
+            else:
+                self.t_done = monotonic_ns()
+                self.run.caught_up(self)
+                position = self.check.position
+                if position is not None:
+                    self.request("ack", lambda i: wire.ack_seq_frame(i, position))
+                else:
+                    self.run.acked()
+        elif kind == "ack":
+            self.run.acked()
+
+    def on_lost(self) -> None:
+        if self.run.phase == "catching up" and not self.t_done:
+            self.failed = self.failed or "disconnected during the catch-up"
+            self.errors["disconnected"] += 1
+            self.run.caught_up(self)
+
+
+class Catchup(Scenario):
+    """
+    A device that missed C{count} messages: it authenticates once with its
+    device name (registering it; its position is the reply's C{seq}) and
+    leaves; the senders send their messages to its user (W in flight each);
+    then it comes back with C{since} and pages C{catchup}. Only the worker whose
+    spec has C{device} runs the device; the others only send.
+    """
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        self.window: int = spec["window"]
+        self.pad: int = spec.get("pad", 0)
+        self.limit: int = spec.get("limit", 500)
+        self.to: int = spec["user"]
+        device = spec.get("device")
+        uids: list[int] = spec["uids"]
+        counts: list[int] = spec["counts"]
+        tokens = mint_tokens(spec["secret"], [*uids, self.to])
+        self.user_token = tokens[-1]
+        self.senders = [
+            OfflineSender(self, u, t, self.to, n)
+            for u, t, n in zip(uids, tokens[:-1], counts, strict=True)
+        ]
+        self.place_round_robin(self.senders)
+        self.device_name: str | None = device
+        # Every sender of the run (over all workers) and its count: the device checks all.
+        self.expected: dict[int, int] = {int(k): v for k, v in spec.get("expected", {}).items()}
+        self.device: CatchupDevice | None = None
+        self.position = 0
+        self.first_auth: Frame = {}
+        self.senders_left = len(self.senders)
+        self.phase = "setup"
+
+    def setup(self) -> Deferred[Any]:
+        async def go() -> None:
+            if self.device_name is not None:
+                first = Visitor(self.to, self.user_token)
+                first.device = self.device_name
+                if len(await self.connector.open_all([first])) != 1:
+                    raise RuntimeError("the device could not authenticate")
+                self.first_auth = dict(first.auth_ok)
+                # Where the device's catch-up starts (a new device: the head).
+                self.position = int(first.auth_ok.get("seq", first.auth_ok.get("head", 0)) or 0)
+                first.close()
+                await first.gone
+            ok = await self.connector.open_all(list(self.senders))
+            if len(ok) != len(self.senders):
+                raise RuntimeError("senders could not authenticate")
+
+        return Deferred.fromCoroutine(go())
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "start":
+            self.phase = "sending"
+            if not self.senders:
+                self.worker.emit({"ev": "sent", "t": monotonic_ns()})
+            for s in self.senders:
+                s.pump()
+        elif cmd["cmd"] == "catchup":
+            self.phase = "catching up"
+            if self.device_name is None:
+                self.worker.emit({"ev": "caught_up", "device": False})
+                self.worker.emit({"ev": "acked"})
+                return
+            self.t_connect = monotonic_ns()
+            self.device = CatchupDevice(
+                self, self.to, self.user_token, self.device_name, self.position
+            )
+            self.device.node = 0
+            self.device_connector = Connector(self.endpoints, self.spec.get("bind"), 1)
+            d = self.device_connector.open_all([self.device])
+            d.addCallback(self.device_open)
+        elif cmd["cmd"] == "stop":
+            self.finish()
+
+    def device_open(self, ok: list[Conn]) -> None:
+        if not ok and self.device is not None:
+            self.device.failed = "could not connect again"
+            self.caught_up(self.device)
+
+    def sender_done(self) -> None:
+        self.senders_left -= 1
+        if not self.senders_left:
+            self.worker.emit({"ev": "sent", "t": monotonic_ns()})
+
+    def caught_up(self, device: CatchupDevice) -> None:
+        if getattr(self, "reported", False):
+            return
+        self.reported = True
+        self.phase = "caught up"
+        self.worker.emit(
+            {
+                "ev": "caught_up",
+                "device": True,
+                "t_connect": self.t_connect,
+                "t_authed": device.t_authed,
+                "t_done": device.t_done,
+                "events": device.check.events,
+                "pages": device.check.pages,
+                "failed": device.failed,
+            }
+        )
+        if device.failed:
+            self.acked()
+
+    def acked(self) -> None:
+        self.worker.emit({"ev": "acked"})
+
+    def progress(self) -> dict[str, Any]:
+        dev = self.device
+        return {
+            "sent": sum(s.seq for s in self.senders),
+            "ok": sum(s.ok for s in self.senders),
+            "events": dev.check.events if dev else 0,
+            "errors": sum(sum(c.errors.values()) for c in self.senders)
+            + (sum(dev.errors.values()) if dev else 0),
+        }
+
+    def finish(self) -> None:
+        dev = self.device
+        errors = total_errors(list(self.senders), self.connector.errors)
+        if dev is not None:
+            errors.update(dev.errors)
+            errors.update(self.device_connector.errors)
+        self.worker.finish(
+            {
+                "sent": sum(s.seq for s in self.senders),
+                "ok": sum(s.ok for s in self.senders),
+                "ok_by_sender": {str(s.uid): s.ok for s in self.senders},
+                "failed": sum(s.failed for s in self.senders),
+                "device": dev is not None,
+                "first_auth": {k: v for k, v in self.first_auth.items() if k != "id"},
+                "auth": {k: v for k, v in dev.auth_ok.items() if k != "id"} if dev else {},
+                "position_before": self.position,
+                "check": dev.check.result() if dev else None,
+                "pushes_during_catchup": dev.pushes if dev else 0,
+                "device_failed": dev.failed if dev else "",
+                "errors": dict(errors),
+            }
+        )
+
+
 # -- the worker process ---------------------------------------------------------------
 
 SCENARIOS: dict[str, type[Scenario]] = {
@@ -1038,6 +1246,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "idle": Idle,
     "connect": Connect,
     "offline": Offline,
+    "catchup": Catchup,
 }
 
 
