@@ -612,7 +612,9 @@ class Pairs(Scenario):
         return {
             "sent": sum(s.seq for s in self.senders),
             "ok": sum(s.ok for s in self.senders),
-            "delivered": sum(r.delivered for r in self.all_receivers),
+            # Messages (the recipients' device 0: the timeline's msg/s), and every push.
+            "delivered": sum(r.delivered for r in self.recipients),
+            "pushes": sum(r.delivered for r in self.all_receivers),
             "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.all_receivers)),
         }
 
