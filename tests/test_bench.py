@@ -163,7 +163,7 @@ class BenchSmokeTests(BenchTestCase):
                 self.assertEqual(th["devices"], run["devices"])
                 self.assertEqual(v["expected"], pushes * v["expected_msgs"])
                 self.assertGreaterEqual(th["delivered_pushes_s"], th["delivered_msg_s"])
-                self.assertAlmostEqual(th["pushes_per_msg"], pushes, delta=0.2)
+                self.assertLess(abs(th["pushes_per_msg"] - pushes), 0.3, th)
             self.assertIn("ratio_to_relay", run)
         imserver = result["devices_comparison"]["imserver"]
         self.assertGreater(imserver["3"]["messages_ratio_to_first"], 0)
@@ -188,7 +188,7 @@ class BenchSmokeTests(BenchTestCase):
         self.assertGreaterEqual(c["server_cpu_s"], 0)
         self.assertGreater(t["queue"]["msg_s"], 0)
         self.assertFalse(t["first_auth"].get("reset"))
-        self.assertGreaterEqual(v["position"], 600)  # each message: a seq for each end
+        self.assertEqual(v["position"], 300)  # a fresh user: one seq per message received
 
     def test_idle(self) -> None:
         result, _ = self.bench(
