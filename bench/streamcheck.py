@@ -25,6 +25,7 @@ class StreamCheck:
         self.seen: dict[int, bytearray] = {uid: bytearray(n) for uid, n in expected.items()}
         self.max_q: dict[int, int] = {}
         self.pages = 0
+        self.page_sizes: list[int] = []  # events per page (a server may cut pages by size)
         self.events = 0
         self.msg_events = 0
         self.unique = 0
@@ -45,6 +46,7 @@ class StreamCheck:
         if not isinstance(events, list):
             self.malformed += 1
             events = []
+        self.page_sizes.append(len(events))
         self.feed(events)
         seq = reply.get("seq")
         if not isinstance(seq, int) or seq < self.last_seq:
@@ -96,6 +98,7 @@ class StreamCheck:
         out: dict[str, Any] = {
             "expected": expected,
             "pages": self.pages,
+            "page_sizes": self.page_sizes,
             "events": self.events,
             "msg_events": self.msg_events,
             "unique": self.unique,

@@ -290,6 +290,7 @@ class BenchLogicTests(TestCase):
         self.assertTrue(r["exactly_once_in_order"], r)
         self.assertEqual((r["msg_events"], r["unique"], r["pages"], r["position"]), (3, 3, 2, 12))
         self.assertEqual(r["other_events"], {"read": 1})
+        self.assertEqual(r["page_sizes"], [2, 2])
 
     def test_stream_check_catches(self) -> None:
         """Each fault is counted and makes the check fail."""
