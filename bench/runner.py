@@ -876,12 +876,18 @@ def _median(values: list[float]) -> float | None:
 #: The bar of issue 10: with several devices, messages sent per second at
 #: least this fraction of the one-device figure.
 DEVICES_BAR = 0.60
+#: A run is "quiet" when processes the tool does not measure used at most this
+#: many cores in its window (the threshold of L{warnings}).
+QUIET_OTHER_CORES = 0.25
 
 
 def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str, Any]:
     """Per target and device count: the median over the rounds of messages/s,
     pushes/s, send->push p99 and server CPU per message; each count's ratio to
-    the first count's messages/s (and whether it meets L{DEVICES_BAR})."""
+    the first count's messages/s (and whether it meets L{DEVICES_BAR}). On a
+    shared machine another session's load steals the cores of some runs:
+    C{quiet} repeats messages/s and its ratio over the quiet runs alone
+    (L{QUIET_OTHER_CORES}), when each count has one."""
     out: dict[str, Any] = {}
     names = sorted({n for run in runs for n in run["targets"]})
     for name in names:
@@ -905,15 +911,32 @@ def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str,
                     [max(t["cost"]["workers"]["per_worker_cores"] or [0.0]) for t in ts]
                 ),
                 "machine_busy_cores": _median([t["machine_busy_cores"] for t in ts]),
+                "other_cores_each": [t["other_cores"] for t in ts],
                 "exactly_once_in_order": all(t["verify"]["exactly_once_in_order"] for t in ts),
             }
+            quiet = [t for t in ts if t["other_cores"] <= QUIET_OTHER_CORES]
+            per[str(d)]["quiet"] = {
+                "runs": len(quiet),
+                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in quiet]),
+                "delivered_pushes_s": _median(
+                    [t["throughput"]["delivered_pushes_s"] for t in quiet]
+                ),
+                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in quiet]),
+                "server_cpu_ms_per_1k_msgs": _median(
+                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in quiet]
+                ),
+            }
         base = per[str(devices[0])]["messages_s"]
+        quiet_base = per[str(devices[0])]["quiet"]["messages_s"]
         for d in devices[1:]:
             mine = per[str(d)]["messages_s"]
             r = round(mine / base, 3) if base and mine is not None else None
             per[str(d)]["messages_ratio_to_first"] = r
             if devices[0] == 1 and d > 1:
                 per[str(d)]["meets_bar"] = r is not None and r >= DEVICES_BAR
+            quiet = per[str(d)]["quiet"]
+            if quiet_base and quiet["messages_s"] is not None:
+                quiet["messages_ratio_to_first"] = round(quiet["messages_s"] / quiet_base, 3)
         out[name] = per
     out["bar"] = f"messages/s with several devices >= {DEVICES_BAR:.0%} of --devices {devices[0]}"
     return out
@@ -1542,6 +1565,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                         else ""
                     )
                 )
+                q = c["quiet"]
+                if q["runs"] and q["runs"] < c["runs"]:
+                    qvs = q.get("messages_ratio_to_first")
+                    lines.append(
+                        f"  quiet runs only ({q['runs']} of {c['runs']}, other processes <= "
+                        f"{QUIET_OTHER_CORES} cores): {q['messages_s']} msg/s, "
+                        f"{q['server_cpu_ms_per_1k_msgs']} server CPU-ms/1k msgs"
+                        + (f"; msg/s x{qvs} of the first count" if qvs is not None else "")
+                    )
     elif scenario == "pairs":
         for name, t in result["targets"].items():
             lines.append(f"{name}{tag(t)}: {line_pairs(t)}")

@@ -336,6 +336,7 @@ class BenchLogicTests(TestCase):
                     "workers": {"cores": 0.5, "per_worker_cores": [0.2, 0.3]},
                 },
                 "machine_busy_cores": 1.5,
+                "other_cores": 0.5 if msgs == 1200 else 0.0,
                 "verify": {"exactly_once_in_order": True},
             }
             return {"devices": devices, "targets": {"imserver": t}}
@@ -347,3 +348,6 @@ class BenchLogicTests(TestCase):
         self.assertEqual(c["3"]["messages_ratio_to_first"], round(600 / 1100, 3))
         self.assertFalse(c["3"]["meets_bar"])
         self.assertEqual(c["3"]["workers_max_core"], 0.3)
+        # Without the run another session disturbed (other_cores 0.5):
+        self.assertEqual((c["1"]["quiet"]["runs"], c["1"]["quiet"]["messages_s"]), (1, 1000))
+        self.assertEqual(c["3"]["quiet"]["messages_ratio_to_first"], 0.6)
