@@ -870,7 +870,7 @@ def _median(values: list[float]) -> float | None:
     if not values:
         return None
     mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
 
 
 #: The bar of issue 10: with several devices, messages sent per second at
