@@ -1,7 +1,7 @@
 """
 The C{imserver} command.
 
-    imserver token --uid N [--ttl S] [--config PATH]   print a client token
+    imserver token --uid N [--ttl S] [--device D] [--config PATH]   print a client token
     imserver migrate [--config PATH]                   apply schema migrations
     imserver run [--config PATH]                       same as twistd -n imserver
 """
@@ -33,9 +33,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise SystemExit("imserver: --ttl must be positive")
     tokens = TokenService(config.auth.secret)
     try:
-        token = tokens.mint(args.uid, now=time.time(), ttl_seconds=args.ttl)
+        token = tokens.mint(args.uid, now=time.time(), ttl_seconds=args.ttl, device=args.device)
     except ValueError as e:
-        raise SystemExit(f"imserver: --ttl: {e}") from None
+        raise SystemExit(f"imserver: {e}") from None
     print(token)
     return 0
 
@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = sub.add_parser("token", help="mint a client token with the configured secret")
     token.add_argument("--uid", type=int, required=True)
     token.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
+    token.add_argument("--device", help="bind the token to this device (its `device` claim)")
     token.add_argument("--config", help="TOML config (default: the embedded one)")
     token.set_defaults(func=cmd_token)
 

@@ -367,6 +367,18 @@ class LimitsConfig:
     max_body_bytes: int = setting(32768, int_in(16, 16 * 1024 * 1024))
 
 
+@attrs.frozen
+class DevicesConfig:
+    """Several devices per user (docs/protocol.md, "Devices")."""
+
+    # Devices of one user online at once; a login beyond it kicks the least
+    # recently active one (1: one connection per user, as before devices).
+    max_online: int = setting(5, int_in(1, 1000))
+    # A device not seen for this long is forgotten (its catch-up position
+    # with it): one that comes back is told to rebuild from convs/history.
+    forget_days: float = setting(30.0, number_in(1, 3650))
+
+
 def http_url(value: Any, key: str) -> str:
     url = text()(value, key)
     parts = urlsplit(url)
@@ -393,6 +405,7 @@ SECTIONS: dict[str, type] = {
     "filter": FilterConfig,
     "limits": LimitsConfig,
     "notify": NotifyConfig,
+    "devices": DevicesConfig,
 }
 
 
@@ -404,6 +417,7 @@ class Config:
     filter: FilterConfig = attrs.field(factory=FilterConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     notify: NotifyConfig = attrs.field(factory=NotifyConfig)
+    devices: DevicesConfig = attrs.field(factory=DevicesConfig)
     source: str = attrs.field(default="<embedded>", eq=False)
 
     @classmethod

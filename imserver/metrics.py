@@ -135,6 +135,25 @@ def _counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricF
     return family
 
 
+class DeviceCollector(Collector):
+    """The device service's counters (L{imserver.chat.devices.DeviceService})."""
+
+    def __init__(self, devices: Any) -> None:
+        self.devices = devices
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.devices
+        yield _counter("imserver_catchup_pages", "Catch-up pages answered.", d.catchups)
+        yield _counter(
+            "imserver_catchup_events", "Stream events sent in catch-up pages.", d.caught_up_events
+        )
+        yield _counter(
+            "imserver_auth_revoked",
+            "Logins refused: a token older than its device's revocation.",
+            d.refused_revoked,
+        )
+
+
 class ServerCollector(Collector):
     """Reads the counters of one node's components at scrape time."""
 

@@ -29,7 +29,7 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
-from imserver.metrics import Metrics, ServerCollector
+from imserver.metrics import DeviceCollector, Metrics, ServerCollector
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
@@ -62,7 +62,9 @@ class IMServer(MultiService):
         self.worker_index = worker_index
         self.config = config
         self.reactor = reactor
-        self.registry = LocalRegistry()
+        self.registry = LocalRegistry(
+            max_online=config.devices.max_online, node=str(config.server.node_id)
+        )
         self.tokens = TokenService(config.auth.secret)
         self.metrics = Metrics()
         ids = IdGenerator(config.server.node_id, reactor)
@@ -97,6 +99,7 @@ class IMServer(MultiService):
                 RedisBus(self.redis, config.storage.key_prefix),
                 config.server.node_id,
                 ttl_seconds=config.server.presence_ttl_seconds,
+                max_online=config.devices.max_online,
             )
             self.presence = self.cluster
         notify = config.notify
@@ -119,6 +122,7 @@ class IMServer(MultiService):
             observe=self.metrics.observe,
             shared_profiles=self.cluster is not None,
             max_reply_bytes=config.server.max_frame_bytes,
+            devices=config.devices,
         )
         if self.cluster is not None:
             self.cluster.on_profile = self.chat.profiles.put
@@ -144,6 +148,7 @@ class IMServer(MultiService):
             presence=self.presence,
             ops=business_ops(self.chat, config.limits),
             on_login=login_hook(self.chat),
+            on_logout=lambda conn: self.chat.devices.left(conn.device_id),
             max_connections=connection_budget(),
         )
         self.site = make_site(
@@ -160,6 +165,7 @@ class IMServer(MultiService):
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self.metrics.register(ServerCollector(self))
+        self.metrics.register(DeviceCollector(self.chat.devices))
 
     def startService(self) -> None:
         super().startService()
@@ -177,6 +183,7 @@ class IMServer(MultiService):
         if replayed:
             self.log.info("replayed {n} outbox rows left by the previous run", n=replayed)
         self.chat.start_sweeper()
+        self.chat.devices.start()
         if self.notifier is not None:
             self.notifier.start()
         for desc in cfg.server.listen:
@@ -248,6 +255,7 @@ class IMServer(MultiService):
             await swept
         except Exception:
             self.log.warn("outbox sweep still running after the shutdown grace period")
+        await self.chat.devices.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.stop()

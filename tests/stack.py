@@ -23,7 +23,7 @@ from imserver.chat.service import ChatService
 from imserver.config import LimitsConfig, SqliteTarget, parse_config
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
-from imserver.services.presence import IClientLink, IPresence
+from imserver.services.presence import IClientLink, IPresence, OnlineDevice
 from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
 from imserver.storage.hot.redis import RedisHotStore
@@ -39,30 +39,83 @@ BACKENDS = ("embedded", "redis")
 
 @implementer(IPresence)
 class RecordingPresence:
-    """Presence where users are "online" when the test says so; pushes are recorded."""
+    """
+    Presence where users are "online" when the test says so; pushes are
+    recorded per uid. A push that names an C{exclude} connection is recorded
+    with it (C{excluded}); L{take} leaves out nothing: tests that care read
+    C{excluded}. Users whose every connection is excluded get nothing (the
+    acting device only, with C{online_only}).
+    """
+
+    max_online = 5
 
     def __init__(self) -> None:
         self.online_users: set[int] = set()
         self.pushes: dict[int, list[dict[str, Any]]] = {}
+        #: (uid, frame, the excluded link) of every push with an exclude.
+        self.excluded: list[tuple[int, dict[str, Any], IClientLink]] = []
+        #: (uid, device, reason) of every kick_device.
+        self.kicked: list[tuple[int, str, str]] = []
+        self._links: dict[int, dict[str, IClientLink]] = {}
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
         self.online_users.add(uid)
+        self._links.setdefault(uid, {})[link.device] = link
         return succeed(None)
 
     def logout(self, uid: int, link: IClientLink) -> None:
-        self.online_users.discard(uid)
+        devices = self._links.get(uid, {})
+        if devices.get(link.device) is link:
+            del devices[link.device]
+        if not devices:
+            self._links.pop(uid, None)
+            self.online_users.discard(uid)
 
-    def local(self, uid: int) -> IClientLink | None:
-        return None
+    def local(self, uid: int) -> list[IClientLink]:
+        return list(self._links.get(uid, {}).values())
 
-    def push(self, uid: int, frame: Mapping[str, Any]) -> bool:
+    def push(self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None) -> bool:
         if uid not in self.online_users:
             return False
+        if exclude is not None:
+            self.excluded.append((uid, dict(frame), exclude))
+            others = [link for link in self.local(uid) if link is not exclude]
+            if self._links.get(uid) and not others:
+                return False  # the acting connection is the user's only one
         self.pushes.setdefault(uid, []).append(dict(frame))
         return True
 
+    def push_local(
+        self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
+    ) -> bool:
+        """Users with links (or for whom a test makes C{local} say so) are on this node."""
+        if not self.local(uid):
+            return False
+        return self.push(uid, frame, exclude)
+
+    def push_remote(
+        self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
+    ) -> None:
+        """Users online without links are on "another node": pushed after indexing."""
+        if not self.local(uid):
+            self.push(uid, frame, exclude)
+
+    def kick_device(self, uid: int, device: str, reason: str) -> Deferred[bool]:
+        self.kicked.append((uid, device, reason))
+        link = self._links.get(uid, {}).get(device)
+        if link is None:
+            return succeed(False)
+        self.logout(uid, link)
+        link.kick(reason)
+        return succeed(True)
+
+    def online_devices(self, uid: int) -> Deferred[list[OnlineDevice]]:
+        return succeed(
+            [OnlineDevice(link.device, "1", link.connected_at) for link in self.local(uid)]
+        )
+
     def links(self) -> Iterator[IClientLink]:
-        return iter(())
+        return iter([link for devices in self._links.values() for link in devices.values()])
 
     def share_profile(self, profile: Profile) -> None:
         pass

@@ -418,10 +418,10 @@ class FanoutErrorTests(TestCase):
     async def test_a_failing_push_spares_the_others(self) -> None:
         real = self.stack.presence.push
 
-        def push(uid: int, frame: Any) -> bool:
+        def push(uid: int, frame: Any, exclude: Any = None) -> bool:
             if uid == self.b:
                 raise RuntimeError("broken link")
-            return real(uid, frame)
+            return real(uid, frame, exclude)
 
         self.stack.presence.push = push  # type: ignore[method-assign]
         await self.sent_together()
@@ -435,7 +435,7 @@ class FanoutErrorTests(TestCase):
         """The recipient is on this node: pushed at commit, and that push raises."""
         self.stack.presence.local = lambda uid: object()  # type: ignore[method-assign,assignment,return-value]
 
-        def push(uid: int, frame: Any) -> bool:
+        def push(uid: int, frame: Any, exclude: Any = None) -> bool:
             raise RuntimeError("broken link")
 
         self.stack.presence.push = push  # type: ignore[method-assign]
@@ -548,7 +548,7 @@ class ParkedRepairTests(TestCase):
         self.stack.store.retries.max_tasks = 0
         self.stack.presence.online_users.add(self.b)
         up = self.hot_down()
-        self.assertEqual(await self.stack.chat.recall(self.a, sent["msg_id"]), {})
+        self.assertEqual(set(await self.stack.chat.recall(self.a, sent["msg_id"])), {"seq"})
         [push] = self.stack.presence.take(self.b, "recall")
         self.assertEqual(push["msg_id"], sent["msg_id"])
         self.assertIn(self.b, self.stack.store.suspect_users)

@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver.batching import Batcher, ItemFailure
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError, Unavailable
-from imserver.storage.model import Profile
+from imserver.storage.model import Login
 from imserver.storage.sql.database import Txn
 from tests.stack import Stack, make_stack
 from tests.support import reactor
@@ -331,8 +331,8 @@ class BatchIsolationContract:
                 self.assertEqual(value.message, "this login could not be stored")
             else:
                 self.assertTrue(ok, value)
-                self.assertIsInstance(value, Profile)
-                self.assertEqual(value.uid, uid)
+                self.assertIsInstance(value, Login)
+                self.assertEqual(value.profile.uid, uid)
         self.assertEqual(
             await stack.store.db.run("u", _users_txn, uids), sorted(u for u in uids if u != bad)
         )

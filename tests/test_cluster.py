@@ -34,8 +34,8 @@ from zope.interface import implementer
 from imserver.client import IMClientProtocol
 from imserver.config import parse_config
 from imserver.gateway.registry import LocalRegistry
-from imserver.services.cluster import KICK_LOGIN_ELSEWHERE, SYNC_PUSH, ClusterPresence
-from imserver.services.presence import IClientLink
+from imserver.services.cluster import SYNC_PUSH, ClusterPresence
+from imserver.services.presence import KICK_REPLACED, IClientLink
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import HotUnavailable
@@ -61,6 +61,9 @@ _uids = itertools.count(1)
 class RecordingLink:
     uid: int
     epoch: int
+    device: str = "default"
+    connected_at: int = 0
+    last_active: float = 0.0
     pushes: list[Frame] = attrs.Factory(list)
     kicks: list[str] = attrs.Factory(list)
 
@@ -149,7 +152,7 @@ class ClusterPresenceTests(TestCase):
         await a.login(uid, first)
         await b.login(uid, second)
         await eventually(lambda: first.kicks)
-        self.assertEqual(first.kicks, [KICK_LOGIN_ELSEWHERE])
+        self.assertEqual(first.kicks, [KICK_REPLACED])
         self.assertEqual(second.kicks, [])
         self.assertEqual(a.kicked_remotely, 1)
         # The kicked connection logs out: that must not remove the new presence.
@@ -210,8 +213,8 @@ class ClusterPresenceTests(TestCase):
         await eventually(lambda: second.kicks)
         await sleep(0.2)
         self.assertEqual(third.kicks, [])
-        self.assertEqual(second.kicks, [KICK_LOGIN_ELSEWHERE])
-        self.assertEqual(first.kicks, [KICK_LOGIN_ELSEWHERE])
+        self.assertEqual(second.kicks, [KICK_REPLACED])
+        self.assertEqual(first.kicks, [KICK_REPLACED])
 
     async def test_online_anywhere(self) -> None:
         a, b = await self.node(1), await self.node(2)
@@ -248,9 +251,11 @@ class ClusterPresenceTests(TestCase):
         bob = self.link(next(_uids))
         await b.login(bob.uid, bob)
         # Another node took the presence, and its kick never reached us.
-        await b._redis.command("SET", f"{self.prefix}:presence:{bob.uid}", "9:1:1")
+        await b._redis.command(
+            "HSET", f"{self.prefix}:devices:{bob.uid}", "default", "9:1:1|0|0|99999999999999"
+        )
         await b.refresh()
-        self.assertEqual(bob.kicks, [KICK_LOGIN_ELSEWHERE])
+        self.assertEqual(bob.kicks, [KICK_REPLACED])
 
     async def test_an_unreadable_channel_message_is_skipped(self) -> None:
         a, b = await self.node(1), await self.node(2)

@@ -47,9 +47,13 @@ class _Chat:
 
     def __init__(self, work: Deferred[None]) -> None:
         self.work = work
+        self.devices = self
 
     def stop_sweeper(self) -> Deferred[None]:
         return succeed(None)
+
+    async def stop(self) -> None:
+        """The device service's upkeep (here: nothing to stop)."""
 
     async def drain(self) -> None:
         await self.work

@@ -63,9 +63,7 @@ class ConnectionE2ETests(ClientsMixin, TestCase):
     async def test_second_login_kicks_the_first(self) -> None:
         first = await self.client(self.server.endpoint, self.server.token(7))
         second = await self.client(self.server.endpoint, self.server.token(7))
-        self.assertEqual(
-            await within(first.next_push()), {"t": "kick", "reason": "login_elsewhere"}
-        )
+        self.assertEqual(await within(first.next_push()), {"t": "kick", "reason": "replaced"})
         await within(first.closed)
         await within(second.request("ping"))
 

@@ -68,6 +68,8 @@ class Sent:
     cid: str
     body: Any
     type: str = "text"
+    #: The sender's stream seq of the message (devices).
+    seq: int = 0
 
     @property
     def msg_id(self) -> int:
@@ -164,6 +166,9 @@ class MessagingHelpers(ClientsMixin, _Base):
         """The ok reply without its envelope (C{t}, C{id})."""
         reply = await self.ok(client, op, **fields)
         del reply["t"], reply["id"]
+        if op in ("read", "recall") and "seq" in reply:
+            # The caller's stream seq of the event (devices: their own tests check it).
+            self.assertIsInstance(reply.pop("seq"), int)
         return reply
 
     async def fails(
@@ -196,12 +201,19 @@ class MessagingHelpers(ClientsMixin, _Base):
         if type is not None:
             fields["type"] = type
         reply = await self.ok(client, "send", **fields)
-        self.assertEqual(set(reply), {"t", "id", "msg_id", "session_id", "ts", "dup"})
+        # seq: the sender's stream position of the message (devices, additive).
+        self.assertEqual(set(reply), {"t", "id", "msg_id", "session_id", "ts", "dup", "seq"})
+        seq = reply.pop("seq")
+        self.assertIsInstance(seq, int)
         self.assertIs(reply["dup"], False)
-        return Sent(reply, client.uid, recipient, cid, body, type or "text")
+        return Sent(reply, client.uid, recipient, cid, body, type or "text", seq)
 
     async def push(self, client: IMClientProtocol) -> Frame:
-        return dict(await within(client.next_push()))
+        """The next push, without its stream seq (devices: checked by their own tests)."""
+        push = dict(await within(client.next_push()))
+        if push.get("t") in ("msg", "read", "recall") and "seq" in push:
+            self.assertIsInstance(push.pop("seq"), int)
+        return push
 
     async def sync(self, client: IMClientProtocol, **fields: Any) -> Frame:
         return await self.result(client, "sync", **fields)
@@ -291,12 +303,13 @@ class MessagingTestsMixin(MessagingHelpers):
                 "session_id": original.session_id,
                 "ts": original.ts,
                 "dup": True,
+                "seq": original.seq,
             },
         )
         # Also from a new connection of the same user.
         assert alice.uid is not None
         alice2 = await self.login(alice.uid)
-        self.assertEqual(await self.push(alice), {"t": "kick", "reason": "login_elsewhere"})
+        self.assertEqual(await self.push(alice), {"t": "kick", "reason": "replaced"})
         again2 = await self.ok(alice2, "send", to=bob.uid, cid="same-cid", body="once")
         self.assertEqual(
             (again2["msg_id"], again2["session_id"], again2["ts"], again2["dup"]),

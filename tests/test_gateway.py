@@ -25,7 +25,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.gateway.protocol import ClientProtocol, Gateway, Op
 from imserver.gateway.registry import LocalRegistry
 from imserver.services.presence import IClientLink, IPresence
-from imserver.services.tokens import TokenService
+from imserver.services.tokens import Claims, TokenService
 from imserver.wire import frames
 from imserver.wire.codec import decode_body, encode
 from imserver.wire.framing import FrameDecoder
@@ -81,8 +81,8 @@ class GatewayTestsMixin:
         self.gateway = self.make_gateway()
 
     def make_gateway(self, **ops: Op) -> Gateway:
-        def on_login(uid: int, conn: ClientProtocol, req: frames.Auth) -> Deferred[None]:
-            self.logins.append(uid)
+        def on_login(claims: Claims, conn: ClientProtocol, req: frames.Auth) -> Deferred[None]:
+            self.logins.append(claims.uid)
             return self.login_result if self.login_result is not None else succeed(None)
 
         return Gateway(
@@ -114,7 +114,7 @@ class AuthTests(GatewayTestsMixin, SynchronousTestCase):
             [{"t": "ok", "id": 7, "uid": 42, "heartbeat": 30.0, "server_time": 1_700_000_000_000}],
         )
         self.assertEqual(self.logins, [42])
-        self.assertIs(self.registry.local(42), client.proto)
+        self.assertEqual(self.registry.local(42), [client.proto])
         self.assertEqual(client.proto.device, "ios")
         self.assertFalse(client.closing)
 
@@ -198,7 +198,7 @@ class AuthTests(GatewayTestsMixin, SynchronousTestCase):
         [reply] = client.received()
         self.assertEqual(reply["code"], "unavailable")
         self.assertTrue(client.closing)
-        self.assertIsNone(self.registry.local(42))
+        self.assertEqual(self.registry.local(42), [])
 
     def test_connection_lost_during_login(self) -> None:
         self.login_result = Deferred()
@@ -206,17 +206,17 @@ class AuthTests(GatewayTestsMixin, SynchronousTestCase):
         client.send({"t": "auth", "id": 1, "token": self.token(42)})
         client.lose()
         self.login_result.callback(None)
-        self.assertIsNone(self.registry.local(42))
+        self.assertEqual(self.registry.local(42), [])
         self.assertEqual(client.received(), [])
 
     def test_second_login_kicks_the_first(self) -> None:
         first = self.authed(42)
         second = self.authed(42)
-        self.assertEqual(first.received(), [{"t": "kick", "reason": "login_elsewhere"}])
+        self.assertEqual(first.received(), [{"t": "kick", "reason": "replaced"}])
         self.assertTrue(first.closing)
         self.assertFalse(second.closing)
         first.lose()
-        self.assertIs(self.registry.local(42), second.proto)
+        self.assertEqual(self.registry.local(42), [second.proto])
 
     def test_other_users_are_not_kicked(self) -> None:
         a = self.authed(1)

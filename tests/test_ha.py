@@ -124,7 +124,7 @@ class ServerWatchTests(TestCase):
         redis = RedisServer().start()
         self.addCleanup(redis.cleanup)
         prefix = fresh_prefix()
-        kept = [f"{prefix}:{k}" for k in ("presence:1", "gone:1", "conv:1", "offline_msg:1:2")]
+        kept = [f"{prefix}:{k}" for k in ("devices:1", "gone:1", "conv:1", "offline_msg:1:2")]
         forgotten = [f"{prefix}:{k}" for k in ("hot:1", "session_list:7", "msg:9", "user:1")]
         for key in (*kept, *forgotten, "other:hot:1"):
             redis.command("SET", key, "x")

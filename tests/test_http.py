@@ -109,6 +109,9 @@ class Producer:
 class FakeLink:
     uid: int
     epoch: int = 1
+    device: str = "default"
+    connected_at: int = 0
+    last_active: float = 0.0
 
     def push(self, frame: Mapping[str, Any]) -> None:
         pass
@@ -609,7 +612,9 @@ class ApiTests(HttpMixin, TestCase):
             ({"uid": 42, "ttl": 30 * 86400 + 1}, ttl_message),
             ({"uid": 42, "ttl": 1.5}, ttl_message),
             ({"uid": 42, "ttl": "60"}, ttl_message),
-            ({"uid": 42, "exp": 60}, "unknown field 'exp' (known: ttl, uid)"),
+            ({"uid": 42, "exp": 60}, "unknown field 'exp' (known: device, ttl, uid)"),
+            ({"uid": 42, "device": ""}, "'device' must not be empty"),
+            ({"uid": 42, "device": 5}, "field 'device' must be a string"),
             ([42], "the body must be a JSON object"),
         ]
         for body, message in cases:

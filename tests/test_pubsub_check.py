@@ -34,7 +34,13 @@ from imserver.services.cluster import SYNC_PUSH, ClusterPresence
 from imserver.services.presence import IClientLink
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
-from imserver.storage.hot.interface import HotUnavailable, IClusterBus, ISubscription
+from imserver.storage.hot.interface import (
+    HotUnavailable,
+    IClusterBus,
+    ISubscription,
+    LoginAnswer,
+    LoginEntry,
+)
 from tests.harness import RedisServer, fresh_prefix
 from tests.support import eventually, reactor, within
 
@@ -46,6 +52,9 @@ _uids = itertools.count(1)
 class Link:
     uid: int
     epoch: int = 1
+    device: str = "default"
+    connected_at: int = 0
+    last_active: float = 0.0
     pushes: list[dict[str, Any]] = attrs.Factory(list)
 
     def push(self, frame: Mapping[str, Any]) -> None:
@@ -125,25 +134,43 @@ class FakeBus:
                 self.late.callLater(0.01, self.subscription.on_message, probe)
         return "g1", self.receivers
 
-    async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
+    async def presence_login(
+        self,
+        node: str,
+        nonce: str,
+        entries: Sequence[LoginEntry],
+        ttl_ms: int,
+        max_online: int,
+    ) -> tuple[list[LoginAnswer], str | None]:
         self._up()
-        return "g1"
+        return [([], [], []) for _ in entries], "g1"
 
-    async def presence_get(self, uid: int) -> str | None:
-        return None
+    async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
+        return []
 
-    async def presence_logout(self, entries: Sequence[tuple[int, str]]) -> None:
+    async def presence_logout(self, node: str, entries: Sequence[tuple[int, str, str]]) -> None:
         pass
 
     async def presence_refresh(
-        self, entries: Sequence[tuple[int, str]], ttl_ms: int
-    ) -> tuple[list[int], str | None]:
+        self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
+    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
         self._up()
-        return [], "g1"
+        return [], {}, "g1"
 
-    async def route(self, node: str, pushes: Sequence[tuple[int, bytes]]) -> tuple[int, str | None]:
+    async def presence_kick(
+        self, uid: int, device: str, reason: str, node: str, nonce: str
+    ) -> str | None:
+        self._up()
+        return None
+
+    async def route(
+        self, node: str, pushes: Sequence[tuple[int, bytes, str]]
+    ) -> tuple[int, str | None]:
         self._up()
         return len(pushes), "g1"
+
+    async def send(self, node: str, message: bytes) -> None:
+        self._up()
 
     async def broadcast(self, message: bytes) -> None:
         self._up()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import ErrorCode
-from imserver.services.tokens import MAX_TIME, InvalidToken, TokenService
+from imserver.services.tokens import MAX_TIME, Claims, InvalidToken, TokenService
 
 SECRET = "test-secret-0123456789-abcdefghijklmnop"
 NOW = 1_764_400_000.0
@@ -52,6 +52,26 @@ class TokenTests(SynchronousTestCase):
         self.assertRaises(ValueError, self.tokens.mint, 1, now=float("nan"))
         token = self.tokens.mint(1, now=NOW, ttl_seconds=int(MAX_TIME - NOW))
         self.assertEqual(self.tokens.verify(token, now=NOW), 1)
+
+    def test_device_claim_and_iat(self) -> None:
+        token = self.tokens.mint(42, now=NOW, device="phone")
+        self.assertEqual(self.tokens.verify_claims(token, now=NOW), Claims(42, NOW, "phone"))
+        plain = self.tokens.mint(42, now=NOW)
+        self.assertEqual(self.tokens.verify_claims(plain, now=NOW), Claims(42, NOW, None))
+        no_iat = forge({"sub": "7", "exp": NOW + 5})
+        self.assertEqual(self.tokens.verify_claims(no_iat, now=NOW), Claims(7, None, None))
+        self.assertRaises(ValueError, self.tokens.mint, 1, now=NOW, device="")
+        self.assertRaises(ValueError, self.tokens.mint, 1, now=NOW, device="x" * 65)
+
+    def test_bad_device_claim_is_refused(self) -> None:
+        for device in ("", "x" * 65, 5, None, ["phone"], True):
+            with self.subTest(device=device):
+                claims: dict[str, Any] = {"sub": "7", "exp": NOW + 5, "device": device}
+                if device is None:
+                    # null counts as absent
+                    self.assertEqual(self.tokens.verify_claims(forge(claims), now=NOW).device, None)
+                    continue
+                self.assertRefused(forge(claims))
 
     def test_forged_helper_matches_pyjwt(self) -> None:
         self.assertEqual(self.tokens.verify(forge({"sub": "7", "exp": NOW + 5}), now=NOW), 7)

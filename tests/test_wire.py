@@ -182,6 +182,49 @@ class RequestSchemaTests(SynchronousTestCase):
         request = self.parse({"t": "auth", "id": 1, "token": "abc", "device": "phone"})
         self.assertEqual(request, frames.Auth(id=1, token="abc", device="phone", client=None))
 
+    def test_auth_device_and_since(self) -> None:
+        """Devices: absent is "default" (every v1 client), 1..64 characters, since >= 0."""
+        request = self.parse({"t": "auth", "id": 1, "token": "abc"})
+        self.assertEqual(request, frames.Auth(id=1, token="abc", device="default"))
+        request = self.parse({"t": "auth", "id": 1, "token": "a", "device": "é" * 64, "since": 0})
+        self.assertEqual(request, frames.Auth(id=1, token="a", device="é" * 64, since=0))
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "device": ""})
+        self.assertCode(
+            ErrorCode.TOO_LARGE, {"t": "auth", "id": 1, "token": "a", "device": "x" * 65}
+        )
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "device": 5})
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "since": -1})
+        self.assertCode(ErrorCode.INVALID, {"t": "auth", "id": 1, "token": "a", "since": "1"})
+
+    def test_device_ops(self) -> None:
+        self.assertEqual(
+            self.parse({"t": "catchup", "id": 1}), frames.Catchup(id=1, after=None, limit=100)
+        )
+        self.assertEqual(
+            self.parse({"t": "catchup", "id": 1, "after": 0, "limit": 500}),
+            frames.Catchup(id=1, after=0, limit=500),
+        )
+        self.assertCode(ErrorCode.TOO_LARGE, {"t": "catchup", "id": 1, "limit": 501})
+        self.assertCode(ErrorCode.INVALID, {"t": "catchup", "id": 1, "after": -1})
+        self.assertEqual(self.parse({"t": "devices", "id": 1}), frames.Devices(id=1))
+        self.assertEqual(
+            self.parse({"t": "logout_device", "id": 1, "device": "pc"}),
+            frames.LogoutDevice(id=1, device="pc"),
+        )
+        self.assertCode(ErrorCode.INVALID, {"t": "logout_device", "id": 1})
+        self.assertCode(ErrorCode.TOO_LARGE, {"t": "logout_device", "id": 1, "device": "x" * 65})
+
+    def test_ack_seq(self) -> None:
+        """ack takes msg_ids, seq, or both; never neither."""
+        self.assertEqual(self.parse({"t": "ack", "id": 1, "seq": 7}), frames.Ack(1, (), 7))
+        self.assertEqual(
+            self.parse({"t": "ack", "id": 1, "msg_ids": [5], "seq": 0}), frames.Ack(1, (5,), 0)
+        )
+        self.assertEqual(self.parse({"t": "ack", "id": 1, "msg_ids": [5]}), frames.Ack(1, (5,)))
+        self.assertCode(ErrorCode.INVALID, {"t": "ack", "id": 1})
+        self.assertCode(ErrorCode.INVALID, {"t": "ack", "id": 1, "seq": -1})
+        self.assertCode(ErrorCode.INVALID, {"t": "ack", "id": 1, "msg_ids": [], "seq": 1})
+
     def test_envelope(self) -> None:
         self.assertCode(ErrorCode.INVALID, {"id": 1})
         self.assertCode(ErrorCode.INVALID, {"t": 5, "id": 1})

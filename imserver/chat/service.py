@@ -31,19 +31,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
+from imserver.chat.devices import DeviceService
 from imserver.chat.profiles import ProfileCache
-from imserver.config import LimitsConfig
+from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.periodic import Periodic
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator, id_time_ms
-from imserver.services.presence import IPresence
+from imserver.services.presence import DEFAULT_DEVICE, IClientLink, IPresence
 from imserver.storage.model import (
     Committed,
     Duplicate,
+    Login,
     Message,
     NewMessage,
     Profile,
+    RecallResult,
     Refused,
     SendOutcome,
     pack_body,
@@ -52,6 +55,10 @@ from imserver.storage.model import (
 from imserver.storage.store import FanoutOutcome, Store
 
 Result = dict[str, Any]
+#: A fan-out item: the committed message, its body, when its send began, the
+#: sending connection, and its push frames once they went to this node's
+#: connections (None: not yet).
+FanoutItem = tuple[Committed, Any, float, "IClientLink | None", "tuple[Result, Result] | None"]
 #: Observes a latency: (name, seconds). The composition root wires metrics.
 Observer = Callable[[str, float], None]
 
@@ -120,6 +127,7 @@ class ChatService:
         observe: Observer = _ignore,
         shared_profiles: bool = False,
         max_reply_bytes: int = 65536,
+        devices: DevicesConfig | None = None,
     ) -> None:
         #: No reply is larger than this (the server's max_frame_bytes).
         self.max_reply_bytes = max_reply_bytes
@@ -142,8 +150,18 @@ class ChatService:
         self.clock = clock
         # Other nodes may change profiles: see ProfileCache.
         self.profiles = ProfileCache(store, clock, shared=shared_profiles)
+        self.devices = DeviceService(
+            store=store,
+            presence=presence,
+            profiles=self.profiles,
+            config=devices or DevicesConfig(),
+            clock=clock,
+            message_object=message_object,
+            max_reply_bytes=max_reply_bytes,
+            reply_reserve=REPLY_RESERVE,
+        )
         #: The real-time queue: fan-out of committed messages, in commit order.
-        self.fanouts: Batcher[tuple[Committed, Any, float], None] = Batcher(
+        self.fanouts: Batcher[FanoutItem, None] = Batcher(
             "fanout",
             self._fanout_batch,
             max_batch=500,
@@ -162,18 +180,33 @@ class ChatService:
 
     # -- login -----------------------------------------------------------------
 
-    async def login(self, uid: int) -> Profile:
-        profile = await self.store.ensure_user(uid)
-        self.profiles.put(profile)
-        return profile
+    async def login(
+        self,
+        uid: int,
+        device: str = DEFAULT_DEVICE,
+        client: str = "",
+        issued_at: float | None = None,
+    ) -> Login:
+        """A connection authenticated: the user and its device (L{DeviceService.login})."""
+        return await self.devices.login(uid, device, client, issued_at)
 
     # -- send --------------------------------------------------------------------
 
-    def send(self, sender: int, to: int, cid: str, kind: str, body: Any) -> Deferred[Result]:
+    def send(
+        self,
+        sender: int,
+        to: int,
+        cid: str,
+        kind: str,
+        body: Any,
+        origin: IClientLink | None = None,
+    ) -> Deferred[Result]:
         """
         Send a message; the Deferred fires with the reply once it is
         committed. (The hottest path: a callback chain rather than a
         coroutine, whose trampoline cost is measurable per message.)
+        C{origin}, the sending connection, gets the reply; the sender's
+        other devices get the message pushed.
 
         @raise ImError: at once, for a request refused before committing.
         """
@@ -201,17 +234,20 @@ class ChatService:
                 ts=id_time_ms(msg_id),
                 session_id=hint,
                 new_session_id=self.ids.next_id() if hint is None else 0,
+                sender_device=getattr(origin, "device_id", 0),
             )
         )
-        return d.addCallback(self._committed, body, started)
+        return d.addCallback(self._committed, body, started, origin)
 
-    def _committed(self, outcome: SendOutcome, body: Any, started: float) -> Result:
+    def _committed(
+        self, outcome: SendOutcome, body: Any, started: float, origin: IClientLink | None
+    ) -> Result:
         elapsed = self.clock.seconds() - started
         if isinstance(outcome, Committed):
             # First: once committed, the message must reach its fan-out (and
             # its outbox row's countdown) whatever fails below.
             self.sent += 1
-            self._start_fanout(outcome, body, started)
+            self._start_fanout(outcome, body, started, origin)
         self.observe("send_to_commit", elapsed)
         if isinstance(outcome, Refused):
             raise ImError(ErrorCode(outcome.code), outcome.message)
@@ -220,43 +256,52 @@ class ChatService:
             if outcome.unfinished is not None:
                 # The original's fan-out never finished: finish it now.
                 self.store.finish_unfinished(outcome.unfinished, self._push_replayed)
-            return {
+            reply: Result = {
                 "msg_id": outcome.msg_id,
                 "session_id": outcome.session_id,
                 "ts": outcome.ts,
                 "dup": True,
             }
+            if outcome.seq:
+                reply["seq"] = outcome.seq
+            return reply
         m = outcome.message
-        return {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
+        reply = {"msg_id": m.msg_id, "session_id": m.session_id, "ts": m.ts, "dup": False}
+        if outcome.sender_seq:
+            reply["seq"] = outcome.sender_seq
+        return reply
 
-    def _start_fanout(self, committed: Committed, body: Any, started: float) -> None:
+    def _start_fanout(
+        self, committed: Committed, body: Any, started: float, origin: IClientLink | None
+    ) -> None:
         """
-        Index in the hot store through the real-time queue, and push.
+        Index in the hot store through the real-time queue, and push: to
+        every device of the recipient and every other device of the sender.
 
-        A recipient connected to this node is pushed at once (in commit
-        order: commit batches complete in order): an ack racing the indexing
-        is safe (acked ids are tombstoned), and the recipient's reads here
-        wait for the indexing. A recipient on another node is pushed once the
-        message is indexed, so that a read there right after the push finds
-        it.
+        Devices connected to this node are pushed at once (in commit order:
+        commit batches complete in order): an ack racing the indexing is
+        safe (acked ids are tombstoned), and the users' reads here wait for
+        the indexing. Devices on other nodes are pushed once the message is
+        indexed, so that a read there right after the push finds it.
         """
         m = committed.message
         uids = (m.sender, m.recipient)
         for uid in uids:
             self._inflight[uid] = self._inflight.get(uid, 0) + 1
         self.store.fanout_started(committed)
-        pushed = False
+        frames = None
         try:
             sender = self.profiles.peek(m.sender)
-            if sender is not None and self.presence.local(m.recipient) is not None:
-                self._push(committed, body, started, sender)
-                pushed = True
+            if sender is not None:
+                frames = self._frames(committed, body, sender)
+                self._push_local(committed, frames, started, origin)
         except Exception:
             # The send is committed: answer it; the fan-out tries the push again.
             self.log.failure("push of message {msg_id} failed", Failure(), msg_id=m.msg_id)
+            frames = None
         try:
             # _fanout_batch logs its own failures: the item always succeeds.
-            d = self.fanouts.submit((committed, None if pushed else body, started))
+            d = self.fanouts.submit((committed, body, started, origin, frames))
         except Exception as e:
             # Queue full: the sweeper replays the outbox row.
             self.log.warn(
@@ -284,44 +329,72 @@ class ChatService:
             self._settled_waiters.setdefault(uid, []).append(d)
             await d
 
-    def _push(self, c: Committed, body: Any, started: float, sender: Profile | None) -> None:
+    def _frames(self, c: Committed, body: Any, sender: Profile | None) -> tuple[Result, Result]:
+        """The msg push for the recipient's devices, and the one for the sender's
+        others: each with that user's stream seq; unread counts are the recipient's."""
         m = c.message
-        frame = message_object(m, sender, body)
-        frame["t"] = "msg"
-        frame["unread"] = c.unread
-        frame["total_unread"] = c.total_unread
-        if self.presence.push(m.recipient, frame):
+        mine = message_object(m, sender, body)
+        mine["t"] = "msg"
+        theirs = dict(mine)
+        theirs["unread"] = c.unread
+        theirs["total_unread"] = c.total_unread
+        if c.recipient_seq:
+            theirs["seq"] = c.recipient_seq
+        if c.sender_seq:
+            mine["seq"] = c.sender_seq
+        return theirs, mine
+
+    def _push_local(
+        self,
+        c: Committed,
+        frames: tuple[Result, Result],
+        started: float,
+        origin: IClientLink | None,
+    ) -> None:
+        m = c.message
+        if self.presence.push_local(m.recipient, frames[0]):
             self.pushed += 1
             self.observe("send_to_push", self.clock.seconds() - started)
+        self.presence.push_local(m.sender, frames[1], origin)
 
-    async def _fanout_batch(self, items: Sequence[tuple[Committed, Any, float]]) -> list[None]:
-        """The real-time queue: index a batch in the hot store, then push the
-        messages not pushed at commit (recipient on another node, or sender's
-        profile not at hand). Every message's outbox row learns how its
-        fan-out ended, whatever the error."""
-        committed = [c for c, _, _ in items]
+    def _push_remote(
+        self, c: Committed, frames: tuple[Result, Result], origin: IClientLink | None
+    ) -> None:
+        m = c.message
+        self.presence.push_remote(m.recipient, frames[0])
+        self.presence.push_remote(m.sender, frames[1], origin)
+
+    async def _fanout_batch(self, items: Sequence[FanoutItem]) -> list[None]:
+        """The real-time queue: index a batch in the hot store, then push to
+        the devices on other nodes, and to this node's for the messages not
+        pushed at commit (sender's profile not at hand). Every message's
+        outbox row learns how its fan-out ended, whatever the error."""
+        committed = [item[0] for item in items]
         outcome = FanoutOutcome.REPLAY
         unpushed: list[Committed] = []
         try:
             indexed = await self.store.fanout(committed)
-            late = [(c, body, started) for c, body, started in items if body is not None]
+            late = [item[0] for item in items if item[4] is None]
+            senders: dict[int, Profile] = {}
             if late:
                 try:
-                    senders = await self.profiles.get({c.message.sender for c, _, _ in late})
+                    senders = await self.profiles.get({c.message.sender for c in late})
                 except Exception as e:
                     # Pushed without the sender's profile; the client fetches it.
                     self.log.warn("sender profiles not read: {error}", error=e)
-                    senders = {}
-                failure = None
-                for c, body, started in late:
-                    try:
-                        self._push(c, body, started, senders.get(c.message.sender))
-                    except Exception:
-                        # One broken push spares the others; its row is replayed.
-                        failure = Failure()
-                        unpushed.append(c)
-                if failure is not None:
-                    self.log.failure("{n} pushes failed", failure, n=len(unpushed))
+            failure = None
+            for c, body, started, origin, frames in items:
+                try:
+                    if frames is None:
+                        frames = self._frames(c, body, senders.get(c.message.sender))
+                        self._push_local(c, frames, started, origin)
+                    self._push_remote(c, frames, origin)
+                except Exception:
+                    # One broken push spares the others; its row is replayed.
+                    failure = Failure()
+                    unpushed.append(c)
+            if failure is not None:
+                self.log.failure("{n} pushes failed", failure, n=len(unpushed))
             outcome = FanoutOutcome.DONE if indexed else FanoutOutcome.REPAIR
         except Exception:
             # Once per batch, not once per message. The outbox rows stay and
@@ -337,9 +410,14 @@ class ChatService:
 
     # -- delivery state ------------------------------------------------------------
 
-    def ack(self, uid: int, msg_ids: Sequence[int]) -> Deferred[Result]:
-        """Clear pending messages (a callback chain, like L{send})."""
-        return self.store.ack(uid, msg_ids).addCallback(self._acked)
+    def ack(
+        self, uid: int, msg_ids: Sequence[int], device_id: int = 0, seq: int | None = None
+    ) -> Deferred[Result]:
+        """
+        Clear pending messages (a callback chain, like L{send}); C{seq}: the
+        device has its user's stream up to there (its catch-up position).
+        """
+        return self.store.ack(uid, msg_ids, device_id, seq).addCallback(self._acked)
 
     def _acked(self, removed: Sequence[tuple[int, int]]) -> Result:
         self.acked += len(removed)
@@ -443,19 +521,31 @@ class ChatService:
 
     # -- read and unread -------------------------------------------------------------
 
-    async def read(self, uid: int, session_id: int, msg_id: int) -> Result:
+    async def read(
+        self, uid: int, session_id: int, msg_id: int, origin: IClientLink | None = None
+    ) -> Result:
+        """
+        Move the read position. A move is pushed to the peer's devices (a
+        read receipt) and to the reader's other devices, with the reader's
+        unread counts (the badge clears everywhere).
+        """
         result = await self.store.read(uid, session_id, msg_id)
+        reply: Result = {"unread": result.row.unread, "total_unread": result.total_unread}
         if result.advanced_to is not None:
-            self.presence.push(
-                result.row.peer,
-                {
-                    "t": "read",
-                    "session_id": session_id,
-                    "by": uid,
-                    "msg_id": result.advanced_to,
-                },
-            )
-        return {"unread": result.row.unread, "total_unread": result.total_unread}
+            receipt: Result = {
+                "t": "read",
+                "session_id": session_id,
+                "by": uid,
+                "msg_id": result.advanced_to,
+            }
+            own = dict(receipt, **reply)
+            if result.peer_seq:
+                receipt["seq"] = result.peer_seq
+            if result.reader_seq:
+                own["seq"] = reply["seq"] = result.reader_seq
+            self.presence.push(result.row.peer, receipt)
+            self.presence.push(uid, own, origin)
+        return reply
 
     async def unread(self, uid: int) -> Result:
         await self._settled(uid)
@@ -530,19 +620,30 @@ class ChatService:
 
     # -- recall ----------------------------------------------------------------------
 
-    async def recall(self, uid: int, msg_id: int) -> Result:
+    async def recall(self, uid: int, msg_id: int, origin: IClientLink | None = None) -> Result:
+        """Recall a message: pushed to the recipient's devices and the sender's others."""
         await self._settled(uid)
 
-        def tell(m: Message) -> None:
+        def tell(result: RecallResult) -> None:
             # Also when recalled already: the retry of a recall whose first
             # reply was lost must still tell the recipient (clients dedupe).
-            self.presence.push(
-                m.recipient,
-                {"t": "recall", "msg_id": m.msg_id, "session_id": m.session_id, "by": uid},
-            )
+            m = result.message
+            frame: Result = {
+                "t": "recall",
+                "msg_id": m.msg_id,
+                "session_id": m.session_id,
+                "by": uid,
+            }
+            theirs, mine = dict(frame), frame
+            if result.recipient_seq:
+                theirs["seq"] = result.recipient_seq
+            if result.sender_seq:
+                mine["seq"] = result.sender_seq
+            self.presence.push(m.recipient, theirs)
+            self.presence.push(m.sender, mine, origin)
 
-        await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000, tell)
-        return {}
+        result = await self.store.recall(uid, msg_id, self.limits.recall_seconds * 1000, tell)
+        return {"seq": result.sender_seq} if result.sender_seq else {}
 
     # -- profiles ------------------------------------------------------------------------
 
@@ -551,12 +652,34 @@ class ChatService:
         users = [found[uid].public() for uid in dict.fromkeys(uids) if uid in found]
         return self._cut({}, "users", users)
 
-    async def set_profile(self, uid: int, nickname: str | None, avatar: str | None) -> Result:
+    async def set_profile(
+        self,
+        uid: int,
+        nickname: str | None,
+        avatar: str | None,
+        origin: IClientLink | None = None,
+    ) -> Result:
+        """Change one's profile; one's other devices are told."""
         profile = await self.store.set_profile(uid, nickname, avatar)
         if profile is None:
             raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
         self.profile_changed(profile)
+        self.presence.push(uid, {"t": "profile", "user": profile.public()}, origin)
         return {"user": profile.public()}
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def catchup(self, uid: int, device_id: int, after: int, limit: int) -> Result:
+        return await self.devices.catchup(uid, device_id, after, limit)
+
+    async def devices_of(self, uid: int) -> Result:
+        return await self.devices.devices(uid)
+
+    async def logout_device(self, uid: int, device: str) -> Result:
+        return await self.devices.logout_device(uid, device)
+
+    async def revoke_device(self, uid: int, device: str) -> bool:
+        return await self.devices.revoke(uid, device)
 
     async def upsert_user(
         self, uid: int, nickname: str | None, avatar: str | None
@@ -623,7 +746,10 @@ class ChatService:
                 sessions = dict(await self.store.unread(m.recipient))
                 unread[m.recipient] = (sum(sessions.values()), sessions)
             total, sessions = unread[m.recipient]
-            frame = message_object(m, senders.get(m.sender))
-            frame.update(t="msg", unread=sessions.get(m.session_id, 0), total_unread=total)
+            mine = message_object(m, senders.get(m.sender))
+            mine["t"] = "msg"
+            # Without seqs (not kept with the message): clients dedupe by msg_id.
+            frame = dict(mine, unread=sessions.get(m.session_id, 0), total_unread=total)
             if self.presence.push(m.recipient, frame):
                 self.pushed += 1
+            self.presence.push(m.sender, mine)

@@ -19,6 +19,7 @@ from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.gateway.protocol import ClientProtocol, LoginHook, Op, Result
 from imserver.services.ratelimit import TokenBucket
+from imserver.services.tokens import Claims
 from imserver.wire import frames
 
 
@@ -42,11 +43,11 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
             )
         if not bucket.take():
             raise ImError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
-        return chat.send(uid(conn), r.to, r.cid, r.type, r.body)
+        return chat.send(uid(conn), r.to, r.cid, r.type, r.body, conn)
 
     def ack(conn: ClientProtocol, r: frames.Request) -> Deferred[dict[str, Any]]:
         assert isinstance(r, frames.Ack)
-        return chat.ack(uid(conn), r.msg_ids)
+        return chat.ack(uid(conn), r.msg_ids, conn.device_id, r.seq)
 
     def sync(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.Sync)
@@ -57,7 +58,7 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     def read(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.Read)
-        return _call(chat.read(uid(conn), r.session_id, r.msg_id))
+        return _call(chat.read(uid(conn), r.session_id, r.msg_id, conn))
 
     def unread(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         return _call(chat.unread(uid(conn)))
@@ -72,7 +73,7 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     def recall(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.Recall)
-        return _call(chat.recall(uid(conn), r.msg_id))
+        return _call(chat.recall(uid(conn), r.msg_id, conn))
 
     def profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.GetProfile)
@@ -80,7 +81,26 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     def set_profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.SetProfile)
-        return _call(chat.set_profile(uid(conn), r.nickname, r.avatar))
+        return _call(chat.set_profile(uid(conn), r.nickname, r.avatar, conn))
+
+    async def _catchup(conn: ClientProtocol, r: frames.Catchup) -> Result:
+        after = conn.position if r.after is None else r.after
+        page = await chat.catchup(uid(conn), conn.device_id, after, r.limit)
+        page["more"] = conn.caught_up(page["seq"], page["more"])
+        return page
+
+    def catchup(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Catchup)
+        return _call(_catchup(conn, r))
+
+    def devices(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        return _call(chat.devices_of(uid(conn)))
+
+    def logout_device(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.LogoutDevice)
+        if r.device == conn.device:
+            raise ImError(ErrorCode.INVALID, "this is the device you are on: close the connection")
+        return _call(chat.logout_device(uid(conn), r.device))
 
     table: dict[type[frames.Request], Callable[[ClientProtocol, frames.Request], Any]] = {
         frames.Send: send,
@@ -94,6 +114,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.Recall: recall,
         frames.GetProfile: profile,
         frames.SetProfile: set_profile,
+        frames.Catchup: catchup,
+        frames.Devices: devices,
+        frames.LogoutDevice: logout_device,
     }
     # Group-committed already, in order, and rate-limited: not queued fairly.
     direct = {frames.Send, frames.Ack}
@@ -104,9 +127,37 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
 
 def login_hook(chat: ChatService) -> LoginHook:
-    """Create the user on first login (a user exists once it has authenticated)."""
+    """
+    Create the user on first login (a user exists once it has authenticated)
+    and its device on the device's first, refuse a revoked device's older
+    tokens, and say where the device's stream stands (docs/protocol.md,
+    "Devices"): with C{since}, the connection waits for its catch-up.
+    """
 
-    async def login(uid: int, conn: ClientProtocol, request: frames.Auth) -> None:
-        await chat.login(uid)
+    async def login(claims: Claims, conn: ClientProtocol, request: frames.Auth) -> Result:
+        login = await chat.login(claims.uid, request.device, request.client or "", claims.issued_at)
+        conn.device_id = login.device.id
+        since = request.since
+        reset = False
+        if since is None:
+            start = login.head if login.created else login.device.cursor
+        elif (login.created and since > 0) or since > login.head:
+            # Forgotten (or never seen, or ahead of the stream): the client's
+            # state cannot be caught up; it rebuilds from convs/history.
+            reset = True
+            start = login.head
+        else:
+            start = login.head if login.created else since
+        conn.position = start
+        conn.catching_up = conn.filter_stream = since is not None
+        result: dict[str, Any] = {
+            "device": request.device,
+            "seq": start,
+            "head": login.head,
+            "new_device": login.created,
+        }
+        if reset:
+            result["reset"] = True
+        return result
 
     return login

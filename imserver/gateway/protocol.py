@@ -52,7 +52,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.fairqueue import FairQueue
 from imserver.services.presence import IClientLink, IPresence
 from imserver.services.ratelimit import TokenBucket
-from imserver.services.tokens import TokenService
+from imserver.services.tokens import Claims, TokenService
 from imserver.wire import frames
 from imserver.wire.codec import BadFrame, Frame, decode_body, encode
 from imserver.wire.framing import HEADER_SIZE, FrameDecoder, FrameTooLarge
@@ -63,8 +63,9 @@ if TYPE_CHECKING:
 Result = Mapping[str, Any] | None
 Handler = Callable[["ClientProtocol", frames.Request], "Result | Deferred[Result]"]
 #: Called on each successful auth before the connection joins presence (the
-#: business layer creates the user there).
-LoginHook = Callable[[int, "ClientProtocol", frames.Auth], Awaitable[None]]
+#: business layer creates the user and the device there); what it returns
+#: joins the auth reply.
+LoginHook = Callable[[Claims, "ClientProtocol", frames.Auth], Awaitable[Mapping[str, Any] | None]]
 
 # How long a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
@@ -175,8 +176,21 @@ class ClientProtocol(Protocol):
         self.unauthenticated = True
         self.uid: int | None = None
         self.state = State.AWAIT_AUTH
-        self.device: str | None = None
+        self.device: str = frames.DEFAULT_DEVICE
         self.client: str | None = None
+        #: The device's id in SQL (0 until logged in): the catch-up skips its own sends.
+        self.device_id = 0
+        #: When it authenticated (ms since the epoch).
+        self.connected_at = 0
+        # The user's stream as this connection follows it (docs/protocol.md,
+        # "Devices"): where its catch-up stands, whether pushes carrying a
+        # seq wait for the catch-up (auth with since), and whether pushes at
+        # or below the position are dropped (they were in catch-up pages).
+        self.position = 0
+        self.catching_up = False
+        self.filter_stream = False
+        # The highest seq held back while catching up.
+        self._held = 0
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
@@ -220,6 +234,8 @@ class ClientProtocol(Protocol):
         self._timer = self._abort_call = None
         if self.uid is not None:
             self.gateway.presence.logout(self.uid, self)
+            if self.gateway.on_logout is not None:
+                self.gateway.on_logout(self)
         self.gateway.connection_lost(self)
 
     def close(self, reason: str, *, after_replies: bool = False) -> None:
@@ -255,8 +271,36 @@ class ClientProtocol(Protocol):
 
     # -- IClientLink -----------------------------------------------------------
 
+    @property
+    def last_active(self) -> float:
+        """When the client last sent anything (reactor seconds)."""
+        return self._last_activity
+
     def push(self, frame: Mapping[str, Any]) -> None:
+        seq = frame.get("seq")
+        if seq is not None and self.filter_stream:
+            if self.catching_up:
+                # A catch-up page brings it: each event once.
+                if seq > self._held:
+                    self._held = seq
+                return
+            if seq <= self.position:
+                return  # a page brought it
         self._send(frame)
+
+    def caught_up(self, position: int, more: bool) -> bool:
+        """
+        A catch-up page reaches C{position}: whether more follows. A push held
+        back beyond the page (committed after the page's snapshot was read)
+        means more: the next page brings it, so no event falls between the
+        pages and the live pushes.
+        """
+        self.position = max(self.position, position)
+        if not more and self._held > self.position:
+            more = True
+        if not more:
+            self.catching_up = False
+        return more
 
     def kick(self, reason: str) -> None:
         if self.state is State.CLOSING:
@@ -514,18 +558,28 @@ class ClientProtocol(Protocol):
             self._error(ErrorCode.UNAUTHENTICATED, "auth must come first", req_id)
             self.close("request before auth")
             return
+        clock = self.gateway.clock
         try:
             request = frames.parse_request(frame, {"auth": frames.Auth})
             assert isinstance(request, frames.Auth)
-            uid = self.gateway.tokens.verify(request.token, now=self.gateway.clock.seconds())
+            claims = self.gateway.tokens.verify_claims(request.token, now=clock.seconds())
         except ImError as e:
             self.gateway.auths["failed"] += 1
             self._error(ErrorCode.AUTH_FAILED, e.message, req_id)
             self.close("auth failed")
             return
+        if claims.device is not None and claims.device != request.device:
+            self.gateway.auths["failed"] += 1
+            self._error(
+                ErrorCode.AUTH_FAILED, "this token is for another device of the user", req_id
+            )
+            self.close("auth failed: device claim")
+            return
+        uid = claims.uid
         self.state = State.AUTHENTICATING
         self.device, self.client = request.device, request.client
-        d = self.gateway.login(uid, self, request)
+        self.connected_at = int(clock.seconds() * 1000)
+        d = self.gateway.login(claims, self, request)
         d.addCallbacks(
             self._logged_in,
             self._login_failed,
@@ -533,7 +587,7 @@ class ClientProtocol(Protocol):
             errbackArgs=(request,),
         )
 
-    def _logged_in(self, _: None, uid: int, request: frames.Auth) -> None:
+    def _logged_in(self, extra: Mapping[str, Any] | None, uid: int, request: frames.Auth) -> None:
         if self.state is not State.AUTHENTICATING:
             # The connection went away while we were logging in.
             self.gateway.presence.logout(uid, self)
@@ -554,6 +608,7 @@ class ClientProtocol(Protocol):
                     "uid": uid,
                     "heartbeat": config.heartbeat_seconds,
                     "server_time": int(clock.seconds() * 1000),
+                    **(extra or {}),
                 },
             ),
             "auth",
@@ -608,9 +663,10 @@ class Gateway(Factory):
     @param ops: the business ops (C{send}, C{sync}, ...) by name; C{ping} is
         built in and C{auth} is handled by the protocol itself. An op missing
         from the table is answered C{unknown_op}.
-    @param login: called once a token is verified, before the connection is
+    @param on_login: called once a token is verified, before the connection is
         registered in C{presence}; its failure (an L{ImError}) is sent to the
-        client and closes the connection.
+        client and closes the connection; what it returns joins the auth reply.
+    @param on_logout: called when an authenticated connection has closed.
     @param max_connections: connections held at most, authenticated or not
         (L{imserver.listen.connection_budget}); past it new ones are closed.
     """
@@ -627,6 +683,7 @@ class Gateway(Factory):
         presence: IPresence,
         ops: Mapping[str, Op] | None = None,
         on_login: LoginHook | None = None,
+        on_logout: Callable[[ClientProtocol], None] | None = None,
         max_connections: int | None = None,
     ) -> None:
         self.config = config
@@ -638,6 +695,8 @@ class Gateway(Factory):
         self.ops: dict[str, Op] = {**CORE_OPS, **(ops or {})}
         self.schemas = {name: op.schema for name, op in self.ops.items()}
         self._on_login = on_login
+        #: Called when an authenticated connection closes (its device's last-seen time).
+        self.on_logout = on_logout
         self.connections: set[ClientProtocol] = set()
         self._epochs = itertools.count(1)
         self._all_closed: list[Deferred[None]] = []
@@ -728,11 +787,15 @@ class Gateway(Factory):
             for d in waiting:
                 d.callback(None)
 
-    def login(self, uid: int, conn: ClientProtocol, request: frames.Auth) -> Deferred[None]:
-        async def login() -> None:
+    def login(
+        self, claims: Claims, conn: ClientProtocol, request: frames.Auth
+    ) -> Deferred[Mapping[str, Any] | None]:
+        async def login() -> Mapping[str, Any] | None:
+            extra = None
             if self._on_login is not None:
-                await self._on_login(uid, conn, request)
-            await self.presence.login(uid, conn)
+                extra = await self._on_login(claims, conn, request)
+            await self.presence.login(claims.uid, conn)
+            return extra
 
         return Deferred.fromCoroutine(login())
 

@@ -8,6 +8,8 @@ routes (users, tokens, dead letters). docs/http.md is its reference.
     PUT  /v1/users/me              update one's own profile      (Bearer token)
     GET  /v1/admin/users/{uid}     profile, presence, pending    (X-Admin-Key)
     PUT  /v1/admin/users/{uid}     create or update a user       (X-Admin-Key)
+    GET  /v1/admin/users/{uid}/devices         the user's devices        (X-Admin-Key)
+    POST /v1/admin/users/{uid}/devices/revoke  kick one, refuse its tokens (X-Admin-Key)
     POST /v1/admin/tokens          mint a client token           (X-Admin-Key)
     GET  /v1/admin/dead-letters    dead letters, newest first    (X-Admin-Key)
 
@@ -46,7 +48,7 @@ from imserver.http.resource import (
 from imserver.http.site import MAX_BODY, ApiSite
 from imserver.metrics import CONTENT_TYPE, Metrics
 from imserver.services.presence import IPresence
-from imserver.services.tokens import INT64_MAX, InvalidToken, TokenService
+from imserver.services.tokens import INT64_MAX, MAX_DEVICE, InvalidToken, TokenService
 from imserver.storage.model import DeadLetter, Profile
 from imserver.storage.store import Store
 
@@ -331,6 +333,11 @@ class AdminUser(ApiEndpoint):
     def handlers(self) -> Mapping[bytes, Handler]:
         return {b"GET": self.get, b"PUT": self.put}
 
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"devices":
+            return AdminDevices(self.api, self.segment)
+        return NotFound(self.api)
+
     async def get(self, call: Call) -> Reply:
         uid = path_uid(self.segment)
         profile = await self.api.profile(uid)
@@ -348,17 +355,70 @@ class AdminUser(ApiEndpoint):
         return json_reply({"user": profile.public()})
 
 
-class Tokens(ApiEndpoint):
-    """C{/v1/admin/tokens}: mint a client token."""
+class AdminDevices(ApiEndpoint):
+    """C{/v1/admin/users/{uid}/devices}: the user's devices, online or not."""
+
+    def __init__(self, api: Api, segment: bytes) -> None:
+        super().__init__(api)
+        self.segment = segment
+
+    def handlers(self) -> Mapping[bytes, Handler]:
+        return {b"GET": self.get}
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"revoke":
+            return AdminRevoke(self.api, self.segment)
+        return NotFound(self.api)
+
+    async def get(self, call: Call) -> Reply:
+        uid = path_uid(self.segment)
+        await self.api.profile(uid)  # 404 for a user that does not exist
+        return json_reply(await self.api.chat.devices_of(uid))
+
+
+class AdminRevoke(ApiEndpoint):
+    """
+    C{/v1/admin/users/{uid}/devices/revoke} C{{"device": NAME}}: the device is
+    kicked (C{revoked}) wherever it is connected, and the tokens issued
+    before now are refused for it; a token minted afterwards works again.
+    """
+
+    def __init__(self, api: Api, segment: bytes) -> None:
+        super().__init__(api)
+        self.segment = segment
 
     def handlers(self) -> Mapping[bytes, Handler]:
         return {b"POST": self.post}
 
     async def post(self, call: Call) -> Reply:
-        obj = json_object(call.body, frozenset({"uid", "ttl"}))
+        uid = path_uid(self.segment)
+        obj = json_object(call.body, frozenset({"device"}))
+        device = opt_str(obj, "device", MAX_DEVICE)
+        if not device:
+            raise _invalid("give 'device', the device's name")
+        if not await self.api.chat.revoke_device(uid, device):
+            raise HttpError(
+                404, ErrorCode.NOT_FOUND, f"user {uid} has no device {device[:MAX_DEVICE]!r}"
+            )
+        return json_reply({"revoked": True})
+
+
+class Tokens(ApiEndpoint):
+    """C{/v1/admin/tokens}: mint a client token (bound to a device if one is given)."""
+
+    def handlers(self) -> Mapping[bytes, Handler]:
+        return {b"POST": self.post}
+
+    async def post(self, call: Call) -> Reply:
+        obj = json_object(call.body, frozenset({"uid", "ttl", "device"}))
         uid = int_field(obj, "uid", 1, INT64_MAX, None)
         ttl = int_field(obj, "ttl", 1, MAX_TTL_SECONDS, DEFAULT_TTL_SECONDS)
-        token = self.api.tokens.mint(uid, now=self.api.clock.seconds(), ttl_seconds=ttl)
+        device = opt_str(obj, "device", MAX_DEVICE)
+        if device == "":
+            raise _invalid("'device' must not be empty")
+        token = self.api.tokens.mint(
+            uid, now=self.api.clock.seconds(), ttl_seconds=ttl, device=device
+        )
         return json_reply({"token": token})
 
 

@@ -1,24 +1,34 @@
 """
 Presence and push routing across nodes, with Redis as the bus.
 
-L{ClusterPresence} wraps this node's local registry (any L{IPresence}):
+L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
 
-* Presence: C{{p}:presence:{uid}} holds the connection that is logged in
-  (C{node:incarnation:epoch}), written on login, removed on logout only if it
-  is still ours (the logins, and the logouts, of one reactor turn share one
-  script call: a reconnect storm is thousands at once), and kept alive by
-  this node every third of its TTL (C{[server].presence_ttl_seconds},
-  default 30): a node that dies leaves no presence behind the TTL. The
-  refresh also restores presences lost by a Redis restart.
-* Routing: a push for a user not connected here goes, through Redis
-  pub/sub, to the node that holds the user (one channel per node, binary
-  msgpack). Pushes are gathered for one reactor turn and sent with one
-  script call. If the user left or the node died meanwhile the push is
+* Presence: C{{p}:devices:{uid}} (a hash, see L{imserver.storage.hot.bus})
+  holds each connected device's connection (C{node:incarnation:epoch}),
+  since and last activity. A login's script decides across nodes: the
+  older connection of the same device is kicked (C{replaced}), and beyond
+  C{max_online} the least recently active other device
+  (C{too_many_devices}). A kick on another node is published to it with a
+  nonce; it kicks and confirms back, and the login fires (and its
+  connection is registered here) once every kick is confirmed, or after
+  L{KICK_CONFIRM_SECONDS}. Logouts remove a device only if it is still that
+  connection's. The logins, and the logouts, of one reactor turn share one
+  script call (a reconnect storm is thousands at once). This node
+  refreshes its devices every third of their TTL
+  (C{[server].presence_ttl_seconds}, default 30), writing their last
+  activity: a node that dies leaves no presence behind the TTL, and the
+  refresh restores presences lost by a Redis restart.
+* Routing: for each local user the node knows the OTHER nodes holding the
+  user's devices (from the login script's answer, from the join/leave
+  notices the scripts publish, re-read at every refresh; a node found
+  late is sent a C{sync} for the user). A push for a user whose devices
+  are all here costs no Redis call; otherwise it goes through Redis
+  pub/sub to those nodes (one channel per node, binary msgpack), gathered
+  for one reactor turn into one script call, with the excluded
+  connection's id. If the user left or a node died meanwhile the push is
   simply lost: the message stays pending and is synced on reconnect.
 * Profiles: a node that changes a profile publishes it on the channel every
   node hears, so their in-process profile caches never show an old one.
-* Kick: a login tells the node holding the user's previous connection to
-  kick it (C{login_elsewhere}), whichever node that is.
 * Recovery: when Redis loses its data (FLUSHALL, a restart without
   persistence) the bus's generation changes; every node notices within a
   second (at once if it routes a push or hears another node tell it), and
@@ -28,18 +38,20 @@ L{ClusterPresence} wraps this node's local registry (any L{IPresence}):
   subscribed are gone) and, for the recipients of pushes that could not be
   routed, when Redis answers again after an outage.
 
-If Redis is down, logins and local pushes work; cross-node pushes and kicks
-wait for it (presences are restored as soon as it answers again).
+If Redis is down, logins are checked against this node's devices only (its
+registry's max_online), and local pushes work; cross-node pushes and kicks
+wait for it (presences are restored as soon as it answers again, and the
+refresh then kicks a device another connection took meanwhile).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,15 +60,26 @@ from zope.interface import implementer
 from imserver.batching import Batcher, QueueFull
 from imserver.errors import Unavailable
 from imserver.periodic import Periodic
-from imserver.services.presence import KICK_LOGIN_ELSEWHERE, IClientLink, IPresence
+from imserver.services.presence import (
+    KICK_LOGIN_ELSEWHERE,
+    KICK_REPLACED,
+    IClientLink,
+    IPresence,
+    OnlineDevice,
+)
 from imserver.storage.hot.interface import (
     HotUnavailable,
     IClusterBus,
     ISubscription,
+    LoginAnswer,
+    LoginEntry,
 )
 from imserver.storage.model import Profile
 
-__all__ = ["KICK_LOGIN_ELSEWHERE", "SYNC_PUSH", "ClusterPresence"]
+if TYPE_CHECKING:  # the gateway's registry, handed in by the server
+    from imserver.gateway.registry import LocalRegistry
+
+__all__ = ["KICK_CONFIRM_SECONDS", "KICK_LOGIN_ELSEWHERE", "SYNC_PUSH", "ClusterPresence"]
 
 PRESENCE_TTL_MS = 30_000
 REFRESH_CHUNK = 1000
@@ -72,6 +95,14 @@ PUBSUB_STUCK_SECONDS = 5
 #: Recipients of unroutable pushes remembered for a sync push; beyond it
 #: every local user is told to sync.
 MAX_UNROUTED = 100_000
+#: How long a login waits for another node to confirm the kick of an older
+#: connection (that node may be dead: its presences then expire by TTL).
+KICK_CONFIRM_SECONDS = 2.0
+#: Join notices remembered for users this node does not know yet.
+MAX_EARLY_JOINS = 10_000
+#: A pending login's state once its connection went away before it was
+#: registered (else None: waiting, or the reason it was kicked meanwhile).
+_GONE = ""
 #: Pushed to a connected user who may have missed pushes: sync now.
 SYNC_PUSH: Mapping[str, Any] = {"t": "sync"}
 
@@ -83,28 +114,49 @@ class ClusterPresence:
     def __init__(
         self,
         reactor: Any,
-        local: IPresence,
+        local: LocalRegistry,
         bus: IClusterBus,
         node_id: int,
         ttl_seconds: float = PRESENCE_TTL_MS / 1000,
+        max_online: int = 5,
     ) -> None:
         self.ttl_ms = int(ttl_seconds * 1000)
+        self.max_online = max_online
         self._reactor = reactor
         self.registry = local
         self._redis = bus
         self.node = str(node_id)
+        local.node = self.node
         # Distinguishes this run of the node from earlier ones, so that a
         # stale kick never hits a new connection with a recycled epoch.
         self.incarnation = str(int(reactor.seconds() * 1000))
-        self._values: dict[int, str] = {}  # uid -> our presence value
-        self._outgoing: list[tuple[int, bytes]] = []
+        #: uid -> the other nodes holding the user's devices, for each user
+        #: with a connection here (an empty set: pushes need no Redis).
+        self._others: dict[int, set[str]] = {}
+        # Join notices for users not (yet) known here: a login in flight
+        # takes them; the refresh forgets the rest.
+        self._early_joins: dict[int, set[str]] = {}
+        #: When each local user last had a join or leave notice (a count),
+        #: so a refresh answer older than the notice does not undo it.
+        self._notices = 0
+        self._noticed: dict[int, int] = {}
+        #: Logins waiting for their script or kick confirmations, by conn
+        #: (see L{_GONE}).
+        self._pending: dict[str, str | None] = {}
+        #: Kick confirmations awaited, by nonce.
+        self._confirms: dict[str, Deferred[None]] = {}
+        #: Login calls in flight (by nonce), and confirmations that came
+        #: back before their call's answer.
+        self._calls: set[str] = set()
+        self._early: set[str] = set()
+        self._outgoing: list[tuple[int, bytes, str]] = []
         self._flush_call: IDelayedCall | None = None
         # Presence writes of one reactor turn share one script call: a
         # reconnect storm is thousands of logins (and logouts) at once.
-        self._logins: Batcher[tuple[int, str], None] = Batcher(
-            "presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor
+        self._logins: Batcher[LoginEntry, tuple[LoginAnswer, list[Deferred[None]]] | None] = (
+            Batcher("presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor)
         )
-        self._logouts: Batcher[tuple[int, str], None] = Batcher(
+        self._logouts: Batcher[tuple[int, str, str], None] = Batcher(
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
@@ -136,13 +188,21 @@ class ClusterPresence:
         self.profiles_received = 0
         self.data_losses = 0
         self.sync_pushes = 0
+        #: Kicks whose confirmation did not come in time.
+        self.kicks_unconfirmed = 0
         #: Self-checks that found the subscription useless (re-created).
         self.pubsub_failures = 0
         #: Called with each profile changed on a node (this one included).
         self.on_profile: Callable[[Profile], None] | None = None
 
     def value(self, link: IClientLink) -> str:
+        """The connection's id in the cluster (conn): node:incarnation:epoch."""
         return f"{self.node}:{self.incarnation}:{link.epoch}"
+
+    def _entry(self, uid: int, link: IClientLink) -> LoginEntry:
+        # The uid given, not link.uid: the gateway sets that once logged in.
+        idle_ms = max(0, int((self._reactor.seconds() - link.last_active) * 1000))
+        return (uid, link.device, self.value(link), int(link.connected_at), idle_ms)
 
     def start(self) -> None:
         self.subscription = self._redis.subscribe(self.node, self._on_message, self._subscribed)
@@ -164,59 +224,203 @@ class ClusterPresence:
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
         async def login() -> None:
-            await self.registry.login(uid, link)
-            value = self.value(link)
-            self._values[uid] = value
+            if not isinstance(link.device, str):
+                # One bad entry would fail the script call of every login of the turn.
+                raise TypeError(f"a connection's device must be a str, not {link.device!r}")
+            conn = self.value(link)
+            self._pending[conn] = None
             try:
-                await self._logins.submit((uid, value))
-            except QueueFull:
-                self.log.warn("presence of {uid} not written: too many logins", uid=uid)
+                try:
+                    outcome = await self._logins.submit(self._entry(uid, link))
+                except QueueFull:
+                    self.log.warn("presence of {uid} not written: too many logins", uid=uid)
+                    outcome = None
+                if outcome is not None:
+                    (kicks, others, _), confirmations = outcome
+                    for device, kicked, reason, nonce in kicks:
+                        if not nonce:
+                            self._kick_here(uid, device, kicked, reason)
+                    if confirmations:
+                        await gatherResults(confirmations)
+            finally:
+                state = self._pending.pop(conn, _GONE)
+            if state is not None:
+                # Gone, or kicked by a later login, before it was registered.
+                self._forget(uid, link.device, conn)
+                if state != _GONE:
+                    link.kick(state)
+                return
+            # Checked across nodes, or (Redis down) against this node only.
+            limit = None if outcome is not None else self.max_online
+            for old in self.registry.register(uid, link, limit):
+                self._forget(uid, old.device, self.value(old))
+            known = self._others.setdefault(uid, set())
+            if outcome is not None:
+                known.update(others)
+            # Join notices heard before this login knew the user was ours.
+            known.update(self._early_joins.pop(uid, ()))
 
         return Deferred.fromCoroutine(login())
 
-    async def _login_batch(self, entries: Sequence[tuple[int, str]]) -> list[None]:
+    async def _login_batch(
+        self, entries: Sequence[LoginEntry]
+    ) -> list[tuple[LoginAnswer, list[Deferred[None]]] | None]:
+        nonce = secrets.token_hex(8)
+        self._calls.add(nonce)
         try:
-            self._saw(await self._redis.presence_login(entries, self.ttl_ms))
+            answers, generation = await self._redis.presence_login(
+                self.node, nonce, entries, self.ttl_ms, self.max_online
+            )
         except HotUnavailable as e:
-            # Written by the recovery once Redis answers again.
+            # Checked here only; written by the refresh once Redis answers.
             if self._redis.state() == "ok":
                 self.log.warn(
                     "presence of {n} logins not written: {error}", n=len(entries), error=e
                 )
-        return [None] * len(entries)
+            return [None] * len(entries)
+        finally:
+            self._calls.discard(nonce)
+        self._saw(generation)
+        out: list[tuple[LoginAnswer, list[Deferred[None]]] | None] = []
+        for answer in answers:
+            kicks, _, joins = answer
+            waits = [self._confirmation(k[3]) for k in kicks if k[3]]
+            # The login completes once the user's other nodes route to this
+            # one: a push they make after that reaches the new device, and an
+            # event they pushed before is committed before its catch-up reads.
+            waits += [self._confirmation(tag) for tag in joins]
+            out.append((answer, waits))
+        self._early = {n for n in self._early if not n.startswith(nonce + ":")}
+        return out
+
+    def _confirmation(self, nonce: str) -> Deferred[None]:
+        """Fires when the kick of C{nonce} is confirmed, or after the timeout."""
+        d: Deferred[None] = Deferred()
+        if nonce in self._early:
+            self._early.discard(nonce)
+            d.callback(None)
+            return d
+        self._confirms[nonce] = d
+        d.addTimeout(KICK_CONFIRM_SECONDS, self._reactor, onTimeoutCancel=self._unconfirmed)
+        d.addBoth(self._confirmed, nonce)
+        return d
+
+    def _unconfirmed(self, result: object, timeout: float) -> None:
+        self.kicks_unconfirmed += 1
+        self.log.warn(
+            "a kick was not confirmed within {timeout}s (its node may be down): going on",
+            timeout=timeout,
+        )
+
+    def _confirmed(self, result: object, nonce: str) -> object:
+        self._confirms.pop(nonce, None)
+        return result
+
+    def _kick_here(self, uid: int, device: str, conn: str, reason: str) -> bool:
+        """Kick this node's connection C{conn} of the device (or its pending login)."""
+        link = self.registry.device_link(uid, device)
+        if link is not None and self.value(link) == conn:
+            self.logout(uid, link)
+            link.kick(reason)
+            return True
+        if conn in self._pending and self._pending[conn] is None:
+            self._pending[conn] = reason
+            return True
+        return False
 
     def logout(self, uid: int, link: IClientLink) -> None:
-        if self.registry.local(uid) is not link:
+        conn = self.value(link)
+        if conn in self._pending:
+            self._pending[conn] = _GONE
             return
-        self.registry.logout(uid, link)
-        value = self._values.pop(uid, None)
-        if value is None:
+        if not self.registry.remove(uid, link):
             return
+        if not self.registry.has(uid):
+            self._others.pop(uid, None)
+            self._noticed.pop(uid, None)
+        self._forget(uid, link.device, conn)
+
+    def _forget(self, uid: int, device: str, conn: str) -> None:
+        """Remove the device's presence if still C{conn}'s (one batch per turn)."""
         try:
             # Never fails: _logout_batch handles its errors.
-            self._logouts.submit((uid, value))
+            self._logouts.submit((uid, device, conn))
         except QueueFull:
             pass  # the TTL removes it
 
-    async def _logout_batch(self, entries: Sequence[tuple[int, str]]) -> list[None]:
+    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[None]:
         try:
-            await self._redis.presence_logout(entries)
+            await self._redis.presence_logout(self.node, entries)
         except HotUnavailable:
             pass  # the TTL removes them anyway
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
         return [None] * len(entries)
 
-    def local(self, uid: int) -> IClientLink | None:
+    def local(self, uid: int) -> list[IClientLink]:
         return self.registry.local(uid)
 
-    def push(self, uid: int, frame: Mapping[str, Any]) -> bool:
-        if self.registry.push(uid, frame):
-            return True
-        self._outgoing.append((uid, msgpack.packb(frame, use_bin_type=True)))
+    def push(self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None) -> bool:
+        took = self.registry.push_local(uid, frame, exclude)
+        others = self._others.get(uid)
+        if others is None or others:
+            self._queue(uid, frame, exclude)
+        return took
+
+    def push_local(
+        self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
+    ) -> bool:
+        return self.registry.push_local(uid, frame, exclude)
+
+    def push_remote(
+        self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None
+    ) -> None:
+        others = self._others.get(uid)
+        if others is None or others:
+            self._queue(uid, frame, exclude)
+
+    def _queue(self, uid: int, frame: Mapping[str, Any], exclude: IClientLink | None) -> None:
+        packed = msgpack.packb(frame, use_bin_type=True)
+        self._outgoing.append((uid, packed, "" if exclude is None else self.value(exclude)))
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
-        return False
+
+    def kick_device(self, uid: int, device: str, reason: str) -> Deferred[bool]:
+        async def kick() -> bool:
+            nonce = secrets.token_hex(8)
+            # Before the call: the confirmation may come before its answer.
+            confirmed = self._confirmation(nonce)
+            try:
+                conn = await self._redis.presence_kick(uid, device, reason, self.node, nonce)
+            except HotUnavailable:
+                conn = None  # this node's connection, if any, is kicked
+            if conn is None or conn.split(":", 1)[0] == self.node:
+                confirmed.addErrback(lambda f: f.trap(CancelledError))
+                confirmed.cancel()
+                link = self.registry.device_link(uid, device)
+                if conn is None and link is not None:
+                    conn = self.value(link)
+                return conn is not None and self._kick_here(uid, device, conn, reason)
+            await confirmed
+            return True
+
+        return Deferred.fromCoroutine(kick())
+
+    def online_devices(self, uid: int) -> Deferred[list[OnlineDevice]]:
+        async def devices() -> list[OnlineDevice]:
+            try:
+                rows = await self._redis.presence_devices(uid)
+            except HotUnavailable as e:
+                raise Unavailable(f"presence is unknown while Redis is down: {e}") from None
+            return sorted(
+                (
+                    OnlineDevice(device, conn.split(":", 1)[0], since)
+                    for device, conn, since in rows
+                ),
+                key=lambda d: (d.since, d.device),
+            )
+
+        return Deferred.fromCoroutine(devices())
 
     def links(self) -> Iterator[IClientLink]:
         return iter(self.registry.links())
@@ -244,10 +448,10 @@ class ClusterPresence:
 
     def online(self, uid: int) -> Deferred[bool]:
         async def online() -> bool:
-            if self.registry.local(uid) is not None:
+            if self.registry.has(uid):
                 return True
             try:
-                return await self._redis.presence_get(uid) is not None
+                return bool(await self._redis.presence_devices(uid))
             except HotUnavailable as e:
                 raise Unavailable(f"presence is unknown while Redis is down: {e}") from None
 
@@ -261,7 +465,7 @@ class ClusterPresence:
         d = Deferred.fromCoroutine(self._route(pushes))
         d.addErrback(lambda f: self.log.failure("routing pushes failed", f))
 
-    async def _route(self, pushes: list[tuple[int, bytes]]) -> None:
+    async def _route(self, pushes: list[tuple[int, bytes, str]]) -> None:
         try:
             sent, generation = await self._redis.route(self.node, pushes)
         except HotUnavailable as e:
@@ -269,7 +473,7 @@ class ClusterPresence:
             # are told to sync once Redis answers again.
             self.route_failures += len(pushes)
             if len(self._unrouted) < MAX_UNROUTED:
-                self._unrouted.update(uid for uid, _ in pushes)
+                self._unrouted.update(uid for uid, _, _ in pushes)
             else:
                 self._unrouted_overflow = True
             if self._redis.state() == "ok":
@@ -290,47 +494,104 @@ class ClusterPresence:
             if kind == "h":
                 if data == self._probe_id:
                     self._echo_at = self._reactor.seconds()
-                continue
-            if kind == "g":
+            elif kind == "g":
                 # Another node found the bus's data lost: check now.
                 self._recover("told by another node")
-                continue
-            if kind == "u":
+            elif kind == "u":
                 self.profiles_received += 1
                 if self.on_profile is not None:
                     self.on_profile(data)
-                continue
-            link = self.registry.local(uid)
-            if link is None:
-                continue
-            if kind == "p":
+            elif kind == "p":
+                frame, exclude = data
                 self.received += 1
-                link.push(data)
-            elif kind == "k" and data == self._values.get(uid):
-                self.kicked_remotely += 1
-                link.kick(KICK_LOGIN_ELSEWHERE)
+                if not exclude:
+                    self.registry.push_local(uid, frame)
+                else:
+                    for link in self.registry.local(uid):
+                        if self.value(link) != exclude:
+                            link.push(frame)
+            elif kind == "k":
+                conn, device, reason, nonce, asker = data
+                if self._kick_here(uid, device, conn, reason):
+                    self.kicked_remotely += 1
+                if nonce and asker:
+                    self._confirm(asker, uid, nonce)
+            elif kind == "c":
+                waiting = self._confirms.pop(data, None)
+                if waiting is not None:
+                    waiting.callback(None)
+                elif data.split(":", 1)[0] in self._calls:
+                    self._early.add(data)
+            elif kind in ("j", "l"):
+                node, tag = data
+                others = self._others.get(uid)
+                if others is None:
+                    if kind == "j" and len(self._early_joins) < MAX_EARLY_JOINS:
+                        # A login of ours may be under way: it takes them.
+                        self._early_joins.setdefault(uid, set()).add(node)
+                else:
+                    self._notices += 1
+                    self._noticed[uid] = self._notices
+                    if kind == "j":
+                        others.add(node)
+                    else:
+                        others.discard(node)
+                if tag:
+                    self._confirm(node, uid, tag)
+
+    def _confirm(self, asker: str, uid: int, nonce: str) -> None:
+        message = msgpack.packb([["c", str(uid), nonce.encode()]], use_bin_type=True)
+        d = Deferred.fromCoroutine(self._redis.send(asker, message))
+        d.addErrback(self._not_confirmed, asker)
+
+    def _not_confirmed(self, failure: Failure, asker: str) -> None:
+        # The asking node goes on after its timeout.
+        if failure.check(HotUnavailable):
+            self.log.warn(
+                "kick not confirmed to node {node}: {error}", node=asker, error=failure.value
+            )
+        else:
+            self.log.failure("confirming a kick to node {node} failed", failure, node=asker)
 
     # -- presence refresh ---------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Extend the presence of every local user (restoring lost ones)."""
-        entries = [
-            (uid, value)
-            for uid, value in list(self._values.items())
-            if self.registry.local(uid) is not None
-        ]
+        """
+        Extend the presence of every local device (restoring lost ones) with
+        its last activity, kick the devices another connection took, and
+        re-read which other nodes hold each local user.
+        """
+        self._early_joins.clear()
+        entries = [self._entry(uid, link) for uid, link in self.registry.pairs()]
         for i in range(0, len(entries), REFRESH_CHUNK):
             chunk = entries[i : i + REFRESH_CHUNK]
+            asked = self._notices
             try:
-                lost, generation = await self._redis.presence_refresh(chunk, self.ttl_ms)
+                lost, shared, generation = await self._redis.presence_refresh(
+                    self.node, chunk, self.ttl_ms
+                )
             except HotUnavailable:
                 return
             self._saw(generation)
-            for uid in lost:
+            for uid, device in lost:
                 # Logged in elsewhere while the kick could not reach us.
-                link = self.registry.local(uid)
+                link = self.registry.device_link(uid, device)
                 if link is not None:
-                    link.kick(KICK_LOGIN_ELSEWHERE)
+                    self.logout(uid, link)
+                    link.kick(KICK_REPLACED)
+            for uid in {entry[0] for entry in chunk}:
+                known = self._others.get(uid)
+                if known is None:
+                    continue
+                now = shared.get(uid, set())
+                if self._noticed.get(uid, 0) > asked:
+                    now |= known  # a notice came after the script read
+                learned = now - known
+                self._others[uid] = now
+                if learned:
+                    # Pushes meanwhile missed the user's devices there.
+                    self.push_remote(uid, SYNC_PUSH)
+                    self.sync_pushes += 1
 
     # -- recovery -------------------------------------------------------------------
 
@@ -469,9 +730,8 @@ class ClusterPresence:
         told = 0
         for uid in unrouted:
             # Recipients on other nodes (or on none: then the push goes nowhere).
-            if not everyone or self.registry.local(uid) is None:
-                self.push(uid, SYNC_PUSH)
-                told += 1
+            self.push_remote(uid, SYNC_PUSH)
+            told += 1
         if everyone:
             for link in list(self.registry.links()):
                 link.push(SYNC_PUSH)
@@ -481,7 +741,7 @@ class ClusterPresence:
                     "redis lost its data: node {node} restored {presences} presences at once "
                     "(pub/sub {pubsub}) and told {told} users to sync",
                     node=self.node,
-                    presences=len(self._values),
+                    presences=len(self.registry),
                     pubsub=self.pubsub_state(),
                     told=told,
                 )
@@ -492,7 +752,7 @@ class ClusterPresence:
                 "{reason}: restored {presences} presences; told {told} users whose "
                 "pushes were lost to sync",
                 reason=reason,
-                presences=len(self._values),
+                presences=len(self.registry),
                 told=told,
             )
         self.sync_pushes += told
@@ -502,11 +762,15 @@ class ClusterPresence:
         return "ok" if self.subscription is not None and self.subscription.subscribed else "down"
 
 
-def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
+def _entry(kind: bytes, uid: bytes, data: Any, *rest: bytes) -> tuple[str, int, Any]:
     """
-    One entry of a channel message: (C{p}, uid, push frame), (C{k}, uid,
-    presence), (C{u}, uid, profile), (C{g}, 0, empty): the bus lost its data,
-    or (C{h}, 0, a node's probe id): a node's self-check probe.
+    One entry of a channel message: (C{p}, uid, (push frame, excluded conn)),
+    (C{k}, uid, (conn, device, reason, nonce, asking node)): a kick, (C{c},
+    uid, nonce): a kick confirmed, (C{j}, uid, (node, nonce)): that node
+    now holds the user (confirm the nonce), (C{l}, uid, (node, "")): it no
+    longer does, (C{u}, uid, profile), (C{g}, 0,
+    empty): the bus lost its data, or (C{h}, 0, a node's probe id): a node's
+    self-check probe.
     """
     if kind == b"g":
         return "g", 0, None
@@ -519,7 +783,18 @@ def _entry(kind: bytes, uid: bytes, data: bytes) -> tuple[str, int, Any]:
         frame = msgpack.unpackb(data, raw=False)
         if not isinstance(frame, dict):
             raise ValueError(f"a push frame must be a map, not {type(frame).__name__}")
-        return "p", int(uid), frame
+        return "p", int(uid), (frame, rest[0].decode() if rest else "")
     if kind == b"k":
-        return "k", int(uid), data.decode()
+        conn, device, reason, nonce, asker = (part.decode() for part in data)
+        return "k", int(uid), (conn, device, reason, nonce, asker)
+    if kind == b"j":
+        # (node, nonce to confirm); a bare node from an older node.
+        if isinstance(data, bytes):
+            return "j", int(uid), (data.decode(), "")
+        node, tag = (part.decode() for part in data)
+        return "j", int(uid), (node, tag)
+    if kind == b"l":
+        return "l", int(uid), (data.decode(), "")
+    if kind == b"c":
+        return "c", int(uid), data.decode()
     raise ValueError(f"unknown entry kind {kind!r}")

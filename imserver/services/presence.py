@@ -1,26 +1,39 @@
 """
 Presence and push routing: who is connected, and how a frame reaches them.
 
-The business layer pushes through L{IPresence}; the gateway implements
-L{IClientLink} for each authenticated connection and registers it here. The
-interfaces live in the service layer so that both can depend on them while
-dependencies keep pointing down: the single-node registry is
-L{imserver.gateway.registry.LocalRegistry}; a cluster adds a Redis-backed
-implementation beside it without the protocol knowing.
+A user may have several devices online at once (up to C{max_online}), one
+connection per device. The business layer pushes through L{IPresence}; the
+gateway implements L{IClientLink} for each authenticated connection and
+registers it here. The interfaces live in the service layer so that both can
+depend on them while dependencies keep pointing down: the single-node
+registry is L{imserver.gateway.registry.LocalRegistry}; a cluster adds a
+Redis-backed implementation beside it (L{imserver.services.cluster}) without
+the protocol knowing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from imserver.storage.model import Profile
 
-#: The reason of the kick a connection gets when its user logs in again.
-KICK_LOGIN_ELSEWHERE = "login_elsewhere"
+#: The device of a connection that names none (the wire protocol's default).
+DEFAULT_DEVICE = "default"
+#: Kick reasons. A second auth on the same (uid, device):
+KICK_REPLACED = "replaced"
+#: Beyond C{[devices] max_online}: the least recently active other device goes.
+KICK_TOO_MANY = "too_many_devices"
+#: C{logout_device} from another device of the user.
+KICK_LOGGED_OUT = "logged_out"
+#: The admin API revoked the device.
+KICK_REVOKED = "revoked"
+#: The old name of L{KICK_REPLACED}, kept for imports.
+KICK_LOGIN_ELSEWHERE = KICK_REPLACED
 
 
 class IClientLink(Interface):
@@ -28,6 +41,9 @@ class IClientLink(Interface):
 
     uid = Attribute("The authenticated uid (int).")
     epoch = Attribute("A number unique to this connection on this node (int).")
+    device = Attribute("The device name (str), 'default' when the client gave none.")
+    connected_at = Attribute("When the connection authenticated, ms since the epoch (int).")
+    last_active = Attribute("Reactor seconds of the connection's last request (float).")
 
     def push(frame: Mapping[str, Any]) -> None:
         """Send a push frame (C{{"t": event, ...}}) to the client."""
@@ -36,27 +52,52 @@ class IClientLink(Interface):
         """Tell the client why, then close the connection."""
 
 
+@attrs.frozen
+class OnlineDevice:
+    """A device connected somewhere in the cluster."""
+
+    device: str
+    node: str
+    since: int  # the connection's connected_at, ms
+
+
 class IPresence(Interface):
-    """Who is online, and delivery of pushes to them."""
+    """Who is online (per device), and delivery of pushes to them."""
+
+    max_online = Attribute("Devices a user may have online at once (int).")
 
     def login(uid: int, link: IClientLink) -> Deferred[None]:
         """
-        Make C{link} the user's connection; an older connection of the same
-        uid (on any node) is kicked with reason C{login_elsewhere}.
+        Make C{link} its device's connection. An older connection of the same
+        (uid, device), on any node, is kicked with C{replaced}; beyond
+        C{max_online} devices the least recently active other device is
+        kicked with C{too_many_devices}. Fires once those are closed (or, on
+        another node, after a confirmation timeout).
         """
 
     def logout(uid: int, link: IClientLink) -> None:
-        """Forget C{link}, only if it is still the user's current connection."""
+        """Forget C{link}, only if it is still its device's connection."""
 
-    def local(uid: int) -> IClientLink | None:
-        """The user's connection on this node, if any."""
+    def local(uid: int) -> Sequence[IClientLink]:
+        """The user's connections on this node (empty if none)."""
 
-    def push(uid: int, frame: Mapping[str, Any]) -> bool:
+    def push(uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None) -> bool:
         """
-        Push to the user's connection. Return True if a connection on this
-        node took it. Otherwise False: the user is offline, or (in a cluster)
-        the push was handed on to the node that holds the user.
+        Push to every connection of the user except C{exclude}, on this node
+        and on the others. True if a connection on this node took it.
         """
+
+    def push_local(uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None) -> bool:
+        """As L{push}, this node's connections only."""
+
+    def push_remote(uid: int, frame: Mapping[str, Any], exclude: IClientLink | None = None) -> None:
+        """As L{push}, the other nodes' connections only (a no-op on a single node)."""
+
+    def kick_device(uid: int, device: str, reason: str) -> Deferred[bool]:
+        """Kick the device's connection wherever it is; True if one was found."""
+
+    def online_devices(uid: int) -> Deferred[list[OnlineDevice]]:
+        """The user's connected devices, on every node."""
 
     def links() -> Iterable[IClientLink]:
         """All connections registered on this node."""

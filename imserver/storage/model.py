@@ -58,6 +58,8 @@ class NewMessage:
     # The pair's session id if known (cache), else a fresh id to create it with.
     session_id: int | None
     new_session_id: int
+    #: The sending device's t_device id (0 unknown): catch-up skips a device's own sends.
+    sender_device: int = 0
 
 
 @attrs.frozen
@@ -113,6 +115,9 @@ class Committed:
     # committed messages that row covers.
     outbox_id: int = 0
     outbox_count: int = 0
+    # The message's numbers in the sender's and the recipient's streams.
+    sender_seq: int = 0
+    recipient_seq: int = 0
 
 
 @attrs.frozen
@@ -127,6 +132,8 @@ class Duplicate:
     #: the caller finishes it now (invalidate and push, as a replay does).
     #: On one duplicate of the row only.
     unfinished: Outbox | None = None
+    #: The sender's stream seq of the original (0: stored before streams).
+    seq: int = 0
 
 
 @attrs.frozen
@@ -144,6 +151,9 @@ class ReadResult:
     total_unread: int
     # The new read position if it moved (then the peer is told), else None.
     advanced_to: int | None
+    # The read's numbers in the reader's and the peer's streams, if it moved.
+    reader_seq: int | None = None
+    peer_seq: int | None = None
 
 
 @attrs.frozen
@@ -153,6 +163,9 @@ class RecallResult:
     recipient_row: ConvRow | None
     was_pending: bool
     already: bool
+    # The recall's numbers in the two streams; None for a repeated recall.
+    sender_seq: int | None = None
+    recipient_seq: int | None = None
 
 
 @attrs.frozen
@@ -230,3 +243,56 @@ class UserSnapshot:
     uid: int
     pending: tuple[tuple[int, int], ...]  # (msg_id, sender)
     convs: tuple[ConvRow, ...]
+
+
+@attrs.frozen
+class DeviceRow:
+    """One device of a user (t_device); times in ms, C{revoked_at} 0 = never."""
+
+    id: int
+    uid: int
+    device: str
+    client: str
+    #: The stream position the device confirmed (ack seq, catch-up after).
+    cursor: int
+    created_at: int
+    last_seen: int
+    revoked_at: int
+
+
+@attrs.frozen
+class Login:
+    profile: Profile
+    device: DeviceRow
+    #: The row was made by this login (a new device, or a forgotten one).
+    created: bool
+    #: The user's stream head as of the login.
+    head: int
+
+
+EVENT_READ = 1
+EVENT_RECALL = 2
+EVENT_KINDS = {EVENT_READ: "read", EVENT_RECALL: "recall"}
+
+
+@attrs.frozen
+class StreamEvent:
+    """One event of a user's stream, as catch-up returns it."""
+
+    seq: int
+    kind: str  # "msg" | "read" | "recall"
+    session_id: int
+    #: msg: the message; read: the new read position; recall: the message.
+    msg_id: int
+    #: msg: the sender; read: the reader; recall: the sender.
+    by: int
+    message: Message | None = None  # kind "msg" only
+
+
+@attrs.frozen
+class CatchupPage:
+    events: tuple[StreamEvent, ...]
+    #: Where the next page starts: the last event's seq on a full page, else the head.
+    seq: int
+    more: bool
+    head: int

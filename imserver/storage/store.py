@@ -19,6 +19,8 @@ seed's hot index). The business layer never knows which.
 * Reads try the hot copy. A user without a ready copy (first use, after a
   FLUSHALL, after an invalidation) is loaded from SQL, then read again; if
   the hot store is down the read is answered from SQL.
+* Devices, the user's stream and catch-up are SQL only: the methods here
+  delegate to L{DeviceStore} (C{imserver.storage.devices}).
 """
 
 from __future__ import annotations
@@ -37,14 +39,18 @@ from twisted.python.failure import Failure
 from imserver.batching import Batcher, ItemFailure
 from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
+from imserver.storage.devices import DeviceStore, LoginItem, check_device
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
+    CatchupPage,
     Committed,
     Conversation,
     ConvRow,
     DeadLetter,
+    DeviceRow,
     DueNotification,
+    Login,
     Message,
     NewMessage,
     Outbox,
@@ -124,6 +130,10 @@ class LRU(OrderedDict[K, V]):
             self.popitem(last=False)
 
 
+#: An item of the acks Batcher: (uid, msg_ids, device_id, seq).
+AckItem = tuple[int, Sequence[int], int, int | None]
+
+
 class Store:
     log = Logger()
 
@@ -182,10 +192,12 @@ class Store:
         )
         # Acks and logins: one transaction for many users, and one bad item
         # fails alone (see _isolating).
-        self.acks: Batcher[tuple[int, Sequence[int]], list[tuple[int, int]]] = Batcher(
+        self.acks: Batcher[AckItem, list[tuple[int, int]]] = Batcher(
             "ack", self._ack_requests, max_batch=max_batch, max_queue=max_queue
         )
-        self.logins: Batcher[int, Profile] = Batcher(
+        #: Device logins and plain user logins (L{ensure_user}) share a batch.
+        self.device_store = DeviceStore(self)
+        self.logins: Batcher[LoginItem, Login | Profile] = Batcher(
             "login", self._login_requests, max_batch=max_batch, max_queue=max_queue
         )
         self._known_users: set[int] = set()
@@ -262,18 +274,31 @@ class Store:
             found = await self.profiles([uid])
             if uid in found:
                 return found[uid]
-        return await self.logins.submit(uid)
+        profile = await self.logins.submit((uid, None, ""))
+        assert isinstance(profile, Profile)
+        return profile
 
-    async def _login_requests(self, uids: Sequence[int]) -> Sequence[Profile | ItemFailure]:
-        return await self._isolating("login", uids, self._ensure_batch, lambda uid: f"uid {uid}")
+    async def login(self, uid: int, device: str, client: str) -> Login:
+        """
+        A device's login: the user created on first sight, the device's row
+        created (cursor = the head) or refreshed (client, lastSeen). Batched
+        with the other logins of the moment. A revoked device logs in all
+        the same: C{device.revoked_at} is the caller's to check.
+        """
+        check_device(device)
+        login = await self.logins.submit((uid, device, client))
+        assert isinstance(login, Login)
+        return login
 
-    async def _ensure_batch(self, uids: Sequence[int]) -> list[Profile]:
-        profiles = await self.db.run("ensure_users", q.ensure_users_txn, uids, self._now_ms())
-        by_uid = {p.uid: p for p in profiles}
-        self._known_users.update(by_uid)
-        # After the reply: a copy missing meanwhile is read from SQL.
-        self._run_after_reply(self._put_profiles(profiles, changed=False), ())
-        return [by_uid[uid] for uid in uids]
+    async def _login_requests(
+        self, items: Sequence[LoginItem]
+    ) -> Sequence[Login | Profile | ItemFailure]:
+        return await self._isolating(
+            "login",
+            items,
+            self.device_store.login_batch,
+            lambda item: f"uid {item[0]}" + ("" if item[1] is None else f" device {item[1]!r}"),
+        )
 
     async def profiles(self, uids: Iterable[int]) -> dict[int, Profile]:
         wanted = list(dict.fromkeys(uids))
@@ -607,24 +632,35 @@ class Store:
 
     # -- delivery state --------------------------------------------------------
 
-    def ack(self, uid: int, msg_ids: Sequence[int]) -> Deferred[list[tuple[int, int]]]:
-        """Clear pending messages; fires with the (msg_id, sender) that were pending."""
-        return self.acks.submit((uid, msg_ids))
+    def ack(
+        self, uid: int, msg_ids: Sequence[int], device_id: int = 0, seq: int | None = None
+    ) -> Deferred[list[tuple[int, int]]]:
+        """
+        Clear pending messages; fires with the (msg_id, sender) that were
+        pending. C{msg_ids} may be empty. With C{seq}, the cursor of the
+        user's device C{device_id} moves up to it (never back), in the same
+        transaction.
+        """
+        return self.acks.submit((uid, msg_ids, device_id, seq))
 
     async def _ack_requests(
-        self, requests: Sequence[tuple[int, Sequence[int]]]
+        self, items: Sequence[AckItem]
     ) -> Sequence[list[tuple[int, int]] | ItemFailure]:
         return await self._isolating(
-            "ack", requests, self._ack_batch, lambda r: f"uid {r[0]} (msg_ids {list(r[1])[:8]})"
+            "ack", items, self._ack_batch, lambda r: f"uid {r[0]} (msg_ids {list(r[1])[:8]})"
         )
 
-    async def _ack_batch(
-        self, requests: Sequence[tuple[int, Sequence[int]]]
-    ) -> list[list[tuple[int, int]]]:
+    async def _ack_batch(self, items: Sequence[AckItem]) -> list[list[tuple[int, int]]]:
+        requests = [(uid, msg_ids) for uid, msg_ids, _, _ in items]
+        cursors = [
+            (uid, device_id, seq)
+            for uid, _, device_id, seq in items
+            if device_id and seq is not None
+        ]
         outbox = self._outbox("ack")
         done = self._take_done_outbox()
         try:
-            removed = await self.db.run("ack", q.ack_txn, requests, outbox, done)
+            removed = await self.db.run("ack", q.ack_txn, requests, outbox, done, cursors)
         except Exception as e:
             self._put_back_done_outbox(done)
             if isinstance(e, CommitUnknown):
@@ -662,7 +698,9 @@ class Store:
     async def read(self, uid: int, session_id: int, msg_id: int) -> ReadResult:
         outbox = self._outbox("read")
         try:
-            result = await self.db.run("read", q.read_txn, uid, session_id, msg_id, outbox)
+            result = await self.db.run(
+                "read", q.read_txn, uid, session_id, msg_id, outbox, self._now_ms()
+            )
         except CommitUnknown as e:
             # Maybe read: as for an ack.
             self._hot_failed((uid,), (session_id,), (), str(e))
@@ -680,6 +718,37 @@ class Store:
             return await self.db.run("unread", q.unread_txn, uid)
         return [(sid, total - read) for sid, _, total, read in convs if total > read]
 
+    # -- devices and catch-up (see imserver.storage.devices) -----------------------
+
+    async def catchup(self, uid: int, device_id: int, after: int, limit: int) -> CatchupPage:
+        """
+        The user's stream after C{after} (at most C{limit} events), skipping
+        C{device_id}'s own sends; C{after} becomes the device's cursor.
+        """
+        return await self.device_store.catchup(uid, device_id, after, limit)
+
+    async def head(self, uid: int) -> int:
+        """The user's stream head (0 before any event, or for an unknown user)."""
+        return await self.device_store.head(uid)
+
+    async def devices(self, uid: int) -> list[DeviceRow]:
+        return await self.device_store.devices(uid)
+
+    async def device(self, uid: int, device: str) -> DeviceRow | None:
+        return await self.device_store.device(uid, device)
+
+    async def revoke_device(self, uid: int, device: str) -> DeviceRow | None:
+        """Set the device's revokedAt to now; None if the user has no such device."""
+        return await self.device_store.revoke_device(uid, device)
+
+    async def touch_devices(self, device_ids: Sequence[int]) -> None:
+        """These devices are connected: lastSeen = now (background pool)."""
+        await self.device_store.touch_devices(device_ids)
+
+    async def forget_devices(self, forget_ms: int) -> int:
+        """Delete devices unseen for C{forget_ms} and older stream events (background)."""
+        return await self.device_store.forget_devices(forget_ms)
+
     # -- recall ------------------------------------------------------------------
 
     async def recall(
@@ -687,11 +756,12 @@ class Store:
         uid: int,
         msg_id: int,
         window_ms: int,
-        then: Callable[[Message], None] | None = None,
+        then: Callable[[RecallResult], None] | None = None,
     ) -> RecallResult:
         """
         Recall a message. Its hot step runs after the reply, then C{then}
-        (the recall push: the recipient is told once the hot copy has it).
+        with the result (the recall push: the recipient is told once the hot
+        copy has it).
         A message recalled already (a retry after C{unavailable}, whose
         first try may have committed) has its copies invalidated and
         C{then} run again: pushes are idempotent by msg_id.
@@ -724,7 +794,7 @@ class Store:
         return result
 
     async def _recall_follow_up(
-        self, outbox_id: int, result: RecallResult, then: Callable[[Message], None] | None
+        self, outbox_id: int, result: RecallResult, then: Callable[[RecallResult], None] | None
     ) -> None:
         m = result.message
         users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
@@ -736,7 +806,7 @@ class Store:
             await self._follow_up(outbox_id, step, users, sessions, msgs)
         finally:
             if then is not None:
-                then(m)
+                then(result)
 
     # -- conversations, history, messages ----------------------------------------
 

@@ -148,6 +148,11 @@ def check_plain(value: object, key: str, depth: int = 0) -> None:
 # ---------------------------------------------------------------------------
 # Requests
 
+#: The device of a client that names none (every client of protocol v1 before devices).
+DEFAULT_DEVICE = "default"
+#: Characters of a device name, at most.
+MAX_DEVICE = 64
+
 
 @attrs.frozen
 class Request:
@@ -179,16 +184,23 @@ def request(cls: R) -> R:
 class Auth(Request):
     op: ClassVar[str] = "auth"
     token: str
-    device: str | None = None
+    #: The app install (1..64 characters); absent: L{DEFAULT_DEVICE}, so every
+    #: client that predates devices is one device of its user.
+    device: str = DEFAULT_DEVICE
     client: str | None = None
+    #: The stream position the client's local state is complete up to: the
+    #: connection starts in catch-up mode (docs/protocol.md, "Devices").
+    since: int | None = None
 
     @classmethod
     def parse(cls, req_id: int, frame: Frame) -> Auth:
+        device = opt_str(frame, "device", max_len=MAX_DEVICE, min_len=1)
         return cls(
             id=req_id,
             token=req_str(frame, "token", max_len=4096),
-            device=opt_str(frame, "device", max_len=128),
+            device=DEFAULT_DEVICE if device is None else device,
             client=opt_str(frame, "client", max_len=128),
+            since=opt_int(frame, "since", None, minimum=0),
         )
 
 
@@ -296,10 +308,15 @@ class Send(Request):
 class Ack(Request):
     op: ClassVar[str] = "ack"
     msg_ids: tuple[int, ...]
+    #: This device has every event of its user's stream up to here (devices).
+    seq: int | None = None
 
     @classmethod
     def parse(cls, req_id: int, frame: Frame) -> Ack:
-        return cls(id=req_id, msg_ids=req_int_list(frame, "msg_ids", max_items=MAX_ACK))
+        seq = opt_int(frame, "seq", None, minimum=0)
+        if seq is not None and frame.get("msg_ids") is None:
+            return cls(id=req_id, msg_ids=(), seq=seq)
+        return cls(id=req_id, msg_ids=req_int_list(frame, "msg_ids", max_items=MAX_ACK), seq=seq)
 
 
 @request
@@ -424,3 +441,42 @@ class SetProfile(Request):
         if nickname is None and avatar is None:
             raise _invalid("give 'nickname', 'avatar' or both")
         return cls(id=req_id, nickname=nickname, avatar=avatar)
+
+
+# ---------------------------------------------------------------------------
+# Devices (docs/protocol.md, "Devices")
+
+MAX_CATCHUP = 500
+
+
+@request
+@attrs.frozen
+class Catchup(Request):
+    op: ClassVar[str] = "catchup"
+    after: int | None
+    limit: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Catchup:
+        return cls(
+            id=req_id,
+            after=opt_int(frame, "after", None, minimum=0),
+            limit=opt_limit(frame, "limit", 100, MAX_CATCHUP),
+        )
+
+
+@request
+@attrs.frozen
+class Devices(Request):
+    op: ClassVar[str] = "devices"
+
+
+@request
+@attrs.frozen
+class LogoutDevice(Request):
+    op: ClassVar[str] = "logout_device"
+    device: str
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> LogoutDevice:
+        return cls(id=req_id, device=req_str(frame, "device", max_len=MAX_DEVICE))

@@ -4,9 +4,14 @@ broadcasts and the data's generation (see L{IClusterBus} and
 L{imserver.services.cluster}). It shares the node's L{RedisConnection} (and
 so its circuit breaker) with the hot index:
 
-    {p}:presence:{uid}      the connection logged in (node:incarnation:epoch), with a TTL
+    {p}:devices:{uid}       hash: device -> conn|since_ms|active_ms|expires_ms, the
+                            user's connected devices (conn = node:incarnation:epoch,
+                            since = connected_at, active = Redis ms of the last
+                            request, expires = Redis ms it is gone unless refreshed);
+                            expired fields count as absent; the key has a TTL too
     {p}:generation          set once by the first node to find it missing
-    {p}:node:{node}         channel: pushes and kicks for that node's users
+    {p}:node:{node}         channel: for that node: pushes, kicks (with a nonce),
+                            kick confirmations, join/leave notices of users it holds
     {p}:nodes               channel: what every node hears (profiles, generation changes)
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgpack
 from zope.interface import implementer
 
 from imserver.storage.hot.connection import (
@@ -26,16 +32,23 @@ from imserver.storage.hot.connection import (
     to_int,
     to_str,
 )
-from imserver.storage.hot.interface import IClusterBus
+from imserver.storage.hot.interface import IClusterBus, LoginAnswer, LoginEntry
 
 SCRIPTS = (
     "bus_generation",
     "bus_heartbeat",
+    "presence_devices",
+    "presence_kick",
     "presence_login",
     "presence_logout",
     "presence_refresh",
     "presence_route",
 )
+
+
+def _unpack(value: bytes) -> Any:
+    """A script's msgpack answer (a Lua empty table may come as a map: use C{or ()})."""
+    return msgpack.unpackb(value, raw=False)
 
 
 def _generation(value: Any) -> str | None:
@@ -54,31 +67,66 @@ class RedisBus(RedisScripts):
         generation, receivers = await self._script("bus_heartbeat", fresh, node, probe)
         return to_str(generation), to_int(receivers)
 
-    async def presence_login(self, entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
-        packed = pack([[str(uid), value] for uid, value in entries])
-        _, generation = await self._script("presence_login", str(ttl_ms), packed)
-        return _generation(generation)
+    async def presence_login(
+        self,
+        node: str,
+        nonce: str,
+        entries: Sequence[LoginEntry],
+        ttl_ms: int,
+        max_online: int,
+    ) -> tuple[list[LoginAnswer], str | None]:
+        answers, generation = await self._script(
+            "presence_login",
+            str(ttl_ms),
+            str(max_online),
+            node,
+            nonce,
+            pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
+        )
+        return [
+            ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()), list(joins or ()))
+            for kicks, others, joins in _unpack(answers)
+        ], _generation(generation)
 
-    async def presence_get(self, uid: int) -> str | None:
-        value = await self.connection.command("GET", f"{self.prefix}:presence:{uid}")
-        return None if value is None else to_str(value)
+    async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
+        rows = _unpack(await self._script("presence_devices", str(uid)))
+        return [(d, c, int(s)) for d, c, s in rows or ()]
 
-    async def presence_logout(self, entries: Sequence[tuple[int, str]]) -> None:
-        await self._script("presence_logout", pack([[str(uid), value] for uid, value in entries]))
+    async def presence_logout(self, node: str, entries: Sequence[tuple[int, str, str]]) -> None:
+        await self._script("presence_logout", node, pack([[str(u), d, c] for u, d, c in entries]))
 
     async def presence_refresh(
-        self, entries: Sequence[tuple[int, str]], ttl_ms: int
-    ) -> tuple[list[int], str | None]:
-        generation, lost = await self._script(
-            "presence_refresh", str(ttl_ms), pack([[str(uid), value] for uid, value in entries])
+        self, node: str, entries: Sequence[LoginEntry], ttl_ms: int
+    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+        generation, packed = await self._script(
+            "presence_refresh",
+            str(ttl_ms),
+            node,
+            pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
         )
-        return [to_int(uid) for uid in lost], _generation(generation)
+        lost, shared = _unpack(packed)
+        return (
+            [(int(u), d) for u, d in lost or ()],
+            {int(row[0]): set(row[1:]) for row in shared or ()},
+            _generation(generation),
+        )
 
-    async def route(self, node: str, pushes: Sequence[tuple[int, bytes]]) -> tuple[int, str | None]:
+    async def presence_kick(
+        self, uid: int, device: str, reason: str, node: str, nonce: str
+    ) -> str | None:
+        conn = await self._script("presence_kick", str(uid), device, reason, node, nonce)
+        return None if conn is None else to_str(conn)
+
+    async def route(
+        self, node: str, pushes: Sequence[tuple[int, bytes, str]]
+    ) -> tuple[int, str | None]:
         sent, generation = await self._script(
-            "presence_route", node, pack([[str(u), f] for u, f in pushes])
+            "presence_route", node, pack([[str(u), f, x] for u, f, x in pushes])
         )
         return to_int(sent), _generation(generation)
+
+    async def send(self, node: str, message: bytes) -> None:
+        await self.connection.command("PUBLISH", f"{self.prefix}:node:{node}", message)
 
     async def broadcast(self, message: bytes) -> None:
         await self.connection.command("PUBLISH", f"{self.prefix}:nodes", message)

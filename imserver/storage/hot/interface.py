@@ -33,6 +33,15 @@ LIVE_MS = 5000
 GONE_MS = 60_000
 
 
+#: A login or refresh for the bus: (uid, device, conn, since_ms, idle_ms),
+#: idle_ms being how long ago the connection's last request was.
+LoginEntry = tuple[int, str, str, int, int]
+#: What a login did: the kicks (device, conn, reason, nonce: empty when the
+#: conn is on the asking node), the other nodes holding the user, and the
+#: nonces of the join notices those nodes confirm.
+LoginAnswer = tuple[list[tuple[str, str, str, str]], list[str], list[str]]
+
+
 class HotUnavailable(Exception):
     """The hot store did not answer (down, timed out, or refused)."""
 
@@ -140,8 +149,8 @@ class IClusterBus(Interface):
     What the cluster's nodes share besides SQL: presences, pushes routed to
     the node holding a user, broadcasts, and the data's generation (which
     changes when the bus loses its data: FLUSHALL, a restart without
-    persistence). Presence values are C{node:incarnation:epoch}. Any method
-    may raise L{HotUnavailable}.
+    persistence). Presences are per device; a connection ("conn") is
+    C{node:incarnation:epoch}. Any method may raise L{HotUnavailable}.
     """
 
     async def ping() -> None:
@@ -161,28 +170,60 @@ class IClusterBus(Interface):
         means the node's subscription is gone, whatever the node believes.
         """
 
-    async def presence_login(entries: Sequence[tuple[int, str]], ttl_ms: int) -> str | None:
+    async def presence_login(
+        node: str,
+        nonce: str,
+        entries: Sequence[LoginEntry],
+        ttl_ms: int,
+        max_online: int,
+    ) -> tuple[list[LoginAnswer], str | None]:
         """
-        Claim the presences of (uid, value) pairs; the nodes that held them
-        are told to kick their connections. Returns the generation (None if
-        the bus has none).
+        Make each (uid, device, conn, since_ms, idle_ms) its device's
+        connection: the older connection of the device is kicked
+        (C{replaced}), and beyond C{max_online} the least recently active
+        other device (C{too_many_devices}); a kick on another node is
+        published to it with a nonce (C{nonce:n}), which it confirms; so is
+        the join notice to each other node holding the user (when C{node}
+        did not hold it yet). Per entry: the kicks (device, conn, reason,
+        nonce: empty when the conn is on C{node}), the other nodes holding
+        the user and the join nonces; and the generation.
         """
 
-    async def presence_get(uid: int) -> str | None:
-        """The user's presence, if online anywhere."""
+    async def presence_devices(uid: int) -> list[tuple[str, str, int]]:
+        """The user's live devices: (device, conn, since_ms)."""
 
-    async def presence_logout(entries: Sequence[tuple[int, str]]) -> None:
-        """Forget the presences of (uid, value) pairs that are still those values."""
+    async def presence_logout(node: str, entries: Sequence[tuple[int, str, str]]) -> None:
+        """
+        Forget (uid, device, conn) devices that are still that conn's; users
+        C{node} no longer holds are announced to the nodes still holding them.
+        """
 
     async def presence_refresh(
-        entries: Sequence[tuple[int, str]], ttl_ms: int
-    ) -> tuple[list[int], str | None]:
-        """Extend (or restore) presences: the uids now held by another
-        connection, and the generation."""
+        node: str, entries: Sequence[LoginEntry], ttl_ms: int
+    ) -> tuple[list[tuple[int, str]], dict[int, set[str]], str | None]:
+        """
+        Extend (or restore) devices with their last activity: the (uid,
+        device) now held by another connection, the other nodes holding each
+        user (users held by C{node} alone are absent), and the generation.
+        """
 
-    async def route(node: str, pushes: Sequence[tuple[int, bytes]]) -> tuple[int, str | None]:
-        """Publish pushes to the nodes holding their users: how many went
-        out, and the generation."""
+    async def presence_kick(
+        uid: int, device: str, reason: str, node: str, nonce: str
+    ) -> str | None:
+        """
+        Forget the device's connection and, if another node than C{node}
+        holds it, tell that node to kick it (it confirms to C{nonce}). The
+        conn, or None if the device is not online.
+        """
+
+    async def route(node: str, pushes: Sequence[tuple[int, bytes, str]]) -> tuple[int, str | None]:
+        """
+        Publish (uid, frame, exclude conn or "") pushes to the other nodes
+        holding their users: how many went out (per node), and the generation.
+        """
+
+    async def send(node: str, message: bytes) -> None:
+        """Publish to one node's channel."""
 
     async def broadcast(message: bytes) -> None:
         """Publish to every node."""

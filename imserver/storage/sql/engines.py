@@ -44,6 +44,10 @@ class Engine:
     insert_ignore: str = ""
     #: Appended to a SELECT that must lock the rows it reads.
     for_update: str = ""
+    #: Appended to a SELECT that must read the latest rows without starting
+    #: the transaction's snapshot (a locking read) and without blocking
+    #: writers of other rows: a shared lock.
+    for_share: str = ""
     #: Upserts: the conflict clause (formatted with the key columns), how to
     #: name the new value of a column, and the two-argument maximum.
     on_conflict: str = ""
@@ -149,6 +153,7 @@ class SqliteEngine(Engine):
     max_connections = 1
     insert_ignore = "INSERT OR IGNORE"
     for_update = ""
+    for_share = ""
     on_conflict = "ON CONFLICT ({}) DO UPDATE SET"
     upsert_new = "excluded.{}"
     max_function = "MAX"
@@ -192,6 +197,7 @@ class MysqlEngine(Engine):
     dbapi_name = "pymysql"
     insert_ignore = "INSERT IGNORE"
     for_update = " FOR UPDATE"
+    for_share = " LOCK IN SHARE MODE"
     on_conflict = "ON DUPLICATE KEY UPDATE"
     upsert_new = "VALUES({})"
     max_function = "GREATEST"

@@ -8,8 +8,12 @@ L{imserver.storage.model}. Business rules that SQL must enforce atomically
 here; everything else stays in the layers above.
 
 Lock order, to keep deadlocks rare (InnoDB still detects them and the
-transaction is retried): message rows before conversation rows; conversation
-rows in (uid, sessionId) order.
+transaction is retried): the t_user rows of the transaction's users first,
+in ascending uid (C{FOR UPDATE}: they hold each user's stream head, see
+L{lock_streams}), then message rows, then conversation rows; conversation
+rows in (uid, sessionId) order. A transaction that must find its users
+first (a read, a recall) reads without locking, then locks in that order.
+t_device rows are only locked by their own single-row writes.
 """
 
 from __future__ import annotations
@@ -22,13 +26,19 @@ import attrs
 
 from imserver.errors import ErrorCode, ImError
 from imserver.storage.model import (
+    EVENT_KINDS,
+    EVENT_READ,
+    EVENT_RECALL,
     RECORD_NORMAL,
     RECORD_RECALLED,
+    CatchupPage,
     Committed,
     ConvRow,
     DeadLetter,
+    DeviceRow,
     DueNotification,
     Duplicate,
+    Login,
     Message,
     NewMessage,
     Outbox,
@@ -37,6 +47,7 @@ from imserver.storage.model import (
     RecallResult,
     Refused,
     SendOutcome,
+    StreamEvent,
     UserSnapshot,
     chunks,
     session_pair,
@@ -103,8 +114,57 @@ def get_profiles_txn(txn: Txn, uids: Sequence[int]) -> list[Profile]:
     return [Profile(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
 
 
-def existing_users_txn(txn: Txn, uids: Sequence[int]) -> set[int]:
-    return {int(r[0]) for r in txn.query_in("SELECT uid FROM t_user WHERE uid IN (%s)", uids)}
+# ---------------------------------------------------------------------------
+# The users' streams
+
+
+def lock_streams(txn: Txn, uids: Iterable[int]) -> dict[int, int]:
+    """
+    Lock these users' t_user rows (ascending uid, the first locks of the
+    transaction: see the lock order above) and return each existing user's
+    stream head. Whoever holds the lock gives out the user's next seqs, so
+    per user seq order is commit order, with no gaps.
+    """
+    wanted = sorted(set(uids))
+    if not wanted:
+        return {}
+    rows = txn.query_in(
+        f"SELECT uid, streamSeq FROM t_user WHERE uid IN (%s) ORDER BY uid{txn.engine.for_update}",
+        wanted,
+    )
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+def _head_statement(heads: dict[int, int]) -> Statement:
+    """Set these users' stream heads (their rows are locked: L{lock_streams})."""
+    uids = sorted(heads)
+    cases = " ".join("WHEN ? THEN ?" for _ in uids)
+    return Statement(
+        f"UPDATE t_user SET streamSeq = CASE uid {cases} END WHERE uid IN ({marks(len(uids))})",
+        (*(v for uid in uids for v in (uid, heads[uid])), *uids),
+    )
+
+
+def _take_seqs(heads: dict[int, int], uids: Sequence[int]) -> list[int]:
+    """The next seq of each of these users, in order (C{heads} moves on)."""
+    out = []
+    for uid in uids:
+        heads[uid] = heads.get(uid, 0) + 1
+        out.append(heads[uid])
+    return out
+
+
+def _event_statement(rows: Sequence[tuple[int, int, int, int, int, int, int]]) -> Statement:
+    rows_sql, args = values(rows)
+    return Statement(
+        f"INSERT INTO t_event (uid, seq, kind, sessionId, msgId, byUid, ts) VALUES {rows_sql}",
+        args,
+    )
+
+
+def head_txn(txn: Txn, uid: int) -> int:
+    row = txn.query_one("SELECT streamSeq FROM t_user WHERE uid = ?", (uid,))
+    return 0 if row is None else int(row[0])
 
 
 def set_profile_txn(
@@ -184,20 +244,26 @@ def commit_messages_txn(
     done_outbox: Sequence[int] = (),
 ) -> list[SendOutcome]:
     """
-    Commit a batch of messages (group commit), in one transaction:
-    recipients checked, sessions created on first use, messages inserted
-    (a repeated (sender, cid) is a L{Duplicate}, never a second message),
-    pending rows for the recipients, both users' conversation rows bumped,
-    the batch's outbox row, and (if notifications are on) one delayed
-    notification per message. Returns one outcome per message, in order.
+    Commit a batch of messages (group commit), in one transaction: the
+    users' t_user rows locked (the recipients checked, the stream heads
+    read), sessions created on first use, messages inserted with their two
+    seqs (a repeated (sender, cid) is a L{Duplicate}, never a second
+    message, and takes no seq), the new heads, pending rows for the
+    recipients, both users' conversation rows bumped, the batch's outbox
+    row, and (if notifications are on) one delayed notification per
+    message. Returns one outcome per message, in order.
 
-    In the common case (known recipients and sessions, no repeated cid) all
-    of it is one round trip to MySQL: see L{_write_messages}. The outbox
+    In the common case (known sessions, no repeated cid) all of it is two
+    round trips to MySQL: the locking read, then L{_write_messages}. The outbox
     rows of finished follow-ups (C{done_outbox}) are deleted in the same
     request.
     """
     outcomes: list[SendOutcome | None] = [None] * len(msgs)
-    missing = set(check_recipients) - existing_users_txn(txn, check_recipients)
+    # One locking read of every user of the batch: the recipient check and
+    # the stream heads the messages' seqs follow (given out in Python, in
+    # batch order, by _write_messages: only for the messages written).
+    heads = lock_streams(txn, [u for m in msgs for u in (m.sender, m.recipient)])
+    missing = set(check_recipients) - set(heads)
     live = []
     for i, m in enumerate(msgs):
         if m.recipient in missing:
@@ -234,7 +300,7 @@ def commit_messages_txn(
         delete_outbox(txn, done_outbox)
     try:
         written = _write_messages(
-            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started, done_outbox
+            txn, [resolved[i] for i in fresh], heads, outbox, notify_delay_ms, started, done_outbox
         )
     except Exception as e:
         if not txn.engine.is_duplicate(e):
@@ -249,7 +315,7 @@ def commit_messages_txn(
             outcomes[i] = used.get((msgs[i].sender, msgs[i].cid))
         fresh = [i for i in fresh if outcomes[i] is None]
         written = _write_messages(
-            txn, [resolved[i] for i in fresh], outbox, notify_delay_ms, started, ()
+            txn, [resolved[i] for i in fresh], heads, outbox, notify_delay_ms, started, ()
         )
     for i, outcome in zip(fresh, written, strict=True):
         outcomes[i] = outcome
@@ -257,7 +323,9 @@ def commit_messages_txn(
         first_use = outcomes[j]
         if isinstance(first_use, Committed):
             stored = first_use.message
-            outcomes[i] = Duplicate(stored.msg_id, stored.session_id, stored.ts)
+            outcomes[i] = Duplicate(
+                stored.msg_id, stored.session_id, stored.ts, seq=first_use.sender_seq
+            )
         else:
             outcomes[i] = first_use
     result = [o for o in outcomes if o is not None]
@@ -270,12 +338,17 @@ def _used_cids(txn: Txn, msgs: Sequence[NewMessage]) -> dict[tuple[int, str], Du
     senders = sorted({m.sender for m in msgs})
     cids = sorted({m.cid for m in msgs})
     rows = txn.query(
-        f"SELECT senderUid, cid, id, sessionId, ts FROM t_msg_record_list"
+        f"SELECT senderUid, cid, id, sessionId, ts, senderSeq FROM t_msg_record_list"
         f" WHERE senderUid IN ({marks(len(senders))})"
         f" AND cid IN ({marks(len(cids))})",
         (*senders, *cids),
     )
-    return {(int(r[0]), cid_text(r[1])): Duplicate(int(r[2]), int(r[3]), int(r[4])) for r in rows}
+    return {
+        (int(r[0]), cid_text(r[1])): Duplicate(
+            int(r[2]), int(r[3]), int(r[4]), seq=0 if r[5] is None else int(r[5])
+        )
+        for r in rows
+    }
 
 
 #: How far before its message's time a send outbox row may have been created
@@ -337,6 +410,7 @@ def _claim_unfinished(
 def _write_messages(
     txn: Txn,
     msgs: Sequence[NewMessage],
+    locked_heads: dict[int, int],
     outbox: Outbox | None,
     notify_delay_ms: int | None,
     started: float,
@@ -346,11 +420,15 @@ def _write_messages(
     Insert messages whose sessions are known and whose cids are believed
     new, with everything that goes with them, and commit: one script (one
     round trip on MySQL). A cid used before makes the first statement fail
-    with a duplicate key, before anything is written.
+    with a duplicate key, before anything is written (the stream heads
+    included: C{locked_heads} is not changed, a retry gives the same seqs).
+    Each message takes the recipient's next seq, then the sender's.
     """
     if not msgs:
         return []
     engine = txn.engine
+    heads = dict(locked_heads)
+    seqs = [tuple(_take_seqs(heads, (m.recipient, m.sender))) for m in msgs]
     # First the outbox rows of finished follow-ups: no round trip of their own.
     script = _outbox_deletes(done_outbox)
     rows_sql, args = values(
@@ -367,20 +445,28 @@ def _write_messages(
                 m.ts,
                 0,
                 RECORD_NORMAL,
+                sender_seq,
+                recipient_seq,
+                m.sender_device,
                 m.ts,
             )
-            for m in msgs
+            for m, (recipient_seq, sender_seq) in zip(msgs, seqs, strict=True)
         ],
         # createTime is computed by the database from ts.
-        template="(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, " + engine.datetime_from_ms + ")",
+        template="(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, " + engine.datetime_from_ms + ")",
     )
     script.append(
         Statement(
             "INSERT INTO t_msg_record_list (id, sessionId, msgId, senderUid, recipientUid, cid,"
-            f" msgType, body, ts, isRead, recordStatus, createTime) VALUES {rows_sql}",
+            " msgType, body, ts, isRead, recordStatus, senderSeq, recipientSeq, senderDevice,"
+            f" createTime) VALUES {rows_sql}",
             args,
         )
     )
+    # Only the users that exist (a sender never stored has no stream).
+    moved = {u: h for u, h in heads.items() if u in locked_heads}
+    if moved:
+        script.append(_head_statement(moved))
     rows_sql, args = values([(m.msg_id, m.recipient, m.sender) for m in msgs])
     script.append(
         Statement(f"INSERT INTO t_pending (msgId, uid, senderUid) VALUES {rows_sql}", args)
@@ -462,7 +548,7 @@ def _write_messages(
     later_in_session: dict[tuple[int, int], int] = defaultdict(int)
     later_for_user: dict[int, int] = defaultdict(int)
     committed: list[Committed] = []
-    for m in reversed(msgs):
+    for m, (recipient_seq, sender_seq) in zip(reversed(msgs), reversed(seqs), strict=True):
         sid = m.session_id
         assert sid is not None
         recipient_row = conv[m.recipient, sid]
@@ -476,6 +562,8 @@ def _write_messages(
                 started=started,
                 outbox_id=outbox_id,
                 outbox_count=len(msgs),
+                sender_seq=sender_seq,
+                recipient_seq=recipient_seq,
             )
         )
         later_in_session[m.recipient, sid] += 1
@@ -547,13 +635,17 @@ def ack_txn(
     requests: Sequence[tuple[int, Sequence[int]]],
     outbox: Outbox | None = None,
     done_outbox: Sequence[int] = (),
+    cursors: Sequence[tuple[int, int, int]] = (),
 ) -> list[list[tuple[int, int]]]:
     """
     Clear pending rows, for many users at once, in one script (one round
     trip on MySQL): what is pending among the ids, one DELETE per user that
-    only touches that user's rows, the outbox row, COMMIT. For each
-    (uid, msg_ids) return the (msg_id, sender) pairs that were pending for
-    that uid; other ids (already acked, unknown, someone else's) are ignored.
+    only touches that user's rows, the device cursors, the outbox row,
+    COMMIT. For each (uid, msg_ids) return the (msg_id, sender) pairs that
+    were pending for that uid; other ids (already acked, unknown, someone
+    else's) are ignored; msg_ids may be empty. C{cursors} are (uid,
+    device_id, seq): each moves that device's cursor up to seq (never back;
+    a device of another user is left alone).
     """
     by_user: dict[int, set[int]] = {}
     for uid, msg_ids in requests:
@@ -578,6 +670,7 @@ def ack_txn(
                     (uid, *part),
                 )
             )
+    script += _cursor_statements(cursors)
     if outbox is not None:
         script.append(outbox_statement(attrs.evolve(outbox, users=tuple(sorted(by_user)))))
     try:
@@ -623,6 +716,26 @@ def _acked_after_lost_commit(
     return out
 
 
+def _cursor_statements(cursors: Iterable[tuple[int, int, int]]) -> list[Statement]:
+    """
+    Move device cursors forward (never back). The seq is what the device
+    says it has; it is not checked against the head here (that would lock
+    t_user): readers clamp it (L{login_txn}), and catch-up from a position
+    past the head answers the head as the next position.
+    """
+    best: dict[tuple[int, int], int] = {}
+    for uid, device_id, seq in cursors:
+        if device_id:
+            best[uid, device_id] = max(seq, best.get((uid, device_id), seq))
+    return [
+        Statement(
+            "UPDATE t_device SET cursorSeq = ? WHERE id = ? AND uid = ? AND cursorSeq < ?",
+            (seq, device_id, uid, seq),
+        )
+        for (uid, device_id), seq in sorted(best.items(), key=lambda kv: kv[0][1])
+    ]
+
+
 def pending_txn(
     txn: Txn, uid: int, after: int, limit: int, sender: int | None
 ) -> list[tuple[int, int]]:
@@ -655,13 +768,29 @@ def offline_summary_txn(txn: Txn, uid: int) -> list[tuple[int, int, int]]:
 
 
 def read_txn(
-    txn: Txn, uid: int, session_id: int, msg_id: int, outbox: Outbox | None = None
+    txn: Txn,
+    uid: int,
+    session_id: int,
+    msg_id: int,
+    outbox: Outbox | None = None,
+    now_ms: int = 0,
 ) -> ReadResult:
     """
     Move the user's read position in a session forward (never back) to
     C{msg_id}, capped at the session's latest message; recount unread from
-    the messages themselves, so the counters cannot drift.
+    the messages themselves, so the counters cannot drift. A read that
+    moves is an event of both streams (the reader's seq, then the peer's).
     """
+    # The session's two users, from its row (never updated, so the shared
+    # lock waits for nobody): a locking read, as every read before the
+    # t_user locks must be. A plain SELECT would start this transaction's
+    # snapshot (REPEATABLE READ) before the locks are taken, and the unread
+    # recount below would then miss a message committed meanwhile.
+    members = txn.query_one(
+        f"SELECT uidLow, uidHigh FROM t_session WHERE id = ?{txn.engine.for_share}",
+        (session_id,),
+    )
+    heads = lock_streams(txn, members or ())
     row = txn.query_one(
         "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version FROM t_conv"
         f" WHERE uid = ? AND sessionId = ?{txn.engine.for_update}",
@@ -672,6 +801,7 @@ def read_txn(
     peer, last, total, read, upto, version = (int(v) for v in row)
     target = min(msg_id, last)
     advanced = None
+    reader_seq = peer_seq = None
     if target > upto:
         txn.execute(
             "UPDATE t_msg_record_list SET isRead = 1 WHERE sessionId = ? AND id > ? AND id <= ?"
@@ -692,10 +822,20 @@ def read_txn(
             (target, read, version, uid, session_id),
         )
         advanced = target
+        moved = {u: heads[u] for u in (uid, peer) if u in heads}
+        reader_seq, peer_seq = _take_seqs(moved, (uid, peer))
+        events = [(uid, reader_seq, EVENT_READ, session_id, target, uid, now_ms)]
+        events.append((peer, peer_seq, EVENT_READ, session_id, target, uid, now_ms))
+        script = [_event_statement(events)]
+        if moved:
+            script.append(_head_statement(moved))
         if outbox is not None:
-            write_outbox(txn, attrs.evolve(outbox, users=(uid,), sessions=(session_id,)))
+            script.append(
+                outbox_statement(attrs.evolve(outbox, users=(uid,), sessions=(session_id,)))
+            )
+        txn.script(script)
     conv = ConvRow(uid, session_id, peer, last, total, read, version)
-    return ReadResult(conv, total_unread_txn(txn, uid), advanced)
+    return ReadResult(conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq)
 
 
 def _refuse_session(txn: Txn, session_id: int) -> NoReturn:
@@ -720,6 +860,21 @@ def unread_txn(txn: Txn, uid: int) -> list[tuple[int, int]]:
 def recall_txn(
     txn: Txn, uid: int, msg_id: int, now_ms: int, window_ms: int, outbox: Outbox | None = None
 ) -> RecallResult:
+    """
+    Recall a message of C{uid}'s. A recall that is not a repeated one is an
+    event of both streams (the sender's seq, then the recipient's); a
+    repeated one gives out nothing.
+    """
+    # The message's two users, read without a lock (the lock order puts
+    # t_user first). This starts the transaction's snapshot early, which is
+    # harmless here: every later read is a locking one or reads back a row
+    # this transaction changed (InnoDB shows it at its latest version).
+    found = txn.query_one(
+        "SELECT senderUid, recipientUid FROM t_msg_record_list WHERE id = ?", (msg_id,)
+    )
+    if found is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such message")
+    heads = lock_streams(txn, (int(found[0]), int(found[1])))
     row = txn.query_one(
         f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE id = ?{txn.engine.for_update}",
         (msg_id,),
@@ -753,18 +908,47 @@ def recall_txn(
             (message.recipient, message.session_id),
         )
         [recipient_row] = _conv_rows(txn, [(message.recipient, message.session_id)])
-    if outbox is not None:
-        write_outbox(
-            txn,
-            attrs.evolve(
-                outbox,
-                users=(message.sender, message.recipient),
-                sessions=(message.session_id,),
-                msgs=(msg_id,),
-            ),
+    moved = {u: heads[u] for u in (message.sender, message.recipient) if u in heads}
+    sender_seq, recipient_seq = _take_seqs(moved, (message.sender, message.recipient))
+    script = [
+        _event_statement(
+            [
+                (message.sender, sender_seq, EVENT_RECALL, message.session_id, msg_id, uid, now_ms),
+                (
+                    message.recipient,
+                    recipient_seq,
+                    EVENT_RECALL,
+                    message.session_id,
+                    msg_id,
+                    uid,
+                    now_ms,
+                ),
+            ]
         )
+    ]
+    if moved:
+        script.append(_head_statement(moved))
+    if outbox is not None:
+        script.append(
+            outbox_statement(
+                attrs.evolve(
+                    outbox,
+                    users=(message.sender, message.recipient),
+                    sessions=(message.session_id,),
+                    msgs=(msg_id,),
+                )
+            )
+        )
+    txn.script(script)
     recalled = attrs.evolve(message, status=RECORD_RECALLED)
-    return RecallResult(recalled, recipient_row, was_pending=was_pending, already=False)
+    return RecallResult(
+        recalled,
+        recipient_row,
+        was_pending=was_pending,
+        already=False,
+        sender_seq=sender_seq,
+        recipient_seq=recipient_seq,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1032,3 +1216,199 @@ def dead_letters_txn(txn: Txn, before: int | None, limit: int) -> list[DeadLette
         DeadLetter(int(r[0]), str(r[1]), int(r[2]), bytes(r[3]), str(r[4]), int(r[5]), int(r[6]))
         for r in rows
     ]
+
+
+# ---------------------------------------------------------------------------
+# Devices and catch-up
+
+DEVICE_COLUMNS = "id, uid, device, client, cursorSeq, createdAt, lastSeen, revokedAt"
+#: Rows a forget transaction deletes at most (of t_device, and of t_event).
+FORGET_CHUNK = 1000
+
+
+def _device(row: Sequence[Any]) -> DeviceRow:
+    return DeviceRow(
+        id=int(row[0]),
+        uid=int(row[1]),
+        device=cid_text(row[2]),
+        client=str(row[3]),
+        cursor=int(row[4]),
+        created_at=int(row[5]),
+        last_seen=int(row[6]),
+        revoked_at=int(row[7]),
+    )
+
+
+def login_txn(txn: Txn, items: Sequence[tuple[int, str, str, int]], now_ms: int) -> list[Login]:
+    """
+    Logins of many (uid, device, client, new_id) at once: create the users
+    that do not exist, create the devices that do not exist (with C{new_id},
+    cursor = the user's head), set every device's client and lastSeen.
+    A row is the login's own (C{created}) when it holds the login's new id:
+    race-free, as the unique key (uid, device) decides. No t_user lock: a
+    message committed meanwhile only makes the new cursor one event early.
+    """
+    uids = sorted({uid for uid, _, _, _ in items})
+    ensure_users_txn(txn, uids, now_ms)
+    users = {
+        int(r[0]): (Profile(int(r[0]), str(r[1]), str(r[2]), int(r[3])), int(r[4]))
+        for r in txn.query_in(
+            "SELECT uid, nickname, avatar, version, streamSeq FROM t_user WHERE uid IN (%s)", uids
+        )
+    }
+    txn.executemany(
+        f"{txn.engine.insert_ignore} INTO t_device ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?,"
+        " ?, 0)",
+        [
+            (new_id, uid, device, client, users[uid][1], now_ms, now_ms)
+            for uid, device, client, new_id in items
+        ],
+    )
+    txn.script(
+        [
+            Statement(
+                "UPDATE t_device SET client = ?, lastSeen = ? WHERE uid = ? AND device = ?",
+                (client, now_ms, uid, device),
+            )
+            for uid, device, client, _ in items
+        ]
+    )
+    rows = {
+        (d.uid, d.device): d
+        for d in map(
+            _device,
+            txn.query_in(f"SELECT {DEVICE_COLUMNS} FROM t_device WHERE uid IN (%s)", uids),
+        )
+    }
+    out = []
+    for uid, device, _, new_id in items:
+        profile, head = users[uid]
+        row = rows[uid, device]
+        out.append(
+            Login(
+                profile=profile,
+                device=attrs.evolve(row, cursor=min(row.cursor, head)),
+                created=row.id == new_id,
+                head=head,
+            )
+        )
+    return out
+
+
+def devices_txn(txn: Txn, uid: int) -> list[DeviceRow]:
+    rows = txn.query(
+        f"SELECT {DEVICE_COLUMNS} FROM t_device WHERE uid = ? ORDER BY createdAt, id", (uid,)
+    )
+    return [_device(r) for r in rows]
+
+
+def device_txn(txn: Txn, uid: int, device: str) -> DeviceRow | None:
+    row = txn.query_one(
+        f"SELECT {DEVICE_COLUMNS} FROM t_device WHERE uid = ? AND device = ?", (uid, device)
+    )
+    return None if row is None else _device(row)
+
+
+def revoke_device_txn(txn: Txn, uid: int, device: str, now_ms: int) -> DeviceRow | None:
+    """Mark the device revoked now (tokens issued before it are refused); None if unknown."""
+    txn.execute(
+        "UPDATE t_device SET revokedAt = ? WHERE uid = ? AND device = ?", (now_ms, uid, device)
+    )
+    return device_txn(txn, uid, device)
+
+
+def touch_devices_txn(txn: Txn, device_ids: Sequence[int], now_ms: int) -> None:
+    """These devices are connected: lastSeen = now (chunked IN lists, one script)."""
+    txn.script(
+        [
+            Statement(
+                f"UPDATE t_device SET lastSeen = ? WHERE id IN ({marks(len(part))})",
+                (now_ms, *part),
+            )
+            for part in chunks(sorted(set(device_ids)), 500)
+        ]
+    )
+
+
+def _chunk_bound(txn: Txn, table: str, column: str, before_ms: int) -> int | None:
+    """
+    A bound so that C{column <= bound} holds at most about L{FORGET_CHUNK}
+    rows older than C{before_ms} (more only where many share a time): a
+    range delete on the column's index, on both dialects (SQLite's DELETE
+    has no LIMIT). None if there is nothing to delete.
+    """
+    row = txn.query_one(
+        f"SELECT {column} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT 1 OFFSET ?",
+        (before_ms, FORGET_CHUNK - 1),
+    )
+    if row is not None:
+        return int(row[0])
+    first = txn.query_one(f"SELECT {column} FROM {table} WHERE {column} < ? LIMIT 1", (before_ms,))
+    return None if first is None else before_ms - 1
+
+
+def forget_txn(txn: Txn, before_ms: int) -> tuple[int, int]:
+    """
+    One chunk of the forget sweep: devices last seen before C{before_ms}
+    and stream events older than it. Returns (devices, events) deleted;
+    the caller runs it again while a chunk is full.
+    """
+    deleted = []
+    for table, column in (("t_device", "lastSeen"), ("t_event", "ts")):
+        bound = _chunk_bound(txn, table, column, before_ms)
+        deleted.append(
+            0
+            if bound is None
+            else txn.execute(
+                f"DELETE FROM {table} WHERE {column} <= ? AND {column} < ?", (bound, before_ms)
+            )
+        )
+    return deleted[0], deleted[1]
+
+
+def catchup_txn(txn: Txn, uid: int, device_id: int, after: int, limit: int) -> CatchupPage:
+    """
+    A page of the user's stream after C{after}, in one transaction: a
+    consistent snapshot (REPEATABLE READ on MySQL; its read view starts at
+    the first SELECT, after the cursor write). Three index range scans: the
+    messages received, those sent by other devices than C{device_id}, and
+    the read and recall events; recalled messages are left out (their
+    recall event is in the stream). The device's cursor becomes C{after}
+    (monotonic) first, in this transaction. The page's C{seq} is its last
+    event's on a full page, else the head (what was passed over, own sends
+    and recalled messages, is never asked for again).
+    """
+    if device_id:
+        txn.script(_cursor_statements([(uid, device_id, after)]))
+    head = head_txn(txn, uid)
+    take = limit + 1
+    received = txn.query(
+        f"SELECT {MSG_COLUMNS}, recipientSeq FROM t_msg_record_list WHERE recipientUid = ?"
+        " AND recipientSeq > ? AND recordStatus = ? ORDER BY recipientSeq LIMIT ?",
+        (uid, after, RECORD_NORMAL, take),
+    )
+    sent = txn.query(
+        f"SELECT {MSG_COLUMNS}, senderSeq FROM t_msg_record_list WHERE senderUid = ?"
+        " AND senderSeq > ? AND senderDevice <> ? AND recordStatus = ? ORDER BY senderSeq LIMIT ?",
+        (uid, after, device_id, RECORD_NORMAL, take),
+    )
+    others = txn.query(
+        "SELECT seq, kind, sessionId, msgId, byUid FROM t_event WHERE uid = ? AND seq > ?"
+        " ORDER BY seq LIMIT ?",
+        (uid, after, take),
+    )
+    events = [
+        StreamEvent(int(r[9]), "msg", int(r[1]), int(r[0]), int(r[2]), _message(r))
+        for r in (*received, *sent)
+    ]
+    events += [
+        StreamEvent(
+            int(r[0]), EVENT_KINDS.get(int(r[1]), "unknown"), int(r[2]), int(r[3]), int(r[4])
+        )
+        for r in others
+    ]
+    events.sort(key=lambda e: e.seq)
+    if len(events) > limit:
+        page = events[:limit]
+        return CatchupPage(tuple(page), page[-1].seq, True, head)
+    return CatchupPage(tuple(events), head, False, head)

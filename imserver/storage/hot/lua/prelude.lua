@@ -134,3 +134,55 @@ local function remove_pending(uid, sender, ids, gone_ms, now)
   redis.call('ZREMRANGEBYSCORE', gone, '-inf', now - gone_ms)
   redis.call('PEXPIRE', gone, gone_ms + 1000)
 end
+
+-- {p}:devices:{uid} (hash) holds the user's connected devices: field = the
+-- device name, value = conn|since_ms|active_ms|expires_ms, conn being the
+-- connection (node:incarnation:epoch), since its connected_at, active the
+-- Redis time of its last request, expires when it is gone unless its node
+-- refreshes it. Expired fields count as absent and are removed here; the
+-- key has a TTL too (the longest a field may live).
+
+-- The live devices of a user: {device = {conn, since, active, expires}}
+-- (expired fields removed), and how many.
+local function live_devices(uid, now)
+  local k = key('devices', uid)
+  local flat = redis.call('HGETALL', k)
+  local out, n = {}, 0
+  for i = 1, #flat, 2 do
+    local conn, since, active, expires = string.match(flat[i + 1], '^(.*)|(%d+)|(%d+)|(%d+)$')
+    if conn and tonumber(expires) > now then
+      out[flat[i]] = {conn, since, tonumber(active), tonumber(expires)}
+      n = n + 1
+    else
+      redis.call('HDEL', k, flat[i])
+    end
+  end
+  return out, n
+end
+
+local function device_value(conn, since, active, expires)
+  return conn .. '|' .. since .. '|' .. active .. '|' .. expires
+end
+
+-- The nodes other than `me` holding one of `devices` (a list, each once).
+local function other_nodes(devices, me)
+  local seen, out = {}, {}
+  for _, d in pairs(devices) do
+    local node = node_of(d[1])
+    if node and node ~= me and not seen[node] then
+      seen[node] = true
+      out[#out + 1] = node
+    end
+  end
+  return out
+end
+
+-- Whether `me` holds one of `devices`.
+local function holds(devices, me)
+  for _, d in pairs(devices) do
+    if node_of(d[1]) == me then
+      return true
+    end
+  end
+  return false
+end
