@@ -94,6 +94,19 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="open loop: total offered msg/s (paced per sender; in flight still capped by W)",
     )
+    p.add_argument(
+        "--devices",
+        default="1",
+        metavar="N[,M...]",
+        help="each sender and recipient online on N devices (default 1); several counts, "
+        "e.g. 1,3: a run of each on the same server, compared",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --devices: measure each count this many times, alternating (default 1)",
+    )
     _server_options(p, "both")
 
     p = sub.add_parser("sweep", help="pairs open loop at several rates; plots")
@@ -109,6 +122,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=500, help="sync page size (default 500)")
     p.add_argument("--pad", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    _server_options(p)
+
+    p = sub.add_parser(
+        "catchup", help="a device misses N messages, reconnects with since and pages catchup"
+    )
+    p.add_argument("--messages", type=int, default=10000, help="messages missed (default 10000)")
+    p.add_argument("--senders", type=int, default=10, help="users sending them (default 10)")
+    p.add_argument("--window", type=int, default=10, help="sends in flight per sender (10)")
+    p.add_argument("--limit", type=int, default=500, help="catchup page size (default 500)")
+    p.add_argument("--pad", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="load workers sending (default 1)")
+    p.add_argument(
+        "--settle", type=float, default=1.0, help="seconds between the last send and the return (1)"
+    )
     _server_options(p)
 
     p = sub.add_parser("idle", help="C idle connections with heartbeats: RSS and CPU")
@@ -187,6 +214,7 @@ COMMANDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "pairs": runner.cmd_pairs,
     "sweep": runner.cmd_sweep,
     "offline": runner.cmd_offline,
+    "catchup": runner.cmd_catchup,
     "idle": runner.cmd_idle,
     "connect": runner.cmd_connect,
 }
@@ -213,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in runner.summary_lines(result):
         print(line)
     print(f"results: {os.path.relpath(path)}")
+    if args.scenario == "catchup" and not result["targets"]["imserver"]["verify"]["ok_exactly"]:
+        runner.log("catchup: the device did not get exactly the messages sent, once each")
+        sys.stdout.flush()
+        return 1
     if args.scenario in ("sweep", "pairs"):
         try:
             for png in plot.plot_result(result, os.path.splitext(path)[0]):

@@ -37,7 +37,7 @@ def plot_result(result: dict[str, Any], base: str) -> list[str]:
     scenario = result["scenario"]
     if scenario == "sweep":
         return [_sweep(result, base + ".png")]
-    if scenario == "pairs":
+    if scenario == "pairs" and "targets" in result:  # not --devices 1,3: see its runs
         return [_pairs(result, base + ".png")]
     if scenario == "connect":
         return [_connect(result, base + ".png")]

@@ -19,7 +19,11 @@ decode -> route by uid -> encode:
 * like imserver, connections turn Nagle's algorithm off (C{TCP_NODELAY})
   unless C{--nagle} is given;
 * C{ack}, C{ping}: ok (C{server_time} for ping); C{sync}: an empty page;
-  anything else: C{unknown_op}.
+  anything else: C{unknown_op};
+* C{--devices} (several devices per user, L{FanoutProtocol}): every
+  connection of a uid stays online, and a C{send} is pushed to every
+  connection of the recipient and every other connection of the sender, as
+  imserver does; without it the routing above is left as it was.
 """
 
 from __future__ import annotations
@@ -147,18 +151,70 @@ class RelayProtocol(Protocol):
             del self.relay.online[self.uid]
 
 
+class FanoutProtocol(RelayProtocol):
+    """Several connections per uid (C{--devices}): a message goes to every
+    connection of its recipient and to the sender's other connections, encoded
+    once per connection like imserver (the recipient's frame has unread counts,
+    the sender's does not). A subclass, so the one-device relay keeps its path."""
+
+    def handle(self, f: Frame) -> None:
+        t = f.get("t")
+        if self.uid is None or t != "send":
+            was = self.uid
+            super().handle(f)
+            if was is None and self.uid is not None:
+                self.relay.devices.setdefault(self.uid, []).append(self)
+            return
+        to = f.get("to")
+        relay = self.relay
+        msg_id = next(relay.ids)
+        ts = int(time.time() * 1000)
+        sender = self.uid
+        session_id = session_of(sender, to)
+        push = {
+            "t": "msg",
+            "msg_id": msg_id,
+            "session_id": session_id,
+            "from": sender,
+            "to": to,
+            "cid": f.get("cid"),
+            "type": f.get("type", "text"),
+            "body": f.get("body"),
+            "ts": ts,
+            "sender": SENDER,
+        }
+        for peer in relay.devices.get(to, ()) if isinstance(to, int) else ():
+            peer.transport.write(encode({**push, "unread": 1, "total_unread": 1}))
+        for own in relay.devices.get(sender, ()):
+            if own is not self:
+                own.transport.write(encode(push))
+        ok = {"t": "ok", "id": f.get("id"), "msg_id": msg_id, "session_id": session_id,
+              "ts": ts, "dup": False}  # fmt: skip
+        self.transport.write(encode(ok))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        conns = self.relay.devices.get(self.uid, []) if self.uid is not None else []
+        if self in conns:
+            conns.remove(self)
+        super().connectionLost(reason)
+
+
 class Relay(Factory):
     noisy = False
 
-    def __init__(self, secret: str, max_frame_bytes: int = 65536, nagle: bool = False) -> None:
+    def __init__(
+        self, secret: str, max_frame_bytes: int = 65536, nagle: bool = False, fanout: bool = False
+    ) -> None:
         self.tokens = TokenService(secret)
         self.nagle = nagle
         self.max_frame_bytes = max_frame_bytes
         self.online: dict[int, RelayProtocol] = {}
+        self.devices: dict[int, list[RelayProtocol]] = {}  # --devices: every connection
+        self.protocol_class = FanoutProtocol if fanout else RelayProtocol
         self.ids = itertools.count(1)
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
-        return RelayProtocol(self)
+        return self.protocol_class(self)
 
 
 def main() -> None:
@@ -170,6 +226,11 @@ def main() -> None:
         "--nagle", action="store_true", help="keep Nagle on (imserver turns it off)"
     )
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted default)")
+    parser.add_argument(
+        "--devices",
+        action="store_true",
+        help="several connections per uid: push to all of them (and to the sender's others)",
+    )
     args = parser.parse_args()
 
     def listening(port: Any) -> None:
@@ -179,7 +240,7 @@ def main() -> None:
     endpoint = TCP4ServerEndpoint(
         reactor, args.port, backlog=args.backlog, interface=args.interface
     )
-    d = endpoint.listen(Relay(args.secret, nagle=args.nagle))
+    d = endpoint.listen(Relay(args.secret, nagle=args.nagle, fanout=args.devices))
     d.addCallbacks(listening, lambda f: (sys.stderr.write(f.getTraceback()), reactor.stop()))
     reactor.run()
 

@@ -527,6 +527,8 @@ def relay_target(args: Any, secret: str) -> Target:
         secret or "bench-relay-secret-0123456789-abcdefgh",
         args.backlog,
         getattr(args, "relay_nagle", False),
+        # Several devices per user: the relay pushes to every connection of a uid.
+        max(parse_devices(getattr(args, "devices", None))) > 1,
     )
 
 
@@ -634,6 +636,7 @@ def run_pairs(
                 "pad": params["pad"],
                 "drain_s": params["drain_s"],
                 "bind": params.get("bind"),
+                "devices": params.get("devices", 1),
             }
         )
         first += n
@@ -691,10 +694,12 @@ def summarize_pairs(
     errors = merged_errors(results)
     duration = win["seconds"]
     in_window = total("delivered_in_window")
+    pushes = total("pushes_in_window")
     verify = {
         "sent": total("sent"),
         "ok": total("ok"),
         "expected": total("expected"),
+        "expected_msgs": total("expected_msgs"),
         "delivered": total("delivered"),
         "delivered_unique": total("unique"),
         "duplicates": total("duplicates"),
@@ -721,6 +726,12 @@ def summarize_pairs(
             "delivered_in_window": in_window,
             "window_s": duration,
             "backlog_at_end": total("backlog_at_end"),
+            # Several devices per user: msg pushes received by every device (the
+            # recipient's and the sender's other ones), per second of the window.
+            "devices": params.get("devices", 1),
+            "delivered_pushes_s": round(pushes / duration, 1),
+            "pushes_in_window": pushes,
+            "pushes_per_msg": round(pushes / in_window, 3) if in_window else None,
         },
         "latency": {
             "send_to_ok": stats.summary(stats.merge(r["lat_ok"] for r in results)),
@@ -759,7 +770,32 @@ def ratio(imserver: dict[str, Any], relay: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
+def parse_devices(text: str | None) -> list[int]:
+    """C{--devices 1,3}: the devices per user of each run (default one run of 1)."""
+    if not text:
+        return [1]
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--devices takes counts separated by commas, not {text!r}") from None
+    if not out or any(not 1 <= d <= 1000 for d in out):
+        raise BenchError(f"--devices: each count must be 1..1000 (got {text!r})")
+    return out
+
+
+def device_order(devices: list[int], rounds: int) -> list[tuple[int, int]]:
+    """(round, devices) of each run: the counts alternate, round after round
+    (C{1,3} x 2: 1, 3, 1, 3), so a drift of the machine hits each alike."""
+    return [(r, d) for r in range(1, rounds + 1) for d in devices]
+
+
+def device_sections(devices: list[int]) -> dict[str, dict[str, Any]] | None:
+    """Lift C{[devices] max_online} (default 5) when a run needs more."""
+    most = max(devices)
+    return {"devices": {"max_online": most}} if most > 5 else None
+
+
+def pairs_params(args: Any, rate: float | None = None, devices: int = 1) -> dict[str, Any]:
     return {
         "pairs": args.pairs,
         "window": args.window,
@@ -772,20 +808,138 @@ def pairs_params(args: Any, rate: float | None = None) -> dict[str, Any]:
         "drain_s": args.drain,
         "stack": "none (relay only)" if args.target == "relay" else stack_param(args),
         "target": args.target,
+        "devices": devices,
     }
 
 
 def cmd_pairs(args: Any) -> dict[str, Any]:
-    params = pairs_params(args)
+    devices = parse_devices(getattr(args, "devices", None))
+    rounds = getattr(args, "rounds", 1) or 1
+    if rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    if len(devices) > 1 or rounds > 1:
+        return cmd_pairs_devices(args, devices, rounds)
+    params = pairs_params(args, devices=devices[0])
     result = base_result("pairs", args, params)
     uids = Uids()
     progress = Progress(not args.quiet)
     result["targets"] = each_target(
-        args, lambda target: run_pairs(target, params, uids, progress, target.name)
+        args,
+        lambda target: run_pairs(target, params, uids, progress, target.name),
+        device_sections(devices),
     )
     if len(result["targets"]) == 2:
         result["ratio_to_relay"] = ratio(result["targets"]["imserver"], result["targets"]["relay"])
     return result
+
+
+def cmd_pairs_devices(args: Any, devices: list[int], rounds: int) -> dict[str, Any]:
+    """
+    C{pairs --devices 1,3 [--rounds R]}: one server per target for every run,
+    the device counts alternating (L{device_order}); C{runs} holds each run's
+    numbers as C{pairs} gives them, C{devices_comparison} the medians per count
+    and their ratios to the first count.
+    """
+    order = device_order(devices, rounds)
+    params = pairs_params(args, devices=devices[0])
+    params.update(devices=devices, rounds=rounds, order=[d for _, d in order])
+    result = base_result("pairs", args, params)
+    uids = Uids()
+    progress = Progress(not args.quiet)
+    runs: list[dict[str, Any]] = [{"round": r, "devices": d, "targets": {}} for r, d in order]
+
+    def run_all(target: Target) -> dict[str, Any]:
+        for run in runs:
+            label = f"{target.name}, {run['devices']} devices, round {run['round']}"
+            t = run_pairs(target, pairs_params(args, devices=run["devices"]), uids, progress, label)
+            run["targets"][target.name] = t
+            log(f"  {label}: {line_pairs(t)}")
+        return {}
+
+    each_target(args, run_all, device_sections(devices))
+    for run in runs:
+        if len(run["targets"]) == 2:
+            run["ratio_to_relay"] = ratio(run["targets"]["imserver"], run["targets"]["relay"])
+    result["runs"] = runs
+    result["devices_comparison"] = compare_devices(runs, devices)
+    return result
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
+
+
+#: The bar of issue 10: with several devices, messages sent per second at
+#: least this fraction of the one-device figure.
+DEVICES_BAR = 0.60
+#: A run is "quiet" when processes the tool does not measure used at most this
+#: many cores in its window (the threshold of L{warnings}).
+QUIET_OTHER_CORES = 0.25
+
+
+def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str, Any]:
+    """Per target and device count: the median over the rounds of messages/s,
+    pushes/s, send->push p99 and server CPU per message; each count's ratio to
+    the first count's messages/s (and whether it meets L{DEVICES_BAR}). On a
+    shared machine another session's load steals the cores of some runs:
+    C{quiet} repeats messages/s and its ratio over the quiet runs alone
+    (L{QUIET_OTHER_CORES}), when each count has one."""
+    out: dict[str, Any] = {}
+    names = sorted({n for run in runs for n in run["targets"]})
+    for name in names:
+        per: dict[str, Any] = {}
+        for d in devices:
+            ts = [run["targets"][name] for run in runs if run["devices"] == d]
+            ts = [t for t in ts if t]
+            per[str(d)] = {
+                "runs": len(ts),
+                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in ts]),
+                "messages_s_each": [t["throughput"]["delivered_msg_s"] for t in ts],
+                "delivered_pushes_s": _median([t["throughput"]["delivered_pushes_s"] for t in ts]),
+                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in ts]),
+                "ok_p99_ms": _median([t["latency"]["send_to_ok"].get("p99_ms") for t in ts]),
+                "server_cores": _median([t["cost"]["server"]["cores"] for t in ts]),
+                "server_cpu_ms_per_1k_msgs": _median(
+                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in ts]
+                ),
+                "workers_cores": _median([t["cost"]["workers"]["cores"] for t in ts]),
+                "workers_max_core": _median(
+                    [max(t["cost"]["workers"]["per_worker_cores"] or [0.0]) for t in ts]
+                ),
+                "machine_busy_cores": _median([t["machine_busy_cores"] for t in ts]),
+                "other_cores_each": [t["other_cores"] for t in ts],
+                "exactly_once_in_order": all(t["verify"]["exactly_once_in_order"] for t in ts),
+            }
+            quiet = [t for t in ts if t["other_cores"] <= QUIET_OTHER_CORES]
+            per[str(d)]["quiet"] = {
+                "runs": len(quiet),
+                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in quiet]),
+                "delivered_pushes_s": _median(
+                    [t["throughput"]["delivered_pushes_s"] for t in quiet]
+                ),
+                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in quiet]),
+                "server_cpu_ms_per_1k_msgs": _median(
+                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in quiet]
+                ),
+            }
+        base = per[str(devices[0])]["messages_s"]
+        quiet_base = per[str(devices[0])]["quiet"]["messages_s"]
+        for d in devices[1:]:
+            mine = per[str(d)]["messages_s"]
+            r = round(mine / base, 3) if base and mine is not None else None
+            per[str(d)]["messages_ratio_to_first"] = r
+            if devices[0] == 1 and d > 1:
+                per[str(d)]["meets_bar"] = r is not None and r >= DEVICES_BAR
+            quiet = per[str(d)]["quiet"]
+            if quiet_base and quiet["messages_s"] is not None:
+                quiet["messages_ratio_to_first"] = round(quiet["messages_s"] / quiet_base, 3)
+        out[name] = per
+    out["bar"] = f"messages/s with several devices >= {DEVICES_BAR:.0%} of --devices {devices[0]}"
+    return out
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -933,6 +1087,162 @@ def cmd_offline(args: Any) -> dict[str, Any]:
                 "server_metrics": draining["metrics"],
                 "server_metrics_scope": draining["metrics_scope"],
             },
+            "errors": dict(errors),
+            "verify": verify,
+        }
+    }
+    return result
+
+
+# -- catchup ------------------------------------------------------------------------------------
+
+#: The device name of the catch-up benchmark's device.
+CATCHUP_DEVICE = "bench-catchup"
+
+
+def cmd_catchup(args: Any) -> dict[str, Any]:
+    """
+    A device that missed C{--messages} N: it registers (auth with its device
+    name), leaves; C{--senders} S send N messages to its user, W in flight
+    each, as fast as they are answered; after C{--settle} seconds the device
+    comes back with C{since} and pages C{catchup} (C{--limit}) until C{more}
+    is false. Timed from its reconnect to the last page; the server's CPU
+    (and MariaDB's, Redis's) in a window around that. The device must get
+    exactly the N messages, once each, in order (L{StreamCheck}).
+    """
+    n, senders = args.messages, max(1, min(args.senders, args.messages or 1))
+    params = {
+        "messages": n,
+        "senders": senders,
+        "window": args.window,
+        "limit": args.limit,
+        "pad": args.pad,
+        "workers": args.workers,
+        "settle_s": args.settle,
+        "stack": stack_param(args),
+    }
+    result = base_result("catchup", args, params)
+    counts = split(n, senders) if n else []
+    uids = Uids()
+    user = uids.take(1)[0]
+    sender_uids = uids.take(len(counts))
+    expected = {str(u): c for u, c in zip(sender_uids, counts, strict=True)}
+    target = imserver_target(args)
+    progress = Progress(not args.quiet)
+    try:
+        specs = []
+        i = 0
+        for w, k in enumerate(split(len(counts), args.workers) if counts else [0]):
+            specs.append(
+                {
+                    "scenario": "catchup",
+                    "endpoints": target.endpoints,
+                    "first": i,
+                    "secret": target.secret,
+                    "user": user,
+                    "uids": sender_uids[i : i + k],
+                    "counts": counts[i : i + k],
+                    "expected": expected,
+                    "device": CATCHUP_DEVICE if w == 0 else None,
+                    "window": args.window,
+                    "limit": args.limit,
+                    "pad": args.pad,
+                }
+            )
+            i += k
+        with workers(specs) as pool:
+            t0 = time.monotonic()
+
+            def tick(phase: str, key: str) -> Callable[[], None]:
+                def show() -> None:
+                    done = pool.total(key)
+                    el = time.monotonic() - t0
+                    progress.show(
+                        f"[catchup] {phase} {bar(done / max(n, 1))} {el:5.1f}s "
+                        f"{int(done)}/{n}  errors {int(pool.total('errors'))}"
+                    )
+
+                return show
+
+            pool.wait("ready", 120, lambda: progress.show("[catchup] connecting"))
+            send_win = Window(target, pool.pids)
+            send_win.begin()
+            t0 = time.monotonic()
+            pool.send({"cmd": "start"})
+            sent = pool.wait("sent", 600, tick("sending", "ok"))
+            t_sent = max(e["t"] for e in sent) / 1e9
+            sending = send_win.end()
+            # The server's work after the replies (pushes to nobody, hot-store
+            # writes) is left out of the catch-up's window.
+            pool.sleep_until(time.monotonic() + args.settle)
+            win = Window(target, pool.pids)
+            win.begin()
+            t0 = time.monotonic()
+            pool.send({"cmd": "catchup"})
+            caught = pool.wait("caught_up", 600, tick("catching up", "events"))
+            catching = win.end()
+            pool.wait("acked", 60)
+            pool.send({"cmd": "stop"})
+            results = pool.collect(60)
+        progress.done()
+    finally:
+        target.stop()
+    dev = next(e for e in caught if e["device"])
+    mine = next(r for r in results if r["device"])
+    check = mine["check"] or {}
+    seconds = (dev["t_done"] - dev["t_connect"]) / 1e9 if dev["t_done"] else None
+    events = dev["events"]
+    errors = merged_errors(results)
+    queue_s = t_sent - send_win.t0
+    ok = sum(r["ok"] for r in results)
+    verify = {
+        "sent": sum(r["sent"] for r in results),
+        "ok": ok,
+        "failed_sends": sum(r["failed"] for r in results),
+        **check,
+        "pushes_during_catchup": mine["pushes_during_catchup"],
+        "device_failed": mine["device_failed"],
+        "reset": bool(mine["auth"].get("reset")),
+    }
+    verify["ok_exactly"] = (
+        ok == n
+        and bool(check.get("exactly_once_in_order"))
+        and check.get("msg_events") == n
+        and not verify["device_failed"]
+        and not verify["reset"]
+        and not errors
+    )
+    server = costs(catching, events, "cpu_ms_per_1k_events")
+    result["targets"] = {
+        "imserver": {
+            "target": target.describe(),
+            "placement": placement(target, pairs=False),
+            "queue": {
+                "seconds": round(queue_s, 3),
+                "msg_s": round(ok / queue_s, 1) if queue_s > 0 else None,
+                "cost": costs(sending, ok),
+                "warnings": warnings(sending),
+            },
+            "catchup": {
+                "seconds": round(seconds, 3) if seconds is not None else None,
+                "auth_ms": round((dev["t_authed"] - dev["t_connect"]) / 1e6, 2)
+                if dev["t_authed"]
+                else None,
+                "events": events,
+                "pages": dev["pages"],
+                "limit": args.limit,
+                "events_s": round(events / seconds, 1) if seconds else None,
+                "server_cpu_s": server["server"]["cpu_s"],
+                "window_s": catching["seconds"],
+                "cost": server,
+                "warnings": warnings(catching),
+                "other_cores": catching["other_cores"],
+                "server_metrics": catching["metrics"],
+                "server_metrics_scope": catching["metrics_scope"],
+            },
+            "first_auth": mine["first_auth"],
+            "auth": mine["auth"],
+            "position_before": mine["position_before"],
             "errors": dict(errors),
             "verify": verify,
         }
@@ -1193,8 +1503,14 @@ def line_pairs(t: dict[str, Any]) -> str:
     th, lat, v = t["throughput"], t["latency"], t["verify"]
     ok, push = lat["send_to_ok"], lat["send_to_push"]
     server = t["cost"]["server"]
+    devices = th.get("devices", 1)
+    pushes = (
+        f" ({th['delivered_pushes_s']:.0f} pushes/s, {devices} devices per user)"
+        if devices > 1
+        else ""
+    )
     return (
-        f"{th['delivered_msg_s']:.0f} msg/s delivered; send->ok p50 {ok.get('p50_ms')} "
+        f"{th['delivered_msg_s']:.0f} msg/s delivered{pushes}; send->ok p50 {ok.get('p50_ms')} "
         f"p99 {ok.get('p99_ms')} ms; send->push p50 {push.get('p50_ms')} p99 "
         f"{push.get('p99_ms')} p99.9 {push.get('p99.9_ms')} ms; server "
         f"{server_cores(server)}, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
@@ -1218,14 +1534,47 @@ def _warning_lines(result: dict[str, Any]) -> list[str]:
             for i, v in enumerate(node):
                 walk(v, f"{where}[{i}]")
 
-    walk(result.get("targets") or result.get("points"), "")
+    walk(result.get("targets") or result.get("points") or result.get("runs"), "")
     return lines
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = _warning_lines(result)
     scenario = result["scenario"]
-    if scenario == "pairs":
+    if scenario == "pairs" and "runs" in result:
+        for run in result["runs"]:
+            for name, t in run["targets"].items():
+                lines.append(
+                    f"{run['devices']} devices, round {run['round']}, {name}{tag(t)}: "
+                    f"{line_pairs(t)}"
+                )
+        comparison = result["devices_comparison"]
+        for name, per in comparison.items():
+            if name == "bar":
+                continue
+            for d, c in per.items():
+                vs = c.get("messages_ratio_to_first")
+                lines.append(
+                    f"{name} {d} devices (median of {c['runs']}): {c['messages_s']} msg/s, "
+                    f"{c['delivered_pushes_s']} pushes/s, send->push p99 {c['push_p99_ms']} ms, "
+                    f"server {c['server_cores']} cores, load workers {c['workers_cores']} cores"
+                    + (f"; msg/s x{vs} of the first count" if vs is not None else "")
+                    + (
+                        f" (bar >= {DEVICES_BAR:.2f}: {'met' if c['meets_bar'] else 'MISSED'})"
+                        if "meets_bar" in c
+                        else ""
+                    )
+                )
+                q = c["quiet"]
+                if q["runs"] and q["runs"] < c["runs"]:
+                    qvs = q.get("messages_ratio_to_first")
+                    lines.append(
+                        f"  quiet runs only ({q['runs']} of {c['runs']}, other processes <= "
+                        f"{QUIET_OTHER_CORES} cores): {q['messages_s']} msg/s, "
+                        f"{q['server_cpu_ms_per_1k_msgs']} server CPU-ms/1k msgs"
+                        + (f"; msg/s x{qvs} of the first count" if qvs is not None else "")
+                    )
+    elif scenario == "pairs":
         for name, t in result["targets"].items():
             lines.append(f"{name}{tag(t)}: {line_pairs(t)}")
         if "ratio_to_relay" in result:
@@ -1249,6 +1598,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"(server {t['drain']['cost']['server']['cpu_ms_per_1k_msgs']} CPU-ms/1k); "
             f"errors {sum(t['errors'].values())}; exactly once in order: "
             f"{t['verify']['exactly_once_in_order']}"
+        )
+    elif scenario == "catchup":
+        t = result["targets"]["imserver"]
+        c, v = t["catchup"], t["verify"]
+        cost = c["cost"]
+        backends = "".join(
+            f", {name} {cost[name]['cpu_s']} s" for name in ("mariadb", "redis") if name in cost
+        )
+        lines.append(
+            f"imserver{tag(t)}: sent {v['ok']} msgs at {t['queue']['msg_s']} msg/s; the device "
+            f"caught up {c['events']} events in {c['pages']} pages in {c['seconds']} s = "
+            f"{c['events_s']} events/s; server CPU {c['server_cpu_s']} s "
+            f"({cost['server']['cpu_ms_per_1k_events']} CPU-ms/1k events{backends}); "
+            f"{v.get('msg_events')} msg events of {result['params']['messages']}: "
+            f"exactly once in order: {v['ok_exactly']}"
+            + (f"; failed: {v['device_failed']}" if v["device_failed"] else "")
         )
     elif scenario == "idle":
         for name, t in result["targets"].items():

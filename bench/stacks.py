@@ -266,7 +266,10 @@ def external(
     )
 
 
-def start_relay(secret: str, backlog: int | None = None, nagle: bool = False) -> Target:
+def start_relay(
+    secret: str, backlog: int | None = None, nagle: bool = False, devices: bool = False
+) -> Target:
+    """The baseline relay; C{devices}: several connections per uid, all pushed to."""
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, "-m", "bench.relay", "--port", "0", "--secret", secret]
@@ -274,6 +277,8 @@ def start_relay(secret: str, backlog: int | None = None, nagle: bool = False) ->
         argv += ["--backlog", str(backlog)]
     if nagle:
         argv.append("--nagle")
+    if devices:
+        argv.append("--devices")
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,

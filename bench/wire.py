@@ -57,8 +57,17 @@ def send_builder(to: int, pad: int = 0) -> SendBuilder:
     return build
 
 
-def auth_frame(token: str, req_id: int = 1) -> bytes:
-    return encode({"t": "auth", "id": req_id, "token": token, "client": "bench/1"})
+def auth_frame(
+    token: str, req_id: int = 1, device: str | None = None, since: int | None = None
+) -> bytes:
+    """C{auth}; C{device} and C{since} (several devices per user) only when given,
+    so a one-device client sends exactly the frame of wire protocol v1."""
+    fields: dict[str, Any] = {"t": "auth", "id": req_id, "token": token, "client": "bench/1"}
+    if device is not None:
+        fields["device"] = device
+    if since is not None:
+        fields["since"] = since
+    return encode(fields)
 
 
 #: A ping with a constant id: heartbeat replies are counted, not matched.
@@ -67,6 +76,19 @@ PING = encode({"t": "ping", "id": 2})
 
 def ack_frame(req_id: int, msg_ids: list[int]) -> bytes:
     return encode({"t": "ack", "id": req_id, "msg_ids": msg_ids})
+
+
+def ack_seq_frame(req_id: int, seq: int) -> bytes:
+    """C{ack} of a stream position: the device has every event up to C{seq}."""
+    return encode({"t": "ack", "id": req_id, "seq": seq})
+
+
+def catchup_frame(req_id: int, limit: int, after: int | None = None) -> bytes:
+    """C{catchup}; without C{after} the server pages from the connection's position."""
+    fields: dict[str, Any] = {"t": "catchup", "id": req_id, "limit": limit}
+    if after is not None:
+        fields["after"] = after
+    return encode(fields)
 
 
 def sync_frame(req_id: int, limit: int, after: int) -> bytes:

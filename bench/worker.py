@@ -40,6 +40,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from bench import stats, wire
+from bench.streamcheck import StreamCheck
 from imserver.wire.framing import FrameDecoder
 
 reactor: Any = _reactor
@@ -77,6 +78,11 @@ class Conn(Protocol):
         self.authed = False
         self.started = self.connected_at = 0
         self.node = 0  # which of the server's endpoints (nodes) to connect to
+        # Several devices per user: the auth's device name and catch-up position
+        # (None: not sent, the v1 frame).
+        self.device: str | None = None
+        self.since: int | None = None
+        self.auth_ok: Frame = {}
         self.ready: Deferred[Conn] = Deferred()
         self.errors: Counter[str] = Counter()
 
@@ -84,7 +90,7 @@ class Conn(Protocol):
         self.open = True
         self.connected_at = monotonic_ns()
         self.transport.setTcpNoDelay(True)
-        self.transport.write(wire.auth_frame(self.token))
+        self.transport.write(wire.auth_frame(self.token, device=self.device, since=self.since))
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -109,6 +115,7 @@ class Conn(Protocol):
     def _auth_reply(self, f: Frame) -> None:
         if f.get("t") == "ok" and f.get("id") == 1:
             self.authed = True
+            self.auth_ok = f
             self.on_authed()
             d, self.ready = self.ready, Deferred()
             d.callback(self)
@@ -334,11 +341,17 @@ class Sender(Conn):
 
 
 class Recipient(Conn):
-    """Receives pushes, checks them against the sequence, acks in small batches."""
+    """Receives pushes, checks them against the sequence, acks in small batches.
+
+    With several devices per user, each device of the recipient is one of
+    these (each acks what it got: a message stays pending for every device
+    until that device acks it)."""
 
     def __init__(self, run: Pairs, uid: int, token: str) -> None:
         super().__init__(uid, token)
         self.run = run
+        self.delivered = 0
+        self.in_window = 0
         self.seen = bytearray(1024)
         self.max_q = -1
         self.unique = 0
@@ -367,9 +380,9 @@ class Recipient(Conn):
                 sent = b["s"]
                 if sent >= t_start:
                     lat.append(now - sent)
-                run.delivered += 1
+                self.delivered += 1
                 if in_window:
-                    run.in_window += 1
+                    self.in_window += 1
                 if q >= len(seen):
                     seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
                 if seen[q]:
@@ -406,6 +419,22 @@ class Recipient(Conn):
     def on_lost(self) -> None:
         if self.run.phase in ("sending", "draining"):
             self.errors["disconnected"] += 1
+
+
+class Echo(Recipient):
+    """Another device of a sender: every message its user sends from the
+    sending device is pushed here too, and checked like a recipient's (each
+    once, in order). Nothing to ack: a message is pending for its recipient's
+    devices, not for its sender's."""
+
+    def flush_acks(self) -> None:
+        self.pending_acks = []
+
+
+def device_names(devices: int) -> list[str | None]:
+    """The device of each connection of a user: none named with one device (the
+    v1 auth frame, the server's "default"), else C{d0}, C{d1}, ..."""
+    return [None] if devices <= 1 else [f"d{k}" for k in range(devices)]
 
 
 class Scenario:
@@ -464,8 +493,6 @@ class Pairs(Scenario):
         self.t_start = self.t_end = 1 << 62
         self.lat_ok = array("q")
         self.lat_push = array("q")
-        self.delivered = 0
-        self.in_window = 0
         self.heap: list[tuple[int, int, Sender]] = []
         self.ack_dirty: list[Recipient] = []
         uids: list[int] = spec["uids"]  # [sender0, recipient0, sender1, ...]
@@ -477,12 +504,34 @@ class Pairs(Scenario):
             Sender(self, i // 2, uids[i], tokens[i], uids[i + 1]) for i in range(0, len(uids), 2)
         ]
         self.place_pairs(self.senders, self.recipients)
+        self.devices: int = spec.get("devices", 1)
+        # Pair j's receiving connections: the recipient's device 0, then each
+        # further device k of the recipient and of the sender (its pushes of the
+        # sender's own messages), on node (first + j + 1 + k) % N and
+        # (first + j + k) % N: with several nodes, a user's devices spread out.
+        self.receivers: list[list[Recipient]] = [[r] for r in self.recipients]
+        self.others: list[Recipient] = []
+        names = device_names(self.devices)
+        n = len(self.endpoints)
+        first = spec.get("first_pair", 0)
+        for j, (s, r) in enumerate(zip(self.senders, self.recipients, strict=True)):
+            s.device = r.device = names[0]
+            for k in range(1, self.devices):
+                rd: Recipient = Recipient(self, r.uid, r.token)
+                sd: Recipient = Echo(self, s.uid, s.token)
+                rd.device = sd.device = names[k]
+                rd.node = (first + j + 1 + k) % n
+                sd.node = (first + j + k) % n
+                self.receivers[j] += [rd, sd]
+                self.others += [rd, sd]
+        self.all_receivers = [*self.recipients, *self.others]
         self.ack_loop = LoopingCall(self.flush_acks)
         self.tick_call: Any = None
 
     def setup(self) -> Deferred[Any]:
         async def go() -> None:
-            for group in (self.recipients, self.senders):
+            groups = (self.recipients, self.others, self.senders)
+            for group in groups if self.others else (self.recipients, self.senders):
                 ok = await self.connector.open_all(list(group))
                 if len(ok) != len(group):
                     raise RuntimeError(f"only {len(ok)} of {len(group)} connections authenticated")
@@ -545,15 +594,15 @@ class Pairs(Scenario):
     def check_drained(self) -> None:
         now = monotonic_ns()
         done = all(
-            (not s.inflight or not s.open) and (r.unique >= s.ok or not r.open)
-            for s, r in zip(self.senders, self.recipients, strict=True)
+            (not s.inflight or not s.open) and all(r.unique >= s.ok or not r.open for r in rs)
+            for s, rs in zip(self.senders, self.receivers, strict=True)
         )
         if self.phase == "draining" and (done or now > self.deadline):
             self.phase = "acking"
             self.flush_acks()
             self.ack_deadline = now + int(3e9)
         if self.phase == "acking":
-            acked = all(r.acks_ok >= r.acks_out or not r.open for r in self.recipients)
+            acked = all(r.acks_ok >= r.acks_out or not r.open for r in self.all_receivers)
             if acked or now > self.ack_deadline:
                 self.drain_loop.stop()
                 self.ack_loop.stop()
@@ -563,28 +612,30 @@ class Pairs(Scenario):
         return {
             "sent": sum(s.seq for s in self.senders),
             "ok": sum(s.ok for s in self.senders),
-            "delivered": self.delivered,
-            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.recipients)),
+            # Messages (the recipients' device 0: the timeline's msg/s), and every push.
+            "delivered": sum(r.delivered for r in self.recipients),
+            "pushes": sum(r.delivered for r in self.all_receivers),
+            "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.all_receivers)),
         }
 
     def finish(self) -> None:
-        missing = unexpected = no_reply = expected = 0
-        for s, r in zip(self.senders, self.recipients, strict=True):
+        missing = unexpected = no_reply = expected = expected_msgs = 0
+        for s, rs in zip(self.senders, self.receivers, strict=True):
             no_reply += len(s.inflight)
-            seen = r.seen
-            good = 0
-            for q in range(s.seq):
-                got = q < len(seen) and seen[q]
-                should = q not in s.failed and q not in s.inflight
-                if should:
-                    expected += 1
-                    if got:
-                        good += 1
-                    else:
-                        missing += 1
-                elif got:
-                    unexpected += 1
-        conns: list[Conn] = [*self.senders, *self.recipients]
+            for i, r in enumerate(rs):
+                seen = r.seen
+                for q in range(s.seq):
+                    got = q < len(seen) and seen[q]
+                    should = q not in s.failed and q not in s.inflight
+                    if should:
+                        expected += 1  # a push expected on this device
+                        expected_msgs += i == 0
+                        if not got:
+                            missing += 1
+                    elif got:
+                        unexpected += 1
+        receivers = self.all_receivers
+        conns: list[Conn] = [*self.senders, *receivers]
         self.worker.finish(
             {
                 "pairs": len(self.senders),
@@ -594,16 +645,20 @@ class Pairs(Scenario):
                 "failed": sum(len(s.failed) for s in self.senders),
                 "no_reply": no_reply,
                 "backlog_at_end": getattr(self, "backlog", 0),
-                "delivered": self.delivered,
-                "delivered_in_window": self.in_window,
+                "devices": self.devices,
+                # Pushes received by every device; messages: by the recipient's device 0.
+                "delivered": sum(r.delivered for r in receivers),
+                "delivered_in_window": sum(r.in_window for r in self.recipients),
+                "pushes_in_window": sum(r.in_window for r in receivers),
                 "expected": expected,
-                "unique": sum(r.unique for r in self.recipients),
-                "duplicates": sum(r.duplicates for r in self.recipients),
-                "reorders": sum(r.reorders for r in self.recipients),
+                "expected_msgs": expected_msgs,
+                "unique": sum(r.unique for r in receivers),
+                "duplicates": sum(r.duplicates for r in receivers),
+                "reorders": sum(r.reorders for r in receivers),
                 "missing": missing,
                 "unexpected": unexpected,
-                "acks_sent": sum(r.acks_out for r in self.recipients),
-                "acks_ok": sum(r.acks_ok for r in self.recipients),
+                "acks_sent": sum(r.acks_out for r in receivers),
+                "acks_ok": sum(r.acks_ok for r in receivers),
                 "errors": dict(total_errors(conns, self.connector.errors)),
                 "lat_ok": stats.histogram(self.lat_ok),
                 "lat_push": stats.histogram(self.lat_push),
@@ -773,7 +828,7 @@ class Visitor(Conn):
 
 
 class OfflineSender(Conn):
-    def __init__(self, run: Offline, uid: int, token: str, to: int, count: int) -> None:
+    def __init__(self, run: Offline | Catchup, uid: int, token: str, to: int, count: int) -> None:
         super().__init__(uid, token)
         self.run = run
         self.build = wire.send_builder(to, run.pad)
@@ -979,6 +1034,213 @@ class Offline(Scenario):
         )
 
 
+# -- catchup ----------------------------------------------------------------------------
+
+
+class CatchupDevice(Conn):
+    """The device coming back: auth with C{since} = its position, then
+    C{catchup} pages (no C{after}: the server pages from the connection's
+    position) until C{more} is false, then C{ack {seq}} of the last position."""
+
+    def __init__(self, run: Catchup, uid: int, token: str, device: str, since: int) -> None:
+        super().__init__(uid, token)
+        self.run = run
+        self.device = device
+        self.since = since
+        self.check = StreamCheck(run.expected)
+        self.next_id = 1
+        self.waiting: dict[int, str] = {}
+        self.pushes = 0
+        self.t_authed = self.t_done = 0
+        self.failed = ""
+
+    def request(self, kind: str, frame: Callable[[int], bytes]) -> None:
+        self.next_id += 1
+        self.waiting[self.next_id] = kind
+        self.transport.write(frame(self.next_id))
+
+    def on_authed(self) -> None:
+        self.t_authed = monotonic_ns()
+        if self.auth_ok.get("reset"):
+            self.failed = "the server answered reset: it did not know the device"
+        self.request("catchup", lambda i: wire.catchup_frame(i, self.run.limit))
+
+    def on_frame(self, f: Frame) -> None:
+        kind = self.waiting.pop(f.get("id", -1), None)
+        if kind is None:
+            # A push (none expected: nothing is sent during the catch-up, and
+            # pushes with a seq are held back until the last page).
+            self.pushes += 1
+            return
+        if f.get("t") == "error":
+            self.errors[f"{kind}:{f.get('code')}"] += 1
+            self.failed = self.failed or f"{kind} answered {f.get('code')}: {f.get('message')}"
+            self.run.caught_up(self)
+            return
+        if kind == "catchup":
+            if self.check.page(f):
+                self.request("catchup", lambda i: wire.catchup_frame(i, self.run.limit))
+            else:
+                self.t_done = monotonic_ns()
+                self.run.caught_up(self)
+                position = self.check.position
+                if position is not None:
+                    self.request("ack", lambda i: wire.ack_seq_frame(i, position))
+                else:
+                    self.run.acked()
+        elif kind == "ack":
+            self.run.acked()
+
+    def on_lost(self) -> None:
+        if self.run.phase == "catching up" and not self.t_done:
+            self.failed = self.failed or "disconnected during the catch-up"
+            self.errors["disconnected"] += 1
+            self.run.caught_up(self)
+
+
+class Catchup(Scenario):
+    """
+    A device that missed C{count} messages: it authenticates once with its
+    device name (registering it; its position is the reply's C{seq}) and
+    leaves; the senders send their messages to its user (W in flight each);
+    then it comes back with C{since} and pages C{catchup}. Only the worker whose
+    spec has C{device} runs the device; the others only send.
+    """
+
+    def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
+        super().__init__(worker, spec)
+        self.window: int = spec["window"]
+        self.pad: int = spec.get("pad", 0)
+        self.limit: int = spec.get("limit", 500)
+        self.to: int = spec["user"]
+        device = spec.get("device")
+        uids: list[int] = spec["uids"]
+        counts: list[int] = spec["counts"]
+        tokens = mint_tokens(spec["secret"], [*uids, self.to])
+        self.user_token = tokens[-1]
+        self.senders = [
+            OfflineSender(self, u, t, self.to, n)
+            for u, t, n in zip(uids, tokens[:-1], counts, strict=True)
+        ]
+        self.place_round_robin(self.senders)
+        self.device_name: str | None = device
+        # Every sender of the run (over all workers) and its count: the device checks all.
+        self.expected: dict[int, int] = {int(k): v for k, v in spec.get("expected", {}).items()}
+        self.device: CatchupDevice | None = None
+        self.position = 0
+        self.first_auth: Frame = {}
+        self.senders_left = len(self.senders)
+        self.phase = "setup"
+
+    def setup(self) -> Deferred[Any]:
+        async def go() -> None:
+            if self.device_name is not None:
+                first = Visitor(self.to, self.user_token)
+                first.device = self.device_name
+                if len(await self.connector.open_all([first])) != 1:
+                    raise RuntimeError("the device could not authenticate")
+                self.first_auth = dict(first.auth_ok)
+                # Where the device's catch-up starts (a new device: the head).
+                self.position = int(first.auth_ok.get("seq", first.auth_ok.get("head", 0)) or 0)
+                first.close()
+                await first.gone
+            ok = await self.connector.open_all(list(self.senders))
+            if len(ok) != len(self.senders):
+                raise RuntimeError("senders could not authenticate")
+
+        return Deferred.fromCoroutine(go())
+
+    def command(self, cmd: dict[str, Any]) -> None:
+        if cmd["cmd"] == "start":
+            self.phase = "sending"
+            if not self.senders:
+                self.worker.emit({"ev": "sent", "t": monotonic_ns()})
+            for s in self.senders:
+                s.pump()
+        elif cmd["cmd"] == "catchup":
+            self.phase = "catching up"
+            if self.device_name is None:
+                self.worker.emit({"ev": "caught_up", "device": False})
+                self.worker.emit({"ev": "acked"})
+                return
+            self.t_connect = monotonic_ns()
+            self.device = CatchupDevice(
+                self, self.to, self.user_token, self.device_name, self.position
+            )
+            self.device.node = 0
+            self.device_connector = Connector(self.endpoints, self.spec.get("bind"), 1)
+            d = self.device_connector.open_all([self.device])
+            d.addCallback(self.device_open)
+        elif cmd["cmd"] == "stop":
+            self.finish()
+
+    def device_open(self, ok: list[Conn]) -> None:
+        if not ok and self.device is not None:
+            self.device.failed = "could not connect again"
+            self.caught_up(self.device)
+
+    def sender_done(self) -> None:
+        self.senders_left -= 1
+        if not self.senders_left:
+            self.worker.emit({"ev": "sent", "t": monotonic_ns()})
+
+    def caught_up(self, device: CatchupDevice) -> None:
+        if getattr(self, "reported", False):
+            return
+        self.reported = True
+        self.phase = "caught up"
+        self.worker.emit(
+            {
+                "ev": "caught_up",
+                "device": True,
+                "t_connect": self.t_connect,
+                "t_authed": device.t_authed,
+                "t_done": device.t_done,
+                "events": device.check.events,
+                "pages": device.check.pages,
+                "failed": device.failed,
+            }
+        )
+        if device.failed:
+            self.acked()
+
+    def acked(self) -> None:
+        self.worker.emit({"ev": "acked"})
+
+    def progress(self) -> dict[str, Any]:
+        dev = self.device
+        return {
+            "sent": sum(s.seq for s in self.senders),
+            "ok": sum(s.ok for s in self.senders),
+            "events": dev.check.events if dev else 0,
+            "errors": sum(sum(c.errors.values()) for c in self.senders)
+            + (sum(dev.errors.values()) if dev else 0),
+        }
+
+    def finish(self) -> None:
+        dev = self.device
+        errors = total_errors(list(self.senders), self.connector.errors)
+        if dev is not None:
+            errors.update(dev.errors)
+            errors.update(self.device_connector.errors)
+        self.worker.finish(
+            {
+                "sent": sum(s.seq for s in self.senders),
+                "ok": sum(s.ok for s in self.senders),
+                "ok_by_sender": {str(s.uid): s.ok for s in self.senders},
+                "failed": sum(s.failed for s in self.senders),
+                "device": dev is not None,
+                "first_auth": {k: v for k, v in self.first_auth.items() if k != "id"},
+                "auth": {k: v for k, v in dev.auth_ok.items() if k != "id"} if dev else {},
+                "position_before": self.position,
+                "check": dev.check.result() if dev else None,
+                "pushes_during_catchup": dev.pushes if dev else 0,
+                "device_failed": dev.failed if dev else "",
+                "errors": dict(errors),
+            }
+        )
+
+
 # -- the worker process ---------------------------------------------------------------
 
 SCENARIOS: dict[str, type[Scenario]] = {
@@ -986,6 +1248,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "idle": Idle,
     "connect": Connect,
     "offline": Offline,
+    "catchup": Catchup,
 }
 
 

@@ -4,6 +4,8 @@ for a second or two at a tiny load, as a user would, on the embedded stack
 (and on mysql-redis with several nodes or workers), and checks that the
 saved results are sane: no errors, every message delivered exactly once and
 in order, positive rates, the relay ratio, the cost of every server process.
+Also the tool's own logic that needs no server (the catch-up checker, the
+order of the ``--devices`` runs and their comparison).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from bench.runner import BenchError, compare_devices, device_order, parse_devices
+from bench.streamcheck import StreamCheck
 from tests.harness import need
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +145,51 @@ class BenchSmokeTests(BenchTestCase):
         self.assertGreater(t["queue"]["msg_s"], 0)
         self.assertGreater(t["drain"]["drained_msg_s"], 0)
 
+    def test_pairs_devices(self) -> None:
+        """--devices 1,3: one run of each on the same servers; with 3 devices every
+        message is pushed to the recipient's 3 and the sender's 2 other devices."""
+        result, out = self.bench(
+            *("pairs", "--pairs", "2", "--window", "2", "--duration", "1.5", "--warmup", "0.3"),
+            *("--stack", "embedded", "--target", "both", "--devices", "1,3"),
+        )
+        self.assertEqual(result["params"]["order"], [1, 3])
+        self.assertEqual([r["devices"] for r in result["runs"]], [1, 3])
+        for run in result["runs"]:
+            self.assertEqual(set(run["targets"]), {"imserver", "relay"})
+            for t in run["targets"].values():
+                self.assertPairs(t)
+                th, v = t["throughput"], t["verify"]
+                pushes = 2 * run["devices"] - 1
+                self.assertEqual(th["devices"], run["devices"])
+                self.assertEqual(v["expected"], pushes * v["expected_msgs"])
+                self.assertGreaterEqual(th["delivered_pushes_s"], th["delivered_msg_s"])
+                self.assertLess(abs(th["pushes_per_msg"] - pushes), 0.3, th)
+            self.assertIn("ratio_to_relay", run)
+        imserver = result["devices_comparison"]["imserver"]
+        self.assertGreater(imserver["3"]["messages_ratio_to_first"], 0)
+        self.assertIn("meets_bar", imserver["3"])
+        self.assertFalse(glob.glob(os.path.join(out, "*.png")))  # runs: no single-run plot
+
+    def test_catchup(self) -> None:
+        """A device misses 300 messages from 3 senders and catches up in pages of 50."""
+        result, _ = self.bench(
+            *("catchup", "--messages", "300", "--senders", "3", "--limit", "50"),
+            *("--settle", "0.2", "--stack", "embedded"),
+        )
+        t = result["targets"]["imserver"]
+        self.assertEqual(t["errors"], {})
+        v = t["verify"]
+        self.assertTrue(v["ok_exactly"], v)
+        self.assertEqual((v["ok"], v["msg_events"], v["unique"], v["missing"]), (300, 300, 300, 0))
+        self.assertEqual(v["pushes_during_catchup"], 0)
+        c = t["catchup"]
+        self.assertGreaterEqual(c["pages"], 6)
+        self.assertGreater(c["events_s"], 0)
+        self.assertGreaterEqual(c["server_cpu_s"], 0)
+        self.assertGreater(t["queue"]["msg_s"], 0)
+        self.assertFalse(t["first_auth"].get("reset"))
+        self.assertEqual(v["position"], 300)  # a fresh user: one seq per message received
+
     def test_idle(self) -> None:
         result, _ = self.bench(
             *("idle", "--connections", "40", "--heartbeat", "1", "--measure", "2"),
@@ -220,3 +269,85 @@ class BenchClusterSmokeTests(BenchTestCase):
         )
         self.assertEqual(proc.returncode, 2)
         self.assertIn("--nodes needs --stack mysql-redis", proc.stderr)
+
+
+class BenchLogicTests(TestCase):
+    """The tool's own logic, on made-up data."""
+
+    def msg(self, seq: int, sender: int, q: int) -> dict[str, Any]:
+        return {"t": "msg", "seq": seq, "from": sender, "msg_id": seq, "body": {"q": q, "s": 0}}
+
+    def test_stream_check_clean(self) -> None:
+        check = StreamCheck({7: 2, 8: 1})
+        more = check.page(
+            {"events": [self.msg(3, 7, 0), self.msg(5, 8, 0)], "seq": 5, "more": True}
+        )
+        self.assertTrue(more)
+        # Events of other kinds are counted apart; the position may pass over seqs.
+        page = {"events": [self.msg(9, 7, 1), {"t": "read", "seq": 10}], "seq": 12, "more": False}
+        self.assertFalse(check.page(page))
+        r = check.result()
+        self.assertTrue(r["exactly_once_in_order"], r)
+        self.assertEqual((r["msg_events"], r["unique"], r["pages"], r["position"]), (3, 3, 2, 12))
+        self.assertEqual(r["other_events"], {"read": 1})
+        self.assertEqual(r["page_sizes"], [2, 2])
+
+    def test_stream_check_catches(self) -> None:
+        """Each fault is counted and makes the check fail."""
+        cases = {
+            "duplicates": [self.msg(1, 7, 0), self.msg(2, 7, 0), self.msg(3, 7, 1)],
+            "reorders": [self.msg(1, 7, 1), self.msg(2, 7, 0)],
+            "unexpected": [self.msg(1, 7, 0), self.msg(2, 7, 1), self.msg(3, 9, 0)],
+            "seq_errors": [self.msg(2, 7, 0), self.msg(2, 7, 1)],
+            "missing": [self.msg(1, 7, 0)],
+            "malformed": [self.msg(1, 7, 0), self.msg(2, 7, 1), "junk"],
+        }
+        for name, events in cases.items():
+            check = StreamCheck({7: 2})
+            check.page({"events": events, "seq": 9, "more": False})
+            r = check.result()
+            self.assertGreater(r[name], 0, name)
+            self.assertFalse(r["exactly_once_in_order"], name)
+        # A page behind its own events, and a catch-up that never finished.
+        check = StreamCheck({7: 1})
+        check.page({"events": [self.msg(4, 7, 0)], "seq": 3, "more": False})
+        self.assertEqual(check.result()["seq_errors"], 1)
+        check = StreamCheck({7: 1})
+        check.page({"events": [self.msg(4, 7, 0)], "seq": 4, "more": True})
+        self.assertFalse(check.result()["exactly_once_in_order"])
+
+    def test_devices_options(self) -> None:
+        self.assertEqual(parse_devices(None), [1])
+        self.assertEqual(parse_devices("1,3"), [1, 3])
+        for bad in ("x", "0", "1,,2000", ","):
+            self.assertRaises(BenchError, parse_devices, bad)
+        # The counts alternate, round after round.
+        self.assertEqual(
+            [d for _, d in device_order([1, 3], 2)], [1, 3, 1, 3], device_order([1, 3], 2)
+        )
+
+    def test_compare_devices(self) -> None:
+        def run(devices: int, msgs: float) -> dict[str, Any]:
+            t = {
+                "throughput": {"delivered_msg_s": msgs, "delivered_pushes_s": msgs * 5},
+                "latency": {"send_to_push": {"p99_ms": 9.0}, "send_to_ok": {"p99_ms": 4.0}},
+                "cost": {
+                    "server": {"cores": 0.9, "cpu_ms_per_1k_msgs": 90.0},
+                    "workers": {"cores": 0.5, "per_worker_cores": [0.2, 0.3]},
+                },
+                "machine_busy_cores": 1.5,
+                "other_cores": 0.5 if msgs == 1200 else 0.0,
+                "verify": {"exactly_once_in_order": True},
+            }
+            return {"devices": devices, "targets": {"imserver": t}}
+
+        runs = [run(1, 1000), run(3, 700), run(1, 1200), run(3, 500)]
+        c = compare_devices(runs, [1, 3])["imserver"]
+        self.assertEqual((c["1"]["messages_s"], c["3"]["messages_s"]), (1100, 600))
+        self.assertEqual(c["3"]["messages_s_each"], [700, 500])
+        self.assertEqual(c["3"]["messages_ratio_to_first"], round(600 / 1100, 3))
+        self.assertFalse(c["3"]["meets_bar"])
+        self.assertEqual(c["3"]["workers_max_core"], 0.3)
+        # Without the run another session disturbed (other_cores 0.5):
+        self.assertEqual((c["1"]["quiet"]["runs"], c["1"]["quiet"]["messages_s"]), (1, 1000))
+        self.assertEqual(c["3"]["quiet"]["messages_ratio_to_first"], 0.6)
