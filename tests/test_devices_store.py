@@ -431,6 +431,42 @@ class DeviceStoreContract:
         self.assertTrue(again.created)
         self.assertNotEqual(again.device.id, old.id)
 
+    async def test_heads_seen_before_are_checked_not_trusted(self) -> None:
+        """
+        The send batch takes the heads this node saw last as its guess (one
+        round trip less); a head that moved meanwhile (here: set behind the
+        node's back, as another node's commit would) is found by the script's
+        first statement, nothing is written with a wrong seq, and the batch
+        goes on with the locked heads: the stream stays 1, 2, 3... per user.
+        """
+        stack = await self.stack()
+        store = stack.store
+        a, b = await self.users(store, 2)
+        [m1] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m1, Committed)
+        self.assertEqual(store._heads.get(b), m1.recipient_seq)
+        # The guess is right: the next batch needs no locking read.
+        reads: list[int] = []
+        real = q.lock_streams
+
+        def counting(txn: Any, uids: Any) -> Any:
+            reads.append(1)
+            return real(txn, uids)
+
+        self.patch(q, "lock_streams", counting)
+        [m2] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m2, Committed)
+        self.assertEqual((m2.recipient_seq, m2.sender_seq), (2, 2))
+        self.assertEqual(reads, [])
+        # Another writer moved b's head (a read on another node, say).
+        await store.db.run("t", _bump_txn, b, 5)
+        [m3] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m3, Committed)
+        self.assertEqual((m3.recipient_seq, m3.sender_seq), (8, 3))
+        self.assertEqual(reads, [1])
+        self.assertEqual(await store.head(b), 8)
+        self.assertEqual(await store.head(a), 3)
+
     async def test_a_revoked_device_is_not_forgotten(self) -> None:
         """
         Regression (review): the forget sweep deleted revoked devices too, so
@@ -511,3 +547,7 @@ class MariaDBDeviceStoreTests(DeviceStoreContract, TestCase):
         self.assertEqual(page.head, len(outcomes))
         by_seq = {o.recipient_seq: o.message.msg_id for o in outcomes if isinstance(o, Committed)}
         self.assertEqual([e.msg_id for e in page.events], [by_seq[e.seq] for e in page.events])
+
+
+def _bump_txn(txn: Any, uid: int, n: int) -> None:
+    txn.execute("UPDATE t_user SET streamSeq = streamSeq + ? WHERE uid = ?", (n, uid))

@@ -202,6 +202,8 @@ class Store:
         )
         self._known_users: set[int] = set()
         self._pairs: LRU[tuple[int, int], int] = LRU(200_000)
+        # The stream heads this node saw last (see saw_seq).
+        self._heads: LRU[int, int] = LRU(200_000)
         self._members: LRU[int, tuple[int, int]] = LRU(200_000)
         # Users and sessions whose hot copy may be wrong (count of repairs
         # not done yet): their reads go to SQL.
@@ -397,7 +399,19 @@ class Store:
                 m = outcome.message
                 self._known_users.add(m.recipient)
                 self._remember_session(m.session_id, m.sender, m.recipient)
+                self.saw_seq(m.recipient, outcome.recipient_seq)
+                self.saw_seq(m.sender, outcome.sender_seq)
         return outcomes
+
+    def saw_seq(self, uid: int, seq: int | None) -> None:
+        """
+        A committed seq of the user's stream: the head is at least that. The
+        next send batch takes the heads seen here as its guess, checked by
+        its first statement (L{q.commit_messages_txn}): a head that moved
+        elsewhere costs that batch one locking read, never a wrong seq.
+        """
+        if seq and self._heads.get(uid, 0) < seq:
+            self._heads.put(uid, seq)
 
     async def _commit_group(
         self,
@@ -408,6 +422,8 @@ class Store:
     ) -> list[SendOutcome]:
         """One group-commit transaction, with its own outbox row."""
         now_ms = self._now_ms()
+        heads = self._heads
+        cached = {u: heads[u] for m in msgs for u in (m.sender, m.recipient) if u in heads}
         return await self.db.run(
             "send",
             q.commit_messages_txn,
@@ -418,6 +434,7 @@ class Store:
             self.notify_delay_ms,
             started,
             done,
+            cached,
         )
 
     def _commit_unavailable(self, msgs: Sequence[NewMessage], e: Unavailable) -> None:
@@ -706,6 +723,8 @@ class Store:
             self._hot_failed((uid,), (session_id,), (), str(e))
             raise
         if result.advanced_to is not None:
+            self.saw_seq(uid, result.reader_seq)
+            self.saw_seq(result.row.peer, result.peer_seq)
             self._run_after_reply(
                 self._follow_up(outbox.id, self.hot.apply_rows([result.row]), {uid}, (), ()),
                 (uid,),
@@ -786,6 +805,8 @@ class Store:
             self._hot_failed(users, sessions, (msg_id,), str(e))
             raise
         m = result.message
+        self.saw_seq(m.sender, result.sender_seq)
+        self.saw_seq(m.recipient, result.recipient_seq)
         self._run_after_reply(
             self._recall_follow_up(0 if result.already else outbox.id, result, then),
             (m.sender, m.recipient),

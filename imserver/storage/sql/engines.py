@@ -29,6 +29,8 @@ CR_SERVER_LOST = 2013
 ER_CON_COUNT_ERROR = 1040
 ER_SERVER_SHUTDOWN = 1053
 ER_DUP_ENTRY = 1062
+#: A NOT NULL column set to NULL (strict sql_mode).
+ER_BAD_NULL = 1048
 #: MariaDB's answer to a statement of a connection KILLed meanwhile (then it closes).
 ER_CONNECTION_KILLED = 1927
 
@@ -116,6 +118,10 @@ class Engine:
         """A statement broke a unique key (the transaction is still open)."""
         return False
 
+    def is_null_violation(self, e: BaseException) -> bool:
+        """A statement set a NOT NULL column to NULL (the transaction is still open)."""
+        return False
+
     def run_script(
         self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None
     ) -> list[Any]:
@@ -184,6 +190,9 @@ class SqliteEngine(Engine):
     def is_duplicate(self, e: BaseException) -> bool:
         return isinstance(e, sqlite3.IntegrityError) and "UNIQUE" in str(e)
 
+    def is_null_violation(self, e: BaseException) -> bool:
+        return isinstance(e, sqlite3.IntegrityError) and "NOT NULL" in str(e)
+
     def is_unavailable(self, e: BaseException) -> bool:
         return isinstance(e, sqlite3.OperationalError) and (
             "unable to open" in str(e) or "disk I/O" in str(e)
@@ -246,6 +255,10 @@ class MysqlEngine(Engine):
 
     def is_duplicate(self, e: BaseException) -> bool:
         return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_DUP_ENTRY,)
+
+    def is_null_violation(self, e: BaseException) -> bool:
+        # ER_BAD_NULL_ERROR: an error, not a warning, in the session's strict sql_mode.
+        return isinstance(e, pymysql.err.IntegrityError) and e.args[:1] == (ER_BAD_NULL,)
 
     def run_script(
         self, cursor: Any, statements: Sequence[Any], commit: bool, token: Any | None = None

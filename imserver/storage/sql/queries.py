@@ -19,7 +19,7 @@ t_device rows are only locked by their own single-row writes.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attrs
@@ -135,6 +135,23 @@ def lock_streams(txn: Txn, uids: Iterable[int]) -> dict[int, int]:
     return {int(r[0]): int(r[1]) for r in rows}
 
 
+def _verify_statement(heads: Mapping[int, int]) -> Statement:
+    """
+    Lock these users' t_user rows (ascending uid, as L{lock_streams}) and
+    check that each head is still the one given: the head is rewritten as
+    itself where it is, and as NULL where it moved, which the NOT NULL column
+    refuses (strict sql_mode on MySQL; always on SQLite): the statement
+    fails and changes nothing. One statement of the script instead of a
+    locking read of its own (measured: 2.6-3 ms of a 16 ms group commit).
+    """
+    uids = sorted(heads)
+    cases = " ".join("WHEN ? THEN CASE WHEN streamSeq = ? THEN streamSeq END" for _ in uids)
+    return Statement(
+        f"UPDATE t_user SET streamSeq = CASE uid {cases} END WHERE uid IN ({marks(len(uids))})",
+        (*(v for uid in uids for v in (uid, heads[uid])), *uids),
+    )
+
+
 def _head_statement(heads: dict[int, int]) -> Statement:
     """Set these users' stream heads (their rows are locked: L{lock_streams})."""
     uids = sorted(heads)
@@ -242,6 +259,7 @@ def commit_messages_txn(
     notify_delay_ms: int | None = None,
     started: float = 0.0,
     done_outbox: Sequence[int] = (),
+    cached_heads: Mapping[int, int] | None = None,
 ) -> list[SendOutcome]:
     """
     Commit a batch of messages (group commit), in one transaction: the
@@ -259,11 +277,26 @@ def commit_messages_txn(
     request.
     """
     outcomes: list[SendOutcome | None] = [None] * len(msgs)
-    # One locking read of every user of the batch: the recipient check and
-    # the stream heads the messages' seqs follow (given out in Python, in
-    # batch order, by _write_messages: only for the messages written).
-    heads = lock_streams(txn, [u for m in msgs for u in (m.sender, m.recipient)])
-    missing = set(check_recipients) - set(heads)
+    users = sorted({u for m in msgs for u in (m.sender, m.recipient)})
+    verify = (
+        cached_heads is not None
+        and not check_recipients
+        and all(m.session_id is not None for m in msgs)
+        and all(u in cached_heads for u in users)
+    )
+    if verify:
+        # The heads this node saw last: the script's first statement locks
+        # the rows and checks them (see _verify_statement): no round trip.
+        assert cached_heads is not None
+        heads = {u: cached_heads[u] for u in users}
+        missing: set[int] = set()
+    else:
+        # One locking read of every user of the batch: the recipient check
+        # and the stream heads the messages' seqs follow (given out in
+        # Python, in batch order, by _write_messages: only for the messages
+        # written).
+        heads = lock_streams(txn, users)
+        missing = set(check_recipients) - set(heads)
     live = []
     for i, m in enumerate(msgs):
         if m.recipient in missing:
@@ -299,9 +332,32 @@ def commit_messages_txn(
     if not fresh:
         delete_outbox(txn, done_outbox)
     try:
-        written = _write_messages(
-            txn, [resolved[i] for i in fresh], heads, outbox, notify_delay_ms, started, done_outbox
-        )
+        try:
+            written = _write_messages(
+                txn,
+                [resolved[i] for i in fresh],
+                heads,
+                outbox,
+                notify_delay_ms,
+                started,
+                done_outbox,
+                verify=verify and bool(fresh),
+            )
+        except Exception as e:
+            if not (verify and txn.engine.is_null_violation(e)):
+                raise
+            # A head moved since this node saw it (another node's send, a
+            # read): nothing ran. Lock and read them, and go on as usual.
+            heads = lock_streams(txn, users)
+            written = _write_messages(
+                txn,
+                [resolved[i] for i in fresh],
+                heads,
+                outbox,
+                notify_delay_ms,
+                started,
+                done_outbox,
+            )
     except Exception as e:
         if not txn.engine.is_duplicate(e):
             raise
@@ -415,6 +471,7 @@ def _write_messages(
     notify_delay_ms: int | None,
     started: float,
     done_outbox: Sequence[int] = (),
+    verify: bool = False,
 ) -> list[Committed]:
     """
     Insert messages whose sessions are known and whose cids are believed
@@ -422,7 +479,10 @@ def _write_messages(
     round trip on MySQL). A cid used before makes the first statement fail
     with a duplicate key, before anything is written (the stream heads
     included: C{locked_heads} is not changed, a retry gives the same seqs).
-    Each message takes the recipient's next seq, then the sender's.
+    Each message takes the recipient's next seq, then the sender's. With
+    C{verify}, C{locked_heads} are heads seen earlier, not locked yet: the
+    script's first statement locks the rows and fails (a NOT NULL
+    violation, before anything else ran) unless every head is still that.
     """
     if not msgs:
         return []
@@ -431,6 +491,8 @@ def _write_messages(
     seqs = [tuple(_take_seqs(heads, (m.recipient, m.sender))) for m in msgs]
     # First the outbox rows of finished follow-ups: no round trip of their own.
     script = _outbox_deletes(done_outbox)
+    if verify:
+        script.insert(0, _verify_statement(locked_heads))
     rows_sql, args = values(
         [
             (
