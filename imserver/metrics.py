@@ -347,6 +347,11 @@ class ServerCollector(Collector):
                 cluster.kicked_remotely,
             )
             yield _counter(
+                "imserver_cluster_kicks_unconfirmed",
+                "Kicks and join notices a login waited for in vain (2 s: their node down).",
+                cluster.kicks_unconfirmed,
+            )
+            yield _counter(
                 "imserver_pubsub_self_check_failures",
                 "Times this node found it did not hear its own channel (subscriber re-created).",
                 cluster.pubsub_failures,
