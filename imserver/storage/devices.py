@@ -84,6 +84,9 @@ class DeviceStore:
         by_uid = {p.uid: p for p in profiles}
         by_uid.update((login.profile.uid, login.profile) for login in logins)
         store._known_users.update(by_uid)
+        for login in logins:
+            # A committed head (never ahead of the stream): the next send batch's guess.
+            store.saw_seq(login.profile.uid, login.head)
         # After the reply: a copy missing meanwhile is read from SQL.
         store._run_after_reply(store._put_profiles(list(by_uid.values()), changed=False), ())
         found = iter(logins)
