@@ -11,9 +11,10 @@ Lock order, to keep deadlocks rare (InnoDB still detects them and the
 transaction is retried): the t_user rows of the transaction's users first,
 in ascending uid (C{FOR UPDATE}, or the send batch's checking UPDATE: they
 hold each user's stream head, see L{lock_streams}), then message rows, then
-conversation rows; conversation rows in (uid, sessionId) order. A transaction that must find its users
-first (a read, a recall) reads without locking, then locks in that order.
-t_device rows are only locked by their own single-row writes.
+conversation rows; conversation rows in (uid, sessionId) order. A
+transaction that must find its users first (a read, a recall) reads without
+locking, then locks in that order. t_device rows are only locked by their
+own single-row writes.
 """
 
 from __future__ import annotations
