@@ -400,6 +400,29 @@ class DeviceStoreContract:
         login = await store.login(a, "phone", "")
         self.assertEqual(login.device.revoked_at, row.revoked_at)
 
+    async def test_a_refused_login_does_not_change_the_revoked_device(self) -> None:
+        """
+        Regression (review): a login with a token older than the device's
+        revocation (refused by the chat layer) still wrote its client string
+        and lastSeen: whoever held a revoked token could rewrite what the
+        device list shows. A token from a later second refreshes them.
+        """
+        stack = await self.stack()
+        store = stack.store
+        [a] = await self.users(store, 1)
+        await store.login(a, "phone", "app/1")
+        row = await store.revoke_device(a, "phone")
+        assert row is not None
+        old_token = row.revoked_at / 1000 - 60
+        for issued in (old_token, row.revoked_at // 1000, None):
+            login = await store.login(a, "phone", "evil/9", issued)
+            self.assertEqual(
+                (login.device.client, login.device.last_seen), ("app/1", row.last_seen)
+            )
+        later = row.revoked_at // 1000 + 1
+        login = await store.login(a, "phone", "app/2", later)
+        self.assertEqual(login.device.client, "app/2")
+
     async def test_touch_and_forget(self) -> None:
         stack = await self.stack()
         store = stack.store

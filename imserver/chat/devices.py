@@ -99,7 +99,7 @@ class DeviceService:
         same second (a token's C{iat} has whole seconds: one minted a moment
         before the revocation must not pass), and tokens without C{iat}.
         """
-        login = await self.store.login(uid, device, client)
+        login = await self.store.login(uid, device, client, issued_at)
         revoked = login.device.revoked_at
         if revoked and (issued_at is None or issued_at <= revoked // 1000):
             self.refused_revoked += 1

@@ -33,9 +33,12 @@ CATCHUP_MAX_LIMIT = 500
 #: Forget chunks one sweep runs at most (each its own short transaction).
 FORGET_MAX_CHUNKS = 100
 
-#: A login item of the store's logins Batcher: (uid, device, client); device
-#: None is a login without a device (L{Store.ensure_user}): only the user.
-LoginItem = tuple[int, str | None, str]
+#: A login item of the store's logins Batcher: (uid, device, client, issued
+#: ms); device None is a login without a device (L{Store.ensure_user}): only
+#: the user. A device revoked at or after C{issued ms} (the token's whole
+#: second, rounded up; 0: no C{iat}) keeps its client and lastSeen: the
+#: chat layer refuses that login.
+LoginItem = tuple[int, str | None, str, int]
 
 
 def check_device(device: str) -> None:
@@ -73,11 +76,11 @@ class DeviceStore:
         """
         store = self._store
         with_device = [
-            (uid, device, _client_text(client), store.ids.next_id())
-            for uid, device, client in items
+            (uid, device, _client_text(client), store.ids.next_id(), issued_ms)
+            for uid, device, client, issued_ms in items
             if device is not None
         ]
-        plain = sorted({uid for uid, device, _ in items if device is None})
+        plain = sorted({uid for uid, device, _, _ in items if device is None})
         logins, profiles = await store.db.run(
             "login", _login_txn, with_device, plain, self._now_ms()
         )
@@ -90,7 +93,7 @@ class DeviceStore:
         # After the reply: a copy missing meanwhile is read from SQL.
         store._run_after_reply(store._put_profiles(list(by_uid.values()), changed=False), ())
         found = iter(logins)
-        return [by_uid[uid] if device is None else next(found) for uid, device, _ in items]
+        return [by_uid[uid] if device is None else next(found) for uid, device, _, _ in items]
 
     # -- reads and writes of devices -------------------------------------------
 
@@ -150,7 +153,10 @@ class DeviceStore:
 
 
 def _login_txn(
-    txn: Txn, with_device: Sequence[tuple[int, str, str, int]], plain: Sequence[int], now_ms: int
+    txn: Txn,
+    with_device: Sequence[tuple[int, str, str, int, int]],
+    plain: Sequence[int],
+    now_ms: int,
 ) -> tuple[list[Login], list[Profile]]:
     logins = q.login_txn(txn, with_device, now_ms) if with_device else []
     profiles = q.ensure_users_txn(txn, plain, now_ms) if plain else []

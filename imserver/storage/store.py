@@ -26,6 +26,7 @@ seed's hot index). The business layer never knows which.
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -276,19 +277,24 @@ class Store:
             found = await self.profiles([uid])
             if uid in found:
                 return found[uid]
-        profile = await self.logins.submit((uid, None, ""))
+        profile = await self.logins.submit((uid, None, "", 0))
         assert isinstance(profile, Profile)
         return profile
 
-    async def login(self, uid: int, device: str, client: str) -> Login:
+    async def login(
+        self, uid: int, device: str, client: str, issued_at: float | None = None
+    ) -> Login:
         """
         A device's login: the user created on first sight, the device's row
         created (cursor = the head) or refreshed (client, lastSeen). Batched
         with the other logins of the moment. A revoked device logs in all
-        the same: C{device.revoked_at} is the caller's to check.
+        the same: C{device.revoked_at} is the caller's to check; its row is
+        not refreshed unless C{issued_at} (the token's) is past the second
+        of its revocation.
         """
         check_device(device)
-        login = await self.logins.submit((uid, device, client))
+        issued_ms = 0 if issued_at is None else math.ceil(issued_at) * 1000
+        login = await self.logins.submit((uid, device, client, issued_ms))
         assert isinstance(login, Login)
         return login
 

@@ -1302,16 +1302,21 @@ def _device(row: Sequence[Any]) -> DeviceRow:
     )
 
 
-def login_txn(txn: Txn, items: Sequence[tuple[int, str, str, int]], now_ms: int) -> list[Login]:
+def login_txn(
+    txn: Txn, items: Sequence[tuple[int, str, str, int, int]], now_ms: int
+) -> list[Login]:
     """
-    Logins of many (uid, device, client, new_id) at once: create the users
-    that do not exist, create the devices that do not exist (with C{new_id},
-    cursor = the user's head), set every device's client and lastSeen.
+    Logins of many (uid, device, client, new_id, issued_ms) at once: create
+    the users that do not exist, create the devices that do not exist (with
+    C{new_id}, cursor = the user's head), set every device's client and
+    lastSeen, except where the device was revoked at or after C{issued_ms}
+    (a login the chat layer refuses must not change what the device list
+    shows).
     A row is the login's own (C{created}) when it holds the login's new id:
     race-free, as the unique key (uid, device) decides. No t_user lock: a
     message committed meanwhile only makes the new cursor one event early.
     """
-    uids = sorted({uid for uid, _, _, _ in items})
+    uids = sorted({uid for uid, _, _, _, _ in items})
     ensure_users_txn(txn, uids, now_ms)
     users = {
         int(r[0]): (Profile(int(r[0]), str(r[1]), str(r[2]), int(r[3])), int(r[4]))
@@ -1324,16 +1329,17 @@ def login_txn(txn: Txn, items: Sequence[tuple[int, str, str, int]], now_ms: int)
         " ?, 0)",
         [
             (new_id, uid, device, client, users[uid][1], now_ms, now_ms)
-            for uid, device, client, new_id in items
+            for uid, device, client, new_id, _ in items
         ],
     )
     txn.script(
         [
             Statement(
-                "UPDATE t_device SET client = ?, lastSeen = ? WHERE uid = ? AND device = ?",
-                (client, now_ms, uid, device),
+                "UPDATE t_device SET client = ?, lastSeen = ? WHERE uid = ? AND device = ?"
+                " AND (revokedAt = 0 OR revokedAt < ?)",
+                (client, now_ms, uid, device, issued_ms),
             )
-            for uid, device, client, _ in items
+            for uid, device, client, _, issued_ms in items
         ]
     )
     rows = {
@@ -1344,7 +1350,7 @@ def login_txn(txn: Txn, items: Sequence[tuple[int, str, str, int]], now_ms: int)
         )
     }
     out = []
-    for uid, device, _, new_id in items:
+    for uid, device, _, new_id, _ in items:
         profile, head = users[uid]
         row = rows[uid, device]
         out.append(
