@@ -357,12 +357,34 @@ def start_nodes(
     """C{count} nodes (node ids 1..count) of one cluster; stopped after the test."""
     nodes = []
     for node_id in range(1, count + 1):
-        config = {name: dict(table) for name, table in sections.items()}
-        config.setdefault("server", {})["node_id"] = node_id
-        node = ServerProcess(config)
+        node = ServerProcess(_node_config(sections, node_id))
         case.addCleanup(node.cleanup)
         nodes.append(node.start())
     return nodes
+
+
+def _node_config(sections: Mapping[str, Mapping[str, Any]], node_id: int) -> dict[str, Any]:
+    config = {name: dict(table) for name, table in sections.items()}
+    config.setdefault("server", {})["node_id"] = node_id
+    return config
+
+
+def kept_nodes(
+    kept: list[ServerProcess],
+    sections: Callable[[], Mapping[str, Mapping[str, Any]]],
+    count: int = 3,
+) -> list[ServerProcess]:
+    """
+    A test class's cluster of C{count} nodes, kept across its tests in
+    C{kept} (the class's list): started again, on fresh C{sections}, when a
+    node is gone.
+    """
+    if len(kept) != count or not all(n.running for n in kept):
+        for node in kept:
+            node.cleanup()
+        backend = sections()
+        kept[:] = [ServerProcess(_node_config(backend, i)).start() for i in range(1, count + 1)]
+    return kept
 
 
 class ClusterMessagingTests(messaging.MessagingTestsMixin, TestCase):
@@ -380,16 +402,7 @@ class ClusterMessagingTests(messaging.MessagingTestsMixin, TestCase):
 
     @property
     def nodes(self) -> list[ServerProcess]:
-        cls = type(self)
-        if len(cls._nodes) != 3 or not all(n.running for n in cls._nodes):
-            for node in cls._nodes:
-                node.cleanup()
-            backend = self.backend()
-            cls._nodes = []
-            for node_id in (1, 2, 3):
-                node = ServerProcess({**backend, "server": {"node_id": node_id}})
-                cls._nodes.append(node.start())
-        return cls._nodes
+        return kept_nodes(type(self)._nodes, self.backend)
 
     async def login(
         self, uid: int | None = None, server: ServerProcess | None = None

@@ -53,7 +53,6 @@ from typing import Any, NoReturn, TypeVar
 from unittest import mock
 
 import attrs
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -61,9 +60,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -81,7 +78,7 @@ from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.sql.database import Database
 from tests.stack import Stack, make_stack
 from tests.support import eventually, reactor, sleep
-from tests.test_properties import SCALE, Bridge, _Scope, in_thread
+from tests.test_properties import Bridge, _Scope, run_search
 
 T = TypeVar("T")
 
@@ -1312,26 +1309,7 @@ class DevicesPropertiesMixin:
                 "node_count": self.node_count,
             },
         )
-        config = settings(
-            max_examples=max(1, round(self.programs * SCALE)),
-            stateful_step_count=self.steps,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-        )
-        done = in_thread(lambda: run_state_machine_as_test(machine, settings=config), bridge)
-        try:
-            await done.addTimeout(self.timeout - 20, reactor)
-        except defer.TimeoutError:
-            raise FailTest(
-                f"the search did not finish in {self.timeout - 20}s; so far:"
-                f" {dict(bridge.stats)}; failures seen: "
-                + ("\n\n".join(r for _, r in bridge.failures[:1]) or "none")
-            )
-        log.info(
-            "{backend}: {stats}", backend=self.backend, stats=dict(sorted(bridge.stats.items()))
-        )
+        await run_search(machine, bridge, self.backend, self.programs, self.steps, self.timeout)
 
 
 class EmbeddedDeviceProperties(DevicesPropertiesMixin, TestCase):

@@ -30,7 +30,7 @@ from imserver.services.tokens import TokenService
 from tests import test_e2e_messaging as messaging
 from tests.harness import ServerProcess
 from tests.support import eventually, sleep, within
-from tests.test_cluster import cluster_backend, start_nodes
+from tests.test_cluster import cluster_backend, kept_nodes, start_nodes
 
 Frame = dict[str, Any]
 log = Logger()
@@ -153,17 +153,7 @@ class DevicesClusterTests(DevicesHelpers, TestCase):
 
     @property
     def nodes(self) -> list[ServerProcess]:
-        cls = type(self)
-        if len(cls._nodes) != 3 or not all(n.running for n in cls._nodes):
-            for node in cls._nodes:
-                node.cleanup()
-            backend = self.backend()
-            cls._nodes = []
-            for node_id in (1, 2, 3):
-                config = {name: dict(table) for name, table in backend.items()}
-                config.setdefault("server", {})["node_id"] = node_id
-                cls._nodes.append(ServerProcess(config).start())
-        return cls._nodes
+        return kept_nodes(type(self)._nodes, self.backend)
 
     async def three(self, uid: int) -> list[IMClientProtocol]:
         """Devices d1, d2, d3 of C{uid} on nodes 1, 2, 3."""

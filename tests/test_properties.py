@@ -930,28 +930,34 @@ class MessagingPropertiesMixin:
             (MessagingMachine,),
             {"case": self, "backend": self.backend, "bridge": bridge},
         )
-        config = settings(
-            max_examples=max(1, round(self.programs * SCALE)),
-            stateful_step_count=self.steps,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-        )
+        await run_search(machine, bridge, self.backend, self.programs, self.steps, self.timeout)
 
-        done = in_thread(lambda: run_state_machine_as_test(machine, settings=config), bridge)
-        # Stop the search (the thread's next call fails) before trial gives up on the test.
-        try:
-            await done.addTimeout(self.timeout - 20, reactor)
-        except defer.TimeoutError:
-            raise FailTest(
-                f"the search did not finish in {self.timeout - 20}s (a call hung, or shrinking"
-                f" took too long); so far: {dict(bridge.stats)}; failures seen: "
-                + ("\n\n".join(r for _, r in bridge.failures[:1]) or "none")
-            )
-        log.info(
-            "{backend}: {stats}", backend=self.backend, stats=dict(sorted(bridge.stats.items()))
+
+async def run_search(
+    machine: type[Any], bridge: Bridge, backend: str, programs: int, steps: int, timeout: float
+) -> None:
+    """
+    Run a state machine's search in its thread (see L{in_thread}), stopping
+    it (the thread's next call fails) before trial gives up on the test.
+    """
+    config = settings(
+        max_examples=max(1, round(programs * SCALE)),
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    )
+    done = in_thread(lambda: run_state_machine_as_test(machine, settings=config), bridge)
+    try:
+        await done.addTimeout(timeout - 20, reactor)
+    except defer.TimeoutError:
+        raise FailTest(
+            f"the search did not finish in {timeout - 20}s (a call hung, or shrinking"
+            f" took too long); so far: {dict(bridge.stats)}; failures seen: "
+            + ("\n\n".join(r for _, r in bridge.failures[:1]) or "none")
         )
+    log.info("{backend}: {stats}", backend=backend, stats=dict(sorted(bridge.stats.items())))
 
 
 class EmbeddedProperties(MessagingPropertiesMixin, TestCase):
