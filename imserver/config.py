@@ -365,6 +365,17 @@ class LimitsConfig:
     send_burst: int = setting(40, int_in(1, 1_000_000))
     recall_seconds: int = setting(120, int_in(0, 10 * 365 * 86400))
     max_body_bytes: int = setting(32768, int_in(16, 16 * 1024 * 1024))
+    # A message may be edited by its sender for this long after it was sent.
+    edit_seconds: int = setting(900, int_in(0, 10 * 365 * 86400))
+    # typing pushes per connection (a token bucket): beyond it, rate_limited.
+    typing_per_second: float = setting(2.0, number_in(0.001, 1e6))
+    typing_burst: int = setting(5, int_in(1, 1_000_000))
+    # Every other op that changes state or asks about other users (presence,
+    # watch, block, unblock, edit, hide, clear, mute): one bucket per connection.
+    social_per_second: float = setting(10.0, number_in(0.001, 1e6))
+    social_burst: int = setting(30, int_in(1, 1_000_000))
+    # Users one user may block.
+    max_blocks: int = setting(10_000, int_in(1, 10_000_000))
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ Pushes go to a L{RecordingPresence} instead of connections.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -56,6 +56,8 @@ class RecordingPresence:
         self.excluded: list[tuple[int, dict[str, Any], IClientLink]] = []
         #: (uid, device, reason) of every kick_device.
         self.kicked: list[tuple[int, str, str]] = []
+        #: (kind, data) of every broadcast.
+        self.broadcasts: list[tuple[str, Any]] = []
         self._links: dict[int, dict[str, IClientLink]] = {}
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
@@ -116,6 +118,12 @@ class RecordingPresence:
 
     def links(self) -> Iterator[IClientLink]:
         return iter([link for devices in self._links.values() for link in devices.values()])
+
+    def broadcast(self, kind: str, data: Any) -> None:
+        self.broadcasts.append((kind, data))
+
+    def on_broadcast(self, kind: str, callback: Callable[[Any], None]) -> None:
+        pass
 
     def share_profile(self, profile: Profile) -> None:
         pass

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.batching import Batcher
+from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
@@ -150,6 +151,13 @@ class ChatService:
         self.clock = clock
         # Other nodes may change profiles: see ProfileCache.
         self.profiles = ProfileCache(store, clock, shared=shared_profiles)
+        #: Who refuses whom: sends, presence and typing ask it (issue 11).
+        self.blocks = BlockService(
+            store=store, presence=presence, clock=clock, max_blocks=limits.max_blocks
+        )
+        # -- presence and typing (issue 11) --
+        # -- receipts and mute (issue 11) --
+        # -- edit, hide, clear (issue 11) --
         self.devices = DeviceService(
             store=store,
             presence=presence,

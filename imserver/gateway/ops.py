@@ -27,6 +27,19 @@ def _call(coro: Coroutine[Any, Any, Result]) -> Deferred[Result]:
     return Deferred.fromCoroutine(coro)
 
 
+def limited(conn: ClientProtocol, name: str, rate: float, burst: int) -> None:
+    """
+    Take a token of the connection's bucket C{name}, created at first use.
+
+    @raise ImError: C{rate_limited} when it is empty.
+    """
+    bucket = conn.buckets.get(name)
+    if bucket is None:
+        bucket = conn.buckets[name] = TokenBucket(rate, burst, conn.gateway.clock)
+    if not bucket.take():
+        raise ImError(ErrorCode.RATE_LIMITED, f"too many {name} requests; slow down")
+
+
 def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
     """The ops of wire protocol v1 beyond auth and ping."""
 
@@ -102,6 +115,17 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
             raise ImError(ErrorCode.INVALID, "this is the device you are on: close the connection")
         return _call(chat.logout_device(uid(conn), r.device))
 
+    def social(conn: ClientProtocol) -> None:
+        limited(conn, "social", limits.social_per_second, limits.social_burst)
+
+    # -- presence and typing (issue 11) --
+
+    # -- receipts and mute (issue 11) --
+
+    # -- blocks (issue 11) --
+
+    # -- edit, hide, clear (issue 11) --
+
     table: dict[type[frames.Request], Callable[[ClientProtocol, frames.Request], Any]] = {
         frames.Send: send,
         frames.Ack: ack,
@@ -117,6 +141,10 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.Catchup: catchup,
         frames.Devices: devices,
         frames.LogoutDevice: logout_device,
+        # -- presence and typing (issue 11) --
+        # -- receipts and mute (issue 11) --
+        # -- blocks (issue 11) --
+        # -- edit, hide, clear (issue 11) --
     }
     # Group-committed already, in order, and rate-limited: not queued fairly.
     direct = {frames.Send, frames.Ack}

@@ -193,6 +193,8 @@ class ClientProtocol(Protocol):
         self._held = 0
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
+        #: Rate limits of the other limited ops, by name (see gateway.ops.limited).
+        self.buckets: dict[str, TokenBucket] = {}
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
         # The largest frame written, its length prefix included.
         self._max_write = gateway.config.max_frame_bytes + HEADER_SIZE

@@ -152,6 +152,12 @@ class LocalRegistry:
     def online(self, uid: int) -> Deferred[bool]:
         return succeed(uid in self._links)
 
+    def broadcast(self, kind: str, data: Any) -> None:
+        pass
+
+    def on_broadcast(self, kind: str, callback: Callable[[Any], None]) -> None:
+        pass
+
     def several(self, also: Callable[[int], bool]) -> list[tuple[int, IClientLink]]:
         """The links of the users with several devices here, or for whom C{also} says so."""
         return [

@@ -216,6 +216,8 @@ class ClusterPresence:
         self.pubsub_failures = 0
         #: Called with each profile changed on a node (this one included).
         self.on_profile: Callable[[Profile], None] | None = None
+        self._on_broadcast: dict[str, list[Callable[[Any], None]]] = {}
+        self.broadcasts_received = 0
 
     def value(self, link: IClientLink) -> str:
         """The connection's id in the cluster (conn): node:incarnation:epoch."""
@@ -494,6 +496,33 @@ class ClusterPresence:
         else:
             self.log.failure("sharing the profile of {uid} failed", failure, uid=uid)
 
+    def broadcast(self, kind: str, data: Any) -> None:
+        sender = f"{self.node}:{self.incarnation}"
+        message = msgpack.packb(
+            [["x", kind, msgpack.packb([sender, data], use_bin_type=True)]], use_bin_type=True
+        )
+        d = Deferred.fromCoroutine(self._redis.broadcast(message))
+        d.addErrback(self._not_broadcast, kind)
+
+    def _not_broadcast(self, failure: Failure, kind: str) -> None:
+        if failure.check(HotUnavailable):
+            self.log.warn("{kind} broadcast lost: {error}", kind=kind, error=failure.value)
+        else:
+            self.log.failure("{kind} broadcast failed", failure, kind=kind)
+
+    def on_broadcast(self, kind: str, callback: Callable[[Any], None]) -> None:
+        self._on_broadcast.setdefault(kind, []).append(callback)
+
+    def _broadcast_received(self, kind: str, sender: str, data: Any) -> None:
+        if sender == f"{self.node}:{self.incarnation}":
+            return
+        self.broadcasts_received += 1
+        for callback in self._on_broadcast.get(kind, ()):
+            try:
+                callback(data)
+            except Exception:
+                self.log.failure("handling a {kind} broadcast failed", Failure(), kind=kind)
+
     def online(self, uid: int) -> Deferred[bool]:
         async def online() -> bool:
             if self.registry.has(uid):
@@ -539,7 +568,9 @@ class ClusterPresence:
             self.log.warn("unreadable message on this node's channel: {error!r}", error=e)
             return
         for kind, uid, data in entries:
-            if kind == "h":
+            if kind == "x":
+                self._broadcast_received(*data)
+            elif kind == "h":
                 if data == self._probe_id:
                     self._echo_at = self._reactor.seconds()
             elif kind == "g":
@@ -937,8 +968,11 @@ def _entry(kind: bytes, uid: bytes, data: Any, *rest: bytes) -> tuple[str, int, 
     now holds the user (confirm the nonce), (C{l}, uid, (node, "")): it no
     longer does, (C{u}, uid, profile), (C{g}, 0,
     empty): the bus lost its data, or (C{h}, 0, a node's probe id): a node's
-    self-check probe.
+    self-check probe, or (C{x}, 0, (kind, sending node, data)): a broadcast.
     """
+    if kind == b"x":
+        sender, value = msgpack.unpackb(data, raw=False)
+        return "x", 0, (uid.decode(), str(sender), value)
     if kind == b"g":
         return "g", 0, None
     if kind == b"h":

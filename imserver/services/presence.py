@@ -13,7 +13,7 @@ the protocol knowing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -110,3 +110,14 @@ class IPresence(Interface):
 
     def online(uid: int) -> Deferred[bool]:
         """Whether the user is connected anywhere (this node, or another one)."""
+
+    def broadcast(kind: str, data: Any) -> None:
+        """
+        Tell every other node C{data} (plain msgpack data) under C{kind}:
+        their C{on_broadcast(kind)} callbacks get it, at most once, maybe not
+        at all (Redis down: best effort, as for profiles). A single node has
+        nobody to tell.
+        """
+
+    def on_broadcast(kind: str, callback: Callable[[Any], None]) -> None:
+        """Call C{callback(data)} for each broadcast of C{kind} from another node."""

@@ -500,3 +500,19 @@ class LogoutDevice(Request):
     @classmethod
     def parse(cls, req_id: int, frame: Frame) -> LogoutDevice:
         return cls(id=req_id, device=req_str(frame, "device", max_len=MAX_DEVICE))
+
+
+# ---------------------------------------------------------------------------
+# Presence and typing (docs/protocol.md, "Presence and typing")
+
+
+# ---------------------------------------------------------------------------
+# Receipts and mute (docs/protocol.md, "Receipts", "Mute")
+
+
+# ---------------------------------------------------------------------------
+# Blocks (docs/protocol.md, "Blocking")
+
+
+# ---------------------------------------------------------------------------
+# Edit, hide, clear (docs/protocol.md, "Editing and hiding")
