@@ -147,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
         help="push paths, in order (default typing,presence,delivered,edit)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per path (10)")
+    p.add_argument(
+        "--presence-duration",
+        type=float,
+        default=20.0,
+        help="measured seconds of the presence path (20: 6 transitions at 3.5 s)",
+    )
     p.add_argument("--baseline", type=float, default=3.0, help="idle seconds before each path (3)")
     p.add_argument(
         "--settle", type=float, default=0.5, help="seconds measured after the last event (0.5)"

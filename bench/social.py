@@ -236,6 +236,7 @@ def run_path(
 ) -> dict[str, Any]:
     specs = path_specs(path, args, target, uids)
     label = f"[cost {path}]"
+    duration = args.presence_duration if path == "presence" else args.duration
     with workers(specs, MODULE) as pool:
         pool.wait("ready", 300, lambda: progress.show(f"{label} connecting and priming"))
         # The same connections doing nothing: their idle CPU, subtracted below.
@@ -244,7 +245,7 @@ def run_path(
         pool.sleep_until(time.monotonic() + args.baseline)
         idle_win = idle.end()
         t_start = time.monotonic() + 0.2
-        t_end = t_start + args.duration
+        t_end = t_start + duration
         t_count = t_end + args.settle
         pool.send(
             {"cmd": "start", "t_start": ns(t_start), "t_end": ns(t_end), "t_count": ns(t_count)}
@@ -254,7 +255,7 @@ def run_path(
         def show() -> None:
             el = time.monotonic() - t_start
             progress.show(
-                f"{label} {bar(el / args.duration)} {el:5.1f}/{args.duration:.0f}s "
+                f"{label} {bar(el / duration)} {el:5.1f}/{duration:.0f}s "
                 f"issued {int(pool.total('issued'))} pushes {int(pool.total('pushes'))} "
                 f"errors {int(pool.total('errors'))}"
             )
@@ -339,6 +340,7 @@ def cmd_cost(args: Any) -> dict[str, Any]:
     params = {
         "paths": paths,
         "duration": args.duration,
+        "presence_duration": args.presence_duration,
         "baseline_s": args.baseline,
         "settle_s": args.settle,
         "pairs": args.pairs,

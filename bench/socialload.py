@@ -641,8 +641,8 @@ class CostPresence(CostBase):
     """
     C{path} presence: C{uids} watch one C{user} (its share: everyone); the
     worker with C{flapper} makes that user go offline and online again every
-    C{flap_seconds} from the window's start until C{flap_seconds} before its end
-    (the last push inside the window). Events: the C{presence} pushes the
+    C{flap_seconds} from the window's start until half a second before its end
+    (the last pushes inside the window). Events: the C{presence} pushes the
     watchers get; C{transitions}: the user's changes.
     """
 
@@ -686,8 +686,9 @@ class CostPresence(CostBase):
         reactor.callLater(max(0.0, (self.t_stop - monotonic_ns()) / 1e9), self.done)
 
     def flap(self) -> None:
+        # The last transition early enough for its pushes to land in the window.
         left = (self.t_stop - monotonic_ns()) / 1e9
-        if left < self.flap_seconds:
+        if left < 0.5:
             return
         conn = self.flapper
         if conn is not None and conn.open:

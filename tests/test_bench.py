@@ -243,7 +243,8 @@ class BenchSocialSmokeTests(BenchTestCase):
     def test_cost(self) -> None:
         """Each push path for a second on tiny loads (40 watchers of one user)."""
         result, _ = self.bench(
-            *("cost", "--duration", "1.5", "--baseline", "0.3", "--pairs", "4"),
+            *("cost", "--duration", "1.5", "--presence-duration", "1.5", "--baseline", "0.3"),
+            *("--pairs", "4"),
             *("--typing-rate", "100", "--edit-rate", "50", "--delivered-rate", "100"),
             *("--watchers", "40", "--flap-seconds", "0.5", "--stack", "embedded"),
         )
