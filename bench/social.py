@@ -175,11 +175,12 @@ def line_social(t: dict[str, Any]) -> str:
     s = t["social"]
     pushes = ", ".join(f"{k} {v:.0f}" for k, v in s["pushes_s"].items())
     skipped = {k: v for k, v in s["features"].items() if v != "on"}
-    lat = s["latency"]["send_to_delivered"]
+    lat, edit = s["latency"]["send_to_delivered"], s["latency"]["edit_to_push"]
     return (
         f"{runner.line_pairs(t)}\n  pushes/s: {pushes}; send->delivered p50 "
-        f"{lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms; social errors "
-        f"{sum(s['errors'].values())}" + (f"\n  not measured: {skipped}" if skipped else "")
+        f"{lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms; edit->push p50 {edit.get('p50_ms')} "
+        f"p99 {edit.get('p99_ms')} ms; social errors {sum(s['errors'].values())}"
+        + (f"\n  not measured: {skipped}" if skipped else "")
     )
 
 
