@@ -132,8 +132,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flap-seconds",
         type=float,
-        default=3.0,
-        help="each flapper's time online, then offline (3)",
+        default=4.0,
+        help="each flapper's time online, then offline (4: above the server's 3 s coalescing)",
     )
     _server_options(p)
     p.set_defaults(target="imserver", relay_nagle=False)

@@ -343,7 +343,7 @@ class Social(Pairs):
         self.read_every: int = social.get("read_every", 10)
         self.edit_every: int = social.get("edit_every", 50)
         self.watch_others: int = social.get("watch_others", 20)
-        self.flap_seconds: float = social.get("flap_seconds", 3.0)
+        self.flap_seconds: float = social.get("flap_seconds", 4.0)
         self.flapper_uids: list[int] = social.get("flapper_uids", [])
         self.pool_uids: list[int] = social.get("pool_uids", [])
         super().__init__(worker_, spec)
