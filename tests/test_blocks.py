@@ -294,10 +294,11 @@ class BlocksContract:
             store=stack.store, presence=stack.presence, clock=reactor, max_blocks=10, cache_size=4
         )
         uids = await self.users(stack, 6)
-        for uid in uids[1:]:
-            await blocks.either(uids[0], uid)
-            blocks._cache.pop(uids[0], None)
-        self.assertEqual(len(blocks._cache), 4)
+        for i in range(0, 6, 2):
+            self.assertFalse(await blocks.either(uids[i], uids[i + 1]))
+        # The least recently used went first.
+        self.assertEqual(list(blocks._cache), uids[2:])
+        self.assertIsNone(blocks.either_now(uids[0], uids[1]))
 
     # -- telling -----------------------------------------------------------------------
 
