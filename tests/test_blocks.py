@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.chat.blocks import BlockService
 from imserver.config import LimitsConfig, parse_config
@@ -26,6 +26,7 @@ from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.sql.database import Database, Txn
 from imserver.storage.sql.engines import create_engine
+from imserver.wire import frames
 from tests.harness import fresh_prefix, shared_redis
 from tests.stack import Stack, make_stack
 from tests.support import eventually, reactor, within
@@ -402,3 +403,34 @@ class MariaDBBlocksTests(BlocksContract, TestCase):
         await eventually(lambda: two.chat.blocks.either_now(a, b) is False, timeout=5)
         await within(self.sent(two, b, a, "again"))
         self.assertEqual(two.chat.blocks.loaded, 1)
+
+
+class BlockFramesTests(SynchronousTestCase):
+    """The ops' fields: bad input is invalid or too_large, never a crash."""
+
+    def parse(self, **fields: Any) -> Any:
+        return frames.parse_request({"id": 1, **fields})
+
+    def code(self, **fields: Any) -> str:
+        try:
+            self.parse(**fields)
+        except ImError as e:
+            return str(e.code)
+        raise AssertionError(f"{fields} parsed")
+
+    def test_block_and_unblock(self) -> None:
+        for op, kind in (("block", frames.Block), ("unblock", frames.Unblock)):
+            self.assertEqual(self.parse(t=op, uid=7), kind(id=1, uid=7))
+            for bad in (0, -1, "7", 1.0, True, None, [7]):
+                self.assertEqual(self.code(t=op, uid=bad), "invalid")
+            self.assertEqual(self.code(t=op), "invalid")
+            self.assertEqual(self.code(t=op, uid=2**63), "too_large")
+
+    def test_blocked(self) -> None:
+        self.assertEqual(self.parse(t="blocked"), frames.Blocked(id=1, after=0, limit=100))
+        self.assertEqual(
+            self.parse(t="blocked", after=9, limit=500), frames.Blocked(id=1, after=9, limit=500)
+        )
+        self.assertEqual(self.code(t="blocked", limit=501), "too_large")
+        for fields in ({"limit": 0}, {"after": -1}, {"after": "1"}, {"limit": 2.0}):
+            self.assertEqual(self.code(t="blocked", **fields), "invalid")
