@@ -203,7 +203,7 @@ class BlocksContract:
             await self.sent(stack, a, c, f"c{i}")
         self.assertEqual(blocks.loaded, 1)
         transactions = stack.store.db.transactions
-        self.assertIs(blocks.for_send(a, b), False)
+        self.assertIs(blocks.for_send(a, b, reactor.seconds()), False)
         self.assertEqual(stack.store.db.transactions, transactions)
 
     async def test_a_block_found_by_a_load_refuses_the_send(self) -> None:

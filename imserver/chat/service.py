@@ -233,7 +233,7 @@ class ChatService:
             raise ImError(
                 ErrorCode.TOO_LARGE, f"the body is larger than {self.limits.max_body_bytes} bytes"
             )
-        blocked = self.blocks.for_send(sender, to)
+        blocked = self.blocks.for_send(sender, to, started)
         if blocked is None:
             # Not known here yet: one SQL query first (in order, see chat.blocks).
             check = Deferred.fromCoroutine(self.blocks.either(sender, to))
