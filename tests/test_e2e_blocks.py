@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import TestCase
@@ -26,6 +27,16 @@ Frame = dict[str, Any]
 _uids = itertools.count(930_000)
 #: Seconds a block may take to reach the other nodes' caches (a broadcast: milliseconds).
 SPREAD = 5.0
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    """A metric of the node (unlabelled), from its /metrics."""
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
 
 
 class BlocksClusterTests(DevicesHelpers, TestCase):
@@ -135,6 +146,9 @@ class BlocksClusterTests(DevicesHelpers, TestCase):
         [told] = await self.pushes_of(phone, "block", 1)
         self.assertEqual(told, {"t": "block", "uid": b, "blocked": True})
         await self.refused_send(peer, a)
+        # n3 refused it from its cache (the pair was loaded by the first send).
+        self.assertGreaterEqual(metric(n3, "imserver_sends_blocked_total"), 1)
+        self.assertGreaterEqual(metric(n3, "imserver_block_cache_users"), 2)
         self.assertEqual(admin(n3, "GET", path), (200, {"uids": [b], "more": False}))
         self.assertEqual(await self.result(phone, "blocked"), {"uids": [b], "more": False})
         self.assertEqual(admin(n1, "DELETE", f"{path}/{b}"), (200, {"blocked": False}))

@@ -157,6 +157,10 @@ class BlockService:
             self._start_load((sender,))
         return to in sets.blocks or to in sets.blocked_by
 
+    @property
+    def cached_users(self) -> int:
+        return len(self._cache)
+
     def on_change(self, listener: BlockListener) -> None:
         """Call C{listener} on every block or unblock, here or on another node."""
         self._listeners.append(listener)
