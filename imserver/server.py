@@ -239,6 +239,7 @@ class IMServer(MultiService):
         # fan-outs that follow commits finish too.
         # A sweep in progress finishes before the pools close (bounded).
         swept = self.chat.stop_sweeper()
+        self.chat.blocks.stop()
         swept.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         # The poll in progress records what it posted before the pools close
         # (bounded by the notifier), while the fan-outs drain.

@@ -246,7 +246,7 @@ class BlocksContract:
         a, b = await self.users(stack, 2)
         real = stack.chat.blocks.sql.load
 
-        async def down(uids: Any) -> Any:
+        async def down(uids: Any, background: bool = False) -> Any:
             raise ImError(ErrorCode.UNAVAILABLE, "the database is unavailable")
 
         stack.chat.blocks.sql.load = down  # type: ignore[method-assign]
@@ -276,13 +276,21 @@ class BlocksContract:
             max_blocks=10,
             refresh_seconds=0.0,
         )
+        self.addCleanup(blocks.stop)
         blocks.on_change(lambda *change: told.append(change))
-        a, b = await self.users(stack, 2)
+        a, b, c, d = await self.users(stack, 4)
         self.assertFalse(await blocks.either(a, b))
+        self.assertFalse(await blocks.either(c, d))
+        self.assertEqual(blocks.loaded, 2)
         # Another node blocked; its broadcast never came.
         await stack.store.db.run("t", _insert_block_txn, a, b)
-        # The stale entry answers, and starts a refresh.
+        # The stale entries answer, and wait for the next refresh.
         self.assertIs(blocks.either_now(a, b), False)
+        self.assertIs(blocks.for_send(c, d, reactor.seconds()), False)
+        self.assertIs(blocks.either_now(d, c), False)
+        await eventually(lambda: blocks.loaded > 2)
+        # One load for the three stale users (a, c, d: b was not used).
+        self.assertEqual(blocks.loaded, 3)
         await eventually(lambda: blocks.either_now(a, b))
         self.assertEqual(told, [(a, b, True)])
         # b's entry learnt it too.

@@ -13,8 +13,11 @@ Changes are applied here after their commit and broadcast to the other
 nodes (C{presence.broadcast("block", [blocker, blocked, now_blocked])}),
 which apply them within a moment: a send racing a block on another node may
 pass. A broadcast lost (Redis down) is made up for by the refresh: an entry
-older than L{REFRESH_SECONDS} is reloaded in the background when used, and
-what it finds changed is applied (and told to the listeners) as a change.
+older than L{REFRESH_SECONDS} is reloaded in the background when used (once a
+second, the users found stale meanwhile in one query on the background pool:
+a node's refreshes cost one small query a second, however many users it
+serves), and what it finds changed is applied (and told to the listeners) as
+a change.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -44,6 +47,10 @@ CACHE_USERS = 100_000
 #: An entry used after this long is reloaded (in the background: the stale
 #: entry answers meanwhile). It bounds how long a lost broadcast is missed.
 REFRESH_SECONDS = 60.0
+#: Stale entries are gathered this long, then refreshed together.
+REFRESH_BATCH_SECONDS = 1.0
+#: Users one refresh reloads at most (more wait for the next one).
+REFRESH_BATCH_USERS = 1000
 #: The broadcast kind of block changes.
 BROADCAST = "block"
 
@@ -103,11 +110,14 @@ class BlockService:
         self.max_blocks = max_blocks
         self.cache_size = cache_size
         self.refresh_seconds = refresh_seconds
-        self.sql = BlockStore(store.db)
+        self.sql = BlockStore(store.db, store.background)
         self._listeners: list[BlockListener] = []
         # uid -> (sets, when loaded).
         self._cache: OrderedDict[int, tuple[BlockSets, float]] = OrderedDict()
         self._loads: dict[int, _Load] = {}
+        # Entries found stale, for the next refresh (an ordered set).
+        self._stale: dict[int, None] = {}
+        self._refresh_call: IDelayedCall | None = None
         #: Read by tests and metrics: SQL loads, sends refused.
         self.loaded = 0
         self.refused = 0
@@ -153,8 +163,8 @@ class BlockService:
             return self.either_now(sender, to)
         sets, loaded = entry
         self._cache.move_to_end(sender)
-        if loaded + self.refresh_seconds < now and sender not in self._loads:
-            self._start_load((sender,))
+        if loaded + self.refresh_seconds < now:
+            self._stale_entry(sender)
         return to in sets.blocks or to in sets.blocked_by
 
     @property
@@ -200,8 +210,35 @@ class BlockService:
 
     def _used(self, uid: int, loaded: float) -> None:
         self._cache.move_to_end(uid)
-        if loaded + self.refresh_seconds < self.clock.seconds() and uid not in self._loads:
-            self._start_load((uid,))
+        if loaded + self.refresh_seconds < self.clock.seconds():
+            self._stale_entry(uid)
+
+    def _stale_entry(self, uid: int) -> None:
+        if uid in self._stale or uid in self._loads:
+            return
+        self._stale[uid] = None
+        if self._refresh_call is None:
+            self._refresh_call = self.clock.callLater(REFRESH_BATCH_SECONDS, self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_call = None
+        uids: list[int] = []
+        while self._stale and len(uids) < REFRESH_BATCH_USERS:
+            uid = next(iter(self._stale))
+            del self._stale[uid]
+            if uid in self._cache and uid not in self._loads:
+                uids.append(uid)
+        if self._stale:
+            self._refresh_call = self.clock.callLater(REFRESH_BATCH_SECONDS, self._refresh)
+        if uids:
+            self._start_load(uids, background=True)
+
+    def stop(self) -> None:
+        """No more refreshes (the loads on their way finish)."""
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
+        self._stale.clear()
 
     def _put(self, uid: int, sets: BlockSets) -> None:
         self._cache[uid] = (sets, self.clock.seconds())
@@ -215,23 +252,27 @@ class BlockService:
         return d
 
     def _start_load(
-        self, uids: Sequence[int], wait: bool = False
+        self, uids: Sequence[int], wait: bool = False, background: bool = False
     ) -> Deferred[dict[int, BlockSets]]:
-        """Load these users (none of them loading now); with C{wait}, the first waiter."""
+        """
+        Load these users (none of them loading now); with C{wait}, the first
+        waiter. A refresh (C{background}) takes the background pool: a miss
+        holds a send, a refresh holds nothing.
+        """
         load = _Load(tuple(dict.fromkeys(uids)))
         for uid in load.uids:
             self._loads[uid] = load
         waiter: Deferred[dict[int, BlockSets]] = Deferred()
         if wait:
             load.waiters.append(waiter)
-        d = Deferred.fromCoroutine(self._load(load))
+        d = Deferred.fromCoroutine(self._load(load, background))
         d.addErrback(lambda f: self.log.failure("loading blocks failed", f))
         return waiter
 
-    async def _load(self, load: _Load) -> None:
+    async def _load(self, load: _Load, background: bool) -> None:
         self.loaded += 1
         try:
-            found = await self.sql.load(load.uids)
+            found = await self.sql.load(load.uids, background)
         except Exception:
             failure = Failure()
             self._done(load)

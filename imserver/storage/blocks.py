@@ -35,9 +35,14 @@ class BlockSets:
 EMPTY = BlockSets()
 
 
+#: Users per statement of a load (two IN lists of this many values).
+LOAD_CHUNK = 250
+
+
 class BlockStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, background: Database | None = None) -> None:
         self.db = db
+        self.background = background or db
 
     async def block(self, uid: int, other: int, max_blocks: int, now_ms: int) -> bool:
         """
@@ -56,9 +61,13 @@ class BlockStore:
         """The users C{uid} blocks above C{after}, ascending, at most C{limit}."""
         return await self.db.run("blocked", blocked_txn, uid, after, limit)
 
-    async def load(self, uids: Sequence[int]) -> dict[int, BlockSets]:
-        """Each user's L{BlockSets} (empty for users without blocks), in one query."""
-        return await self.db.run("load_blocks", load_blocks_txn, list(uids))
+    async def load(self, uids: Sequence[int], background: bool = False) -> dict[int, BlockSets]:
+        """
+        Each user's L{BlockSets} (empty for users without blocks): one query
+        (per L{LOAD_CHUNK} users), on the background pool if C{background}.
+        """
+        db = self.background if background else self.db
+        return await db.run("load_blocks", load_blocks_txn, list(uids))
 
 
 def block_txn(txn: Txn, uid: int, other: int, max_blocks: int, now_ms: int) -> bool:
@@ -105,16 +114,19 @@ def blocked_txn(txn: Txn, uid: int, after: int, limit: int) -> list[int]:
 
 
 def load_blocks_txn(txn: Txn, uids: Sequence[int]) -> dict[int, BlockSets]:
-    """Both directions of every user in C{uids}: one statement (two index ranges)."""
+    """Both directions of every user in C{uids}: one statement (two index ranges) a chunk."""
     wanted = sorted(set(uids))
     if not wanted:
         return {}
-    marks = ", ".join("?" * len(wanted))
-    rows = txn.query(
-        f"SELECT uid, blockedUid FROM t_block WHERE uid IN ({marks})"
-        f" UNION ALL SELECT uid, blockedUid FROM t_block WHERE blockedUid IN ({marks})",
-        (*wanted, *wanted),
-    )
+    rows: list[tuple[int, ...]] = []
+    for i in range(0, len(wanted), LOAD_CHUNK):
+        part = wanted[i : i + LOAD_CHUNK]
+        marks = ", ".join("?" * len(part))
+        rows += txn.query(
+            f"SELECT uid, blockedUid FROM t_block WHERE uid IN ({marks})"
+            f" UNION ALL SELECT uid, blockedUid FROM t_block WHERE blockedUid IN ({marks})",
+            (*part, *part),
+        )
     blocks: dict[int, set[int]] = {uid: set() for uid in wanted}
     blocked_by: dict[int, set[int]] = {uid: set() for uid in wanted}
     for r in rows:
