@@ -846,7 +846,11 @@ class MessagingMachine(RuleBasedStateMachine):
         sid = self.sessions.get((a, b))
         if sid is None:
             got = await chat.history(a, b, None, None, 100)
-            self.check(f"history of {a} with {b} (never talked)", got, {"msgs": [], "more": False})
+            self.check(
+                f"history of {a} with {b} (never talked)",
+                got,
+                {"msgs": [], "more": False, "peer_read": 0, "peer_delivered": 0},
+            )
             return
         expected = self.history(sid)
         name = self.session_name(sid)
