@@ -17,9 +17,9 @@ from twisted.trial.unittest import TestCase
 
 from imserver.client import IMClientProtocol
 from tests.harness import ServerProcess
-from tests.support import within
+from tests.support import sleep, within
 from tests.test_cluster import cluster_backend, kept_nodes
-from tests.test_e2e_devices import FAST, DevicesHelpers
+from tests.test_e2e_devices import FAST, QUIET, DevicesHelpers
 
 _uids = itertools.count(930_000)
 Frame = dict[str, Any]
@@ -38,9 +38,18 @@ class ReceiptsClusterTests(DevicesHelpers, TestCase):
     async def next_of(self, client: IMClientProtocol, kind: str) -> Frame:
         """The next push of this kind (others, such as the message's own echo, pass)."""
         while True:
-            push = await self.push(client)
+            # Not self.push: the shared helpers pass over delivered pushes.
+            push = dict(await within(client.next_push()))
             if push["t"] == kind:
                 return push
+
+    async def quiet(self, *clients: IMClientProtocol) -> None:
+        """No receipt, mute nor message more (the shared quiet lets receipts pass)."""
+        await sleep(QUIET)
+        for c in clients:
+            extra = [dict(await c.next_push()) for _ in range(c.pending_pushes)]
+            extra = [f for f in extra if f != {"t": "sync"}]
+            self.assertEqual(extra, [], f"unexpected pushes to {c.uid}")
 
     async def test_delivered_across_nodes(self) -> None:
         n1, n2, n3 = self.nodes

@@ -9,14 +9,21 @@ convs entries and history replies carry the peer's positions.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from imserver.config import LimitsConfig
-from imserver.storage.sql.database import Txn
+from imserver.config import LimitsConfig, SqliteTarget, parse_config
+from imserver.storage.model import Positions
+from imserver.storage.sql import queries as q
+from imserver.storage.sql.database import Database, Txn
+from imserver.storage.sql.engines import create_engine
+from imserver.storage.sql.migrate import _migrate_txn, available, migrate
+from tests.harness import shared_mariadb
 from tests.stack import Stack, make_stack
+from tests.support import reactor
 
 BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
 _uids = itertools.count(81_000)
@@ -195,6 +202,38 @@ class ReceiptsContract:
         page = (await stack.chat.convs(b, 20, None))["convs"]
         self.assertEqual(len(page), 5)
         self.assertEqual({c["peer_delivered"] for c in page}, {0})
+
+    def make_db(self) -> Database:
+        assert isinstance(self, TestCase)
+        if self.backend == "embedded":
+            target: Any = SqliteTarget(os.path.abspath(self.mktemp()))
+        else:
+            target = parse_config({"storage": {"sql": shared_mariadb().fresh_database()}})
+            target = target.storage.sql
+        db = Database(reactor, create_engine(target), name="t", max_connections=2)
+        self.addCleanup(db.close)
+        return db
+
+    async def test_migration_on_an_existing_database(self) -> None:
+        """0008 on rows written before it: nothing delivered, read as before, not muted."""
+        db = self.make_db()
+        before = [m for m in available(db.engine.kind) if m.version < 8]
+        await db.run("migrate", _migrate_txn, before, 0)
+        await db.run("conv", _old_conv_txn)
+        self.assertIn(8, await migrate(db, 0))
+        self.assertEqual(
+            await db.run("p", q.positions_txn, [7, 8], [1]),
+            {(7, 1): Positions(5, 0, 0), (8, 1): Positions(0, 0, 0)},
+        )
+
+
+def _old_conv_txn(txn: Txn) -> None:
+    for uid, peer, read in ((7, 8, 5), (8, 7, 0)):
+        txn.execute(
+            "INSERT INTO t_conv (uid, sessionId, peerUid, lastMsgId, totalCount, readCount,"
+            " readUpTo, version) VALUES (?, 1, ?, 9, 1, 1, ?, 1)",
+            (uid, peer, read),
+        )
 
 
 class EmbeddedReceiptsTests(ReceiptsContract, TestCase):
