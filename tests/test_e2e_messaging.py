@@ -275,6 +275,10 @@ class MessagingTestsMixin(MessagingHelpers):
         # The sender has nothing pending and nothing unread.
         self.assertEqual(await self.sync(alice), {"msgs": [], "more": False})
         self.assertEqual(await self.result(alice, "unread"), {"total": 0, "sessions": []})
+        # It was told of the delivery of its message bob acked (issue 11, "Receipts"), only.
+        receipt = dict(await within(alice.next_push()))
+        delivered = {"t": "delivered", "session_id": first.session_id, "msg_id": first.msg_id}
+        self.assertEqual(receipt, {**delivered, "by": bob.uid})
         self.assertEqual(alice.pending_pushes, 0)
 
     async def test_session_id_is_the_same_for_both_users(self) -> None:
