@@ -706,9 +706,10 @@ def ack_txn(
     """
     Clear pending rows, for many users at once, in two scripts (two round
     trips on MySQL, one without ids): what is pending among the ids (with
-    each message's session); then the recipients' deliveredUpTo (one UPDATE
-    for the batch, L{_delivered_statements}), one DELETE per user that only
-    touches that user's rows, the device cursors, the outbox row, COMMIT.
+    each message's session); then one DELETE per user that only touches
+    that user's rows, the recipients' deliveredUpTo (one UPDATE for the
+    batch, L{_delivered_statements}), the device cursors, the outbox row,
+    COMMIT.
     For each (uid, msg_ids) return the (msg_id, sender, session_id) of the
     messages that were pending for that uid; other ids (already acked,
     unknown, someone else's) are ignored; msg_ids may be empty. C{cursors}
@@ -744,7 +745,7 @@ def ack_txn(
             ):
                 if msg_id in by_user.get(uid, ()):
                     removed.setdefault(uid, []).append((msg_id, sender, sid))
-        script = _delivered_statements(removed)
+        script = []
     for uid, ids in sorted(by_user.items()):
         for part in chunks(sorted(ids), 1000):
             script.append(
@@ -753,6 +754,8 @@ def ack_txn(
                     (uid, *part),
                 )
             )
+    # After the DELETEs: t_pending, then t_conv, as a send locks them.
+    script += _delivered_statements(removed)
     script += _cursor_statements(cursors)
     if outbox is not None:
         script.append(outbox_statement(attrs.evolve(outbox, users=tuple(sorted(by_user)))))
