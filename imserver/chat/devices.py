@@ -146,6 +146,9 @@ class DeviceService:
         elif event.kind == "read":
             item = {"t": "read", "session_id": event.session_id, "by": event.by}
             item["msg_id"] = event.msg_id
+        elif event.kind == "mute":
+            # msg_id holds the new muteUntil (see EVENT_MUTE).
+            item = {"t": "mute", "session_id": event.session_id, "until": event.msg_id}
         else:
             item = {"t": "recall", "msg_id": event.msg_id, "session_id": event.session_id}
             item["by"] = event.by

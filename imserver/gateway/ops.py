@@ -122,6 +122,11 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     # -- receipts and mute (issue 11) --
 
+    def mute(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Mute)
+        social(conn)
+        return _call(chat.mute(uid(conn), r.session_id, r.until, conn))
+
     # -- blocks (issue 11) --
 
     def block(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
@@ -157,6 +162,7 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.LogoutDevice: logout_device,
         # -- presence and typing (issue 11) --
         # -- receipts and mute (issue 11) --
+        frames.Mute: mute,
         # -- blocks (issue 11) --
         frames.Block: block,
         frames.Unblock: unblock,

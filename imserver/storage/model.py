@@ -223,6 +223,8 @@ class DueNotification:
     message: Message
     attempts: int
     pending: bool
+    #: The recipient muted the session (until after the claim): no webhook.
+    muted: bool = False
 
 
 @attrs.frozen
@@ -273,6 +275,9 @@ class Login:
 EVENT_READ = 1
 EVENT_RECALL = 2
 EVENT_KINDS = {EVENT_READ: "read", EVENT_RECALL: "recall"}
+#: A mute of the user's own (issue 11): msgId holds the new muteUntil (ms, 0 = unmuted).
+EVENT_MUTE = 6
+EVENT_KINDS[EVENT_MUTE] = "mute"
 
 
 @attrs.frozen
@@ -296,3 +301,20 @@ class CatchupPage:
     seq: int
     more: bool
     head: int
+
+
+@attrs.frozen
+class Positions:
+    """One user's positions in one session (t_conv): read, delivered, muted until (ms)."""
+
+    read: int = 0
+    delivered: int = 0
+    mute_until: int = 0
+
+
+@attrs.frozen
+class MuteResult:
+    """A mute's outcome: the value stored, and its seq in the caller's stream if it changed."""
+
+    until: int
+    seq: int | None = None

@@ -53,8 +53,10 @@ from imserver.storage.model import (
     DueNotification,
     Login,
     Message,
+    MuteResult,
     NewMessage,
     Outbox,
+    Positions,
     Profile,
     ReadResult,
     RecallResult,
@@ -193,7 +195,7 @@ class Store:
         )
         # Acks and logins: one transaction for many users, and one bad item
         # fails alone (see _isolating).
-        self.acks: Batcher[AckItem, list[tuple[int, int]]] = Batcher(
+        self.acks: Batcher[AckItem, list[tuple[int, int, int]]] = Batcher(
             "ack", self._ack_requests, max_batch=max_batch, max_queue=max_queue
         )
         #: Device logins and plain user logins (L{ensure_user}) share a batch.
@@ -657,23 +659,24 @@ class Store:
 
     def ack(
         self, uid: int, msg_ids: Sequence[int], device_id: int = 0, seq: int | None = None
-    ) -> Deferred[list[tuple[int, int]]]:
+    ) -> Deferred[list[tuple[int, int, int]]]:
         """
-        Clear pending messages; fires with the (msg_id, sender) that were
-        pending. C{msg_ids} may be empty. With C{seq}, the cursor of the
-        user's device C{device_id} moves up to it (never back), in the same
+        Clear pending messages; fires with the (msg_id, sender, session_id)
+        that were pending (their recipient's deliveredUpTo moved with them).
+        C{msg_ids} may be empty. With C{seq}, the cursor of the user's
+        device C{device_id} moves up to it (never back), in the same
         transaction.
         """
         return self.acks.submit((uid, msg_ids, device_id, seq))
 
     async def _ack_requests(
         self, items: Sequence[AckItem]
-    ) -> Sequence[list[tuple[int, int]] | ItemFailure]:
+    ) -> Sequence[list[tuple[int, int, int]] | ItemFailure]:
         return await self._isolating(
             "ack", items, self._ack_batch, lambda r: f"uid {r[0]} (msg_ids {list(r[1])[:8]})"
         )
 
-    async def _ack_batch(self, items: Sequence[AckItem]) -> list[list[tuple[int, int]]]:
+    async def _ack_batch(self, items: Sequence[AckItem]) -> list[list[tuple[int, int, int]]]:
         requests = [(uid, msg_ids) for uid, msg_ids, _, _ in items]
         cursors = [
             (uid, device_id, seq)
@@ -692,7 +695,11 @@ class Store:
                 # send does), not only when the sweeper replays the row.
                 self._hot_failed({uid for uid, _ in requests}, (), (), str(e))
             raise
-        acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
+        acked = [
+            (uid, [(msg_id, sender) for msg_id, sender, _ in triples])
+            for (uid, _), triples in zip(requests, removed, strict=True)
+            if triples
+        ]
         if acked:
             uids = {uid for uid, _ in acked}
             self._run_after_reply(
@@ -834,6 +841,28 @@ class Store:
         finally:
             if then is not None:
                 then(result)
+
+    # -- receipts and mute (issue 11) ---------------------------------------------
+
+    async def positions(
+        self, uids: Sequence[int], session_ids: Sequence[int]
+    ) -> dict[tuple[int, int], Positions]:
+        """
+        The (uid, session_id) rows' read, delivered and mute positions: one
+        SQL query (the hot copy does not hold them; a page asks once).
+        """
+        if not uids or not session_ids:
+            return {}
+        return await self.db.run("positions", q.positions_txn, uids, session_ids)
+
+    async def mute(self, uid: int, session_id: int, until: int) -> MuteResult:
+        """
+        Set the user's muteUntil in a session (SQL only: the hot copy holds
+        no mute, so there is nothing to invalidate and no outbox row).
+        """
+        result = await self.db.run("mute", q.mute_txn, uid, session_id, until, self._now_ms())
+        self.saw_seq(uid, result.seq)
+        return result
 
     # -- conversations, history, messages ----------------------------------------
 

@@ -510,6 +510,23 @@ class LogoutDevice(Request):
 # Receipts and mute (docs/protocol.md, "Receipts", "Mute")
 
 
+@request
+@attrs.frozen
+class Mute(Request):
+    op: ClassVar[str] = "mute"
+    session_id: int
+    #: ms since epoch; 0 (or a time already past) unmutes.
+    until: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Mute:
+        return cls(
+            id=req_id,
+            session_id=req_int(frame, "session_id"),
+            until=req_int(frame, "until", minimum=0),
+        )
+
+
 # ---------------------------------------------------------------------------
 # Blocks (docs/protocol.md, "Blocking")
 
