@@ -268,6 +268,20 @@ class EditsContract:
             (await stack.chat.catchup(a, 0, await stack.store.head(a), 100))["events"], []
         )
 
+    async def test_edit_between_a_blocked_pair_is_forbidden(self) -> None:
+        stack = await self.stack()
+        a, b = await self.users(stack)
+        [m] = await self.send(stack, a, b, "x")
+
+        async def either(x: int, y: int) -> bool:
+            return {x, y} == {a, b}
+
+        assert isinstance(self, TestCase)
+        self.patch(stack.chat.blocks, "either", either)
+        await self.refused(ErrorCode.FORBIDDEN, stack.chat.edits.edit(a, m, "y"))
+        # One's own view stays one's own: hiding is not refused.
+        self.assertIn("seq", await stack.chat.edits.hide(b, [m]))
+
     async def test_users_who_never_hid_read_without_asking_sql_each_time(self) -> None:
         assert isinstance(self, TestCase)
         stack = await self.stack()

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from imserver.chat.blocks import BlockService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -40,6 +41,7 @@ class EditService:
         store: Store,
         presence: IPresence,
         profiles: ProfileCache,
+        blocks: BlockService,
         content: ContentFilter,
         limits: LimitsConfig,
         settled: Callable[[int], Awaitable[None]],
@@ -48,6 +50,7 @@ class EditService:
         self.store = store
         self.presence = presence
         self.profiles = profiles
+        self.blocks = blocks
         self.content = content
         self.limits = limits
         self._settled = settled
@@ -78,6 +81,14 @@ class EditService:
             )
         # Its own send's fan-out first (a cached copy of the old body).
         await self._settled(uid)
+        found = (await self.store.messages([msg_id])).get(msg_id)
+        # An edit is new content: refused between a blocked pair, as a send is.
+        if (
+            found is not None
+            and found.sender == uid
+            and await self.blocks.either(uid, found.recipient)
+        ):
+            raise ImError(ErrorCode.FORBIDDEN, "you cannot message this user")
         sender = (await self.profiles.get([uid])).get(uid)
 
         def tell(result: EditResult) -> None:

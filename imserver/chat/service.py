@@ -166,6 +166,7 @@ class ChatService:
             store=store,
             presence=presence,
             profiles=self.profiles,
+            blocks=self.blocks,
             content=content,
             limits=limits,
             settled=self._settled,
