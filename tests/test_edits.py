@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from imserver.config import LimitsConfig
@@ -282,6 +283,28 @@ class EditsContract:
         # One's own view stays one's own: hiding is not refused.
         self.assertIn("seq", await stack.chat.edits.hide(b, [m]))
 
+    async def test_a_lost_follow_up_is_replayed_from_the_outbox(self) -> None:
+        """A crash between an edit's commit and its invalidation: the outbox row's
+        replay forgets the cached old body (and the hider's copy, for a hide)."""
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        a, b = await self.users(stack)
+        [m] = await self.send(stack, a, b, "old")
+        await stack.settle()
+        await self.history(stack, b, a)
+        store = stack.store
+
+        def lost(step: Any, uids: Any, session_ids: Any = ()) -> None:
+            step.close()  # the node died before running it
+
+        self.patch(store, "_run_after_reply", lost)
+        self.patch(store.edits, "_again", lambda delay, msgs: None)
+        await stack.chat.edits.edit(a, m, "new")
+        self.assertEqual((await store.hot.messages([m]))[m].body, b"\xa3old")
+        replayed = await store.replay_outbox(own=True)
+        self.assertEqual([r.kind for r in replayed], ["edit"])
+        self.assertEqual([x["body"] for x in await self.history(stack, b, a)], ["new"])
+
     async def test_users_who_never_hid_read_without_asking_sql_each_time(self) -> None:
         assert isinstance(self, TestCase)
         stack = await self.stack()
@@ -337,6 +360,33 @@ class TwoNodeTests(TestCase):
             self.assertEqual(conv["last"]["body"], "after")
             [synced] = (await node.chat.sync(b, 10, 0, None))["msgs"]
             self.assertEqual(synced["body"], "after")
+
+    async def test_concurrent_edits_on_two_nodes_last_commit_wins(self) -> None:
+        one, two = await self.nodes()
+        a, b = next(_uids), next(_uids)
+        for node in (one, two):
+            await node.chat.login(a)
+            await node.chat.login(b)
+        m = (await one.chat.send(a, b, "c", "text", "v"))["msg_id"]
+        await one.settle()
+        bodies = [f"v{i}" for i in range(12)]
+        replies = await gatherResults(
+            [
+                ensureDeferred((one, two)[i % 2].chat.edits.edit(a, m, body))
+                for i, body in enumerate(bodies)
+            ]
+        )
+        edited = [r["edited"] for r in replies]
+        self.assertEqual(len(set(edited)), len(edited))  # each edit its own, strictly ordered
+        winner = bodies[edited.index(max(edited))]
+        await one.settle()
+        await two.settle()
+        for node in (one, two):
+            [msg] = (await node.chat.history(b, a, None, None, 10))["msgs"]
+            self.assertEqual((msg["body"], msg["edited"]), (winner, max(edited)))
+        # Both streams have one event per edit, in commit (= edited) order.
+        page = await one.chat.catchup(b, 0, 1, 100)
+        self.assertEqual(len(page["events"]), len(bodies))
 
     async def test_hide_on_one_read_on_two(self) -> None:
         one, two = await self.nodes()
