@@ -66,6 +66,8 @@ class HideResult:
     msg_ids: tuple[int, ...]
     #: The hide event's seq in the hider's stream; None if nothing changed.
     seq: int | None = None
+    #: (msg_id, sender) of those the hider received: no longer pending.
+    pending: tuple[tuple[int, int], ...] = ()
 
 
 @attrs.frozen
@@ -75,6 +77,8 @@ class ClearResult:
     up_to: int
     #: The clear event's seq; None if nothing changed (cleared up to there already).
     seq: int | None = None
+    #: (msg_id, sender) of the messages it took out of pending.
+    pending: tuple[tuple[int, int], ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +187,7 @@ def hide_txn(
         wanted,
     )
     sessions = {int(r[0]): int(r[1]) for r in rows}
+    senders = {int(r[0]): int(r[2]) for r in rows if int(r[3]) == uid}
     for r in rows:
         if uid not in (int(r[2]), int(r[3])):
             raise ImError(ErrorCode.FORBIDDEN, f"message {int(r[0])} is not in your conversations")
@@ -222,7 +227,8 @@ def hide_txn(
         script.append(q.outbox_statement(attrs.evolve(outbox, users=(uid,))))
     txn.script(script)
     _recount_read(txn, uid, [sessions[i] for i in new])
-    return HideResult(tuple(new), seq)
+    received = tuple((i, senders[i]) for i in new if i in senders)
+    return HideResult(tuple(new), seq, received)
 
 
 def clear_txn(
@@ -253,6 +259,10 @@ def clear_txn(
     if last <= cleared:
         return ClearResult(session_id, cleared)
     [seq] = q._take_seqs(heads, (uid,))
+    pending = txn.query(
+        "SELECT msgId FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
+        (uid, peer, last),
+    )
     script = [
         Statement(
             "UPDATE t_conv SET clearedUpTo = ? WHERE uid = ? AND sessionId = ?",
@@ -270,7 +280,7 @@ def clear_txn(
         script.append(q.outbox_statement(attrs.evolve(outbox, users=(uid,))))
     txn.script(script)
     _recount_read(txn, uid, (session_id,))
-    return ClearResult(session_id, last, seq)
+    return ClearResult(session_id, last, seq, tuple((int(r[0]), peer) for r in pending))
 
 
 def hides_txn(txn: Txn, uid: int) -> bool:
@@ -461,9 +471,8 @@ class EditStore:
             store._hot_failed((uid,), (), (), str(e))
             raise
         if result.seq is not None:
-            self._hidden(
-                uid, result.seq, outbox.id, None if then is None else partial(then, result)
-            )
+            tell = None if then is None else partial(then, result)
+            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
         return result
 
     async def clear(
@@ -481,27 +490,47 @@ class EditStore:
             store._hot_failed((uid,), (), (), str(e))
             raise
         if result.seq is not None:
-            self._hidden(
-                uid, result.seq, outbox.id, None if then is None else partial(then, result)
-            )
+            tell = None if then is None else partial(then, result)
+            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
         return result
 
-    def _hidden(self, uid: int, seq: int, outbox_id: int, then: Callable[[], None] | None) -> None:
+    def _hidden(
+        self,
+        uid: int,
+        seq: int,
+        outbox_id: int,
+        pending: Sequence[tuple[int, int]],
+        then: Callable[[], None] | None,
+    ) -> None:
         """The user's copy (pending, unread) is reloaded from SQL; its reads filter."""
         store = self._store
         self.forget(uid)
         store.saw_seq(uid, seq)
-        store._run_after_reply(self._hide_follow_up(outbox_id, uid, then), (uid,))
+        store._run_after_reply(self._hide_follow_up(outbox_id, uid, pending, then), (uid,))
 
     async def _hide_follow_up(
-        self, outbox_id: int, uid: int, then: Callable[[], None] | None
+        self,
+        outbox_id: int,
+        uid: int,
+        pending: Sequence[tuple[int, int]],
+        then: Callable[[], None] | None,
     ) -> None:
         store = self._store
         try:
-            await store._follow_up(outbox_id, store.hot.invalidate((uid,), ()), (uid,), (), ())
+            await store._follow_up(outbox_id, self._unpend(uid, pending), (uid,), (), ())
         finally:
             if then is not None:
                 then()
+
+    async def _unpend(self, uid: int, pending: Sequence[tuple[int, int]]) -> None:
+        """
+        As an ack would (its tombstones keep a late fan-out of these from
+        making them pending again), then forget the user's copy: the unread
+        counts are reloaded from SQL.
+        """
+        if pending:
+            await self._store.hot.ack([(uid, pending)])
+        await self._store.hot.invalidate((uid,), ())
 
     # -- reads --------------------------------------------------------------------
 
