@@ -124,6 +124,20 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     # -- blocks (issue 11) --
 
+    def block(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Block)
+        social(conn)
+        return _call(chat.blocks.block(uid(conn), r.uid, conn))
+
+    def unblock(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Unblock)
+        social(conn)
+        return _call(chat.blocks.unblock(uid(conn), r.uid, conn))
+
+    def blocked(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Blocked)
+        return _call(chat.blocks.blocked(uid(conn), r.after, r.limit))
+
     # -- edit, hide, clear (issue 11) --
 
     def edit(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
@@ -159,6 +173,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         # -- presence and typing (issue 11) --
         # -- receipts and mute (issue 11) --
         # -- blocks (issue 11) --
+        frames.Block: block,
+        frames.Unblock: unblock,
+        frames.Blocked: blocked,
         # -- edit, hide, clear (issue 11) --
         frames.Edit: edit,
         frames.Hide: hide,
