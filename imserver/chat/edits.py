@@ -58,6 +58,7 @@ class EditService:
         presence.on_broadcast(HIDDEN, self._hidden_elsewhere)
         # Read by metrics and tests.
         self.edited = 0
+        self.hidden = 0
 
     def _hidden_elsewhere(self, data: Any) -> None:
         uid = data.get("uid") if isinstance(data, dict) else None
@@ -126,6 +127,7 @@ class EditService:
         result = await self.store.edits.hide(uid, msg_ids, tell)
         if result.seq is None:
             return {}
+        self.hidden += 1
         # Before the reply: the user's next read on another node filters.
         self.presence.broadcast(HIDDEN, {"uid": uid})
         return {"seq": result.seq}
@@ -143,6 +145,7 @@ class EditService:
         reply: Result = {"up_to": result.up_to}
         if result.seq is None:
             return reply
+        self.hidden += 1
         self.presence.broadcast(HIDDEN, {"uid": uid})
         reply["seq"] = result.seq
         return reply
