@@ -157,7 +157,10 @@ def edit_txn(
 
 
 def _recount_read(txn: Txn, uid: int, session_ids: Sequence[int]) -> None:
-    """Hidden and cleared messages count as read: recount the user's readCount."""
+    """
+    Hidden and cleared messages count as read: recount the user's readCount
+    (the caller holds the user's t_user lock, taken before its first plain read).
+    """
     for sid in sorted(set(session_ids)):
         row = txn.query_one(
             "SELECT readUpTo, totalCount FROM t_conv WHERE uid = ? AND sessionId = ?", (uid, sid)
@@ -182,6 +185,10 @@ def hide_txn(
     for the messages not hidden before; none if there are none.
     """
     wanted = sorted(set(msg_ids))
+    # The hider's stream is the only one it writes: its t_user row first, before
+    # any plain read (on MySQL that starts the REPEATABLE READ snapshot; taken
+    # after the lock it sees every send and read of the user: the recount is right).
+    heads = q.lock_streams(txn, (uid,))
     rows = txn.query_in(
         "SELECT id, sessionId, senderUid, recipientUid FROM t_msg_record_list WHERE id IN (%s)",
         wanted,
@@ -194,7 +201,6 @@ def hide_txn(
     missing = [i for i in wanted if i not in sessions]
     if missing:
         raise ImError(ErrorCode.NOT_FOUND, f"no such message: {missing[0]}")
-    heads = q.lock_streams(txn, (uid,))
     hidden = {
         int(r[0])
         for r in txn.query_in(
