@@ -322,7 +322,7 @@ class DeviceStoreContract:
         first = outcomes[0]
         assert isinstance(first, Committed)
         acked = await store.ack(b, [first.message.msg_id], phone.id, 2)
-        self.assertEqual(acked, [(first.message.msg_id, a)])
+        self.assertEqual(acked, [(first.message.msg_id, a, first.message.session_id)])
         self.assertEqual((await store.device(b, "phone")).cursor, 2)  # type: ignore[union-attr]
         self.assertEqual(await store.ack(b, [], phone.id, 1), [])
         self.assertEqual((await store.device(b, "phone")).cursor, 2)  # type: ignore[union-attr]

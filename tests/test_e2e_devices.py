@@ -113,7 +113,8 @@ class DevicesHelpers(messaging.MessagingHelpers):
         while True:
             # Not MessagingHelpers.push: that one drops the seq (for the v1 contract tests).
             frame = dict(await within(client.next_push()))
-            if frame != {"t": "sync"}:
+            # Delivery receipts (issue 11): tests/test_e2e_receipts.py checks them.
+            if frame != {"t": "sync"} and frame.get("t") != "delivered":
                 return frame
 
     async def quiet(self, *clients: IMClientProtocol) -> None:
@@ -121,7 +122,7 @@ class DevicesHelpers(messaging.MessagingHelpers):
         await sleep(QUIET)
         for c in clients:
             extra = [dict(await c.next_push()) for _ in range(c.pending_pushes)]
-            extra = [f for f in extra if f != {"t": "sync"}]
+            extra = [f for f in extra if f != {"t": "sync"} and f.get("t") != "delivered"]
             if extra:
                 self.fail(f"unexpected pushes to {c.uid}: {messaging.short(extra)}")
 

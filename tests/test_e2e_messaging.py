@@ -54,6 +54,10 @@ JS_SAFE = 2**53
 UNKNOWN_ID = 1
 
 
+#: Additive fields of convs entries (all three) and history replies (the first two).
+RECEIPT_FIELDS = ("peer_read", "peer_delivered", "muted_until")
+
+
 def new_cid() -> str:
     return f"cid-{next(_cids)}"
 
@@ -169,6 +173,14 @@ class MessagingHelpers(ClientsMixin, _Base):
         if op in ("read", "recall") and "seq" in reply:
             # The caller's stream seq of the event (devices: their own tests check it).
             self.assertIsInstance(reply.pop("seq"), int)
+        # Receipts and mute (issue 11, additive): tests/test_e2e_receipts.py checks them.
+        if op == "history":
+            for key in RECEIPT_FIELDS[:2]:
+                self.assertIsInstance(reply.pop(key), int)
+        if op == "convs":
+            for conv in reply["convs"]:
+                for key in RECEIPT_FIELDS:
+                    self.assertIsInstance(conv.pop(key), int)
         return reply
 
     async def fails(
@@ -209,8 +221,11 @@ class MessagingHelpers(ClientsMixin, _Base):
         return Sent(reply, client.uid, recipient, cid, body, type or "text", seq)
 
     async def push(self, client: IMClientProtocol) -> Frame:
-        """The next push, without its stream seq (devices: checked by their own tests)."""
+        """The next push, without its stream seq (devices: checked by their own tests),
+        past delivery receipts (issue 11: tests/test_e2e_receipts.py checks them)."""
         push = dict(await within(client.next_push()))
+        while push.get("t") == "delivered":
+            push = dict(await within(client.next_push()))
         if push.get("t") in ("msg", "read", "recall") and "seq" in push:
             self.assertIsInstance(push.pop("seq"), int)
         return push
@@ -260,6 +275,10 @@ class MessagingTestsMixin(MessagingHelpers):
         # The sender has nothing pending and nothing unread.
         self.assertEqual(await self.sync(alice), {"msgs": [], "more": False})
         self.assertEqual(await self.result(alice, "unread"), {"total": 0, "sessions": []})
+        # It was told of the delivery of its message bob acked (issue 11, "Receipts"), only.
+        receipt = dict(await within(alice.next_push()))
+        delivered = {"t": "delivered", "session_id": first.session_id, "msg_id": first.msg_id}
+        self.assertEqual(receipt, {**delivered, "by": bob.uid})
         self.assertEqual(alice.pending_pushes, 0)
 
     async def test_session_id_is_the_same_for_both_users(self) -> None:

@@ -29,7 +29,7 @@ import itertools
 import os
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import attrs
@@ -235,6 +235,12 @@ class MessagingMachine(RuleBasedStateMachine):
         self.expected_pushes: dict[int, list[tuple[Any, ...]]] = {}
         # After a concurrent step: any order, and no counts in msg pushes.
         self.loose_pushes = False
+        # Delivery receipts of the current step, (session, msg_id, by) per sender:
+        # those that must come (each session's highest acked message), and those
+        # that may (any message acked in the step; which ack call removed a
+        # message two calls named is the batches' order).
+        self.delivered_must: dict[int, set[tuple[int, int, int]]] = {}
+        self.delivered_may: dict[int, set[tuple[int, int, int]]] = {}
         self.steps = 0
 
     async def _start(self) -> Stack:
@@ -311,6 +317,18 @@ class MessagingMachine(RuleBasedStateMachine):
 
     def push(self, uid: int, frame: tuple[Any, ...]) -> None:
         self.expected_pushes.setdefault(uid, []).append(frame)
+
+    def delivered(self, uid: int, acked: Sequence[Msg], must: bool = True) -> None:
+        """C{uid} acked these pending messages in this step: their senders are told."""
+        best: dict[tuple[int, int], Msg] = {}
+        for m in acked:
+            self.delivered_may.setdefault(m.sender, set()).add((m.session_id, m.msg_id, uid))
+            key = (m.sender, m.session_id)
+            if key not in best or m.msg_id > best[key].msg_id:
+                best[key] = m
+        if must:
+            for (sender, sid), m in best.items():
+                self.delivered_must.setdefault(sender, set()).add((sid, m.msg_id, uid))
 
     def fail(self, what: str, observed: Any, expected: Any) -> NoReturn:
         self.stop(f"{what}\n  observed: {observed}\n  expected: {expected}")
@@ -499,6 +517,9 @@ class MessagingMachine(RuleBasedStateMachine):
                     _, uid, m = step
                     parts.append(f"ack {uid} [{m.label}]")
                     m.acked = True
+                    # Unless a recall in this mix removed it first.
+                    racing = any(x[0] == "recall" and x[2] is m for x in plan)
+                    self.delivered(uid, [m], must=not racing)
             self.loose_pushes = True
             self.note("mix (concurrent): " + "; ".join(parts))
 
@@ -572,6 +593,8 @@ class MessagingMachine(RuleBasedStateMachine):
             for _, _, take in requests:
                 for m in take:
                     m.acked = True
+            for uid in {uid for uid, _, _ in requests}:
+                self.delivered(uid, [m for u, _, take in requests if u == uid for m in take])
             self.note("; ".join(f"ack {uid} {self.labels(ids)}" for uid, ids, _ in requests))
             self.check("ack replies", replies, [{}] * len(requests))
 
@@ -719,10 +742,19 @@ class MessagingMachine(RuleBasedStateMachine):
         for uid in UIDS:
             # One device per user here: what a user's other devices are told of
             # its own sends, reads and recalls is tests/test_devices_properties.py's.
+            frames = self.stack.presence.take(uid)
+            receipts = {
+                (f["session_id"], f["msg_id"], f["by"]) for f in frames if f["t"] == "delivered"
+            }
+            may = self.delivered_may.get(uid, set())
+            self.check(f"delivered pushes to {uid}: unexpected", sorted(receipts - may), [])
+            must = self.delivered_must.get(uid, set())
+            self.check(f"delivered pushes to {uid}: missing", sorted(must - receipts), [])
             got = [
                 self._push_view(f)
-                for f in self.stack.presence.take(uid)
-                if f.get("from", f.get("by")) != uid or f["t"] not in ("msg", "read", "recall")
+                for f in frames
+                if f["t"] != "delivered"
+                and (f.get("from", f.get("by")) != uid or f["t"] not in ("msg", "read", "recall"))
             ]
             expected = self.expected_pushes.get(uid, [])
             if self.loose_pushes:
@@ -730,6 +762,8 @@ class MessagingMachine(RuleBasedStateMachine):
                 expected = sorted(expected, key=repr)
             self.check(f"pushes to {uid} in the last step", self._show(got), self._show(expected))
         self.expected_pushes.clear()
+        self.delivered_must.clear()
+        self.delivered_may.clear()
         self.loose_pushes = False
 
     def _push_view(self, f: dict[str, Any]) -> tuple[Any, ...]:
@@ -846,7 +880,11 @@ class MessagingMachine(RuleBasedStateMachine):
         sid = self.sessions.get((a, b))
         if sid is None:
             got = await chat.history(a, b, None, None, 100)
-            self.check(f"history of {a} with {b} (never talked)", got, {"msgs": [], "more": False})
+            self.check(
+                f"history of {a} with {b} (never talked)",
+                got,
+                {"msgs": [], "more": False, "peer_read": 0, "peer_delivered": 0},
+            )
             return
         expected = self.history(sid)
         name = self.session_name(sid)

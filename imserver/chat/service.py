@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from imserver.batching import Batcher
 from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
+from imserver.chat.edits import EditService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -46,6 +47,7 @@ from imserver.storage.model import (
     Login,
     Message,
     NewMessage,
+    Positions,
     Profile,
     RecallResult,
     Refused,
@@ -94,6 +96,19 @@ def _ignore(name: str, seconds: float) -> None:
     pass
 
 
+#: A session row not found (yet): nothing read, delivered or muted.
+NO_POSITIONS = Positions()
+
+
+def peer_positions(theirs: Positions) -> dict[str, int]:
+    """
+    The peer's receipts as replies show them: C{peer_read}, and
+    C{peer_delivered} (a read message was delivered too, also when its ack
+    never came: read on another device, say).
+    """
+    return {"peer_read": theirs.read, "peer_delivered": max(theirs.delivered, theirs.read)}
+
+
 def sender_info(profile: Profile | None) -> dict[str, str]:
     if profile is None:
         return {"nickname": "", "avatar": ""}
@@ -101,8 +116,8 @@ def sender_info(profile: Profile | None) -> dict[str, str]:
 
 
 def message_object(m: Message, sender: Profile | None, body: Any = None) -> Result:
-    """A msg object as the protocol defines it."""
-    return {
+    """A msg object as the protocol defines it (C{edited} only once edited)."""
+    obj = {
         "msg_id": m.msg_id,
         "session_id": m.session_id,
         "from": m.sender,
@@ -113,6 +128,9 @@ def message_object(m: Message, sender: Profile | None, body: Any = None) -> Resu
         "ts": m.ts,
         "sender": sender_info(sender),
     }
+    if m.edited:
+        obj["edited"] = m.edited
+    return obj
 
 
 class ChatService:
@@ -160,6 +178,16 @@ class ChatService:
         # -- presence and typing (issue 11) --
         # -- receipts and mute (issue 11) --
         # -- edit, hide, clear (issue 11) --
+        self.edits = EditService(
+            store=store,
+            presence=presence,
+            profiles=self.profiles,
+            blocks=self.blocks,
+            content=content,
+            limits=limits,
+            settled=self._settled,
+            message_object=message_object,
+        )
         self.devices = DeviceService(
             store=store,
             presence=presence,
@@ -469,11 +497,34 @@ class ChatService:
         """
         Clear pending messages (a callback chain, like L{send}); C{seq}: the
         device has its user's stream up to there (its catch-up position).
+        The senders of the messages this call removed are told (delivery
+        receipts, L{_acked}).
         """
-        return self.store.ack(uid, msg_ids, device_id, seq).addCallback(self._acked)
+        return self.store.ack(uid, msg_ids, device_id, seq).addCallback(self._acked, uid)
 
-    def _acked(self, removed: Sequence[tuple[int, int]]) -> Result:
+    def _acked(self, removed: Sequence[tuple[int, int, int]], uid: int) -> Result:
+        """
+        A delivery receipt per session: C{delivered} with the highest
+        message this call removed, to its sender's devices. Only the first
+        ack of a message (of any device: pending is per user) removes it, so
+        a second device's ack of the same ids tells nobody. No seq: it is a
+        position, recoverable from convs and history (C{peer_delivered}).
+        """
         self.acked += len(removed)
+        if removed:
+            best: dict[int, tuple[int, int]] = {}
+            for msg_id, sender, sid in removed:
+                if sid and msg_id > best.get(sid, (0, 0))[0]:
+                    best[sid] = (msg_id, sender)
+            for sid, (msg_id, sender) in best.items():
+                try:
+                    self.presence.push(
+                        sender,
+                        {"t": "delivered", "session_id": sid, "msg_id": msg_id, "by": uid},
+                    )
+                except Exception:
+                    # Committed: the ack stands; the position is in convs/history.
+                    self.log.failure("delivered push to {uid} failed", Failure(), uid=sender)
         return {}
 
     async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
@@ -621,9 +672,15 @@ class ChatService:
             users = await self.profiles.get(
                 {c.peer for c in page} | {c.last.sender for c in page if c.last is not None}
             )
+            positions = await self.store.positions(
+                [uid, *{c.peer for c in page}], [c.session_id for c in page]
+            )
+            now_ms = self._now_ms()
             convs = []
             for c in page:
                 peer = users.get(c.peer)
+                theirs = positions.get((c.peer, c.session_id), NO_POSITIONS)
+                mine = positions.get((uid, c.session_id), NO_POSITIONS)
                 convs.append(
                     {
                         "session_id": c.session_id,
@@ -633,6 +690,8 @@ class ChatService:
                         else message_object(c.last, users.get(c.last.sender)),
                         "last_msg_id": c.last_msg_id,
                         "unread": c.unread,
+                        **peer_positions(theirs),
+                        "muted_until": mine.mute_until if mine.mute_until > now_ms else 0,
                     }
                 )
             return convs, page[-1].last_msg_id if page else before, more
@@ -649,27 +708,59 @@ class ChatService:
                 raise ImError(ErrorCode.INVALID, "there is no conversation with yourself")
             session_id = await self.store.session_for_pair(uid, peer)
             if session_id is None:
-                return {"msgs": [], "more": False}
+                return {"msgs": [], "more": False, **peer_positions(NO_POSITIONS)}
         else:
-            await self._check_member(uid, session_id)
+            peer = await self._check_member(uid, session_id)
         await self._settled(uid)
         sid = session_id
+        # Once per request, before the pages: a receipt racing the read only
+        # makes the positions older than the messages, never newer.
+        theirs = (await self.store.positions([peer], [sid])).get((peer, sid), NO_POSITIONS)
 
         async def read(before: int | None, n: int) -> tuple[list[Result], int | None, bool]:
-            page = await self.store.history(sid, before, n + 1)
+            page = await self.store.history(sid, before, n + 1, viewer=uid)
             more = len(page) > n
             page = page[:n]
             return await self._objects(page), page[-1].msg_id if page else before, more
 
         msgs, more = await self._fill(limit, before, read)
-        return {"msgs": msgs, "more": more}
+        return {"msgs": msgs, "more": more, **peer_positions(theirs)}
 
-    async def _check_member(self, uid: int, session_id: int) -> None:
+    async def _check_member(self, uid: int, session_id: int) -> int:
+        """The caller's peer in the session; not_found or forbidden otherwise."""
         members = (await self.store.session_members([session_id])).get(session_id)
         if members is None:
             raise ImError(ErrorCode.NOT_FOUND, "no such session")
         if uid not in members:
             raise ImError(ErrorCode.FORBIDDEN, "you are not part of this session")
+        low, high = members
+        return low if high == uid else high
+
+    # -- mute (issue 11) -------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    async def mute(
+        self, uid: int, session_id: int, until: int, origin: IClientLink | None = None
+    ) -> Result:
+        """
+        Mute a conversation for oneself until C{until} (ms since epoch; 0 or
+        a past time: unmute, stored as 0): no webhook notification of its
+        messages meanwhile. A change goes to one's other devices (with its
+        seq: catch-up has it too); the same value again changes nothing.
+        """
+        stored = until if until > self._now_ms() else 0
+        result = await self.store.mute(uid, session_id, stored)
+        reply: Result = {"muted_until": result.until}
+        if result.seq is not None:
+            reply["seq"] = result.seq
+            self.presence.push(
+                uid,
+                {"t": "mute", "session_id": session_id, "until": result.until, "seq": result.seq},
+                origin,
+            )
+        return reply
 
     # -- recall ----------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ Offline notifications: the delayed queue and the webhook.
 Every committed message gets a row in C{t_notify}, due C{delay_seconds}
 later (written in the message's own transaction, so it survives crashes).
 L{Notifier} polls for due rows (claiming them, so that several nodes share
-the work), drops those whose message was acked or recalled meanwhile, and
-POSTs the rest to C{[notify].webhook}:
+the work), drops those whose message was acked or recalled meanwhile, or
+whose recipient muted the conversation (C{mute}: its muteUntil is later
+than the claim), and POSTs the rest to C{[notify].webhook}:
 
     POST /push  Content-Type: application/json
     X-Imserver-Signature: sha256=<hex HMAC-SHA256 of the body with [notify].secret>
@@ -250,7 +251,8 @@ class Notifier:
         done = []
         send = []
         for n in due:
-            if n.pending and n.message.status == RECORD_NORMAL:
+            # Muted by its recipient (at claim time): dropped, not held for later.
+            if n.pending and n.message.status == RECORD_NORMAL and not n.muted:
                 send.append(n)
             else:
                 done.append(n.message.msg_id)

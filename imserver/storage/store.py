@@ -41,6 +41,7 @@ from imserver.batching import Batcher, ItemFailure
 from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.devices import DeviceStore, LoginItem, check_device
+from imserver.storage.edits import EditStore
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
@@ -53,8 +54,10 @@ from imserver.storage.model import (
     DueNotification,
     Login,
     Message,
+    MuteResult,
     NewMessage,
     Outbox,
+    Positions,
     Profile,
     ReadResult,
     RecallResult,
@@ -193,11 +196,13 @@ class Store:
         )
         # Acks and logins: one transaction for many users, and one bad item
         # fails alone (see _isolating).
-        self.acks: Batcher[AckItem, list[tuple[int, int]]] = Batcher(
+        self.acks: Batcher[AckItem, list[tuple[int, int, int]]] = Batcher(
             "ack", self._ack_requests, max_batch=max_batch, max_queue=max_queue
         )
         #: Device logins and plain user logins (L{ensure_user}) share a batch.
         self.device_store = DeviceStore(self)
+        #: Edits, hides and clears (issue 11: imserver.storage.edits).
+        self.edits = EditStore(self)
         self.logins: Batcher[LoginItem, Login | Profile] = Batcher(
             "login", self._login_requests, max_batch=max_batch, max_queue=max_queue
         )
@@ -240,6 +245,7 @@ class Store:
         if self._parked_call is not None and self._parked_call.active():
             self._parked_call.cancel()
         self.retries.cancel_all()
+        self.edits.stop()
         await self.hot.stop()
         self.db.close()
         self.background.close()
@@ -657,23 +663,24 @@ class Store:
 
     def ack(
         self, uid: int, msg_ids: Sequence[int], device_id: int = 0, seq: int | None = None
-    ) -> Deferred[list[tuple[int, int]]]:
+    ) -> Deferred[list[tuple[int, int, int]]]:
         """
-        Clear pending messages; fires with the (msg_id, sender) that were
-        pending. C{msg_ids} may be empty. With C{seq}, the cursor of the
-        user's device C{device_id} moves up to it (never back), in the same
+        Clear pending messages; fires with the (msg_id, sender, session_id)
+        that were pending (their recipient's deliveredUpTo moved with them).
+        C{msg_ids} may be empty. With C{seq}, the cursor of the user's
+        device C{device_id} moves up to it (never back), in the same
         transaction.
         """
         return self.acks.submit((uid, msg_ids, device_id, seq))
 
     async def _ack_requests(
         self, items: Sequence[AckItem]
-    ) -> Sequence[list[tuple[int, int]] | ItemFailure]:
+    ) -> Sequence[list[tuple[int, int, int]] | ItemFailure]:
         return await self._isolating(
             "ack", items, self._ack_batch, lambda r: f"uid {r[0]} (msg_ids {list(r[1])[:8]})"
         )
 
-    async def _ack_batch(self, items: Sequence[AckItem]) -> list[list[tuple[int, int]]]:
+    async def _ack_batch(self, items: Sequence[AckItem]) -> list[list[tuple[int, int, int]]]:
         requests = [(uid, msg_ids) for uid, msg_ids, _, _ in items]
         cursors = [
             (uid, device_id, seq)
@@ -692,7 +699,11 @@ class Store:
                 # send does), not only when the sweeper replays the row.
                 self._hot_failed({uid for uid, _ in requests}, (), (), str(e))
             raise
-        acked = [(uid, pairs) for (uid, _), pairs in zip(requests, removed, strict=True) if pairs]
+        acked = [
+            (uid, [(msg_id, sender) for msg_id, sender, _ in triples])
+            for (uid, _), triples in zip(requests, removed, strict=True)
+            if triples
+        ]
         if acked:
             uids = {uid for uid, _ in acked}
             self._run_after_reply(
@@ -835,6 +846,28 @@ class Store:
             if then is not None:
                 then(result)
 
+    # -- receipts and mute (issue 11) ---------------------------------------------
+
+    async def positions(
+        self, uids: Sequence[int], session_ids: Sequence[int]
+    ) -> dict[tuple[int, int], Positions]:
+        """
+        The (uid, session_id) rows' read, delivered and mute positions: one
+        SQL query (the hot copy does not hold them; a page asks once).
+        """
+        if not uids or not session_ids:
+            return {}
+        return await self.db.run("positions", q.positions_txn, uids, session_ids)
+
+    async def mute(self, uid: int, session_id: int, until: int) -> MuteResult:
+        """
+        Set the user's muteUntil in a session (SQL only: the hot copy holds
+        no mute, so there is nothing to invalidate and no outbox row).
+        """
+        result = await self.db.run("mute", q.mute_txn, uid, session_id, until, self._now_ms())
+        self.saw_seq(uid, result.seq)
+        return result
+
     # -- conversations, history, messages ----------------------------------------
 
     async def convs(self, uid: int, before: int | None, limit: int) -> list[Conversation]:
@@ -846,15 +879,19 @@ class Store:
         else:
             members = await self.session_members([e[0] for e in entries])
             peers = {sid: lo if hi == uid else hi for sid, (lo, hi) in members.items()}
-        last = await self.last_messages([e[0] for e in entries])
+        last = await self.last_messages([e[0] for e in entries], viewer=uid)
         return [
             Conversation(sid, peers[sid], last_id, total, read, last.get(sid))
             for sid, last_id, total, read in entries
             if sid in peers
         ]
 
-    async def last_messages(self, session_ids: Sequence[int]) -> dict[int, Message]:
-        """Each session's newest normal message."""
+    async def last_messages(
+        self, session_ids: Sequence[int], viewer: int | None = None
+    ) -> dict[int, Message]:
+        """Each session's newest normal message (that C{viewer} did not hide)."""
+        if viewer is not None and session_ids and await self.edits.hides(viewer):
+            return await self.edits.last_messages(viewer, session_ids)
         usable = [sid for sid in session_ids if self._hot_session(sid)]
         try:
             ids = await self.hot.last_in_windows(usable) if usable else {}
@@ -871,8 +908,13 @@ class Store:
             out.update(await self.db.run("last_messages", q.last_normal_txn, rest))
         return out
 
-    async def history(self, session_id: int, before: int | None, limit: int) -> list[Message]:
-        """Up to C{limit} normal messages below C{before}, newest first."""
+    async def history(
+        self, session_id: int, before: int | None, limit: int, viewer: int | None = None
+    ) -> list[Message]:
+        """Up to C{limit} normal messages below C{before} (that C{viewer} did not
+        hide), newest first."""
+        if viewer is not None and await self.edits.hides(viewer):
+            return await self.edits.history(viewer, session_id, before, limit)
         if self._hot_session(session_id):
             try:
                 ids = await self.hot.window(session_id, before, limit)
@@ -1318,7 +1360,7 @@ class Store:
                 break
             try:
                 await self.hot.invalidate(
-                    row.users, row.sessions, row.msgs if row.kind == "recall" else ()
+                    row.users, row.sessions, row.msgs if row.kind in ("recall", "edit") else ()
                 )
             except HotUnavailable:
                 break
