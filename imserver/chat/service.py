@@ -234,10 +234,9 @@ class ChatService:
                 ErrorCode.TOO_LARGE, f"the body is larger than {self.limits.max_body_bytes} bytes"
             )
         blocked = self.blocks.for_send(sender, to, started)
-        if blocked is None:
+        if isinstance(blocked, Deferred):
             # Not known here yet: one SQL query first (in order, see chat.blocks).
-            check = Deferred.fromCoroutine(self.blocks.either(sender, to))
-            return check.addCallback(
+            return blocked.addCallback(
                 self._block_checked, sender, to, cid, kind, body, blob, started, origin
             )
         if blocked:
