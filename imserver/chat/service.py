@@ -1,9 +1,11 @@
 """
 The business layer: every operation of wire protocol v1 after auth.
 
-The send path is the seed's: filter -> enrich -> dedupe -> ids -> durable
-commit -> reply -> fan-out. Ids are assigned before the first wait, in the
-order requests arrive, and commits and fan-outs run as ordered batches, so
+The send path is the seed's: filter -> enrich -> block check -> dedupe ->
+ids -> durable commit -> reply -> fan-out. Ids are assigned in the order
+requests arrive (the block check, when it must wait for SQL, lets sends
+through in that order: see chat.blocks), and commits and fan-outs run as
+ordered batches, so
 messages sent on one connection are stored, pushed and listed in the order
 they were sent. The reply goes out once the message is committed; the
 fan-out (hot index, then push) follows in the background. Reads of a user's
