@@ -237,6 +237,8 @@ class LostCommitTests(TestCase):
         # Both hot copies loaded, so "indexed" can be read from the hot store.
         await self.stack.chat.sync(self.a, 10, 0, None)
         await self.stack.chat.sync(self.b, 10, 0, None)
+        # The pair's blocks known: no block load before the commits these tests break.
+        await self.stack.chat.blocks.either(self.a, self.b)
 
     async def quiet(self) -> None:
         """Nothing of the stack's own in flight: the next COMMIT is the test's."""
@@ -572,6 +574,8 @@ class SqliteLostCommitTests(TestCase):
         for uid in (self.a, self.b):
             await self.stack.chat.login(uid)
         self.stack.presence.online_users.update((self.a, self.b))
+        # The pair's blocks known: no block load before the commits these tests break.
+        await self.stack.chat.blocks.either(self.a, self.b)
 
     def lost(self) -> dict[str, int]:
         return self.stack.store.db.lost_commits
