@@ -240,6 +240,9 @@ class BlocksContract:
             chat.send(a, c, "7", "text", "x"),
         ]
         self.assertEqual(chat.blocks.queued_sends, 7)
+        # A drain waits for them too (their commits, their fan-outs).
+        await chat.drain()
+        self.assertTrue(all(d.called for d in replies))
         results = await gatherResults(replies)
         ids = [r["msg_id"] for r in results]
         self.assertEqual(ids, sorted(ids))

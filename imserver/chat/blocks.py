@@ -67,6 +67,8 @@ class _Queued:
     to: int
     result: Deferred[bool]
     answer: bool | Failure | None = None
+    #: Told once the send has gone on (L{BlockService.idle}).
+    gone: list[Deferred[None]] = attrs.Factory(list)
 
 
 @attrs.define
@@ -197,6 +199,15 @@ class BlockService:
                 done.result.errback(done.answer)
             else:
                 done.result.callback(bool(done.answer))
+            for waiter in done.gone:
+                waiter.callback(None)
+
+    async def idle(self) -> None:
+        """Wait until the sends queued for a block check so far have gone on (drain)."""
+        if self._queue:
+            d: Deferred[None] = Deferred()
+            self._queue[-1].gone.append(d)
+            await d
 
     @property
     def queued_sends(self) -> int:

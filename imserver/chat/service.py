@@ -750,6 +750,7 @@ class ChatService:
 
     async def drain(self) -> None:
         """Wait until every commit and fan-out queued so far is done."""
+        await self.blocks.idle()  # sends waiting for their block check first
         await self.store.sends.idle()
         await self.fanouts.idle()
         await self.store.drain()
