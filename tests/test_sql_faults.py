@@ -240,6 +240,8 @@ class LostCommitTests(TestCase):
         # Both hot copies loaded, so "indexed" can be read from the hot store.
         await self.stack.chat.sync(self.a, 10, 0, None)
         await self.stack.chat.sync(self.b, 10, 0, None)
+        # The pair's blocks known: no block load before the commits these tests break.
+        await self.stack.chat.blocks.either(self.a, self.b)
 
     async def quiet(self) -> None:
         """Nothing of the stack's own in flight: the next COMMIT is the test's."""

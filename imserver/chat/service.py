@@ -1,9 +1,11 @@
 """
 The business layer: every operation of wire protocol v1 after auth.
 
-The send path is the seed's: filter -> enrich -> dedupe -> ids -> durable
-commit -> reply -> fan-out. Ids are assigned before the first wait, in the
-order requests arrive, and commits and fan-outs run as ordered batches, so
+The send path is the seed's: filter -> enrich -> block check -> dedupe ->
+ids -> durable commit -> reply -> fan-out. Ids are assigned in the order
+requests arrive (the block check, when it must wait for SQL, lets sends
+through in that order: see chat.blocks), and commits and fan-outs run as
+ordered batches, so
 messages sent on one connection are stored, pushed and listed in the order
 they were sent. The reply goes out once the message is committed; the
 fan-out (hot index, then push) follows in the background. Reads of a user's
@@ -262,10 +264,9 @@ class ChatService:
                 ErrorCode.TOO_LARGE, f"the body is larger than {self.limits.max_body_bytes} bytes"
             )
         blocked = self.blocks.for_send(sender, to, started)
-        if blocked is None:
+        if isinstance(blocked, Deferred):
             # Not known here yet: one SQL query first (in order, see chat.blocks).
-            check = Deferred.fromCoroutine(self.blocks.either(sender, to))
-            return check.addCallback(
+            return blocked.addCallback(
                 self._block_checked, sender, to, cid, kind, body, blob, started, origin
             )
         if blocked:
@@ -840,6 +841,7 @@ class ChatService:
 
     async def drain(self) -> None:
         """Wait until every commit and fan-out queued so far is done."""
+        await self.blocks.idle()  # sends waiting for their block check first
         await self.store.sends.idle()
         await self.fanouts.idle()
         await self.store.drain()
