@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from imserver.batching import Batcher
 from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
+from imserver.chat.presence import PresenceService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -156,6 +157,10 @@ class ChatService:
             store=store, presence=presence, clock=clock, max_blocks=limits.max_blocks
         )
         # -- presence and typing (issue 11) --
+        #: Who is online as others may see it, watchers, typing (chat/presence.py).
+        self.presence_service = PresenceService(
+            store=store, presence=presence, blocks=self.blocks, clock=clock
+        )
         # -- receipts and mute (issue 11) --
         # -- edit, hide, clear (issue 11) --
         self.devices = DeviceService(
@@ -666,14 +671,32 @@ class ChatService:
         nickname: str | None,
         avatar: str | None,
         origin: IClientLink | None = None,
+        presence: str | None = None,
     ) -> Result:
-        """Change one's profile; one's other devices are told."""
-        profile = await self.store.set_profile(uid, nickname, avatar)
-        if profile is None:
-            raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
-        self.profile_changed(profile)
-        self.presence.push(uid, {"t": "profile", "user": profile.public()}, origin)
-        return {"user": profile.public()}
+        """
+        Change one's profile and (C{presence}) who sees one's presence; one's
+        other devices are told. The reply and that push carry the setting.
+        """
+        if nickname is None and avatar is None:
+            found = (await self.profiles.get([uid])).get(uid)
+            if found is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = found
+        else:
+            changed = await self.store.set_profile(uid, nickname, avatar)
+            if changed is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = changed
+            self.profile_changed(profile)
+        if presence is not None:
+            await self.presence_service.set_share(uid, presence)
+            share = presence
+        else:
+            share = await self.presence_service.share(uid)
+        self.presence.push(
+            uid, {"t": "profile", "user": profile.public(), "presence": share}, origin
+        )
+        return {"user": profile.public(), "presence": share}
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -706,6 +729,7 @@ class ChatService:
         """Wait until every commit and fan-out queued so far is done."""
         await self.store.sends.idle()
         await self.fanouts.idle()
+        await self.presence_service.flush()
         await self.store.drain()
 
     # -- recovery ------------------------------------------------------------------------

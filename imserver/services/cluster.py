@@ -67,6 +67,8 @@ from imserver.periodic import Periodic
 from imserver.services.presence import (
     KICK_LOGIN_ELSEWHERE,
     KICK_REPLACED,
+    ChangeListener,
+    GoneListener,
     IClientLink,
     IPresence,
     OnlineDevice,
@@ -109,6 +111,8 @@ MAX_EARLY_NOTICES = 10_000
 #: A pending login's state once its connection went away before it was
 #: registered (else None: waiting, or the reason it was kicked meanwhile).
 _GONE = ""
+#: The broadcast kind of user-level presence transitions: [uid, online, at ms].
+PRESENCE_KIND = "presence"
 #: Pushed to a connected user who may have missed pushes: sync now.
 SYNC_PUSH: Mapping[str, Any] = {"t": "sync"}
 
@@ -173,7 +177,7 @@ class ClusterPresence:
         self._logins: Batcher[LoginEntry, tuple[LoginAnswer, list[Deferred[None]]] | None] = (
             Batcher("presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor)
         )
-        self._logouts: Batcher[tuple[int, str, str], None] = Batcher(
+        self._logouts: Batcher[tuple[int, str, str], bool] = Batcher(
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
@@ -218,6 +222,10 @@ class ClusterPresence:
         self.on_profile: Callable[[Profile], None] | None = None
         self._on_broadcast: dict[str, list[Callable[[Any], None]]] = {}
         self.broadcasts_received = 0
+        #: User-level presence transitions: see L{on_change}.
+        self._changes: list[ChangeListener] = []
+        self.on_broadcast(PRESENCE_KIND, self._presence_heard)
+        self.transitions = 0
 
     def value(self, link: IClientLink) -> str:
         """The connection's id in the cluster (conn): node:incarnation:epoch."""
@@ -285,6 +293,7 @@ class ClusterPresence:
             # Checked across nodes, or (Redis down) against this node only: replayed
             # through the login script once Redis answers (see _replay).
             limit = None if outcome is not None else self.max_online
+            had = self.registry.has(uid)
             for old in self.registry.register(uid, link, limit):
                 self._forget(uid, old.device, self.value(old))
             if outcome is None:
@@ -299,6 +308,10 @@ class ClusterPresence:
                     known.add(node)
                 else:
                     known.discard(node)
+            if outcome is not None and not had and not outcome[0][1]:
+                # The login script saw no other node holding the user: its
+                # first device anywhere (scripts run one at a time).
+                self._transition(uid, True, int(link.connected_at))
 
         return Deferred.fromCoroutine(login())
 
@@ -381,15 +394,51 @@ class ClusterPresence:
             return
         if not self.registry.remove(uid, link):
             return
-        if not self.registry.has(uid):
+        last = not self.registry.has(uid)
+        if last:
             self._others.pop(uid, None)
             self._noticed.pop(uid, None)
-        self._forget(uid, link.device, conn)
+        d = self._forget(uid, link.device, conn)
+        if last and d is not None:
+            d.addCallback(self._maybe_offline, uid)
+            d.addErrback(lambda f: self.log.failure("presence transition failed", f))
 
-    def _forget(self, uid: int, device: str, conn: str) -> Deferred[None] | None:
+    def _maybe_offline(self, nobody: bool, uid: int) -> None:
+        """
+        The logout script found the user without devices on any node: the
+        last one left. Unless the user came back here meanwhile.
+        """
+        if nobody and not self.registry.has(uid) and uid not in self._pending_users:
+            self._transition(uid, False, int(self._reactor.seconds() * 1000))
+
+    def _transition(self, uid: int, online: bool, at: int) -> None:
+        """Seen here: told to this node's listeners and, once, to every other node."""
+        self.transitions += 1
+        self.broadcast(PRESENCE_KIND, [uid, online, at])
+        self._tell(uid, online, at, True)
+
+    def _presence_heard(self, data: Any) -> None:
+        uid, online, at = data
+        self._tell(int(uid), bool(online), int(at), False)
+
+    def _tell(self, uid: int, online: bool, at: int, here: bool) -> None:
+        for listener in self._changes:
+            try:
+                listener(uid, online, at, here)
+            except Exception:
+                self.log.failure("a presence listener failed for uid {uid}", uid=uid)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._changes.append(listener)
+
+    def on_link_gone(self, listener: GoneListener) -> None:
+        self.registry.on_link_gone(listener)
+
+    def _forget(self, uid: int, device: str, conn: str) -> Deferred[bool] | None:
         """
         Remove the device's presence if still C{conn}'s (one batch per
-        turn): fires once done (None if not queued: the TTL removes it).
+        turn): fires once done, with whether the user then has no device on
+        any node (None if not queued: the TTL removes it).
         """
         self._unchecked.pop(conn, None)
         try:
@@ -398,14 +447,15 @@ class ClusterPresence:
         except QueueFull:
             return None
 
-    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[None]:
+    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[bool]:
         try:
-            await self._redis.presence_logout(self.node, entries)
+            nobody = set(await self._redis.presence_logout(self.node, entries) or ())
         except HotUnavailable:
-            pass  # the TTL removes them anyway
+            nobody = set()  # the TTL removes them anyway
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
-        return [None] * len(entries)
+            nobody = set()
+        return [uid in nobody for uid, _, _ in entries]
 
     def local(self, uid: int) -> list[IClientLink]:
         return self.registry.local(uid)
@@ -695,7 +745,7 @@ class ClusterPresence:
                 return
             self._saw(generation)
             stale = {conn for _, _, conn in lost}
-            undone: list[Deferred[None]] = []
+            undone: list[Deferred[bool]] = []
             for uid, device, conn in lost:
                 # Logged in elsewhere while the kick could not reach us; only
                 # that connection: the device may have a newer one here now.
