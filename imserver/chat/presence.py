@@ -84,6 +84,8 @@ class PresenceService:
         #: last_seen writes waiting for their flush: uid -> ms.
         self._seen: dict[int, int] = {}
         self._seen_call: IDelayedCall | None = None
+        #: Decisions under way (share and block changes).
+        self._busy: set[Deferred[None]] = set()
         presence.on_change(self._changed)
         presence.on_link_gone(self._gone)
         presence.on_broadcast(SHARE_KIND, self._share_heard)
@@ -361,8 +363,16 @@ class PresenceService:
                 self.pushes += 1
 
     def _later(self, work: Any, what: str, uid: int) -> None:
-        d = Deferred.fromCoroutine(work)
+        d: Deferred[None] = Deferred.fromCoroutine(work)
         d.addErrback(lambda f: self.log.failure(what + " failed", f, uid=uid))
+        if not d.called:
+            self._busy.add(d)
+            d.addBoth(lambda _: self._busy.discard(d))
+
+    async def settled(self) -> None:
+        """Wait for the decisions started by share and block changes (tests)."""
+        while self._busy:
+            await gatherResults(list(self._busy))
 
     # -- typing --------------------------------------------------------------------------
 
