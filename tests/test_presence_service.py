@@ -86,6 +86,7 @@ class PresenceContract:
         self.clock = Clock()
         self.presence = RecordingPresence()
         self.blocks = FakeBlocks()
+        self.devices: dict[int, list[Link]] = {}
         self.service = PresenceService(
             store=self.stack.store, presence=self.presence, blocks=self.blocks, clock=self.clock
         )
@@ -102,11 +103,15 @@ class PresenceContract:
         await self.stack.settle()
 
     def online(self, uid: int, at: int = 5_000, here: bool = True) -> None:
-        self.presence.online_users.add(uid)
+        """The user's first device connects (at C{at}): presence reports the transition."""
+        link = Link(uid, connected_at=at)
+        self.devices.setdefault(uid, []).append(link)
+        self.presence.login(uid, link)
         self.presence.change(uid, True, at, here)
 
     def offline(self, uid: int, at: int = 9_000, here: bool = True) -> None:
-        self.presence.online_users.discard(uid)
+        for link in self.devices.pop(uid, []):
+            self.presence.logout(uid, link)
         self.presence.change(uid, False, at, here)
 
     # -- presence {uids} ------------------------------------------------------------

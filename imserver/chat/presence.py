@@ -14,8 +14,9 @@ window's end, where only the last state is pushed (a flap back to where it
 was pushes nothing more).
 
 last_seen is when the user was last connected: while online, when the
-current session began (the connect time of the device that brought the
-user online); once offline, when the last device left. The node that sees
+current session began (answers: the connect time of the user's
+longest-connected device; pushes: of the device that brought the user
+online); once offline, when the last device left. The node that sees
 a transition writes it to SQL (t_presence, batched every second).
 
 Typing is never stored: a push to the peer's devices.
@@ -207,25 +208,36 @@ class PresenceService:
     async def _states(
         self, targets: Sequence[int], visible: dict[int, bool], rows: dict[int, PresenceRow]
     ) -> dict[int, State]:
+        """
+        The state of the visible targets: online with the connect time of the
+        user's longest-connected device (from presence: one call per user,
+        concurrent), else offline since the last_seen SQL has (or is about
+        to write).
+        """
         shown = [t for t in targets if visible[t]]
-        online = await gatherResults([self._online(t) for t in shown]) if shown else []
+        since = await gatherResults([self._online(t) for t in shown]) if shown else []
         states: dict[int, State] = {t: HIDDEN for t in targets}
-        for t, on in zip(shown, online, strict=True):
+        for t, connected in zip(shown, since, strict=True):
+            if connected is not None:
+                states[t] = (True, connected)
+                continue
             seen = max(rows[t].last_seen, self._seen.get(t, 0))
             known = self._state.get(t)
-            if known is not None and known[1] >= seen and known[0] == on:
-                states[t] = known
-            else:
-                states[t] = (on, seen)
+            if known is not None and not known[0]:
+                seen = max(seen, known[1])
+            states[t] = (False, seen)
         return states
 
-    def _online(self, uid: int) -> Deferred[bool]:
-        async def online() -> bool:
+    def _online(self, uid: int) -> Deferred[int | None]:
+        """When the user's longest-connected device connected; None when offline."""
+
+        async def online() -> int | None:
             try:
-                return bool(await self.presence.online(uid))
+                since = [d.since for d in await self.presence.online_devices(uid)]
             except Unavailable:
                 # Redis is down: this node's connections are all that is known.
-                return bool(self.presence.local(uid))
+                since = [link.connected_at for link in self.presence.local(uid)]
+            return int(min(since)) if since else None
 
         return Deferred.fromCoroutine(online())
 
