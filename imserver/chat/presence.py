@@ -24,6 +24,7 @@ Typing is never stored: a push to the peer's devices.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ COALESCE_SECONDS = 3.0
 SEEN_FLUSH_SECONDS = 1.0
 #: The broadcast kind of share changes: [uid, share].
 SHARE_KIND = "presence_share"
+#: Last transitions remembered for users nobody here watches (their SQL
+#: write may be a second behind the broadcast).
+MAX_HEARD = 50_000
 #: What a user one may not see looks like: never seen.
 HIDDEN = (False, 0)
 
@@ -82,6 +86,8 @@ class PresenceService:
         self._pushed: dict[int, State] = {}
         self._shares: dict[int, str] = {}
         self._windows: dict[int, IDelayedCall] = {}
+        #: The last offline time heard of each user (any node's), newest last.
+        self._heard: OrderedDict[int, int] = OrderedDict()
         #: last_seen writes waiting for their flush: uid -> ms.
         self._seen: dict[int, int] = {}
         self._seen_call: IDelayedCall | None = None
@@ -221,7 +227,7 @@ class PresenceService:
             if connected is not None:
                 states[t] = (True, connected)
                 continue
-            seen = max(rows[t].last_seen, self._seen.get(t, 0))
+            seen = max(rows[t].last_seen, self._seen.get(t, 0), self._heard.get(t, 0))
             known = self._state.get(t)
             if known is not None and not known[0]:
                 seen = max(seen, known[1])
@@ -248,6 +254,11 @@ class PresenceService:
             at = self._now_ms()
         if here:
             self._write_seen(uid, at)
+        if not online:
+            self._heard[uid] = max(at, self._heard.get(uid, 0))
+            self._heard.move_to_end(uid)
+            if len(self._heard) > MAX_HEARD:
+                self._heard.popitem(last=False)
         if uid not in self._watchers:
             return
         known = self._state.get(uid)
