@@ -29,6 +29,15 @@ L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
   simply lost: the message stays pending and is synced on reconnect.
 * Profiles: a node that changes a profile publishes it on the channel every
   node hears, so their in-process profile caches never show an old one.
+* User-level transitions (L{ClusterPresence.on_change}): a login whose
+  script saw no other node holding the user and kicked nobody is the user's
+  first device anywhere (online); a logout whose script left the user
+  without devices is the last (offline). The node that sees it tells its
+  listeners and broadcasts it once (C{presence}: [uid, online, ms]) to the
+  others, whose listeners hear it: one broadcast per transition, whatever
+  the number of watchers. Scripts run one at a time, so two nodes never
+  both see the first (or the last) device. A node that dies sends no
+  offline: its users' presence expires by TTL without a transition.
 * Recovery: when Redis loses its data (FLUSHALL, a restart without
   persistence) the bus's generation changes; every node notices within a
   second (at once if it routes a push or hears another node tell it), and
@@ -308,8 +317,9 @@ class ClusterPresence:
                     known.add(node)
                 else:
                     known.discard(node)
-            if outcome is not None and not had and not outcome[0][1]:
-                # The login script saw no other node holding the user: its
+            if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
+                # The login script saw no other node holding the user and
+                # kicked nobody (a device replaced elsewhere was online): its
                 # first device anywhere (scripts run one at a time).
                 self._transition(uid, True, int(link.connected_at))
 
