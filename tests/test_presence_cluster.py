@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from imserver.config import parse_config
@@ -114,3 +114,20 @@ class TransitionTests(TestCase):
         b.logout(uid, new)
         await eventually(lambda: len(ca) == 2)
         self.assertEqual(ca[1][1], False)
+
+    async def test_a_storm_of_logins_is_one_message(self) -> None:
+        """The transitions of one reactor turn share one broadcast message."""
+        (a, _b), (_ca, cb) = await self.nodes(2)
+        sent: list[bytes] = []
+        real = a._redis.broadcast
+
+        async def counting(message: bytes) -> int:
+            sent.append(message)
+            return await real(message)
+
+        self.patch(a._redis, "broadcast", counting)
+        users = [next(_uids) for _ in range(50)]
+        await gatherResults([a.login(uid, self.link(uid, "phone", 1_000)) for uid in users])
+        await eventually(lambda: len(cb) == 50)
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(sorted(c[0] for c in cb), users)

@@ -234,6 +234,8 @@ class ClusterPresence:
         #: User-level presence transitions: see L{on_change}.
         self._changes: list[ChangeListener] = []
         self.on_broadcast(PRESENCE_KIND, self._presence_heard)
+        self._transitions: list[list[Any]] = []
+        self._transitions_call: IDelayedCall | None = None
         self.transitions = 0
 
     def value(self, link: IClientLink) -> str:
@@ -422,10 +424,30 @@ class ClusterPresence:
             self._transition(uid, False, int(self._reactor.seconds() * 1000))
 
     def _transition(self, uid: int, online: bool, at: int) -> None:
-        """Seen here: told to this node's listeners and, once, to every other node."""
+        """
+        Seen here: told to this node's listeners and, once, to every other
+        node (the transitions of one reactor turn share one message: a
+        reconnect storm is thousands).
+        """
         self.transitions += 1
-        self.broadcast(PRESENCE_KIND, [uid, online, at])
+        self._transitions.append([uid, online, at])
+        if self._transitions_call is None:
+            self._transitions_call = self._reactor.callLater(0, self._send_transitions)
         self._tell(uid, online, at, True)
+
+    def _send_transitions(self) -> None:
+        self._transitions_call = None
+        sender = f"{self.node}:{self.incarnation}"
+        changes, self._transitions = self._transitions, []
+        message = msgpack.packb(
+            [
+                ["x", PRESENCE_KIND, msgpack.packb([sender, change], use_bin_type=True)]
+                for change in changes
+            ],
+            use_bin_type=True,
+        )
+        d = Deferred.fromCoroutine(self._redis.broadcast(message))
+        d.addErrback(self._not_broadcast, PRESENCE_KIND)
 
     def _presence_heard(self, data: Any) -> None:
         uid, online, at = data
