@@ -18,7 +18,7 @@ from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import ClusterPresence
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
-from tests.harness import fresh_prefix, shared_redis
+from tests.harness import RedisServer, fresh_prefix, shared_redis
 from tests.support import eventually, reactor, sleep
 from tests.test_cluster import RecordingLink
 
@@ -32,9 +32,10 @@ class TransitionTests(TestCase):
         self.prefix = fresh_prefix()
         self.epochs = itertools.count(1)
 
-    async def node(self, node_id: int) -> ClusterPresence:
+    async def node(self, node_id: int, redis: RedisServer | None = None) -> ClusterPresence:
         """As tests.test_cluster.ClusterPresenceTests.node."""
-        target = parse_config({"storage": {"redis": shared_redis().url}}).storage.redis
+        url = (redis or shared_redis()).url
+        target = parse_config({"storage": {"redis": url}}).storage.redis
         assert target is not None
         connection = RedisConnection(reactor, target, timeout=1.0)
         await connection.start()
@@ -47,10 +48,12 @@ class TransitionTests(TestCase):
         await eventually(lambda: presence.pubsub_state() == "ok")
         return presence
 
-    async def nodes(self, n: int) -> tuple[list[ClusterPresence], list[list[Change]]]:
+    async def nodes(
+        self, n: int, redis: RedisServer | None = None
+    ) -> tuple[list[ClusterPresence], list[list[Change]]]:
         nodes, changes = [], []
         for i in range(1, n + 1):
-            node = await self.node(i)
+            node = await self.node(i, redis)
             seen: list[Change] = []
             node.on_change(lambda *change, seen=seen: seen.append(change))  # type: ignore[misc]
             nodes.append(node)
@@ -131,3 +134,24 @@ class TransitionTests(TestCase):
         await eventually(lambda: len(cb) == 50)
         self.assertEqual(len(sent), 1)
         self.assertEqual(sorted(c[0] for c in cb), users)
+
+    async def test_transitions_during_an_outage_are_told_after_it(self) -> None:
+        """A logout and a login while Redis is down: announced once it answers."""
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        (a, _b), (ca, cb) = await self.nodes(2, redis)
+        gone, late = next(_uids), next(_uids)
+        phone = self.link(gone, "phone", 1_000)
+        await a.login(gone, phone)
+        await eventually(lambda: len(cb) == 1)
+        redis.stop()
+        a.logout(gone, phone)  # its logout script fails
+        newcomer = self.link(late, "phone", 2_000)
+        await a.login(late, newcomer)  # checked on this node only
+        redis.start()  # empty: a's refresh restores its presences
+        await eventually(lambda: len(cb) == 3, timeout=30)
+        heard = {(uid, online): (at, here) for uid, online, at, here in cb[1:]}
+        self.assertEqual(set(heard), {(gone, False), (late, True)})
+        self.assertEqual(heard[(late, True)], (2_000, False))
+        self.assertGreater(heard[(gone, False)][0], 1_000)
+        self.assertEqual(sorted(c[:2] for c in ca[1:]), [(gone, False), (late, True)])

@@ -36,8 +36,10 @@ L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
   listeners and broadcasts it once (C{presence}: [uid, online, ms]) to the
   others, whose listeners hear it: one broadcast per transition, whatever
   the number of watchers. Scripts run one at a time, so two nodes never
-  both see the first (or the last) device. A node that dies sends no
-  offline: its users' presence expires by TTL without a transition.
+  both see the first (or the last) device. Transitions seen while Redis is
+  down are told once it answers (the refresh checks each: L{_announce}).
+  A node that dies sends no offline: its users' presence expires by TTL
+  without a transition.
 * Recovery: when Redis loses its data (FLUSHALL, a restart without
   persistence) the bus's generation changes; every node notices within a
   second (at once if it routes a push or hears another node tell it), and
@@ -236,6 +238,8 @@ class ClusterPresence:
         self.on_broadcast(PRESENCE_KIND, self._presence_heard)
         self._transitions: list[list[Any]] = []
         self._transitions_call: IDelayedCall | None = None
+        #: Transitions that happened here while Redis was down: uid -> (online, ms).
+        self._unannounced: dict[int, tuple[bool, int]] = {}
         self.transitions = 0
 
     def value(self, link: IClientLink) -> str:
@@ -319,6 +323,10 @@ class ClusterPresence:
                     known.add(node)
                 else:
                     known.discard(node)
+            if outcome is None and not had:
+                # Redis is down: whether it is the user's first device anywhere
+                # is told once it answers (see _announce).
+                self._unannounced_change(uid, True, int(link.connected_at))
             if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
                 # The login script saw no other node holding the user and
                 # kicked nobody (a device replaced elsewhere was online): its
@@ -449,6 +457,32 @@ class ClusterPresence:
         d = Deferred.fromCoroutine(self._redis.broadcast(message))
         d.addErrback(self._not_broadcast, PRESENCE_KIND)
 
+    def _unannounced_change(self, uid: int, online: bool, at: int) -> None:
+        if len(self._unannounced) < MAX_UNROUTED or uid in self._unannounced:
+            self._unannounced[uid] = (online, at)
+
+    async def _announce(self) -> None:
+        """
+        After an outage, the transitions that may have happened here while
+        Redis was down: a user who connected here only is online, one who
+        left here and has no device anywhere is offline. (A redundant one is
+        harmless: listeners keep the newest state.)
+        """
+        pending, self._unannounced = self._unannounced, {}
+        for uid, (online, at) in pending.items():
+            try:
+                rows = await self._redis.presence_devices(uid)
+            except HotUnavailable:
+                for left, change in pending.items():
+                    self._unannounced.setdefault(left, change)
+                return
+            nodes = {conn.split(":", 1)[0] for _, conn, _ in rows}
+            here = self.registry.has(uid)
+            if online and here and nodes <= {self.node}:
+                self._transition(uid, True, at)
+            elif not online and not here and not nodes and uid not in self._pending_users:
+                self._transition(uid, False, at)
+
     def _presence_heard(self, data: Any) -> None:
         uid, online, at = data
         self._tell(int(uid), bool(online), int(at), False)
@@ -484,6 +518,12 @@ class ClusterPresence:
             nobody = set(await self._redis.presence_logout(self.node, entries) or ())
         except HotUnavailable:
             nobody = set()  # the TTL removes them anyway
+            # Whether these were the users' last devices anywhere is told once
+            # Redis answers (see _announce).
+            now = int(self._reactor.seconds() * 1000)
+            for uid in {entry[0] for entry in entries}:
+                if not self.registry.has(uid):
+                    self._unannounced_change(uid, False, now)
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
             nobody = set()
@@ -809,6 +849,8 @@ class ClusterPresence:
                     self.sync_pushes += 1
             if undone:
                 await gatherResults(undone)
+        if self._unannounced:
+            await self._announce()
 
     def _registered(self, uid: int, link: IClientLink) -> bool:
         return self.registry.device_link(uid, link.device) is link
