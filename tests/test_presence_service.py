@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.chat.blocks import BlockService
-from imserver.chat.presence import COALESCE_SECONDS, PresenceService
+from imserver.chat.presence import CHECK_SECONDS, COALESCE_SECONDS, PresenceService
 from imserver.errors import ErrorCode, ImError
 from imserver.gateway.registry import LocalRegistry
 from imserver.storage.presence import PresenceStore
@@ -306,6 +306,27 @@ class PresenceContract:
         self.assertEqual(
             link.take(), [{"t": "presence", "uid": friend, "online": False, "last_seen": 9_000}]
         )
+
+    async def test_a_user_whose_node_died_goes_offline(self) -> None:
+        """Its node sent no offline; a check finds it without devices."""
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        link = Link(me)
+        self.online(friend, at=5_000)
+        await self.service.watch(me, link, [friend])
+        # Its devices were on another node, which died: gone without a transition.
+        self.presence._links.pop(friend)
+        self.clock.advance(CHECK_SECONDS - 1)
+        await self.service.settled()
+        self.assertEqual(link.take(), [])
+        self.clock.advance(1)
+        await self.service.settled()
+        [push] = link.take()
+        self.assertEqual((push["uid"], push["online"]), (friend, False))
+        # Checked again later: nothing more.
+        self.clock.advance(CHECK_SECONDS)
+        await self.service.settled()
+        self.assertEqual(link.take(), [])
 
     # -- typing ---------------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ longest-connected device; pushes: of the device that brought the user
 online); once offline, when the last device left. The node that sees
 a transition writes it to SQL (t_presence, batched every second).
 
+A node that dies sends no offline: every L{CHECK_SECONDS} each node asks
+presence about (a bounded number of) the watched users it believes online
+elsewhere, and tells the ones found without devices as gone.
+
 Typing is never stored: a push to the peer's devices.
 """
 
@@ -48,6 +52,11 @@ SHARE_KIND = "presence_share"
 #: Last transitions remembered for users nobody here watches (their SQL
 #: write may be a second behind the broadcast).
 MAX_HEARD = 50_000
+#: How often the watched users believed online elsewhere are checked, and
+#: how many a check asks about at most (one presence call each): a node that
+#: dies sends no offline, its users' presence expires by TTL.
+CHECK_SECONDS = 30.0
+CHECK_MAX = 500
 #: What a user one may not see looks like: never seen.
 HIDDEN = (False, 0)
 
@@ -91,6 +100,8 @@ class PresenceService:
         #: last_seen writes waiting for their flush: uid -> ms.
         self._seen: dict[int, int] = {}
         self._seen_call: IDelayedCall | None = None
+        self._check_call: IDelayedCall | None = None
+        self._check_after = 0
         #: Decisions under way (share and block changes).
         self._busy: set[Deferred[None]] = set()
         presence.on_change(self._changed)
@@ -130,6 +141,7 @@ class PresenceService:
         self._watching[link] = (uid, frozenset(targets), number)
         for t in targets:
             self._watchers.setdefault(t, {})[link] = False
+        self._arm_check()
         visible, rows = await self._decide(uid, targets)
         states = await self._states(targets, visible, rows)
         current = self._watching.get(link)
@@ -247,6 +259,37 @@ class PresenceService:
 
         return Deferred.fromCoroutine(online())
 
+    # -- users whose node died --------------------------------------------------------
+
+    def _arm_check(self) -> None:
+        if self._check_call is None and self._watchers:
+            self._check_call = self.clock.callLater(CHECK_SECONDS, self._check_tick)
+
+    def _check_tick(self) -> None:
+        self._check_call = None
+        self._later(self.check(), "presence check", 0)
+
+    async def check(self) -> None:
+        """
+        Ask about up to L{CHECK_MAX} watched users believed online with no
+        connection here, in uid order from where the last check stopped: one
+        found without devices went offline unseen (its node died), and is
+        told as a transition seen here.
+        """
+        try:
+            online = sorted(
+                t for t, state in self._state.items() if state[0] and not self.presence.local(t)
+            )
+            batch = [t for t in online if t > self._check_after][:CHECK_MAX]
+            if len(batch) < CHECK_MAX:
+                batch += [t for t in online if t <= self._check_after][: CHECK_MAX - len(batch)]
+            for t in batch:
+                self._check_after = t
+                if await self._online(t) is None and self._state.get(t, HIDDEN)[0]:
+                    self._changed(t, False, 0, True)
+        finally:
+            self._arm_check()
+
     # -- transitions -------------------------------------------------------------------
 
     def _changed(self, uid: int, online: bool, at: int, here: bool) -> None:
@@ -305,7 +348,13 @@ class PresenceService:
         return d
 
     async def flush(self) -> None:
-        """Write the last_seen times waiting for their flush (at shutdown)."""
+        """
+        Write the last_seen times waiting for their flush, and stop checking
+        (at shutdown; the next watch checks again).
+        """
+        if self._check_call is not None and self._check_call.active():
+            self._check_call.cancel()
+        self._check_call = None
         if self._seen_call is not None and self._seen_call.active():
             self._seen_call.cancel()
         if self._seen:
