@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from imserver.client import IMClientProtocol
+from imserver.client import IMClientProtocol, RequestFailed
 from tests.harness import ServerProcess
 from tests.support import sleep, within
 from tests.test_cluster import cluster_backend, kept_nodes
@@ -184,3 +184,25 @@ class PresenceClusterTests(DevicesHelpers, TestCase):
         answer = await self.result(client, "watch", uids=list(range(1, 501)))
         self.assertEqual(len(answer["users"]), 500)
         self.assertEqual(await self.result(client, "watch", uids=[]), {"users": []})
+        # presence and watch share the social bucket (burst 30, 10 a second).
+        codes = []
+        for _ in range(40):
+            try:
+                await within(client.request("presence", uids=[uid]))
+                codes.append("ok")
+            except RequestFailed as e:
+                codes.append(e.code)
+        self.assertIn("rate_limited", codes)
+        self.assertEqual(codes[:25], ["ok"] * 25)
+
+    async def test_a_client_that_does_not_watch_gets_no_presence_push(self) -> None:
+        """A v1 client: its contacts come and go, nothing new is pushed to it."""
+        n1, n2, _n3 = self.nodes
+        old_uid, peer_uid = next(_uids), next(_uids)
+        old = await self.client(n1.endpoint, n1.token(old_uid))  # no device: v1
+        peer, _ = await self.device(n2, peer_uid, "phone")
+        await self.contacts(peer, old, old_uid, peer_uid)
+        await within(peer.close())
+        peer, _ = await self.device(n2, peer_uid, "phone")
+        await within(peer.close())
+        await self.none_of(old, "presence", wait=4.0)
