@@ -351,12 +351,15 @@ class PresenceContract:
     async def test_set_profile_presence(self) -> None:
         me, other = await self.users(2)
         chat = self.stack.chat
-        reply = await chat.set_profile(me, None, None, presence="everyone")
+        reply = await chat.set_profile(me, None, None, presence="everyone", show_presence=True)
         self.assertEqual(
             reply, {"user": {"uid": me, "nickname": "", "avatar": ""}, "presence": "everyone"}
         )
-        reply = await chat.set_profile(me, "me", None)
+        reply = await chat.set_profile(me, "me", None, show_presence=True)
         self.assertEqual(reply["presence"], "everyone")
+        # Without show_presence (the HTTP API), the reply is as before; the push has it.
+        reply = await chat.set_profile(me, "me", None)
+        self.assertEqual(reply, {"user": {"uid": me, "nickname": "me", "avatar": ""}})
         self.assertEqual(await chat.presence_service.share(me), "everyone")
         # Others' profile does not show it.
         self.assertEqual(

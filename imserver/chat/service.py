@@ -672,10 +672,12 @@ class ChatService:
         avatar: str | None,
         origin: IClientLink | None = None,
         presence: str | None = None,
+        show_presence: bool = False,
     ) -> Result:
         """
         Change one's profile and (C{presence}) who sees one's presence; one's
-        other devices are told. The reply and that push carry the setting.
+        other devices are told, with the setting. The reply carries it with
+        C{show_presence} (the wire op's; the HTTP API's reply is as before).
         """
         if nickname is None and avatar is None:
             found = (await self.profiles.get([uid])).get(uid)
@@ -696,7 +698,9 @@ class ChatService:
         self.presence.push(
             uid, {"t": "profile", "user": profile.public(), "presence": share}, origin
         )
-        return {"user": profile.public(), "presence": share}
+        if show_presence:
+            return {"user": profile.public(), "presence": share}
+        return {"user": profile.public()}
 
     # -- devices ---------------------------------------------------------------------------
 

@@ -94,7 +94,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     def set_profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.SetProfile)
-        return _call(chat.set_profile(uid(conn), r.nickname, r.avatar, conn, r.presence))
+        return _call(
+            chat.set_profile(uid(conn), r.nickname, r.avatar, conn, r.presence, show_presence=True)
+        )
 
     async def _catchup(conn: ClientProtocol, r: frames.Catchup) -> Result:
         after = conn.position if r.after is None else r.after
