@@ -27,16 +27,7 @@ _uids = itertools.count(950_000)
 PUSH_TIMEOUT = 10.0
 
 
-class PresenceClusterTests(DevicesHelpers, TestCase):
-    _nodes: list[ServerProcess] = []
-
-    def backend(self) -> dict[str, dict[str, Any]]:
-        return cluster_backend()
-
-    @property
-    def nodes(self) -> list[ServerProcess]:
-        return kept_nodes(type(self)._nodes, self.backend)
-
+class PresenceHelpers(DevicesHelpers):
     async def pushed(self, client: IMClientProtocol, kind: str) -> Frame:
         """The next push of C{kind} (others, messages or sync, are passed over)."""
         while True:
@@ -55,6 +46,17 @@ class PresenceClusterTests(DevicesHelpers, TestCase):
         """a and b talk (a conversation: contacts)."""
         await self.ok(a, "send", to=b_uid, cid=f"hello-{a_uid}-{b_uid}", body="hi")
         await self.pushed(b, "msg")
+
+
+class PresenceClusterTests(PresenceHelpers, TestCase):
+    _nodes: list[ServerProcess] = []
+
+    def backend(self) -> dict[str, dict[str, Any]]:
+        return cluster_backend()
+
+    @property
+    def nodes(self) -> list[ServerProcess]:
+        return kept_nodes(type(self)._nodes, self.backend)
 
     async def test_watch_a_user_on_another_node(self) -> None:
         n1, n2, n3 = self.nodes
@@ -206,3 +208,30 @@ class PresenceClusterTests(DevicesHelpers, TestCase):
         peer, _ = await self.device(n2, peer_uid, "phone")
         await within(peer.close())
         await self.none_of(old, "presence", wait=4.0)
+
+
+class PresenceSingleNodeTests(PresenceHelpers, TestCase):
+    """The embedded default (one node, SQLite): presence through the local registry."""
+
+    async def test_last_seen_survives_a_restart(self) -> None:
+        server = ServerProcess()
+        self.addCleanup(server.cleanup)
+        server.start()
+        alice_uid, bob_uid = next(_uids), next(_uids)
+        alice, _ = await self.device(server, alice_uid, "phone")
+        bob, _ = await self.device(server, bob_uid, "phone")
+        await self.ok(bob, "send", to=alice_uid, cid="hi", body="hi")
+        answer = await self.result(alice, "watch", uids=[bob_uid])
+        self.assertIs(answer["users"][0]["online"], True)
+        await within(bob.close())
+        off = await self.pushed(alice, "presence")
+        self.assertEqual((off["uid"], off["online"]), (bob_uid, False))
+        await sleep(1.5)  # last_seen is written within a second
+        await within(alice.close())
+        server.stop()
+        server.start()
+        alice, _ = await self.device(server, alice_uid, "phone")
+        answer = await self.result(alice, "presence", uids=[bob_uid])
+        self.assertEqual(
+            answer["users"], [{"uid": bob_uid, "online": False, "last_seen": off["last_seen"]}]
+        )
