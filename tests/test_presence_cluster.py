@@ -67,11 +67,15 @@ class TransitionTests(TestCase):
         (a, b, c), (ca, cb, cc) = await self.nodes(3)
         uid = next(_uids)
         phone = self.link(uid, "phone", 1_000)
+        before = int(reactor.seconds() * 1000)
         await a.login(uid, phone)
         await eventually(lambda: cb and cc)
-        self.assertEqual(ca, [(uid, True, 1_000, True)])
-        self.assertEqual(cb, [(uid, True, 1_000, False)])
-        self.assertEqual(cc, [(uid, True, 1_000, False)])
+        [(_, _, at, _)] = ca
+        # When the login completed (not when its connection began).
+        self.assertGreaterEqual(at, before)
+        self.assertEqual(ca, [(uid, True, at, True)])
+        self.assertEqual(cb, [(uid, True, at, False)])
+        self.assertEqual(cc, [(uid, True, at, False)])
         # A second device on another node, and the first leaving: no transition.
         desk = self.link(uid, "desk", 2_000)
         await b.login(uid, desk)
@@ -97,7 +101,7 @@ class TransitionTests(TestCase):
         await a.login(uid, desk)
         a.logout(uid, desk)
         await sleep(0.3)
-        self.assertEqual(ca, [(uid, True, 1_000, True)])
+        self.assertEqual([c[:2] for c in ca], [(uid, True)])
         a.logout(uid, phone)
         await eventually(lambda: len(cb) == 2)
         self.assertEqual([x[1] for x in ca], [True, False])
@@ -152,6 +156,7 @@ class TransitionTests(TestCase):
         await eventually(lambda: len(cb) == 3, timeout=30)
         heard = {(uid, online): (at, here) for uid, online, at, here in cb[1:]}
         self.assertEqual(set(heard), {(gone, False), (late, True)})
-        self.assertEqual(heard[(late, True)], (2_000, False))
-        self.assertGreater(heard[(gone, False)][0], 1_000)
+        self.assertFalse(heard[(late, True)][1])
+        # Each when it happened here: the logout, then the login.
+        self.assertLessEqual(heard[(gone, False)][0], heard[(late, True)][0])
         self.assertEqual(sorted(c[:2] for c in ca[1:]), [(gone, False), (late, True)])

@@ -328,6 +328,38 @@ class PresenceContract:
         await self.service.settled()
         self.assertEqual(link.take(), [])
 
+    async def test_a_switch_of_devices_ends_online(self) -> None:
+        """
+        A device whose connection began before the user's last one left, and
+        whose login completes after: online (transitions are ordered by when
+        they happen, not by when connections began). On a single node's registry.
+        """
+        registry = LocalRegistry()
+        service = PresenceService(
+            store=self.stack.store, presence=registry, blocks=self.blocks, clock=self.clock
+        )
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        watcher = Link(me)
+        registry.login(me, watcher)
+        self.clock.advance(10)
+        phone = Link(friend, "phone", connected_at=10_000)
+        registry.login(friend, phone)
+        await service.watch(me, watcher, [friend])
+        self.clock.advance(5)
+        laptop = Link(friend, "laptop", connected_at=14_000)  # its auth began a second ago
+        registry.logout(friend, phone)
+        self.clock.advance(0.01)
+        registry.login(friend, laptop)
+        self.clock.advance(COALESCE_SECONDS)
+        pushed = watcher.take()
+        self.assertEqual(
+            [(p["online"], p["last_seen"]) for p in pushed], [(False, 15_000), (True, 15_010)]
+        )
+        answer = await service.query(me, [friend])
+        self.assertEqual(answer["users"], [{"uid": friend, "online": True, "last_seen": 15_010}])
+        await service.flush()
+
     # -- typing ---------------------------------------------------------------------------
 
     async def test_typing(self) -> None:
@@ -410,15 +442,15 @@ class RegistryTransitionTests(SynchronousTestCase):
         gone: list[tuple[int, Link]] = []
         registry.on_change(lambda *change: changes.append(change))
         registry.on_link_gone(lambda uid, link: gone.append((uid, link)))
-        phone, desk, tablet = Link(7, "phone", connected_at=100), Link(7, "desk"), Link(7, "tab")
+        phone, desk, tablet = Link(7, "phone"), Link(7, "desk"), Link(7, "tab")
         registry.login(7, phone)
         registry.login(7, desk)
-        self.assertEqual(changes, [(7, True, 100, True)])
+        self.assertEqual(changes, [(7, True, 0, True)])
         registry.login(7, tablet)  # beyond max_online: one goes, the user stays
         self.assertEqual(len(gone), 1)
         for link in (phone, desk, tablet):
             registry.logout(7, link)
-        self.assertEqual(changes, [(7, True, 100, True), (7, False, 0, True)])
+        self.assertEqual(changes, [(7, True, 0, True), (7, False, 0, True)])
         self.assertEqual(len(gone), 3)
 
     def test_replaced_device(self) -> None:
@@ -429,7 +461,7 @@ class RegistryTransitionTests(SynchronousTestCase):
         registry.login(7, old)
         registry.login(7, new)
         registry.logout(7, old)  # its close comes after the replacement
-        self.assertEqual(changes, [(7, True, 1_000, True)])
+        self.assertEqual(changes, [(7, True, 0, True)])
         self.assertEqual(old.kicked, ["replaced"])
 
 

@@ -15,8 +15,8 @@ was pushes nothing more).
 
 last_seen is when the user was last connected: while online, when the
 current session began (answers: the connect time of the user's
-longest-connected device; pushes: of the device that brought the user
-online); once offline, when the last device left. The node that sees
+longest-connected device; pushes: when the login that brought the user
+online completed); once offline, when the last device left. The node that sees
 a transition writes it to SQL (t_presence, batched every second).
 
 A node that dies sends no offline: every L{CHECK_SECONDS} each node asks
@@ -229,18 +229,20 @@ class PresenceService:
         """
         The state of the visible targets: online with the connect time of the
         user's longest-connected device (from presence: one call per user,
-        concurrent), else offline since the last_seen SQL has (or is about
-        to write).
+        concurrent; for a user watched here, the time its watchers were
+        pushed), else offline since the last_seen SQL has (or is about to
+        write).
         """
         shown = [t for t in targets if visible[t]]
         since = await gatherResults([self._online(t) for t in shown]) if shown else []
         states: dict[int, State] = {t: HIDDEN for t in targets}
         for t, connected in zip(shown, since, strict=True):
+            known = self._state.get(t)
             if connected is not None:
-                states[t] = (True, connected)
+                # Watched here: what its watchers were pushed (the same session).
+                states[t] = known if known is not None and known[0] else (True, connected)
                 continue
             seen = max(rows[t].last_seen, self._seen.get(t, 0), self._heard.get(t, 0))
-            known = self._state.get(t)
             if known is not None and not known[0]:
                 seen = max(seen, known[1])
             states[t] = (False, seen)

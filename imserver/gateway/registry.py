@@ -62,7 +62,7 @@ class LocalRegistry:
         devices = self._links.get(uid)
         if devices is None:
             self._links[uid] = {link.device: link}
-            self._changed(uid, True, int(link.connected_at))
+            self._changed(uid, True, 0)
             return []
         kicked: list[IClientLink] = []
         old = devices.get(link.device)

@@ -326,12 +326,12 @@ class ClusterPresence:
             if outcome is None and not had:
                 # Redis is down: whether it is the user's first device anywhere
                 # is told once it answers (see _announce).
-                self._unannounced_change(uid, True, int(link.connected_at))
+                self._unannounced_change(uid, True, int(self._reactor.seconds() * 1000))
             if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
                 # The login script saw no other node holding the user and
                 # kicked nobody (a device replaced elsewhere was online): its
                 # first device anywhere (scripts run one at a time).
-                self._transition(uid, True, int(link.connected_at))
+                self._transition(uid, True, int(self._reactor.seconds() * 1000))
 
         return Deferred.fromCoroutine(login())
 

@@ -36,8 +36,10 @@ KICK_REVOKED = "revoked"
 KICK_LOGIN_ELSEWHERE = KICK_REPLACED
 
 #: Told (uid, online, at ms, here) of a user-level presence transition: the
-#: user's first device anywhere connected (C{at}: its connect time) or the
-#: last one left (C{at}: when; 0 means now, for the listener's clock to say).
+#: user's first device anywhere logged in or the last one left, C{at} when
+#: (0: now, for the listener's clock to say). Listeners order transitions by
+#: C{at}: a login's, not its connection's start (that may precede the logout
+#: of the user's previous last device).
 #: C{here}: this node saw it happen (the other nodes heard of it).
 ChangeListener = Callable[[int, bool, int, bool], None]
 #: Told (uid, link) when a connection of this node leaves presence.
