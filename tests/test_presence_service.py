@@ -234,7 +234,10 @@ class PresenceContract:
         self.assertEqual(self.service.coalesced, 3)
         # An older transition heard late (another node's) is ignored.
         self.online(friend, at=1_400)
-        self.offline(friend, at=1_300)  # older than what is known: ignored
+        # Heard from another node, older than what is known: presence (still
+        # online) is asked, and says the state known is right.
+        self.presence.change(friend, False, 1_300, False)
+        await self.service.settled()
         self.assertEqual(link.take(), [])
         self.clock.advance(COALESCE_SECONDS)
         self.assertEqual(
@@ -327,6 +330,32 @@ class PresenceContract:
         self.clock.advance(CHECK_SECONDS)
         await self.service.settled()
         self.assertEqual(link.take(), [])
+
+    async def test_transitions_out_of_order_are_checked(self) -> None:
+        """
+        An online stamped before the offline it follows (a node whose clock is
+        behind): presence is asked, and the user shows online.
+        """
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        link = Link(me)
+        await self.service.watch(me, link, [friend])
+        self.online(friend, at=5_000)
+        self.offline(friend, at=9_000)
+        self.clock.advance(COALESCE_SECONDS)
+        link.take()
+        # Back on a node whose clock is two seconds behind.
+        self.online(friend, at=8_000, here=False)
+        await self.service.settled()
+        self.assertEqual(self.service.verified, 1)
+        self.clock.advance(COALESCE_SECONDS)
+        [push] = link.take()
+        self.assertIs(push["online"], True)
+        self.assertGreater(push["last_seen"], 9_000)
+        # An older one that agrees changes nothing, and asks nothing.
+        self.online(friend, at=7_000, here=False)
+        await self.service.settled()
+        self.assertEqual(self.service.verified, 1)
 
     async def test_a_switch_of_devices_ends_online(self) -> None:
         """

@@ -112,6 +112,7 @@ class PresenceService:
         self.pushes = 0
         self.coalesced = 0
         self.typing_pushes = 0
+        self.verified = 0
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -308,12 +309,24 @@ class PresenceService:
             return
         known = self._state.get(uid)
         if known is not None and at < known[1]:
-            return  # an older transition, heard late
+            # Older than what is known: heard late, or stamped by a node whose
+            # clock is behind. If it disagrees, presence says which is right.
+            if online != known[0]:
+                self._later(self._verify(uid), "presence check of {uid}", uid)
+            return
         self._state[uid] = (online, at)
         if uid in self._windows:
             self.coalesced += 1
             return
         self._emit(uid)
+
+    async def _verify(self, uid: int) -> None:
+        """Set a watched user's state from presence itself (after transitions disagreed)."""
+        self.verified += 1
+        online = await self._online(uid) is not None
+        known = self._state.get(uid)
+        if known is not None and known[0] != online:
+            self._changed(uid, online, max(self._now_ms(), known[1] + 1), False)
 
     def _emit(self, uid: int) -> None:
         state = self._state.get(uid)
