@@ -407,6 +407,55 @@ class PresenceContract:
         self.assertEqual(await self.service.typing(me, friend, False), {})
         self.assertEqual(self.presence.take(friend, "typing"), [])
 
+    async def test_authorization_matrix(self) -> None:
+        """
+        Every op of this feature x a user outside the conversation, one who
+        blocks the other, one blocked by the other (and a contact, and
+        oneself): what the caller gets and what the peer is pushed.
+        """
+        me, contact, outsider, blocker, blocked = await self.users(5)
+        for peer in (contact, blocker, blocked):
+            await self.talk(me, peer)
+        self.blocks.block(blocker, me)
+        self.blocks.block(me, blocked)
+        for peer in (contact, outsider, blocker, blocked):
+            self.online(peer, at=5_000)
+            self.presence.online_users.add(peer)
+        await self.service.set_share(outsider, "contacts")
+        shown = {"online": True, "last_seen": 5_000}
+        expected = {
+            me: {"online": False, "last_seen": 0},  # oneself (offline here)
+            contact: shown,
+            outsider: {"online": False, "last_seen": 0},
+            blocker: {"online": False, "last_seen": 0},
+            blocked: {"online": False, "last_seen": 0},
+        }
+        peers = [me, contact, outsider, blocker, blocked]
+        answer = await self.service.query(me, peers)
+        self.assertEqual(answer["users"], [{"uid": p, **expected[p]} for p in peers])
+        link = Link(me)
+        answer = await self.service.watch(me, link, peers)
+        self.assertEqual(answer["users"], [{"uid": p, **expected[p]} for p in peers])
+        self.clock.advance(COALESCE_SECONDS)
+        for peer in peers[1:]:
+            self.offline(peer, at=9_000)
+        self.assertEqual([p["uid"] for p in link.take()], [contact])
+        # typing: the contact gets it; an outsider and oneself are forbidden; across
+        # a block either way: {} and nothing pushed.
+        outcomes = {}
+        for peer in peers:
+            self.presence.online_users.add(peer)
+            try:
+                outcomes[peer] = await self.service.typing(me, peer, True)
+            except ImError as e:
+                outcomes[peer] = str(e.code)
+        self.assertEqual(
+            outcomes,
+            {me: "forbidden", contact: {}, outsider: "forbidden", blocker: {}, blocked: {}},
+        )
+        pushed = {p: self.presence.take(p, "typing") for p in peers}
+        self.assertEqual({p for p, frames in pushed.items() if frames}, {contact})
+
     # -- through the chat service ----------------------------------------------------------
 
     async def test_set_profile_presence(self) -> None:
