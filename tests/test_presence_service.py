@@ -212,6 +212,29 @@ class PresenceContract:
         answer = await self.service.watch(me, Link(me), [friend])
         self.assertEqual(answer["users"], [{"uid": friend, "online": True, "last_seen": 4_000}])
 
+    async def test_users_watched_here_cost_no_presence_call(self) -> None:
+        """A user watched on this node already is answered from memory."""
+        me, other, friend = await self.users(3)
+        await self.talk(me, friend)
+        await self.talk(other, friend)
+        self.online(friend, at=5_000)
+        asked: list[int] = []
+        real = self.presence.online_devices
+
+        def counting(uid: int) -> Any:
+            asked.append(uid)
+            return real(uid)
+
+        assert isinstance(self, TestCase)
+        self.patch(self.presence, "online_devices", counting)
+        await self.service.watch(me, Link(me), [friend])
+        self.assertEqual(asked, [friend])
+        answer = await self.service.watch(other, Link(other), [friend])
+        answer2 = await self.service.query(other, [friend])
+        self.assertEqual(asked, [friend])
+        self.assertEqual(answer, answer2)
+        self.assertEqual(answer["users"], [{"uid": friend, "online": True, "last_seen": 5_000}])
+
     async def test_coalescing(self) -> None:
         """At most one push per watcher per window; the last state wins."""
         me, friend = await self.users(2)

@@ -230,17 +230,24 @@ class PresenceService:
         """
         The state of the visible targets: online with the connect time of the
         user's longest-connected device (from presence: one call per user,
-        concurrent; for a user watched here, the time its watchers were
-        pushed), else offline since the last_seen SQL has (or is about to
-        write).
+        concurrent), else offline since the last_seen SQL has (or is about to
+        write). A user watched here already costs nothing: its state follows
+        the transitions (and L{check}), as its watchers were pushed.
         """
         shown = [t for t in targets if visible[t]]
-        since = await gatherResults([self._online(t) for t in shown]) if shown else []
+        # Users watched here already: their state follows the transitions.
+        ask = [t for t in shown if t not in self._state]
+        found = await gatherResults([self._online(t) for t in ask]) if ask else []
+        since = dict(zip(ask, found, strict=True))
         states: dict[int, State] = {t: HIDDEN for t in targets}
-        for t, connected in zip(shown, since, strict=True):
+        for t in shown:
             known = self._state.get(t)
+            if known is not None and t not in since:
+                states[t] = known
+                continue
+            connected = since.get(t)
             if connected is not None:
-                # Watched here: what its watchers were pushed (the same session).
+                # A transition heard meanwhile is what its watchers were pushed.
                 states[t] = known if known is not None and known[0] else (True, connected)
                 continue
             seen = max(rows[t].last_seen, self._seen.get(t, 0), self._heard.get(t, 0))
