@@ -371,12 +371,18 @@ class PresenceService:
 
     async def flush(self) -> None:
         """
-        Write the last_seen times waiting for their flush, and stop checking
-        (at shutdown; the next watch checks again).
+        Write the last_seen times waiting for their flush and stop the
+        timers (at shutdown, from ChatService.drain): a coalesced push still
+        waiting is dropped, its watchers are being disconnected; the next
+        watch starts the checks again.
         """
         if self._check_call is not None and self._check_call.active():
             self._check_call.cancel()
         self._check_call = None
+        windows, self._windows = self._windows, {}
+        for call in windows.values():
+            if call.active():
+                call.cancel()
         if self._seen_call is not None and self._seen_call.active():
             self._seen_call.cancel()
         if self._seen:
