@@ -36,6 +36,7 @@ from imserver.batching import Batcher
 from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
 from imserver.chat.edits import EditService
+from imserver.chat.presence import PresenceService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -178,6 +179,10 @@ class ChatService:
             store=store, presence=presence, clock=clock, max_blocks=limits.max_blocks
         )
         # -- presence and typing (issue 11) --
+        #: Who is online as others may see it, watchers, typing (chat/presence.py).
+        self.presence_service = PresenceService(
+            store=store, presence=presence, blocks=self.blocks, clock=clock
+        )
         # -- receipts and mute (issue 11) --
         # -- edit, hide, clear (issue 11) --
         self.edits = EditService(
@@ -803,13 +808,35 @@ class ChatService:
         nickname: str | None,
         avatar: str | None,
         origin: IClientLink | None = None,
+        presence: str | None = None,
+        show_presence: bool = False,
     ) -> Result:
-        """Change one's profile; one's other devices are told."""
-        profile = await self.store.set_profile(uid, nickname, avatar)
-        if profile is None:
-            raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
-        self.profile_changed(profile)
-        self.presence.push(uid, {"t": "profile", "user": profile.public()}, origin)
+        """
+        Change one's profile and (C{presence}) who sees one's presence; one's
+        other devices are told, with the setting. The reply carries it with
+        C{show_presence} (the wire op's; the HTTP API's reply is as before).
+        """
+        if nickname is None and avatar is None:
+            found = (await self.profiles.get([uid])).get(uid)
+            if found is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = found
+        else:
+            changed = await self.store.set_profile(uid, nickname, avatar)
+            if changed is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = changed
+            self.profile_changed(profile)
+        if presence is not None:
+            await self.presence_service.set_share(uid, presence)
+            share = presence
+        else:
+            share = await self.presence_service.share(uid)
+        self.presence.push(
+            uid, {"t": "profile", "user": profile.public(), "presence": share}, origin
+        )
+        if show_presence:
+            return {"user": profile.public(), "presence": share}
         return {"user": profile.public()}
 
     # -- devices ---------------------------------------------------------------------------
@@ -844,6 +871,7 @@ class ChatService:
         await self.blocks.idle()  # sends waiting for their block check first
         await self.store.sends.idle()
         await self.fanouts.idle()
+        await self.presence_service.flush()
         await self.store.drain()
 
     # -- recovery ------------------------------------------------------------------------
