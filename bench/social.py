@@ -78,11 +78,14 @@ def merged_mix(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def features(mix: dict[str, Any]) -> dict[str, str]:
-    """Per feature: "on", or why it was skipped / saw nothing."""
+def features(mix: dict[str, Any], off: dict[str, str] | None = None) -> dict[str, str]:
+    """Per feature: "on", "off" (by an option: C{off}), or why it was skipped or saw
+    nothing."""
     out = {}
     for name, (op, push) in FEATURES.items():
-        if op is not None and op in mix["absent"]:
+        if off and name in off:
+            out[name] = f"off ({off[name]})"
+        elif op is not None and op in mix["absent"]:
             out[name] = f"skipped ({op}: {mix['absent'][op]})"
         elif name == "presence" and "set_profile" in mix["absent"]:
             out[name] = f"on, share not set (set_profile: {mix['absent']['set_profile']})"
@@ -133,6 +136,16 @@ def cmd_social(args: Any) -> dict[str, Any]:
                 "pool_uids": pool,
             }
 
+    off = {
+        name: flag
+        for name, flag, on in (
+            ("typing", "--no-typing", params["typing"]),
+            ("read", "--read-every 0", params["read_every"]),
+            ("edit", "--edit-every 0", params["edit_every"]),
+        )
+        if not on
+    }
+
     def extra(results: list[dict[str, Any]], win: dict[str, Any]) -> dict[str, Any]:
         mix = merged_mix(results)
         seconds = win["seconds"]
@@ -144,7 +157,7 @@ def cmd_social(args: Any) -> dict[str, Any]:
                     for t in sorted({*PUSH_TYPES, *pushes})
                     if t != "msg"
                 },
-                "features": features(mix),
+                "features": features(mix, off),
                 "flaps": sum(r["flaps"] for r in results),
                 "flapper_errors": dict(
                     sum((Counter(r["flapper_errors"]) for r in results), Counter())
@@ -174,7 +187,7 @@ def cmd_social(args: Any) -> dict[str, Any]:
 def line_social(t: dict[str, Any]) -> str:
     s = t["social"]
     pushes = ", ".join(f"{k} {v:.0f}" for k, v in s["pushes_s"].items())
-    skipped = {k: v for k, v in s["features"].items() if v != "on"}
+    skipped = {k: v for k, v in s["features"].items() if v != "on" and not v.startswith("off")}
     lat, edit = s["latency"]["send_to_delivered"], s["latency"]["edit_to_push"]
     return (
         f"{runner.line_pairs(t)}\n  pushes/s: {pushes}; send->delivered p50 "
