@@ -154,6 +154,23 @@ class DeviceCollector(Collector):
         )
 
 
+class BlockCollector(Collector):
+    """The block cache's counters (L{imserver.chat.blocks.BlockService})."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.blocks = blocks
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.blocks
+        yield GaugeMetricFamily(
+            "imserver_block_cache_users", "Users whose blocks this node holds.", b.cached_users
+        )
+        yield _counter("imserver_block_loads", "Block loads from SQL: misses, refreshes.", b.loaded)
+        yield _counter(
+            "imserver_sends_blocked", "Sends refused (forbidden): the pair is blocked.", b.refused
+        )
+
+
 class ServerCollector(Collector):
     """Reads the counters of one node's components at scrape time."""
 

@@ -29,7 +29,7 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
-from imserver.metrics import DeviceCollector, Metrics, ServerCollector
+from imserver.metrics import BlockCollector, DeviceCollector, Metrics, ServerCollector
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
@@ -166,6 +166,7 @@ class IMServer(MultiService):
         self.ready: Deferred[None] = Deferred()
         self.metrics.register(ServerCollector(self))
         self.metrics.register(DeviceCollector(self.chat.devices))
+        self.metrics.register(BlockCollector(self.chat.blocks))
 
     def startService(self) -> None:
         super().startService()
@@ -238,6 +239,7 @@ class IMServer(MultiService):
         # fan-outs that follow commits finish too.
         # A sweep in progress finishes before the pools close (bounded).
         swept = self.chat.stop_sweeper()
+        self.chat.blocks.stop()
         swept.addTimeout(self.config.server.shutdown_seconds, self.reactor)
         # The poll in progress records what it posted before the pools close
         # (bounded by the notifier), while the fan-outs drain.

@@ -855,8 +855,9 @@ class MigrationContract(TokenContract):
         db.commit_tokens = False  # no t_commit yet: as the old code wrote
         await db.run("old", _old_message_txn, "p")
         db.commit_tokens = True
-        # And the later ones (their own tests check them).
-        self.assertEqual((await migrate(db, 0))[:3], [3, 4, 5])
+        # Every later migration applies on such a database too.
+        applied = await migrate(db, 0)
+        self.assertEqual(applied[:3], [3, 4, 5])
         self.assertEqual(await db.run("dup", _dup_of_txn, "p"), [1])
         self.assertEqual(await db.run("dup", _dup_of_txn, "p "), [])
         [message] = await db.run("m", q.messages_txn, [1])
@@ -870,7 +871,10 @@ class MigrationContract(TokenContract):
         await db.run("migrate", _migrate_txn, available(db.engine.kind)[:4], 0)
         await db.run("old", _old_message_txn, "p")
         await db.run("users", q.ensure_users_txn, [7, 8], 0)
-        self.assertEqual((await migrate(db, 0))[:1], [5])
+        # Up to 0005 only: later migrations are not what this test is about.
+        self.assertEqual(
+            await db.run("migrate", _migrate_txn, available(db.engine.kind)[:5], 0), [5]
+        )
         self.assertEqual(await db.run("head", q.head_txn, 8), 0)
         page = await db.run("catchup", q.catchup_txn, 8, 0, 0, 10)
         self.assertEqual((page.events, page.seq, page.more, page.head), ((), 0, False, 0))

@@ -1,41 +1,339 @@
 """
 Blocking (docs/protocol.md, "Blocking"): who refuses whom.
 
-A stub until issue 11's blocks land: nobody blocks anybody. The interface
-is what the other features (send, presence, typing) rely on.
+Every send asks, so the answer comes from a node cache: per user, its
+L{BlockSets} (whom it blocks, who blocks it; nearly always empty), at most
+L{CACHE_USERS} users (least recently used go first). Either user's entry
+answers for a pair. A miss loads the pair's users in one SQL query; while a
+user's load is on its way, that user's sends wait for it in the order they
+came (their ids are given out after it), so a connection's sends keep their
+order.
+
+Changes are applied here after their commit and broadcast to the other
+nodes (C{presence.broadcast("block", [blocker, blocked, now_blocked])}),
+which apply them within a moment: a send racing a block on another node may
+pass. A broadcast lost (Redis down) is made up for by the refresh: an entry
+older than L{REFRESH_SECONDS} is reloaded in the background when used (once a
+second, the users found stale meanwhile in one query on the background pool:
+a node's refreshes cost one small query a second, however many users it
+serves), and what it finds changed is applied (and told to the listeners) as
+a change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from imserver.services.presence import IPresence
+from imserver.errors import ErrorCode, ImError
+from imserver.services.presence import IClientLink, IPresence
+from imserver.storage.blocks import EMPTY, BlockSets, BlockStore
 from imserver.storage.store import Store
 
 #: Told (blocker, blocked, now_blocked) of every change, on this node or another.
 BlockListener = Callable[[int, int, bool], None]
+#: A change: (blocker, blocked, now_blocked).
+Change = tuple[int, int, bool]
+
+#: Users whose blocks a node keeps (an entry without blocks is a few dozen bytes).
+CACHE_USERS = 100_000
+#: An entry used after this long is reloaded (in the background: the stale
+#: entry answers meanwhile). It bounds how long a lost broadcast is missed.
+REFRESH_SECONDS = 60.0
+#: Stale entries are gathered this long, then refreshed together.
+REFRESH_BATCH_SECONDS = 1.0
+#: Users one refresh reloads at most (more wait for the next one).
+REFRESH_BATCH_USERS = 1000
+#: The broadcast kind of block changes.
+BROADCAST = "block"
+
+Result = dict[str, Any]
+
+
+@attrs.define
+class _Load:
+    """A load of some users' blocks on its way: who waits, what changed meanwhile."""
+
+    uids: tuple[int, ...]
+    waiters: list[Deferred[dict[int, BlockSets]]] = attrs.Factory(list)
+    changes: list[Change] = attrs.Factory(list)
+
+
+def _changed(sets: BlockSets, uid: int, change: Change) -> BlockSets:
+    """C{uid}'s sets once C{change} is applied."""
+    blocker, blocked, now = change
+    blocks, blocked_by = sets.blocks, sets.blocked_by
+    if uid == blocker:
+        blocks = blocks | {blocked} if now else blocks - {blocked}
+    if uid == blocked:
+        blocked_by = blocked_by | {blocker} if now else blocked_by - {blocker}
+    if blocks == sets.blocks and blocked_by == sets.blocked_by:
+        return sets
+    if not blocks and not blocked_by:
+        return EMPTY
+    return BlockSets(blocks, blocked_by)
+
+
+def _differences(uid: int, old: BlockSets, new: BlockSets) -> list[Change]:
+    """The changes that make C{old} into C{new} (a refresh that found broadcasts missed)."""
+    return [
+        *((uid, v, True) for v in new.blocks - old.blocks),
+        *((uid, v, False) for v in old.blocks - new.blocks),
+        *((v, uid, True) for v in new.blocked_by - old.blocked_by),
+        *((v, uid, False) for v in old.blocked_by - new.blocked_by),
+    ]
 
 
 class BlockService:
+    log = Logger()
+
     def __init__(
-        self, *, store: Store, presence: IPresence, clock: IReactorTime, max_blocks: int
+        self,
+        *,
+        store: Store,
+        presence: IPresence,
+        clock: IReactorTime,
+        max_blocks: int,
+        cache_size: int = CACHE_USERS,
+        refresh_seconds: float = REFRESH_SECONDS,
     ) -> None:
         self.store = store
         self.presence = presence
         self.clock = clock
         self.max_blocks = max_blocks
+        self.cache_size = cache_size
+        self.refresh_seconds = refresh_seconds
+        self.sql = BlockStore(store.db, store.background)
         self._listeners: list[BlockListener] = []
+        # uid -> (sets, when loaded).
+        self._cache: OrderedDict[int, tuple[BlockSets, float]] = OrderedDict()
+        self._loads: dict[int, _Load] = {}
+        # Entries found stale, for the next refresh (an ordered set).
+        self._stale: dict[int, None] = {}
+        self._refresh_call: IDelayedCall | None = None
+        #: Read by tests and metrics: SQL loads, sends refused.
+        self.loaded = 0
+        self.refused = 0
+        presence.on_broadcast(BROADCAST, self._heard)
+
+    # -- asking ------------------------------------------------------------------
 
     async def either(self, a: int, b: int) -> bool:
         """Whether C{a} blocks C{b} or C{b} blocks C{a} (loads what it needs)."""
-        return False
+        if a in self._loads and a not in self._cache:
+            # After the requests of a that came first (see the module docstring).
+            return (await self._wait(a))[a].either(b)
+        known = self.either_now(a, b)
+        if known is not None:
+            return known
+        if b in self._loads:
+            return (await self._wait(b))[b].either(a)
+        return (await self._start_load((a, b), wait=True))[a].either(b)
 
     def either_now(self, a: int, b: int) -> bool | None:
         """As L{either}, from this node's cache only; None when not known here."""
-        return False
+        entry = self._cache.get(a)
+        if entry is not None:
+            self._used(a, entry[1])
+            return b in entry[0].blocks or b in entry[0].blocked_by
+        entry = self._cache.get(b)
+        if entry is not None:
+            self._used(b, entry[1])
+            return a in entry[0].blocks or a in entry[0].blocked_by
+        return None
+
+    def for_send(self, sender: int, to: int, now: float) -> bool | None:
+        """
+        L{either_now} for a send at C{now} (the hot path: the sender's own
+        entry first, no clock call): None also while the sender's blocks
+        are being loaded (the send then waits in L{either}, behind the
+        sender's earlier sends).
+        """
+        entry = self._cache.get(sender)
+        if entry is None:
+            if sender in self._loads:
+                return None
+            return self.either_now(sender, to)
+        sets, loaded = entry
+        self._cache.move_to_end(sender)
+        if loaded + self.refresh_seconds < now:
+            self._stale_entry(sender)
+        return to in sets.blocks or to in sets.blocked_by
+
+    @property
+    def cached_users(self) -> int:
+        return len(self._cache)
 
     def on_change(self, listener: BlockListener) -> None:
         """Call C{listener} on every block or unblock, here or on another node."""
         self._listeners.append(listener)
+
+    # -- the ops -----------------------------------------------------------------------
+
+    async def block(self, uid: int, other: int, origin: IClientLink | None = None) -> Result:
+        """C{uid} blocks C{other} (idempotent); C{uid}'s other devices are told."""
+        if uid == other:
+            raise ImError(ErrorCode.INVALID, "you cannot block yourself")
+        now_ms = int(self.clock.seconds() * 1000)
+        await self.sql.block(uid, other, self.max_blocks, now_ms)
+        self._committed((uid, other, True), origin)
+        return {}
+
+    async def unblock(self, uid: int, other: int, origin: IClientLink | None = None) -> Result:
+        """C{uid} no longer blocks C{other} (idempotent); C{uid}'s other devices are told."""
+        if uid == other:
+            raise ImError(ErrorCode.INVALID, "you cannot unblock yourself")
+        await self.sql.unblock(uid, other)
+        self._committed((uid, other, False), origin)
+        return {}
+
+    async def blocked(self, uid: int, after: int, limit: int) -> Result:
+        """A page of the users C{uid} blocks, ascending: C{{uids, more}}."""
+        uids = await self.sql.blocked(uid, after, limit + 1)
+        return {"uids": uids[:limit], "more": len(uids) > limit}
+
+    def _committed(self, change: Change, origin: IClientLink | None) -> None:
+        # Also when nothing changed (a retry after unavailable): telling again is harmless.
+        blocker, blocked, now = change
+        self._apply(change)
+        self.presence.broadcast(BROADCAST, [blocker, blocked, now])
+        self.presence.push(blocker, {"t": "block", "uid": blocked, "blocked": now}, origin)
+
+    # -- the cache ---------------------------------------------------------------------
+
+    def _used(self, uid: int, loaded: float) -> None:
+        self._cache.move_to_end(uid)
+        if loaded + self.refresh_seconds < self.clock.seconds():
+            self._stale_entry(uid)
+
+    def _stale_entry(self, uid: int) -> None:
+        if uid in self._stale or uid in self._loads:
+            return
+        self._stale[uid] = None
+        if self._refresh_call is None:
+            self._refresh_call = self.clock.callLater(REFRESH_BATCH_SECONDS, self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_call = None
+        uids: list[int] = []
+        while self._stale and len(uids) < REFRESH_BATCH_USERS:
+            uid = next(iter(self._stale))
+            del self._stale[uid]
+            if uid in self._cache and uid not in self._loads:
+                uids.append(uid)
+        if self._stale:
+            self._refresh_call = self.clock.callLater(REFRESH_BATCH_SECONDS, self._refresh)
+        if uids:
+            self._start_load(uids, background=True)
+
+    def stop(self) -> None:
+        """No more refreshes (the loads on their way finish)."""
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
+        self._stale.clear()
+
+    def _put(self, uid: int, sets: BlockSets) -> None:
+        self._cache[uid] = (sets, self.clock.seconds())
+        self._cache.move_to_end(uid)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _wait(self, uid: int) -> Deferred[dict[int, BlockSets]]:
+        d: Deferred[dict[int, BlockSets]] = Deferred()
+        self._loads[uid].waiters.append(d)
+        return d
+
+    def _start_load(
+        self, uids: Sequence[int], wait: bool = False, background: bool = False
+    ) -> Deferred[dict[int, BlockSets]]:
+        """
+        Load these users (none of them loading now); with C{wait}, the first
+        waiter. A refresh (C{background}) takes the background pool: a miss
+        holds a send, a refresh holds nothing.
+        """
+        load = _Load(tuple(dict.fromkeys(uids)))
+        for uid in load.uids:
+            self._loads[uid] = load
+        waiter: Deferred[dict[int, BlockSets]] = Deferred()
+        if wait:
+            load.waiters.append(waiter)
+        d = Deferred.fromCoroutine(self._load(load, background))
+        d.addErrback(lambda f: self.log.failure("loading blocks failed", f))
+        return waiter
+
+    async def _load(self, load: _Load, background: bool) -> None:
+        self.loaded += 1
+        try:
+            found = await self.sql.load(load.uids, background)
+        except Exception:
+            failure = Failure()
+            self._done(load)
+            if not load.waiters:
+                # A background refresh: the entry stays, and its next use tries again.
+                self.log.warn("refreshing blocks failed: {error}", error=failure.value)
+            for waiter in load.waiters:
+                waiter.errback(failure)
+            return
+        self._done(load)
+        # What changed while the query ran may be missing from its rows.
+        for change in load.changes:
+            for uid in found:
+                found[uid] = _changed(found[uid], uid, change)
+        missed: list[Change] = []
+        for uid, sets in found.items():
+            old = self._cache.get(uid)
+            if old is not None and old[0] != sets:
+                missed.extend(_differences(uid, old[0], sets))
+            self._put(uid, sets)
+        for waiter in load.waiters:
+            waiter.callback(found)
+        for change in dict.fromkeys(missed):
+            self.log.info(
+                "blocks of {blocker} -> {blocked} found changed by a refresh",
+                blocker=change[0],
+                blocked=change[1],
+            )
+            self._apply(change)
+
+    def _done(self, load: _Load) -> None:
+        for uid in load.uids:
+            if self._loads.get(uid) is load:
+                del self._loads[uid]
+
+    def _apply(self, change: Change) -> None:
+        """A change committed (here or elsewhere): into the cache, then to the listeners."""
+        blocker, blocked, _ = change
+        told: list[_Load] = []
+        for uid in (blocker, blocked):
+            load = self._loads.get(uid)
+            if load is not None and not any(load is other for other in told):
+                told.append(load)
+                load.changes.append(change)
+            entry = self._cache.get(uid)
+            if entry is not None:
+                self._cache[uid] = (_changed(entry[0], uid, change), entry[1])
+        for listener in self._listeners:
+            try:
+                listener(*change)
+            except Exception:
+                self.log.failure("a block listener failed", Failure())
+
+    def _heard(self, data: Any) -> None:
+        """A change made on another node."""
+        if (
+            not isinstance(data, list | tuple)
+            or len(data) != 3
+            or not all(type(v) is int for v in data[:2])
+            or type(data[2]) is not bool
+        ):
+            self.log.warn("unreadable block broadcast: {data!r}", data=data)
+            return
+        self._apply((data[0], data[1], data[2]))

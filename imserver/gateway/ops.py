@@ -129,6 +129,20 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     # -- blocks (issue 11) --
 
+    def block(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Block)
+        social(conn)
+        return _call(chat.blocks.block(uid(conn), r.uid, conn))
+
+    def unblock(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Unblock)
+        social(conn)
+        return _call(chat.blocks.unblock(uid(conn), r.uid, conn))
+
+    def blocked(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Blocked)
+        return _call(chat.blocks.blocked(uid(conn), r.after, r.limit))
+
     # -- edit, hide, clear (issue 11) --
 
     table: dict[type[frames.Request], Callable[[ClientProtocol, frames.Request], Any]] = {
@@ -150,6 +164,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         # -- receipts and mute (issue 11) --
         frames.Mute: mute,
         # -- blocks (issue 11) --
+        frames.Block: block,
+        frames.Unblock: unblock,
+        frames.Blocked: blocked,
         # -- edit, hide, clear (issue 11) --
     }
     # Group-committed already, in order, and rate-limited: not queued fairly.

@@ -10,6 +10,9 @@ routes (users, tokens, dead letters). docs/http.md is its reference.
     PUT  /v1/admin/users/{uid}     create or update a user       (X-Admin-Key)
     GET  /v1/admin/users/{uid}/devices         the user's devices        (X-Admin-Key)
     POST /v1/admin/users/{uid}/devices/revoke  kick one, refuse its tokens (X-Admin-Key)
+    GET  /v1/admin/users/{uid}/blocks          whom the user blocks      (X-Admin-Key)
+    PUT  /v1/admin/users/{uid}/blocks/{other}  block other               (X-Admin-Key)
+    DELETE /v1/admin/users/{uid}/blocks/{other}  unblock other           (X-Admin-Key)
     POST /v1/admin/tokens          mint a client token           (X-Admin-Key)
     GET  /v1/admin/dead-letters    dead letters, newest first    (X-Admin-Key)
 
@@ -58,6 +61,8 @@ DEFAULT_TTL_SECONDS = 86400
 MAX_TTL_SECONDS = 30 * 86400
 DEFAULT_DEAD_LETTERS = 50
 MAX_DEAD_LETTERS = 500
+DEFAULT_BLOCKED = 100
+MAX_BLOCKED = 500
 
 _POSITIVE = re.compile(rb"[1-9][0-9]{0,18}")
 _DIGITS = re.compile(rb"[0-9]{1,19}")
@@ -336,6 +341,8 @@ class AdminUser(ApiEndpoint):
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"devices":
             return AdminDevices(self.api, self.segment)
+        if path == b"blocks":
+            return AdminBlocks(self.api, self.segment)
         return NotFound(self.api)
 
     async def get(self, call: Call) -> Reply:
@@ -401,6 +408,63 @@ class AdminRevoke(ApiEndpoint):
                 404, ErrorCode.NOT_FOUND, f"user {uid} has no device {device[:MAX_DEVICE]!r}"
             )
         return json_reply({"revoked": True})
+
+
+class AdminBlocks(ApiEndpoint):
+    """C{/v1/admin/users/{uid}/blocks?after=&limit=}: whom the user blocks, ascending."""
+
+    def __init__(self, api: Api, segment: bytes) -> None:
+        super().__init__(api)
+        self.segment = segment
+
+    def handlers(self) -> Mapping[bytes, Handler]:
+        return {b"GET": self.get}
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if not path:
+            return NotFound(self.api)
+        return AdminBlock(self.api, self.segment, path)
+
+    async def get(self, call: Call) -> Reply:
+        uid = path_uid(self.segment)
+        limit = query_int(call.request, "limit", 1, MAX_BLOCKED, DEFAULT_BLOCKED)
+        assert limit is not None
+        after = query_int(call.request, "after", 0, INT64_MAX, 0)
+        assert after is not None
+        await self.api.profile(uid)  # 404 for a user that does not exist
+        return json_reply(await self.api.chat.blocks.blocked(uid, after, limit))
+
+
+class AdminBlock(ApiEndpoint):
+    """
+    C{/v1/admin/users/{uid}/blocks/{other}}: C{PUT} blocks, C{DELETE}
+    unblocks, as the user's own C{block} and C{unblock} ops do (the user's
+    devices are told, every node's cache learns it); both idempotent.
+    """
+
+    def __init__(self, api: Api, segment: bytes, other: bytes) -> None:
+        super().__init__(api)
+        self.segment = segment
+        self.other = other
+
+    def handlers(self) -> Mapping[bytes, Handler]:
+        return {b"PUT": self.put, b"DELETE": self.delete}
+
+    def _pair(self, call: Call) -> tuple[int, int]:
+        if call.body.strip():
+            json_object(call.body, frozenset())
+        return path_uid(self.segment), path_uid(self.other)
+
+    async def put(self, call: Call) -> Reply:
+        uid, other = self._pair(call)
+        await self.api.chat.blocks.block(uid, other)
+        return json_reply({"blocked": True})
+
+    async def delete(self, call: Call) -> Reply:
+        uid, other = self._pair(call)
+        await self.api.profile(uid)  # 404 for a user that does not exist
+        await self.api.chat.blocks.unblock(uid, other)
+        return json_reply({"blocked": False})
 
 
 class Tokens(ApiEndpoint):

@@ -530,6 +530,48 @@ class Mute(Request):
 # ---------------------------------------------------------------------------
 # Blocks (docs/protocol.md, "Blocking")
 
+#: Uids a C{blocked} page holds, at most.
+MAX_BLOCKED = 500
+
+
+@request
+@attrs.frozen
+class Block(Request):
+    op: ClassVar[str] = "block"
+    uid: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Block:
+        return cls(id=req_id, uid=req_int(frame, "uid"))
+
+
+@request
+@attrs.frozen
+class Unblock(Request):
+    op: ClassVar[str] = "unblock"
+    uid: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Unblock:
+        return cls(id=req_id, uid=req_int(frame, "uid"))
+
+
+@request
+@attrs.frozen
+class Blocked(Request):
+    op: ClassVar[str] = "blocked"
+    #: The last uid of the previous page (0: from the start).
+    after: int
+    limit: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Blocked:
+        return cls(
+            id=req_id,
+            after=opt_int(frame, "after", 0, minimum=0) or 0,
+            limit=opt_limit(frame, "limit", 100, MAX_BLOCKED),
+        )
+
 
 # ---------------------------------------------------------------------------
 # Edit, hide, clear (docs/protocol.md, "Editing and hiding")
