@@ -290,6 +290,14 @@ class ServerCollector(Collector):
             yield notes
 
         yield _counter("imserver_outbox_replayed", "Outbox rows replayed.", chat.replayed)
+        edits = chat.edits
+        yield _counter("imserver_edits", "Edits that changed a message's body.", edits.edited)
+        yield _counter("imserver_hides", "Hides and clears that hid something.", edits.hidden)
+        yield _counter(
+            "imserver_hides_checked",
+            "SQL checks of whether a user hides messages (node cache misses).",
+            store.edits.hides_checked,
+        )
         yield _counter(
             "imserver_hot_fallbacks",
             "Reads answered from SQL instead of the hot store.",

@@ -128,6 +128,8 @@ class DeviceService:
         used = 0
         position, more = page.seq, page.more
         for event in page.events:
+            if event.kind == "edit" and event.message is None:
+                continue  # recalled since: its recall event follows
             item = self._event(event, senders)
             used += len(pack_body(item))
             if events and used > self._budget:
@@ -149,6 +151,15 @@ class DeviceService:
         elif event.kind == "mute":
             # msg_id holds the new muteUntil (see EVENT_MUTE).
             item = {"t": "mute", "session_id": event.session_id, "until": event.msg_id}
+        elif event.kind == "edit":
+            # The message as it is now (issue 11: edits).
+            assert event.message is not None
+            item = self._message_object(event.message, senders.get(event.message.sender))
+            item["t"] = "edit"
+        elif event.kind == "hide":
+            item = {"t": "hide", "msg_ids": list(event.msg_ids)}
+        elif event.kind == "clear":
+            item = {"t": "clear", "session_id": event.session_id, "up_to": event.msg_id}
         else:
             item = {"t": "recall", "msg_id": event.msg_id, "session_id": event.session_id}
             item["by"] = event.by

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from imserver.batching import Batcher
 from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
+from imserver.chat.edits import EditService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -115,8 +116,8 @@ def sender_info(profile: Profile | None) -> dict[str, str]:
 
 
 def message_object(m: Message, sender: Profile | None, body: Any = None) -> Result:
-    """A msg object as the protocol defines it."""
-    return {
+    """A msg object as the protocol defines it (C{edited} only once edited)."""
+    obj = {
         "msg_id": m.msg_id,
         "session_id": m.session_id,
         "from": m.sender,
@@ -127,6 +128,9 @@ def message_object(m: Message, sender: Profile | None, body: Any = None) -> Resu
         "ts": m.ts,
         "sender": sender_info(sender),
     }
+    if m.edited:
+        obj["edited"] = m.edited
+    return obj
 
 
 class ChatService:
@@ -174,6 +178,16 @@ class ChatService:
         # -- presence and typing (issue 11) --
         # -- receipts and mute (issue 11) --
         # -- edit, hide, clear (issue 11) --
+        self.edits = EditService(
+            store=store,
+            presence=presence,
+            profiles=self.profiles,
+            blocks=self.blocks,
+            content=content,
+            limits=limits,
+            settled=self._settled,
+            message_object=message_object,
+        )
         self.devices = DeviceService(
             store=store,
             presence=presence,
@@ -704,7 +718,7 @@ class ChatService:
         theirs = (await self.store.positions([peer], [sid])).get((peer, sid), NO_POSITIONS)
 
         async def read(before: int | None, n: int) -> tuple[list[Result], int | None, bool]:
-            page = await self.store.history(sid, before, n + 1)
+            page = await self.store.history(sid, before, n + 1, viewer=uid)
             more = len(page) > n
             page = page[:n]
             return await self._objects(page), page[-1].msg_id if page else before, more

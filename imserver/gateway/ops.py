@@ -145,6 +145,21 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     # -- edit, hide, clear (issue 11) --
 
+    def edit(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Edit)
+        social(conn)
+        return _call(chat.edits.edit(uid(conn), r.msg_id, r.body, conn))
+
+    def hide(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Hide)
+        social(conn)
+        return _call(chat.edits.hide(uid(conn), r.msg_ids, conn))
+
+    def clear(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Clear)
+        social(conn)
+        return _call(chat.edits.clear(uid(conn), r.session_id, conn))
+
     table: dict[type[frames.Request], Callable[[ClientProtocol, frames.Request], Any]] = {
         frames.Send: send,
         frames.Ack: ack,
@@ -168,6 +183,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.Unblock: unblock,
         frames.Blocked: blocked,
         # -- edit, hide, clear (issue 11) --
+        frames.Edit: edit,
+        frames.Hide: hide,
+        frames.Clear: clear,
     }
     # Group-committed already, in order, and rate-limited: not queued fairly.
     direct = {frames.Send, frames.Ack}

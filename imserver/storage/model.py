@@ -75,6 +75,8 @@ class Message:
     body: bytes  # msgpack
     ts: int
     status: int = RECORD_NORMAL
+    #: When the body was last edited (ms), 0 never (issue 11).
+    edited: int = 0
 
 
 @attrs.frozen
@@ -274,10 +276,19 @@ class Login:
 
 EVENT_READ = 1
 EVENT_RECALL = 2
-EVENT_KINDS = {EVENT_READ: "read", EVENT_RECALL: "recall"}
+EVENT_EDIT = 3
+EVENT_HIDE = 4
+EVENT_CLEAR = 5
 #: A mute of the user's own (issue 11): msgId holds the new muteUntil (ms, 0 = unmuted).
 EVENT_MUTE = 6
-EVENT_KINDS[EVENT_MUTE] = "mute"
+EVENT_KINDS = {
+    EVENT_READ: "read",
+    EVENT_RECALL: "recall",
+    EVENT_EDIT: "edit",
+    EVENT_HIDE: "hide",
+    EVENT_CLEAR: "clear",
+    EVENT_MUTE: "mute",
+}
 
 
 @attrs.frozen
@@ -285,13 +296,15 @@ class StreamEvent:
     """One event of a user's stream, as catch-up returns it."""
 
     seq: int
-    kind: str  # "msg" | "read" | "recall"
+    kind: str  # "msg" | "read" | "recall" | "edit" | "hide" | "clear"
     session_id: int
     #: msg: the message; read: the new read position; recall: the message.
     msg_id: int
     #: msg: the sender; read: the reader; recall: the sender.
     by: int
-    message: Message | None = None  # kind "msg" only
+    message: Message | None = None  # kinds "msg" and "edit" (its current state)
+    #: hide: the messages it hid.
+    msg_ids: tuple[int, ...] = ()
 
 
 @attrs.frozen

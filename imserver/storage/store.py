@@ -41,6 +41,7 @@ from imserver.batching import Batcher, ItemFailure
 from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
 from imserver.storage.devices import DeviceStore, LoginItem, check_device
+from imserver.storage.edits import EditStore
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
 from imserver.storage.model import (
     RECORD_NORMAL,
@@ -200,6 +201,8 @@ class Store:
         )
         #: Device logins and plain user logins (L{ensure_user}) share a batch.
         self.device_store = DeviceStore(self)
+        #: Edits, hides and clears (issue 11: imserver.storage.edits).
+        self.edits = EditStore(self)
         self.logins: Batcher[LoginItem, Login | Profile] = Batcher(
             "login", self._login_requests, max_batch=max_batch, max_queue=max_queue
         )
@@ -242,6 +245,7 @@ class Store:
         if self._parked_call is not None and self._parked_call.active():
             self._parked_call.cancel()
         self.retries.cancel_all()
+        self.edits.stop()
         await self.hot.stop()
         self.db.close()
         self.background.close()
@@ -875,15 +879,19 @@ class Store:
         else:
             members = await self.session_members([e[0] for e in entries])
             peers = {sid: lo if hi == uid else hi for sid, (lo, hi) in members.items()}
-        last = await self.last_messages([e[0] for e in entries])
+        last = await self.last_messages([e[0] for e in entries], viewer=uid)
         return [
             Conversation(sid, peers[sid], last_id, total, read, last.get(sid))
             for sid, last_id, total, read in entries
             if sid in peers
         ]
 
-    async def last_messages(self, session_ids: Sequence[int]) -> dict[int, Message]:
-        """Each session's newest normal message."""
+    async def last_messages(
+        self, session_ids: Sequence[int], viewer: int | None = None
+    ) -> dict[int, Message]:
+        """Each session's newest normal message (that C{viewer} did not hide)."""
+        if viewer is not None and session_ids and await self.edits.hides(viewer):
+            return await self.edits.last_messages(viewer, session_ids)
         usable = [sid for sid in session_ids if self._hot_session(sid)]
         try:
             ids = await self.hot.last_in_windows(usable) if usable else {}
@@ -900,8 +908,13 @@ class Store:
             out.update(await self.db.run("last_messages", q.last_normal_txn, rest))
         return out
 
-    async def history(self, session_id: int, before: int | None, limit: int) -> list[Message]:
-        """Up to C{limit} normal messages below C{before}, newest first."""
+    async def history(
+        self, session_id: int, before: int | None, limit: int, viewer: int | None = None
+    ) -> list[Message]:
+        """Up to C{limit} normal messages below C{before} (that C{viewer} did not
+        hide), newest first."""
+        if viewer is not None and await self.edits.hides(viewer):
+            return await self.edits.history(viewer, session_id, before, limit)
         if self._hot_session(session_id):
             try:
                 ids = await self.hot.window(session_id, before, limit)
@@ -1347,7 +1360,7 @@ class Store:
                 break
             try:
                 await self.hot.invalidate(
-                    row.users, row.sessions, row.msgs if row.kind == "recall" else ()
+                    row.users, row.sessions, row.msgs if row.kind in ("recall", "edit") else ()
                 )
             except HotUnavailable:
                 break

@@ -575,3 +575,46 @@ class Blocked(Request):
 
 # ---------------------------------------------------------------------------
 # Edit, hide, clear (docs/protocol.md, "Editing and hiding")
+
+#: Messages per hide request.
+MAX_HIDE = 100
+
+
+@request
+@attrs.frozen
+class Edit(Request):
+    op: ClassVar[str] = "edit"
+    msg_id: int
+    body: str | dict[str, Any]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Edit:
+        if "body" not in frame:
+            raise _invalid("missing field 'body'")
+        body = frame["body"]
+        if type(body) is not str and type(body) is not dict:
+            raise _invalid("field 'body' must be a string or a map")
+        check_plain(body, "body")
+        return cls(id=req_id, msg_id=req_int(frame, "msg_id"), body=body)
+
+
+@request
+@attrs.frozen
+class Hide(Request):
+    op: ClassVar[str] = "hide"
+    msg_ids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Hide:
+        return cls(id=req_id, msg_ids=req_int_list(frame, "msg_ids", max_items=MAX_HIDE))
+
+
+@request
+@attrs.frozen
+class Clear(Request):
+    op: ClassVar[str] = "clear"
+    session_id: int
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Clear:
+        return cls(id=req_id, session_id=req_int(frame, "session_id"))

@@ -65,7 +65,9 @@ from imserver.storage.sql.database import (
     values,
 )
 
-MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, recordStatus"
+MSG_COLUMNS = "id, sessionId, senderUid, recipientUid, cid, msgType, body, ts, recordStatus, edited"
+#: Columns of MSG_COLUMNS: a query's extra columns come after them.
+MSG_WIDTH = 10
 CONV_COLUMNS = "uid, sessionId, peerUid, lastMsgId, totalCount, readCount, version"
 
 
@@ -90,6 +92,7 @@ def _message(row: Sequence[Any]) -> Message:
         body=bytes(row[6]),
         ts=int(row[7]),
         status=int(row[8]),
+        edited=int(row[9]),
     )
 
 
@@ -927,13 +930,8 @@ def read_txn(
             " AND recipientUid = ? AND isRead = 0",
             (session_id, upto, target, uid),
         )
-        unread_row = txn.query_one(
-            "SELECT COUNT(*) FROM t_msg_record_list WHERE sessionId = ? AND id > ?"
-            " AND recipientUid = ? AND recordStatus = 0",
-            (session_id, target, uid),
-        )
-        assert unread_row is not None
-        read = total - int(unread_row[0])
+        # Hidden and cleared messages count as read (issue 11: edits).
+        read = total - unread_after_txn(txn, uid, session_id, target)
         version += 1
         txn.execute(
             "UPDATE t_conv SET readUpTo = ?, readCount = ?, version = ?"
@@ -955,6 +953,33 @@ def read_txn(
         txn.script(script)
     conv = ConvRow(uid, session_id, peer, last, total, read, version)
     return ReadResult(conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq)
+
+
+def unread_after_txn(txn: Txn, uid: int, session_id: int, upto: int) -> int:
+    """
+    The user's unread messages of a session above C{upto}: received, not
+    recalled, not hidden by the user nor below its clear (issue 11: those
+    count as read).
+    """
+    row = txn.query_one(
+        "SELECT COUNT(*) FROM t_msg_record_list m WHERE m.sessionId = ? AND m.id > ?"
+        " AND m.recipientUid = ? AND m.recordStatus = 0"
+        " AND m.id > (SELECT c.clearedUpTo FROM t_conv c WHERE c.uid = ? AND c.sessionId = ?)"
+        " AND NOT EXISTS (SELECT 1 FROM t_hidden h WHERE h.uid = ? AND h.msgId = m.id)",
+        (session_id, upto, uid, uid, session_id, uid),
+    )
+    assert row is not None
+    return int(row[0])
+
+
+def counted_unread_txn(txn: Txn, message: Message, read_upto: int, cleared_upto: int) -> bool:
+    """Whether the message counts among its recipient's unread (see L{unread_after_txn})."""
+    if message.msg_id <= max(read_upto, cleared_upto):
+        return False
+    hidden = txn.query_one(
+        "SELECT 1 FROM t_hidden WHERE uid = ? AND msgId = ?", (message.recipient, message.msg_id)
+    )
+    return hidden is None
 
 
 def _refuse_session(txn: Txn, session_id: int) -> NoReturn:
@@ -1014,12 +1039,12 @@ def recall_txn(
     )
     was_pending = txn.execute("DELETE FROM t_pending WHERE msgId = ?", (msg_id,)) > 0
     conv = txn.query_one(
-        "SELECT readUpTo, totalCount FROM t_conv WHERE uid = ? AND sessionId = ?"
+        "SELECT readUpTo, totalCount, clearedUpTo FROM t_conv WHERE uid = ? AND sessionId = ?"
         f"{txn.engine.for_update}",
         (message.recipient, message.session_id),
     )
     recipient_row = None
-    if conv is not None and msg_id > int(conv[0]):
+    if conv is not None and counted_unread_txn(txn, message, int(conv[0]), int(conv[2])):
         # It was unread: it stops counting.
         txn.execute(
             "UPDATE t_conv SET totalCount = totalCount - 1, version = version + 1"
@@ -1617,7 +1642,7 @@ def catchup_txn(txn: Txn, uid: int, device_id: int, after: int, limit: int) -> C
         (uid, after, take),
     )
     events = [
-        StreamEvent(int(r[9]), "msg", int(r[1]), int(r[0]), int(r[2]), _message(r))
+        StreamEvent(int(r[MSG_WIDTH]), "msg", int(r[1]), int(r[0]), int(r[2]), _message(r))
         for r in (*received, *sent)
     ]
     events += [
@@ -1627,7 +1652,45 @@ def catchup_txn(txn: Txn, uid: int, device_id: int, after: int, limit: int) -> C
         for r in others
     ]
     events.sort(key=lambda e: e.seq)
+    events = _render_edit_events(txn, uid, events[: limit + 1])
     if len(events) > limit:
         page = events[:limit]
         return CatchupPage(tuple(page), page[-1].seq, True, head)
     return CatchupPage(tuple(events), head, False, head)
+
+
+def _render_edit_events(txn: Txn, uid: int, events: list[StreamEvent]) -> list[StreamEvent]:
+    """
+    Catch-up's edit and hide events with what they render (issue 11): an
+    edit carries its message's current state (None if recalled since: its
+    recall event follows), a hide the messages it hid. One query per kind,
+    only when the page has one.
+    """
+    edits = sorted({e.msg_id for e in events if e.kind == "edit"})
+    hides = sorted({e.seq for e in events if e.kind == "hide"})
+    if not edits and not hides:
+        return events
+    messages = {
+        m.msg_id: m
+        for m in map(
+            _message,
+            txn.query_in(f"SELECT {MSG_COLUMNS} FROM t_msg_record_list WHERE id IN (%s)", edits)
+            if edits
+            else (),
+        )
+        if m.status == RECORD_NORMAL
+    }
+    hidden: dict[int, list[int]] = defaultdict(list)
+    if hides:
+        for seq, msg_id in txn.query_in(
+            "SELECT seq, msgId FROM t_hidden WHERE uid = ? AND seq IN (%s)", hides, (uid,)
+        ):
+            hidden[int(seq)].append(int(msg_id))
+    out = []
+    for e in events:
+        if e.kind == "edit":
+            e = attrs.evolve(e, message=messages.get(e.msg_id))
+        elif e.kind == "hide":
+            e = attrs.evolve(e, msg_ids=tuple(sorted(hidden.get(e.seq, ()))))
+        out.append(e)
+    return out

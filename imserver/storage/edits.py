@@ -1,0 +1,551 @@
+"""
+Edits and per-user hiding in storage (docs/protocol.md, "Editing and hiding").
+
+The SQL is the truth; the hot store is told by invalidation only (rare ops,
+no scripts of their own): an edit forgets the cached message, so every read
+path (session windows, convs' last, sync) reads its body from SQL again; a
+hide or a clear forgets the hider's copy (pending, conversation rows), which
+is reloaded from SQL. Each write commits with an outbox row naming what to
+invalidate, so a crash before the invalidation is repaired by the replay.
+
+Hidden messages are filtered per reader. Users who never hid anything (most)
+read as before, from the hot copies: whether a user hid something is cached
+on each node (L{EditStore.hides}); a "never hid" entry is dropped by a hide
+on this node, by the other nodes' broadcast of one (L{EditStore.forget}),
+and after L{CLEAN_TTL} seconds whatever happened (a lost broadcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+
+from imserver.errors import ErrorCode, ImError
+from imserver.storage.hot.interface import LIVE_MS
+from imserver.storage.model import (
+    EVENT_CLEAR,
+    EVENT_EDIT,
+    EVENT_HIDE,
+    RECORD_NORMAL,
+    RECORD_RECALLED,
+    Message,
+    Outbox,
+)
+from imserver.storage.sql import queries as q
+from imserver.storage.sql.database import ROWS, CommitUnknown, Statement, Txn, marks, values
+
+if TYPE_CHECKING:
+    from imserver.storage.store import LRU, Store
+
+#: Seconds a node trusts that a user never hid anything, without a broadcast.
+CLEAN_TTL = 60.0
+#: Users remembered per node as having hidden something, or not.
+CACHE_SIZE = 200_000
+#: Messages per hide request.
+MAX_HIDE = 100
+
+
+@attrs.frozen
+class EditResult:
+    #: The message as stored now (its body and C{edited}).
+    message: Message
+    #: False: it had this body already (nothing written, no seqs).
+    changed: bool
+    sender_seq: int | None = None
+    recipient_seq: int | None = None
+
+
+@attrs.frozen
+class HideResult:
+    #: The messages this request hid (not hidden before), ascending.
+    msg_ids: tuple[int, ...]
+    #: The hide event's seq in the hider's stream; None if nothing changed.
+    seq: int | None = None
+    #: (msg_id, sender) of those the hider received: no longer pending.
+    pending: tuple[tuple[int, int], ...] = ()
+
+
+@attrs.frozen
+class ClearResult:
+    session_id: int
+    #: Everything up to this msg id is hidden for the user (0: nothing yet).
+    up_to: int
+    #: The clear event's seq; None if nothing changed (cleared up to there already).
+    seq: int | None = None
+    #: (msg_id, sender) of the messages it took out of pending.
+    pending: tuple[tuple[int, int], ...] = ()
+
+
+# ---------------------------------------------------------------------------
+# Transactions (lock order as in queries.py: t_user, messages, t_conv)
+
+
+def edit_txn(
+    txn: Txn,
+    uid: int,
+    msg_id: int,
+    body: bytes,
+    now_ms: int,
+    window_ms: int,
+    outbox: Outbox | None = None,
+) -> EditResult:
+    """
+    Replace a message's body (its sender's, within the window). C{edited}
+    is max(now, previous + 1): strictly increasing per message, in commit
+    order (the row is locked). An edit is an event of both streams.
+    """
+    found = txn.query_one(
+        "SELECT senderUid, recipientUid FROM t_msg_record_list WHERE id = ?", (msg_id,)
+    )
+    if found is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such message")
+    sender, recipient = int(found[0]), int(found[1])
+    if uid != sender:
+        if uid == recipient:
+            raise ImError(ErrorCode.FORBIDDEN, "only the sender may edit a message")
+        raise ImError(ErrorCode.FORBIDDEN, "you are not part of this message")
+    heads = q.lock_streams(txn, (sender, recipient))
+    row = txn.query_one(
+        f"SELECT {q.MSG_COLUMNS} FROM t_msg_record_list WHERE id = ?{txn.engine.for_update}",
+        (msg_id,),
+    )
+    if row is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such message")
+    message = q._message(row)
+    if message.status == RECORD_RECALLED:
+        raise ImError(ErrorCode.NOT_FOUND, "this message was recalled")
+    if message.body == body:
+        # A retry, or an edit to what it says already: nothing to do.
+        return EditResult(message, changed=False)
+    if now_ms - message.ts > window_ms:
+        raise ImError(ErrorCode.TOO_LATE, f"messages can be edited for {window_ms // 1000}s")
+    edited = max(now_ms, message.edited + 1)
+    txn.execute(
+        "UPDATE t_msg_record_list SET body = ?, edited = ? WHERE id = ?", (body, edited, msg_id)
+    )
+    moved = {u: heads[u] for u in (sender, recipient) if u in heads}
+    sender_seq, recipient_seq = q._take_seqs(moved, (sender, recipient))
+    sid = message.session_id
+    script = [
+        q._event_statement(
+            [
+                (sender, sender_seq, EVENT_EDIT, sid, msg_id, uid, now_ms),
+                (recipient, recipient_seq, EVENT_EDIT, sid, msg_id, uid, now_ms),
+            ]
+        )
+    ]
+    if moved:
+        script.append(q._head_statement(moved))
+    if outbox is not None:
+        script.append(
+            q.outbox_statement(
+                attrs.evolve(outbox, users=(sender, recipient), sessions=(sid,), msgs=(msg_id,))
+            )
+        )
+    txn.script(script)
+    return EditResult(
+        attrs.evolve(message, body=body, edited=edited),
+        changed=True,
+        sender_seq=sender_seq,
+        recipient_seq=recipient_seq,
+    )
+
+
+def _recount_read(txn: Txn, uid: int, session_ids: Sequence[int]) -> None:
+    """
+    Hidden and cleared messages count as read: recount the user's readCount
+    (the caller holds the user's t_user lock, taken before its first plain read).
+    """
+    for sid in sorted(set(session_ids)):
+        row = txn.query_one(
+            "SELECT readUpTo, totalCount FROM t_conv WHERE uid = ? AND sessionId = ?", (uid, sid)
+        )
+        if row is None:
+            continue
+        read = int(row[1]) - q.unread_after_txn(txn, uid, sid, int(row[0]))
+        txn.execute(
+            "UPDATE t_conv SET readCount = ?, version = version + 1"
+            " WHERE uid = ? AND sessionId = ?",
+            (read, uid, sid),
+        )
+
+
+def hide_txn(
+    txn: Txn, uid: int, msg_ids: Sequence[int], now_ms: int, outbox: Outbox | None = None
+) -> HideResult:
+    """
+    Hide messages of the user's own sessions from the user (the peer keeps
+    them): a t_hidden row each, their pending rows deleted (as if acked),
+    unread recounted (they count as read). One event of the user's stream
+    for the messages not hidden before; none if there are none.
+    """
+    wanted = sorted(set(msg_ids))
+    # The hider's stream is the only one it writes: its t_user row first, before
+    # any plain read (on MySQL that starts the REPEATABLE READ snapshot; taken
+    # after the lock it sees every send and read of the user: the recount is right).
+    heads = q.lock_streams(txn, (uid,))
+    rows = txn.query_in(
+        "SELECT id, sessionId, senderUid, recipientUid FROM t_msg_record_list WHERE id IN (%s)",
+        wanted,
+    )
+    sessions = {int(r[0]): int(r[1]) for r in rows}
+    senders = {int(r[0]): int(r[2]) for r in rows if int(r[3]) == uid}
+    for r in rows:
+        if uid not in (int(r[2]), int(r[3])):
+            raise ImError(ErrorCode.FORBIDDEN, f"message {int(r[0])} is not in your conversations")
+    missing = [i for i in wanted if i not in sessions]
+    if missing:
+        raise ImError(ErrorCode.NOT_FOUND, f"no such message: {missing[0]}")
+    hidden = {
+        int(r[0])
+        for r in txn.query_in(
+            "SELECT msgId FROM t_hidden WHERE uid = ? AND msgId IN (%s)", wanted, (uid,)
+        )
+    }
+    cleared = {
+        int(r[0]): int(r[1])
+        for r in txn.query_in(
+            f"SELECT sessionId, clearedUpTo FROM t_conv WHERE uid = ?"
+            f" AND sessionId IN (%s){txn.engine.for_update}",
+            sorted(set(sessions.values())),
+            (uid,),
+        )
+    }
+    new = [i for i in wanted if i not in hidden and i > cleared.get(sessions[i], 0)]
+    if not new:
+        return HideResult(())
+    [seq] = q._take_seqs(heads, (uid,))
+    rows_sql, args = values([(uid, i, sessions[i], seq) for i in new])
+    script = [
+        Statement(f"INSERT INTO t_hidden (uid, msgId, sessionId, seq) VALUES {rows_sql}", args),
+        Statement(
+            f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks(len(new))})", (uid, *new)
+        ),
+        q._event_statement([(uid, seq, EVENT_HIDE, sessions[new[0]], new[0], uid, now_ms)]),
+        q._head_statement({uid: seq}),
+    ]
+    if outbox is not None:
+        script.append(q.outbox_statement(attrs.evolve(outbox, users=(uid,))))
+    txn.script(script)
+    _recount_read(txn, uid, [sessions[i] for i in new])
+    received = tuple((i, senders[i]) for i in new if i in senders)
+    return HideResult(tuple(new), seq, received)
+
+
+def clear_txn(
+    txn: Txn, uid: int, session_id: int, now_ms: int, outbox: Outbox | None = None
+) -> ClearResult:
+    """
+    Hide everything of a session up to its last message for the user
+    (clearedUpTo), as L{hide_txn} does for single messages.
+    """
+    # As in read_txn: a locking read of the members before the t_user lock.
+    members = txn.query_one(
+        f"SELECT uidLow, uidHigh FROM t_session WHERE id = ?{txn.engine.for_share}",
+        (session_id,),
+    )
+    if members is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such session")
+    if uid not in (int(members[0]), int(members[1])):
+        raise ImError(ErrorCode.FORBIDDEN, "you are not part of this session")
+    heads = q.lock_streams(txn, (uid,))
+    row = txn.query_one(
+        "SELECT lastMsgId, clearedUpTo, peerUid FROM t_conv WHERE uid = ? AND sessionId = ?"
+        f"{txn.engine.for_update}",
+        (uid, session_id),
+    )
+    if row is None:
+        raise ImError(ErrorCode.NOT_FOUND, "no such session")
+    last, cleared, peer = (int(v) for v in row)
+    if last <= cleared:
+        return ClearResult(session_id, cleared)
+    [seq] = q._take_seqs(heads, (uid,))
+    pending = txn.query(
+        "SELECT msgId FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
+        (uid, peer, last),
+    )
+    script = [
+        Statement(
+            "UPDATE t_conv SET clearedUpTo = ? WHERE uid = ? AND sessionId = ?",
+            (last, uid, session_id),
+        ),
+        # One session per pair: the peer's pending messages are this session's.
+        Statement(
+            "DELETE FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
+            (uid, peer, last),
+        ),
+        q._event_statement([(uid, seq, EVENT_CLEAR, session_id, last, uid, now_ms)]),
+        q._head_statement({uid: seq}),
+    ]
+    if outbox is not None:
+        script.append(q.outbox_statement(attrs.evolve(outbox, users=(uid,))))
+    txn.script(script)
+    _recount_read(txn, uid, (session_id,))
+    return ClearResult(session_id, last, seq, tuple((int(r[0]), peer) for r in pending))
+
+
+def hides_txn(txn: Txn, uid: int) -> bool:
+    """Whether the user hid or cleared anything, ever."""
+    hidden = txn.query_one("SELECT 1 FROM t_hidden WHERE uid = ? LIMIT 1", (uid,))
+    if hidden is not None:
+        return True
+    cleared = txn.query_one(
+        "SELECT 1 FROM t_conv WHERE uid = ? AND clearedUpTo > 0 LIMIT 1", (uid,)
+    )
+    return cleared is not None
+
+
+#: What a reader may see of a session: not recalled, above its clear, not hidden.
+_VISIBLE = (
+    "m.sessionId = ? AND m.recordStatus = ? AND m.id > COALESCE((SELECT c.clearedUpTo FROM"
+    " t_conv c WHERE c.uid = ? AND c.sessionId = ?), 0) AND NOT EXISTS (SELECT 1 FROM t_hidden h"
+    " WHERE h.uid = ? AND h.msgId = m.id)"
+)
+
+
+def visible_history_txn(
+    txn: Txn, uid: int, session_id: int, before: int | None, limit: int
+) -> list[Message]:
+    """history_txn for a user who hides messages: the ones it may see."""
+    rows = txn.query(
+        f"SELECT {q.MSG_COLUMNS} FROM t_msg_record_list m WHERE {_VISIBLE} AND m.id < ?"
+        " ORDER BY m.id DESC LIMIT ?",
+        (
+            session_id,
+            RECORD_NORMAL,
+            uid,
+            session_id,
+            uid,
+            before if before is not None else 2**63 - 1,
+            limit,
+        ),
+    )
+    return [q._message(r) for r in rows]
+
+
+def last_visible_txn(txn: Txn, uid: int, session_ids: Sequence[int]) -> dict[int, Message]:
+    """last_normal_txn for a user who hides messages (one script)."""
+    if not session_ids:
+        return {}
+    results = txn.script(
+        [
+            Statement(
+                f"SELECT {q.MSG_COLUMNS} FROM t_msg_record_list m WHERE {_VISIBLE}"
+                " ORDER BY m.id DESC LIMIT 1",
+                (sid, RECORD_NORMAL, uid, sid, uid),
+                ROWS,
+            )
+            for sid in session_ids
+        ]
+    )
+    return {
+        sid: q._message(rows[0]) for sid, rows in zip(session_ids, results, strict=True) if rows
+    }
+
+
+# ---------------------------------------------------------------------------
+# The store's side
+
+
+class EditStore:
+    """Edits, hides and clears for L{Store} (SQL, then invalidation)."""
+
+    def __init__(self, store: Store) -> None:
+        from imserver.storage.store import LRU  # a cycle at import time
+
+        self._store = store
+        # uid -> when this node learned the user never hid anything.
+        self._clean: LRU[int, float] = LRU(CACHE_SIZE)
+        # Users known to hide something (a hide is never undone).
+        self._hiders: LRU[int, bool] = LRU(CACHE_SIZE)
+        self._later: set[IDelayedCall] = set()
+        # Read by metrics and tests.
+        self.hides_checked = 0
+
+    def _now(self) -> float:
+        return float(self._store._reactor.seconds())
+
+    # -- who hides ------------------------------------------------------------
+
+    async def hides(self, uid: int) -> bool:
+        """Whether the user's reads must filter hidden messages (cached, see module)."""
+        if uid in self._hiders:
+            return True
+        learned = self._clean.get(uid)
+        if learned is not None and self._now() - learned < CLEAN_TTL:
+            return False
+        asked = self._now()
+        self.hides_checked += 1
+        found = await self._store.db.run("hides", hides_txn, uid)
+        if found:
+            self._hiders.put(uid, True)
+        elif uid not in self._hiders:
+            # (Unless a hide came meanwhile: forget() marked it a hider.)
+            self._clean.put(uid, asked)
+        return found
+
+    def forget(self, uid: int) -> None:
+        """The user hid something (here or on another node): filter its reads."""
+        self._hiders.put(uid, True)
+        self._clean.pop(uid, None)
+
+    # -- writes -----------------------------------------------------------------
+
+    async def edit(
+        self,
+        uid: int,
+        msg_id: int,
+        body: bytes,
+        window_ms: int,
+        then: Callable[[EditResult], None] | None = None,
+    ) -> EditResult:
+        """
+        Edit a message. After the reply: the cached message is forgotten,
+        then C{then} runs (the pushes: a node reading after one finds the
+        new body). A repeated edit (same body) forgets it again and runs
+        C{then} again if the message was edited (the retry of an edit whose
+        reply was lost still tells the devices; clients keep the highest
+        C{edited}).
+        """
+        store = self._store
+        outbox = store._outbox("edit")
+        try:
+            result = await store.db.run(
+                "edit", edit_txn, uid, msg_id, body, store._now_ms(), window_ms, outbox
+            )
+        except CommitUnknown as e:
+            # Maybe edited: serve the message and the sender from SQL until repaired.
+            store._hot_failed((uid,), (), (msg_id,), str(e))
+            raise
+        m = result.message
+        store.saw_seq(m.sender, result.sender_seq)
+        store.saw_seq(m.recipient, result.recipient_seq)
+        tell = then if (result.changed or m.edited) else None
+        store._run_after_reply(
+            self._edit_follow_up(outbox.id if result.changed else 0, result, tell),
+            (m.sender, m.recipient),
+            (m.session_id,),
+        )
+        return result
+
+    async def _edit_follow_up(
+        self, outbox_id: int, result: EditResult, then: Callable[[EditResult], None] | None
+    ) -> None:
+        m = result.message
+        users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
+        try:
+            step = self._store.hot.invalidate((), (), msgs)
+            await self._store._follow_up(outbox_id, step, users, sessions, msgs)
+            if self._store._now_ms() - m.ts < LIVE_MS + 1000:
+                # The send's fan-out may still cache the old body (it does so
+                # up to LIVE_MS after the send): forget it once more after that.
+                self._again(LIVE_MS / 1000 + 1, msgs)
+        finally:
+            if then is not None:
+                then(result)
+
+    def _again(self, delay: float, msgs: Sequence[int]) -> None:
+        def run() -> None:
+            self._later.discard(call)
+            d = Deferred.fromCoroutine(self._store.hot.invalidate((), (), msgs))
+            d.addErrback(lambda f: self._store._hot_failed((), (), msgs, str(f.value)))
+
+        call = self._store._reactor.callLater(delay, run)
+        self._later.add(call)
+
+    def stop(self) -> None:
+        for call in self._later:
+            if call.active():
+                call.cancel()
+        self._later.clear()
+
+    async def hide(
+        self, uid: int, msg_ids: Sequence[int], then: Callable[[HideResult], None] | None = None
+    ) -> HideResult:
+        """Hide messages; after the reply the user's copy is forgotten, then C{then} runs."""
+        store = self._store
+        outbox = store._outbox("hide")
+        try:
+            result = await store.db.run("hide", hide_txn, uid, msg_ids, store._now_ms(), outbox)
+        except CommitUnknown as e:
+            self.forget(uid)
+            store._hot_failed((uid,), (), (), str(e))
+            raise
+        if result.seq is not None:
+            tell = None if then is None else partial(then, result)
+            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
+        return result
+
+    async def clear(
+        self, uid: int, session_id: int, then: Callable[[ClearResult], None] | None = None
+    ) -> ClearResult:
+        """Clear a conversation for the user (as L{hide})."""
+        store = self._store
+        outbox = store._outbox("clear")
+        try:
+            result = await store.db.run(
+                "clear", clear_txn, uid, session_id, store._now_ms(), outbox
+            )
+        except CommitUnknown as e:
+            self.forget(uid)
+            store._hot_failed((uid,), (), (), str(e))
+            raise
+        if result.seq is not None:
+            tell = None if then is None else partial(then, result)
+            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
+        return result
+
+    def _hidden(
+        self,
+        uid: int,
+        seq: int,
+        outbox_id: int,
+        pending: Sequence[tuple[int, int]],
+        then: Callable[[], None] | None,
+    ) -> None:
+        """The user's copy (pending, unread) is reloaded from SQL; its reads filter."""
+        store = self._store
+        self.forget(uid)
+        store.saw_seq(uid, seq)
+        store._run_after_reply(self._hide_follow_up(outbox_id, uid, pending, then), (uid,))
+
+    async def _hide_follow_up(
+        self,
+        outbox_id: int,
+        uid: int,
+        pending: Sequence[tuple[int, int]],
+        then: Callable[[], None] | None,
+    ) -> None:
+        store = self._store
+        try:
+            await store._follow_up(outbox_id, self._unpend(uid, pending), (uid,), (), ())
+        finally:
+            if then is not None:
+                then()
+
+    async def _unpend(self, uid: int, pending: Sequence[tuple[int, int]]) -> None:
+        """
+        As an ack would (its tombstones keep a late fan-out of these from
+        making them pending again), then forget the user's copy: the unread
+        counts are reloaded from SQL.
+        """
+        if pending:
+            await self._store.hot.ack([(uid, pending)])
+        await self._store.hot.invalidate((uid,), ())
+
+    # -- reads --------------------------------------------------------------------
+
+    async def history(
+        self, uid: int, session_id: int, before: int | None, limit: int
+    ) -> list[Message]:
+        return await self._store.db.run(
+            "visible_history", visible_history_txn, uid, session_id, before, limit
+        )
+
+    async def last_messages(self, uid: int, session_ids: Sequence[int]) -> dict[int, Message]:
+        return await self._store.db.run("last_visible", last_visible_txn, uid, session_ids)
