@@ -234,6 +234,9 @@ class LostCommitTests(TestCase):
         for uid in (self.a, self.b):
             await self.stack.chat.login(uid)
         self.stack.presence.online_users.update((self.a, self.b))
+        # The pair's blocks are known to the node before any fault is armed
+        # (a send's block check reads them from SQL on its first use).
+        await self.stack.chat.blocks.either(self.a, self.b)
         # Both hot copies loaded, so "indexed" can be read from the hot store.
         await self.stack.chat.sync(self.a, 10, 0, None)
         await self.stack.chat.sync(self.b, 10, 0, None)
@@ -572,6 +575,9 @@ class SqliteLostCommitTests(TestCase):
         for uid in (self.a, self.b):
             await self.stack.chat.login(uid)
         self.stack.presence.online_users.update((self.a, self.b))
+        # The pair's blocks are known to the node before any fault is armed
+        # (a send's block check reads them from SQL on its first use).
+        await self.stack.chat.blocks.either(self.a, self.b)
 
     def lost(self) -> dict[str, int]:
         return self.stack.store.db.lost_commits
