@@ -59,6 +59,20 @@ class RecordingPresence:
         #: (kind, data) of every broadcast.
         self.broadcasts: list[tuple[str, Any]] = []
         self._links: dict[int, dict[str, IClientLink]] = {}
+        #: Presence listeners (issue 11): tests drive them with L{change}.
+        self.change_listeners: list[Callable[[int, bool, int, bool], None]] = []
+        self.gone_listeners: list[Callable[[int, IClientLink], None]] = []
+
+    def on_change(self, listener: Callable[[int, bool, int, bool], None]) -> None:
+        self.change_listeners.append(listener)
+
+    def on_link_gone(self, listener: Callable[[int, IClientLink], None]) -> None:
+        self.gone_listeners.append(listener)
+
+    def change(self, uid: int, online: bool, at: int = 0, here: bool = True) -> None:
+        """A user-level presence transition, as a registry or the cluster reports it."""
+        for listener in list(self.change_listeners):
+            listener(uid, online, at, here)
 
     def login(self, uid: int, link: IClientLink) -> Deferred[None]:
         self.online_users.add(uid)
@@ -69,6 +83,8 @@ class RecordingPresence:
         devices = self._links.get(uid, {})
         if devices.get(link.device) is link:
             del devices[link.device]
+            for listener in list(self.gone_listeners):
+                listener(uid, link)
         if not devices:
             self._links.pop(uid, None)
             self.online_users.discard(uid)

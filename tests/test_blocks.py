@@ -220,25 +220,36 @@ class BlocksContract:
 
     async def test_sends_waiting_for_a_load_keep_their_order(self) -> None:
         """
-        A sender's sends that come while its blocks load (to several peers,
-        one of them known here already) are committed in the order sent:
-        their msg_ids increase in that order.
+        Sends that come while blocks load (a sender's to several peers, one
+        known here already, and other senders', known or not) are committed
+        in the order sent: their msg_ids increase in that order, as they do
+        without blocks (tests/test_properties.py checks it too).
         """
         assert isinstance(self, TestCase)
         stack = await self.stack()
         chat = stack.chat
-        a, b, c, d = await self.users(stack, 4)
-        await chat.blocks.either(c, d)  # c known here, a and b not
+        a, b, c, d, e, f = await self.users(stack, 6)
+        await chat.blocks.either(c, d)  # c and d known here, the others not
         replies = [
             chat.send(a, b, "1", "text", "x"),
             chat.send(a, c, "2", "text", "x"),
-            chat.send(a, b, "3", "text", "x"),
-            chat.send(a, c, "4", "text", "x"),
+            chat.send(e, f, "3", "text", "x"),
+            chat.send(c, d, "4", "text", "x"),
+            chat.send(a, b, "5", "text", "x"),
+            chat.send(f, e, "6", "text", "x"),
+            chat.send(a, c, "7", "text", "x"),
         ]
+        self.assertEqual(chat.blocks.queued_sends, 7)
+        # A drain waits for them too (their commits, their fan-outs).
+        await chat.drain()
+        self.assertTrue(all(d.called for d in replies))
         results = await gatherResults(replies)
         ids = [r["msg_id"] for r in results]
         self.assertEqual(ids, sorted(ids))
-        self.assertEqual(chat.blocks.loaded, 2)
+        self.assertEqual(chat.blocks.loaded, 3)
+        self.assertEqual(chat.blocks.queued_sends, 0)
+        # Known now: no wait.
+        self.assertNotIsInstance(chat.blocks.for_send(e, a, reactor.seconds()), Deferred)
 
     async def test_a_load_failure_fails_the_waiting_sends(self) -> None:
         assert isinstance(self, TestCase)

@@ -886,11 +886,14 @@ class MessagingTestsMixin(MessagingHelpers):
         )
         self.assertEqual(
             await self.result(alice, "set_profile", nickname="alice"),
-            {"user": {"uid": alice.uid, "nickname": "alice", "avatar": ""}},
+            {"user": {"uid": alice.uid, "nickname": "alice", "avatar": ""}, "presence": "contacts"},
         )
         self.assertEqual(
             await self.result(alice, "set_profile", avatar="https://img/alice.png"),
-            {"user": {"uid": alice.uid, "nickname": "alice", "avatar": "https://img/alice.png"}},
+            {
+                "user": {"uid": alice.uid, "nickname": "alice", "avatar": "https://img/alice.png"},
+                "presence": "contacts",
+            },
         )
         # Unknown uids are left out, the order asked is kept.
         self.assertEqual(
@@ -913,11 +916,15 @@ class MessagingTestsMixin(MessagingHelpers):
         )
         self.assertEqual(await self.result(bob, "profile", uids=[never]), {"users": []})
 
-        # Limits: 64 and 512 characters, at least one field.
+        # Limits: 64 and 512 characters, at least one field. (The reply's presence:
+        # the caller's share setting, issue 11.)
         longest = "n" * 64
         self.assertEqual(
             await self.result(bob, "set_profile", nickname=longest, avatar="a" * 512),
-            {"user": {"uid": bob.uid, "nickname": longest, "avatar": "a" * 512}},
+            {
+                "user": {"uid": bob.uid, "nickname": longest, "avatar": "a" * 512},
+                "presence": "contacts",
+            },
         )
         await self.fails(bob, "too_large", "set_profile", nickname="n" * 65)
         await self.fails(bob, "too_large", "set_profile", avatar="a" * 513)

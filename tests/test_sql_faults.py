@@ -234,12 +234,11 @@ class LostCommitTests(TestCase):
         for uid in (self.a, self.b):
             await self.stack.chat.login(uid)
         self.stack.presence.online_users.update((self.a, self.b))
-        # The pair's blocks cached: a send's block check reads nothing then, and
-        # the next transaction (the one a test makes fail) is the test's own.
-        await self.stack.chat.blocks.either(self.a, self.b)
         # Both hot copies loaded, so "indexed" can be read from the hot store.
         await self.stack.chat.sync(self.a, 10, 0, None)
         await self.stack.chat.sync(self.b, 10, 0, None)
+        # The pair's blocks known: no block load before the commits these tests break.
+        await self.stack.chat.blocks.either(self.a, self.b)
 
     async def quiet(self) -> None:
         """Nothing of the stack's own in flight: the next COMMIT is the test's."""
@@ -575,7 +574,8 @@ class SqliteLostCommitTests(TestCase):
         for uid in (self.a, self.b):
             await self.stack.chat.login(uid)
         self.stack.presence.online_users.update((self.a, self.b))
-        # As in LostCommitTests: the block check reads nothing during the tests.
+        # The pair's blocks are known to the node before any fault is armed
+        # (a send's block check reads them from SQL on its first use).
         await self.stack.chat.blocks.either(self.a, self.b)
 
     def lost(self) -> dict[str, int]:

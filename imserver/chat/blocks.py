@@ -4,10 +4,12 @@ Blocking (docs/protocol.md, "Blocking"): who refuses whom.
 Every send asks, so the answer comes from a node cache: per user, its
 L{BlockSets} (whom it blocks, who blocks it; nearly always empty), at most
 L{CACHE_USERS} users (least recently used go first). Either user's entry
-answers for a pair. A miss loads the pair's users in one SQL query; while a
-user's load is on its way, that user's sends wait for it in the order they
-came (their ids are given out after it), so a connection's sends keep their
-order.
+answers for a pair. A miss loads the pair's users in one SQL query; while
+sends wait for such loads, every later send queues behind them and all are
+let through in the order they came (their ids are given out then), so
+msg_ids still follow the order of the sends on this node (and commits the
+order of msg_ids), as they did without blocks. Misses are rare (a user's
+first send on a node), so the queue is nearly always empty.
 
 Changes are applied here after their commit and broadcast to the other
 nodes (C{presence.broadcast("block", [blocker, blocked, now_blocked])}),
@@ -22,7 +24,7 @@ a change.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +57,18 @@ REFRESH_BATCH_USERS = 1000
 BROADCAST = "block"
 
 Result = dict[str, Any]
+
+
+@attrs.define(eq=False)
+class _Queued:
+    """A send's check waiting for its turn: its answer once known, then its Deferred fires."""
+
+    sender: int
+    to: int
+    result: Deferred[bool]
+    answer: bool | Failure | None = None
+    #: Told once the send has gone on (L{BlockService.idle}).
+    gone: list[Deferred[None]] = attrs.Factory(list)
 
 
 @attrs.define
@@ -118,6 +132,8 @@ class BlockService:
         # Entries found stale, for the next refresh (an ordered set).
         self._stale: dict[int, None] = {}
         self._refresh_call: IDelayedCall | None = None
+        # Sends whose check waits for a load, and those behind them, in order.
+        self._queue: deque[_Queued] = deque()
         #: Read by tests and metrics: SQL loads, sends refused.
         self.loaded = 0
         self.refused = 0
@@ -149,23 +165,53 @@ class BlockService:
             return a in entry[0].blocks or a in entry[0].blocked_by
         return None
 
-    def for_send(self, sender: int, to: int, now: float) -> bool | None:
+    def for_send(self, sender: int, to: int, now: float) -> bool | Deferred[bool]:
         """
-        L{either_now} for a send at C{now} (the hot path: the sender's own
-        entry first, no clock call): None also while the sender's blocks
-        are being loaded (the send then waits in L{either}, behind the
-        sender's earlier sends).
+        Whether a send at C{now} is between a blocked pair: at once from the
+        cache (the hot path: the sender's own entry first, no clock call),
+        or a Deferred when the answer needs a load or sends wait for one
+        (it fires in the order of the sends, see the module docstring).
         """
+        if self._queue:
+            return self._queued(sender, to)
         entry = self._cache.get(sender)
         if entry is None:
-            if sender in self._loads:
-                return None
-            return self.either_now(sender, to)
+            known = None if sender in self._loads else self.either_now(sender, to)
+            return self._queued(sender, to) if known is None else known
         sets, loaded = entry
         self._cache.move_to_end(sender)
         if loaded + self.refresh_seconds < now:
             self._stale_entry(sender)
         return to in sets.blocks or to in sets.blocked_by
+
+    def _queued(self, sender: int, to: int) -> Deferred[bool]:
+        item = _Queued(sender, to, Deferred())
+        self._queue.append(item)
+        d = Deferred.fromCoroutine(self.either(sender, to))
+        d.addCallbacks(self._answered, self._answered, (item,), errbackArgs=(item,))
+        return item.result
+
+    def _answered(self, answer: bool | Failure, item: _Queued) -> None:
+        item.answer = answer
+        while self._queue and self._queue[0].answer is not None:
+            done = self._queue.popleft()
+            if isinstance(done.answer, Failure):
+                done.result.errback(done.answer)
+            else:
+                done.result.callback(bool(done.answer))
+            for waiter in done.gone:
+                waiter.callback(None)
+
+    async def idle(self) -> None:
+        """Wait until the sends queued for a block check so far have gone on (drain)."""
+        if self._queue:
+            d: Deferred[None] = Deferred()
+            self._queue[-1].gone.append(d)
+            await d
+
+    @property
+    def queued_sends(self) -> int:
+        return len(self._queue)
 
     @property
     def cached_users(self) -> int:

@@ -1,9 +1,11 @@
 """
 The business layer: every operation of wire protocol v1 after auth.
 
-The send path is the seed's: filter -> enrich -> dedupe -> ids -> durable
-commit -> reply -> fan-out. Ids are assigned before the first wait, in the
-order requests arrive, and commits and fan-outs run as ordered batches, so
+The send path is the seed's: filter -> enrich -> block check -> dedupe ->
+ids -> durable commit -> reply -> fan-out. Ids are assigned in the order
+requests arrive (the block check, when it must wait for SQL, lets sends
+through in that order: see chat.blocks), and commits and fan-outs run as
+ordered batches, so
 messages sent on one connection are stored, pushed and listed in the order
 they were sent. The reply goes out once the message is committed; the
 fan-out (hot index, then push) follows in the background. Reads of a user's
@@ -34,6 +36,7 @@ from imserver.batching import Batcher
 from imserver.chat.blocks import BlockService
 from imserver.chat.devices import DeviceService
 from imserver.chat.edits import EditService
+from imserver.chat.presence import PresenceService
 from imserver.chat.profiles import ProfileCache
 from imserver.config import DevicesConfig, LimitsConfig
 from imserver.errors import ErrorCode, ImError
@@ -176,6 +179,10 @@ class ChatService:
             store=store, presence=presence, clock=clock, max_blocks=limits.max_blocks
         )
         # -- presence and typing (issue 11) --
+        #: Who is online as others may see it, watchers, typing (chat/presence.py).
+        self.presence_service = PresenceService(
+            store=store, presence=presence, blocks=self.blocks, clock=clock
+        )
         # -- receipts and mute (issue 11) --
         # -- edit, hide, clear (issue 11) --
         self.edits = EditService(
@@ -262,10 +269,9 @@ class ChatService:
                 ErrorCode.TOO_LARGE, f"the body is larger than {self.limits.max_body_bytes} bytes"
             )
         blocked = self.blocks.for_send(sender, to, started)
-        if blocked is None:
+        if isinstance(blocked, Deferred):
             # Not known here yet: one SQL query first (in order, see chat.blocks).
-            check = Deferred.fromCoroutine(self.blocks.either(sender, to))
-            return check.addCallback(
+            return blocked.addCallback(
                 self._block_checked, sender, to, cid, kind, body, blob, started, origin
             )
         if blocked:
@@ -802,13 +808,35 @@ class ChatService:
         nickname: str | None,
         avatar: str | None,
         origin: IClientLink | None = None,
+        presence: str | None = None,
+        show_presence: bool = False,
     ) -> Result:
-        """Change one's profile; one's other devices are told."""
-        profile = await self.store.set_profile(uid, nickname, avatar)
-        if profile is None:
-            raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
-        self.profile_changed(profile)
-        self.presence.push(uid, {"t": "profile", "user": profile.public()}, origin)
+        """
+        Change one's profile and (C{presence}) who sees one's presence; one's
+        other devices are told, with the setting. The reply carries it with
+        C{show_presence} (the wire op's; the HTTP API's reply is as before).
+        """
+        if nickname is None and avatar is None:
+            found = (await self.profiles.get([uid])).get(uid)
+            if found is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = found
+        else:
+            changed = await self.store.set_profile(uid, nickname, avatar)
+            if changed is None:
+                raise ImError(ErrorCode.NO_SUCH_USER, f"user {uid} does not exist")
+            profile = changed
+            self.profile_changed(profile)
+        if presence is not None:
+            await self.presence_service.set_share(uid, presence)
+            share = presence
+        else:
+            share = await self.presence_service.share(uid)
+        self.presence.push(
+            uid, {"t": "profile", "user": profile.public(), "presence": share}, origin
+        )
+        if show_presence:
+            return {"user": profile.public(), "presence": share}
         return {"user": profile.public()}
 
     # -- devices ---------------------------------------------------------------------------
@@ -840,8 +868,10 @@ class ChatService:
 
     async def drain(self) -> None:
         """Wait until every commit and fan-out queued so far is done."""
+        await self.blocks.idle()  # sends waiting for their block check first
         await self.store.sends.idle()
         await self.fanouts.idle()
+        await self.presence_service.flush()
         await self.store.drain()
 
     # -- recovery ------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
 
     def set_profile(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
         assert isinstance(r, frames.SetProfile)
-        return _call(chat.set_profile(uid(conn), r.nickname, r.avatar, conn))
+        return _call(
+            chat.set_profile(uid(conn), r.nickname, r.avatar, conn, r.presence, show_presence=True)
+        )
 
     async def _catchup(conn: ClientProtocol, r: frames.Catchup) -> Result:
         after = conn.position if r.after is None else r.after
@@ -119,6 +121,20 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         limited(conn, "social", limits.social_per_second, limits.social_burst)
 
     # -- presence and typing (issue 11) --
+    def presence(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.GetPresence)
+        social(conn)
+        return _call(chat.presence_service.query(uid(conn), r.uids))
+
+    def watch(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Watch)
+        social(conn)
+        return _call(chat.presence_service.watch(uid(conn), conn, r.uids))
+
+    def typing(conn: ClientProtocol, r: frames.Request) -> Deferred[Result]:
+        assert isinstance(r, frames.Typing)
+        limited(conn, "typing", limits.typing_per_second, limits.typing_burst)
+        return _call(chat.presence_service.typing(uid(conn), r.to, r.active))
 
     # -- receipts and mute (issue 11) --
 
@@ -176,6 +192,9 @@ def business_ops(chat: ChatService, limits: LimitsConfig) -> dict[str, Op]:
         frames.Devices: devices,
         frames.LogoutDevice: logout_device,
         # -- presence and typing (issue 11) --
+        frames.GetPresence: presence,
+        frames.Watch: watch,
+        frames.Typing: typing,
         # -- receipts and mute (issue 11) --
         frames.Mute: mute,
         # -- blocks (issue 11) --

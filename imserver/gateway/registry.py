@@ -12,6 +12,8 @@ from zope.interface import implementer
 from imserver.services.presence import (
     KICK_REPLACED,
     KICK_TOO_MANY,
+    ChangeListener,
+    GoneListener,
     IClientLink,
     IPresence,
     OnlineDevice,
@@ -37,6 +39,10 @@ class LocalRegistry:
         #: Named in L{online_devices}.
         self.node = node
         self._links: dict[int, dict[str, IClientLink]] = {}
+        # Presence transitions (a single node: its users' first and last
+        # connection); a cluster listens to ClusterPresence instead.
+        self._changes: list[ChangeListener] = []
+        self._gone: list[GoneListener] = []
 
     def __len__(self) -> int:
         """How many users have a connection here."""
@@ -56,6 +62,7 @@ class LocalRegistry:
         devices = self._links.get(uid)
         if devices is None:
             self._links[uid] = {link.device: link}
+            self._changed(uid, True, 0)
             return []
         kicked: list[IClientLink] = []
         old = devices.get(link.device)
@@ -83,6 +90,8 @@ class LocalRegistry:
                 )
                 victim.kick(KICK_TOO_MANY)
                 kicked.append(victim)
+        for old in kicked:
+            self._left(uid, old)
         return kicked
 
     def logout(self, uid: int, link: IClientLink) -> None:
@@ -96,7 +105,30 @@ class LocalRegistry:
         del devices[link.device]
         if not devices:
             del self._links[uid]
+        self._left(uid, link)
+        if not devices:
+            self._changed(uid, False, 0)
         return True
+
+    def _changed(self, uid: int, online: bool, at: int) -> None:
+        for listener in self._changes:
+            try:
+                listener(uid, online, at, True)
+            except Exception:
+                self.log.failure("a presence listener failed for uid {uid}", uid=uid)
+
+    def _left(self, uid: int, link: IClientLink) -> None:
+        for listener in self._gone:
+            try:
+                listener(uid, link)
+            except Exception:
+                self.log.failure("a presence listener failed for uid {uid}", uid=uid)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._changes.append(listener)
+
+    def on_link_gone(self, listener: GoneListener) -> None:
+        self._gone.append(listener)
 
     def local(self, uid: int) -> list[IClientLink]:
         devices = self._links.get(uid)

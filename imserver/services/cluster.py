@@ -29,6 +29,17 @@ L{ClusterPresence} wraps this node's local registry (L{LocalRegistry}):
   simply lost: the message stays pending and is synced on reconnect.
 * Profiles: a node that changes a profile publishes it on the channel every
   node hears, so their in-process profile caches never show an old one.
+* User-level transitions (L{ClusterPresence.on_change}): a login whose
+  script saw no other node holding the user and kicked nobody is the user's
+  first device anywhere (online); a logout whose script left the user
+  without devices is the last (offline). The node that sees it tells its
+  listeners and broadcasts it once (C{presence}: [uid, online, ms]) to the
+  others, whose listeners hear it: one broadcast per transition, whatever
+  the number of watchers. Scripts run one at a time, so two nodes never
+  both see the first (or the last) device. Transitions seen while Redis is
+  down are told once it answers (the refresh checks each: L{_announce}).
+  A node that dies sends no offline: its users' presence expires by TTL
+  without a transition.
 * Recovery: when Redis loses its data (FLUSHALL, a restart without
   persistence) the bus's generation changes; every node notices within a
   second (at once if it routes a push or hears another node tell it), and
@@ -67,6 +78,8 @@ from imserver.periodic import Periodic
 from imserver.services.presence import (
     KICK_LOGIN_ELSEWHERE,
     KICK_REPLACED,
+    ChangeListener,
+    GoneListener,
     IClientLink,
     IPresence,
     OnlineDevice,
@@ -109,6 +122,8 @@ MAX_EARLY_NOTICES = 10_000
 #: A pending login's state once its connection went away before it was
 #: registered (else None: waiting, or the reason it was kicked meanwhile).
 _GONE = ""
+#: The broadcast kind of user-level presence transitions: [uid, online, at ms].
+PRESENCE_KIND = "presence"
 #: Pushed to a connected user who may have missed pushes: sync now.
 SYNC_PUSH: Mapping[str, Any] = {"t": "sync"}
 
@@ -173,7 +188,7 @@ class ClusterPresence:
         self._logins: Batcher[LoginEntry, tuple[LoginAnswer, list[Deferred[None]]] | None] = (
             Batcher("presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor)
         )
-        self._logouts: Batcher[tuple[int, str, str], None] = Batcher(
+        self._logouts: Batcher[tuple[int, str, str], bool] = Batcher(
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
@@ -218,6 +233,14 @@ class ClusterPresence:
         self.on_profile: Callable[[Profile], None] | None = None
         self._on_broadcast: dict[str, list[Callable[[Any], None]]] = {}
         self.broadcasts_received = 0
+        #: User-level presence transitions: see L{on_change}.
+        self._changes: list[ChangeListener] = []
+        self.on_broadcast(PRESENCE_KIND, self._presence_heard)
+        self._transitions: list[list[Any]] = []
+        self._transitions_call: IDelayedCall | None = None
+        #: Transitions that happened here while Redis was down: uid -> (online, ms).
+        self._unannounced: dict[int, tuple[bool, int]] = {}
+        self.transitions = 0
 
     def value(self, link: IClientLink) -> str:
         """The connection's id in the cluster (conn): node:incarnation:epoch."""
@@ -285,6 +308,7 @@ class ClusterPresence:
             # Checked across nodes, or (Redis down) against this node only: replayed
             # through the login script once Redis answers (see _replay).
             limit = None if outcome is not None else self.max_online
+            had = self.registry.has(uid)
             for old in self.registry.register(uid, link, limit):
                 self._forget(uid, old.device, self.value(old))
             if outcome is None:
@@ -299,6 +323,15 @@ class ClusterPresence:
                     known.add(node)
                 else:
                     known.discard(node)
+            if outcome is None and not had:
+                # Redis is down: whether it is the user's first device anywhere
+                # is told once it answers (see _announce).
+                self._unannounced_change(uid, True, int(self._reactor.seconds() * 1000))
+            if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
+                # The login script saw no other node holding the user and
+                # kicked nobody (a device replaced elsewhere was online): its
+                # first device anywhere (scripts run one at a time).
+                self._transition(uid, True, int(self._reactor.seconds() * 1000))
 
         return Deferred.fromCoroutine(login())
 
@@ -381,15 +414,97 @@ class ClusterPresence:
             return
         if not self.registry.remove(uid, link):
             return
-        if not self.registry.has(uid):
+        last = not self.registry.has(uid)
+        if last:
             self._others.pop(uid, None)
             self._noticed.pop(uid, None)
-        self._forget(uid, link.device, conn)
+        d = self._forget(uid, link.device, conn)
+        if last and d is not None:
+            d.addCallback(self._maybe_offline, uid)
+            d.addErrback(lambda f: self.log.failure("presence transition failed", f))
 
-    def _forget(self, uid: int, device: str, conn: str) -> Deferred[None] | None:
+    def _maybe_offline(self, nobody: bool, uid: int) -> None:
+        """
+        The logout script found the user without devices on any node: the
+        last one left. Unless the user came back here meanwhile.
+        """
+        if nobody and not self.registry.has(uid) and uid not in self._pending_users:
+            self._transition(uid, False, int(self._reactor.seconds() * 1000))
+
+    def _transition(self, uid: int, online: bool, at: int) -> None:
+        """
+        Seen here: told to this node's listeners and, once, to every other
+        node (the transitions of one reactor turn share one message: a
+        reconnect storm is thousands).
+        """
+        self.transitions += 1
+        self._transitions.append([uid, online, at])
+        if self._transitions_call is None:
+            self._transitions_call = self._reactor.callLater(0, self._send_transitions)
+        self._tell(uid, online, at, True)
+
+    def _send_transitions(self) -> None:
+        self._transitions_call = None
+        sender = f"{self.node}:{self.incarnation}"
+        changes, self._transitions = self._transitions, []
+        message = msgpack.packb(
+            [
+                ["x", PRESENCE_KIND, msgpack.packb([sender, change], use_bin_type=True)]
+                for change in changes
+            ],
+            use_bin_type=True,
+        )
+        d = Deferred.fromCoroutine(self._redis.broadcast(message))
+        d.addErrback(self._not_broadcast, PRESENCE_KIND)
+
+    def _unannounced_change(self, uid: int, online: bool, at: int) -> None:
+        if len(self._unannounced) < MAX_UNROUTED or uid in self._unannounced:
+            self._unannounced[uid] = (online, at)
+
+    async def _announce(self) -> None:
+        """
+        After an outage, the transitions that may have happened here while
+        Redis was down: a user who connected here only is online, one who
+        left here and has no device anywhere is offline. (A redundant one is
+        harmless: listeners keep the newest state.)
+        """
+        pending, self._unannounced = self._unannounced, {}
+        for uid, (online, at) in pending.items():
+            try:
+                rows = await self._redis.presence_devices(uid)
+            except HotUnavailable:
+                for left, change in pending.items():
+                    self._unannounced.setdefault(left, change)
+                return
+            nodes = {conn.split(":", 1)[0] for _, conn, _ in rows}
+            here = self.registry.has(uid)
+            if online and here and nodes <= {self.node}:
+                self._transition(uid, True, at)
+            elif not online and not here and not nodes and uid not in self._pending_users:
+                self._transition(uid, False, at)
+
+    def _presence_heard(self, data: Any) -> None:
+        uid, online, at = data
+        self._tell(int(uid), bool(online), int(at), False)
+
+    def _tell(self, uid: int, online: bool, at: int, here: bool) -> None:
+        for listener in self._changes:
+            try:
+                listener(uid, online, at, here)
+            except Exception:
+                self.log.failure("a presence listener failed for uid {uid}", uid=uid)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._changes.append(listener)
+
+    def on_link_gone(self, listener: GoneListener) -> None:
+        self.registry.on_link_gone(listener)
+
+    def _forget(self, uid: int, device: str, conn: str) -> Deferred[bool] | None:
         """
         Remove the device's presence if still C{conn}'s (one batch per
-        turn): fires once done (None if not queued: the TTL removes it).
+        turn): fires once done, with whether the user then has no device on
+        any node (None if not queued: the TTL removes it).
         """
         self._unchecked.pop(conn, None)
         try:
@@ -398,14 +513,21 @@ class ClusterPresence:
         except QueueFull:
             return None
 
-    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[None]:
+    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[bool]:
         try:
-            await self._redis.presence_logout(self.node, entries)
+            nobody = set(await self._redis.presence_logout(self.node, entries) or ())
         except HotUnavailable:
-            pass  # the TTL removes them anyway
+            nobody = set()  # the TTL removes them anyway
+            # Whether these were the users' last devices anywhere is told once
+            # Redis answers (see _announce).
+            now = int(self._reactor.seconds() * 1000)
+            for uid in {entry[0] for entry in entries}:
+                if not self.registry.has(uid):
+                    self._unannounced_change(uid, False, now)
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
-        return [None] * len(entries)
+            nobody = set()
+        return [uid in nobody for uid, _, _ in entries]
 
     def local(self, uid: int) -> list[IClientLink]:
         return self.registry.local(uid)
@@ -695,7 +817,7 @@ class ClusterPresence:
                 return
             self._saw(generation)
             stale = {conn for _, _, conn in lost}
-            undone: list[Deferred[None]] = []
+            undone: list[Deferred[bool]] = []
             for uid, device, conn in lost:
                 # Logged in elsewhere while the kick could not reach us; only
                 # that connection: the device may have a newer one here now.
@@ -727,6 +849,8 @@ class ClusterPresence:
                     self.sync_pushes += 1
             if undone:
                 await gatherResults(undone)
+        if self._unannounced:
+            await self._announce()
 
     def _registered(self, uid: int, link: IClientLink) -> bool:
         return self.registry.device_link(uid, link.device) is link

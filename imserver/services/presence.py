@@ -35,6 +35,16 @@ KICK_REVOKED = "revoked"
 #: The old name of L{KICK_REPLACED}, kept for imports.
 KICK_LOGIN_ELSEWHERE = KICK_REPLACED
 
+#: Told (uid, online, at ms, here) of a user-level presence transition: the
+#: user's first device anywhere logged in or the last one left, C{at} when
+#: (0: now, for the listener's clock to say). Listeners order transitions by
+#: C{at}: a login's, not its connection's start (that may precede the logout
+#: of the user's previous last device).
+#: C{here}: this node saw it happen (the other nodes heard of it).
+ChangeListener = Callable[[int, bool, int, bool], None]
+#: Told (uid, link) when a connection of this node leaves presence.
+GoneListener = Callable[[int, "IClientLink"], None]
+
 
 class IClientLink(Interface):
     """One authenticated connection, as the layers below the gateway see it."""
@@ -121,3 +131,13 @@ class IPresence(Interface):
 
     def on_broadcast(kind: str, callback: Callable[[Any], None]) -> None:
         """Call C{callback(data)} for each broadcast of C{kind} from another node."""
+
+    def on_change(listener: ChangeListener) -> None:
+        """
+        Call C{listener} on each user-level transition (online: some device
+        connected on some node; offline: none any more), seen here or on
+        another node: one broadcast per transition in a cluster.
+        """
+
+    def on_link_gone(listener: GoneListener) -> None:
+        """Call C{listener} when a connection of this node leaves presence (closed, kicked)."""

@@ -453,14 +453,19 @@ class SetProfile(Request):
     op: ClassVar[str] = "set_profile"
     nickname: str | None
     avatar: str | None
+    #: Who sees one's presence (docs/protocol.md, "Presence and typing").
+    presence: str | None = None
 
     @classmethod
     def parse(cls, req_id: int, frame: Frame) -> SetProfile:
         nickname = opt_str(frame, "nickname", max_len=64)
         avatar = opt_str(frame, "avatar", max_len=512)
-        if nickname is None and avatar is None:
-            raise _invalid("give 'nickname', 'avatar' or both")
-        return cls(id=req_id, nickname=nickname, avatar=avatar)
+        presence = opt_str(frame, "presence", max_len=16)
+        if presence is not None and presence not in PRESENCE_SHARES:
+            raise _invalid("field 'presence' must be 'everyone', 'contacts' or 'nobody'")
+        if nickname is None and avatar is None and presence is None:
+            raise _invalid("give 'nickname', 'avatar', 'presence' or several")
+        return cls(id=req_id, nickname=nickname, avatar=avatar, presence=presence)
 
 
 # ---------------------------------------------------------------------------
@@ -504,6 +509,51 @@ class LogoutDevice(Request):
 
 # ---------------------------------------------------------------------------
 # Presence and typing (docs/protocol.md, "Presence and typing")
+
+MAX_PRESENCE_UIDS = 100
+MAX_WATCH = 500
+PRESENCE_SHARES = ("everyone", "contacts", "nobody")
+
+
+@request
+@attrs.frozen
+class GetPresence(Request):
+    op: ClassVar[str] = "presence"
+    uids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> GetPresence:
+        return cls(id=req_id, uids=req_int_list(frame, "uids", max_items=MAX_PRESENCE_UIDS))
+
+
+@request
+@attrs.frozen
+class Watch(Request):
+    op: ClassVar[str] = "watch"
+    #: Replaces the connection's watched set; empty: watch nobody.
+    uids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Watch:
+        if frame.get("uids") == []:
+            return cls(id=req_id, uids=())
+        return cls(id=req_id, uids=req_int_list(frame, "uids", max_items=MAX_WATCH))
+
+
+@request
+@attrs.frozen
+class Typing(Request):
+    op: ClassVar[str] = "typing"
+    to: int
+    active: bool
+
+    @classmethod
+    def parse(cls, req_id: int, frame: Frame) -> Typing:
+        active = frame.get("active")
+        if type(active) is not bool:
+            raise _invalid("field 'active' must be a bool")
+        assert isinstance(active, bool)
+        return cls(id=req_id, to=req_int(frame, "to"), active=active)
 
 
 # ---------------------------------------------------------------------------

@@ -95,8 +95,13 @@ class RedisBus(RedisScripts):
         rows = _unpack(await self._script("presence_devices", str(uid)))
         return [(d, c, int(s)) for d, c, s in rows or ()]
 
-    async def presence_logout(self, node: str, entries: Sequence[tuple[int, str, str]]) -> None:
-        await self._script("presence_logout", node, pack([[str(u), d, c] for u, d, c in entries]))
+    async def presence_logout(
+        self, node: str, entries: Sequence[tuple[int, str, str]]
+    ) -> list[int]:
+        nobody = await self._script(
+            "presence_logout", node, pack([[str(u), d, c] for u, d, c in entries])
+        )
+        return [int(uid) for uid in nobody or ()]
 
     async def presence_active(self, entries: Sequence[tuple[int, str, str, int]]) -> int:
         written = await self._script(

@@ -196,10 +196,11 @@ class IClusterBus(Interface):
     async def presence_devices(uid: int) -> list[tuple[str, str, int]]:
         """The user's live devices: (device, conn, since_ms)."""
 
-    async def presence_logout(node: str, entries: Sequence[tuple[int, str, str]]) -> None:
+    async def presence_logout(node: str, entries: Sequence[tuple[int, str, str]]) -> list[int]:
         """
         Forget (uid, device, conn) devices that are still that conn's; users
         C{node} no longer holds are announced to the nodes still holding them.
+        Returns the uids left without a device on any node.
         """
 
     async def presence_active(entries: Sequence[tuple[int, str, str, int]]) -> int:

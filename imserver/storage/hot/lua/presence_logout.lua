@@ -2,6 +2,7 @@
 -- connections gone from this node. Each device is forgotten only if it is
 -- still that connection's. A user this node no longer holds is announced to
 -- the nodes still holding it ({'l', uid, node}: they stop routing to us).
+-- Returns the uids left without a device on any node (their last one went).
 local me = ARGV[2]
 local now = now_ms()
 local by_node = {}
@@ -16,7 +17,11 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[3])) do
   end
   done[uid] = devices
 end
+local nobody = {}
 for uid, devices in pairs(done) do
+  if next(devices) == nil then
+    nobody[#nobody + 1] = uid
+  end
   if not holds(devices, me) then
     for _, node in ipairs(other_nodes(devices, me)) do
       add_for_node(by_node, node, {'l', uid, me})
@@ -24,4 +29,4 @@ for uid, devices in pairs(done) do
   end
 end
 publish_by_node(by_node)
-return 0
+return nobody
