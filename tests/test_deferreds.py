@@ -42,12 +42,18 @@ class WithinTests(TestCase):
         self.assertIsNone(self.successResultOf(self.work))
 
 
+class _Blocks:
+    def stop(self) -> None:
+        """The block cache's refreshes (here: none)."""
+
+
 class _Chat:
     """A chat service whose drain awaits work it does not own."""
 
     def __init__(self, work: Deferred[None]) -> None:
         self.work = work
         self.devices = self
+        self.blocks = _Blocks()
 
     def stop_sweeper(self) -> Deferred[None]:
         return succeed(None)

@@ -5,7 +5,8 @@ an edit made on node 1 is pushed to devices on nodes 2 and 3 and read there
 (history, convs, sync, catch-up) with its new body, the cached copies of the
 old one notwithstanding; a hide or a clear made on node 1 is told to the
 hider's device on node 3 and its history there leaves the messages out,
-while the peer keeps them.
+while the peer keeps them; and who may do what (an outsider, the recipient, a blocked
+pair).
 """
 
 from __future__ import annotations
@@ -130,3 +131,38 @@ class EditsClusterTests(DevicesHelpers, TestCase):
         c1, _ = await self.device(n1, next(_uids), "c1")
         await self.fails(c1, "forbidden", "hide", msg_ids=[ids[0]])
         await self.fails(c1, "forbidden", "clear", session_id=conv["session_id"])
+
+    async def test_who_may_edit_hide_clear(self) -> None:
+        """The authorization rules (docs/protocol.md, "Who may do what"): an
+        outsider, the recipient, a blocked pair; refusals tell nobody anything."""
+        n1, n2, n3 = self.nodes
+        a, b, c = next(_uids), next(_uids), next(_uids)
+        ca, _ = await self.device(n1, a, "a")
+        cb, _ = await self.device(n2, b, "b")
+        cc, _ = await self.device(n3, c, "c")
+        sent = await self.result(ca, "send", to=b, cid="w1", body="x")
+        msg_id, sid = sent["msg_id"], sent["session_id"]
+        self.assertEqual((await self.push(cb))["t"], "msg")
+        for client, op, fields in (
+            (cc, "edit", {"msg_id": msg_id, "body": "y"}),
+            (cb, "edit", {"msg_id": msg_id, "body": "y"}),
+            (cc, "hide", {"msg_ids": [msg_id]}),
+            (cc, "clear", {"session_id": sid}),
+        ):
+            await self.fails(client, "forbidden", op, **fields)
+        await self.fails(ca, "not_found", "edit", msg_id=msg_id + 9999, body="y")
+        await self.fails(ca, "not_found", "hide", msg_ids=[msg_id + 9999])
+        await self.fails(ca, "not_found", "clear", session_id=sid + 9999)
+        await self.quiet(ca, cb, cc)
+        # Blocked (b blocks a, from a device on a's node: its cache knows at once; other
+        # nodes learn it by a broadcast): the sender may not edit; both may still hide
+        # and clear.
+        cb1, _ = await self.device(n1, b, "b1")
+        await self.result(cb1, "block", uid=a)
+        await self.fails(ca, "forbidden", "edit", msg_id=msg_id, body="y")
+        self.assertIn("seq", await self.result(ca, "hide", msg_ids=[msg_id]))
+        self.assertEqual((await self.result(cb, "clear", session_id=sid))["up_to"], msg_id)
+        await self.quiet(ca, cc)
+        await self.result(cb1, "unblock", uid=a)
+        reply = await self.result(ca, "edit", msg_id=msg_id, body="y")
+        self.assertGreater(reply["edited"], 0)

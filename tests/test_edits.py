@@ -17,6 +17,7 @@ from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.storage.sql.database import Txn
 from tests.stack import Stack, make_stack
+from tests.support import sleep
 
 _uids = itertools.count(90_000)
 BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
@@ -301,6 +302,7 @@ class EditsContract:
         self.patch(store.edits, "_again", lambda delay, msgs: None)
         await stack.chat.edits.edit(a, m, "new")
         self.assertEqual((await store.hot.messages([m]))[m].body, b"\xa3old")
+        await sleep(0.01)  # a row is claimable from the next millisecond on
         replayed = await store.replay_outbox(own=True)
         # (The send's own row may still be there too: done rows are deleted lazily.)
         self.assertIn("edit", [r.kind for r in replayed])
@@ -312,10 +314,15 @@ class EditsContract:
         a, b = await self.users(stack)
         await self.send(stack, a, b, "m", 2)
         edits = stack.store.edits
+        await self.history(stack, b, a)
+        await stack.chat.convs(b, 10, None)  # (loads b's hot copy: asked again once)
+        asked = edits.hides_checked
+        self.assertLessEqual(asked, 2)
         for _ in range(3):
             await self.history(stack, b, a)
             await stack.chat.convs(b, 10, None)
-        self.assertEqual(edits.hides_checked, 1)
+            await stack.chat.sync(b, 10, 0, None)
+        self.assertEqual(edits.hides_checked, asked)
 
 
 class EmbeddedEditsTests(EditsContract, TestCase):
@@ -410,6 +417,23 @@ class TwoNodeTests(TestCase):
         self.assertEqual(
             [x["msg_id"] for x in (await two.chat.sync(b, 10, 0, None))["msgs"]], [ids[0]]
         )
+
+    async def test_a_lost_broadcast_is_made_up_for_by_a_reload(self) -> None:
+        """The hide invalidated the user's hot copy, shared by the nodes: the
+        node that reloads it asks SQL again whether the user hides messages."""
+        one, two = await self.nodes()
+        a, b = next(_uids), next(_uids)
+        for node in (one, two):
+            await node.chat.login(a)
+            await node.chat.login(b)
+        m = (await one.chat.send(a, b, "c", "text", "x"))["msg_id"]
+        await one.settle()
+        await two.chat.history(b, a, None, None, 10)
+        await two.chat.sync(b, 10, 0, None)
+        await one.chat.edits.hide(b, [m])
+        await one.settle()
+        self.assertEqual((await two.chat.sync(b, 10, 0, None))["msgs"], [])
+        self.assertEqual((await two.chat.history(b, a, None, None, 10))["msgs"], [])
 
     async def test_a_lost_broadcast_is_made_up_for_by_the_ttl(self) -> None:
         from imserver.storage import edits

@@ -152,6 +152,16 @@ class MuteContract:
         self.assertEqual(stack.presence.take(c, "mute"), [])
         self.assertEqual(await stack.store.db.run("m", _mute_txn, a, sid), 0)
 
+    async def test_blocks_do_not_matter(self) -> None:
+        """Muting is one's own setting: allowed with a user one blocks or who blocks one."""
+        stack = await self.stack()
+        a, b = await self.users(stack, 2)
+        sid = (await stack.chat.send(a, b, "1", "text", "x"))["session_id"]
+        await stack.chat.blocks.block(a, b)
+        until = self.now_ms() + HOUR_MS
+        self.assertEqual((await stack.chat.mute(a, sid, until))["muted_until"], until)
+        self.assertEqual((await stack.chat.mute(b, sid, until))["muted_until"], until)
+
     async def test_each_member_mutes_for_itself(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)

@@ -242,3 +242,31 @@ class EmbeddedReceiptsTests(ReceiptsContract, TestCase):
 
 class MariaDBReceiptsTests(ReceiptsContract, TestCase):
     backend = "redis"
+
+
+class LostAckCommitTests(TestCase):
+    """An ack whose commit happened but whose reply was lost (CommitConfirmed):
+    the position is stored once, and the sender still gets its receipt."""
+
+    async def test_lost_commit_of_an_ack(self) -> None:
+        from tests.test_sql_faults import _FlakySqlite
+
+        engine = _FlakySqlite(SqliteTarget(os.path.abspath(self.mktemp())))
+        db = Database(reactor, engine, name="t")
+        stack = await make_stack(self, "embedded", limits=BIG, db=db)
+        a, b = next(_uids), next(_uids)
+        for uid in (a, b):
+            await stack.chat.login(uid)
+        stack.presence.online_users.update((a, b))
+        replies = [await stack.chat.send(a, b, f"c{i}", "text", "x") for i in range(2)]
+        await stack.settle()
+        stack.presence.take(a)
+        sid = replies[0]["session_id"]
+        engine.fail = "after"
+        await stack.chat.ack(b, [r["msg_id"] for r in replies])
+        self.assertEqual(stack.store.db.lost_commits["committed"], 1)
+        [push] = stack.presence.take(a, "delivered")
+        self.assertEqual((push["session_id"], push["msg_id"]), (sid, replies[1]["msg_id"]))
+        row = await stack.store.db.run("p", _positions_txn, b, sid)
+        self.assertEqual(row, (0, replies[1]["msg_id"]))
+        self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])

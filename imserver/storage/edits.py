@@ -12,7 +12,8 @@ Hidden messages are filtered per reader. Users who never hid anything (most)
 read as before, from the hot copies: whether a user hid something is cached
 on each node (L{EditStore.hides}); a "never hid" entry is dropped by a hide
 on this node, by the other nodes' broadcast of one (L{EditStore.forget}),
-and after L{CLEAN_TTL} seconds whatever happened (a lost broadcast).
+when the user's hot copy is reloaded here (a hide invalidates it in the
+shared hot store), and after L{CLEAN_TTL} seconds whatever happened.
 """
 
 from __future__ import annotations
@@ -388,6 +389,14 @@ class EditStore:
             # (Unless a hide came meanwhile: forget() marked it a hider.)
             self._clean.put(uid, asked)
         return found
+
+    def reloaded(self, uid: int) -> None:
+        """
+        The user's hot copy is being reloaded here (it was invalidated: a
+        hide or a clear on any node does that through the shared hot store):
+        ask SQL again whether it hides messages, should the broadcast be lost.
+        """
+        self._clean.pop(uid, None)
 
     def forget(self, uid: int) -> None:
         """The user hid something (here or on another node): filter its reads."""

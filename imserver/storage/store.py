@@ -1027,6 +1027,8 @@ class Store:
     async def _load(self, uid: int) -> bool:
         """Copy the user's state from SQL into the hot store."""
         self.loads += 1
+        # The copy was gone: maybe a hide on another node invalidated it.
+        self.edits.reloaded(uid)
         token = await self.hot.load_begin(uid)
         snapshot = await self.db.run("snapshot", q.snapshot_txn, uid)
         return await self.hot.load_finish(uid, token, snapshot)
