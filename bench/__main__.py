@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import plot, runner
+from bench import plot, runner, social
 
 
 def _server_options(p: argparse.ArgumentParser, target_default: str | None = None) -> None:
@@ -108,6 +108,68 @@ def parser() -> argparse.ArgumentParser:
         help="with --devices: measure each count this many times, alternating (default 1)",
     )
     _server_options(p, "both")
+
+    p = sub.add_parser(
+        "social",
+        help="pairs with typing, presence, read/delivered receipts and edits mixed in",
+    )
+    _pairs_options(p)
+    p.add_argument("--rate", type=float, help="open loop: total offered msg/s (as for pairs)")
+    p.add_argument("--no-typing", action="store_true", help="no typing before each message")
+    p.add_argument(
+        "--read-every", type=int, default=10, help="a read per this many messages received (10)"
+    )
+    p.add_argument(
+        "--edit-every", type=int, default=50, help="edit every this-th message sent (50; 0: none)"
+    )
+    p.add_argument(
+        "--watch-others",
+        type=int,
+        default=20,
+        help="users each client watches besides its peer (20: the flappers first)",
+    )
+    p.add_argument("--flappers", type=int, default=10, help="extra users going on and offline (10)")
+    p.add_argument(
+        "--flap-seconds",
+        type=float,
+        default=4.0,
+        help="each flapper's time online, then offline (4: above the server's 3 s coalescing)",
+    )
+    _server_options(p)
+    p.set_defaults(target="imserver", relay_nagle=False)
+
+    p = sub.add_parser(
+        "cost", help="CPU per 1,000 events of each new push path (typing, presence, ...)"
+    )
+    p.add_argument(
+        "--paths",
+        default="typing,presence,delivered,edit",
+        help="push paths, in order (default typing,presence,delivered,edit)",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per path (10)")
+    p.add_argument(
+        "--presence-duration",
+        type=float,
+        default=20.0,
+        help="measured seconds of the presence path (20: 6 transitions at 3.5 s)",
+    )
+    p.add_argument("--baseline", type=float, default=3.0, help="idle seconds before each path (3)")
+    p.add_argument(
+        "--settle", type=float, default=0.5, help="seconds measured after the last event (0.5)"
+    )
+    p.add_argument("--pairs", type=int, default=20, help="pairs for typing/delivered/edit (20)")
+    p.add_argument("--typing-rate", type=float, default=1000.0, help="typing/s (1000)")
+    p.add_argument("--edit-rate", type=float, default=300.0, help="edits/s (300)")
+    p.add_argument("--delivered-rate", type=float, default=500.0, help="acks/s, one id each (500)")
+    p.add_argument("--watchers", type=int, default=1000, help="watchers of the one user (1000)")
+    p.add_argument(
+        "--flap-seconds",
+        type=float,
+        default=3.5,
+        help="the watched user's time online, then offline (3.5: above the 3 s coalescing)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="load worker processes (2)")
+    _server_options(p)
 
     p = sub.add_parser("sweep", help="pairs open loop at several rates; plots")
     _pairs_options(p)
@@ -217,6 +279,8 @@ COMMANDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "catchup": runner.cmd_catchup,
     "idle": runner.cmd_idle,
     "connect": runner.cmd_connect,
+    "social": social.cmd_social,
+    "cost": social.cmd_cost,
 }
 
 
@@ -238,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.log(f"\nbench failed: {e}")
         return 2
     path = runner.save(result, args.results_dir)
-    for line in runner.summary_lines(result):
+    summary = social.summary_lines if args.scenario in ("social", "cost") else runner.summary_lines
+    for line in summary(result):
         print(line)
     print(f"results: {os.path.relpath(path)}")
     if args.scenario == "catchup" and not result["targets"]["imserver"]["verify"]["ok_exactly"]:

@@ -207,8 +207,8 @@ class WorkerPool:
 
 
 @contextmanager
-def workers(specs: list[dict[str, Any]]) -> Iterator[WorkerPool]:
-    pool = WorkerPool(specs)
+def workers(specs: list[dict[str, Any]], module: str = "bench.worker") -> Iterator[WorkerPool]:
+    pool = WorkerPool(specs, module)
     try:
         yield pool
     finally:
@@ -616,9 +616,19 @@ def placement(target: Target, pairs: bool) -> str:
 
 
 def run_pairs(
-    target: Target, params: dict[str, Any], uids: Uids, progress: Progress, label: str
+    target: Target,
+    params: dict[str, Any],
+    uids: Uids,
+    progress: Progress,
+    label: str,
+    extend: Callable[[list[dict[str, Any]]], None] | None = None,
+    extra: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One pairs run against one target; the numbers of that target."""
+    """One pairs run against one target; the numbers of that target.
+
+    C{extend} may change the workers' specs (bench/social.py: more ops mixed
+    in, run by C{params["module"]}), C{extra} adds to the numbers from the
+    workers' results and the window."""
     p, w = params["pairs"], params["workers"]
     rate = params.get("rate")
     specs = []
@@ -640,8 +650,10 @@ def run_pairs(
             }
         )
         first += n
+    if extend is not None:
+        extend(specs)
     duration, warmup = params["duration"], params["warmup"]
-    with workers(specs) as pool:
+    with workers(specs, params.get("module", "bench.worker")) as pool:
         pool.wait("ready", 120, lambda: progress.show(f"[{label}] connecting"))
         t_warm = time.monotonic() + 0.3
         t_start = t_warm + warmup
@@ -679,6 +691,8 @@ def run_pairs(
         results = pool.collect(params["drain_s"] + 60, tick)
     progress.done()
     out = summarize_pairs(results, win, params, target)
+    if extra is not None:
+        out.update(extra(results, win))
     # Delivered msg/s per second of the run (from the workers' progress reports;
     # negative times are the warm-up): a server that slows down shows here.
     out["timeline"] = timeline

@@ -96,3 +96,8 @@ def sync_frame(req_id: int, limit: int, after: int) -> bytes:
     if after:
         fields["after"] = after
     return encode(fields)
+
+
+def request(op: str, req_id: int, **fields: Any) -> bytes:
+    """Any request frame (the ops of issue 11 in bench/socialload.py)."""
+    return encode({"t": op, "id": req_id, **fields})

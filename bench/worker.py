@@ -482,6 +482,10 @@ class Pairs(Scenario):
     sender, latency from the scheduled time, in flight capped by W).
     """
 
+    # The connections' classes (bench/socialload.py mixes more ops in).
+    sender_class: type[Sender] = Sender
+    recipient_class: type[Recipient] = Recipient
+
     def __init__(self, worker: Worker, spec: dict[str, Any]) -> None:
         super().__init__(worker, spec)
         self.window: int = spec["window"]
@@ -498,10 +502,11 @@ class Pairs(Scenario):
         uids: list[int] = spec["uids"]  # [sender0, recipient0, sender1, ...]
         tokens = mint_tokens(spec["secret"], uids)
         self.recipients = [
-            Recipient(self, uids[i + 1], tokens[i + 1]) for i in range(0, len(uids), 2)
+            self.recipient_class(self, uids[i + 1], tokens[i + 1]) for i in range(0, len(uids), 2)
         ]
         self.senders = [
-            Sender(self, i // 2, uids[i], tokens[i], uids[i + 1]) for i in range(0, len(uids), 2)
+            self.sender_class(self, i // 2, uids[i], tokens[i], uids[i + 1])
+            for i in range(0, len(uids), 2)
         ]
         self.place_pairs(self.senders, self.recipients)
         self.devices: int = spec.get("devices", 1)
@@ -618,6 +623,10 @@ class Pairs(Scenario):
             "errors": sum(sum(c.errors.values()) for c in (*self.senders, *self.all_receivers)),
         }
 
+    def extra_result(self) -> dict[str, Any]:
+        """More fields for the result (a subclass's)."""
+        return {}
+
     def finish(self) -> None:
         missing = unexpected = no_reply = expected = expected_msgs = 0
         for s, rs in zip(self.senders, self.receivers, strict=True):
@@ -638,6 +647,7 @@ class Pairs(Scenario):
         conns: list[Conn] = [*self.senders, *receivers]
         self.worker.finish(
             {
+                **self.extra_result(),
                 "pairs": len(self.senders),
                 "sent": sum(s.seq for s in self.senders),
                 "ok": sum(s.ok for s in self.senders),

@@ -206,6 +206,71 @@ class BenchSmokeTests(BenchTestCase):
         self.assertGreater(t["latency"]["ping_rtt"]["count"], 0)
 
 
+class BenchSocialSmokeTests(BenchTestCase):
+    """Issue 11's ops in the bench (bench/social.py): the pairs load with them mixed
+    in, and the cost of each push path. Features the server does not have yet are
+    skipped with a note (C{features}, C{absent}): the runs pass at every stage."""
+
+    def test_social(self) -> None:
+        """4 pairs with typing, watches, 3 flapping users, reads and edits."""
+        result, _ = self.bench(
+            *("social", "--pairs", "4", "--window", "2", "--duration", "3", "--warmup", "0.5"),
+            # Flaps every 1.3 s: an odd number of changes in each 3 s of the server's
+            # coalescing (an even number may end where it began and push nothing).
+            *("--flappers", "3", "--flap-seconds", "1.3", "--edit-every", "5"),
+            *("--read-every", "5", "--stack", "embedded"),
+        )
+        self.assertMachine(result)
+        self.assertEqual(result["scenario"], "social")
+        t = result["targets"]["imserver"]
+        # The messages: as in pairs, every one exactly once, in order, acked.
+        self.assertPairs(t)
+        s = t["social"]
+        self.assertEqual(s["errors"], {})  # no error answer to any mixed-in op
+        self.assertEqual(set(s["features"]), {"typing", "presence", "delivered", "read", "edit"})
+        self.assertEqual(s["features"]["read"], "on")  # read receipts exist since v1
+        self.assertGreater(s["pushes_s"]["read"], 0)
+        self.assertGreater(s["requests"]["read"], 0)
+        self.assertGreater(s["flaps"], 0)
+        for feature, op in (("typing", "typing"), ("presence", "watch"), ("edit", "edit")):
+            if s["features"][feature] == "on":
+                # Landed: its requests answered ok and its pushes arrived.
+                self.assertGreater(s["oks"][op], 0, feature)
+                self.assertGreater(s["pushes_s"][feature], 0, feature)
+            else:
+                self.assertIn(op, s["absent"], feature)
+        if s["features"]["delivered"] == "on":
+            self.assertGreater(s["latency"]["send_to_delivered"]["count"], 0)
+
+    def test_cost(self) -> None:
+        """Each push path for a second on tiny loads (40 watchers of one user)."""
+        result, _ = self.bench(
+            *("cost", "--duration", "1.5", "--presence-duration", "3", "--baseline", "0.3"),
+            *("--pairs", "4"),
+            *("--typing-rate", "100", "--edit-rate", "50", "--delivered-rate", "100"),
+            *("--watchers", "40", "--flap-seconds", "1.3", "--stack", "embedded"),
+        )
+        t = result["targets"]["imserver"]
+        self.assertEqual(result["params"]["paths"], ["typing", "presence", "delivered", "edit"])
+        for path in result["params"]["paths"]:
+            p = t[path]
+            self.assertEqual(p["errors"], {}, path)
+            self.assertEqual(p["social_errors"], {}, path)
+            if p["absent"]:
+                self.assertIn("skipped", p["note"])
+                continue
+            self.assertGreater(p["issued"], 0, path)
+            self.assertIn("server", p["cost"])
+            if p["events"]:
+                net = p["net_cpu_ms_per_1k_events"]
+                self.assertIsNotNone(net["total"], path)
+                self.assertGreaterEqual(net["total"], net["server"])
+        if not t["presence"]["absent"]:
+            # 40 watchers, the user flapping every 1.3 s (coalesced to one push per 3 s).
+            self.assertGreater(t["presence"]["events"], 0)
+            self.assertLessEqual(t["presence"]["pushes_per_transition"], 40)
+
+
 class BenchClusterSmokeTests(BenchTestCase):
     """mysql-redis with several server processes: every one is measured."""
 
