@@ -160,3 +160,24 @@ class TransitionTests(TestCase):
         # Each when it happened here: the logout, then the login.
         self.assertLessEqual(heard[(gone, False)][0], heard[(late, True)][0])
         self.assertEqual(sorted(c[:2] for c in ca[1:]), [(gone, False), (late, True)])
+
+    async def test_online_devices_of_many_users_share_script_calls(self) -> None:
+        """A watch of many users asks presence in a few script calls, not one each."""
+        (a, b), _ = await self.nodes(2)
+        uids = [next(_uids) for _ in range(50)]
+        for i, uid in enumerate(uids[:10]):
+            await (a if i % 2 else b).login(uid, self.link(uid, "phone", 1_000 + i))
+        before = a.devices_calls
+        answers = await gatherResults([a.online_devices(uid) for uid in uids + uids[:3]])
+        self.assertLessEqual(a.devices_calls - before, 2)
+        for i, devices in enumerate(answers):
+            if i % 50 < 10:
+                node = "2" if (i % 50) % 2 == 0 else "1"
+                self.assertEqual(
+                    [(d.device, d.node, d.since) for d in devices],
+                    [("phone", node, 1_000 + i % 50)],
+                )
+            else:
+                self.assertEqual(devices, [])
+        self.assertTrue(await a.online(uids[0]))
+        self.assertFalse(await a.online(uids[20]))

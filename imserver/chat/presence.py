@@ -54,7 +54,7 @@ SHARE_KIND = "presence_share"
 #: write may be a second behind the broadcast).
 MAX_HEARD = 50_000
 #: How often the watched users believed online elsewhere are checked, and
-#: how many a check asks about at most (one presence call each): a node that
+#: how many a check asks about at most (asked together): a node that
 #: dies sends no offline, its users' presence expires by TTL.
 CHECK_SECONDS = 30.0
 CHECK_MAX = 500
@@ -265,7 +265,7 @@ class PresenceService:
     ) -> dict[int, State]:
         """
         The state of the visible targets: online with the connect time of the
-        user's longest-connected device (from presence: one call per user,
+        user's longest-connected device (from presence: asked together,
         concurrent), else offline since the last_seen SQL has (or is about to
         write). A user watched here already costs nothing: its state follows
         the transitions (and L{check}), as its watchers were pushed.
@@ -337,10 +337,12 @@ class PresenceService:
             batch = [t for t in online if t > self._check_after][:CHECK_MAX]
             if len(batch) < CHECK_MAX:
                 batch += [t for t in online if t <= self._check_after][: CHECK_MAX - len(batch)]
-            for t in batch:
+            # Asked together: a cluster's presence shares one script call among them.
+            found = await gatherResults([self._online(t) for t in batch]) if batch else []
+            for t, since in zip(batch, found, strict=True):
                 self._check_after = t
                 # Unknown (Redis down) is not offline: checked again next time.
-                if await self._online(t) is None and self._state.get(t, HIDDEN)[0]:
+                if since is None and self._state.get(t, HIDDEN)[0]:
                     self._changed(t, False, 0, True)
         finally:
             self._arm_check()

@@ -115,6 +115,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
+#: Users one presence_devices script call asks about at most.
+MAX_DEVICES_ASKED = 500
 #: How often the activity of devices of users with several devices is written.
 ACTIVITY_SECONDS = 1.0
 #: Join and leave notices remembered for users whose login is pending here.
@@ -147,6 +149,11 @@ class ClusterPresence:
         self.registry = local
         self._redis = bus
         self.node = str(node_id)
+        #: online_devices asked while a call is in flight: the next call asks them all.
+        self._devices_wanted: list[tuple[int, Deferred[list[OnlineDevice]]]] = []
+        self._devices_asking = False
+        #: Script calls made by online_devices (metrics, tests).
+        self.devices_calls = 0
         local.node = self.node
         # Distinguishes this run of the node from earlier ones, so that a
         # stale kick never hits a new connection with a recycled epoch.
@@ -579,20 +586,59 @@ class ClusterPresence:
         return Deferred.fromCoroutine(kick())
 
     def online_devices(self, uid: int) -> Deferred[list[OnlineDevice]]:
-        async def devices() -> list[OnlineDevice]:
-            try:
-                rows = await self._redis.presence_devices(uid)
-            except HotUnavailable as e:
-                raise Unavailable(f"presence is unknown while Redis is down: {e}") from None
-            return sorted(
-                (
-                    OnlineDevice(device, conn.split(":", 1)[0], since)
-                    for device, conn, since in rows
-                ),
-                key=lambda d: (d.since, d.device),
-            )
+        """
+        Asked while a call for others is in flight, the users wait for it to
+        answer and then share one script call (a watch of 500 users: two calls,
+        not 500).
+        """
+        d: Deferred[list[OnlineDevice]] = Deferred()
+        self._devices_wanted.append((uid, d))
+        if not self._devices_asking:
+            self._ask_devices()
+        return d
 
-        return Deferred.fromCoroutine(devices())
+    def _ask_devices(self) -> None:
+        wanted = self._devices_wanted[:MAX_DEVICES_ASKED]
+        del self._devices_wanted[:MAX_DEVICES_ASKED]
+        if not wanted:
+            return
+        self._devices_asking = True
+        self.devices_calls += 1
+
+        async def ask() -> None:
+            try:
+                answers = await self._redis.presence_devices_many(
+                    list(dict.fromkeys(uid for uid, _ in wanted))
+                )
+            except HotUnavailable as e:
+                failure = Failure(Unavailable(f"presence is unknown while Redis is down: {e}"))
+                for _, d in wanted:
+                    d.errback(failure)
+                return
+            except Exception:
+                failure = Failure()
+                for _, d in wanted:
+                    d.errback(failure)
+                return
+            by_uid = dict(zip(dict.fromkeys(uid for uid, _ in wanted), answers, strict=True))
+            for uid, d in wanted:
+                d.callback(
+                    sorted(
+                        (
+                            OnlineDevice(device, conn.split(":", 1)[0], since)
+                            for device, conn, since in by_uid[uid]
+                        ),
+                        key=lambda o: (o.since, o.device),
+                    )
+                )
+
+        def done(_: object) -> None:
+            self._devices_asking = False
+            self._ask_devices()
+
+        call = Deferred.fromCoroutine(ask())
+        call.addErrback(lambda f: self.log.failure("presence devices call failed", f))
+        call.addBoth(done)
 
     def links(self) -> Iterator[IClientLink]:
         return iter(self.registry.links())

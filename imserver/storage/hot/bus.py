@@ -92,8 +92,11 @@ class RedisBus(RedisScripts):
         ], _generation(generation)
 
     async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
-        rows = _unpack(await self._script("presence_devices", str(uid)))
-        return [(d, c, int(s)) for d, c, s in rows or ()]
+        return (await self.presence_devices_many([uid]))[0]
+
+    async def presence_devices_many(self, uids: Sequence[int]) -> list[list[tuple[str, str, int]]]:
+        answers = _unpack(await self._script("presence_devices", *[str(u) for u in uids]))
+        return [[(d, c, int(s)) for d, c, s in rows or ()] for rows in answers or ()]
 
     async def presence_logout(
         self, node: str, entries: Sequence[tuple[int, str, str]]

@@ -196,6 +196,9 @@ class IClusterBus(Interface):
     async def presence_devices(uid: int) -> list[tuple[str, str, int]]:
         """The user's live devices: (device, conn, since_ms)."""
 
+    async def presence_devices_many(uids: Sequence[int]) -> list[list[tuple[str, str, int]]]:
+        """L{presence_devices} of each of C{uids}, in one script call."""
+
     async def presence_logout(node: str, entries: Sequence[tuple[int, str, str]]) -> list[int]:
         """
         Forget (uid, device, conn) devices that are still that conn's; users
