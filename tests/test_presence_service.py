@@ -21,6 +21,7 @@ from imserver.chat.blocks import BlockService
 from imserver.chat.presence import CHECK_SECONDS, COALESCE_SECONDS, PresenceService
 from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.gateway.registry import LocalRegistry
+from imserver.metrics import PresenceCollector
 from imserver.services.presence import OnlineDevice
 from imserver.storage.presence import PresenceStore
 from imserver.wire import frames
@@ -576,6 +577,28 @@ class PresenceContract:
         self.clock.advance(COALESCE_SECONDS)
         self.offline(friend, at=9_000)
         self.assertEqual(link.take(), [])
+
+    async def test_metrics(self) -> None:
+        """The counters and the watch index's size, as /metrics shows them."""
+        me, other, friend = await self.users(3)
+        await self.talk(me, friend)
+        await self.service.watch(me, Link(me), [friend, other])
+        await self.service.watch(other, Link(other), [friend])
+        self.online(friend, at=5_000)
+        self.offline(friend, at=6_000)
+        await self.service.typing(me, friend, True)
+        got = {m.name: m.samples[0].value for m in PresenceCollector(self.service).collect()}
+        self.assertEqual(
+            got,
+            {
+                "imserver_presence_pushes": 1,
+                "imserver_presence_coalesced": 1,
+                "imserver_typing_pushes": 1,
+                "imserver_presence_verified": 0,
+                "imserver_presence_watched_users": 2,
+                "imserver_presence_watch_entries": 3,
+            },
+        )
 
     # -- through the chat service ----------------------------------------------------------
 

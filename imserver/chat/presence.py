@@ -203,6 +203,14 @@ class PresenceService:
         """How many connections here watch C{uid}."""
         return len(self._watchers.get(uid, ()))
 
+    def watched_users(self) -> int:
+        """How many users connections here watch (metrics)."""
+        return len(self._watchers)
+
+    def watch_entries(self) -> int:
+        """How many (connection, watched user) pairs there are here (metrics)."""
+        return sum(len(targets) for _, targets, _ in self._watching.values())
+
     def _unwatch(self, link: IClientLink) -> None:
         current = self._watching.pop(link, None)
         if current is None:
