@@ -152,6 +152,12 @@ class TransitionTests(TestCase):
         a.logout(gone, phone)  # its logout script fails
         newcomer = self.link(late, "phone", 2_000)
         await a.login(late, newcomer)  # checked on this node only
+        # a's own listeners (watchers on the users' node) are told at once.
+        await eventually(lambda: len(ca) == 3)
+        early = {(uid, online): (at, here) for uid, online, at, here in ca[1:]}
+        self.assertEqual(set(early), {(gone, False), (late, True)})
+        self.assertEqual({here for _, here in early.values()}, {False})
+        self.assertEqual(len(cb), 1)
         redis.start()  # empty: a's refresh restores its presences
         await eventually(lambda: len(cb) == 3, timeout=30)
         heard = {(uid, online): (at, here) for uid, online, at, here in cb[1:]}
@@ -159,7 +165,10 @@ class TransitionTests(TestCase):
         self.assertFalse(heard[(late, True)][1])
         # Each when it happened here: the logout, then the login.
         self.assertLessEqual(heard[(gone, False)][0], heard[(late, True)][0])
-        self.assertEqual(sorted(c[:2] for c in ca[1:]), [(gone, False), (late, True)])
+        # Then announced (here) with the times told before: listeners keep their state.
+        await eventually(lambda: len(ca) == 5)
+        announced = {(uid, online): (at, here) for uid, online, at, here in ca[3:]}
+        self.assertEqual(announced, {k: (at, True) for k, (at, _) in early.items()})
 
     async def test_online_devices_of_many_users_share_script_calls(self) -> None:
         """A watch of many users asks presence in a few script calls, not one each."""

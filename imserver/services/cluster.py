@@ -332,8 +332,11 @@ class ClusterPresence:
                     known.discard(node)
             if outcome is None and not had:
                 # Redis is down: whether it is the user's first device anywhere
-                # is told once it answers (see _announce).
-                self._unannounced_change(uid, True, int(self._reactor.seconds() * 1000))
+                # is told once it answers (see _announce); this node's own
+                # listeners know it is online now (not broadcast: no Redis).
+                now = int(self._reactor.seconds() * 1000)
+                self._unannounced_change(uid, True, now)
+                self._tell(uid, True, now, False)
             if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
                 # The login script saw no other node holding the user and
                 # kicked nobody (a device replaced elsewhere was online): its
@@ -489,6 +492,9 @@ class ClusterPresence:
                 self._transition(uid, True, at)
             elif not online and not here and not nodes and uid not in self._pending_users:
                 self._transition(uid, False, at)
+            elif not online and nodes:
+                # Told offline here during the outage, but online elsewhere.
+                self._tell(uid, True, int(self._reactor.seconds() * 1000), False)
 
     def _presence_heard(self, data: Any) -> None:
         uid, online, at = data
@@ -527,10 +533,14 @@ class ClusterPresence:
             nobody = set()  # the TTL removes them anyway
             # Whether these were the users' last devices anywhere is told once
             # Redis answers (see _announce).
+            # Meanwhile this node's own listeners are told it left (its last
+            # device here; other nodes cannot be asked): corrected by
+            # _announce if it turns out online elsewhere.
             now = int(self._reactor.seconds() * 1000)
             for uid in {entry[0] for entry in entries}:
                 if not self.registry.has(uid):
                     self._unannounced_change(uid, False, now)
+                    self._tell(uid, False, now, False)
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
             nobody = set()
