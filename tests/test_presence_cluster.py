@@ -190,3 +190,49 @@ class TransitionTests(TestCase):
                 self.assertEqual(devices, [])
         self.assertTrue(await a.online(uids[0]))
         self.assertFalse(await a.online(uids[20]))
+
+    async def test_transitions_are_stamped_by_redis_not_by_the_nodes_clocks(self) -> None:
+        """A node whose clock is behind still stamps its transitions after the earlier ones."""
+        (a,), (ca,) = await self.nodes(1)
+        url = shared_redis().url
+        target = parse_config({"storage": {"redis": url}}).storage.redis
+        assert target is not None
+        connection = RedisConnection(reactor, target, timeout=1.0)
+        await connection.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(connection.stop()))
+        behind = _Skewed(-10.0)
+        b = ClusterPresence(
+            behind,  # type: ignore[arg-type]
+            LocalRegistry(),
+            RedisBus(connection, self.prefix),
+            2,
+            ttl_seconds=3,
+        )
+        b.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(b.stop()))
+        await eventually(lambda: b.pubsub_state() == "ok")
+        uid = next(_uids)
+        phone = self.link(uid, "phone", 1_000)
+        await a.login(uid, phone)
+        a.logout(uid, phone)
+        await eventually(lambda: len(ca) == 2)
+        await b.login(uid, self.link(uid, "desk", 2_000))
+        await eventually(lambda: len(ca) == 3)
+        (_, _, on, _), (_, _, off, _), (_, online, again, here) = ca
+        self.assertEqual((online, here), (True, False))
+        self.assertLessEqual(on, off)
+        self.assertGreater(again, off)  # b's own clock says 10 s before
+        self.assertLess(abs(again - reactor.seconds() * 1000), 5_000)
+
+
+class _Skewed:
+    """The reactor, with a clock C{by} seconds off."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.by
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(reactor, name)

@@ -370,9 +370,10 @@ class PresenceService:
         if uid not in self._watchers:
             return
         known = self._state.get(uid)
-        if known is not None and at < known[1]:
-            # Older than what is known: heard late, or stamped by a node whose
-            # clock is behind. If it disagrees, presence says which is right.
+        if known is not None and (at < known[1] or (at == known[1] and online != known[0])):
+            # Older than what is known: heard late (transitions are stamped by
+            # Redis's clock, as their scripts ran), or a node's own clock (Redis
+            # was down). If it disagrees, presence says which is right.
             if online != known[0]:
                 self._later(self._verify(uid), "presence check of {uid}", uid)
             return
