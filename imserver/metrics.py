@@ -171,6 +171,51 @@ class BlockCollector(Collector):
         )
 
 
+class PresenceCollector(Collector):
+    """
+    Presence and typing counters (L{imserver.chat.presence.PresenceService};
+    with a cluster, L{imserver.services.cluster.ClusterPresence}'s too).
+    """
+
+    def __init__(self, service: Any, cluster: Any = None) -> None:
+        self.service = service
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.service
+        yield _counter("imserver_presence_pushes", "Presence pushes to watchers.", p.pushes)
+        yield _counter(
+            "imserver_presence_coalesced",
+            "Presence changes held back by the coalescing window.",
+            p.coalesced,
+        )
+        yield _counter("imserver_typing_pushes", "Typing indications pushed.", p.typing_pushes)
+        yield _counter(
+            "imserver_presence_verified",
+            "Watched users' state asked again after transitions disagreed.",
+            p.verified,
+        )
+        yield GaugeMetricFamily(
+            "imserver_presence_watched_users", "Users watched from this node.", p.watched_users()
+        )
+        yield GaugeMetricFamily(
+            "imserver_presence_watch_entries",
+            "(connection, watched user) pairs on this node.",
+            p.watch_entries(),
+        )
+        if self.cluster is not None:
+            yield _counter(
+                "imserver_presence_transitions",
+                "User-level presence transitions seen here (each broadcast once).",
+                self.cluster.transitions,
+            )
+            yield _counter(
+                "imserver_presence_device_calls",
+                "Redis calls asking users' online devices (many users per call).",
+                self.cluster.devices_calls,
+            )
+
+
 class ServerCollector(Collector):
     """Reads the counters of one node's components at scrape time."""
 

@@ -29,7 +29,13 @@ from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.http.api import make_site
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
-from imserver.metrics import BlockCollector, DeviceCollector, Metrics, ServerCollector
+from imserver.metrics import (
+    BlockCollector,
+    DeviceCollector,
+    Metrics,
+    PresenceCollector,
+    ServerCollector,
+)
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
@@ -167,6 +173,7 @@ class IMServer(MultiService):
         self.metrics.register(ServerCollector(self))
         self.metrics.register(DeviceCollector(self.chat.devices))
         self.metrics.register(BlockCollector(self.chat.blocks))
+        self.metrics.register(PresenceCollector(self.chat.presence_service, self.cluster))
 
     def startService(self) -> None:
         super().startService()

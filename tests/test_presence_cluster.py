@@ -152,6 +152,12 @@ class TransitionTests(TestCase):
         a.logout(gone, phone)  # its logout script fails
         newcomer = self.link(late, "phone", 2_000)
         await a.login(late, newcomer)  # checked on this node only
+        # a's own listeners (watchers on the users' node) are told at once.
+        await eventually(lambda: len(ca) == 3)
+        early = {(uid, online): (at, here) for uid, online, at, here in ca[1:]}
+        self.assertEqual(set(early), {(gone, False), (late, True)})
+        self.assertEqual({here for _, here in early.values()}, {False})
+        self.assertEqual(len(cb), 1)
         redis.start()  # empty: a's refresh restores its presences
         await eventually(lambda: len(cb) == 3, timeout=30)
         heard = {(uid, online): (at, here) for uid, online, at, here in cb[1:]}
@@ -159,4 +165,74 @@ class TransitionTests(TestCase):
         self.assertFalse(heard[(late, True)][1])
         # Each when it happened here: the logout, then the login.
         self.assertLessEqual(heard[(gone, False)][0], heard[(late, True)][0])
-        self.assertEqual(sorted(c[:2] for c in ca[1:]), [(gone, False), (late, True)])
+        # Then announced (here) with the times told before: listeners keep their state.
+        await eventually(lambda: len(ca) == 5)
+        announced = {(uid, online): (at, here) for uid, online, at, here in ca[3:]}
+        self.assertEqual(announced, {k: (at, True) for k, (at, _) in early.items()})
+
+    async def test_online_devices_of_many_users_share_script_calls(self) -> None:
+        """A watch of many users asks presence in a few script calls, not one each."""
+        (a, b), _ = await self.nodes(2)
+        uids = [next(_uids) for _ in range(50)]
+        for i, uid in enumerate(uids[:10]):
+            await (a if i % 2 else b).login(uid, self.link(uid, "phone", 1_000 + i))
+        before = a.devices_calls
+        answers = await gatherResults([a.online_devices(uid) for uid in uids + uids[:3]])
+        self.assertLessEqual(a.devices_calls - before, 2)
+        for i, devices in enumerate(answers):
+            if i % 50 < 10:
+                node = "2" if (i % 50) % 2 == 0 else "1"
+                self.assertEqual(
+                    [(d.device, d.node, d.since) for d in devices],
+                    [("phone", node, 1_000 + i % 50)],
+                )
+            else:
+                self.assertEqual(devices, [])
+        self.assertTrue(await a.online(uids[0]))
+        self.assertFalse(await a.online(uids[20]))
+
+    async def test_transitions_are_stamped_by_redis_not_by_the_nodes_clocks(self) -> None:
+        """A node whose clock is behind still stamps its transitions after the earlier ones."""
+        (a,), (ca,) = await self.nodes(1)
+        url = shared_redis().url
+        target = parse_config({"storage": {"redis": url}}).storage.redis
+        assert target is not None
+        connection = RedisConnection(reactor, target, timeout=1.0)
+        await connection.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(connection.stop()))
+        behind = _Skewed(-10.0)
+        b = ClusterPresence(
+            behind,  # type: ignore[arg-type]
+            LocalRegistry(),
+            RedisBus(connection, self.prefix),
+            2,
+            ttl_seconds=3,
+        )
+        b.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(b.stop()))
+        await eventually(lambda: b.pubsub_state() == "ok")
+        uid = next(_uids)
+        phone = self.link(uid, "phone", 1_000)
+        await a.login(uid, phone)
+        a.logout(uid, phone)
+        await eventually(lambda: len(ca) == 2)
+        await b.login(uid, self.link(uid, "desk", 2_000))
+        await eventually(lambda: len(ca) == 3)
+        (_, _, on, _), (_, _, off, _), (_, online, again, here) = ca
+        self.assertEqual((online, here), (True, False))
+        self.assertLessEqual(on, off)
+        self.assertGreater(again, off)  # b's own clock says 10 s before
+        self.assertLess(abs(again - reactor.seconds() * 1000), 5_000)
+
+
+class _Skewed:
+    """The reactor, with a clock C{by} seconds off."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.by
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(reactor, name)

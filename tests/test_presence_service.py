@@ -13,13 +13,16 @@ import itertools
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.chat.blocks import BlockService
 from imserver.chat.presence import CHECK_SECONDS, COALESCE_SECONDS, PresenceService
-from imserver.errors import ErrorCode, ImError
+from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.gateway.registry import LocalRegistry
+from imserver.metrics import PresenceCollector
+from imserver.services.presence import OnlineDevice
 from imserver.storage.presence import PresenceStore
 from imserver.wire import frames
 from tests.stack import RecordingPresence, Stack, make_stack
@@ -478,6 +481,124 @@ class PresenceContract:
         )
         pushed = {p: self.presence.take(p, "typing") for p in peers}
         self.assertEqual({p for p, frames in pushed.items() if frames}, {contact})
+
+    # -- review regressions (findings 1-3) ------------------------------------------------
+
+    async def test_watch_queued_behind_a_kick_registers_nothing(self) -> None:
+        """A watch that runs after its connection left presence leaves no watcher behind."""
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        link = Link(me)
+        await self.presence.login(me, link)
+        self.presence.logout(me, link)  # kicked: presence is told first
+        answer = await self.service.watch(me, link, [friend])  # queued, runs afterwards
+        self.assertEqual(answer["users"], [hidden(friend)])
+        self.assertEqual(self.service.watchers(friend), 0)
+        self.assertEqual(self.service.watched(link), frozenset())
+
+    async def test_check_while_presence_is_unknown_marks_nobody_offline(self) -> None:
+        """Redis down: a user online on another node is not declared offline by the check."""
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        link = Link(me)
+        await self.presence.login(me, link)
+        assert isinstance(self, TestCase)
+        self.patch(
+            self.presence,
+            "online_devices",
+            lambda uid: succeed([OnlineDevice("default", "2", 4_000)] if uid == friend else []),
+        )
+        self.presence.change(friend, True, 4_000, False)
+        reply = await self.service.watch(me, link, [friend])
+        self.assertEqual(reply["users"], [{"uid": friend, "online": True, "last_seen": 4_000}])
+        link.take()
+        self.patch(self.presence, "online_devices", lambda uid: fail(Unavailable("redis down")))
+        await self.service.check()
+        # A late transition that disagrees is not "verified" offline either.
+        self.presence.change(friend, False, 3_000, False)
+        await self.service.settled()
+        self.assertEqual(link.take(), [])
+        self.assertEqual(self.service._state[friend], (True, 4_000))
+
+    async def test_share_nobody_during_watch_is_kept(self) -> None:
+        """A share change heard while a watch is deciding is not overwritten by it."""
+        stranger, star = await self.users(2)
+        await self.service.set_share(star, "everyone")
+        self.online(star, at=5_000)
+        link = Link(stranger)
+        real = self.service.sql.load
+        gate: Deferred[None] = Deferred()
+
+        async def slow(uids: Any) -> Any:
+            rows = await real(uids)
+            await gate
+            return rows
+
+        assert isinstance(self, TestCase)
+        self.patch(self.service.sql, "load", slow)
+        watching = Deferred.fromCoroutine(self.service.watch(stranger, link, [star]))
+        self.patch(self.service.sql, "load", real)
+        await self.service.set_share(star, "nobody")
+        gate.callback(None)
+        self.assertEqual((await watching)["users"], [hidden(star)])
+        self.clock.advance(COALESCE_SECONDS)
+        self.offline(star, at=9_000)
+        self.assertEqual(link.take(), [])
+
+    async def test_block_during_watch_is_kept(self) -> None:
+        """A block heard while a watch is deciding is not overwritten by it."""
+        me, friend = await self.users(2)
+        await self.talk(me, friend)
+        self.online(friend, at=5_000)
+        link = Link(me)
+        real = self.service._online
+        gate: Deferred[None] = Deferred()
+        started: Deferred[None] = Deferred()
+
+        def slow(uid: int) -> Deferred[int | None]:
+            async def go() -> int | None:
+                got = await real(uid)
+                if not started.called:
+                    started.callback(None)
+                await gate
+                return got
+
+            return Deferred.fromCoroutine(go())
+
+        assert isinstance(self, TestCase)
+        self.patch(self.service, "_online", slow)
+        watching = Deferred.fromCoroutine(self.service.watch(me, link, [friend]))
+        await started
+        self.blocks.block(friend, me)
+        await self.service.settled()
+        gate.callback(None)
+        self.assertEqual((await watching)["users"], [hidden(friend)])
+        link.take()
+        self.clock.advance(COALESCE_SECONDS)
+        self.offline(friend, at=9_000)
+        self.assertEqual(link.take(), [])
+
+    async def test_metrics(self) -> None:
+        """The counters and the watch index's size, as /metrics shows them."""
+        me, other, friend = await self.users(3)
+        await self.talk(me, friend)
+        await self.service.watch(me, Link(me), [friend, other])
+        await self.service.watch(other, Link(other), [friend])
+        self.online(friend, at=5_000)
+        self.offline(friend, at=6_000)
+        await self.service.typing(me, friend, True)
+        got = {m.name: m.samples[0].value for m in PresenceCollector(self.service).collect()}
+        self.assertEqual(
+            got,
+            {
+                "imserver_presence_pushes": 1,
+                "imserver_presence_coalesced": 1,
+                "imserver_typing_pushes": 1,
+                "imserver_presence_verified": 0,
+                "imserver_presence_watched_users": 2,
+                "imserver_presence_watch_entries": 3,
+            },
+        )
 
     # -- through the chat service ----------------------------------------------------------
 

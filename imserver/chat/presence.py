@@ -28,6 +28,7 @@ Typing is never stored: a push to the peer's devices.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -53,12 +54,18 @@ SHARE_KIND = "presence_share"
 #: write may be a second behind the broadcast).
 MAX_HEARD = 50_000
 #: How often the watched users believed online elsewhere are checked, and
-#: how many a check asks about at most (one presence call each): a node that
+#: how many a check asks about at most (asked together): a node that
 #: dies sends no offline, its users' presence expires by TTL.
 CHECK_SECONDS = 30.0
 CHECK_MAX = 500
 #: What a user one may not see looks like: never seen.
 HIDDEN = (False, 0)
+#: What L{PresenceService._online} answers when presence cannot say (Redis
+#: down and no connection here): neither online nor offline.
+UNKNOWN = -1
+#: A watch whose targets' decisions keep changing under it decides again at
+#: most this often, then shows those targets hidden (the next change decides).
+MAX_REDECIDE = 3
 
 State = tuple[bool, int]
 
@@ -104,6 +111,12 @@ class PresenceService:
         self._check_after = 0
         #: Decisions under way (share and block changes).
         self._busy: set[Deferred[None]] = set()
+        #: target uid -> a counter bumped by each share or block change about it:
+        #: a watch that saw it move while it waited decides again.
+        self._decisions: dict[int, int] = {}
+        #: Connections that left presence: a watch queued behind their kick
+        #: must not register them (nothing would unwatch them again).
+        self._left: weakref.WeakSet[IClientLink] = weakref.WeakSet()
         presence.on_change(self._changed)
         presence.on_link_gone(self._gone)
         presence.on_broadcast(SHARE_KIND, self._share_heard)
@@ -135,6 +148,10 @@ class PresenceService:
         self._unwatch(link)
         if not targets:
             return {"users": []}
+        if link in self._left:
+            # Gone (kicked, closed) before this queued request ran: answer, but
+            # register nothing.
+            return await self.query(uid, targets)
         self._watches += 1
         number = self._watches
         # Registered before the first wait (not visible yet): a transition
@@ -143,8 +160,25 @@ class PresenceService:
         for t in targets:
             self._watchers.setdefault(t, {})[link] = False
         self._arm_check()
+        before = {t: self._decisions.get(t, 0) for t in targets}
         visible, rows = await self._decide(uid, targets)
         states = await self._states(targets, visible, rows)
+        # A share or block change heard during the wait may have been decided
+        # (for this link: not visible yet) before this decision, read before
+        # the change: decide those targets again.
+        for _ in range(MAX_REDECIDE):
+            moved = [t for t in targets if self._decisions.get(t, 0) != before[t]]
+            if not moved or self._watching.get(link, (0, 0, 0))[2] != number:
+                break
+            before.update({t: self._decisions.get(t, 0) for t in moved})
+            again, again_rows = await self._decide(uid, moved)
+            visible.update(again)
+            rows.update(again_rows)
+            states.update(await self._states(moved, again, again_rows))
+        else:
+            for t in targets:
+                if self._decisions.get(t, 0) != before[t]:
+                    visible[t], states[t] = False, HIDDEN
         current = self._watching.get(link)
         if current is None or current[2] != number:
             # Replaced, or the connection went, during the wait.
@@ -169,6 +203,14 @@ class PresenceService:
         """How many connections here watch C{uid}."""
         return len(self._watchers.get(uid, ()))
 
+    def watched_users(self) -> int:
+        """How many users connections here watch (metrics)."""
+        return len(self._watchers)
+
+    def watch_entries(self) -> int:
+        """How many (connection, watched user) pairs there are here (metrics)."""
+        return sum(len(targets) for _, targets, _ in self._watching.values())
+
     def _unwatch(self, link: IClientLink) -> None:
         current = self._watching.pop(link, None)
         if current is None:
@@ -186,12 +228,14 @@ class PresenceService:
         del self._watchers[target]
         self._state.pop(target, None)
         self._pushed.pop(target, None)
+        self._decisions.pop(target, None)
         self._shares.pop(target, None)
         call = self._windows.pop(target, None)
         if call is not None and call.active():
             call.cancel()
 
     def _gone(self, uid: int, link: IClientLink) -> None:
+        self._left.add(link)
         self._unwatch(link)
 
     async def _decide(
@@ -229,7 +273,7 @@ class PresenceService:
     ) -> dict[int, State]:
         """
         The state of the visible targets: online with the connect time of the
-        user's longest-connected device (from presence: one call per user,
+        user's longest-connected device (from presence: asked together,
         concurrent), else offline since the last_seen SQL has (or is about to
         write). A user watched here already costs nothing: its state follows
         the transitions (and L{check}), as its watchers were pushed.
@@ -238,7 +282,9 @@ class PresenceService:
         # Users watched here already: their state follows the transitions.
         ask = [t for t in shown if t not in self._state]
         found = await gatherResults([self._online(t) for t in ask]) if ask else []
-        since = dict(zip(ask, found, strict=True))
+        # Unknown (Redis down, not connected here): answered as offline since
+        # the last_seen known, as before presence could say.
+        since = {t: f for t, f in zip(ask, found, strict=True) if f != UNKNOWN}
         states: dict[int, State] = {t: HIDDEN for t in targets}
         for t in shown:
             known = self._state.get(t)
@@ -257,7 +303,11 @@ class PresenceService:
         return states
 
     def _online(self, uid: int) -> Deferred[int | None]:
-        """When the user's longest-connected device connected; None when offline."""
+        """
+        When the user's longest-connected device connected; None when offline;
+        L{UNKNOWN} when presence cannot say (Redis down, no connection here:
+        the user may be online on another node).
+        """
 
         async def online() -> int | None:
             try:
@@ -265,6 +315,8 @@ class PresenceService:
             except Unavailable:
                 # Redis is down: this node's connections are all that is known.
                 since = [link.connected_at for link in self.presence.local(uid)]
+                if not since:
+                    return UNKNOWN
             return int(min(since)) if since else None
 
         return Deferred.fromCoroutine(online())
@@ -293,9 +345,12 @@ class PresenceService:
             batch = [t for t in online if t > self._check_after][:CHECK_MAX]
             if len(batch) < CHECK_MAX:
                 batch += [t for t in online if t <= self._check_after][: CHECK_MAX - len(batch)]
-            for t in batch:
+            # Asked together: a cluster's presence shares one script call among them.
+            found = await gatherResults([self._online(t) for t in batch]) if batch else []
+            for t, since in zip(batch, found, strict=True):
                 self._check_after = t
-                if await self._online(t) is None and self._state.get(t, HIDDEN)[0]:
+                # Unknown (Redis down) is not offline: checked again next time.
+                if since is None and self._state.get(t, HIDDEN)[0]:
                     self._changed(t, False, 0, True)
         finally:
             self._arm_check()
@@ -315,9 +370,10 @@ class PresenceService:
         if uid not in self._watchers:
             return
         known = self._state.get(uid)
-        if known is not None and at < known[1]:
-            # Older than what is known: heard late, or stamped by a node whose
-            # clock is behind. If it disagrees, presence says which is right.
+        if known is not None and (at < known[1] or (at == known[1] and online != known[0])):
+            # Older than what is known: heard late (transitions are stamped by
+            # Redis's clock, as their scripts ran), or a node's own clock (Redis
+            # was down). If it disagrees, presence says which is right.
             if online != known[0]:
                 self._later(self._verify(uid), "presence check of {uid}", uid)
             return
@@ -330,7 +386,10 @@ class PresenceService:
     async def _verify(self, uid: int) -> None:
         """Set a watched user's state from presence itself (after transitions disagreed)."""
         self.verified += 1
-        online = await self._online(uid) is not None
+        since = await self._online(uid)
+        if since == UNKNOWN:
+            return  # Redis down: the transitions heard stand
+        online = since is not None
         known = self._state.get(uid)
         if known is not None and known[0] != online:
             self._changed(uid, online, max(self._now_ms(), known[1] + 1), False)
@@ -410,11 +469,14 @@ class PresenceService:
     async def _share_changed(self, uid: int, share: str) -> None:
         if uid not in self._watchers:
             return
+        self._decisions[uid] = self._decisions.get(uid, 0) + 1
         self._shares[uid] = share
         await self._decide_again(uid, list(self._watchers[uid]))
 
     def _block_changed(self, blocker: int, blocked: int, now_blocked: bool) -> None:
         for target, watcher in ((blocker, blocked), (blocked, blocker)):
+            if target in self._watchers:
+                self._decisions[target] = self._decisions.get(target, 0) + 1
             links = [
                 link
                 for link in self._watchers.get(target, ())

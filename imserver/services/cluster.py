@@ -115,6 +115,8 @@ MAX_UNROUTED = 100_000
 #: How long a login waits for another node to confirm the kick of an older
 #: connection (that node may be dead: its presences then expire by TTL).
 KICK_CONFIRM_SECONDS = 2.0
+#: Users one presence_devices script call asks about at most.
+MAX_DEVICES_ASKED = 500
 #: How often the activity of devices of users with several devices is written.
 ACTIVITY_SECONDS = 1.0
 #: Join and leave notices remembered for users whose login is pending here.
@@ -147,6 +149,11 @@ class ClusterPresence:
         self.registry = local
         self._redis = bus
         self.node = str(node_id)
+        #: online_devices asked while a call is in flight: the next call asks them all.
+        self._devices_wanted: list[tuple[int, Deferred[list[OnlineDevice]]]] = []
+        self._devices_asking = False
+        #: Script calls made by online_devices (metrics, tests).
+        self.devices_calls = 0
         local.node = self.node
         # Distinguishes this run of the node from earlier ones, so that a
         # stale kick never hits a new connection with a recycled epoch.
@@ -185,10 +192,11 @@ class ClusterPresence:
         self._flush_call: IDelayedCall | None = None
         # Presence writes of one reactor turn share one script call: a
         # reconnect storm is thousands of logins (and logouts) at once.
-        self._logins: Batcher[LoginEntry, tuple[LoginAnswer, list[Deferred[None]]] | None] = (
+        self._logins: Batcher[LoginEntry, tuple[LoginAnswer, list[Deferred[None]], int] | None] = (
             Batcher("presence logins", self._login_batch, max_batch=REFRESH_CHUNK, gather=reactor)
         )
-        self._logouts: Batcher[tuple[int, str, str], bool] = Batcher(
+        #: Each logout's answer: Redis's clock if it was the user's last device anywhere, else 0.
+        self._logouts: Batcher[tuple[int, str, str], int] = Batcher(
             "presence logouts", self._logout_batch, max_batch=REFRESH_CHUNK, gather=reactor
         )
         self._refresh = Periodic(reactor, self.ttl_ms / 3000, self.refresh, "presence refresh")
@@ -285,8 +293,9 @@ class ClusterPresence:
                 except QueueFull:
                     self.log.warn("presence of {uid} not written: too many logins", uid=uid)
                     outcome = None
+                stamp = 0
                 if outcome is not None:
-                    (kicks, others, _), confirmations = outcome
+                    (kicks, others, _), confirmations, stamp = outcome
                     for device, kicked, reason, nonce in kicks:
                         if not nonce:
                             self._kick_here(uid, device, kicked, reason)
@@ -325,13 +334,18 @@ class ClusterPresence:
                     known.discard(node)
             if outcome is None and not had:
                 # Redis is down: whether it is the user's first device anywhere
-                # is told once it answers (see _announce).
-                self._unannounced_change(uid, True, int(self._reactor.seconds() * 1000))
+                # is told once it answers (see _announce); this node's own
+                # listeners know it is online now (not broadcast: no Redis).
+                now = int(self._reactor.seconds() * 1000)
+                self._unannounced_change(uid, True, now)
+                self._tell(uid, True, now, False)
             if outcome is not None and not had and not outcome[0][0] and not outcome[0][1]:
                 # The login script saw no other node holding the user and
                 # kicked nobody (a device replaced elsewhere was online): its
-                # first device anywhere (scripts run one at a time).
-                self._transition(uid, True, int(self._reactor.seconds() * 1000))
+                # first device anywhere (scripts run one at a time), stamped
+                # with Redis's clock when the script ran: every node's
+                # transitions are ordered by the one clock (as the scripts ran).
+                self._transition(uid, True, stamp or int(self._reactor.seconds() * 1000))
 
         return Deferred.fromCoroutine(login())
 
@@ -343,13 +357,16 @@ class ClusterPresence:
 
     async def _login_batch(
         self, entries: Sequence[LoginEntry], replay: bool = False
-    ) -> list[tuple[LoginAnswer, list[Deferred[None]]] | None]:
+    ) -> list[tuple[LoginAnswer, list[Deferred[None]], int] | None]:
         nonce = secrets.token_hex(8)
         self._calls.add(nonce)
         try:
-            answers, generation = await self._redis.presence_login(
+            got = await self._redis.presence_login(
                 self.node, nonce, entries, self.ttl_ms, self.max_online, replay
             )
+            answers, generation = got[0], got[1]
+            # Redis's clock when the script ran (0: a bus that does not say).
+            stamp = int(got[2]) if len(got) > 2 else 0
         except HotUnavailable as e:
             # Checked here only; replayed by the refresh once Redis answers.
             if self._redis.state() == "ok":
@@ -360,7 +377,7 @@ class ClusterPresence:
         finally:
             self._calls.discard(nonce)
         self._saw(generation)
-        out: list[tuple[LoginAnswer, list[Deferred[None]]] | None] = []
+        out: list[tuple[LoginAnswer, list[Deferred[None]], int] | None] = []
         for answer in answers:
             kicks, _, joins = answer
             waits = [self._confirmation(k[3]) for k in kicks if k[3]]
@@ -368,7 +385,7 @@ class ClusterPresence:
             # one: a push they make after that reaches the new device, and an
             # event they pushed before is committed before its catch-up reads.
             waits += [self._confirmation(tag) for tag in joins]
-            out.append((answer, waits))
+            out.append((answer, waits, stamp))
         self._early = {n for n in self._early if not n.startswith(nonce + ":")}
         return out
 
@@ -423,13 +440,14 @@ class ClusterPresence:
             d.addCallback(self._maybe_offline, uid)
             d.addErrback(lambda f: self.log.failure("presence transition failed", f))
 
-    def _maybe_offline(self, nobody: bool, uid: int) -> None:
+    def _maybe_offline(self, stamp: int, uid: int) -> None:
         """
-        The logout script found the user without devices on any node: the
-        last one left. Unless the user came back here meanwhile.
+        The logout script found the user without devices on any node (at
+        C{stamp}, Redis's clock): the last one left. Unless the user came
+        back here meanwhile.
         """
-        if nobody and not self.registry.has(uid) and uid not in self._pending_users:
-            self._transition(uid, False, int(self._reactor.seconds() * 1000))
+        if stamp and not self.registry.has(uid) and uid not in self._pending_users:
+            self._transition(uid, False, stamp)
 
     def _transition(self, uid: int, online: bool, at: int) -> None:
         """
@@ -482,6 +500,9 @@ class ClusterPresence:
                 self._transition(uid, True, at)
             elif not online and not here and not nodes and uid not in self._pending_users:
                 self._transition(uid, False, at)
+            elif not online and nodes:
+                # Told offline here during the outage, but online elsewhere.
+                self._tell(uid, True, int(self._reactor.seconds() * 1000), False)
 
     def _presence_heard(self, data: Any) -> None:
         uid, online, at = data
@@ -500,7 +521,7 @@ class ClusterPresence:
     def on_link_gone(self, listener: GoneListener) -> None:
         self.registry.on_link_gone(listener)
 
-    def _forget(self, uid: int, device: str, conn: str) -> Deferred[bool] | None:
+    def _forget(self, uid: int, device: str, conn: str) -> Deferred[int] | None:
         """
         Remove the device's presence if still C{conn}'s (one batch per
         turn): fires once done, with whether the user then has no device on
@@ -513,21 +534,31 @@ class ClusterPresence:
         except QueueFull:
             return None
 
-    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[bool]:
+    async def _logout_batch(self, entries: Sequence[tuple[int, str, str]]) -> list[int]:
+        stamp = 0
         try:
-            nobody = set(await self._redis.presence_logout(self.node, entries) or ())
+            got = await self._redis.presence_logout(self.node, entries)
+            if isinstance(got, tuple):
+                nobody, stamp = set(got[0]), int(got[1])
+            else:  # a bus that answers the uids only
+                nobody = set(got or ())
         except HotUnavailable:
             nobody = set()  # the TTL removes them anyway
             # Whether these were the users' last devices anywhere is told once
             # Redis answers (see _announce).
+            # Meanwhile this node's own listeners are told it left (its last
+            # device here; other nodes cannot be asked): corrected by
+            # _announce if it turns out online elsewhere.
             now = int(self._reactor.seconds() * 1000)
             for uid in {entry[0] for entry in entries}:
                 if not self.registry.has(uid):
                     self._unannounced_change(uid, False, now)
+                    self._tell(uid, False, now, False)
         except Exception:
             self.log.failure("forgetting {n} presences failed", Failure(), n=len(entries))
             nobody = set()
-        return [uid in nobody for uid, _, _ in entries]
+        at = stamp or int(self._reactor.seconds() * 1000)
+        return [at if uid in nobody else 0 for uid, _, _ in entries]
 
     def local(self, uid: int) -> list[IClientLink]:
         return self.registry.local(uid)
@@ -579,20 +610,59 @@ class ClusterPresence:
         return Deferred.fromCoroutine(kick())
 
     def online_devices(self, uid: int) -> Deferred[list[OnlineDevice]]:
-        async def devices() -> list[OnlineDevice]:
-            try:
-                rows = await self._redis.presence_devices(uid)
-            except HotUnavailable as e:
-                raise Unavailable(f"presence is unknown while Redis is down: {e}") from None
-            return sorted(
-                (
-                    OnlineDevice(device, conn.split(":", 1)[0], since)
-                    for device, conn, since in rows
-                ),
-                key=lambda d: (d.since, d.device),
-            )
+        """
+        Asked while a call for others is in flight, the users wait for it to
+        answer and then share one script call (a watch of 500 users: two calls,
+        not 500).
+        """
+        d: Deferred[list[OnlineDevice]] = Deferred()
+        self._devices_wanted.append((uid, d))
+        if not self._devices_asking:
+            self._ask_devices()
+        return d
 
-        return Deferred.fromCoroutine(devices())
+    def _ask_devices(self) -> None:
+        wanted = self._devices_wanted[:MAX_DEVICES_ASKED]
+        del self._devices_wanted[:MAX_DEVICES_ASKED]
+        if not wanted:
+            return
+        self._devices_asking = True
+        self.devices_calls += 1
+
+        async def ask() -> None:
+            try:
+                answers = await self._redis.presence_devices_many(
+                    list(dict.fromkeys(uid for uid, _ in wanted))
+                )
+            except HotUnavailable as e:
+                failure = Failure(Unavailable(f"presence is unknown while Redis is down: {e}"))
+                for _, d in wanted:
+                    d.errback(failure)
+                return
+            except Exception:
+                failure = Failure()
+                for _, d in wanted:
+                    d.errback(failure)
+                return
+            by_uid = dict(zip(dict.fromkeys(uid for uid, _ in wanted), answers, strict=True))
+            for uid, d in wanted:
+                d.callback(
+                    sorted(
+                        (
+                            OnlineDevice(device, conn.split(":", 1)[0], since)
+                            for device, conn, since in by_uid[uid]
+                        ),
+                        key=lambda o: (o.since, o.device),
+                    )
+                )
+
+        def done(_: object) -> None:
+            self._devices_asking = False
+            self._ask_devices()
+
+        call = Deferred.fromCoroutine(ask())
+        call.addErrback(lambda f: self.log.failure("presence devices call failed", f))
+        call.addBoth(done)
 
     def links(self) -> Iterator[IClientLink]:
         return iter(self.registry.links())
@@ -817,7 +887,7 @@ class ClusterPresence:
                 return
             self._saw(generation)
             stale = {conn for _, _, conn in lost}
-            undone: list[Deferred[bool]] = []
+            undone: list[Deferred[int]] = []
             for uid, device, conn in lost:
                 # Logged in elsewhere while the kick could not reach us; only
                 # that connection: the device may have a newer one here now.
@@ -895,7 +965,7 @@ class ClusterPresence:
                 elif outcome is None:
                     self._unchecked[entry[2]] = (uid, link)
                 else:
-                    (kicks, others, _), confirmations = outcome
+                    (kicks, others, _), confirmations, _ = outcome
                     waits += confirmations
                     for device, kicked, reason, nonce in kicks:
                         if not nonce:

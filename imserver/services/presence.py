@@ -39,7 +39,8 @@ KICK_LOGIN_ELSEWHERE = KICK_REPLACED
 #: user's first device anywhere logged in or the last one left, C{at} when
 #: (0: now, for the listener's clock to say). Listeners order transitions by
 #: C{at}: a login's, not its connection's start (that may precede the logout
-#: of the user's previous last device).
+#: of the user's previous last device); a cluster stamps them with Redis's
+#: clock as its scripts ran (one clock for every node).
 #: C{here}: this node saw it happen (the other nodes heard of it).
 ChangeListener = Callable[[int, bool, int, bool], None]
 #: Told (uid, link) when a connection of this node leaves presence.

@@ -76,8 +76,8 @@ class RedisBus(RedisScripts):
         ttl_ms: int,
         max_online: int,
         replay: bool = False,
-    ) -> tuple[list[LoginAnswer], str | None]:
-        answers, generation = await self._script(
+    ) -> tuple[list[LoginAnswer], str | None, int]:
+        answers, now, *generation = await self._script(
             "presence_login",
             str(ttl_ms),
             str(max_online),
@@ -86,22 +86,33 @@ class RedisBus(RedisScripts):
             pack([[str(u), d, c, str(s), str(i)] for u, d, c, s, i in entries]),
             "1" if replay else "0",
         )
-        return [
-            ([(d, c, r, t) for d, c, r, t in kicks or ()], list(others or ()), list(joins or ()))
-            for kicks, others, joins in _unpack(answers)
-        ], _generation(generation)
+        return (
+            [
+                (
+                    [(d, c, r, t) for d, c, r, t in kicks or ()],
+                    list(others or ()),
+                    list(joins or ()),
+                )
+                for kicks, others, joins in _unpack(answers)
+            ],
+            _generation(generation[0] if generation else None),
+            to_int(now),
+        )
 
     async def presence_devices(self, uid: int) -> list[tuple[str, str, int]]:
-        rows = _unpack(await self._script("presence_devices", str(uid)))
-        return [(d, c, int(s)) for d, c, s in rows or ()]
+        return (await self.presence_devices_many([uid]))[0]
+
+    async def presence_devices_many(self, uids: Sequence[int]) -> list[list[tuple[str, str, int]]]:
+        answers = _unpack(await self._script("presence_devices", *[str(u) for u in uids]))
+        return [[(d, c, int(s)) for d, c, s in rows or ()] for rows in answers or ()]
 
     async def presence_logout(
         self, node: str, entries: Sequence[tuple[int, str, str]]
-    ) -> list[int]:
-        nobody = await self._script(
+    ) -> tuple[list[int], int]:
+        now, nobody = await self._script(
             "presence_logout", node, pack([[str(u), d, c] for u, d, c in entries])
         )
-        return [int(uid) for uid in nobody or ()]
+        return [int(uid) for uid in nobody or ()], to_int(now)
 
     async def presence_active(self, entries: Sequence[tuple[int, str, str, int]]) -> int:
         written = await self._script(

@@ -177,7 +177,7 @@ class IClusterBus(Interface):
         ttl_ms: int,
         max_online: int,
         replay: bool = False,
-    ) -> tuple[list[LoginAnswer], str | None]:
+    ) -> tuple[list[LoginAnswer], str | None, int]:
         """
         Make each (uid, device, conn, since_ms, idle_ms) its device's
         connection: the older connection of the device is kicked
@@ -187,7 +187,8 @@ class IClusterBus(Interface):
         the join notice to each other node holding the user (when C{node}
         did not hold it yet). Per entry: the kicks (device, conn, reason,
         nonce: empty when the conn is on C{node}), the other nodes holding
-        the user and the join nonces; and the generation. C{replay}: the
+        the user and the join nonces; the generation; and Redis's clock (ms:
+        transitions are stamped with it, one clock for every node). C{replay}: the
         logins were checked on C{node} only (Redis was down); one whose
         device a newer connection (a later since_ms) holds takes nothing and
         its answer kicks it instead (its own conn, C{replaced}, nonce empty).
@@ -196,11 +197,16 @@ class IClusterBus(Interface):
     async def presence_devices(uid: int) -> list[tuple[str, str, int]]:
         """The user's live devices: (device, conn, since_ms)."""
 
-    async def presence_logout(node: str, entries: Sequence[tuple[int, str, str]]) -> list[int]:
+    async def presence_devices_many(uids: Sequence[int]) -> list[list[tuple[str, str, int]]]:
+        """L{presence_devices} of each of C{uids}, in one script call."""
+
+    async def presence_logout(
+        node: str, entries: Sequence[tuple[int, str, str]]
+    ) -> tuple[list[int], int]:
         """
         Forget (uid, device, conn) devices that are still that conn's; users
         C{node} no longer holds are announced to the nodes still holding them.
-        Returns the uids left without a device on any node.
+        Returns the uids left without a device on any node, and Redis's clock (ms).
         """
 
     async def presence_active(entries: Sequence[tuple[int, str, str, int]]) -> int:

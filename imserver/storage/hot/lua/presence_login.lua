@@ -82,4 +82,5 @@ for _, entry in ipairs(cmsgpack.unpack(ARGV[6])) do
   end
 end
 publish_by_node(by_node)
-return {cmsgpack.pack(answers), redis.call('GET', key('generation'))}
+-- Redis's clock (ms) second: transitions are stamped with it, one clock for every node.
+return {cmsgpack.pack(answers), now, redis.call('GET', key('generation'))}

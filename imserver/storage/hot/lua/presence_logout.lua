@@ -2,7 +2,8 @@
 -- connections gone from this node. Each device is forgotten only if it is
 -- still that connection's. A user this node no longer holds is announced to
 -- the nodes still holding it ({'l', uid, node}: they stop routing to us).
--- Returns the uids left without a device on any node (their last one went).
+-- Returns {now_ms, the uids left without a device on any node (their last one
+-- went)}: Redis's clock stamps transitions, one clock for every node.
 local me = ARGV[2]
 local now = now_ms()
 local by_node = {}
@@ -29,4 +30,4 @@ for uid, devices in pairs(done) do
   end
 end
 publish_by_node(by_node)
-return nobody
+return {now, nobody}
