@@ -195,13 +195,16 @@ class BlocksContract:
         self.assertIsNone(blocks.either_now(a, b))
         await self.sent(stack, a, b, "m1")
         self.assertEqual(blocks.loaded, 1)
-        # Both users were loaded: b's sends (to anyone) and a's need nothing more.
-        self.assertIs(blocks.either_now(b, c), False)
+        # Both users were loaded: their sends to each other need nothing more.
+        self.assertIs(blocks.either_now(b, a), False)
+        self.assertIsNone(blocks.either_now(b, c))
+        await self.sent(stack, a, c, "first to c")
+        self.assertEqual(blocks.loaded, 2)  # c only
         for i in range(20):
             await self.sent(stack, a, b, f"a{i}")
             await self.sent(stack, b, a, f"b{i}")
             await self.sent(stack, a, c, f"c{i}")
-        self.assertEqual(blocks.loaded, 1)
+        self.assertEqual(blocks.loaded, 2)
         transactions = stack.store.db.transactions
         self.assertIs(blocks.for_send(a, b, reactor.seconds()), False)
         self.assertEqual(stack.store.db.transactions, transactions)
@@ -304,8 +307,8 @@ class BlocksContract:
         self.assertEqual(blocks.loaded, 3)
         await eventually(lambda: blocks.either_now(a, b))
         self.assertEqual(told, [(a, b, True)])
-        # b's entry learnt it too.
-        self.assertIn(a, blocks._cache[b][0].blocked_by)
+        # a's entry (its outgoing blocks) holds it.
+        self.assertIn(b, blocks._cache[a][0])
 
     async def test_the_cache_is_bounded(self) -> None:
         assert isinstance(self, TestCase)
@@ -319,6 +322,103 @@ class BlocksContract:
         # The least recently used went first.
         self.assertEqual(list(blocks._cache), uids[2:])
         self.assertIsNone(blocks.either_now(uids[0], uids[1]))
+
+    async def test_a_user_blocked_by_many_is_an_empty_entry(self) -> None:
+        """
+        Only outgoing blocks are cached (review finding 7): a user blocked by
+        many holds nothing of them; each blocker's entry answers for its pair.
+        """
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        blocks = stack.chat.blocks
+        spammer, x, *blockers = await self.users(stack, 32)
+        for u in blockers:
+            await stack.store.db.run("t", _insert_block_txn, u, spammer)
+        self.assertFalse(await blocks.either(spammer, x))
+        self.assertEqual(blocks._cache[spammer][0], frozenset())
+        for u in blockers:
+            self.assertTrue(await blocks.either(spammer, u))
+            self.assertIs(blocks.for_send(spammer, u, reactor.seconds()), True)
+            self.assertIs(blocks.either_now(u, spammer), True)
+        self.assertEqual(blocks._cache[spammer][0], frozenset())
+        self.assertEqual(sum(len(entry[0]) for entry in blocks._cache.values()), len(blockers))
+        # Another node's unblock: the blocker's entry learns it.
+        blocks._heard([blockers[0], spammer, False])
+        self.assertIs(blocks.for_send(spammer, blockers[0], reactor.seconds()), False)
+        self.assertIs(blocks.for_send(spammer, blockers[1], reactor.seconds()), True)
+
+    def hang_loads(self, stack: Stack) -> list[tuple[Any, Deferred[Any]]]:
+        """Make the blocks' loads wait until the test fires them: (uids, Deferred) each."""
+        assert isinstance(self, TestCase)
+        held: list[tuple[Any, Deferred[Any]]] = []
+        real = stack.chat.blocks.sql.load
+
+        async def hang(uids: Any, background: bool = False) -> Any:
+            d: Deferred[Any] = Deferred()
+            held.append((uids, d))
+            return await d
+
+        stack.chat.blocks.sql.load = hang  # type: ignore[method-assign]
+
+        def restore() -> None:
+            stack.chat.blocks.sql.load = real  # type: ignore[method-assign]
+
+        self.addCleanup(restore)
+        return held
+
+    async def test_the_sends_waiting_for_loads_are_bounded(self) -> None:
+        """Beyond max_queued waiting sends, a send is unavailable at once (finding 8)."""
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        chat = stack.chat
+        a, b, c, d, e, f = await self.users(stack, 6)
+        real = chat.blocks.sql.load
+        chat.blocks.max_queued = 3
+        held = self.hang_loads(stack)
+        replies = [
+            chat.send(a, b, "1", "text", "x"),
+            chat.send(c, d, "2", "text", "x"),
+            chat.send(a, b, "3", "text", "x"),
+        ]
+        self.assertEqual(chat.blocks.queued_sends, 3)
+        e1 = self.assertRaises(ImError, chat.send, e, f, "4", "text", "x")
+        self.assertEqual(e1.code, ErrorCode.UNAVAILABLE)
+        self.assertEqual(chat.blocks.queued_sends, 3)
+        for uids, held_d in held:
+            held_d.callback(await real(uids))
+        ids = [r["msg_id"] for r in await within(gatherResults(replies))]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(chat.blocks.queued_sends, 0)
+        chat.blocks.sql.load = real  # type: ignore[method-assign]
+        await self.sent(stack, e, f, "4")
+
+    async def test_a_stalled_load_fails_its_sends_with_unavailable(self) -> None:
+        """
+        A load slower than load_timeout fails the sends waiting for it, and
+        those behind it go on; its late answer is dropped (finding 8).
+        """
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        chat = stack.chat
+        a, b, c, d = await self.users(stack, 4)
+        await chat.blocks.either(c, d)  # c and d known here
+        chat.blocks.load_timeout = 0.2
+        held = self.hang_loads(stack)
+        stalled = chat.send(a, b, "1", "text", "x")
+        behind = chat.send(c, d, "2", "text", "x")
+        await within(self.refused(stalled, ErrorCode.UNAVAILABLE))
+        self.assertIn("msg_id", await within(behind))
+        self.assertEqual(chat.blocks.queued_sends, 0)
+        # The stalled query answers at last (with a block the SQL never had): dropped.
+        [(uids, held_d)] = held
+        self.assertEqual(sorted(uids), sorted((a, b)))
+        held_d.callback({a: frozenset({b}), b: frozenset()})
+        self.assertIsNone(chat.blocks.either_now(a, b))
+        # The next send loads again.
+        again = chat.send(a, b, "1", "text", "x")
+        self.assertEqual(len(held), 2)
+        held[1][1].callback({a: frozenset(), b: frozenset()})
+        self.assertIn("msg_id", await within(again))
 
     # -- telling -----------------------------------------------------------------------
 

@@ -255,7 +255,8 @@ class ChatService:
 
         @raise ImError: at once, for a request refused before committing
             (C{forbidden} for a blocked pair: the Deferred fails instead when
-            this node had to load the pair's blocks first).
+            this node had to load the pair's blocks first; C{unavailable} when
+            too many sends wait for block loads, or the load timed out).
         """
         started = self.clock.seconds()
         if to == sender:

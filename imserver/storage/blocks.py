@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import attrs
-
 from imserver.errors import ErrorCode, ImError
 from imserver.storage.sql.database import Database, Txn
 
@@ -20,22 +18,11 @@ from imserver.storage.sql.database import Database, Txn
 BLOCKED_MAX_LIMIT = 500
 
 
-@attrs.frozen
-class BlockSets:
-    """One user's blocks, both ways: the users it blocks, the users blocking it."""
-
-    blocks: frozenset[int] = frozenset()
-    blocked_by: frozenset[int] = frozenset()
-
-    def either(self, other: int) -> bool:
-        return other in self.blocks or other in self.blocked_by
+#: Most users block nobody: one shared value.
+EMPTY: frozenset[int] = frozenset()
 
 
-#: Most users block nobody and are blocked by nobody: one shared value.
-EMPTY = BlockSets()
-
-
-#: Users per statement of a load (two IN lists of this many values).
+#: Users per statement of a load.
 LOAD_CHUNK = 250
 
 
@@ -61,10 +48,13 @@ class BlockStore:
         """The users C{uid} blocks above C{after}, ascending, at most C{limit}."""
         return await self.db.run("blocked", blocked_txn, uid, after, limit)
 
-    async def load(self, uids: Sequence[int], background: bool = False) -> dict[int, BlockSets]:
+    async def load(
+        self, uids: Sequence[int], background: bool = False
+    ) -> dict[int, frozenset[int]]:
         """
-        Each user's L{BlockSets} (empty for users without blocks): one query
-        (per L{LOAD_CHUNK} users), on the background pool if C{background}.
+        The users each of C{uids} blocks (outgoing only: at most max_blocks
+        each; L{EMPTY} for most): one query (per L{LOAD_CHUNK} users), on the
+        background pool if C{background}.
         """
         db = self.background if background else self.db
         return await db.run("load_blocks", load_blocks_txn, list(uids))
@@ -113,31 +103,17 @@ def blocked_txn(txn: Txn, uid: int, after: int, limit: int) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def load_blocks_txn(txn: Txn, uids: Sequence[int]) -> dict[int, BlockSets]:
-    """Both directions of every user in C{uids}: one statement (two index ranges) a chunk."""
+def load_blocks_txn(txn: Txn, uids: Sequence[int]) -> dict[int, frozenset[int]]:
+    """Whom each user in C{uids} blocks: one statement (primary key ranges) a chunk."""
     wanted = sorted(set(uids))
     if not wanted:
         return {}
-    rows: list[tuple[int, ...]] = []
+    blocks: dict[int, set[int]] = {uid: set() for uid in wanted}
     for i in range(0, len(wanted), LOAD_CHUNK):
         part = wanted[i : i + LOAD_CHUNK]
         marks = ", ".join("?" * len(part))
-        rows += txn.query(
-            f"SELECT uid, blockedUid FROM t_block WHERE uid IN ({marks})"
-            f" UNION ALL SELECT uid, blockedUid FROM t_block WHERE blockedUid IN ({marks})",
-            (*part, *part),
-        )
-    blocks: dict[int, set[int]] = {uid: set() for uid in wanted}
-    blocked_by: dict[int, set[int]] = {uid: set() for uid in wanted}
-    for r in rows:
-        blocker, blocked = int(r[0]), int(r[1])
-        if blocker in blocks:
-            blocks[blocker].add(blocked)
-        if blocked in blocked_by:
-            blocked_by[blocked].add(blocker)
-    return {
-        uid: BlockSets(frozenset(blocks[uid]), frozenset(blocked_by[uid]))
-        if blocks[uid] or blocked_by[uid]
-        else EMPTY
-        for uid in wanted
-    }
+        for r in txn.query(
+            f"SELECT uid, blockedUid FROM t_block WHERE uid IN ({marks})", tuple(part)
+        ):
+            blocks[int(r[0])].add(int(r[1]))
+    return {uid: frozenset(blocks[uid]) if blocks[uid] else EMPTY for uid in wanted}
