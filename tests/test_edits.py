@@ -20,6 +20,7 @@ from imserver.errors import ErrorCode, ImError
 from imserver.services.ids import IdGenerator
 from imserver.storage import edits as storage_edits
 from imserver.storage.sql.database import Statement, Txn
+from imserver.storage.sql.migrate import migrate
 from tests.stack import Stack, make_stack
 from tests.support import sleep
 
@@ -449,6 +450,29 @@ class EmbeddedEditsTests(EditsContract, TestCase):
 
 class MariaDBEditsTests(EditsContract, TestCase):
     backend = "redis"
+
+    async def test_migration_0007_runs_again_after_a_partial_apply(self) -> None:
+        """
+        MySQL commits DDL statement by statement: 0007 stopped half-way (one
+        column added, not recorded as applied) runs again whole on the next
+        start (its SQLite twin is one transaction there: no partial apply).
+        """
+        stack = await self.stack()
+        db = stack.store.db
+
+        def half_undone(txn: Txn) -> None:
+            txn.execute("ALTER TABLE t_conv DROP COLUMN clearedUpTo")
+            txn.execute("DELETE FROM t_schema_version WHERE version = 7")
+
+        await db.run("undo", half_undone)
+        self.assertEqual(await migrate(db, stack.store._now_ms()), [7])
+        # The column is back (and the re-run kept what was there).
+        a, b = await self.users(stack)
+        await self.send(stack, a, b, "m")
+        await stack.settle()
+        sid = stack.store.session_hint(a, b)
+        assert sid is not None
+        self.assertIn("seq", await stack.chat.edits.clear(b, sid))
 
 
 class TwoNodeTests(TestCase):
