@@ -418,7 +418,6 @@ class EditsContract:
             step.close()  # the node died before running it
 
         self.patch(store, "_run_after_reply", lost)
-        self.patch(store.edits, "_again", lambda delay, msgs: None)
         await stack.chat.edits.edit(a, m, "new")
         self.assertEqual((await store.hot.messages([m]))[m].body, b"\xa3old")
         await sleep(0.01)  # a row is claimable from the next millisecond on
@@ -510,6 +509,40 @@ class TwoNodeTests(TestCase):
             self.assertEqual(conv["last"]["body"], "after")
             [synced] = (await node.chat.sync(b, 10, 0, None))["msgs"]
             self.assertEqual(synced["body"], "after")
+
+    async def test_a_late_fan_out_on_another_node_does_not_cache_the_old_body(self) -> None:
+        """
+        The send's fan-out on one node runs after the edit on the other node
+        invalidated the message: it must not cache the old body again (review
+        finding 10: it did, until a timer on the editing node forgot it again).
+        """
+        one, two = await self.nodes()
+        a, b = next(_uids), next(_uids)
+        for node in (one, two):
+            await node.chat.login(a)
+            await node.chat.login(b)
+        hot = one.hot
+        held: list[tuple[Any, Any]] = []
+        real = hot.fanout
+
+        async def late(messages: Any, rows: Any) -> None:
+            held.append((messages, rows))
+
+        self.patch(hot, "fanout", late)
+        m = (await one.chat.send(a, b, "c", "text", "before"))["msg_id"]
+        await one.settle()
+        self.assertEqual(len(held), 1)
+        await two.chat.edits.edit(a, m, "after")
+        await two.settle()
+        # Now node one's fan-out runs (within LIVE_MS of the commit).
+        await real(*held[0])
+        cached = (await hot.messages([m])).get(m)
+        self.assertTrue(cached is None or cached.edited > 0, cached)
+        for node in (one, two):
+            [msg] = (await node.chat.history(b, a, None, None, 10))["msgs"]
+            self.assertEqual(msg["body"], "after")
+            [conv] = (await node.chat.convs(b, 10, None))["convs"]
+            self.assertEqual(conv["last"]["body"], "after")
 
     async def test_concurrent_edits_on_two_nodes_last_commit_wins(self) -> None:
         one, two = await self.nodes()

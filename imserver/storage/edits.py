@@ -23,11 +23,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 
 from imserver.errors import ErrorCode, ImError
-from imserver.storage.hot.interface import LIVE_MS
 from imserver.storage.model import (
     EVENT_CLEAR,
     EVENT_EDIT,
@@ -415,7 +412,6 @@ class EditStore:
         self._clean: LRU[int, float] = LRU(CACHE_SIZE)
         # Users known to hide something (a hide is never undone).
         self._hiders: LRU[int, bool] = LRU(CACHE_SIZE)
-        self._later: set[IDelayedCall] = set()
         # Read by metrics and tests.
         self.hides_checked = 0
 
@@ -500,29 +496,12 @@ class EditStore:
         users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
         try:
             step = self._store.hot.invalidate((), (), msgs)
+            # The invalidation also marks the message stale for a while: a send's
+            # fan-out still running on another node does not cache the old body.
             await self._store._follow_up(outbox_id, step, users, sessions, msgs)
-            if self._store._now_ms() - m.ts < LIVE_MS + 1000:
-                # The send's fan-out may still cache the old body (it does so
-                # up to LIVE_MS after the send): forget it once more after that.
-                self._again(LIVE_MS / 1000 + 1, msgs)
         finally:
             if then is not None:
                 then(result)
-
-    def _again(self, delay: float, msgs: Sequence[int]) -> None:
-        def run() -> None:
-            self._later.discard(call)
-            d = Deferred.fromCoroutine(self._store.hot.invalidate((), (), msgs))
-            d.addErrback(lambda f: self._store._hot_failed((), (), msgs, str(f.value)))
-
-        call = self._store._reactor.callLater(delay, run)
-        self._later.add(call)
-
-    def stop(self) -> None:
-        for call in self._later:
-            if call.active():
-                call.cancel()
-        self._later.clear()
 
     async def hide(
         self, uid: int, msg_ids: Sequence[int], then: Callable[[HideResult], None] | None = None
