@@ -10,12 +10,17 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
-from imserver.storage.sql.database import Txn
+from imserver.services.ids import IdGenerator
+from imserver.storage import edits as storage_edits
+from imserver.storage.sql.database import Statement, Txn
+from imserver.storage.sql.migrate import migrate
 from tests.stack import Stack, make_stack
 from tests.support import sleep
 
@@ -25,6 +30,39 @@ BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
 
 def _age_txn(txn: Txn, msg_id: int, ms: int) -> None:
     txn.execute("UPDATE t_msg_record_list SET ts = ts - ? WHERE id = ?", (ms, msg_id))
+
+
+class _Recording:
+    """A Txn that notes each statement's SQL, in order (lock order checks)."""
+
+    def __init__(self, txn: Txn) -> None:
+        self._txn = txn
+        self.sql: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._txn, name)
+        if name not in ("execute", "query", "query_one", "query_in", "script"):
+            return found
+
+        def noted(first: Any, *args: Any, **kw: Any) -> Any:
+            if name == "script":
+                self.sql += [st.sql for st in first if isinstance(st, Statement)]
+            else:
+                self.sql.append(first)
+            return found(first, *args, **kw)
+
+        return noted
+
+
+def _pending_before_conv(sql: list[str]) -> tuple[int, int]:
+    """(index of the t_pending DELETE, index of the first t_conv lock: UPDATE, FOR UPDATE)."""
+    delete = next(i for i, x in enumerate(sql) if x.startswith("DELETE FROM t_pending"))
+    conv = next(
+        i
+        for i, x in enumerate(sql)
+        if x.startswith("UPDATE t_conv") or ("t_conv" in x and "FOR UPDATE" in x)
+    )
+    return delete, conv
 
 
 class EditsContract:
@@ -198,9 +236,17 @@ class EditsContract:
         self.assertEqual((conv["last"]["msg_id"], conv["unread"]), (ids[2], 2))
         [conv] = (await stack.chat.convs(a, 10, None))["convs"]
         self.assertEqual(conv["last"]["msg_id"], ids[3])
-        # Again: nothing changes, nobody is told.
-        self.assertEqual(await stack.chat.edits.hide(b, [ids[1]]), {})
-        self.assertEqual(stack.presence.take(b, "hide"), [])
+        # Again (a retry whose reply was lost): nothing changes, but it answers and
+        # tells as the first try did (the first try's push and broadcast may be lost).
+        stack.presence.broadcasts.clear()
+        self.assertEqual(await stack.chat.edits.hide(b, [ids[1]]), {"seq": reply["seq"]})
+        await stack.settle()
+        self.assertEqual(
+            stack.presence.take(b, "hide"),
+            [{"t": "hide", "msg_ids": [ids[1]], "seq": reply["seq"]}],
+        )
+        self.assertEqual(stack.presence.broadcasts, [("hidden", {"uid": b})])
+        self.assertEqual((await stack.chat.unread(b))["total"], 2)
         # Reads recount without the hidden ones; a recall of a hidden one keeps unread right.
         sid = conv["session_id"]
         self.assertEqual((await stack.chat.read(b, sid, ids[0]))["unread"], 1)
@@ -235,7 +281,14 @@ class EditsContract:
         self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])
         [conv] = (await stack.chat.convs(b, 10, None))["convs"]
         self.assertIsNone(conv["last"])
-        self.assertEqual(await stack.chat.edits.clear(b, sid), {"up_to": ids[-1]})
+        # A retry (its reply lost): the same answer, told again, broadcast again.
+        stack.presence.broadcasts.clear()
+        self.assertEqual(
+            await stack.chat.edits.clear(b, sid), {"up_to": ids[-1], "seq": reply["seq"]}
+        )
+        await stack.settle()
+        self.assertEqual(stack.presence.take(b, "clear"), [told])
+        self.assertEqual(stack.presence.broadcasts, [("hidden", {"uid": b})])
         # What comes after the clear shows.
         [new] = await self.send(stack, a, b, "after")
         self.assertEqual([x["msg_id"] for x in await self.history(stack, b, a)], [new])
@@ -246,6 +299,72 @@ class EditsContract:
         )
         # Hiding what is cleared already changes nothing.
         self.assertEqual(await stack.chat.edits.hide(b, [ids[0]]), {})
+
+    async def test_hide_and_clear_delete_pending_before_locking_conv(self) -> None:
+        """
+        An ack deletes t_pending, then updates t_conv: hide and clear take them
+        in that order too (review finding 5: the inverse order deadlocked).
+        """
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        a, b = await self.users(stack)
+        ids = await self.send(stack, a, b, "m", 3)
+        await stack.settle()
+        sid = stack.store.session_hint(a, b)
+        assert sid is not None
+        now = stack.store._now_ms()
+        seen: list[list[str]] = []
+
+        def recorded(txn: Txn, call: Any, *args: Any) -> Any:
+            rec = _Recording(txn)
+            seen.append(rec.sql)
+            return call(rec, *args)
+
+        db = stack.store.db
+        await db.run("probe", recorded, storage_edits.hide_txn, b, [ids[0]], now)
+        await db.run("probe", recorded, storage_edits.clear_txn, b, sid, now)
+        for sql in seen[-2:]:
+            delete, conv = _pending_before_conv(sql)
+            self.assertLess(delete, conv, sql)
+
+    async def test_a_message_committed_after_the_clear_shows(self) -> None:
+        """
+        Msg ids are per-node time stamps, not commit order: a message with an
+        id below clearedUpTo that commits after the clear shows as usual
+        (review finding 9), until the next clear.
+        """
+        assert isinstance(self, TestCase)
+        stack = await self.stack()
+        a, b = await self.users(stack)
+        ids = await self.send(stack, a, b, "m", 2)
+        await stack.settle()
+        sid = stack.store.session_hint(a, b)
+        assert sid is not None
+        first = await stack.chat.edits.clear(b, sid)
+        self.assertEqual(first["up_to"], ids[-1])
+        # Another node whose clock is behind: its message's id is below the clear's.
+        behind = Clock()
+        behind.advance(reactor.seconds() - 5)  # type: ignore[attr-defined]
+        stack.chat.ids = IdGenerator(7, behind)
+        [late] = await self.send(stack, a, b, "late")
+        await stack.settle()
+        self.assertLess(late, first["up_to"])
+        self.assertEqual([x["msg_id"] for x in await self.history(stack, b, a)], [late])
+        [conv] = (await stack.chat.convs(b, 10, None))["convs"]
+        self.assertEqual((conv["last"]["msg_id"], conv["unread"]), (late, 1))
+        self.assertEqual((await stack.chat.unread(b))["total"], 1)
+        self.assertEqual(
+            [x["msg_id"] for x in (await stack.chat.sync(b, 10, 0, None))["msgs"]], [late]
+        )
+        # The next clear is not a repeat: it takes the late one too.
+        again = await stack.chat.edits.clear(b, sid)
+        await stack.settle()
+        self.assertEqual(again["up_to"], first["up_to"])
+        self.assertGreater(again["seq"], first["seq"])
+        self.assertEqual(await self.history(stack, b, a), [])
+        self.assertEqual((await stack.chat.unread(b))["total"], 0)
+        self.assertEqual((await stack.chat.sync(b, 10, 0, None))["msgs"], [])
+        self.assertEqual(len(await self.history(stack, a, b)), 3)
 
     async def test_catchup_renders_hide_and_clear(self) -> None:
         assert isinstance(self, TestCase)
@@ -299,7 +418,6 @@ class EditsContract:
             step.close()  # the node died before running it
 
         self.patch(store, "_run_after_reply", lost)
-        self.patch(store.edits, "_again", lambda delay, msgs: None)
         await stack.chat.edits.edit(a, m, "new")
         self.assertEqual((await store.hot.messages([m]))[m].body, b"\xa3old")
         await sleep(0.01)  # a row is claimable from the next millisecond on
@@ -331,6 +449,29 @@ class EmbeddedEditsTests(EditsContract, TestCase):
 
 class MariaDBEditsTests(EditsContract, TestCase):
     backend = "redis"
+
+    async def test_migration_0007_runs_again_after_a_partial_apply(self) -> None:
+        """
+        MySQL commits DDL statement by statement: 0007 stopped half-way (one
+        column added, not recorded as applied) runs again whole on the next
+        start (its SQLite twin is one transaction there: no partial apply).
+        """
+        stack = await self.stack()
+        db = stack.store.db
+
+        def half_undone(txn: Txn) -> None:
+            txn.execute("ALTER TABLE t_conv DROP COLUMN clearedUpTo")
+            txn.execute("DELETE FROM t_schema_version WHERE version = 7")
+
+        await db.run("undo", half_undone)
+        self.assertEqual(await migrate(db, stack.store._now_ms()), [7])
+        # The column is back (and the re-run kept what was there).
+        a, b = await self.users(stack)
+        await self.send(stack, a, b, "m")
+        await stack.settle()
+        sid = stack.store.session_hint(a, b)
+        assert sid is not None
+        self.assertIn("seq", await stack.chat.edits.clear(b, sid))
 
 
 class TwoNodeTests(TestCase):
@@ -368,6 +509,40 @@ class TwoNodeTests(TestCase):
             self.assertEqual(conv["last"]["body"], "after")
             [synced] = (await node.chat.sync(b, 10, 0, None))["msgs"]
             self.assertEqual(synced["body"], "after")
+
+    async def test_a_late_fan_out_on_another_node_does_not_cache_the_old_body(self) -> None:
+        """
+        The send's fan-out on one node runs after the edit on the other node
+        invalidated the message: it must not cache the old body again (review
+        finding 10: it did, until a timer on the editing node forgot it again).
+        """
+        one, two = await self.nodes()
+        a, b = next(_uids), next(_uids)
+        for node in (one, two):
+            await node.chat.login(a)
+            await node.chat.login(b)
+        hot = one.hot
+        held: list[tuple[Any, Any]] = []
+        real = hot.fanout
+
+        async def late(messages: Any, rows: Any) -> None:
+            held.append((messages, rows))
+
+        self.patch(hot, "fanout", late)
+        m = (await one.chat.send(a, b, "c", "text", "before"))["msg_id"]
+        await one.settle()
+        self.assertEqual(len(held), 1)
+        await two.chat.edits.edit(a, m, "after")
+        await two.settle()
+        # Now node one's fan-out runs (within LIVE_MS of the commit).
+        await real(*held[0])
+        cached = (await hot.messages([m])).get(m)
+        self.assertTrue(cached is None or cached.edited > 0, cached)
+        for node in (one, two):
+            [msg] = (await node.chat.history(b, a, None, None, 10))["msgs"]
+            self.assertEqual(msg["body"], "after")
+            [conv] = (await node.chat.convs(b, 10, None))["convs"]
+            self.assertEqual(conv["last"]["body"], "after")
 
     async def test_concurrent_edits_on_two_nodes_last_commit_wins(self) -> None:
         one, two = await self.nodes()

@@ -117,7 +117,11 @@ class EditService:
     async def hide(
         self, uid: int, msg_ids: Sequence[int], origin: IClientLink | None = None
     ) -> Result:
-        """Hide messages of one's conversations from oneself; one's other devices are told."""
+        """
+        Hide messages of one's conversations from oneself; one's other devices
+        are told. A repeat (all hidden already: a retry whose reply was lost)
+        answers and tells as the first try did, with the latest hide's seq.
+        """
         await self._settled(uid)
 
         def tell(result: HideResult) -> None:
@@ -127,13 +131,19 @@ class EditService:
         result = await self.store.edits.hide(uid, msg_ids, tell)
         if result.seq is None:
             return {}
-        self.hidden += 1
-        # Before the reply: the user's next read on another node filters.
+        if not result.repeat:
+            self.hidden += 1
+        # Before the reply (a retry too: the first try's may not have been sent):
+        # the user's next read on another node filters.
         self.presence.broadcast(HIDDEN, {"uid": uid})
         return {"seq": result.seq}
 
     async def clear(self, uid: int, session_id: int, origin: IClientLink | None = None) -> Result:
-        """Hide a conversation up to its last message from oneself; other devices are told."""
+        """
+        Hide a conversation up to its last message from oneself; other devices
+        are told. A repeat (nothing committed since the last clear) answers and
+        tells as that clear did.
+        """
         await self._settled(uid)
 
         def tell(result: ClearResult) -> None:
@@ -145,7 +155,8 @@ class EditService:
         reply: Result = {"up_to": result.up_to}
         if result.seq is None:
             return reply
-        self.hidden += 1
+        if not result.repeat:
+            self.hidden += 1
         self.presence.broadcast(HIDDEN, {"uid": uid})
         reply["seq"] = result.seq
         return reply

@@ -23,11 +23,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 
 from imserver.errors import ErrorCode, ImError
-from imserver.storage.hot.interface import LIVE_MS
 from imserver.storage.model import (
     EVENT_CLEAR,
     EVENT_EDIT,
@@ -69,6 +66,9 @@ class HideResult:
     seq: int | None = None
     #: (msg_id, sender) of those the hider received: no longer pending.
     pending: tuple[tuple[int, int], ...] = ()
+    #: True: all of them were hidden already (a retry): C{msg_ids} and C{seq}
+    #: are the earlier hide's (the latest one's seq), told again to the devices.
+    repeat: bool = False
 
 
 @attrs.frozen
@@ -80,6 +80,8 @@ class ClearResult:
     seq: int | None = None
     #: (msg_id, sender) of the messages it took out of pending.
     pending: tuple[tuple[int, int], ...] = ()
+    #: True: nothing committed since the last clear (a retry): C{seq} is its seq.
+    repeat: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -186,16 +188,22 @@ def hide_txn(
     for the messages not hidden before; none if there are none.
     """
     wanted = sorted(set(msg_ids))
-    # The hider's stream is the only one it writes: its t_user row first, before
-    # any plain read (on MySQL that starts the REPEATABLE READ snapshot; taken
-    # after the lock it sees every send and read of the user: the recount is right).
+    # Lock order (as an ack's): t_user, then t_pending, then t_conv; a plain read
+    # of t_conv is exact under the t_user lock (only a clear, holding it, writes
+    # clearedUpTo/clearedSeq). The hider's stream is the only one it writes: its
+    # t_user row first, before any plain read (on MySQL that starts the REPEATABLE
+    # READ snapshot; taken after the lock it sees every send and read of the user:
+    # the recount is right).
     heads = q.lock_streams(txn, (uid,))
     rows = txn.query_in(
-        "SELECT id, sessionId, senderUid, recipientUid FROM t_msg_record_list WHERE id IN (%s)",
+        "SELECT id, sessionId, senderUid, recipientUid, senderSeq, recipientSeq"
+        " FROM t_msg_record_list WHERE id IN (%s)",
         wanted,
     )
     sessions = {int(r[0]): int(r[1]) for r in rows}
     senders = {int(r[0]): int(r[2]) for r in rows if int(r[3]) == uid}
+    # The message's seq in the hider's stream (None: older than streams).
+    seqs = {int(r[0]): r[4] if int(r[2]) == uid else r[5] for r in rows}
     for r in rows:
         if uid not in (int(r[2]), int(r[3])):
             raise ImError(ErrorCode.FORBIDDEN, f"message {int(r[0])} is not in your conversations")
@@ -203,30 +211,42 @@ def hide_txn(
     if missing:
         raise ImError(ErrorCode.NOT_FOUND, f"no such message: {missing[0]}")
     hidden = {
-        int(r[0])
-        for r in txn.query_in(
-            "SELECT msgId FROM t_hidden WHERE uid = ? AND msgId IN (%s)", wanted, (uid,)
-        )
-    }
-    cleared = {
         int(r[0]): int(r[1])
         for r in txn.query_in(
-            f"SELECT sessionId, clearedUpTo FROM t_conv WHERE uid = ?"
-            f" AND sessionId IN (%s){txn.engine.for_update}",
+            "SELECT msgId, seq FROM t_hidden WHERE uid = ? AND msgId IN (%s)", wanted, (uid,)
+        )
+    }
+    received = sorted(senders)
+    if received:
+        # Before any t_conv row is locked (an ack deletes t_pending, then updates
+        # t_conv): as if acked, whether or not hidden before (no harm if so).
+        txn.execute(
+            f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks(len(received))})",
+            (uid, *received),
+        )
+    cleared = {
+        int(r[0]): (int(r[1]), int(r[2]))
+        for r in txn.query_in(
+            "SELECT sessionId, clearedUpTo, clearedSeq FROM t_conv WHERE uid = ?"
+            " AND sessionId IN (%s)",
             sorted(set(sessions.values())),
             (uid,),
         )
     }
-    new = [i for i in wanted if i not in hidden and i > cleared.get(sessions[i], 0)]
+    new = [
+        i
+        for i in wanted
+        if i not in hidden and not _was_cleared(i, seqs[i], cleared.get(sessions[i], (0, 0)))
+    ]
     if not new:
+        if hidden:
+            # A retry (its reply lost?): answer and tell as the first try did.
+            return HideResult(tuple(sorted(hidden)), max(hidden.values()), repeat=True)
         return HideResult(())
     [seq] = q._take_seqs(heads, (uid,))
     rows_sql, args = values([(uid, i, sessions[i], seq) for i in new])
     script = [
         Statement(f"INSERT INTO t_hidden (uid, msgId, sessionId, seq) VALUES {rows_sql}", args),
-        Statement(
-            f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks(len(new))})", (uid, *new)
-        ),
         q._event_statement([(uid, seq, EVENT_HIDE, sessions[new[0]], new[0], uid, now_ms)]),
         q._head_statement({uid: seq}),
     ]
@@ -234,8 +254,14 @@ def hide_txn(
         script.append(q.outbox_statement(attrs.evolve(outbox, users=(uid,))))
     txn.script(script)
     _recount_read(txn, uid, [sessions[i] for i in new])
-    received = tuple((i, senders[i]) for i in new if i in senders)
-    return HideResult(tuple(new), seq, received)
+    pending = tuple((i, senders[i]) for i in new if i in senders)
+    return HideResult(tuple(new), seq, pending)
+
+
+def _was_cleared(msg_id: int, seq: int | None, clear: tuple[int, int]) -> bool:
+    """Whether a clear (clearedUpTo, clearedSeq) hides the message (queries.CLEARED)."""
+    up_to, clear_seq = clear
+    return msg_id <= up_to and (clear_seq == 0 or (seq or 0) <= clear_seq)
 
 
 def clear_txn(
@@ -254,31 +280,40 @@ def clear_txn(
         raise ImError(ErrorCode.NOT_FOUND, "no such session")
     if uid not in (int(members[0]), int(members[1])):
         raise ImError(ErrorCode.FORBIDDEN, "you are not part of this session")
+    # The t_user lock serialises the clear with every send, read and clear of the
+    # user's (each takes it): what is committed now is exactly what has a seq in
+    # the user's stream at or below the clear's; a plain read of t_conv is exact.
     heads = q.lock_streams(txn, (uid,))
     row = txn.query_one(
-        "SELECT lastMsgId, clearedUpTo, peerUid FROM t_conv WHERE uid = ? AND sessionId = ?"
-        f"{txn.engine.for_update}",
+        "SELECT clearedUpTo, clearedSeq, peerUid FROM t_conv WHERE uid = ? AND sessionId = ?",
         (uid, session_id),
     )
     if row is None:
         raise ImError(ErrorCode.NOT_FOUND, "no such session")
-    last, cleared, peer = (int(v) for v in row)
-    if last <= cleared:
-        return ClearResult(session_id, cleared)
+    cleared, cleared_seq, peer = (int(v) for v in row)
+    # Msg ids are not commit order: the highest id, not the conv's lastMsgId.
+    top = txn.query_one("SELECT MAX(id) FROM t_msg_record_list WHERE sessionId = ?", (session_id,))
+    last = max(int(top[0]) if top is not None and top[0] is not None else 0, cleared)
+    if last == 0:
+        return ClearResult(session_id, 0)
+    if cleared_seq and not _committed_since(txn, uid, session_id, cleared_seq):
+        # A retry (its reply lost?), or nothing new: answer as the last clear did.
+        return ClearResult(session_id, cleared, cleared_seq, repeat=True)
     [seq] = q._take_seqs(heads, (uid,))
+    # Before the t_conv row is locked (an ack deletes t_pending, then updates t_conv).
     pending = txn.query(
         "SELECT msgId FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
         (uid, peer, last),
     )
+    txn.execute(
+        # One session per pair: the peer's pending messages are this session's.
+        "DELETE FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
+        (uid, peer, last),
+    )
     script = [
         Statement(
-            "UPDATE t_conv SET clearedUpTo = ? WHERE uid = ? AND sessionId = ?",
-            (last, uid, session_id),
-        ),
-        # One session per pair: the peer's pending messages are this session's.
-        Statement(
-            "DELETE FROM t_pending WHERE uid = ? AND senderUid = ? AND msgId <= ?",
-            (uid, peer, last),
+            "UPDATE t_conv SET clearedUpTo = ?, clearedSeq = ? WHERE uid = ? AND sessionId = ?",
+            (last, seq, uid, session_id),
         ),
         q._event_statement([(uid, seq, EVENT_CLEAR, session_id, last, uid, now_ms)]),
         q._head_statement({uid: seq}),
@@ -288,6 +323,19 @@ def clear_txn(
     txn.script(script)
     _recount_read(txn, uid, (session_id,))
     return ClearResult(session_id, last, seq, tuple((int(r[0]), peer) for r in pending))
+
+
+def _committed_since(txn: Txn, uid: int, session_id: int, seq: int) -> bool:
+    """Whether a message of the session has a seq in the user's stream above C{seq}."""
+    for side in ("recipient", "sender"):
+        found = txn.query_one(
+            f"SELECT 1 FROM t_msg_record_list WHERE {side}Uid = ? AND {side}Seq > ?"
+            " AND sessionId = ? LIMIT 1",
+            (uid, seq, session_id),
+        )
+        if found is not None:
+            return True
+    return False
 
 
 def hides_txn(txn: Txn, uid: int) -> bool:
@@ -301,10 +349,10 @@ def hides_txn(txn: Txn, uid: int) -> bool:
     return cleared is not None
 
 
-#: What a reader may see of a session: not recalled, above its clear, not hidden.
+#: What a reader may see of a session: not recalled, not cleared, not hidden.
 _VISIBLE = (
-    "m.sessionId = ? AND m.recordStatus = ? AND m.id > COALESCE((SELECT c.clearedUpTo FROM"
-    " t_conv c WHERE c.uid = ? AND c.sessionId = ?), 0) AND NOT EXISTS (SELECT 1 FROM t_hidden h"
+    "m.sessionId = ? AND m.recordStatus = ? AND NOT EXISTS (SELECT 1 FROM t_conv c WHERE"
+    f" c.uid = ? AND c.sessionId = ? AND {q.CLEARED}) AND NOT EXISTS (SELECT 1 FROM t_hidden h"
     " WHERE h.uid = ? AND h.msgId = m.id)"
 )
 
@@ -364,7 +412,6 @@ class EditStore:
         self._clean: LRU[int, float] = LRU(CACHE_SIZE)
         # Users known to hide something (a hide is never undone).
         self._hiders: LRU[int, bool] = LRU(CACHE_SIZE)
-        self._later: set[IDelayedCall] = set()
         # Read by metrics and tests.
         self.hides_checked = 0
 
@@ -449,29 +496,12 @@ class EditStore:
         users, sessions, msgs = (m.sender, m.recipient), (m.session_id,), (m.msg_id,)
         try:
             step = self._store.hot.invalidate((), (), msgs)
+            # The invalidation also marks the message stale for a while: a send's
+            # fan-out still running on another node does not cache the old body.
             await self._store._follow_up(outbox_id, step, users, sessions, msgs)
-            if self._store._now_ms() - m.ts < LIVE_MS + 1000:
-                # The send's fan-out may still cache the old body (it does so
-                # up to LIVE_MS after the send): forget it once more after that.
-                self._again(LIVE_MS / 1000 + 1, msgs)
         finally:
             if then is not None:
                 then(result)
-
-    def _again(self, delay: float, msgs: Sequence[int]) -> None:
-        def run() -> None:
-            self._later.discard(call)
-            d = Deferred.fromCoroutine(self._store.hot.invalidate((), (), msgs))
-            d.addErrback(lambda f: self._store._hot_failed((), (), msgs, str(f.value)))
-
-        call = self._store._reactor.callLater(delay, run)
-        self._later.add(call)
-
-    def stop(self) -> None:
-        for call in self._later:
-            if call.active():
-                call.cancel()
-        self._later.clear()
 
     async def hide(
         self, uid: int, msg_ids: Sequence[int], then: Callable[[HideResult], None] | None = None
@@ -487,7 +517,7 @@ class EditStore:
             raise
         if result.seq is not None:
             tell = None if then is None else partial(then, result)
-            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
+            self._hidden(uid, result.seq, 0 if result.repeat else outbox.id, result.pending, tell)
         return result
 
     async def clear(
@@ -506,7 +536,7 @@ class EditStore:
             raise
         if result.seq is not None:
             tell = None if then is None else partial(then, result)
-            self._hidden(uid, result.seq, outbox.id, result.pending, tell)
+            self._hidden(uid, result.seq, 0 if result.repeat else outbox.id, result.pending, tell)
         return result
 
     def _hidden(

@@ -245,7 +245,6 @@ class Store:
         if self._parked_call is not None and self._parked_call.active():
             self._parked_call.cancel()
         self.retries.cancel_all()
-        self.edits.stop()
         await self.hot.stop()
         self.db.close()
         self.background.close()

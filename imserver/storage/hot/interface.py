@@ -28,6 +28,9 @@ from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 WINDOW_SIZE = 200
 #: A fan-out later than this after its commit is treated as a replay.
 LIVE_MS = 5000
+#: An invalidated message is not cached by a fan-out for LIVE_MS + this (the
+#: fan-out's age is measured on the nodes' clocks: a margin for their skew).
+STALE_MARGIN_MS = 2000
 #: How long acked and recalled ids are remembered (tombstones): a fan-out
 #: older than this cannot be told from a replay of an acked message.
 GONE_MS = 60_000
@@ -87,7 +90,11 @@ class IHotStore(Interface):
     async def invalidate(
         uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
     ) -> None:
-        """Forget the users' copies, the sessions' windows and the cached messages."""
+        """
+        Forget the users' copies, the sessions' windows and the cached
+        messages; a fan-out does not cache a forgotten message again for
+        live_ms + STALE_MARGIN_MS (its record predates what invalidated it).
+        """
 
     async def load_begin(uid: int) -> str:
         """Start (re)loading a user's copy (its pending lists are emptied);

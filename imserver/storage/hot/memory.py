@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from imserver.storage.hot.interface import GONE_MS, LIVE_MS, WINDOW_SIZE, IHotStore
+from imserver.storage.hot.interface import (
+    GONE_MS,
+    LIVE_MS,
+    STALE_MARGIN_MS,
+    WINDOW_SIZE,
+    IHotStore,
+)
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot
 
 #: Bytes a cached message costs beyond its body, cid and type: the record,
@@ -74,6 +80,8 @@ class MemoryHotStore:
         self._clock = clock
         self.window_size = window_size
         self.live_ms = live_ms
+        # msg_id -> until when a fan-out may not cache it (see invalidate).
+        self._stale: dict[int, int] = {}
         self.max_messages = max_messages
         self.max_profiles = max_profiles
         self.max_cache_bytes = max_cache_bytes
@@ -159,7 +167,8 @@ class MemoryHotStore:
         now = self._now()
         for message, age in messages:
             if age <= self.live_ms:
-                self._cache_message(message)
+                if not self._stale or self._stale.get(message.msg_id, 0) <= now:
+                    self._cache_message(message)
                 window = self._windows.setdefault(message.session_id, [])
                 if not window or message.msg_id > window[0]:
                     _insert(window, message.msg_id)
@@ -222,8 +231,14 @@ class MemoryHotStore:
             self._markers.pop(uid, None)
         for sid in session_ids:
             self._windows.pop(sid, None)
-        for msg_id in msg_ids:
-            self._uncache_message(msg_id)
+        if msg_ids:
+            now = self._now()
+            if len(self._stale) > 10_000:
+                self._stale = {i: t for i, t in self._stale.items() if t > now}
+            until = now + self.live_ms + STALE_MARGIN_MS
+            for msg_id in msg_ids:
+                self._uncache_message(msg_id)
+                self._stale[msg_id] = until
 
     async def load_begin(self, uid: int) -> str:
         token = str(next(self._nonces))

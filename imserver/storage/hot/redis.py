@@ -40,6 +40,7 @@ from imserver.storage.hot.connection import (
 from imserver.storage.hot.interface import (
     GONE_MS,
     LIVE_MS,
+    STALE_MARGIN_MS,
     WINDOW_SIZE,
     IHotStore,
 )
@@ -183,12 +184,9 @@ class RedisHotStore(RedisScripts):
     async def invalidate(
         self, uids: Sequence[int], session_ids: Sequence[int], msg_ids: Sequence[int] = ()
     ) -> None:
-        await self._script(
-            "invalidate",
-            pack(
-                [[str(u) for u in uids], [str(s) for s in session_ids], [str(m) for m in msg_ids]]
-            ),
-        )
+        stale_ms = self.live_ms + STALE_MARGIN_MS
+        what = [[str(u) for u in uids], [str(s) for s in session_ids], [str(m) for m in msg_ids]]
+        await self._script("invalidate", pack([*what, stale_ms]))
 
     async def load_begin(self, uid: int) -> str:
         token = os.urandom(8).hex()

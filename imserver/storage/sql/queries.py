@@ -955,6 +955,16 @@ def read_txn(
     return ReadResult(conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq)
 
 
+#: Message m is cleared for c.uid: at or below clearedUpTo and committed before
+#: the clear (its seq in c.uid's stream at or below the clear's; clearedSeq 0:
+#: a clear from before clearedSeq existed, by id alone). Msg ids are per-node
+#: time stamps, not commit order: a message with a lower id may commit later.
+CLEARED = (
+    "m.id <= c.clearedUpTo AND (c.clearedSeq = 0 OR COALESCE(CASE WHEN m.senderUid = c.uid"
+    " THEN m.senderSeq ELSE m.recipientSeq END, 0) <= c.clearedSeq)"
+)
+
+
 def unread_after_txn(txn: Txn, uid: int, session_id: int, upto: int) -> int:
     """
     The user's unread messages of a session above C{upto}: received, not
@@ -964,7 +974,8 @@ def unread_after_txn(txn: Txn, uid: int, session_id: int, upto: int) -> int:
     row = txn.query_one(
         "SELECT COUNT(*) FROM t_msg_record_list m WHERE m.sessionId = ? AND m.id > ?"
         " AND m.recipientUid = ? AND m.recordStatus = 0"
-        " AND m.id > (SELECT c.clearedUpTo FROM t_conv c WHERE c.uid = ? AND c.sessionId = ?)"
+        " AND NOT EXISTS (SELECT 1 FROM t_conv c WHERE c.uid = ? AND c.sessionId = ?"
+        f" AND {CLEARED})"
         " AND NOT EXISTS (SELECT 1 FROM t_hidden h WHERE h.uid = ? AND h.msgId = m.id)",
         (session_id, upto, uid, uid, session_id, uid),
     )
@@ -974,11 +985,18 @@ def unread_after_txn(txn: Txn, uid: int, session_id: int, upto: int) -> int:
 
 def counted_unread_txn(txn: Txn, message: Message, read_upto: int, cleared_upto: int) -> bool:
     """Whether the message counts among its recipient's unread (see L{unread_after_txn})."""
-    if message.msg_id <= max(read_upto, cleared_upto):
+    if message.msg_id <= read_upto:
         return False
-    hidden = txn.query_one(
-        "SELECT 1 FROM t_hidden WHERE uid = ? AND msgId = ?", (message.recipient, message.msg_id)
-    )
+    uid, msg_id = message.recipient, message.msg_id
+    if msg_id <= cleared_upto:
+        cleared = txn.query_one(
+            f"SELECT 1 FROM t_msg_record_list m JOIN t_conv c ON c.uid = ?"
+            f" AND c.sessionId = m.sessionId WHERE m.id = ? AND {CLEARED}",
+            (uid, msg_id),
+        )
+        if cleared is not None:
+            return False
+    hidden = txn.query_one("SELECT 1 FROM t_hidden WHERE uid = ? AND msgId = ?", (uid, msg_id))
     return hidden is None
 
 

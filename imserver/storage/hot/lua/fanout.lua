@@ -15,7 +15,10 @@ for _, m in ipairs(data[6]) do
   local age = tonumber(m[5]) + late
   local window = key('session_list', sid)
   if age <= live_ms then
-    redis.call('SET', key('msg', id), m[6], 'EX', ttl)
+    -- Not a message edited (invalidated) since its commit: the record is older.
+    if redis.call('EXISTS', key('stale', id)) == 0 then
+      redis.call('SET', key('msg', id), m[6], 'EX', ttl)
+    end
     -- The window holds every normal message from its lowest id up: add
     -- only above that (or to start it), never leave a hole.
     local low = redis.call('ZRANGE', window, 0, 0)
