@@ -239,6 +239,9 @@ class LostCommitTests(TestCase):
         await self.stack.chat.sync(self.b, 10, 0, None)
         # The pair's blocks known: no block load before the commits these tests break.
         await self.stack.chat.blocks.either(self.a, self.b)
+        # Every pool thread holds its connection: a transaction that opened a
+        # new one while the proxy refuses them would fail before its COMMIT.
+        await gatherResults([Deferred.fromCoroutine(db.run("warm", _hold_txn)) for _ in range(3)])
 
     async def quiet(self) -> None:
         """Nothing of the stack's own in flight: the next COMMIT is the test's."""
@@ -520,6 +523,12 @@ class LostCommitTests(TestCase):
         await eventually(lambda: self.stack.store.suspect_users[self.b] == 0)
         sync = await self.stack.chat.sync(self.b, 10, 0, None)
         self.assertEqual([m["msg_id"] for m in sync["msgs"]], [again["msg_id"]])
+
+
+def _hold_txn(txn: Txn) -> None:
+    """Keep a pool thread (and its connection) busy for a moment."""
+    time.sleep(0.05)
+    txn.query_one("SELECT 1", ())
 
 
 class _FlakySqlite(SqliteEngine):
