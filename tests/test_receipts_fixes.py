@@ -9,18 +9,34 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import Txn
-from tests.stack import Stack
+from tests.stack import Stack, make_stack
 from tests.support import reactor
-from tests.test_receipts import ReceiptsContract
+from tests.test_receipts import BIG, _uids
 
 
-class ReceiptFixesContract(ReceiptsContract):
+class ReceiptFixesContract:
+    backend = ""
+
+    async def stack(self) -> Stack:
+        assert isinstance(self, TestCase)
+        return await make_stack(self, self.backend, limits=BIG)
+
+    async def users(self, stack: Stack, n: int) -> list[int]:
+        uids = [next(_uids) for _ in range(n)]
+        for uid in uids:
+            await stack.chat.login(uid)
+            stack.presence.online_users.add(uid)
+        return uids
+
+    async def sent(self, stack: Stack, a: int, b: int, n: int, tag: str = "m") -> list[Any]:
+        return [await stack.chat.send(a, b, f"{tag}{i}", "text", f"hi {i}") for i in range(n)]
+
     async def pair(self, n: int = 2) -> tuple[Stack, int, int, list[Any]]:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
@@ -77,10 +93,13 @@ class ReceiptFixesContract(ReceiptsContract):
         if stack.store.db.engine.kind == "sqlite":
             # One writer: the second transaction starts after the first commits.
             go_on.set()
-        other = stack.store.db.run("other", other_node_txn)
-        while not deleted.is_set():
+        other = Deferred.fromCoroutine(stack.store.db.run("other", other_node_txn))
+        for _ in range(500):
+            if deleted.is_set() or other.called:
+                break
             await deferLater(reactor, 0.01, lambda: None)
-        ack = stack.store.db.run("ack", q.ack_txn, [(b, [msg_id])])
+        self.assertTrue(deleted.is_set(), other)
+        ack = Deferred.fromCoroutine(stack.store.db.run("ack", q.ack_txn, [(b, [msg_id])]))
         await deferLater(reactor, 0.3, lambda: None)
         go_on.set()
         await other
