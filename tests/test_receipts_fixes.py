@@ -80,7 +80,7 @@ class ReceiptFixesContract:
         """Another transaction (another node's ack batch) removed the pending
         row but has not committed yet: the ack reports nothing (it waits for
         the row's lock and then finds it gone), not a second receipt."""
-        stack, a, b, replies = await self.pair(1)
+        stack, _, b, replies = await self.pair(1)
         msg_id = replies[0]["msg_id"]
         deleted = threading.Event()
         go_on = threading.Event()
@@ -134,13 +134,26 @@ class ReceiptFixesContract:
         sid = replies[0]["session_id"]
         await stack.chat.blocks.block(b, a)
         stack.presence.take(b)
+        head = await stack.store.db.run("head", q.head_txn, a)
         await stack.chat.read(b, sid, replies[0]["msg_id"])
         self.assertEqual(stack.presence.take(a, "read"), [])
         stack.chat.blocks._cache.clear()
         await stack.chat.read(b, sid, replies[1]["msg_id"])
         self.assertEqual(stack.presence.take(a, "read"), [])
-        # The reader's own devices still hear of it (their badge).
-        self.assertEqual(len(stack.presence.take(b, "read")), 2)
+        # Not in a's stream either: catch-up has nothing of it, no seq gap.
+        self.assertEqual(await stack.store.db.run("head", q.head_txn, a), head)
+        # The reader's own devices still hear of it (their badge), with seqs.
+        own = stack.presence.take(b, "read")
+        self.assertEqual([p["msg_id"] for p in own], [r["msg_id"] for r in replies])
+        self.assertTrue(all(p.get("seq") for p in own))
+        # Unblocked: receipts again.
+        await stack.chat.blocks.unblock(b, a)
+        more = await self.sent(stack, a, b, 1, "u")
+        await stack.settle()
+        await stack.chat.read(b, sid, more[0]["msg_id"])
+        [receipt] = stack.presence.take(a, "read")
+        self.assertEqual(receipt["msg_id"], more[0]["msg_id"])
+        self.assertEqual(receipt["seq"], head + 2)  # the new msg, then this read
 
     async def test_positions_hidden_while_blocked(self) -> None:
         stack, a, b, replies = await self.pair()

@@ -684,9 +684,9 @@ class ChatService:
                 receipt["seq"] = result.peer_seq
             if result.reader_seq:
                 own["seq"] = reply["seq"] = result.reader_seq
-            # No read receipt to a peer blocked either way (not the hot
-            # path: an unknown pair is loaded first).
-            if not await self._blocked_pair(uid, result.row.peer):
+            # No read receipt between a blocked pair (decided in the read's
+            # transaction: then it is not in the peer's stream either).
+            if not result.peer_blocked:
                 self.presence.push(result.row.peer, receipt)
             self.presence.push(uid, own, origin)
         return reply

@@ -749,8 +749,7 @@ def ack_txn(
             )
             selects.append(
                 Statement(
-                    "SELECT id, sessionId FROM t_msg_record_list"
-                    f" WHERE id IN ({marks(len(part))})",
+                    f"SELECT id, sessionId FROM t_msg_record_list WHERE id IN ({marks(len(part))})",
                     tuple(part),
                     ROWS,
                 )
@@ -941,14 +940,21 @@ def read_txn(
         (session_id,),
     )
     heads = lock_streams(txn, members or ())
+    # Whether the two block each other (issue 11): then the read is no
+    # receipt, not in the peer's stream (no event, no push). In the same
+    # statement, no round trip more; after the t_user locks, which a block
+    # takes too, so it is the block state of this commit.
+    low, high = members or (0, 0)
     row = txn.query_one(
-        "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version FROM t_conv"
+        "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version,"
+        " (SELECT COUNT(*) FROM t_block WHERE (uid = ? AND blockedUid = ?)"
+        " OR (uid = ? AND blockedUid = ?)) FROM t_conv"
         f" WHERE uid = ? AND sessionId = ?{txn.engine.for_update}",
-        (uid, session_id),
+        (low, high, high, low, uid, session_id),
     )
     if row is None:
         _refuse_session(txn, session_id)
-    peer, last, total, read, upto, version = (int(v) for v in row)
+    peer, last, total, read, upto, version, blocks = (int(v) for v in row)
     target = min(msg_id, last)
     advanced = None
     reader_seq = peer_seq = None
@@ -967,10 +973,12 @@ def read_txn(
             (target, read, version, uid, session_id),
         )
         advanced = target
-        moved = {u: heads[u] for u in (uid, peer) if u in heads}
-        reader_seq, peer_seq = _take_seqs(moved, (uid, peer))
+        told = (uid,) if blocks else (uid, peer)
+        moved = {u: heads[u] for u in told if u in heads}
+        reader_seq, *peer_seqs = _take_seqs(moved, told)
         events = [(uid, reader_seq, EVENT_READ, session_id, target, uid, now_ms)]
-        events.append((peer, peer_seq, EVENT_READ, session_id, target, uid, now_ms))
+        for peer_seq in peer_seqs:
+            events.append((peer, peer_seq, EVENT_READ, session_id, target, uid, now_ms))
         script = [_event_statement(events)]
         if moved:
             script.append(_head_statement(moved))
@@ -980,7 +988,9 @@ def read_txn(
             )
         txn.script(script)
     conv = ConvRow(uid, session_id, peer, last, total, read, version)
-    return ReadResult(conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq)
+    return ReadResult(
+        conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq, peer_blocked=bool(blocks)
+    )
 
 
 def unread_after_txn(txn: Txn, uid: int, session_id: int, upto: int) -> int:
