@@ -524,15 +524,46 @@ class ChatService:
                 if sid and msg_id > best.get(sid, (0, 0))[0]:
                     best[sid] = (msg_id, sender)
             for sid, (msg_id, sender) in best.items():
-                try:
-                    self.presence.push(
-                        sender,
-                        {"t": "delivered", "session_id": sid, "msg_id": msg_id, "by": uid},
-                    )
-                except Exception:
-                    # Committed: the ack stands; the position is in convs/history.
-                    self.log.failure("delivered push to {uid} failed", Failure(), uid=sender)
+                push = {"t": "delivered", "session_id": sid, "msg_id": msg_id, "by": uid}
+                blocked = self.blocks.either_now(uid, sender)
+                if blocked is None:
+                    # Not in this node's cache: load, then decide, after the
+                    # reply (the ack's reply never waits for a receipt).
+                    self._receipt_after_load(uid, sender, push)
+                elif not blocked:
+                    self._receipt(sender, push)
         return {}
+
+    def _receipt(self, to: int, push: Result) -> None:
+        """Push a receipt; committed already, so a failure only costs the push."""
+        try:
+            self.presence.push(to, push)
+        except Exception:
+            # The ack or read stands; the position is in convs/history.
+            self.log.failure("{t} push to {uid} failed", Failure(), t=push["t"], uid=to)
+
+    def _receipt_after_load(self, by: int, to: int, push: Result) -> None:
+        """
+        No receipts between a blocked pair (either way): when the block
+        cache does not know the pair, ask it (it loads), then push or not.
+        A load that fails pushes nothing: a receipt is a position that
+        convs/history have, never worth crossing a block that may exist.
+        """
+
+        def decided(blocked: bool) -> None:
+            if not blocked:
+                self._receipt(to, push)
+
+        d = Deferred.fromCoroutine(self.blocks.either(by, to))
+        d.addCallback(decided)
+        d.addErrback(
+            lambda f: self.log.warn(
+                "{t} receipt to {uid} dropped: block check failed: {error}",
+                t=push["t"],
+                uid=to,
+                error=f.value,
+            )
+        )
 
     async def sync(self, uid: int, limit: int, after: int, sender: int | None) -> Result:
         await self._settled(uid)
@@ -654,9 +685,27 @@ class ChatService:
                 receipt["seq"] = result.peer_seq
             if result.reader_seq:
                 own["seq"] = reply["seq"] = result.reader_seq
-            self.presence.push(result.row.peer, receipt)
+            # No read receipt between a blocked pair (decided in the read's
+            # transaction: then it is not in the peer's stream either).
+            if not result.peer_blocked:
+                self.presence.push(result.row.peer, receipt)
             self.presence.push(uid, own, origin)
         return reply
+
+    async def _blocked_pair(self, a: int, b: int) -> bool:
+        """
+        Whether a blocks b or b blocks a, for receipts: from the cache, else
+        loaded; a failed load counts as blocked (a receipt is only a
+        position, convs/history have it; it must not cross a block).
+        """
+        known = self.blocks.either_now(a, b)
+        if known is not None:
+            return known
+        try:
+            return await self.blocks.either(a, b)
+        except Exception as e:
+            self.log.warn("block check for receipts failed: {error}", error=e)
+            return True
 
     async def unread(self, uid: int) -> Result:
         await self._settled(uid)
@@ -687,6 +736,9 @@ class ChatService:
             for c in page:
                 peer = users.get(c.peer)
                 theirs = positions.get((c.peer, c.session_id), NO_POSITIONS)
+                if await self._blocked_pair(uid, c.peer):
+                    # Receipts do not cross a block: its positions are hidden.
+                    theirs = NO_POSITIONS
                 mine = positions.get((uid, c.session_id), NO_POSITIONS)
                 convs.append(
                     {
@@ -723,6 +775,8 @@ class ChatService:
         # Once per request, before the pages: a receipt racing the read only
         # makes the positions older than the messages, never newer.
         theirs = (await self.store.positions([peer], [sid])).get((peer, sid), NO_POSITIONS)
+        if await self._blocked_pair(uid, peer):
+            theirs = NO_POSITIONS  # hidden while blocked, as in convs
 
         async def read(before: int | None, n: int) -> tuple[list[Result], int | None, bool]:
             page = await self.store.history(sid, before, n + 1, viewer=uid)

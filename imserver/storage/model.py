@@ -156,6 +156,8 @@ class ReadResult:
     # The read's numbers in the reader's and the peer's streams, if it moved.
     reader_seq: int | None = None
     peer_seq: int | None = None
+    # The two block each other: the peer is not told (no event, no push).
+    peer_blocked: bool = False
 
 
 @attrs.frozen

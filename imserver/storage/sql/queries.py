@@ -731,23 +731,35 @@ def ack_txn(
     script = _outbox_deletes(done_outbox)
     removed: dict[int, list[tuple[int, int, int]]] = {}
     if everything:
-        selects = [
-            Statement(
-                "SELECT p.msgId, p.uid, p.senderUid, COALESCE(m.sessionId, 0) FROM t_pending p"
-                " LEFT JOIN t_msg_record_list m ON m.id = p.msgId"
-                f" WHERE p.msgId IN ({marks(len(part))})",
-                tuple(part),
-                ROWS,
+        # A locking read of the pending rows (primary key: record locks, as
+        # the DELETEs take), so another node's batch acking the same ids waits
+        # here and then finds them gone: what this batch reports removed is
+        # what its DELETEs remove. Only t_pending is locked (t_pending before
+        # t_conv, as a send; the messages' sessions come from a plain read in
+        # the same round trip: a join would lock the message rows too).
+        selects = []
+        for part in chunks(everything, 1000):
+            selects.append(
+                Statement(
+                    "SELECT msgId, uid, senderUid FROM t_pending"
+                    f" WHERE msgId IN ({marks(len(part))}){txn.engine.for_update}",
+                    tuple(part),
+                    ROWS,
+                )
             )
-            for part in chunks(everything, 1000)
-        ]
-        results = txn.script(script + selects)
-        for rows in results[len(script) :]:
-            for msg_id, uid, sender, sid in sorted(
-                (int(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows
-            ):
-                if msg_id in by_user.get(uid, ()):
-                    removed.setdefault(uid, []).append((msg_id, sender, sid))
+            selects.append(
+                Statement(
+                    f"SELECT id, sessionId FROM t_msg_record_list WHERE id IN ({marks(len(part))})",
+                    tuple(part),
+                    ROWS,
+                )
+            )
+        results = txn.script(script + selects)[len(script) :]
+        pending = [r for rows in results[0::2] for r in rows]
+        sessions = {int(r[0]): int(r[1]) for rows in results[1::2] for r in rows}
+        for msg_id, uid, sender in sorted((int(r[0]), int(r[1]), int(r[2])) for r in pending):
+            if msg_id in by_user.get(uid, ()):
+                removed.setdefault(uid, []).append((msg_id, sender, sessions.get(msg_id, 0)))
         script = []
     for uid, ids in sorted(by_user.items()):
         for part in chunks(sorted(ids), 1000):
@@ -766,10 +778,25 @@ def ack_txn(
         txn.script(script, commit=True)
     except CommitConfirmed:
         return _acked_after_lost_commit(txn, requests, everything)
+    return _first_claims(requests, removed)
+
+
+def _first_claims(
+    requests: Sequence[tuple[int, Sequence[int]]],
+    removed: Mapping[int, Sequence[tuple[int, int, int]]],
+) -> list[list[tuple[int, int, int]]]:
+    """
+    Each removed message goes to the first request of its user that named
+    it, and only to that one: two devices acking the same ids in one batch
+    make one delivery receipt, as they would in two batches.
+    """
+    given: set[int] = set()
     out = []
     for uid, msg_ids in requests:
-        mine = set(msg_ids)
-        out.append([p for p in removed.get(uid, ()) if p[0] in mine])
+        mine = set(msg_ids) - given
+        got = [p for p in removed.get(uid, ()) if p[0] in mine]
+        given.update(p[0] for p in got)
+        out.append(got)
     return out
 
 
@@ -831,11 +858,11 @@ def _acked_after_lost_commit(
         int(r[0])
         for r in txn.query_in("SELECT msgId FROM t_pending WHERE msgId IN (%s)", everything)
     }
-    out = []
-    for uid, msg_ids in requests:
-        mine = sorted({i for i in msg_ids if i in sent and sent[i][0] == uid and i not in still})
-        out.append([(i, sent[i][1], sent[i][2]) for i in mine])
-    return out
+    removed: dict[int, list[tuple[int, int, int]]] = {}
+    for i in sorted(sent.keys() - still):
+        recipient, sender, sid = sent[i]
+        removed.setdefault(recipient, []).append((i, sender, sid))
+    return _first_claims(requests, removed)
 
 
 def _cursor_statements(cursors: Iterable[tuple[int, int, int]]) -> list[Statement]:
@@ -913,14 +940,21 @@ def read_txn(
         (session_id,),
     )
     heads = lock_streams(txn, members or ())
+    # Whether the two block each other (issue 11): then the read is no
+    # receipt, not in the peer's stream (no event, no push). In the same
+    # statement, no round trip more; after the t_user locks, which a block
+    # takes too, so it is the block state of this commit.
+    low, high = members or (0, 0)
     row = txn.query_one(
-        "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version FROM t_conv"
+        "SELECT peerUid, lastMsgId, totalCount, readCount, readUpTo, version,"
+        " (SELECT COUNT(*) FROM t_block WHERE (uid = ? AND blockedUid = ?)"
+        " OR (uid = ? AND blockedUid = ?)) FROM t_conv"
         f" WHERE uid = ? AND sessionId = ?{txn.engine.for_update}",
-        (uid, session_id),
+        (low, high, high, low, uid, session_id),
     )
     if row is None:
         _refuse_session(txn, session_id)
-    peer, last, total, read, upto, version = (int(v) for v in row)
+    peer, last, total, read, upto, version, blocks = (int(v) for v in row)
     target = min(msg_id, last)
     advanced = None
     reader_seq = peer_seq = None
@@ -939,10 +973,12 @@ def read_txn(
             (target, read, version, uid, session_id),
         )
         advanced = target
-        moved = {u: heads[u] for u in (uid, peer) if u in heads}
-        reader_seq, peer_seq = _take_seqs(moved, (uid, peer))
+        told = (uid,) if blocks else (uid, peer)
+        moved = {u: heads[u] for u in told if u in heads}
+        reader_seq, *peer_seqs = _take_seqs(moved, told)
         events = [(uid, reader_seq, EVENT_READ, session_id, target, uid, now_ms)]
-        events.append((peer, peer_seq, EVENT_READ, session_id, target, uid, now_ms))
+        for peer_seq in peer_seqs:
+            events.append((peer, peer_seq, EVENT_READ, session_id, target, uid, now_ms))
         script = [_event_statement(events)]
         if moved:
             script.append(_head_statement(moved))
@@ -952,7 +988,9 @@ def read_txn(
             )
         txn.script(script)
     conv = ConvRow(uid, session_id, peer, last, total, read, version)
-    return ReadResult(conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq)
+    return ReadResult(
+        conv, total_unread_txn(txn, uid), advanced, reader_seq, peer_seq, peer_blocked=bool(blocks)
+    )
 
 
 #: Message m is cleared for c.uid: at or below clearedUpTo and committed before

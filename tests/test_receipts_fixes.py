@@ -1,0 +1,188 @@
+"""
+Regression tests for the review of the receipts (issue 11), on both
+backends: one delivery receipt per message however many devices or nodes
+ack it (finding 4), and no receipts across a block (finding 11).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from imserver.storage.sql import queries as q
+from imserver.storage.sql.database import Txn
+from tests.stack import Stack, make_stack
+from tests.support import reactor
+from tests.test_receipts import BIG, _uids
+
+
+class ReceiptFixesContract:
+    backend = ""
+
+    async def stack(self) -> Stack:
+        assert isinstance(self, TestCase)
+        return await make_stack(self, self.backend, limits=BIG)
+
+    async def users(self, stack: Stack, n: int) -> list[int]:
+        uids = [next(_uids) for _ in range(n)]
+        for uid in uids:
+            await stack.chat.login(uid)
+            stack.presence.online_users.add(uid)
+        return uids
+
+    async def sent(self, stack: Stack, a: int, b: int, n: int, tag: str = "m") -> list[Any]:
+        return [await stack.chat.send(a, b, f"{tag}{i}", "text", f"hi {i}") for i in range(n)]
+
+    async def pair(self, n: int = 2) -> tuple[Stack, int, int, list[Any]]:
+        stack = await self.stack()
+        a, b = await self.users(stack, 2)
+        replies = await self.sent(stack, a, b, n)
+        await stack.settle()
+        stack.presence.take(a)
+        stack.presence.take(b)
+        return stack, a, b, replies
+
+    async def test_two_devices_acking_in_one_batch_give_one_receipt(self) -> None:
+        """Two devices of b ack the same id and their acks share a batch
+        (queued behind a first ack): one delivered push, to the first."""
+        stack, a, b, replies = await self.pair()
+        first, second = replies[0]["msg_id"], replies[1]["msg_id"]
+        got = await gatherResults(
+            [
+                stack.store.ack(b, [first], 1),
+                stack.store.ack(b, [second], 1),
+                stack.store.ack(b, [second], 2),
+            ]
+        )
+        self.assertEqual([[m for m, _, _ in r] for r in got], [[first], [second], []])
+        await self._chat_acks_in_one_batch(stack, a, b)
+
+    async def _chat_acks_in_one_batch(self, stack: Stack, a: int, b: int) -> None:
+        replies = await self.sent(stack, a, b, 2, "x")
+        await stack.settle()
+        stack.presence.take(a)
+        first, second = replies[0]["msg_id"], replies[1]["msg_id"]
+        await gatherResults(
+            [
+                stack.chat.ack(b, [first], 1),
+                stack.chat.ack(b, [second], 1),
+                stack.chat.ack(b, [second], 2),
+            ]
+        )
+        pushes = stack.presence.take(a, "delivered")
+        self.assertEqual([p["msg_id"] for p in pushes], [first, second])
+
+    async def test_ack_waits_for_a_concurrent_removal(self) -> None:
+        """Another transaction (another node's ack batch) removed the pending
+        row but has not committed yet: the ack reports nothing (it waits for
+        the row's lock and then finds it gone), not a second receipt."""
+        stack, _, b, replies = await self.pair(1)
+        msg_id = replies[0]["msg_id"]
+        deleted = threading.Event()
+        go_on = threading.Event()
+
+        def other_node_txn(txn: Txn) -> None:
+            txn.execute("DELETE FROM t_pending WHERE msgId = ?", (msg_id,))
+            deleted.set()
+            go_on.wait(10)
+
+        if stack.store.db.engine.kind == "sqlite":
+            # One writer: the second transaction starts after the first commits.
+            go_on.set()
+        other = Deferred.fromCoroutine(stack.store.db.run("other", other_node_txn))
+        for _ in range(500):
+            if deleted.is_set() or other.called:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(deleted.is_set(), other)
+        ack = Deferred.fromCoroutine(stack.store.db.run("ack", q.ack_txn, [(b, [msg_id])]))
+        await deferLater(reactor, 0.3, lambda: None)
+        go_on.set()
+        await other
+        self.assertEqual(await ack, [[]])
+
+    async def test_no_delivered_receipt_across_a_block(self) -> None:
+        stack, a, b, replies = await self.pair()
+        await stack.chat.blocks.block(a, b)
+        await stack.chat.ack(b, [replies[0]["msg_id"]])
+        self.assertEqual(stack.presence.take(a, "delivered"), [])
+        # Unknown to the node's cache: loaded, then decided (still blocked).
+        stack.chat.blocks._cache.clear()
+        await stack.chat.ack(b, [replies[1]["msg_id"]])
+        await stack.settle()
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(stack.presence.take(a, "delivered"), [])
+
+    async def test_delivered_receipt_after_a_cache_miss(self) -> None:
+        """Not blocked and not in the cache: the receipt comes after the load."""
+        stack, a, b, replies = await self.pair(1)
+        stack.chat.blocks._cache.clear()
+        await stack.chat.ack(b, [replies[0]["msg_id"]])
+        for _ in range(100):
+            pushes = stack.presence.take(a, "delivered")
+            if pushes:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual([p["msg_id"] for p in pushes], [replies[0]["msg_id"]])
+
+    async def test_no_read_receipt_across_a_block(self) -> None:
+        stack, a, b, replies = await self.pair()
+        sid = replies[0]["session_id"]
+        await stack.chat.blocks.block(b, a)
+        stack.presence.take(b)
+        head = await stack.store.db.run("head", q.head_txn, a)
+        await stack.chat.read(b, sid, replies[0]["msg_id"])
+        self.assertEqual(stack.presence.take(a, "read"), [])
+        stack.chat.blocks._cache.clear()
+        await stack.chat.read(b, sid, replies[1]["msg_id"])
+        self.assertEqual(stack.presence.take(a, "read"), [])
+        # Not in a's stream either: catch-up has nothing of it, no seq gap.
+        self.assertEqual(await stack.store.db.run("head", q.head_txn, a), head)
+        # The reader's own devices still hear of it (their badge), with seqs.
+        own = stack.presence.take(b, "read")
+        self.assertEqual([p["msg_id"] for p in own], [r["msg_id"] for r in replies])
+        self.assertTrue(all(p.get("seq") for p in own))
+        # Unblocked: receipts again.
+        await stack.chat.blocks.unblock(b, a)
+        more = await self.sent(stack, a, b, 1, "u")
+        await stack.settle()
+        await stack.chat.read(b, sid, more[0]["msg_id"])
+        [receipt] = stack.presence.take(a, "read")
+        self.assertEqual(receipt["msg_id"], more[0]["msg_id"])
+        self.assertEqual(receipt["seq"], head + 2)  # the new msg, then this read
+
+    async def test_positions_hidden_while_blocked(self) -> None:
+        stack, a, b, replies = await self.pair()
+        sid = replies[0]["session_id"]
+        ids = [r["msg_id"] for r in replies]
+        await stack.chat.ack(b, ids)
+        await stack.chat.read(b, sid, ids[0])
+
+        async def seen_by_a() -> tuple[tuple[int, int], tuple[int, int]]:
+            [conv] = (await stack.chat.convs(a, 20, None))["convs"]
+            history = await stack.chat.history(a, None, sid, None, 20)
+            return (conv["peer_read"], conv["peer_delivered"]), (
+                history["peer_read"],
+                history["peer_delivered"],
+            )
+
+        shown = ((ids[0], ids[1]), (ids[0], ids[1]))
+        self.assertEqual(await seen_by_a(), shown)
+        await stack.chat.blocks.block(b, a)
+        self.assertEqual(await seen_by_a(), ((0, 0), (0, 0)))
+        stack.chat.blocks._cache.clear()
+        self.assertEqual(await seen_by_a(), ((0, 0), (0, 0)))
+        await stack.chat.blocks.unblock(b, a)
+        self.assertEqual(await seen_by_a(), shown)
+
+
+class EmbeddedReceiptFixesTests(ReceiptFixesContract, TestCase):
+    backend = "embedded"
+
+
+class MariaDBReceiptFixesTests(ReceiptFixesContract, TestCase):
+    backend = "redis"
