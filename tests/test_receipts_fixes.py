@@ -6,15 +6,13 @@ ack it (finding 4), and no receipts across a block (finding 11).
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from imserver.storage.sql import queries as q
-from imserver.storage.sql.database import Txn
 from tests.stack import Stack, make_stack
 from tests.support import reactor
 from tests.test_receipts import BIG, _uids
@@ -75,35 +73,6 @@ class ReceiptFixesContract:
         )
         pushes = stack.presence.take(a, "delivered")
         self.assertEqual([p["msg_id"] for p in pushes], [first, second])
-
-    async def test_ack_waits_for_a_concurrent_removal(self) -> None:
-        """Another transaction (another node's ack batch) removed the pending
-        row but has not committed yet: the ack reports nothing (it waits for
-        the row's lock and then finds it gone), not a second receipt."""
-        stack, _, b, replies = await self.pair(1)
-        msg_id = replies[0]["msg_id"]
-        deleted = threading.Event()
-        go_on = threading.Event()
-
-        def other_node_txn(txn: Txn) -> None:
-            txn.execute("DELETE FROM t_pending WHERE msgId = ?", (msg_id,))
-            deleted.set()
-            go_on.wait(10)
-
-        if stack.store.db.engine.kind == "sqlite":
-            # One writer: the second transaction starts after the first commits.
-            go_on.set()
-        other = Deferred.fromCoroutine(stack.store.db.run("other", other_node_txn))
-        for _ in range(500):
-            if deleted.is_set() or other.called:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(deleted.is_set(), other)
-        ack = Deferred.fromCoroutine(stack.store.db.run("ack", q.ack_txn, [(b, [msg_id])]))
-        await deferLater(reactor, 0.3, lambda: None)
-        go_on.set()
-        await other
-        self.assertEqual(await ack, [[]])
 
     async def test_no_delivered_receipt_across_a_block(self) -> None:
         stack, a, b, replies = await self.pair()
