@@ -273,14 +273,13 @@ class ChatService:
         if isinstance(blocked, Deferred):
             # Not known here yet: one SQL query first (in order, see chat.blocks).
             return blocked.addCallback(
-                self._block_checked, sender, to, cid, kind, body, blob, started, origin
+                self._send_unless_blocked, sender, to, cid, kind, body, blob, started, origin
             )
-        if blocked:
-            self.blocks.refused += 1
-            raise ImError(ErrorCode.FORBIDDEN, BLOCKED)
-        return self._send_unblocked(sender, to, cid, kind, body, blob, started, origin)
+        return self._send_unless_blocked(
+            blocked, sender, to, cid, kind, body, blob, started, origin
+        )
 
-    def _block_checked(
+    def _send_unless_blocked(
         self,
         blocked: bool,
         sender: int,
@@ -292,22 +291,10 @@ class ChatService:
         started: float,
         origin: IClientLink | None,
     ) -> Deferred[Result]:
+        """Refuse a blocked pair (C{forbidden}), else give the message its id and commit it."""
         if blocked:
             self.blocks.refused += 1
             raise ImError(ErrorCode.FORBIDDEN, BLOCKED)
-        return self._send_unblocked(sender, to, cid, kind, body, blob, started, origin)
-
-    def _send_unblocked(
-        self,
-        sender: int,
-        to: int,
-        cid: str,
-        kind: str,
-        body: Any,
-        blob: bytes,
-        started: float,
-        origin: IClientLink | None,
-    ) -> Deferred[Result]:
         # Ids in the order sends reach the commit queue (after any block check).
         msg_id = self.ids.next_id()
         hint = self.store.session_hint(sender, to)
