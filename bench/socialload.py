@@ -249,7 +249,6 @@ class SocialRecipient(Recipient):
         t_start = run.t_start
         in_window = t_start <= now <= run.t_end
         lat = run.lat_push
-        seen = self.seen
         acks = self.pending_acks
         was_empty = not acks
         read_every = run.read_every
@@ -258,25 +257,7 @@ class SocialRecipient(Recipient):
             f = unpackb(body)
             t = f["t"]
             if t == "msg":
-                b = f["body"]
-                q = b["q"]
-                sent = b["s"]
-                if sent >= t_start:
-                    lat.append(now - sent)
-                self.delivered += 1
-                if in_window:
-                    self.in_window += 1
-                if q >= len(seen):
-                    seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
-                if seen[q]:
-                    self.duplicates += 1
-                else:
-                    seen[q] = 1
-                    self.unique += 1
-                    if q < self.max_q:
-                        self.reorders += 1
-                    else:
-                        self.max_q = q
+                self.count(f, now, t_start, in_window, lat)
                 acks.append(f["msg_id"])
                 self.unread += 1
                 last = f

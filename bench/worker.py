@@ -362,38 +362,42 @@ class Recipient(Conn):
         self.acks_out = 0
         self.acks_ok = 0
 
+    def count(self, f: Frame, now: int, t_start: int, in_window: bool, lat: Any) -> None:
+        """One msg push: its latency, and the exactly-once and order bookkeeping."""
+        b = f["body"]
+        q = b["q"]
+        sent = b["s"]
+        if sent >= t_start:
+            lat.append(now - sent)
+        self.delivered += 1
+        if in_window:
+            self.in_window += 1
+        seen = self.seen
+        if q >= len(seen):
+            seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
+        if seen[q]:
+            self.duplicates += 1
+        else:
+            seen[q] = 1
+            self.unique += 1
+            if q < self.max_q:
+                self.reorders += 1
+            else:
+                self.max_q = q
+
     def on_frames(self, bodies: list[bytes]) -> None:
         now = monotonic_ns()
         run = self.run
         t_start = run.t_start
         in_window = t_start <= now <= run.t_end
         lat = run.lat_push
-        seen = self.seen
         acks = self.pending_acks
         was_empty = not acks
         for body in bodies:
             f = unpackb(body)
             t = f["t"]
             if t == "msg":
-                b = f["body"]
-                q = b["q"]
-                sent = b["s"]
-                if sent >= t_start:
-                    lat.append(now - sent)
-                self.delivered += 1
-                if in_window:
-                    self.in_window += 1
-                if q >= len(seen):
-                    seen.extend(bytes(max(q + 1 - len(seen), len(seen))))
-                if seen[q]:
-                    self.duplicates += 1
-                else:
-                    seen[q] = 1
-                    self.unique += 1
-                    if q < self.max_q:
-                        self.reorders += 1
-                    else:
-                        self.max_q = q
+                self.count(f, now, t_start, in_window, lat)
                 acks.append(f["msg_id"])
             elif t == "ok":
                 self.acks_ok += 1
