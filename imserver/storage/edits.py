@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
@@ -82,6 +82,11 @@ class ClearResult:
     pending: tuple[tuple[int, int], ...] = ()
     #: True: nothing committed since the last clear (a retry): C{seq} is its seq.
     repeat: bool = False
+
+
+#: What a hide or a clear is given (msg ids, a session), and what it answers.
+A = TypeVar("A")
+H = TypeVar("H", HideResult, ClearResult)
 
 
 # ---------------------------------------------------------------------------
@@ -507,29 +512,27 @@ class EditStore:
         self, uid: int, msg_ids: Sequence[int], then: Callable[[HideResult], None] | None = None
     ) -> HideResult:
         """Hide messages; after the reply the user's copy is forgotten, then C{then} runs."""
-        store = self._store
-        outbox = store._outbox("hide")
-        try:
-            result = await store.db.run("hide", hide_txn, uid, msg_ids, store._now_ms(), outbox)
-        except CommitUnknown as e:
-            self.forget(uid)
-            store._hot_failed((uid,), (), (), str(e))
-            raise
-        if result.seq is not None:
-            tell = None if then is None else partial(then, result)
-            self._hidden(uid, result.seq, 0 if result.repeat else outbox.id, result.pending, tell)
-        return result
+        return await self._hiding("hide", hide_txn, uid, msg_ids, then)
 
     async def clear(
         self, uid: int, session_id: int, then: Callable[[ClearResult], None] | None = None
     ) -> ClearResult:
         """Clear a conversation for the user (as L{hide})."""
+        return await self._hiding("clear", clear_txn, uid, session_id, then)
+
+    async def _hiding(
+        self,
+        kind: str,
+        txn_func: Callable[[Txn, int, A, int, Outbox | None], H],
+        uid: int,
+        what: A,
+        then: Callable[[H], None] | None,
+    ) -> H:
+        """A hide or a clear: SQL first with an outbox row, then the user's hot copy goes."""
         store = self._store
-        outbox = store._outbox("clear")
+        outbox = store._outbox(kind)
         try:
-            result = await store.db.run(
-                "clear", clear_txn, uid, session_id, store._now_ms(), outbox
-            )
+            result = await store.db.run(kind, txn_func, uid, what, store._now_ms(), outbox)
         except CommitUnknown as e:
             self.forget(uid)
             store._hot_failed((uid,), (), (), str(e))
