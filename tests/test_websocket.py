@@ -1,0 +1,208 @@
+"""
+The WebSocket transport (docs/protocol.md, "Transport"): C{twistd -n imserver}
+with C{[server].websocket} set, spoken to with autobahn's client beside a raw
+TCP client. One binary message is one frame body; the gateway's state
+machine is the TCP one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString
+from twisted.trial.unittest import TestCase
+
+from imserver.client import IMClientProtocol
+from imserver.gateway.websocket import origin_allowed
+from imserver.wire.framing import HEADER_SIZE, encode_frame
+from tests.harness import ServerProcess, free_port
+from tests.support import ClientsMixin, within
+
+WS_MAX_FRAME = 4096
+
+
+class _Stripping:
+    """The IMClientProtocol's transport: each length-prefixed frame goes out as one message."""
+
+    def __init__(self, ws: WSClient) -> None:
+        self.ws = ws
+
+    def write(self, data: bytes) -> None:
+        self.ws.sendMessage(data[HEADER_SIZE:], isBinary=True)
+
+    def loseConnection(self) -> None:
+        self.ws.sendClose(1000)
+
+
+class WSClient(WebSocketClientProtocol):
+    """An autobahn client driving the ordinary test client (its requests and pushes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.im = IMClientProtocol()
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[bool, Any, Any]] = Deferred()
+        self.messages: list[tuple[bytes, bool]] = []
+
+    def onOpen(self) -> None:
+        self.im.makeConnection(_Stripping(self))  # type: ignore[arg-type]
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((payload, isBinary))
+        self.im.dataReceived(encode_frame(payload))
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self.im.is_open:
+            self.im.connectionLost()
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback((wasClean, code, reason))
+
+
+class OriginTests(TestCase):
+    def test_patterns(self) -> None:
+        patterns = ("https://chat.example.com", "https://*.example.org", "http://localhost:*")
+        for origin in (
+            "https://chat.example.com",
+            "HTTPS://Chat.Example.com/",
+            "https://a.example.org",
+            "http://localhost:8080",
+        ):
+            self.assertTrue(origin_allowed(origin, patterns), origin)
+        for origin in (
+            "http://chat.example.com",
+            "https://chat.example.com.evil.net",
+            "https://example.org",
+            "null",
+            "http://localhost",
+        ):
+            self.assertFalse(origin_allowed(origin, patterns), origin)
+
+
+class WebSocketTests(ClientsMixin, TestCase):
+    _server: ServerProcess | None = None
+
+    @property
+    def server(self) -> ServerProcess:
+        cls = type(self)
+        if cls._server is None or not cls._server.running:
+            ws_port = free_port()
+            server = ServerProcess(
+                {
+                    "server": {
+                        "websocket": f"tcp:{ws_port}:interface=127.0.0.1",
+                        "websocket_origins": ["https://chat.example.com"],
+                        "max_frame_bytes": WS_MAX_FRAME,
+                    }
+                }
+            )
+            server.ws_port = ws_port  # type: ignore[attr-defined]
+            cls._server = server.start()
+        return cls._server
+
+    async def ws(
+        self,
+        token: str | None = None,
+        *,
+        path: str = "/v1/ws",
+        protocols: list[str] | None = None,
+        origin: str | None = None,
+    ) -> WSClient:
+        port = self.server.ws_port  # type: ignore[attr-defined]
+        factory = WebSocketClientFactory(
+            f"ws://127.0.0.1:{port}{path}",
+            protocols=["imserver.v1"] if protocols is None else protocols,
+            origin=origin,
+        )
+        factory.protocol = WSClient
+        endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
+        proto: WSClient = await within(endpoint.connect(factory))
+        self.addCleanup(lambda: proto.transport.abortConnection())
+        await within(proto.opened)
+        if token is not None:
+            await within(proto.im.auth(token, device="ws"))
+        return proto
+
+    async def test_chat_between_websocket_and_tcp(self) -> None:
+        ws = await self.ws(self.server.token(901))
+        self.assertEqual(ws.websocket_protocol_in_use, "imserver.v1")
+        tcp = await self.client(self.server.endpoint, self.server.token(902))
+        reply = await within(ws.im.request("send", to=902, cid="ws-1", body="from ws"))
+        push = await within(tcp.next_push())
+        self.assertEqual(
+            (push["t"], push["msg_id"], push["body"]), ("msg", reply["msg_id"], "from ws")
+        )
+        reply = await within(tcp.request("send", to=901, cid="tcp-1", body="from tcp"))
+        push = await within(ws.im.next_push())
+        self.assertEqual((push["t"], push["msg_id"], push["from"]), ("msg", reply["msg_id"], 902))
+        # Every frame was one binary message without a length prefix.
+        self.assertTrue(all(binary for _, binary in ws.messages))
+        self.assertEqual(msgpack.unpackb(ws.messages[0][0])["t"], "ok")
+        pong = await within(ws.im.request("ping"))
+        self.assertIn("server_time", pong)
+
+    async def test_allowed_origin(self) -> None:
+        ws = await self.ws(self.server.token(903), origin="https://chat.example.com")
+        await within(ws.im.request("ping"))
+
+    async def assertRefused(self, **kwargs: Any) -> None:
+        with self.assertRaises(ConnectionError):
+            await self.ws(**kwargs)
+
+    async def test_wrong_subprotocol_refused(self) -> None:
+        await self.assertRefused(protocols=["other"])
+
+    async def test_no_subprotocol_refused(self) -> None:
+        await self.assertRefused(protocols=[])
+
+    async def test_wrong_path_refused(self) -> None:
+        await self.assertRefused(path="/ws")
+
+    async def test_other_origin_refused(self) -> None:
+        await self.assertRefused(origin="https://evil.example.com")
+
+    async def test_text_message_refused(self) -> None:
+        ws = await self.ws(self.server.token(904))
+        ws.sendMessage(b'{"t": "ping", "id": 1}', isBinary=False)
+        await within(ws.closed)
+        error = msgpack.unpackb(ws.messages[-1][0])
+        self.assertEqual(error["t"], "error")
+        self.assertEqual(error["code"], "bad_frame")
+        self.assertIn("text messages are not accepted", error["message"])
+
+    async def test_oversize_message_closes(self) -> None:
+        ws = await self.ws(self.server.token(905))
+        ws.sendMessage(b"\x80" * (WS_MAX_FRAME + 1), isBinary=True)
+        await within(ws.closed)
+        # autobahn fails the connection (close code 1009, message too big) and drops it.
+        self.assertEqual(len(ws.messages), 1)  # the auth reply only
+        tcp = await self.client(self.server.endpoint, self.server.token(907))
+        await within(tcp.request("ping"))
+
+    async def test_op_before_auth_is_unauthenticated(self) -> None:
+        ws = await self.ws()
+        ws.im.send_frame({"t": "ping", "id": 1})
+        await within(ws.closed)
+        self.assertEqual(msgpack.unpackb(ws.messages[-1][0])["code"], "unauthenticated")
+
+    async def test_bad_frame_keeps_the_connection(self) -> None:
+        ws = await self.ws(self.server.token(906))
+        ws.sendMessage(b"\xc1", isBinary=True)  # never valid msgpack
+        for _ in range(100):
+            if ws.messages[1:]:
+                break
+            await within(_later())
+        self.assertEqual(msgpack.unpackb(ws.messages[-1][0])["code"], "bad_frame")
+        await within(ws.im.request("ping"))
+
+
+def _later() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0.02, d.callback, None)  # type: ignore[attr-defined]
+    return d
