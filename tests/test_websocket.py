@@ -7,6 +7,9 @@ machine is the TCP one.
 
 from __future__ import annotations
 
+import itertools
+import os
+import subprocess
 from typing import Any
 
 import msgpack
@@ -21,6 +24,7 @@ from imserver.gateway.websocket import origin_allowed
 from imserver.wire.framing import HEADER_SIZE, encode_frame
 from tests.harness import ServerProcess, free_port
 from tests.support import ClientsMixin, within
+from tests.test_cluster import cluster_backend
 
 WS_MAX_FRAME = 4096
 
@@ -65,6 +69,33 @@ class WSClient(WebSocketClientProtocol):
             self.closed.callback((wasClean, code, reason))
 
 
+async def ws_client(
+    test: TestCase,
+    port: int,
+    token: str | None = None,
+    *,
+    path: str = "/v1/ws",
+    protocols: list[str] | None = None,
+    origin: str | None = None,
+    tls: bool = False,
+) -> WSClient:
+    """An authenticated (with C{token}) WebSocket client, closed at the end of C{test}."""
+    scheme = "wss" if tls else "ws"
+    factory = WebSocketClientFactory(
+        f"{scheme}://127.0.0.1:{port}{path}",
+        protocols=["imserver.v1"] if protocols is None else protocols,
+        origin=origin,
+    )
+    factory.protocol = WSClient
+    endpoint = clientFromString(reactor, f"{'ssl' if tls else 'tcp'}:127.0.0.1:{port}")
+    proto: WSClient = await within(endpoint.connect(factory))
+    test.addCleanup(lambda: proto.transport.abortConnection())
+    await within(proto.opened)
+    if token is not None:
+        await within(proto.im.auth(token, device="ws"))
+    return proto
+
+
 class OriginTests(TestCase):
     def test_patterns(self) -> None:
         patterns = ("https://chat.example.com", "https://*.example.org", "http://localhost:*")
@@ -106,28 +137,8 @@ class WebSocketTests(ClientsMixin, TestCase):
             cls._server = server.start()
         return cls._server
 
-    async def ws(
-        self,
-        token: str | None = None,
-        *,
-        path: str = "/v1/ws",
-        protocols: list[str] | None = None,
-        origin: str | None = None,
-    ) -> WSClient:
-        port = self.server.ws_port  # type: ignore[attr-defined]
-        factory = WebSocketClientFactory(
-            f"ws://127.0.0.1:{port}{path}",
-            protocols=["imserver.v1"] if protocols is None else protocols,
-            origin=origin,
-        )
-        factory.protocol = WSClient
-        endpoint = clientFromString(reactor, f"tcp:127.0.0.1:{port}")
-        proto: WSClient = await within(endpoint.connect(factory))
-        self.addCleanup(lambda: proto.transport.abortConnection())
-        await within(proto.opened)
-        if token is not None:
-            await within(proto.im.auth(token, device="ws"))
-        return proto
+    async def ws(self, token: str | None = None, **kwargs: Any) -> WSClient:
+        return await ws_client(self, self.server.ws_port, token, **kwargs)  # type: ignore[attr-defined]
 
     async def test_chat_between_websocket_and_tcp(self) -> None:
         ws = await self.ws(self.server.token(901))
@@ -206,3 +217,65 @@ def _later() -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(0.02, d.callback, None)  # type: ignore[attr-defined]
     return d
+
+
+class SecureAndWorkersTests(ClientsMixin, TestCase):
+    async def test_wss(self) -> None:
+        server = ServerProcess()
+        self.addCleanup(server.cleanup)
+        key, cert = os.path.join(server.dir, "key.pem"), os.path.join(server.dir, "cert.pem")
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+                *("-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        port = free_port()
+        server = ServerProcess(
+            {
+                "server": {
+                    "websocket": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+                }
+            }
+        )
+        self.addCleanup(server.cleanup)
+        server.start()
+        ws = await ws_client(self, port, server.token(11), tls=True)
+        tcp = await self.client(server.endpoint, server.token(12))
+        reply = await within(ws.im.request("send", to=12, cid="wss-1", body="over tls"))
+        push = await within(tcp.next_push())
+        self.assertEqual((push["msg_id"], push["body"]), (reply["msg_id"], "over tls"))
+
+    async def test_two_workers_share_the_websocket_port(self) -> None:
+        backend = cluster_backend()
+        port = free_port()
+        backend["server"] = {
+            "workers": 2,
+            "node_id": 30,
+            "websocket": f"tcp:{port}:interface=127.0.0.1",
+        }
+        server = ServerProcess(backend)
+        self.addCleanup(server.cleanup)
+        server.start()
+        self.assertEqual(server.log().count("listening for WebSocket clients"), 2)
+        uids = [next(_uids) for _ in range(8)]
+        clients = [await ws_client(self, port, server.token(uid)) for uid in uids]
+        tcp = await self.client(server.endpoint, server.token(next(_uids)))
+        # Pairs of WebSocket clients, wherever the kernel put them, and TCP to each.
+        for i in range(0, 8, 2):
+            reply = await within(
+                clients[i].im.request("send", to=uids[i + 1], cid=f"w{i}", body=f"m{i}")
+            )
+            push = await within(clients[i + 1].im.next_push())
+            self.assertEqual((push["msg_id"], push["from"]), (reply["msg_id"], uids[i]))
+        for uid, client in zip(uids, clients, strict=True):
+            reply = await within(tcp.request("send", to=uid, cid=f"t{uid}", body="from tcp"))
+            push = await within(client.im.next_push())
+            while push["t"] != "msg":
+                push = await within(client.im.next_push())
+            self.assertEqual(push["msg_id"], reply["msg_id"])
+
+
+_uids = itertools.count(77_000)
