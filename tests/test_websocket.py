@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import subprocess
 from typing import Any
 
 import msgpack
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from imserver.client import IMClientProtocol
-from imserver.gateway.websocket import origin_allowed
+from imserver.gateway.protocol import Refused
+from imserver.gateway.websocket import WebSocketGateway, origin_allowed
 from imserver.wire.framing import HEADER_SIZE, encode_frame
 from tests.harness import ServerProcess, free_port
 from tests.support import ClientsMixin, within
 from tests.test_cluster import cluster_backend
+from tests.test_gateway import GatewayTestsMixin
 
 WS_MAX_FRAME = 4096
 
@@ -279,3 +286,137 @@ class SecureAndWorkersTests(ClientsMixin, TestCase):
 
 
 _uids = itertools.count(77_000)
+
+
+def client_message(payload: bytes, opcode: int = 2) -> bytes:
+    """One masked client frame (FIN set) carrying C{payload}."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_messages(data: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of the unmasked server frames in C{data}."""
+    out = []
+    while data:
+        opcode, n = data[0] & 0x0F, data[1] & 0x7F
+        offset = 2
+        if n == 126:
+            (n,) = struct.unpack_from(">H", data, 2)
+            offset = 4
+        elif n == 127:
+            (n,) = struct.unpack_from(">Q", data, 2)
+            offset = 10
+        out.append((opcode, data[offset : offset + n]))
+        data = data[offset + n :]
+    return out
+
+
+HANDSHAKE = (
+    b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: imserver.v1\r\n\r\n"
+)
+
+
+class AdapterTests(GatewayTestsMixin, TestCase):
+    """The adapter over a StringTransport: the gateway's machinery behind WebSocket framing."""
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        factory = WebSocketGateway(self.gateway)
+        proto: Any = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5555))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        proto.makeConnection(transport)
+        proto.dataReceived(HANDSHAKE)
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 101"), response)
+        self.assertIn(b"Sec-WebSocket-Protocol: imserver.v1", response)
+        transport.clear()
+        self.addCleanup(self.cleanup, proto)
+        return proto, transport
+
+    def cleanup(self, proto: Any) -> None:
+        if proto.state != proto.STATE_CLOSED:
+            proto.connectionLost(Failure(ConnectionDone()))
+        for call in list(reactor.getDelayedCalls()):  # type: ignore[attr-defined]
+            if "autobahn" in repr(call.func) or "txaio" in repr(call.func):
+                call.cancel()
+
+    def frames(self, transport: StringTransport) -> list[Any]:
+        data = transport.value()
+        transport.clear()
+        return [
+            msgpack.unpackb(p) if op == 2 else ("close", p[:2]) for op, p in server_messages(data)
+        ]
+
+    def send(self, proto: Any, frame: dict[str, Any]) -> None:
+        proto.dataReceived(client_message(msgpack.packb(frame)))
+
+    def test_auth_and_ping(self) -> None:
+        proto, transport = self.connect()
+        self.assertIs(transport.producer, proto.conn)
+        self.assertTrue(transport.streaming)
+        self.send(proto, {"t": "auth", "id": 1, "token": self.token(42)})
+        self.send(proto, {"t": "ping", "id": 2})
+        [auth, pong] = self.frames(transport)
+        self.assertEqual((auth["t"], auth["uid"]), ("ok", 42))
+        self.assertEqual((pong["t"], pong["id"]), ("ok", 2))
+        self.assertEqual(self.logins, [42])
+
+    def test_auth_timeout(self) -> None:
+        _proto, transport = self.connect()
+        self.clock.advance(10)
+        [error, close] = self.frames(transport)
+        self.assertEqual(error["code"], "unauthenticated")
+        self.assertEqual(close, ("close", struct.pack(">H", 1000)))
+
+    def test_reading_pauses_while_logging_in(self) -> None:
+        proto, transport = self.connect()
+        self.login_result = Deferred()
+        self.send(proto, {"t": "auth", "id": 1, "token": self.token(42)})
+        self.send(proto, {"t": "ping", "id": 2})
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.frames(transport), [])
+        self.login_result.callback(None)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual([f["id"] for f in self.frames(transport)], [1, 2])
+
+    def test_backpressure_drops_a_client_that_does_not_read(self) -> None:
+        proto, transport = self.connect()
+        self.send(proto, {"t": "auth", "id": 1, "token": self.token(42)})
+        self.frames(transport)
+        conn = proto.conn
+        conn.pauseProducing()  # the TCP transport's buffer is full
+        for _ in range(100):
+            conn.push({"t": "msg", "body": "x" * 200})
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.gateway.overflowed, 1)
+
+    def test_oversized_reply_is_bounded_by_max_frame_bytes(self) -> None:
+        proto, transport = self.connect()
+        self.send(proto, {"t": "auth", "id": 1, "token": self.token(42)})
+        self.frames(transport)
+        # Bodies up to max_frame_bytes go out (as one message each); a larger one is dropped.
+        proto.conn.push({"t": "msg", "body": "x" * 1000})
+        proto.conn.push({"t": "msg", "body": "x" * 1020})
+        [push] = self.frames(transport)
+        self.assertEqual(len(push["body"]), 1000)
+        self.assertEqual(self.gateway.oversized["push"], 1)
+
+    def test_text_message(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(client_message(b"hello", opcode=1))
+        [error, close] = self.frames(transport)
+        self.assertEqual(error["code"], "bad_frame")
+        self.assertEqual(close[0], "close")
+
+    def test_refused_past_the_caps(self) -> None:
+        self.gateway.accepting = False
+        proto = WebSocketGateway(self.gateway).buildProtocol(None)
+        self.assertIsInstance(proto, Refused)
