@@ -92,8 +92,25 @@ class _MessageTransport:
         return self._ws.transport
 
 
+class _Demoted:
+    """
+    autobahn's logger with its per-connection info and warn lines (a refused
+    handshake, a dropped connection) at debug: a flood of bad handshakes
+    must not flood the log. Errors and failures stay as they are.
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("info", "warn"):
+            return self._log.debug
+        return getattr(self._log, name)
+
+
 class _Adapter(WebSocketServerProtocol):
     conn: ClientProtocol
+    log = _Demoted(WebSocketServerProtocol.log)
 
     def connectionMade(self) -> None:
         super().connectionMade()
