@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import struct
 import subprocess
 from typing import Any
@@ -254,6 +255,21 @@ class SecureAndWorkersTests(ClientsMixin, TestCase):
         reply = await within(ws.im.request("send", to=12, cid="wss-1", body="over tls"))
         push = await within(tcp.next_push())
         self.assertEqual((push["msg_id"], push["body"]), (reply["msg_id"], "over tls"))
+
+    async def test_kick_and_goaway_on_sigterm(self) -> None:
+        port = free_port()
+        server = ServerProcess({"server": {"websocket": f"tcp:{port}:interface=127.0.0.1"}})
+        self.addCleanup(server.cleanup)
+        server.start()
+        first = await ws_client(self, port, server.token(21))
+        second = await ws_client(self, port, server.token(21))
+        self.assertEqual(await within(first.im.next_push()), {"t": "kick", "reason": "replaced"})
+        was_clean, code, _ = await within(first.closed)
+        self.assertEqual((was_clean, code), (True, 1000))
+        server.signal(signal.SIGTERM)
+        self.assertEqual(await within(second.im.next_push()), {"t": "goaway", "reason": "shutdown"})
+        await within(second.closed)
+        self.assertEqual(server.stop(), -signal.SIGTERM)
 
     async def test_two_workers_share_the_websocket_port(self) -> None:
         backend = cluster_backend()
