@@ -124,6 +124,13 @@ def endpoints(value: Any, key: str) -> tuple[str, ...]:
     return tuple(endpoint(item, f"{key}[{i}]") for i, item in enumerate(items))
 
 
+def origins(value: Any, key: str) -> tuple[str, ...]:
+    """A list of Origin patterns (C{https://chat.example.com}, C{*} wildcards); empty: any."""
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{key} must be a list of origin patterns (strings)")
+    return tuple(value)
+
+
 @attrs.frozen
 class SqliteTarget:
     path: str
@@ -310,6 +317,11 @@ EMBEDDED_HTTP = "tcp:7080:interface=127.0.0.1"
 class ServerConfig:
     listen: tuple[str, ...] = setting(EMBEDDED_LISTEN, endpoints)
     http: str | None = setting(EMBEDDED_HTTP, optional(endpoint))
+    # WebSocket listener (path /v1/ws, subprotocol imserver.v1); absent or "": off.
+    websocket: str | None = setting(None, optional(endpoint))
+    # Origins a browser may connect to the WebSocket from (patterns, * wildcards);
+    # empty: any origin (auth is by token in the first frame, never by cookie).
+    websocket_origins: tuple[str, ...] = setting((), origins)
     node_id: int = setting(1, int_in(0, 1023))
     max_frame_bytes: int = setting(65536, int_in(64, 16 * 1024 * 1024))
     heartbeat_seconds: float = setting(30.0, number_in(1, 3600))
@@ -450,7 +462,7 @@ class Config:
                     "[server].workers > 1 needs [storage].redis and a mysql:// [storage].sql "
                     "(the embedded default cannot be shared between processes)"
                 )
-            for desc in (*server.listen, server.http):
+            for desc in (*server.listen, server.http, server.websocket):
                 if desc is not None and endpoint_args(desc)[0] not in ("tcp", "tcp6"):
                     raise ConfigError(
                         f"[server].workers > 1 shares ports with SO_REUSEPORT: {desc!r} must be "
@@ -485,7 +497,11 @@ class Config:
         ]
         if not dev:
             return
-        public = [d for d in (*self.server.listen, self.server.http) if d and not is_loopback(d)]
+        public = [
+            d
+            for d in (*self.server.listen, self.server.http, self.server.websocket)
+            if d and not is_loopback(d)
+        ]
         if public:
             raise ConfigError(
                 f"refusing to start: {' and '.join(dev)} still hold the development value "

@@ -27,6 +27,8 @@ from imserver.deferreds import within
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
+from imserver.gateway.websocket import PATH as WS_PATH
+from imserver.gateway.websocket import WebSocketGateway
 from imserver.http.api import make_site
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
 from imserver.metrics import (
@@ -199,6 +201,19 @@ class IMServer(MultiService):
             port = await self._listen(desc, factory)
             self.ports.append(port)
             self.log.info("listening for clients on {address}", address=port.getHost())
+        if cfg.server.websocket is not None:
+            ws = WebSocketGateway(
+                self.gateway,
+                secure=endpoint_args(cfg.server.websocket)[0] == "ssl",
+                origins=cfg.server.websocket_origins,
+            )
+            port = await self._listen(cfg.server.websocket, ws)
+            self.ports.append(port)
+            self.log.info(
+                "listening for WebSocket clients on {address}{path}",
+                address=port.getHost(),
+                path=WS_PATH,
+            )
         if cfg.server.http is not None:
             port = await self._listen(cfg.server.http, self.site)
             self.ports.append(port)

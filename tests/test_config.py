@@ -85,6 +85,37 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused({"server": {"workers": 0}}, "[server].workers")
         self.assertRefused({"server": {"workers": 65}}, "[server].workers")
 
+    def test_websocket(self) -> None:
+        self.assertIsNone(Config.embedded().server.websocket)
+        self.assertEqual(Config.embedded().server.websocket_origins, ())
+        self.assertIsNone(parse_config({"server": {"websocket": ""}}).server.websocket)
+        config = parse_config(
+            {
+                "server": {
+                    "websocket": "tcp:7001:interface=127.0.0.1",
+                    "websocket_origins": ["https://chat.example.com", "http://localhost:*"],
+                }
+            }
+        )
+        self.assertEqual(config.server.websocket, "tcp:7001:interface=127.0.0.1")
+        self.assertEqual(
+            config.server.websocket_origins, ("https://chat.example.com", "http://localhost:*")
+        )
+        self.assertRefused({"server": {"websocket": "bogus:1"}}, "[server].websocket")
+        self.assertRefused(
+            {"server": {"websocket_origins": "https://x.example"}}, "[server].websocket_origins"
+        )
+        self.assertRefused({"server": {"websocket_origins": [""]}}, "[server].websocket_origins")
+        shared = {"sql": "mysql://im:pw@db/im", "redis": "redis://r:6379/0"}
+        self.assertRefused(
+            {
+                "server": {"workers": 2, "websocket": "unix:/run/im-ws.sock"},
+                "storage": shared,
+            },
+            "'unix:/run/im-ws.sock'",
+            "tcp:",
+        )
+
     def test_empty_file_is_the_embedded_default(self) -> None:
         self.assertEqual(parse_config({}), Config.embedded())
 

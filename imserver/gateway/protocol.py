@@ -54,7 +54,7 @@ from imserver.services.presence import IClientLink, IPresence
 from imserver.services.ratelimit import TokenBucket
 from imserver.services.tokens import Claims, TokenService
 from imserver.wire import frames
-from imserver.wire.codec import BadFrame, Frame, decode_body, encode
+from imserver.wire.codec import BadFrame, Frame, decode_body, encode, pack
 from imserver.wire.framing import HEADER_SIZE, FrameDecoder, FrameTooLarge
 
 if TYPE_CHECKING:
@@ -196,7 +196,11 @@ class ClientProtocol(Protocol):
         #: Rate limits of the other limited ops, by name (see gateway.ops.limited).
         self.buckets: dict[str, TokenBucket] = {}
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
-        # The largest frame written, its length prefix included.
+        # How a frame is written (the length prefix and the body: a stream
+        # transport) and the largest one written, its prefix included. A
+        # message transport (WebSocket) writes the body alone: see
+        # L{use_message_framing}.
+        self._encode: Callable[[Mapping[str, Any]], bytes] = encode
         self._max_write = gateway.config.max_frame_bytes + HEADER_SIZE
         # Frame bodies received but not handled yet (in-flight cap, auth).
         self._inbox: deque[bytes] = deque()
@@ -213,6 +217,15 @@ class ClientProtocol(Protocol):
         self._connected = False
         self._in_flight = 0
         self._lose_when_idle = False
+
+    def use_message_framing(self) -> None:
+        """
+        Frame by messages, not by length prefixes: every C{write} to the
+        transport is one frame body, and bodies come in through
+        L{frames_received} (a WebSocket carries one frame per message).
+        """
+        self._encode = pack
+        self._max_write = self.gateway.config.max_frame_bytes
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -362,7 +375,7 @@ class ClientProtocol(Protocol):
         """Write a frame (C{op}: the request's, for a reply: logged if it is too large)."""
         if not self._connected:
             return
-        data = encode(frame)
+        data = self._encode(frame)
         if len(data) > self._max_write:
             self._oversized(frame, len(data), op)
             return
@@ -399,7 +412,7 @@ class ClientProtocol(Protocol):
                 push=kind,
                 size=size,
                 uid=self.uid,
-                max=self._max_write - HEADER_SIZE,
+                max=self.gateway.config.max_frame_bytes,
             )
             return
         self.gateway.oversized["reply"] += 1
@@ -410,7 +423,7 @@ class ClientProtocol(Protocol):
             req_id=req_id,
             uid=self.uid,
             size=size,
-            max=self._max_write - HEADER_SIZE,
+            max=self.gateway.config.max_frame_bytes,
         )
         self._error(
             ErrorCode.INTERNAL, "internal server error: the reply exceeds max_frame_bytes", req_id
@@ -435,8 +448,11 @@ class ClientProtocol(Protocol):
             self._error(ErrorCode.FRAME_TOO_LARGE, str(e))
             self.close("frame too large")
             return
-        if not bodies:
-            return
+        if bodies:
+            self.frames_received(bodies)
+
+    def frames_received(self, bodies: list[bytes]) -> None:
+        """Complete frame bodies have arrived (from the decoder, or as messages)."""
         self._inbox.extend(bodies)
         self._inbox_bytes += sum(map(len, bodies))
         if self._inbox_bytes > self._inbox_limit:
