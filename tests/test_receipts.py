@@ -38,7 +38,9 @@ def _positions_txn(txn: Txn, uid: int, session_id: int) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-class ReceiptsContract:
+class ReceiptsHelpers:
+    """A stack on C{backend}, online users, sends (shared with test_receipts_fixes)."""
+
     backend = ""
 
     async def stack(self) -> Stack:
@@ -58,6 +60,8 @@ class ReceiptsContract:
     async def stored(self, stack: Stack, uid: int, session_id: int) -> tuple[int, int]:
         return await stack.store.db.run("positions", _positions_txn, uid, session_id)
 
+
+class ReceiptsContract(ReceiptsHelpers):
     async def test_first_ack_pushes_the_highest_per_session(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)

@@ -13,28 +13,12 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from imserver.storage.sql import queries as q
-from tests.stack import Stack, make_stack
+from tests.stack import Stack
 from tests.support import reactor
-from tests.test_receipts import BIG, _uids
+from tests.test_receipts import ReceiptsHelpers
 
 
-class ReceiptFixesContract:
-    backend = ""
-
-    async def stack(self) -> Stack:
-        assert isinstance(self, TestCase)
-        return await make_stack(self, self.backend, limits=BIG)
-
-    async def users(self, stack: Stack, n: int) -> list[int]:
-        uids = [next(_uids) for _ in range(n)]
-        for uid in uids:
-            await stack.chat.login(uid)
-            stack.presence.online_users.add(uid)
-        return uids
-
-    async def sent(self, stack: Stack, a: int, b: int, n: int, tag: str = "m") -> list[Any]:
-        return [await stack.chat.send(a, b, f"{tag}{i}", "text", f"hi {i}") for i in range(n)]
-
+class ReceiptFixesContract(ReceiptsHelpers):
     async def pair(self, n: int = 2) -> tuple[Stack, int, int, list[Any]]:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
