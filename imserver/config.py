@@ -311,6 +311,7 @@ def _host_port(item: str, what: str) -> tuple[str, int]:
 
 EMBEDDED_LISTEN = ("tcp:7000:interface=127.0.0.1",)
 EMBEDDED_HTTP = "tcp:7080:interface=127.0.0.1"
+EMBEDDED_WEBSOCKET = "tcp:7001:interface=127.0.0.1"
 
 
 @attrs.frozen
@@ -318,7 +319,7 @@ class ServerConfig:
     listen: tuple[str, ...] = setting(EMBEDDED_LISTEN, endpoints)
     http: str | None = setting(EMBEDDED_HTTP, optional(endpoint))
     # WebSocket listener (path /v1/ws, subprotocol imserver.v1); absent or "": off.
-    websocket: str | None = setting(None, optional(endpoint))
+    websocket: str | None = setting(EMBEDDED_WEBSOCKET, optional(endpoint))
     # Origins a browser may connect to the WebSocket from (patterns, * wildcards);
     # empty: any origin (auth is by token in the first frame, never by cookie).
     websocket_origins: tuple[str, ...] = setting((), origins)

@@ -444,10 +444,12 @@ class ServerProcess(_Process):
         super().__init__("server")
         self.port = free_port()
         self.http_port = free_port()
+        self.ws_port = free_port()
         config: dict[str, dict[str, Any]] = {
             "server": {
                 "listen": f"tcp:{self.port}:interface=127.0.0.1",
                 "http": f"tcp:{self.http_port}:interface=127.0.0.1",
+                "websocket": f"tcp:{self.ws_port}:interface=127.0.0.1",
             },
             "auth": {
                 "secret": "e2e-test-secret-0123456789-abcdefghij",
@@ -465,6 +467,11 @@ class ServerProcess(_Process):
     @property
     def endpoint(self) -> str:
         return f"tcp:127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket URL (the default config listens on C{ws_port})."""
+        return f"ws://127.0.0.1:{self.ws_port}/v1/ws"
 
     @property
     def secret(self) -> str:

@@ -86,7 +86,7 @@ class ParseTests(SynchronousTestCase):
         self.assertRefused({"server": {"workers": 65}}, "[server].workers")
 
     def test_websocket(self) -> None:
-        self.assertIsNone(Config.embedded().server.websocket)
+        self.assertEqual(Config.embedded().server.websocket, "tcp:7001:interface=127.0.0.1")
         self.assertEqual(Config.embedded().server.websocket_origins, ())
         self.assertIsNone(parse_config({"server": {"websocket": ""}}).server.websocket)
         config = parse_config(
