@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -106,8 +105,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def new_device() -> str:
-    return "chat-" + secrets.token_hex(4)
-
-
-__all__ = ["default_state_path", "new_device", "run", "token_uid", "url_from_endpoint"]
+__all__ = ["default_state_path", "run", "token_uid", "url_from_endpoint"]

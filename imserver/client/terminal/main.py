@@ -11,18 +11,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.stdio import StandardIO
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from imserver.client.terminal import new_device
 from imserver.client.terminal.app import ChatApp
 from imserver.client.terminal.model import ChatModel
 from imserver.client.terminal.screen import TerminalProtocol
 
 
 def make_client(
-    reactor: Any, url: str, token: str | Callable[[], str], device: str, store: Any
+    reactor: Any, url: str, token: str | Callable[[], str], device: str | None, store: Any
 ) -> Any:
     from imserver.client import Client
 
-    return Client(reactor, url, token, device=device, store=store, client="imserver-chat")
+    return Client(url, token, device=device, store=store, client="imserver-chat", reactor=reactor)
 
 
 def chat(
@@ -42,14 +41,9 @@ def chat(
     else:
         globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
 
-    store = JSONFileStore(state_path)
-    saved = store.load() or {}
-    device = args.device or saved.get("device") or new_device()
-    if not args.device and not saved.get("device"):
-        store.save({**saved, "device": device})
-
-    client = make_client(reactor, url, token, device, store)
-    model = ChatModel(uid, device=device)
+    # The Client keeps its device name (a new one the first time), seq and outbox there.
+    client = make_client(reactor, url, token, args.device, JSONFileStore(state_path))
+    model = ChatModel(uid, device=client.device)
     app: ChatApp | None = None
 
     def on_key(key: str) -> None:
