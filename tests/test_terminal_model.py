@@ -193,6 +193,23 @@ class ListTests(SynchronousTestCase):
         self.assertEqual((m.screen, m.peer), ("chat", 77))
         self.assertIn("Chat with uid 77", screen(m))
 
+    def test_the_cursor_stays_on_its_conversation(self) -> None:
+        m = model()
+        m.apply_convs(
+            [
+                conv_entry(BOB, S_BOB, msg(20, BOB, ME, "a")),
+                conv_entry(CAROL, S_CAROL, msg(10, CAROL, ME, "b", S_CAROL)),
+            ]
+        )
+        m.key("down")
+        m.key("down")  # stops at the last row
+        self.assertEqual(m.selected, 1)
+        m.on_message(msg(30, CAROL, ME, "news", S_CAROL))  # carol moves to the top
+        self.assertEqual(m.selected, 0)
+        self.assertTrue(texts(m)[2].startswith("▸  1. uid 3"))
+        m.key("enter")
+        self.assertEqual(m.peer, CAROL)
+
     def test_bad_input_on_the_list(self) -> None:
         m = model()
         type_line(m, "")

@@ -154,7 +154,8 @@ class ChatModel:
         self.state_detail = ""
         self.convs: dict[int, Conv] = {}
         self.screen = "list"
-        self.selected = 0
+        #: The conversation the list's cursor is on: it stays on it when others move.
+        self.selected_peer: int | None = None
         self.peer: int | None = None
         #: Chat screen: rows scrolled up from the bottom.
         self.scroll = 0
@@ -197,7 +198,6 @@ class ChatModel:
     def reset(self) -> None:
         """The server forgot this device: drop everything, it is loaded again."""
         self.convs.clear()
-        self.selected = 0
         self.scroll = 0
         if self.peer is not None:
             self.conv(self.peer)
@@ -223,7 +223,6 @@ class ChatModel:
             conv.peer_delivered = max(
                 conv.peer_delivered, int(entry.get("peer_delivered") or 0), conv.peer_read
             )
-        self._clamp_selection()
 
     def apply_history(self, peer: int, before: int, reply: Mapping[str, Any]) -> None:
         conv = self.conv(peer)
@@ -403,13 +402,13 @@ class ChatModel:
 
     def _key_up(self) -> None:
         if self.screen == "list":
-            self.selected = max(0, self.selected - 1)
+            self.select(self.selected - 1)
         else:
             self._scroll_by(1)
 
     def _key_down(self) -> None:
         if self.screen == "list":
-            self.selected = min(max(0, len(self.convs) - 1), self.selected + 1)
+            self.select(self.selected + 1)
         else:
             self._scroll_by(-1)
 
@@ -425,10 +424,7 @@ class ChatModel:
 
     def show_list(self) -> None:
         if self.peer is not None:
-            ordered = self.ordered()
-            for i, conv in enumerate(ordered):
-                if conv.peer == self.peer:
-                    self.selected = i
+            self.selected_peer = self.peer
         self.screen = "list"
         self.peer = None
         self.scroll = 0
@@ -451,7 +447,7 @@ class ChatModel:
         ordered = self.ordered()
         if not line:
             if ordered:
-                self.open(ordered[min(self.selected, len(ordered) - 1)].peer)
+                self.open(ordered[self.selected].peer)
             else:
                 self.notice = "no conversations yet: /open UID starts one"
         elif line.isdigit() and 1 <= int(line) <= len(ordered):
@@ -531,7 +527,6 @@ class ChatModel:
 
     def _list_rows(self) -> tuple[str, list[Line]]:
         ordered = self.ordered()
-        self._clamp_selection()
         rows = self._body_rows()
         first = max(0, self.selected - rows + 1)
         body: list[Line] = []
@@ -638,8 +633,18 @@ class ChatModel:
             if msg_id > conv.my_read and msg.get("from") == conv.peer
         )
 
-    def _clamp_selection(self) -> None:
-        self.selected = max(0, min(self.selected, len(self.convs) - 1))
+    @property
+    def selected(self) -> int:
+        """The row of the list's cursor (the first row when it is on no conversation)."""
+        for i, conv in enumerate(self.ordered()):
+            if conv.peer == self.selected_peer:
+                return i
+        return 0
+
+    def select(self, row: int) -> None:
+        ordered = self.ordered()
+        if ordered:
+            self.selected_peer = ordered[max(0, min(row, len(ordered) - 1))].peer
 
     def _scroll_by(self, rows: int) -> None:
         if self.peer is None:
