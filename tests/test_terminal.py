@@ -218,21 +218,24 @@ class TerminalChatTests(TestCase):
         await self.see("alice", lambda s: "unread" not in s.splitlines()[0])
 
         # PgUp until the first message: two older pages of 30 come in on the way.
-        for _ in range(20):
-            self.tmux.keys("alice", "PPage")
-            screen = self.tmux.screen("alice")
-            if "beginning of the conversation" in screen:
-                break
-            await self.see("alice", lambda s: "loading older" not in s)
-        screen = await self.see("alice", r"beginning of the conversation")
+        await self.page("alice", "PPage", "beginning of the conversation")
+        screen = self.tmux.screen("alice")
         self.assertIn("uid 3: message 00", screen)
         self.assertNotIn("message 74", screen)
 
         # And back down to the newest.
-        for _ in range(20):
-            self.tmux.keys("alice", "NPage")
-        await self.see("alice", r"uid 3: message 74")
+        await self.page("alice", "NPage", "uid 3: message 74")
         self.assertNotIn("↑", self.tmux.screen("alice").splitlines()[1])
+
+    async def page(self, name: str, key: str, until: str) -> None:
+        """Press C{key} until C{until} shows, waiting for each press to show (and load)."""
+        for _ in range(40):
+            before = self.tmux.screen(name)
+            if until in before:
+                return
+            self.tmux.keys(name, key)
+            await self.see(name, lambda s, b=before: s != b and "loading older" not in s)
+        raise AssertionError(f"{key} never showed {until!r}:\n{self.tmux.screen(name)}")
 
     async def test_restarted_instance_catches_up(self) -> None:
         await self.live("alice", 1)
