@@ -109,6 +109,7 @@ class WebSocketClient(WebSocketClientProtocol):
 
     factory: _Factory
     im: IMClientProtocol
+    transport: Any
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,37 +123,41 @@ class WebSocketClient(WebSocketClientProtocol):
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
-            raise Exception(f"the server chose subprotocol {response.protocol!r}, not {SUBPROTOCOL}")
+            chosen = response.protocol
+            raise HandshakeFailed(f"the server chose subprotocol {chosen!r}, not {SUBPROTOCOL}")
 
     def onOpen(self) -> None:
         im = self.im = self.factory.new_protocol()
         im.use_message_framing()
-        im.makeConnection(_MessageTransport(self))  # type: ignore[arg-type]
+        im.makeConnection(_MessageTransport(self))
         self.opened.callback(im)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            # The server never sends text; 1003: "unsupported data".
-            self.sendClose(1003, "imserver.v1 frames are binary messages")
+            # The server never sends text. (autobahn lets applications close
+            # with 1000 or 3000-4999 only, not 1003 "unsupported data".)
+            self.sendClose(1000, "imserver.v1 frames are binary messages")
             return
         self.im.bodies_received([payload])
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.close_code, self.close_reason = code, reason
-        if not self.opened.called:
-            self.opened.errback(
-                HandshakeFailed(f"WebSocket handshake with {self.factory.url} failed: {reason}")
-            )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        if not self.opened.called:
+            # The WebSocket's reason, and the connection's (a TLS error says why).
+            why = f"{self.close_reason} ({reason.value!r})"
+            self.opened.errback(
+                HandshakeFailed(f"WebSocket handshake with {self.factory.url} failed: {why}")
+            )
         im: IMClientProtocol | None = getattr(self, "im", None)
         if im is not None and im.is_open:
             im.connectionLost(reason)
 
 
 class _Factory(WebSocketClientFactory):
-    protocol = WebSocketClient
+    protocol = WebSocketClient  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, url: str, *, origin: str | None, max_frame_bytes: int) -> None:
