@@ -82,6 +82,7 @@ GAP_DELAY = 3.0
 CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
 DEFAULT_HEARTBEAT = 30.0
+CLOSE_TIMEOUT = 5.0
 
 
 def _version() -> str:
@@ -380,10 +381,24 @@ class Client:
             self._opening.cancel()
         self._wake()
         if conn is not None and not conn.gone:
-            closed = conn.proto.close()
-            conn.gone_now()
-            return closed
+            return self._close_connection(conn)
         return succeed(None)
+
+    def _close_connection(self, conn: _Connection) -> Deferred[None]:
+        """Close politely (queued writes go out first); abort if that takes 5 s."""
+        done: Deferred[None] = Deferred()
+        transport = getattr(conn.proto, "transport", None)
+        abort = getattr(transport, "abortConnection", None)
+        timer = self.reactor.callLater(CLOSE_TIMEOUT, abort) if abort is not None else None
+
+        def closed(_: object) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            done.callback(None)
+
+        conn.proto.close().addBoth(closed)
+        conn.gone_now()
+        return done
 
     def on(self, name: str, handler: Handler) -> Callable[[], None]:
         """Call C{handler(event)} for every C{name} event; returns the unsubscriber."""
@@ -908,7 +923,8 @@ class Client:
         def failed(f: Failure) -> None:
             # Still pending on the server: ack them on the next connection.
             self._ack_ids = [i for i in ids if i not in self._ack_ids] + self._ack_ids
-            log.info("ack failed: {error}", error=f.getErrorMessage())
+            if self._state != CLOSED:  # close() acks and closes: that reply is lost
+                log.info("ack failed: {error}", error=f.getErrorMessage())
 
         conn.request("ack", **fields).addCallbacks(acked, failed)
         if self._ack_ids:
