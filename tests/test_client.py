@@ -744,3 +744,58 @@ class StoreTests(TestCase):
             store=JSONFileStore(path),
         )
         self.assertEqual(other.seq, 0)
+
+
+class MoreTests(ClientTestCase):
+    def test_watch_again_after_reconnect(self) -> None:
+        client, conn = self.started()
+        presence: list[Any] = []
+        client.on("presence", presence.append)
+        d = client.watch([PEER])
+        conn.reply(conn.take("watch"), users=[{"uid": PEER, "online": True, "last_seen": 1}])
+        self.assertEqual(self.result(d)["users"][0]["online"], True)
+        conn.lose()
+        self.clock.advance(1)
+        conn = self.server.accept()
+        auth = conn.take("auth")
+        conn.reply(auth, uid=UID, heartbeat=30.0, seq=0, head=0)
+        conn.reply(conn.take("catchup"), events=[], seq=0, more=False)
+        conn.reply(conn.take("sync"), msgs=[], more=False)
+        watch = conn.take("watch")
+        self.assertEqual(watch["uids"], [PEER])
+        self.assertEqual(client.state, "syncing")
+        conn.reply(watch, users=[{"uid": PEER, "online": False, "last_seen": 2}])
+        self.assertEqual(client.state, "live")
+        self.assertEqual([(p.uid, p.online) for p in presence], [(PEER, False)])
+
+    def test_close_from_a_handler_while_catching_up(self) -> None:
+        client = self.make()
+        client.on("message", lambda e: client.close())
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=1)
+        conn.reply(conn.take("catchup"), events=[msg(1, seq=1)], seq=1, more=False)
+        self.assertEqual(client.state, "closed")
+        conn.lose()
+        self.clock.advance(3600)
+        self.assertEqual(client.state, "closed")
+        self.assertEqual(self.server.attempts, [])
+
+    def test_close_while_token_pending(self) -> None:
+        d: Deferred[str] = Deferred()
+        client = self.make(token=lambda: d)
+        client.start()
+        client.close()
+        d.callback("late")
+        self.assertEqual(self.server.attempts, [])
+        self.assertEqual(client.state, "closed")
+
+    def test_typing_and_delivered_events(self) -> None:
+        client, conn = self.started()
+        got: list[Any] = []
+        client.on("delivered", got.append)
+        conn.push(t="typing", **{"from": PEER, "active": True})
+        conn.push(t="delivered", session_id=99, msg_id=5, by=PEER)
+        typing = [e for e in self.events if e.name == "typing"]
+        self.assertEqual((typing[0].from_, typing[0].active), (PEER, True))
+        self.assertEqual((got[0].session_id, got[0].msg_id, got[0].by), (99, 5, PEER))
