@@ -15,9 +15,14 @@ import signal
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from imserver.client import Client, JSONFileStore, MemoryStore, Message, Read, StateChanged
+from imserver.wire.codec import decode_body
+from imserver.wire.framing import FrameDecoder, encode_frame
 from tests.harness import ServerProcess
 from tests.support import eventually, reactor, sleep, within
 
@@ -220,6 +225,14 @@ class ClientE2EMixin:
         self.assertEqual((first.state, second.state), ("kicked", "live"))
         self.assertEqual(states[-1].state, "kicked")
 
+    async def test_bad_token_fails(self) -> None:
+        server = self.server()
+        client = Client(self.url(server), "not-a-token", reactor=reactor, **FAST)
+        self.addCleanup(client.close)
+        client.start()
+        failure = await within(self.failed(client.wait_live()), 30)
+        self.assertEqual((failure.code, client.state), ("auth_failed", "failed"))
+
     async def failed(self, d: Deferred[Any]) -> Any:
         try:
             await d
@@ -228,9 +241,100 @@ class ClientE2EMixin:
         raise AssertionError("expected a failure")
 
 
+class ReplyLosingProxy:
+    """
+    A loopback TCP proxy to the server that, once armed, drops the next
+    C{send} reply (an ok frame with a C{msg_id}: the message is committed)
+    and cuts the connection: a send whose answer was lost.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = False
+        self.dropped: Deferred[None] = Deferred()
+        self.port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _Downstream(self)), interface="127.0.0.1"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port.getHost().port}"
+
+
+class _Downstream(Protocol):
+    """The client's side of one proxied connection."""
+
+    transport: Any
+
+    def __init__(self, proxy: ReplyLosingProxy) -> None:
+        self.proxy = proxy
+        self.up: _Upstream | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.upstream_port)
+        d = connectProtocol(endpoint, _Upstream(self))
+        d.addCallbacks(self._connected, lambda f: self.transport.loseConnection())
+
+    def _connected(self, up: _Upstream) -> None:
+        self.up = up
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.up is not None
+        self.up.transport.write(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.up is not None:
+            self.up.transport.loseConnection()
+
+
+class _Upstream(Protocol):
+    transport: Any
+
+    def __init__(self, down: _Downstream) -> None:
+        self.down = down
+        self.decoder = FrameDecoder(1 << 24)
+
+    def dataReceived(self, data: bytes) -> None:
+        proxy = self.down.proxy
+        for body in self.decoder.feed(data):
+            frame = decode_body(body)
+            if proxy.armed and frame.get("t") == "ok" and "msg_id" in frame:
+                proxy.armed = False
+                self.transport.abortConnection()
+                self.down.transport.abortConnection()
+                proxy.dropped.callback(None)
+                return
+            self.down.transport.write(encode_frame(body))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.down.transport.loseConnection()
+
+
 class ClientTCPTests(ClientE2EMixin, TestCase):
     def url(self, server: ServerProcess) -> str:
         return f"tcp://127.0.0.1:{server.port}"
+
+    async def test_reply_lost(self) -> None:
+        """Stored, answer lost: the retry (same cid) is answered dup, the message arrives once."""
+        server = self.server()
+        proxy = ReplyLosingProxy(server.port)
+        self.addCleanup(proxy.port.stopListening)
+        a_uid, b_uid = next(_uids), next(_uids)
+        a = Client(proxy.url, server.token(a_uid), reactor=reactor, **FAST)
+        self.addCleanup(a.close)
+        b = self.client(server, b_uid)
+        b_msgs = self.collect(b, "message")
+        await self.live(a, b)
+        proxy.armed = True
+        sent = await within(a.send(b_uid, "once"), 30)
+        self.assertTrue(proxy.dropped.called)
+        self.assertEqual(sent["dup"], True)
+        await within(a.send(b_uid, "twice?"), 30)
+        await eventually(lambda: len(b_msgs) >= 2)
+        self.assertEqual(self.bodies(b_msgs), ["once", "twice?"])
+        self.assertEqual(b_msgs[0].msg["msg_id"], sent["msg_id"])
 
 
 class ClientEndpointStringTests(TestCase):
