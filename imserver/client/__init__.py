@@ -17,6 +17,7 @@ The low-level L{IMClientProtocol} (one connection, request/reply by id) stays
 for tests, bots and the benchmark:
 
     client = await connect(reactor, "tcp:127.0.0.1:7000", token)
+    # or over WebSocket: await connect_ws(reactor, "ws://127.0.0.1:7001/v1/ws", token)
     reply = await client.request("send", to=7, cid="c1", body="hello")
     push = await client.next_push()          # {"t": "msg", ...}
     await client.close()
@@ -56,6 +57,7 @@ from imserver.client.protocol import (
     connect,
 )
 from imserver.client.store import JSONFileStore, MemoryStore, Store
+from imserver.client.websocket import HandshakeFailed, connect_ws
 
 __all__ = [
     "Block",
@@ -65,6 +67,7 @@ __all__ = [
     "Delivered",
     "Edit",
     "Event",
+    "HandshakeFailed",
     "Hide",
     "IMClientProtocol",
     "JSONFileStore",
@@ -84,4 +87,5 @@ __all__ = [
     "Typing",
     "connect",
     "connect_url",
+    "connect_ws",
 ]

@@ -82,6 +82,7 @@ GAP_DELAY = 3.0
 CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
 DEFAULT_HEARTBEAT = 30.0
+CLOSE_TIMEOUT = 5.0
 
 
 def _version() -> str:
@@ -320,6 +321,7 @@ class Client:
         self._resyncing = False
         self._resync_again = False
         self._resync_sync = False
+        self._watched: list[int] = []
 
         self._outbox = Outbox(
             self._device, self._rng, self._transmit, self._sleep, self._backoff, self._save
@@ -380,10 +382,24 @@ class Client:
             self._opening.cancel()
         self._wake()
         if conn is not None and not conn.gone:
-            closed = conn.proto.close()
-            conn.gone_now()
-            return closed
+            return self._close_connection(conn)
         return succeed(None)
+
+    def _close_connection(self, conn: _Connection) -> Deferred[None]:
+        """Close politely (queued writes go out first); abort if that takes 5 s."""
+        done: Deferred[None] = Deferred()
+        transport = getattr(conn.proto, "transport", None)
+        abort = getattr(transport, "abortConnection", None)
+        timer = self.reactor.callLater(CLOSE_TIMEOUT, abort) if abort is not None else None
+
+        def closed(_: object) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            done.callback(None)
+
+        conn.proto.close().addBoth(closed)
+        conn.gone_now()
+        return done
 
     def on(self, name: str, handler: Handler) -> Callable[[], None]:
         """Call C{handler(event)} for every C{name} event; returns the unsubscriber."""
@@ -483,6 +499,8 @@ class Client:
         return self.request("presence", uids=list(uids))
 
     def watch(self, uids: list[int]) -> Deferred[Result]:
+        """Watch these users' presence (replacing the set); watched again after reconnects."""
+        self._watched = list(uids)
         return self.request("watch", uids=list(uids))
 
     def typing(self, to: int, active: bool) -> Deferred[Result]:
@@ -579,6 +597,8 @@ class Client:
                 attempt = 0
                 await conn.lost
                 reason = conn.reason
+            if conn is None and self._conn is not None and self._conn.gone:
+                self._conn = None
             if conn is not None:
                 conn.drop(reason)
                 if conn.kicked is not None:
@@ -601,6 +621,8 @@ class Client:
         token = self._token() if callable(self._token) else self._token
         if inspect.isawaitable(token):
             token = await token
+        if self._state in TERMINAL:
+            raise CancelledError()
         opening = Deferred.fromCoroutine(self._connect_and_auth(str(token)))
         self._opening = opening
         opening.addTimeout(self.request_timeout, self.reactor)
@@ -613,6 +635,9 @@ class Client:
         connector = self._connector or (lambda r, u: connect_url(r, u, self._origin))
         proto: IMClientProtocol = await maybeDeferred(connector, self.reactor, self.url)
         conn = _Connection(self, proto)
+        if self._state in TERMINAL:
+            conn.drop("closed")
+            raise CancelledError()
         self._conn = conn
         try:
             reply = await conn.request(
@@ -642,6 +667,11 @@ class Client:
         self._set_state(SYNCING)
         await self._catchup_pages(conn)
         await self._sync_pages(conn)
+        if self._watched:
+            # A watch lasts as long as its connection: watch again, and say the state now.
+            reply = await conn.request("watch", uids=self._watched)
+            for user in reply.get("users", []):
+                self._stream_event(conn, {"t": "presence", **user}, replay=True)
         if conn.gone:
             raise failure("disconnected", "the connection closed while catching up")
         held, conn.held = conn.held or [], None
@@ -786,6 +816,8 @@ class Client:
     def _set_state(
         self, state: str, reason: str | None = None, retry_in: float | None = None
     ) -> None:
+        if self._state in TERMINAL and state not in TERMINAL:
+            return  # closed (or kicked) from a handler while connecting
         self._state = state
         self._reason = reason
         self._emit(StateChanged(state, reason, retry_in))
@@ -908,7 +940,8 @@ class Client:
         def failed(f: Failure) -> None:
             # Still pending on the server: ack them on the next connection.
             self._ack_ids = [i for i in ids if i not in self._ack_ids] + self._ack_ids
-            log.info("ack failed: {error}", error=f.getErrorMessage())
+            if self._state != CLOSED:  # close() acks and closes: that reply is lost
+                log.info("ack failed: {error}", error=f.getErrorMessage())
 
         conn.request("ack", **fields).addCallbacks(acked, failed)
         if self._ack_ids:
