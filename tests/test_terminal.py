@@ -176,7 +176,7 @@ class TerminalChatTests(TestCase):
         await self.see("alice", r"you: hello bob  ✓")
 
         # Bob: the conversation in the list, with an unread badge and the message.
-        screen = await self.see("bob", r"1\. uid 1\s+\[1\]\s+\d\d:\d\d hello bob")
+        screen = await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d hello bob")
         self.assertIn("1 unread", screen.splitlines()[0])
         # Bob's client acked it: delivered.
         await self.see("alice", r"you: hello bob  ✓✓$")
@@ -187,15 +187,23 @@ class TerminalChatTests(TestCase):
         await self.see("alice", r"you: hello bob  ✓✓ read")
         await self.see("bob", lambda s: "unread" not in s.splitlines()[0])
 
-        self.tmux.type("bob", "hi alice, 你好")
+        await self.see("bob", r"Chat with uid 1 · online")
+        await self.see("alice", r"Chat with uid 2 · online")
+
+        # Typing shows on the other side; sending ends it.
+        self.tmux.keys("bob", "-l", "hi alice, 你好")
+        await self.see("alice", r"Chat with uid 2 · online · typing…")
+        self.tmux.keys("bob", "Enter")
         await self.see("alice", r"uid 2: hi alice, 你好")
+        await self.see("alice", lambda s: "typing" not in s.splitlines()[1])
         # Alice has the conversation open: read at once.
         await self.see("bob", r"you: hi alice, 你好  ✓✓ read")
 
         self.tmux.keys("bob", "Escape")
-        await self.see("bob", r"1\. uid 1\s+\d\d:\d\d you: hi alice")
+        await self.see("bob", r"1\. uid 1[ •]+\d\d:\d\d you: hi alice")
         self.tmux.type("bob", "/quit")
         await within(eventually(lambda: self.tmux.dead("bob"), timeout=PATIENCE), PATIENCE + 5)
+        await self.see("alice", r"Chat with uid 2 · last seen \d\d:\d\d")
 
     async def test_history_paging(self) -> None:
         from imserver.client import connect
@@ -208,7 +216,7 @@ class TerminalChatTests(TestCase):
         for i in range(75):
             await within(carol.request("send", to=1, cid=f"c{i}", body=f"message {i:02}"))
 
-        await self.see("alice", r"1\. uid 3\s+\[75\]\s+\d\d:\d\d message 74")
+        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+\d\d:\d\d message 74")
         self.tmux.keys("alice", "Enter")
         await self.see("alice", r"uid 3: message 74")
         screen = await self.see("alice", r"uid 3: message 51")
@@ -256,7 +264,7 @@ class TerminalChatTests(TestCase):
 
         # Bob again, same state file: the same device, the two messages waiting.
         await self.live("bob", 2)
-        screen = await self.see("bob", r"1\. uid 1\s+\[2\]\s+\d\d:\d\d and another one")
+        screen = await self.see("bob", r"1\. uid 1[ •]+\[2\]\s+\d\d:\d\d and another one")
         self.assertIn(f"device {device.group(1)}", screen)
         await self.see("alice", r"you: and another one  ✓✓$")
         self.tmux.keys("bob", "Enter")
@@ -279,4 +287,4 @@ class TerminalChatTests(TestCase):
         self.server.start()
         await self.see("alice", r"● live")
         await self.see("alice", r"you: sent while offline  ✓")
-        await self.see("bob", r"1\. uid 1\s+\[1\]\s+\d\d:\d\d sent while offline")
+        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d sent while offline")

@@ -25,6 +25,7 @@ from imserver.client.terminal.model import (
     MarkRead,
     Quit,
     Send,
+    Typing,
     View,
 )
 from imserver.client.terminal.screen import TerminalProtocol, encode_view
@@ -293,7 +294,9 @@ class ChatTests(SynchronousTestCase):
         m = self.opened()
         m.apply_history(BOB, 0, {"msgs": [], "more": False, "peer_read": 0, "peer_delivered": 0})
         type_line(m, "hello bob")
-        self.assertEqual(m.take_actions(), [Send(BOB, "hello bob", 1)])
+        self.assertEqual(
+            m.take_actions(), [Typing(BOB, True), Send(BOB, "hello bob", 1), Typing(BOB, False)]
+        )
         self.assertIn("you: hello bob  …", screen(m))
         m.sent(BOB, 1, {"msg_id": 40, "session_id": S_BOB, "ts": 0, "dup": False})
         self.assertIn("you: hello bob  ✓", screen(m))
@@ -437,6 +440,101 @@ class ChatTests(SynchronousTestCase):
         self.assertEqual(m.input, "")
 
 
+class TypingPresenceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.client = FakeClient()
+        self.model = ChatModel(
+            ME, width=80, height=12, fmt_time=lambda ts: "09:00", now=self.clock.seconds
+        )
+        self.views: list[View] = []
+        self.app = ChatApp(
+            self.client, self.model, lambda v, full: self.views.append(v), clock=self.clock
+        )
+        self.app.start()
+        self.client.replies["convs"] = {
+            "convs": [conv_entry(BOB, S_BOB, msg(20, BOB, ME, "hi"))],
+            "more": False,
+        }
+        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+
+    def header(self) -> str:
+        return self.views[-1].lines[1].text.rstrip()
+
+    def test_typing_is_sent_every_3_seconds_and_stopped_by_sending(self) -> None:
+        self.model.open(BOB)
+        self.app.refresh()
+        typing = lambda: [args for name, args in self.client.calls if name == "typing"]  # noqa: E731
+        self.app.key("h")
+        self.clock.advance(1)
+        self.app.key("e")
+        self.assertEqual(typing(), [(BOB, True)])
+        self.clock.advance(2.5)
+        self.app.key("y")
+        self.assertEqual(typing(), [(BOB, True), (BOB, True)])
+        self.app.key("enter")
+        self.assertEqual(typing(), [(BOB, True), (BOB, True), (BOB, False)])
+        # Commands are not typing; nor is a conversation not started yet.
+        for ch in "/open 9":
+            self.app.key(ch)
+        self.app.key("enter")
+        self.app.key("x")
+        self.assertEqual(len(typing()), 3)
+
+    def test_leaving_the_conversation_stops_typing(self) -> None:
+        self.model.open(BOB)
+        self.app.key("h")
+        self.app.key("ctrl-u")
+        self.app.key("h")
+        self.app.key("esc")  # clears the line
+        self.assertEqual(
+            [args for name, args in self.client.calls if name == "typing"],
+            [(BOB, True), (BOB, False), (BOB, True), (BOB, False)],
+        )
+
+    def test_peer_typing_shown_until_false_or_6_seconds(self) -> None:
+        self.model.open(BOB)
+        self.client.emit("typing", Event(from_=BOB, active=True))
+        self.assertIn("typing…", self.header())
+        self.client.emit("typing", Event(from_=BOB, active=False))
+        self.assertNotIn("typing…", self.header())
+        self.client.emit("typing", Event(from_=BOB, active=True))
+        self.clock.advance(5.9)
+        self.assertIn("typing…", self.header())
+        self.clock.advance(0.2)  # the app's timer redraws by itself
+        self.assertNotIn("typing…", self.header())
+        # A message from the peer ends it too.
+        self.client.emit("typing", Event(from_=BOB, active=True))
+        self.client.emit("message", Event(msg=msg(21, BOB, ME, "there"), unread=1))
+        self.assertNotIn("typing…", self.header())
+
+    def test_presence_of_the_peers_in_the_list(self) -> None:
+        self.assertEqual(self.client.calls[-1], ("watch", [BOB]))
+        self.client.replies["watch"] = {"users": [{"uid": CAROL, "online": True, "last_seen": 7}]}
+        self.client.emit("presence", Event(uid=BOB, online=True, last_seen=5))
+        lines = [line.text for line in self.views[-1].lines]
+        self.assertTrue(lines[2].startswith("▸  1. uid 2 •"), lines[2])
+        self.model.open(BOB)
+        self.app.refresh()
+        self.assertIn("Chat with uid 2 · online", self.header())
+        self.client.emit("presence", Event(uid=BOB, online=False, last_seen=5))
+        self.assertIn("Chat with uid 2 · last seen 09:00", self.header())
+        # A new conversation: the watch grows (once it exists: the first message).
+        for ch in "/open 3":
+            self.app.key(ch)
+        self.app.key("enter")
+        self.app.key("x")
+        self.app.key("enter")
+        self.assertEqual(self.client.calls[-1], ("send", (CAROL, "x")))
+        self.client.sends[0].callback({"msg_id": 40, "session_id": S_CAROL, "ts": 0, "dup": False})
+        watches = [args for name, args in self.client.calls if name == "watch"]
+        self.assertEqual(watches, [[BOB], [BOB, CAROL]])
+        # The reply says the state now.
+        self.assertIn("Chat with uid 3 · online", self.header())
+
+
 class ScreenTests(SynchronousTestCase):
     def test_only_changed_rows_are_written(self) -> None:
         a = View((Line("one"), Line("two", "title")), (1, 0))
@@ -486,6 +584,8 @@ class FakeClient:
             "read": {"unread": 0, "total_unread": 0},
             "profile": {"users": []},
             "set_profile": {},
+            "watch": {"users": []},
+            "typing": {},
         }
         self.sends: list[Deferred[dict[str, Any]]] = []
         self.started = self.closed = False
@@ -529,6 +629,12 @@ class FakeClient:
     def set_profile(self, **kw: Any) -> Deferred[Any]:
         return self._reply("set_profile", kw)
 
+    def watch(self, uids: list[int]) -> Deferred[Any]:
+        return self._reply("watch", uids)
+
+    def typing(self, to: int, active: bool) -> Deferred[Any]:
+        return self._reply("typing", (to, active))
+
     def send(self, to: int, body: str) -> Deferred[dict[str, Any]]:
         self.calls.append(("send", (to, body)))
         d: Deferred[dict[str, Any]] = Deferred()
@@ -560,6 +666,12 @@ class AppTests(SynchronousTestCase):
     def shown(self) -> str:
         return "\n".join(line.text.rstrip() for line in self.views[-1].lines)
 
+    def names(self) -> list[str]:
+        return [name for name, _ in self.client.calls]
+
+    def calls(self, *names: str) -> list[tuple[str, Any]]:
+        return [call for call in self.client.calls if call[0] in names]
+
     def test_live_loads_the_list_and_sets_the_nickname(self) -> None:
         self.assertTrue(self.client.started)
         self.assertIn("connecting", self.shown())
@@ -568,14 +680,15 @@ class AppTests(SynchronousTestCase):
             "more": False,
         }
         self.client.emit("state", Event(state="live", reason=None, retry_in=None))
-        self.assertEqual([c[0] for c in self.client.calls], ["set_profile", "convs"])
+        self.assertEqual(self.names(), ["set_profile", "convs", "watch"])
+        self.assertEqual(self.calls("watch"), [("watch", [BOB])])
         self.assertIn("● live", self.shown())
         self.assertRegex(self.shown(), r"uid 2\s+\[1\]\s+09:00 hi")
         # Live again after a reconnect: the list is reloaded, the nickname is not set again.
         self.client.emit("state", Event(state="offline", reason=None, retry_in=1.6))
         self.assertIn("offline (retry in 2s)", self.shown())
         self.client.emit("state", Event(state="live", reason=None, retry_in=None))
-        self.assertEqual([c[0] for c in self.client.calls], ["set_profile", "convs", "convs"])
+        self.assertEqual(self.names(), ["set_profile", "convs", "watch", "convs"])
 
     def test_open_send_and_read(self) -> None:
         self.client.replies["history"] = {
@@ -589,7 +702,7 @@ class AppTests(SynchronousTestCase):
             self.app.key(ch)
         self.app.key("enter")
         self.assertEqual(
-            self.client.calls,
+            self.calls("history", "profile", "read"),
             [
                 ("history", {"peer": BOB, "limit": 30}),
                 ("read", (S_BOB, 20)),
@@ -600,7 +713,7 @@ class AppTests(SynchronousTestCase):
         for ch in "yo":
             self.app.key(ch)
         self.app.key("enter")
-        self.assertEqual(self.client.calls[-1], ("send", (BOB, "yo")))
+        self.assertEqual(self.calls("send"), [("send", (BOB, "yo"))])
         self.assertIn("you: yo  …", self.shown())
         self.client.sends[0].callback({"msg_id": 30, "session_id": S_BOB, "ts": 0, "dup": False})
         self.assertIn("you: yo  ✓", self.shown())
@@ -610,7 +723,7 @@ class AppTests(SynchronousTestCase):
         self.assertIn("you: yo  ✓✓ read", self.shown())
         self.client.emit("message", Event(msg=msg(31, BOB, ME, "k"), unread=1, replay=False))
         self.assertIn("bob: k", self.shown())
-        self.assertEqual(self.client.calls[-1], ("read", (S_BOB, 31)))
+        self.assertEqual(self.calls("read")[-1], ("read", (S_BOB, 31)))
 
     def test_a_refused_send_and_a_failed_request_are_shown(self) -> None:
         self.client.replies["history"] = RequestFailed({"code": "unavailable", "message": "x"})

@@ -21,12 +21,15 @@ from imserver.client.terminal.model import (
     MarkRead,
     Quit,
     Send,
+    Typing,
     View,
 )
 
 log = Logger()
 
 CONVS_PAGE = 100
+#: The most uids one watch may name (docs/protocol.md, "presence, watch").
+MAX_WATCH = 500
 
 
 def field(event: Any, name: str, default: Any = None) -> Any:
@@ -47,6 +50,9 @@ class ChatApp:
         and C{on}).
     @param draw: shows a L{View} (the terminal's C{draw}); C{full} repaints.
     @param size: the terminal's (columns, rows).
+    @param clock: C{callLater} and C{seconds} (the reactor), for typing
+        indicators that go out by themselves; the model's C{now} must be
+        its C{seconds}.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class ChatApp:
         draw: Callable[[View, bool], None],
         size: Callable[[], tuple[int, int]] = lambda: (80, 24),
         nickname: str | None = None,
+        clock: Any = None,
     ) -> None:
         self.client = client
         self.model = model
@@ -65,6 +72,10 @@ class ChatApp:
         self.done: Deferred[None] = Deferred()
         self._quitting = False
         self._unsubscribe: list[Callable[[], Any]] = []
+        self._clock = clock
+        self._expiry: Any = None
+        self._watched: frozenset[int] = frozenset()
+        self._watching = False
 
     def start(self) -> None:
         for name, handler in (
@@ -78,6 +89,8 @@ class ChatApp:
             ("clear", self._on_clear),
             ("profile", self._on_profile),
             ("reset", self._on_reset),
+            ("typing", self._on_typing),
+            ("presence", self._on_presence),
         ):
             self._unsubscribe.append(self.client.on(name, handler))
         self.resized()
@@ -97,8 +110,54 @@ class ChatApp:
         """Carry out what the model asks for, then show it."""
         for action in self.model.take_actions():
             self._do(action)
-        if not self._quitting:
-            self._draw(self.model.render(), full)
+        if self._quitting:
+            return
+        self._draw(self.model.render(), full)
+        self._watch_peers()
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        """Redraw when a typing indicator goes out (one timer, for the first)."""
+        when = self.model.next_expiry()
+        if self._clock is None or when is None:
+            return
+        if self._expiry is not None and self._expiry.active():
+            if self._expiry.getTime() <= when:
+                return
+            self._expiry.cancel()
+        self._expiry = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.refresh()
+
+    def _watch_peers(self) -> None:
+        """
+        Watch the presence of the peers in the list (the SDK re-watches after
+        reconnects). Only conversations that exist: a peer's presence shows to
+        contacts, and a conversation started after a watch counts from the next.
+        """
+        started = sorted(peer for peer, conv in self.model.convs.items() if conv.session_id)
+        peers = frozenset(started[:MAX_WATCH])
+        if self._watching or peers == self._watched or self.model.state != "live":
+            return
+        self._watching = True
+
+        async def watch() -> None:
+            try:
+                reply = await self.client.watch(sorted(peers))
+                self._watched = peers
+                for user in field(reply, "users", ()) or ():
+                    self.model.on_presence(
+                        int(user.get("uid", 0)),
+                        bool(user.get("online")),
+                        int(user.get("last_seen") or 0),
+                    )
+                self.refresh()
+            finally:
+                self._watching = False
+
+        self._run(watch(), "watch", quiet=True)
 
     # -- the SDK's events --------------------------------------------------
 
@@ -161,6 +220,19 @@ class ChatApp:
             self.model.on_profile(user)
             self.refresh()
 
+    def _on_typing(self, event: Any) -> None:
+        sender = field(event, "from_", field(event, "from", 0))
+        self.model.on_typing(int(sender or 0), bool(field(event, "active", False)))
+        self.refresh()
+
+    def _on_presence(self, event: Any) -> None:
+        self.model.on_presence(
+            int(field(event, "uid", 0)),
+            bool(field(event, "online", False)),
+            int(field(event, "last_seen", 0) or 0),
+        )
+        self.refresh()
+
     def _on_reset(self, event: Any) -> None:
         self.model.reset()
         self.refresh()
@@ -188,6 +260,8 @@ class ChatApp:
             self._run(self._mark_read(action), "read")
         elif isinstance(action, LookUp):
             self._run(self._look_up(action), "profile")
+        elif isinstance(action, Typing):
+            self._run(self.client.typing(action.peer, action.active), "typing", quiet=True)
         elif isinstance(action, Quit):
             self.quit()
 
@@ -223,14 +297,17 @@ class ChatApp:
             self.model.on_profile(user)
         self.refresh()
 
-    def _run(self, coro: Any, what: str) -> None:
-        d = Deferred.fromCoroutine(coro)
-        d.addErrback(self._failed, what)
+    def _run(self, work: Any, what: str, quiet: bool = False) -> None:
+        """Run a coroutine (or a Deferred); a failure is logged and, unless quiet, shown."""
+        d = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)
+        d.addErrback(self._failed, what, quiet)
 
-    def _failed(self, failure: Failure, what: str) -> None:
+    def _failed(self, failure: Failure, what: str, quiet: bool) -> None:
         if self._quitting:
             return
         log.failure("{what} failed", failure, what=what)
+        if quiet:
+            return
         self.model.notice = f"{what}: {error_text(failure)}"
         self._draw(self.model.render(), False)
 
@@ -240,6 +317,8 @@ class ChatApp:
         if self._quitting:
             return
         self._quitting = True
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         d = Deferred.fromCoroutine(self._close())

@@ -43,7 +43,7 @@ def chat(
 
     # The Client keeps its device name (a new one the first time), seq and outbox there.
     client = make_client(reactor, url, token, args.device, JSONFileStore(state_path))
-    model = ChatModel(uid, device=client.device)
+    model = ChatModel(uid, device=client.device, now=reactor.seconds)
     app: ChatApp | None = None
 
     def on_key(key: str) -> None:
@@ -55,7 +55,7 @@ def chat(
             app.quit()
 
     terminal = TerminalProtocol(reactor, on_key, on_close)
-    app = ChatApp(client, model, terminal.draw, terminal.size, nickname=args.nick)
+    app = ChatApp(client, model, terminal.draw, terminal.size, nickname=args.nick, clock=reactor)
     StandardIO(terminal, reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", terminal.restore)
     previous = signal.signal(signal.SIGWINCH, lambda *_: reactor.callFromThread(app.resized))

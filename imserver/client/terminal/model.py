@@ -59,11 +59,23 @@ class LookUp:
 
 
 @attrs.frozen
+class Typing:
+    """Tell C{peer} this user is typing to them (or stopped)."""
+
+    peer: int
+    active: bool
+
+
+@attrs.frozen
 class Quit:
     pass
 
 
-Action = LoadHistory | Send | MarkRead | LookUp | Quit
+Action = LoadHistory | Send | MarkRead | LookUp | Typing | Quit
+
+#: docs/protocol.md, "typing": send active about every 3 s; show one 6 s at most.
+TYPING_EVERY = 3.0
+TYPING_SHOWN = 6.0
 
 
 # ---------------------------------------------------------------------------
@@ -144,12 +156,14 @@ class ChatModel:
         width: int = 80,
         height: int = 24,
         fmt_time: Callable[[int], str] = local_time,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.me = me
         self.device = device
         self.width = width
         self.height = height
         self.fmt_time = fmt_time
+        self.now = now
         self.state = "connecting"
         self.state_detail = ""
         self.convs: dict[int, Conv] = {}
@@ -164,6 +178,12 @@ class ChatModel:
         self.notice = ""
         self.actions: list[Action] = []
         self._local_ids = 0
+        #: uid -> (online, last_seen) of the peers watched.
+        self.presence: dict[int, tuple[bool, int]] = {}
+        #: peer -> when (L{now}) their typing indicator goes out.
+        self.typing: dict[int, float] = {}
+        self._typing_to: int | None = None
+        self._typing_at = 0.0
 
     # -- queries ---------------------------------------------------------
 
@@ -255,6 +275,7 @@ class ChatModel:
             return
         conv.session_id = conv.session_id or int(msg.get("session_id") or 0)
         if sender == peer:
+            self.typing.pop(peer, None)
             nickname = (msg.get("sender") or {}).get("nickname")
             conv.name = str(nickname or conv.name)
             if msg_id > conv.my_read:
@@ -308,6 +329,22 @@ class ChatModel:
         if conv.last is not None and conv.last.get("msg_id") == msg_id:
             conv.last = msg
 
+    def on_presence(self, uid: int, online: bool, last_seen: int) -> None:
+        self.presence[uid] = (online, last_seen)
+
+    def on_typing(self, peer: int, active: bool) -> None:
+        if active:
+            self.typing[peer] = self.now() + TYPING_SHOWN
+        else:
+            self.typing.pop(peer, None)
+
+    def next_expiry(self) -> float | None:
+        """When (L{now}) the next typing indicator goes out: the screen changes then."""
+        now = self.now()
+        for peer in [p for p, until in self.typing.items() if until <= now]:
+            del self.typing[peer]
+        return min(self.typing.values(), default=None)
+
     def on_profile(self, user: Mapping[str, Any]) -> None:
         conv = self.convs.get(int(user.get("uid") or 0))
         if conv is not None and user.get("nickname"):
@@ -343,10 +380,28 @@ class ChatModel:
         if len(key) == 1:
             self.input = self.input[: self.pos] + key + self.input[self.pos :]
             self.pos += 1
-            return
-        handler = getattr(self, "_key_" + key.replace("-", "_"), None)
-        if handler is not None:
-            handler()
+        else:
+            handler = getattr(self, "_key_" + key.replace("-", "_"), None)
+            if handler is not None:
+                handler()
+        self._typing_check()
+
+    def _typing_check(self) -> None:
+        """Typing a message to the open peer says so (every 3 s); sending or leaving stops it."""
+        target = self.peer if self.screen == "chat" else None
+        if not self.input.strip() or self.input.startswith("/"):
+            target = None
+        if target is not None and not self.conv(target).session_id:
+            target = None  # typing to a user one has no conversation with is forbidden
+        if self._typing_to is not None and self._typing_to != target:
+            self.actions.append(Typing(self._typing_to, False))
+            self._typing_to = None
+        now = self.now()
+        if target is not None and (
+            self._typing_to is None or now - self._typing_at >= TYPING_EVERY
+        ):
+            self.actions.append(Typing(target, True))
+            self._typing_to, self._typing_at = target, now
 
     def _key_enter(self) -> None:
         line, self.input, self.pos = self.input.strip(), "", 0
@@ -532,7 +587,9 @@ class ChatModel:
         body: list[Line] = []
         for i, conv in enumerate(ordered[first : first + rows], start=first):
             badge = f"[{conv.unread}]" if conv.unread else ""
-            left = f"{'▸' if i == self.selected else ' '}{i + 1:>3}. {clean(conv.title)}"
+            online = " •" if self.presence.get(conv.peer, (False, 0))[0] else ""
+            cursor = "▸" if i == self.selected else " "
+            left = f"{cursor}{i + 1:>3}. {clean(conv.title)}{online}"
             last = conv.last
             preview = ""
             if last is not None:
@@ -555,7 +612,13 @@ class ChatModel:
         end = len(lines) - self.scroll
         shown = lines[max(0, end - rows) : end]
         where = f" · ↑{self.scroll}" if self.scroll else ""
-        return f" Chat with {clean(conv.title)}{where}", [line for line, _ in shown]
+        online, last_seen = self.presence.get(conv.peer, (False, 0))
+        seen = " · online" if online else ""
+        if not online and last_seen:
+            seen = f" · last seen {self.fmt_time(last_seen)}"
+        typing = " · typing…" if self.typing.get(conv.peer, 0) > self.now() else ""
+        header = f" Chat with {clean(conv.title)}{seen}{typing}{where}"
+        return header, [line for line, _ in shown]
 
     def _conv_lines(self, conv: Conv) -> list[tuple[Line, int]]:
         """Every row of a conversation, oldest first, each with its message id (0: none)."""
