@@ -454,41 +454,55 @@ class TypingPresenceTests(SynchronousTestCase):
             self.client, self.model, lambda v, full: self.views.append(v), clock=self.clock
         )
         self.app.start()
+        self.clock.advance(0)
         self.client.replies["convs"] = {
             "convs": [conv_entry(BOB, S_BOB, msg(20, BOB, ME, "hi"))],
             "more": False,
         }
-        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+        self.emit("state", Event(state="live", reason=None, retry_in=None))
 
     def header(self) -> str:
         return self.views[-1].lines[1].text.rstrip()
 
+    # The app draws at the end of the reactor turn: each step here ends one.
+    def key(self, key: str) -> None:
+        self.app.key(key)
+        self.clock.advance(0)
+
+    def emit(self, name: str, event: Any) -> None:
+        self.client.emit(name, event)
+        self.clock.advance(0)
+
+    def refresh(self) -> None:
+        self.app.refresh()
+        self.clock.advance(0)
+
     def test_typing_is_sent_every_3_seconds_and_stopped_by_sending(self) -> None:
         self.model.open(BOB)
-        self.app.refresh()
+        self.refresh()
         typing = lambda: [args for name, args in self.client.calls if name == "typing"]  # noqa: E731
-        self.app.key("h")
+        self.key("h")
         self.clock.advance(1)
-        self.app.key("e")
+        self.key("e")
         self.assertEqual(typing(), [(BOB, True)])
         self.clock.advance(2.5)
-        self.app.key("y")
+        self.key("y")
         self.assertEqual(typing(), [(BOB, True), (BOB, True)])
-        self.app.key("enter")
+        self.key("enter")
         self.assertEqual(typing(), [(BOB, True), (BOB, True), (BOB, False)])
         # Commands are not typing; nor is a conversation not started yet.
         for ch in "/open 9":
-            self.app.key(ch)
-        self.app.key("enter")
-        self.app.key("x")
+            self.key(ch)
+        self.key("enter")
+        self.key("x")
         self.assertEqual(len(typing()), 3)
 
     def test_leaving_the_conversation_stops_typing(self) -> None:
         self.model.open(BOB)
-        self.app.key("h")
-        self.app.key("ctrl-u")
-        self.app.key("h")
-        self.app.key("esc")  # clears the line
+        self.key("h")
+        self.key("ctrl-u")
+        self.key("h")
+        self.key("esc")  # clears the line
         self.assertEqual(
             [args for name, args in self.client.calls if name == "typing"],
             [(BOB, True), (BOB, False), (BOB, True), (BOB, False)],
@@ -496,43 +510,54 @@ class TypingPresenceTests(SynchronousTestCase):
 
     def test_peer_typing_shown_until_false_or_6_seconds(self) -> None:
         self.model.open(BOB)
-        self.client.emit("typing", Event(from_=BOB, active=True))
+        self.emit("typing", Event(from_=BOB, active=True))
         self.assertIn("typing…", self.header())
-        self.client.emit("typing", Event(from_=BOB, active=False))
+        self.emit("typing", Event(from_=BOB, active=False))
         self.assertNotIn("typing…", self.header())
-        self.client.emit("typing", Event(from_=BOB, active=True))
+        self.emit("typing", Event(from_=BOB, active=True))
         self.clock.advance(5.9)
         self.assertIn("typing…", self.header())
         self.clock.advance(0.2)  # the app's timer redraws by itself
         self.assertNotIn("typing…", self.header())
         # A message from the peer ends it too.
-        self.client.emit("typing", Event(from_=BOB, active=True))
-        self.client.emit("message", Event(msg=msg(21, BOB, ME, "there"), unread=1))
+        self.emit("typing", Event(from_=BOB, active=True))
+        self.emit("message", Event(msg=msg(21, BOB, ME, "there"), unread=1))
         self.assertNotIn("typing…", self.header())
 
     def test_presence_of_the_peers_in_the_list(self) -> None:
         self.assertEqual(self.client.calls[-1], ("watch", [BOB]))
         self.client.replies["watch"] = {"users": [{"uid": CAROL, "online": True, "last_seen": 7}]}
-        self.client.emit("presence", Event(uid=BOB, online=True, last_seen=5))
+        self.emit("presence", Event(uid=BOB, online=True, last_seen=5))
         lines = [line.text for line in self.views[-1].lines]
         self.assertTrue(lines[2].startswith("▸  1. uid 2 •"), lines[2])
         self.model.open(BOB)
-        self.app.refresh()
+        self.refresh()
         self.assertIn("Chat with uid 2 · online", self.header())
-        self.client.emit("presence", Event(uid=BOB, online=False, last_seen=5))
+        self.emit("presence", Event(uid=BOB, online=False, last_seen=5))
         self.assertIn("Chat with uid 2 · last seen 09:00", self.header())
         # A new conversation: the watch grows (once it exists: the first message).
         for ch in "/open 3":
-            self.app.key(ch)
-        self.app.key("enter")
-        self.app.key("x")
-        self.app.key("enter")
+            self.key(ch)
+        self.key("enter")
+        self.key("x")
+        self.key("enter")
         self.assertEqual(self.client.calls[-1], ("send", (CAROL, "x")))
         self.client.sends[0].callback({"msg_id": 40, "session_id": S_CAROL, "ts": 0, "dup": False})
+        self.clock.advance(0)
         watches = [args for name, args in self.client.calls if name == "watch"]
         self.assertEqual(watches, [[BOB], [BOB, CAROL]])
         # The reply says the state now.
         self.assertIn("Chat with uid 3 · online", self.header())
+
+    def test_one_draw_per_reactor_turn(self) -> None:
+        drawn = len(self.views)
+        for i in range(50):
+            self.client.emit("message", Event(msg=msg(100 + i, CAROL, ME, f"m{i}", S_CAROL)))
+        self.assertEqual(len(self.views), drawn)
+        self.clock.advance(0)
+        # One draw, and one more once the new peer's presence is watched.
+        self.assertEqual(len(self.views), drawn + 2)
+        self.assertIn("[50]", self.views[-1].lines[2].text)
 
 
 class ScreenTests(SynchronousTestCase):

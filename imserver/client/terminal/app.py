@@ -76,6 +76,8 @@ class ChatApp:
         self._expiry: Any = None
         self._watched: frozenset[int] = frozenset()
         self._watching = False
+        self._refreshing: Any = None
+        self._full = False
 
     def start(self) -> None:
         for name, handler in (
@@ -107,7 +109,20 @@ class ChatApp:
         self.refresh(full=True)
 
     def refresh(self, full: bool = False) -> None:
-        """Carry out what the model asks for, then show it."""
+        """
+        Carry out what the model asks for, then show it: at the end of this
+        reactor turn when there is a clock, so a page of catch-up events (or a
+        paste) is drawn once, not once per event.
+        """
+        self._full = self._full or full
+        if self._clock is None:
+            self._refresh_now()
+        elif self._refreshing is None:
+            self._refreshing = self._clock.callLater(0, self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        self._refreshing = None
+        full, self._full = self._full, False
         for action in self.model.take_actions():
             self._do(action)
         if self._quitting:
@@ -309,7 +324,7 @@ class ChatApp:
         if quiet:
             return
         self.model.notice = f"{what}: {error_text(failure)}"
-        self._draw(self.model.render(), False)
+        self.refresh()
 
     # -- the end -------------------------------------------------------------
 
@@ -317,8 +332,9 @@ class ChatApp:
         if self._quitting:
             return
         self._quitting = True
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+        for timer in (self._expiry, self._refreshing):
+            if timer is not None and timer.active():
+                timer.cancel()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         d = Deferred.fromCoroutine(self._close())
