@@ -768,6 +768,33 @@ class AppTests(SynchronousTestCase):
         self.assertIn("profile: internal", self.shown())
         self.flushLoggedErrors(RequestFailed)
 
+    def test_a_lost_read_is_sent_again_once_live(self) -> None:
+        self.client.replies["history"] = {"msgs": [msg(20, BOB, ME, "hi")], "more": False}
+        self.client.replies["read"] = RequestFailed({"code": "timeout", "message": "x"})
+        for ch in "/open 2":
+            self.app.key(ch)
+        self.app.key("enter")
+        self.assertEqual(self.calls("read"), [("read", (S_BOB, 20))])
+        self.client.replies["read"] = {"unread": 0, "total_unread": 0}
+        self.app.key("x")
+        self.assertEqual(len(self.calls("read")), 1)  # not at once
+        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+        self.assertEqual(self.calls("read"), [("read", (S_BOB, 20))] * 2)
+        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+        self.assertEqual(len(self.calls("read")), 2)
+        self.flushLoggedErrors(RequestFailed)
+
+    def test_a_refused_read_is_not_sent_again(self) -> None:
+        self.client.replies["history"] = {"msgs": [msg(20, BOB, ME, "hi")], "more": False}
+        self.client.replies["read"] = RequestFailed({"code": "forbidden", "message": "x"})
+        for ch in "/open 2":
+            self.app.key(ch)
+        self.app.key("enter")
+        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+        self.assertEqual(len(self.calls("read")), 1)
+        self.assertIn("read: forbidden", self.shown())
+        self.flushLoggedErrors(RequestFailed)
+
     def test_quit_closes_the_client(self) -> None:
         self.app.key("ctrl-c")
         self.assertTrue(self.client.closed)

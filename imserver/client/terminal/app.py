@@ -28,6 +28,8 @@ from imserver.client.terminal.model import (
 log = Logger()
 
 CONVS_PAGE = 100
+#: The errors after which a read is sent again (when the screen shows it again).
+RETRY_READ = frozenset({"timeout", "disconnected", "unavailable", "internal", "rate_limited"})
 #: The most uids one watch may name (docs/protocol.md, "presence, watch").
 MAX_WATCH = 500
 
@@ -302,7 +304,13 @@ class ChatApp:
         self.refresh()
 
     async def _mark_read(self, action: MarkRead) -> None:
-        reply = await self.client.read(action.session_id, action.msg_id)
+        try:
+            reply = await self.client.read(action.session_id, action.msg_id)
+        except Exception as e:
+            # Not live for a while, or lost with its connection: read again once live.
+            again = getattr(e, "code", "") in RETRY_READ
+            self.model.read_failed(action.session_id, action.msg_id, again)
+            raise
         self.model.on_read(action.session_id, self.model.me, action.msg_id, field(reply, "unread"))
         self.refresh()
 

@@ -114,8 +114,11 @@ class Conv:
     last: Msg | None = None
     last_msg_id: int = 0
     unread: int = 0
-    #: This user's read position (what was marked read, here or on another device).
+    #: This user's read position (what was marked read, here or on another device),
+    #: and what it was before the last read sent from here (put back if that failed).
     my_read: int = 0
+    read_before: int = 0
+    read_again: bool = False
     peer_read: int = 0
     peer_delivered: int = 0
     messages: dict[int, Msg] = attrs.Factory(dict)
@@ -214,6 +217,10 @@ class ChatModel:
     def set_state(self, state: str, detail: str = "") -> None:
         self.state = state
         self.state_detail = detail
+        if state == "live":
+            for conv in self.convs.values():
+                if conv.read_again:
+                    conv.read_again, conv.my_read = False, conv.read_before
 
     def reset(self) -> None:
         """The server forgot this device: drop everything, it is loaded again."""
@@ -295,6 +302,15 @@ class ChatModel:
         else:
             conv.peer_read = max(conv.peer_read, msg_id)
             conv.peer_delivered = max(conv.peer_delivered, msg_id)
+
+    def read_failed(self, session_id: int, msg_id: int, again: bool) -> None:
+        """
+        A read was lost (C{again}) or refused. A lost one is marked anew once
+        live again (not at once: that could spin while the connection is down).
+        """
+        conv = self.by_session(session_id)
+        if conv is not None and again and conv.my_read == msg_id:
+            conv.read_again = True
 
     def on_delivered(self, session_id: int, by: int, msg_id: int) -> None:
         conv = self.by_session(session_id)
@@ -733,7 +749,7 @@ class ChatModel:
         theirs = [m for m in shown if conv.messages[m].get("from") == conv.peer]
         newest = max(theirs, default=0)
         if newest > conv.my_read and conv.session_id:
-            conv.my_read = newest
+            conv.read_before, conv.my_read = conv.my_read, newest
             # Reading covers everything up to newest; what is newer is all loaded.
             conv.unread = self._count_unread(conv)
             self.actions.append(MarkRead(conv.session_id, newest))
