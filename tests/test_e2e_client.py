@@ -225,6 +225,23 @@ class ClientE2EMixin:
         self.assertEqual((first.state, second.state), ("kicked", "live"))
         self.assertEqual(states[-1].state, "kicked")
 
+    async def test_heartbeat(self) -> None:
+        """Pings keep an idle client connected; a frozen server is noticed by the ping timeout."""
+        server = ServerProcess({"server": {"heartbeat_seconds": 1, "idle_timeout_seconds": 3}})
+        self.addCleanup(server.cleanup)
+        server.start()
+        client = self.client(server, next(_uids), ping_timeout=2)
+        states: list[StateChanged] = self.collect(client, "state")
+        await self.live(client)
+        await sleep(5)  # beyond the idle timeout: only the pings were sent
+        self.assertEqual([s.state for s in states], ["connecting", "syncing", "live"])
+        server.signal(signal.SIGSTOP)
+        self.addCleanup(server.signal, signal.SIGCONT)
+        await eventually(lambda: client.state != "live", timeout=30)
+        self.assertTrue(states[3].reason.startswith("timeout"), states)
+        server.signal(signal.SIGCONT)
+        await within(client.wait_live(), 30)
+
     async def test_bad_token_fails(self) -> None:
         server = self.server()
         client = Client(self.url(server), "not-a-token", reactor=reactor, **FAST)
