@@ -29,7 +29,7 @@ from tests.support import eventually, reactor, sleep, within
 _uids = itertools.count(710_000)
 
 #: Reconnect quickly: the tests restart servers and wait for the clients to come back.
-FAST = {"backoff_base": 0.1, "backoff_max": 1.0}
+FAST: dict[str, Any] = {"backoff_base": 0.1, "backoff_max": 1.0}
 
 
 class ClientE2EMixin:
