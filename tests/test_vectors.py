@@ -10,7 +10,8 @@ The protocol test vectors (docs/vectors/, README.md there) against the real code
 * the Python SDK (L{IMClientProtocol}) matches every reply to its request by
   id and hands pushes to C{on_push};
 * a real C{twistd -n imserver} answers the same ops with the same shapes
-  (keys and value types), so the hand-written replies stay true.
+  (keys and value types), so the hand-written replies stay true, and answers
+  the malformed vectors, sent as raw bytes, as they say.
 """
 
 from __future__ import annotations
@@ -398,11 +399,12 @@ def shape(frame: dict[str, Any]) -> dict[str, set[str]]:
 BOB = 7
 
 
-class RealServerShapeTests(ClientsMixin, Same, TestCase):
+class RealServerTests(ClientsMixin, Same, TestCase):
     """
-    One conversation on a real server (alice 42 on two devices, bob 7, carol
-    9), touching every op; each reply and push is compared with the vector
-    of the same name by its paths and value types.
+    A real C{twistd -n imserver}: one conversation (alice 42 on three
+    devices, bob 7, carol 9) touching every op, each reply and push compared
+    with the vector of the same name by its paths and value types; and the
+    malformed vectors as raw bytes on TCP.
     """
 
     timeout = 120
@@ -497,6 +499,7 @@ class RealServerShapeTests(ClientsMixin, Same, TestCase):
         await eventually(lambda: any(p["t"] == "presence" for p in pushes["b"]))
         server.signal(signal.SIGTERM)
         await within(a.closed, 30)
+        await within(b.closed, 30)  # every push to b came before its goaway
 
         by_name = {v["name"]: v for v in REPLIES + PUSHES}
         compared = set()
@@ -537,3 +540,26 @@ class RealServerShapeTests(ClientsMixin, Same, TestCase):
         # Each op's main reply, and every push kind, was compared.
         for op in frames.REQUESTS:
             self.assertIn(f"ok/{op}", compared)
+
+    async def test_malformed_frames_over_tcp(self) -> None:
+        """The malformed vectors, as raw bytes on a TCP connection to the real server."""
+        for v in MALFORMED:
+            if "tcp" not in v["transports"]:
+                continue
+            client = await self.client(self.server.endpoint)
+            if v["state"] == "ready":
+                await within(client.auth(self.server.token(42)))
+            client.send_raw(bytes.fromhex(v["hex"]))
+            # An error frame answers no waiting request: the SDK hands it to on_push.
+            reply = await within(client.next_push())
+            expected = v["reply"]
+            self.assertEqual((reply["t"], reply["code"]), ("error", expected["code"]), v["name"])
+            self.assertEqual(reply.get("id"), expected.get("id"), v["name"])
+            if v["closes"]:
+                await within(client.closed)
+            elif v["state"] == "ready":
+                self.assertEqual((await within(client.request("ping")))["t"], "ok")
+                self.assertEqual(client.pending_pushes, 0, v["name"])
+            else:
+                self.assertEqual((await within(client.auth(self.server.token(42))))["uid"], 42)
+            await client.close()
