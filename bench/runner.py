@@ -792,6 +792,9 @@ def summarize_pairs(
             "send_to_push": stats.summary(stats.merge(r["lat_push"] for r in results)),
         },
         "errors": dict(errors),
+        "connections_by_transport": dict(
+            sum((Counter(r.get("connections_by_transport", {})) for r in results), Counter())
+        ),
         "verify": verify,
         "cost": costs(win, in_window),
         "machine_busy_cores": win["machine_busy_cores"],

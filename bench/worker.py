@@ -161,6 +161,7 @@ class Connector:
         # Per node: the TCP endpoints (one per source address), and how to
         # build a connection's factory (over WebSocket for a ws:// URL).
         self.factories: list[Callable[[Conn], Factory]] = []
+        self.kinds: list[str] = []
         self.endpoints: list[list[IStreamClientEndpoint]] = []
         for endpoint in endpoints:
             if endpoint.startswith(("ws://", "wss://")):
@@ -168,9 +169,11 @@ class Connector:
 
                 shared = wsconn.shared_factory(endpoint)
                 self.factories.append(functools.partial(wsconn.OneWSFactory, shared))
+                self.kinds.append("ws")
                 endpoint = wsconn.tcp_endpoint(endpoint)
             else:
                 self.factories.append(_factory)
+                self.kinds.append("tcp")
             self.endpoints.append(
                 [clientFromString(reactor, f"{endpoint}:bindAddress={a}") for a in bind or []]
                 or [clientFromString(reactor, endpoint)]
@@ -181,6 +184,8 @@ class Connector:
         self.errors: Counter[str] = Counter()
         self.first_start = 0
         self.last_done = 0
+        #: Connections authenticated, by transport (the result says what carried the load).
+        self.authed_by_transport: Counter[str] = Counter()
 
     def open_all(self, conns: Sequence[Conn]) -> Deferred[list[Conn]]:
         """Connect and authenticate all; fire with those that made it."""
@@ -203,6 +208,7 @@ class Connector:
             self.latencies.append(now - conn.started)
             self.tcp.append(conn.connected_at - conn.started)
             self.last_done = max(self.last_done, now)
+            self.authed_by_transport[self.kinds[conn.node % len(self.kinds)]] += 1
             ok.append(conn)
             return conn
 
@@ -692,6 +698,7 @@ class Pairs(Scenario):
                 "acks_sent": sum(r.acks_out for r in receivers),
                 "acks_ok": sum(r.acks_ok for r in receivers),
                 "errors": dict(total_errors(conns, self.connector.errors)),
+                "connections_by_transport": dict(self.connector.authed_by_transport),
                 "lat_ok": stats.histogram(self.lat_ok),
                 "lat_push": stats.histogram(self.lat_push),
             }

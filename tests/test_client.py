@@ -467,7 +467,9 @@ class ReconnectTests(ClientTestCase):
 class OutboxTests(ClientTestCase):
     def test_cid(self) -> None:
         client = self.make(device="d" * 64)
-        cids = [client.send(PEER, str(i)) for i in range(2)] and [e["cid"] for e in client.outbox]
+        client.send(PEER, "0")
+        client.send(PEER, "1")
+        cids = [e["cid"] for e in client.outbox]
         self.assertEqual(len(set(cids)), 2)
         for cid in cids:
             self.assertLessEqual(len(cid), 64)

@@ -24,12 +24,18 @@ from imserver.client import Client, JSONFileStore, MemoryStore, Message, Read, S
 from imserver.wire.codec import decode_body
 from imserver.wire.framing import FrameDecoder, encode_frame
 from tests.harness import ServerProcess
-from tests.support import eventually, reactor, sleep, within
+from tests.support import eventually as _eventually
+from tests.support import reactor, sleep, within
 
 _uids = itertools.count(710_000)
 
 #: Reconnect quickly: the tests restart servers and wait for the clients to come back.
-FAST = {"backoff_base": 0.1, "backoff_max": 1.0}
+FAST: dict[str, Any] = {"backoff_base": 0.1, "backoff_max": 1.0}
+
+
+async def eventually(check: Any, timeout: float = 30.0) -> Any:
+    """Generous: two cores shared by several test runs."""
+    return await _eventually(check, timeout=timeout)
 
 
 class ClientE2EMixin:
@@ -133,7 +139,7 @@ class ClientE2EMixin:
         self.assertTrue(any(s.state == "offline" for s in a_states))
 
         await within(a.send(b_uid, "after"))
-        await eventually(lambda: "after" in self.bodies(b_msgs), timeout=30)
+        await eventually(lambda: "after" in self.bodies(b_msgs))
         self.assertEqual(self.bodies(b_msgs), ["through the crash", "after"])
         self.assertEqual(b_msgs[0].msg["cid"], cid)
         self.assertEqual(b_msgs[0].msg["msg_id"], sent["msg_id"])
@@ -153,7 +159,7 @@ class ClientE2EMixin:
         server.start()
         for d in pending:
             await within(d, 60)
-        await eventually(lambda: len(b_msgs) >= 3, timeout=30)
+        await eventually(lambda: len(b_msgs) >= 3)
         self.assertEqual(self.bodies(b_msgs), ["queued 0", "queued 1", "queued 2"])
 
     async def test_offline_client_catches_up(self) -> None:
@@ -203,7 +209,7 @@ class ClientE2EMixin:
         sends = [a.send(b_uid, f"m{i}") for i in range(10)] + [a.send(b_uid, "end")]
         for d in sends:
             await within(d, 30)
-        await eventually(lambda: len(msgs) >= 11, timeout=30)
+        await eventually(lambda: len(msgs) >= 11)
         self.assertEqual(self.bodies(msgs), [f"m{i}" for i in range(10)] + ["end"])
 
     async def test_same_device_kicks(self) -> None:
@@ -224,6 +230,23 @@ class ClientE2EMixin:
         await sleep(2.5)
         self.assertEqual((first.state, second.state), ("kicked", "live"))
         self.assertEqual(states[-1].state, "kicked")
+
+    async def test_heartbeat(self) -> None:
+        """Pings keep an idle client connected; a frozen server is noticed by the ping timeout."""
+        server = ServerProcess({"server": {"heartbeat_seconds": 1, "idle_timeout_seconds": 3}})
+        self.addCleanup(server.cleanup)
+        server.start()
+        client = self.client(server, next(_uids), ping_timeout=2)
+        states: list[StateChanged] = self.collect(client, "state")
+        await self.live(client)
+        await sleep(5)  # beyond the idle timeout: only the pings were sent
+        self.assertEqual([s.state for s in states], ["connecting", "syncing", "live"])
+        server.signal(signal.SIGSTOP)
+        self.addCleanup(server.signal, signal.SIGCONT)
+        await eventually(lambda: client.state != "live")
+        self.assertTrue(states[3].reason.startswith("timeout"), states)
+        server.signal(signal.SIGCONT)
+        await within(client.wait_live(), 30)
 
     async def test_bad_token_fails(self) -> None:
         server = self.server()
