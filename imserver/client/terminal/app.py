@@ -103,6 +103,9 @@ class ChatApp:
     # -- input -------------------------------------------------------------
 
     def key(self, key: str) -> None:
+        if key == "ctrl-l":  # the usual: paint the whole screen again
+            self.refresh(full=True)
+            return
         self.model.key(key)
         self.refresh()
 

@@ -569,7 +569,7 @@ class ChatModel:
         padding = [Line(" " * w) for _ in range(self._body_rows() - len(body))]
         # A conversation sits on the input line, as in any chat; the list hangs from the top.
         rows.extend([*padding, *body] if self.screen == "chat" else [*body, *padding])
-        rows.append(Line(fit(clean(self.notice) or self._hint(), w), "dim"))
+        rows.append(Line(fit(" " + clean(self.notice) if self.notice else self._hint(), w), "dim"))
         prompt = "> "
         room = w - cells(prompt) - 1
         before = tail(self.input[: self.pos], room)
