@@ -77,7 +77,6 @@ class ChatApp:
         self._clock = clock
         self._expiry: Any = None
         self._watched: frozenset[int] = frozenset()
-        self._watching = False
         self._refreshing: Any = None
         self._full = False
 
@@ -159,23 +158,20 @@ class ChatApp:
         """
         started = sorted(peer for peer, conv in self.model.convs.items() if conv.session_id)
         peers = frozenset(started[:MAX_WATCH])
-        if self._watching or peers == self._watched or self.model.state != "live":
+        if peers == self._watched or self.model.state != "live":
             return
-        self._watching = True
+        # Once per change of the set, failed or not: a refused watch is not retried per key.
+        self._watched = peers
 
         async def watch() -> None:
-            try:
-                reply = await self.client.watch(sorted(peers))
-                self._watched = peers
-                for user in field(reply, "users", ()) or ():
-                    self.model.on_presence(
-                        int(user.get("uid", 0)),
-                        bool(user.get("online")),
-                        int(user.get("last_seen") or 0),
-                    )
-                self.refresh()
-            finally:
-                self._watching = False
+            reply = await self.client.watch(sorted(peers))
+            for user in field(reply, "users", ()) or ():
+                self.model.on_presence(
+                    int(user.get("uid", 0)),
+                    bool(user.get("online")),
+                    int(user.get("last_seen") or 0),
+                )
+            self.refresh()
 
         self._run(watch(), "watch", quiet=True)
 
