@@ -1,7 +1,8 @@
 """
 C{imserver chat} for real: two instances in a private tmux server (fixed
 100x30 windows), driven by send-keys and read by capture-pane, against a
-real C{twistd -n imserver} (tests/harness.ServerProcess): a conversation
+real C{twistd -n imserver} (tests/harness.ServerProcess), over TCP and
+WebSocket: a conversation
 opened, a message with an unread badge, a reply, receipts, history paging,
 an instance restarted catching up, and a server restart the chats ride out.
 
@@ -111,8 +112,11 @@ class TerminalChatTests(TestCase):
         self.addCleanup(self.server.cleanup)
         self.server.start()
 
-    def chat(self, name: str, uid: int) -> None:
-        """Start C{imserver chat --uid} in session C{name} (the state file is per name)."""
+    def chat(self, name: str, uid: int, url: str | None = None) -> None:
+        """
+        Start C{imserver chat --uid} in session C{name} (the state file is per
+        name), on the config's TCP listener unless C{url} says otherwise.
+        """
         argv = [
             sys.executable,
             "-m",
@@ -126,6 +130,7 @@ class TerminalChatTests(TestCase):
             os.path.join(self.dir, f"{name}.json"),
             "--log",
             os.path.join(self.dir, f"{name}.log"),
+            *(["--url", url] if url else []),
         ]
         env = {
             "PYTHONPATH": REPO,
@@ -161,13 +166,13 @@ class TerminalChatTests(TestCase):
             ) from None
         return last[0]
 
-    async def live(self, name: str, uid: int) -> None:
-        self.chat(name, uid)
+    async def live(self, name: str, uid: int, url: str | None = None) -> None:
+        self.chat(name, uid, url)
         await self.see(name, rf"imserver chat · uid {uid} · .*● live")
 
     async def test_two_users_chat_with_badges_and_receipts(self) -> None:
         await self.live("alice", 1)
-        await self.live("bob", 2)
+        await self.live("bob", 2, self.server.ws_url)  # Bob over WebSocket
 
         self.tmux.type("alice", "/open 2")
         await self.see("alice", r"Chat with uid 2")
