@@ -2,9 +2,10 @@
 C{imserver chat} for real: two instances in a private tmux server (fixed
 100x30 windows), driven by send-keys and read by capture-pane, against a
 real C{twistd -n imserver} (tests/harness.ServerProcess), over TCP and
-WebSocket: a conversation
-opened, a message with an unread badge, a reply, receipts, history paging,
-an instance restarted catching up, and a server restart the chats ride out.
+WebSocket: a conversation opened, a message with an unread badge, a reply,
+receipts, typing and presence, history paging, an instance restarted
+catching up, a server restart the chats ride out, and a message typed
+offline that outlives its chat (the state file's outbox).
 
 Skipped without tmux, unless IMSERVER_TEST_BACKENDS=required (then failed).
 """
@@ -293,3 +294,31 @@ class TerminalChatTests(TestCase):
         await self.see("alice", r"● live")
         await self.see("alice", r"you: sent while offline  ✓")
         await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d sent while offline")
+
+    async def test_unsent_messages_outlive_the_chat(self) -> None:
+        await self.live("bob", 2)
+        await self.live("alice", 1)
+        self.tmux.type("alice", "/open 2")
+        await self.see("alice", r"beginning of the conversation")
+        self.server.stop()
+        await self.see("alice", r"○ (offline|connecting)")
+        self.tmux.type("alice", "kept in the outbox")
+        await self.see("alice", r"you: kept in the outbox  …")
+        self.tmux.type("alice", "/quit")
+        await within(eventually(lambda: self.tmux.dead("alice"), timeout=PATIENCE), PATIENCE + 5)
+        self.tmux.kill("alice")
+
+        # The state file kept it: the next run shows it waiting and sends it (same cid).
+        self.server.start()
+        await self.live("alice", 1)
+        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d kept in the outbox")
+        self.tmux.type("alice", "/open 2")
+        await self.see("alice", r"you: kept in the outbox  ✓")
+        self.assertEqual(self.tmux.screen("alice").count("kept in the outbox"), 1)
+
+    # Client._finish fails the live waiters before it stops the outbox, so a send
+    # waiting for the connection is answered `closed`, taken for done and dropped
+    # from the store. Remove once the SDK stops the outbox first.
+    test_unsent_messages_outlive_the_chat.todo = (  # type: ignore[attr-defined]
+        "imserver.client.Client.close() drops a send still waiting for the connection"
+    )

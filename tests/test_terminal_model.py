@@ -308,6 +308,27 @@ class ChatTests(SynchronousTestCase):
         m.send_failed(BOB, 2, "forbidden")
         self.assertIn("you: nope  ✗ forbidden", screen(m))
 
+    def test_sends_restored_from_an_earlier_run(self) -> None:
+        m = model()
+        m.restore_pending(BOB, "from before", "dev1.x.1")
+        m.restore_pending(BOB, "refused", "dev1.x.2")
+        m.open(BOB)
+        m.take_actions()
+        self.assertIn("you: from before  …", screen(m))
+        self.assertTrue(m.restored())
+        m.outbox_is(["dev1.x.1", "dev1.x.2"])  # still waiting: nothing to do
+        self.assertEqual(m.take_actions(), [])
+        m.apply_history(BOB, 0, {"msgs": [], "more": False})
+        self.assertNotIn("not sent", screen(m))
+        m.outbox_is([])  # both answered: the newest history shows what was stored
+        self.assertFalse(m.restored())
+        self.assertEqual(m.take_actions(), [LoadHistory(BOB)])
+        stored = msg(50, ME, BOB, "from before") | {"cid": "dev1.x.1"}
+        m.apply_history(BOB, 0, {"msgs": [stored], "more": False})
+        self.assertEqual(screen(m).count("from before"), 1)
+        self.assertIn("you: from before  ✓", screen(m))
+        self.assertIn("you: refused  ✗ not sent", screen(m))
+
     def test_enter_on_an_empty_line_sends_nothing(self) -> None:
         m = self.opened()
         type_line(m, "   ")
@@ -524,6 +545,35 @@ class TypingPresenceTests(SynchronousTestCase):
         self.emit("message", Event(msg=msg(21, BOB, ME, "there"), unread=1))
         self.assertNotIn("typing…", self.header())
 
+    def test_restored_sends_are_watched_leaving_the_outbox(self) -> None:
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        client = FakeClient()
+        client.outbox = [{"cid": "d.r.1", "to": BOB, "type": None, "body": "again"}]
+        m = ChatModel(ME, width=80, height=12, fmt_time=lambda ts: "09:00", now=clock.seconds)
+        views: list[View] = []
+        app = ChatApp(client, m, lambda v, full: views.append(v), clock=clock)
+        app.start()
+        m.open(BOB)
+        app.refresh()
+        clock.advance(0)
+        self.assertIn("you: again  …", "\n".join(line.text for line in views[-1].lines))
+        client.calls.clear()
+        clock.advance(1)
+        self.assertEqual(client.calls, [])
+        client.outbox = []
+        client.replies["history"] = {
+            "msgs": [msg(60, ME, BOB, "again") | {"cid": "d.r.1"}],
+            "more": False,
+        }
+        clock.advance(1)  # the poll sees it gone, the newest history page has it
+        clock.advance(0)
+        self.assertEqual([name for name, _ in client.calls], ["history"])
+        shown = "\n".join(line.text for line in views[-1].lines)
+        self.assertIn("you: again  ✓", shown)
+        self.assertEqual(clock.getDelayedCalls(), [])  # no more polling
+
     def test_presence_of_the_peers_in_the_list(self) -> None:
         self.assertEqual(self.client.calls[-1], ("watch", [BOB]))
         self.client.replies["watch"] = {"users": [{"uid": CAROL, "online": True, "last_seen": 7}]}
@@ -613,6 +663,8 @@ class FakeClient:
             "typing": {},
         }
         self.sends: list[Deferred[dict[str, Any]]] = []
+        #: The SDK's outbox: sends not answered yet ({cid, to, type, body}).
+        self.outbox: list[dict[str, Any]] = []
         self.started = self.closed = False
 
     def on(self, name: str, handler: Any) -> Any:

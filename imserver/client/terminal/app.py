@@ -30,6 +30,8 @@ log = Logger()
 CONVS_PAGE = 100
 #: The errors after which a read is sent again (when the screen shows it again).
 RETRY_READ = frozenset({"timeout", "disconnected", "unavailable", "internal", "rate_limited"})
+#: Seconds between looks at the outbox while sends of an earlier run are in it.
+OUTBOX_POLL = 1.0
 #: The most uids one watch may name (docs/protocol.md, "presence, watch").
 MAX_WATCH = 500
 
@@ -78,6 +80,7 @@ class ChatApp:
         self._expiry: Any = None
         self._watched: frozenset[int] = frozenset()
         self._refreshing: Any = None
+        self._polling: Any = None
         self._full = False
 
     def start(self) -> None:
@@ -96,6 +99,8 @@ class ChatApp:
             ("presence", self._on_presence),
         ):
             self._unsubscribe.append(self.client.on(name, handler))
+        for entry in self.client.outbox:
+            self.model.restore_pending(int(entry["to"]), entry["body"], str(entry["cid"]))
         self.resized()
         self.client.start()
 
@@ -127,6 +132,8 @@ class ChatApp:
     def _refresh_now(self) -> None:
         self._refreshing = None
         full, self._full = self._full, False
+        if self.model.restored():
+            self.model.outbox_is(entry["cid"] for entry in self.client.outbox)
         for action in self.model.take_actions():
             self._do(action)
         if self._quitting:
@@ -134,6 +141,13 @@ class ChatApp:
         self._draw(self.model.render(), full)
         self._watch_peers()
         self._schedule_expiry()
+        if self.model.restored() and self._clock is not None and self._polling is None:
+            # Nothing tells when a restored send is answered: look at the outbox again.
+            self._polling = self._clock.callLater(OUTBOX_POLL, self._poll_outbox)
+
+    def _poll_outbox(self) -> None:
+        self._polling = None
+        self.refresh()
 
     def _schedule_expiry(self) -> None:
         """Redraw when a typing indicator goes out (one timer, for the first)."""
@@ -339,7 +353,7 @@ class ChatApp:
         if self._quitting:
             return
         self._quitting = True
-        for timer in (self._expiry, self._refreshing):
+        for timer in (self._expiry, self._refreshing, self._polling):
             if timer is not None and timer.active():
                 timer.cancel()
         for unsubscribe in self._unsubscribe:

@@ -98,12 +98,19 @@ class View:
 
 @attrs.define
 class Pending:
-    """A message typed here that the server has not answered yet (or refused)."""
+    """
+    A message typed here that the server has not answered yet (or refused).
+    One the SDK's outbox kept from an earlier run has its C{cid} (its answer
+    is not ours to wait for: it is found by cid in history once sent).
+    """
 
     local_id: int
     body: str
     ts: int
     error: str = ""
+    cid: str = ""
+    #: A restored send that left the outbox: its message is looked for in history.
+    left: bool = False
 
 
 @attrs.define
@@ -257,6 +264,11 @@ class ChatModel:
         msgs = list(reply.get("msgs") or ())
         for msg in msgs:
             self._store(conv, msg)
+        if not before:
+            # A restored send that left the outbox is stored by now, or was refused.
+            for pending in conv.pending:
+                if pending.left and not pending.error:
+                    pending.error = "not sent"
         if before or not conv.loaded:
             conv.more = bool(reply.get("more"))
         conv.loaded = True
@@ -384,6 +396,26 @@ class ChatModel:
         }
         if msg["msg_id"] not in conv.messages:
             self._store(conv, msg)
+
+    def restore_pending(self, peer: int, body: Any, cid: str) -> None:
+        """A send from an earlier run that the SDK's outbox sends again (same cid)."""
+        self._local_ids += 1
+        pending = Pending(self._local_ids, body_text(body), int(time.time() * 1000), cid=cid)
+        self.conv(peer).pending.append(pending)
+
+    def restored(self) -> bool:
+        """Whether a restored send is still in the outbox (the app watches it leave)."""
+        return any(p.cid and not p.left for c in self.convs.values() for p in c.pending)
+
+    def outbox_is(self, cids: Iterable[str]) -> None:
+        """The SDK's outbox now: the restored sends gone from it are looked for in history."""
+        still = set(cids)
+        for conv in self.convs.values():
+            gone = [p for p in conv.pending if p.cid and not p.left and p.cid not in still]
+            for pending in gone:
+                pending.left = True
+            if gone and conv.loaded and not conv.loading:
+                self.actions.append(LoadHistory(conv.peer))
 
     def send_failed(self, peer: int, local_id: int, error: str) -> None:
         for pending in self.conv(peer).pending:
@@ -687,6 +719,9 @@ class ChatModel:
         msg_id = int(msg.get("msg_id") or 0)
         if not msg_id:
             return
+        cid = msg.get("cid")
+        if cid and msg.get("from") == self.me:
+            conv.pending = [p for p in conv.pending if p.cid != cid]
         conv.messages[msg_id] = msg
         if msg_id >= conv.last_msg_id:
             conv.last_msg_id = msg_id
