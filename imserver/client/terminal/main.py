@@ -44,17 +44,8 @@ def chat(
     # The Client keeps its device name (a new one the first time), seq and outbox there.
     client = make_client(reactor, url, token, args.device, JSONFileStore(state_path))
     model = ChatModel(uid, device=client.device, now=reactor.seconds)
-    app: ChatApp | None = None
-
-    def on_key(key: str) -> None:
-        if app is not None:
-            app.key(key)
-
-    def on_close() -> None:
-        if app is not None:
-            app.quit()
-
-    terminal = TerminalProtocol(reactor, on_key, on_close)
+    # Keys and the end of stdin go to the app (made next: they come once StandardIO runs).
+    terminal = TerminalProtocol(reactor, lambda key: app.key(key), lambda: app.quit())
     app = ChatApp(client, model, terminal.draw, terminal.size, nickname=args.nick, clock=reactor)
     StandardIO(terminal, reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", terminal.restore)
