@@ -206,14 +206,15 @@ class _Connection:
         self._timer = None
         if self.gone or self._heartbeat is None:
             return
+        # The same sums as _schedule's (a difference could round below them and spin).
         now = self._clock.seconds()
-        if now - self.last_received >= self._heartbeat + self._client.ping_timeout:
+        if now >= self.last_received + self._heartbeat + self._client.ping_timeout:
             self.drop("timeout: nothing received")
             return
         if self._ping_deadline is not None and now >= self._ping_deadline:
             self.drop("timeout: ping not answered")
             return
-        if self._ping_deadline is None and now - self.last_sent >= self._heartbeat:
+        if self._ping_deadline is None and now >= self.last_sent + self._heartbeat:
             self._ping_deadline = now + self._client.ping_timeout
 
             def answered(_: object) -> None:
