@@ -231,6 +231,25 @@ class ClientE2EMixin:
         self.assertEqual((first.state, second.state), ("kicked", "live"))
         self.assertEqual(states[-1].state, "kicked")
 
+    async def test_own_devices(self) -> None:
+        """What one device sends shows on the user's other device, with from = own uid."""
+        server = self.server()
+        a_uid, b_uid = next(_uids), next(_uids)
+        phone = self.client(server, a_uid, device="phone")
+        desktop = self.client(server, a_uid, device="desktop")
+        b = self.client(server, b_uid)
+        mine, theirs = self.collect(desktop, "message"), self.collect(b, "message")
+        phone_msgs = self.collect(phone, "message")
+        await self.live(phone, desktop, b)
+        sent = await within(phone.send(b_uid, "from the phone"))
+        await eventually(lambda: mine and theirs)
+        self.assertEqual((mine[0].msg["from"], mine[0].msg["msg_id"]), (a_uid, sent["msg_id"]))
+        self.assertEqual(mine[0].unread, None)
+        await within(b.send(a_uid, "to both"))
+        await eventually(lambda: len(mine) == 2 and phone_msgs)
+        self.assertEqual(self.bodies(phone_msgs), ["to both"])
+        self.assertEqual(self.bodies(mine), ["from the phone", "to both"])
+
     async def test_heartbeat(self) -> None:
         """Pings keep an idle client connected; a frozen server is noticed by the ping timeout."""
         server = ServerProcess({"server": {"heartbeat_seconds": 1, "idle_timeout_seconds": 3}})
