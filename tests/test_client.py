@@ -965,3 +965,28 @@ class RandomisedStreamTests(ClientTestCase):
             self.server = FakeServer()
             self.clock = Clock()
             self.run_seed(seed)
+
+
+class StreamPositionTests(TestCase):
+    def test_position(self) -> None:
+        from imserver.client.stream import Position
+
+        p = Position(5)
+        self.assertFalse(p.note(5))
+        self.assertTrue(p.note(7))
+        self.assertEqual((p.seq, p.gap), (5, True))
+        self.assertFalse(p.note(7))
+        self.assertTrue(p.note(6))
+        self.assertEqual((p.seq, p.gap), (7, False))
+        p.note(10)
+        p.advance_to(9)  # a catch-up page's seq (over own sends)
+        self.assertEqual((p.seq, p.gap), (10, False))
+
+    def test_lru_keeps_the_last(self) -> None:
+        from imserver.client.stream import DEDUPE_SIZE, LRU
+
+        self.assertEqual(DEDUPE_SIZE, 10_000)
+        lru = LRU(3)
+        for key in (1, 2, 3, 1, 4):
+            lru.put(key)
+        self.assertEqual([k in lru for k in (1, 2, 3, 4)], [True, False, True, True])

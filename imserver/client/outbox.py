@@ -33,11 +33,6 @@ def random_id(rng: RandomSource, length: int) -> str:
     return "".join(_ALPHABET[int(rng.random() * len(_ALPHABET)) % 36] for _ in range(length))
 
 
-def failure(code: str, message: str) -> RequestFailed:
-    """A client-side error, shaped like the server's."""
-    return RequestFailed({"t": "error", "code": code, "message": message})
-
-
 @attrs.define(eq=False)
 class Entry:
     cid: str
