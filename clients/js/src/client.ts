@@ -435,7 +435,7 @@ export class Client {
       }
     }
     this.setState(state, state === "closed" ? {} : { reason: state === "kicked" ? error.message : error.code });
-    conn?.close();
+    conn?.close(error);
     for (const w of this.waiters.splice(0)) {
       this.timers.clearTimeout(w.timer);
       w.reject(error);
