@@ -396,20 +396,21 @@ export class Client {
   }
 
   private connectionLost(reason: string): void {
+    if (TERMINAL.has(this._state)) return;
+    this.scheduleReconnect(reason, this.goingAway);
+  }
+
+  /** Drop the connection (if any) and connect again after the backoff delay. */
+  private scheduleReconnect(reason: string, quick = false): void {
+    if (TERMINAL.has(this._state)) return;
+    this.gen++;
+    const conn = this.conn;
     this.conn = undefined;
     this.authed = false;
     this.pingInFlight = false;
     this.stopTimer("heartbeatTimer");
     this.stopTimer("goawayTimer");
-    if (TERMINAL.has(this._state)) return;
-    this.scheduleReconnect(reason, this.goingAway);
-  }
-
-  private scheduleReconnect(reason: string, quick = false): void {
-    if (TERMINAL.has(this._state)) return;
-    this.gen++;
-    this.conn?.close();
-    this.conn = undefined;
+    conn?.close();
     const base = this.opts.backoffBase ?? 0.5;
     const max = this.opts.backoffMax ?? 30;
     let delay: number;

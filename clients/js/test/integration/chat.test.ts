@@ -253,6 +253,58 @@ for (const transport of ["tcp", "ws"] as const) {
       }
     });
 
+    test("two devices of one user and a peer: own sends, edits, recalls, typing, presence", async () => {
+      const [ua, ub] = [newUid(), newUid()];
+      const phone = makeClient(url(), ua, { device: "phone" });
+      const desk = makeClient(url(), ua, { device: "desk" });
+      const b = makeClient(url(), ub);
+      const all = [phone, desk, b];
+      try {
+        for (const r of all) await r.client.start();
+        for (const r of all) await r.client.waitLive(30);
+        const edits: unknown[] = [];
+        const recalls: bigint[] = [];
+        b.client.on("edit", (e) => edits.push(e.msg.body));
+        desk.client.on("edit", (e) => edits.push(e.msg.body));
+        b.client.on("recall", (e) => recalls.push(e.msg_id));
+        const sent = await phone.client.send(ub, "from the phone");
+        await waitFor(() => desk.messages.length === 1 && b.messages.length === 1, "both see it");
+        assert.equal(desk.messages[0]!.msg.from, ua);
+        assert.equal(desk.messages[0]!.msg.msg_id, sent.msg_id);
+        assert.equal(phone.messages.length, 0);
+
+        const edited = await phone.client.edit(sent.msg_id, "edited on the phone");
+        assert.equal(typeof edited.edited, "number");
+        await waitFor(() => edits.length === 2, "the edit reaches the peer and the other device");
+        assert.deepEqual(edits, ["edited on the phone", "edited on the phone"]);
+
+        const typing: unknown[] = [];
+        b.client.on("typing", (e) => typing.push(e));
+        await phone.client.typing(ub, true);
+        await waitFor(() => typing.length === 1, "typing");
+        assert.deepEqual(typing[0], { from: ua, active: true });
+
+        const presence: unknown[] = [];
+        b.client.on("presence", (e) => presence.push(e));
+        const watched = await b.client.watch([ua]);
+        assert.equal(watched.users[0]!.online, true);
+
+        await phone.client.recall(sent.msg_id);
+        await waitFor(() => recalls.length === 1, "the recall");
+        assert.equal(recalls[0], sent.msg_id);
+        const history = await b.client.history({ session_id: sent.session_id });
+        assert.equal(history.msgs.length, 0);
+
+        phone.client.close();
+        desk.client.close();
+        await waitFor(() => presence.some((p) => (p as { online: boolean }).online === false), "offline presence");
+        const devices = await b.client.devices();
+        assert.equal(devices.devices.length, 1);
+      } finally {
+        for (const r of all) r.client.close();
+      }
+    });
+
     test("a refused token fails, unless the token is a function", async () => {
       const ua = newUid();
       const bad = new Client({ url: url(), token: "not.a.token", backoffBase: 0.05 });
