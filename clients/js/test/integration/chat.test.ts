@@ -180,6 +180,10 @@ for (const transport of ["tcp", "ws"] as const) {
         faults.loseReplyTo = "send";
         const sending = a.client.send(ub, "exactly once");
         assert.equal(a.client.outbox.length, 1);
+        // Stored and delivered, but alice never heard: then her connection drops.
+        await waitFor(() => b.messages.length === 1, "bob gets it");
+        assert.equal(a.client.outbox.length, 1);
+        faults.drop();
         const result = await sending;
         assert.equal(result.dup, true);
         const sends = faults.sentOf("send");
@@ -188,7 +192,6 @@ for (const transport of ["tcp", "ws"] as const) {
         assert.match(String(sends[0]!.cid), /^[^.]+\.[0-9a-z]{8}\.1$/);
         assert.ok(String(sends[0]!.cid).length <= 64);
         assert.equal(a.client.outbox.length, 0);
-        await waitFor(() => b.messages.length === 1, "bob gets it");
         const history = await b.client.history({ peer: ua });
         assert.equal(history.msgs.length, 1);
         assert.equal(history.msgs[0]!.msg_id, result.msg_id);

@@ -1,7 +1,7 @@
 /**
  * A Connector around the real one that a test can break: refuse connects,
- * drop the connection, or lose the replies after a given request (the
- * request reaches the server, its answer never reaches the client).
+ * drop the connection, or go deaf after a given request (the request
+ * reaches the server, its answer never reaches the client).
  */
 
 import { type Frame, decodeBody } from "../../src/codec.js";
@@ -13,7 +13,7 @@ export class FaultyConnector {
   /** Every frame the client sent, decoded, over all connections. */
   readonly sent: Frame[] = [];
   private current: Transport | undefined;
-  /** When set: a request with this op is sent, then the connection goes deaf and drops. */
+  /** When set: a request with this op is sent, then the connection goes deaf. */
   loseReplyTo: string | undefined;
 
   constructor(private readonly inner: Connector) {}
@@ -37,10 +37,10 @@ export class FaultyConnector {
         this.sent.push(frame);
         transport.send(body);
         if (this.loseReplyTo !== undefined && frame.t === this.loseReplyTo) {
+          // From now on nothing reaches the client; the test drops the
+          // connection once the server has done the request.
           this.loseReplyTo = undefined;
           deaf = true;
-          // Long enough for the server to commit; its reply is dropped.
-          setTimeout(() => transport.close(), 500);
         }
       },
       close: () => transport.close(),
