@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
+import * as browser from "../../src/index.js";
 import { Client, ImError, type MessageEvent, type StateEvent, nodeConnector } from "../../src/node.js";
 import { FaultyConnector } from "./faults.js";
 import { ServerProcess, waitFor } from "./server.js";
@@ -334,3 +335,41 @@ for (const transport of ["tcp", "ws"] as const) {
     });
   });
 }
+
+describe("the browser entry point over the platform's WebSocket", () => {
+  const skip = typeof (globalThis as { WebSocket?: unknown }).WebSocket !== "function" && "no global WebSocket in this node";
+  test("chats with a Node client", { skip }, async () => {
+    const [ua, ub] = [newUid(), newUid()];
+    const a = new browser.Client({ url: server.wsUrl, token: async () => server.token(ua), backoffBase: 0.1 });
+    const b = makeClient(server.tcpUrl, ub);
+    const got: browser.MessageEvent[] = [];
+    a.on("message", (e) => got.push(e));
+    try {
+      await a.start();
+      await b.client.start();
+      await a.waitLive(30);
+      await b.client.waitLive(30);
+      const sent = await a.send(ub, "from the browser API");
+      await waitFor(() => b.messages.length === 1, "the node client gets it");
+      assert.equal(b.messages[0]!.msg.msg_id, sent.msg_id);
+      await b.client.send(ua, { text: "back", at: 2n ** 40n });
+      await waitFor(() => got.length === 1, "the browser client gets the answer");
+      assert.deepEqual(got[0]!.msg.body, { text: "back", at: 2 ** 40 });
+      const reads: bigint[] = [];
+      b.client.on("read", (e) => reads.push(e.msg_id));
+      await a.read(got[0]!.msg.session_id, got[0]!.msg.msg_id);
+      await waitFor(() => reads.length === 1, "the receipt");
+      // A server restart: a goaway, then a reconnect and catch-up.
+      await server.stop();
+      await server.start();
+      await a.waitLive(60);
+      await b.client.waitLive(60);
+      await b.client.send(ua, "after the restart");
+      await waitFor(() => got.length === 2, "the message after the restart");
+      assert.equal(got[1]!.msg.body, "after the restart");
+    } finally {
+      a.close();
+      b.client.close();
+    }
+  });
+});
