@@ -9,7 +9,7 @@ import { type Timers, realTimers } from "./timers.js";
 import type { Connector, Transport } from "./transport.js";
 
 export interface ConnectionOptions {
-  /** Every frame without an `id` (and error frames whose id is unknown). */
+  /** Every frame that is not a reply (pushes have no `id`). */
   onPush?: (frame: Frame) => void;
   /** Once, when the transport closes. */
   onClose?: (error?: Error) => void;
@@ -115,10 +115,11 @@ export class Connection {
       return;
     }
     const id = frame.id;
-    if (typeof id === "number" && (frame.t === "ok" || frame.t === "error")) {
-      const entry = this.pending.get(id);
+    if (id !== undefined && (frame.t === "ok" || frame.t === "error")) {
+      // A reply; one whose request timed out (or was never ours) is dropped.
+      const entry = typeof id === "number" ? this.pending.get(id) : undefined;
       if (entry !== undefined) {
-        this.pending.delete(id);
+        this.pending.delete(id as number);
         if (entry.timer !== undefined) this.timers.clearTimeout(entry.timer);
         if (frame.t === "ok") {
           const { t: _t, id: _id, ...result } = frame;
@@ -128,8 +129,8 @@ export class Connection {
             new ImError(String(frame.code ?? "internal"), String(frame.message ?? frame.code)),
           );
         }
-        return;
       }
+      return;
     }
     this.options.onPush?.(frame);
   }
