@@ -990,3 +990,38 @@ class StreamPositionTests(TestCase):
         for key in (1, 2, 3, 1, 4):
             lru.put(key)
         self.assertEqual([k in lru for k in (1, 2, 3, 4)], [True, False, True, True])
+
+
+class InFlightTests(ClientTestCase):
+    def test_in_flight_at_kick_and_close(self) -> None:
+        store = MemoryStore()
+        client, conn = self.started(store=store)
+        pending = client.unread()
+        sent = client.send(PEER, "kept")
+        cid = conn.take("send")["cid"]
+        conn.push(t="kick", reason="logged_out")
+        conn.lose()
+        self.assertEqual(self.failureResultOf(pending, RequestFailed).value.code, "kicked")
+        self.assertEqual(self.failureResultOf(sent, RequestFailed).value.code, "kicked")
+        self.assertEqual([e["cid"] for e in store.load()["outbox"]], [cid])
+
+        other, conn = self.started(device="dev2")
+        pending = other.unread()
+        other.close()
+        self.assertEqual(self.failureResultOf(pending, RequestFailed).value.code, "closed")
+
+    def test_unanswered_send_is_sent_again(self) -> None:
+        """No answer within request_timeout on a live connection: again, same cid."""
+        client, conn = self.started(request_timeout=15)
+        d = client.send(PEER, "stuck")
+        first = conn.take("send")
+        self.clock.advance(15)
+        self.assertEqual(conn.ops(), [])
+        self.clock.advance(0.25)  # the backoff delay (random 0.5 of 0.5 s)
+        again = conn.take("send")
+        self.assertEqual(again["cid"], first["cid"])
+        conn.reply(first, msg_id=1, session_id=1, ts=1, dup=False)  # late: ignored
+        self.assertNoResult(d)
+        conn.reply(again, msg_id=1, session_id=1, ts=1, dup=True)
+        self.assertEqual(self.result(d)["dup"], True)
+        self.assertEqual(client.state, "live")

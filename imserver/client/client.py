@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    TimeoutError,
     fail,
     maybeDeferred,
     succeed,
@@ -244,7 +245,7 @@ class Client:
             done.callback(None)
 
         conn.proto.close().addBoth(closed)
-        conn.gone_now()
+        conn.gone_now(client_error("closed", "the client is closed"))
         return done
 
     def on(self, name: str, handler: Handler) -> Callable[[], None]:
@@ -372,7 +373,13 @@ class Client:
         fields: dict[str, Any] = {"to": entry.to, "cid": entry.cid, "body": entry.body}
         if entry.type is not None:
             fields["type"] = entry.type
-        reply = await conn.request("send", **fields)
+        sending = conn.request("send", **fields)
+        # Unanswered on a live connection (a stuck backend): sent again, same cid.
+        sending.addTimeout(self.request_timeout, self.reactor)
+        try:
+            reply = await sending
+        except TimeoutError as e:
+            raise client_error("timeout", f"no answer within {self.request_timeout}s") from e
         return self._result("send", reply)
 
     def _when_live(self, timeout: float | None) -> Deferred[Connection]:

@@ -84,7 +84,10 @@ class Connection:
                 if result.check(RequestFailed):
                     self.last_received = self._clock.seconds()
                 elif result.check(ConnectionClosed):
-                    result = Failure(client_error("disconnected", "the connection closed"))
+                    if self.kicked is not None:
+                        result = Failure(client_error("kicked", f"kicked: {self.kicked}"))
+                    else:
+                        result = Failure(client_error("disconnected", "the connection closed"))
             else:
                 self.last_received = self._clock.seconds()
             if outer.called:
@@ -148,15 +151,24 @@ class Connection:
             (abort or transport.loseConnection)()
         self.gone_now()
 
-    def gone_now(self) -> None:
+    def gone_now(self, error: RequestFailed | None = None) -> None:
+        """
+        Gone: the requests in flight fail with C{error}, by default
+        C{kicked} after a kick and C{disconnected} otherwise.
+        """
         if self.gone:
             return
         self.gone = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if error is None:
+            if self.kicked is not None:
+                error = client_error("kicked", f"kicked: {self.kicked}")
+            else:
+                error = client_error("disconnected", "the connection closed")
         inflight, self._inflight = self._inflight, set()
         for d in inflight:
             if not d.called:
-                d.errback(client_error("disconnected", "the connection closed"))
+                d.errback(error)
         self.lost.callback(None)

@@ -20,7 +20,7 @@ from imserver.client.protocol import RequestFailed
 log = Logger()
 
 #: Answers after which the same send (same cid) is tried again after a delay.
-RETRY_LATER = frozenset({"unavailable", "internal", "rate_limited"})
+RETRY_LATER = frozenset({"unavailable", "internal", "rate_limited", "timeout"})
 #: The connection went away: try again as soon as the client is live again.
 RETRY_NOW = frozenset({"disconnected"})
 #: The client stopped: the entry stays (and in the store) but nobody sends it.
@@ -129,8 +129,10 @@ class Outbox:
             while queue and self._stopped is None:
                 entry = queue[0]
                 outcome = await self._send(entry)
-                if self._stopped is not None:
-                    return
+                if self._stopped is not None or (
+                    isinstance(outcome, RequestFailed) and outcome.code in STOPPED
+                ):
+                    return  # stop() rejects the waiters; the entries stay
                 queue.pop(0)
                 if not queue:
                     del self._queues[peer]
