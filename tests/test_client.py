@@ -451,6 +451,7 @@ class ReconnectTests(ClientTestCase):
         conn.lose()
         self.successResultOf(d)
         self.assertEqual(client.state, "closed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(3600)
         self.assertEqual(self.server.attempts, [])
         self.assertEqual(self.failureResultOf(client.ping(), RequestFailed).value.code, "closed")
@@ -1025,3 +1026,31 @@ class InFlightTests(ClientTestCase):
         conn.reply(again, msg_id=1, session_id=1, ts=1, dup=True)
         self.assertEqual(self.result(d)["dup"], True)
         self.assertEqual(client.state, "live")
+
+    def test_kick_without_close(self) -> None:
+        client, conn = self.started()
+        conn.push(t="kick", reason="revoked")
+        self.assertEqual(client.state, "kicked")
+        self.assertTrue(conn.transport.disconnecting)
+        self.clock.advance(3600)
+        self.assertEqual(self.server.attempts, [])
+
+    def test_goaway_without_close(self) -> None:
+        client, conn = self.started()
+        conn.push(t="goaway", reason="shutdown")
+        self.assertEqual(client.state, "live")
+        self.clock.advance(5)
+        self.assertEqual(client.state, "offline")
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertLess(self.states[-1].retry_in, 1)
+
+    def test_close_ends_every_delay(self) -> None:
+        """The reconnect's delay and the outbox's retry delay both end with close()."""
+        client, conn = self.started()
+        d = client.send(PEER, "x")
+        conn.error(conn.take("send"), "unavailable")  # the outbox waits 0.25 s
+        conn.lose()  # the reconnect waits too
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        client.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.failureResultOf(d, RequestFailed).value.code, "closed")

@@ -80,6 +80,7 @@ CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
 DEFAULT_HEARTBEAT = 30.0
 CLOSE_TIMEOUT = 5.0
+GOAWAY_CLOSE = 5.0
 
 
 def _version() -> str:
@@ -155,7 +156,7 @@ class Client:
         self._started = False
         self._conn: Connection | None = None
         self._opening: Deferred[Any] | None = None
-        self._sleeping: tuple[Deferred[None], IDelayedCall] | None = None
+        self._sleeping: dict[Deferred[None], IDelayedCall] = {}
         self._live_waiters: list[Deferred[Connection]] = []
         self._handlers: dict[str, list[Handler]] = {}
 
@@ -605,11 +606,15 @@ class Client:
         self._emit(Push(dict(frame)))
         t = frame.get("t")
         if t == "kick":
+            # Kicked now, whether or not the server's close follows.
             conn.kicked = str(frame.get("reason", ""))
             self._handle(conn, frame)
+            conn.drop("kicked")
             return
         if t == "goaway":
             conn.goaway = True
+            # The server closes right after; close ourselves if it does not.
+            conn.drop_after(GOAWAY_CLOSE, "goaway")
             return
         if conn.held is not None:
             conn.held.append(frame)
@@ -698,21 +703,19 @@ class Client:
         self._save()
 
     def _sleep(self, seconds: float) -> Deferred[None]:
+        """A delay (the reconnect's, the outbox's retries) that close() ends at once."""
         d: Deferred[None] = Deferred()
-        call = self.reactor.callLater(seconds, d.callback, None)
-        self._sleeping = (d, call)
+        self._sleeping[d] = self.reactor.callLater(seconds, d.callback, None)
 
         def done(result: object) -> object:
-            if self._sleeping is not None and self._sleeping[0] is d:
-                self._sleeping = None
+            self._sleeping.pop(d, None)
             return result
 
         return d.addBoth(done)
 
     def _wake(self) -> None:
-        if self._sleeping is not None:
-            d, call = self._sleeping
-            self._sleeping = None
+        sleeping, self._sleeping = self._sleeping, {}
+        for d, call in sleeping.items():
             if call.active():
                 call.cancel()
                 d.callback(None)

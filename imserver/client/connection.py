@@ -59,6 +59,7 @@ class Connection:
         self._heartbeat: float | None = None
         self._ping_deadline: float | None = None
         self._timer: IDelayedCall | None = None
+        self._drop_timer: IDelayedCall | None = None
         self._inflight: set[Deferred[dict[str, Any]]] = set()
         proto.on_push = self._push
         proto.closed.addBoth(self._closed)
@@ -139,6 +140,11 @@ class Connection:
             self.request("ping").addBoth(answered)
         self._schedule()
 
+    def drop_after(self, seconds: float, reason: str) -> None:
+        """Drop it unless it is gone by then (the server said it closes)."""
+        if not self.gone and self._drop_timer is None:
+            self._drop_timer = self._clock.callLater(seconds, self.drop, reason)
+
     def drop(self, reason: str) -> None:
         """Close it now, without waiting for the transport (a dead peer may never answer)."""
         if self.gone:
@@ -159,9 +165,10 @@ class Connection:
         if self.gone:
             return
         self.gone = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._drop_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._drop_timer = None
         if error is None:
             if self.kicked is not None:
                 error = client_error("kicked", f"kicked: {self.kicked}")
