@@ -195,6 +195,26 @@ class ClientE2EMixin:
         await eventually(lambda: replayed)
         self.assertEqual(self.bodies(replayed), ["new"])
 
+    async def test_catch_up_many_pages(self) -> None:
+        """600 messages while away: two catch-up pages, six sync pages, each message once."""
+        server = ServerProcess({"limits": {"send_per_second": 100_000, "send_burst": 100_000}})
+        self.addCleanup(server.cleanup)
+        server.start()
+        a_uid, b_uid = next(_uids), next(_uids)
+        store = MemoryStore()
+        a, b = self.client(server, a_uid), self.client(server, b_uid, store=store)
+        await self.live(a, b)
+        await within(b.close())
+        bodies = [f"m{i}" for i in range(600)]
+        sends = [a.send(b_uid, body) for body in bodies]
+        for d in sends:
+            await within(d, 60)
+        again = self.client(server, b_uid, store=store)
+        msgs = self.collect(again, "message")
+        await self.live(again)
+        self.assertEqual(self.bodies(msgs), bodies)
+        self.assertEqual(again.seq, store.load()["seq"])
+
     async def test_offline_by_disconnect(self) -> None:
         """The same device, reconnecting by itself after the server dropped it."""
         server = self.server()
