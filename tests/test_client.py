@@ -451,6 +451,7 @@ class ReconnectTests(ClientTestCase):
         conn.lose()
         self.successResultOf(d)
         self.assertEqual(client.state, "closed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(3600)
         self.assertEqual(self.server.attempts, [])
         self.assertEqual(self.failureResultOf(client.ping(), RequestFailed).value.code, "closed")
@@ -801,3 +802,255 @@ class MoreTests(ClientTestCase):
         typing = [e for e in self.events if e.name == "typing"]
         self.assertEqual((typing[0].from_, typing[0].active), (PEER, True))
         self.assertEqual((got[0].session_id, got[0].msg_id, got[0].by), (99, 5, PEER))
+
+
+class RandomisedStreamTests(ClientTestCase):
+    """
+    A fake server that publishes a stream, pushes it out of order, twice or
+    not at all, loses connections (also between a send's commit and its
+    reply) and answers catchup / sync / ack / send as the real one: every
+    message is emitted exactly once, acks never name a seq the client does
+    not have contiguously, the client ends at the head, and every send is
+    stored once, in order per peer, and resolves with what was stored.
+    """
+
+    def run_seed(self, seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        total = 80
+        self.random = FixedRandom(0.5)
+        client = self.make()
+        client.start()
+        #: The user's stream: seq -> an incoming msg_id, or None for an own send.
+        stream: dict[int, int | None] = {}
+        unacked: set[int] = set()
+        to_push: list[int] = []
+        stored: dict[str, tuple[int, int]] = {}
+        stored_order: dict[int, list[str]] = {PEER: [], PEER + 1: []}
+        sent_order: dict[int, list[str]] = {PEER: [], PEER + 1: []}
+        results: list[tuple[str, Deferred[Any]]] = []
+        conn: FakeConn | None = None
+
+        def head() -> int:
+            return len(stream)
+
+        def publish() -> None:
+            seq = head() + 1
+            stream[seq] = 1000 + seq
+            unacked.add(seq)
+            if rng.random() < 0.85:  # else the push is lost: a gap
+                to_push.insert(rng.randint(0, len(to_push)), seq)
+
+        def down(c: FakeConn | None) -> bool:
+            return c is None or c.proto.transport.disconnecting
+
+        def lose(c: FakeConn) -> None:
+            c.lose()
+            c.transport.disconnecting = True
+            to_push.clear()
+
+        def serve(c: FakeConn) -> None:
+            for frame in c.frames():
+                if down(c):
+                    return
+                t = frame["t"]
+                if t == "auth":
+                    c.reply(frame, uid=UID, heartbeat=30.0, seq=frame["since"], head=head())
+                elif t == "catchup":
+                    after = frame["after"]
+                    upto = min(head(), after + rng.randint(1, 7))
+                    events = [
+                        msg(stream[s], seq=s)
+                        for s in range(after + 1, upto + 1)
+                        if stream[s] is not None  # own sends are left out
+                    ]
+                    c.reply(frame, events=events, seq=upto, more=upto < head())
+                elif t == "sync":
+                    some = sorted(s for s in unacked if rng.random() < 0.5)
+                    c.reply(frame, msgs=[msg(1000 + s) for s in some], more=False)
+                elif t == "ack":
+                    self.assertLessEqual(frame.get("seq", 0), client.seq)
+                    for mid in frame.get("msg_ids", []):
+                        unacked.discard(mid - 1000)
+                    c.reply(frame)
+                elif t == "ping":
+                    c.reply(frame, server_time=0)
+                elif t == "send":
+                    cid = frame["cid"]
+                    r = rng.random()
+                    if r < 0.1:
+                        lose(c)  # before the commit
+                        return
+                    if r < 0.2:
+                        c.error(frame, "unavailable")
+                        continue
+                    dup = cid in stored
+                    if not dup:
+                        stream[head() + 1] = None
+                        stored[cid] = (5000 + head(), head())
+                        stored_order[frame["to"]].append(cid)
+                    if r < 0.3:
+                        lose(c)  # committed, the reply lost
+                        return
+                    msg_id, seq = stored[cid]
+                    c.reply(frame, msg_id=msg_id, session_id=1, ts=1, dup=dup, seq=seq)
+
+        for step in range(600):
+            if step % 15 == 0 and len(results) < 20:
+                peer = PEER + rng.randint(0, 1)
+                d = client.send(peer, f"s{len(results)}")
+                cid = [e["cid"] for e in client.outbox if e["to"] == peer][-1]
+                sent_order[peer].append(cid)
+                results.append((cid, d))
+            if down(conn):
+                if self.server.attempts:
+                    if rng.random() < 0.2:
+                        self.server.refuse()
+                    else:
+                        conn = self.server.accept()
+                self.clock.advance(rng.choice([0.1, 0.5, 2]))
+                if conn is not None and not down(conn):
+                    serve(conn)
+                continue
+            assert conn is not None
+            action = rng.random()
+            if action < 0.35 and head() < total:
+                publish()
+            elif action < 0.7 and to_push:
+                s = to_push.pop(0)
+                conn.push(**msg(1000 + s, seq=s))
+                if rng.random() < 0.1:
+                    conn.push(**msg(1000 + s, seq=s))
+            elif action < 0.75:
+                lose(conn)
+            else:
+                self.clock.advance(rng.choice([0.2, 1.0, 3.0]))
+            if not down(conn):
+                serve(conn)
+        # Quiet: publish the rest (each pushed: a lost push shows as a gap once a
+        # later one arrives), let the gap timer, catch-up and the outbox finish.
+        while head() < total:
+            seq = head() + 1
+            stream[seq] = 1000 + seq
+            unacked.add(seq)
+            to_push.append(seq)
+        quiet = random.Random(seed + 1_000_000)
+        rng.random = lambda: 0.5 + quiet.random() / 2  # type: ignore[method-assign]
+        for _ in range(300):
+            done = all(d.called for _, d in results)
+            if client.seq == head() and client.state == "live" and done:
+                break
+            if down(conn) and self.server.attempts:
+                conn = self.server.accept()
+            if not down(conn) and to_push:
+                assert conn is not None
+                s = to_push.pop(0)
+                conn.push(**msg(1000 + s, seq=s))
+            self.clock.advance(1)
+            if not down(conn):
+                assert conn is not None
+                serve(conn)
+        self.assertEqual((client.state, client.seq), ("live", head()), seed)
+        ids = self.messages()
+        self.assertEqual(sorted(ids), sorted(m for m in stream.values() if m is not None), seed)
+        self.assertEqual(len(ids), len(set(ids)), seed)
+        self.assertEqual(stored_order, sent_order, seed)
+        for cid, d in results:
+            self.assertEqual(self.successResultOf(d)["msg_id"], stored[cid][0], seed)
+        self.assertEqual(client.outbox, [])
+
+    def test_many_seeds(self) -> None:
+        for seed in range(40):
+            self.events = []
+            self.server = FakeServer()
+            self.clock = Clock()
+            self.run_seed(seed)
+
+
+class StreamPositionTests(TestCase):
+    def test_position(self) -> None:
+        from imserver.client.stream import Position
+
+        p = Position(5)
+        self.assertFalse(p.note(5))
+        self.assertTrue(p.note(7))
+        self.assertEqual((p.seq, p.gap), (5, True))
+        self.assertFalse(p.note(7))
+        self.assertTrue(p.note(6))
+        self.assertEqual((p.seq, p.gap), (7, False))
+        p.note(10)
+        p.advance_to(9)  # a catch-up page's seq (over own sends)
+        self.assertEqual((p.seq, p.gap), (10, False))
+
+    def test_lru_keeps_the_last(self) -> None:
+        from imserver.client.stream import DEDUPE_SIZE, LRU
+
+        self.assertEqual(DEDUPE_SIZE, 10_000)
+        lru = LRU(3)
+        for key in (1, 2, 3, 1, 4):
+            lru.put(key)
+        self.assertEqual([k in lru for k in (1, 2, 3, 4)], [True, False, True, True])
+
+
+class InFlightTests(ClientTestCase):
+    def test_in_flight_at_kick_and_close(self) -> None:
+        store = MemoryStore()
+        client, conn = self.started(store=store)
+        pending = client.unread()
+        sent = client.send(PEER, "kept")
+        cid = conn.take("send")["cid"]
+        conn.push(t="kick", reason="logged_out")
+        conn.lose()
+        self.assertEqual(self.failureResultOf(pending, RequestFailed).value.code, "kicked")
+        self.assertEqual(self.failureResultOf(sent, RequestFailed).value.code, "kicked")
+        self.assertEqual([e["cid"] for e in store.load()["outbox"]], [cid])
+
+        other, conn = self.started(device="dev2")
+        pending = other.unread()
+        other.close()
+        self.assertEqual(self.failureResultOf(pending, RequestFailed).value.code, "closed")
+
+    def test_unanswered_send_is_sent_again(self) -> None:
+        """No answer within request_timeout on a live connection: again, same cid."""
+        client, conn = self.started(request_timeout=15)
+        d = client.send(PEER, "stuck")
+        first = conn.take("send")
+        self.clock.advance(15)
+        self.assertEqual(conn.ops(), [])
+        self.clock.advance(0.25)  # the backoff delay (random 0.5 of 0.5 s)
+        again = conn.take("send")
+        self.assertEqual(again["cid"], first["cid"])
+        conn.reply(first, msg_id=1, session_id=1, ts=1, dup=False)  # late: ignored
+        self.assertNoResult(d)
+        conn.reply(again, msg_id=1, session_id=1, ts=1, dup=True)
+        self.assertEqual(self.result(d)["dup"], True)
+        self.assertEqual(client.state, "live")
+
+    def test_kick_without_close(self) -> None:
+        client, conn = self.started()
+        conn.push(t="kick", reason="revoked")
+        self.assertEqual(client.state, "kicked")
+        self.assertTrue(conn.transport.disconnecting)
+        self.clock.advance(3600)
+        self.assertEqual(self.server.attempts, [])
+
+    def test_goaway_without_close(self) -> None:
+        client, conn = self.started()
+        conn.push(t="goaway", reason="shutdown")
+        self.assertEqual(client.state, "live")
+        self.clock.advance(5)
+        self.assertEqual(client.state, "offline")
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertLess(self.states[-1].retry_in, 1)
+
+    def test_close_ends_every_delay(self) -> None:
+        """The reconnect's delay and the outbox's retry delay both end with close()."""
+        client, conn = self.started()
+        d = client.send(PEER, "x")
+        conn.error(conn.take("send"), "unavailable")  # the outbox waits 0.25 s
+        conn.lose()  # the reconnect waits too
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        client.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.failureResultOf(d, RequestFailed).value.code, "closed")

@@ -195,6 +195,26 @@ class ClientE2EMixin:
         await eventually(lambda: replayed)
         self.assertEqual(self.bodies(replayed), ["new"])
 
+    async def test_catch_up_many_pages(self) -> None:
+        """600 messages while away: two catch-up pages, six sync pages, each message once."""
+        server = ServerProcess({"limits": {"send_per_second": 100_000, "send_burst": 100_000}})
+        self.addCleanup(server.cleanup)
+        server.start()
+        a_uid, b_uid = next(_uids), next(_uids)
+        store = MemoryStore()
+        a, b = self.client(server, a_uid), self.client(server, b_uid, store=store)
+        await self.live(a, b)
+        await within(b.close())
+        bodies = [f"m{i}" for i in range(600)]
+        sends = [a.send(b_uid, body) for body in bodies]
+        for d in sends:
+            await within(d, 60)
+        again = self.client(server, b_uid, store=store)
+        msgs = self.collect(again, "message")
+        await self.live(again)
+        self.assertEqual(self.bodies(msgs), bodies)
+        self.assertEqual(again.seq, store.load()["seq"])
+
     async def test_offline_by_disconnect(self) -> None:
         """The same device, reconnecting by itself after the server dropped it."""
         server = self.server()
@@ -230,6 +250,25 @@ class ClientE2EMixin:
         await sleep(2.5)
         self.assertEqual((first.state, second.state), ("kicked", "live"))
         self.assertEqual(states[-1].state, "kicked")
+
+    async def test_own_devices(self) -> None:
+        """What one device sends shows on the user's other device, with from = own uid."""
+        server = self.server()
+        a_uid, b_uid = next(_uids), next(_uids)
+        phone = self.client(server, a_uid, device="phone")
+        desktop = self.client(server, a_uid, device="desktop")
+        b = self.client(server, b_uid)
+        mine, theirs = self.collect(desktop, "message"), self.collect(b, "message")
+        phone_msgs = self.collect(phone, "message")
+        await self.live(phone, desktop, b)
+        sent = await within(phone.send(b_uid, "from the phone"))
+        await eventually(lambda: mine and theirs)
+        self.assertEqual((mine[0].msg["from"], mine[0].msg["msg_id"]), (a_uid, sent["msg_id"]))
+        self.assertEqual(mine[0].unread, None)
+        await within(b.send(a_uid, "to both"))
+        await eventually(lambda: len(mine) == 2 and phone_msgs)
+        self.assertEqual(self.bodies(phone_msgs), ["to both"])
+        self.assertEqual(self.bodies(mine), ["from the phone", "to both"])
 
     async def test_heartbeat(self) -> None:
         """Pings keep an idle client connected; a frozen server is noticed by the ping timeout."""

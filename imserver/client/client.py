@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import inspect
 import random as _random
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    TimeoutError,
     fail,
     maybeDeferred,
     succeed,
@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 import imserver
 from imserver.client.backoff import Backoff, RandomSource
+from imserver.client.connection import Connection
 from imserver.client.events import (
     NAMES,
     Edit,
@@ -44,14 +45,11 @@ from imserver.client.events import (
     StateChanged,
     from_frame,
 )
-from imserver.client.outbox import Entry, Outbox, failure, random_id
-from imserver.client.protocol import (
-    ConnectionClosed,
-    IMClientProtocol,
-    RequestFailed,
-    connect,
-)
+from imserver.client.outbox import Entry, Outbox, random_id
+from imserver.client.protocol import IMClientProtocol, RequestFailed, client_error, connect
 from imserver.client.store import MemoryStore, Store
+from imserver.client.stream import LRU, Position
+from imserver.client.websocket import connect_ws
 
 log = Logger()
 
@@ -75,7 +73,6 @@ STREAM = frozenset({"msg", "read", "recall", "edit", "hide", "clear", "mute"})
 #: Replies that carry the caller's seq of the event they made.
 SEQ_REPLIES = frozenset({"send", "read", "recall", "edit", "hide", "clear", "mute"})
 
-DEDUPE_SIZE = 10_000
 ACK_DELAY = 1.0
 ACK_BATCH = 100
 GAP_DELAY = 3.0
@@ -83,6 +80,7 @@ CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
 DEFAULT_HEARTBEAT = 30.0
 CLOSE_TIMEOUT = 5.0
+GOAWAY_CLOSE = 5.0
 
 
 def _version() -> str:
@@ -95,157 +93,8 @@ def connect_url(reactor: Any, url: str, origin: str | None = None) -> Deferred[I
     WebSocket, C{tcp://host:port} URLs and Twisted endpoint strings over TCP.
     """
     if url.startswith(("ws://", "wss://")):
-        from imserver.client.websocket import connect_ws
-
         return maybeDeferred(connect_ws, reactor, url, origin=origin)
     return Deferred.fromCoroutine(connect(reactor, url))
-
-
-class LRU:
-    """The last C{size} keys seen, with a value each (for edits: the version)."""
-
-    def __init__(self, size: int = DEDUPE_SIZE) -> None:
-        self.size = size
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._items.get(key, default)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._items
-
-    def put(self, key: Any, value: Any = True) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-
-class _Connection:
-    """
-    One transport connection: requests counted for the heartbeat, failed
-    with C{disconnected} when it goes (also when the client drops it without
-    waiting for the transport to say so).
-    """
-
-    def __init__(self, client: Client, proto: IMClientProtocol) -> None:
-        self._client = client
-        self._clock = client.reactor
-        self.proto = proto
-        self.lost: Deferred[None] = Deferred()
-        self.gone = False
-        self.authed = False
-        self.reason = "connection lost"
-        self.kicked: str | None = None
-        self.goaway = False
-        #: Pushes held while catching up (None once live: handled at once).
-        self.held: list[dict[str, Any]] | None = []
-        now = self._clock.seconds()
-        self.last_sent = now
-        self.last_received = now
-        self._heartbeat: float | None = None
-        self._ping_deadline: float | None = None
-        self._timer: IDelayedCall | None = None
-        self._inflight: set[Deferred[dict[str, Any]]] = set()
-        proto.on_push = self._push
-        proto.closed.addBoth(self._closed)
-
-    def _closed(self, _: object) -> None:
-        self.gone_now()
-
-    def _push(self, frame: dict[str, Any]) -> None:
-        self.last_received = self._clock.seconds()
-        if not self.gone:
-            self._client._on_push(self, frame)
-
-    def request(self, op: str, **fields: Any) -> Deferred[dict[str, Any]]:
-        if self.gone:
-            return fail(failure("disconnected", "not connected"))
-        outer: Deferred[dict[str, Any]] = Deferred()
-        self._inflight.add(outer)
-        self.last_sent = self._clock.seconds()
-
-        def done(result: object) -> None:
-            self._inflight.discard(outer)
-            if isinstance(result, Failure):
-                if result.check(RequestFailed):
-                    self.last_received = self._clock.seconds()
-                elif result.check(ConnectionClosed):
-                    result = Failure(failure("disconnected", "the connection closed"))
-            else:
-                self.last_received = self._clock.seconds()
-            if outer.called:
-                return
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)  # type: ignore[arg-type]
-
-        self.proto.request(op, **fields).addBoth(done)
-        return outer
-
-    def start_heartbeat(self, interval: float) -> None:
-        self._heartbeat = interval if interval > 0 else None
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.gone or self._heartbeat is None:
-            return
-        timeout = self._client.ping_timeout
-        due = self.last_received + self._heartbeat + timeout
-        if self._ping_deadline is not None:
-            due = min(due, self._ping_deadline)
-        else:
-            due = min(due, self.last_sent + self._heartbeat)
-        self._timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self.gone or self._heartbeat is None:
-            return
-        now = self._clock.seconds()
-        if now - self.last_received >= self._heartbeat + self._client.ping_timeout:
-            self.drop("timeout: nothing received")
-            return
-        if self._ping_deadline is not None and now >= self._ping_deadline:
-            self.drop("timeout: ping not answered")
-            return
-        if self._ping_deadline is None and now - self.last_sent >= self._heartbeat:
-            self._ping_deadline = now + self._client.ping_timeout
-
-            def answered(_: object) -> None:
-                self._ping_deadline = None
-
-            self.request("ping").addBoth(answered)
-        self._schedule()
-
-    def drop(self, reason: str) -> None:
-        """Close it now, without waiting for the transport (a dead peer may never answer)."""
-        if self.gone:
-            return
-        self.reason = reason
-        log.info("dropping the connection: {reason}", reason=reason)
-        transport = getattr(self.proto, "transport", None)
-        if transport is not None:
-            abort = getattr(transport, "abortConnection", None)
-            (abort or transport.loseConnection)()
-        self.gone_now()
-
-    def gone_now(self) -> None:
-        if self.gone:
-            return
-        self.gone = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        inflight, self._inflight = self._inflight, set()
-        for d in inflight:
-            if not d.called:
-                d.errback(failure("disconnected", "the connection closed"))
-        self.lost.callback(None)
 
 
 class Client:
@@ -298,18 +147,17 @@ class Client:
         saved_device = saved.get("device") if isinstance(saved.get("device"), str) else None
         self._device: str = device or saved_device or "py-" + random_id(self._rng, 12)
         same_device = saved_device == self._device
-        self._seq: int = int(saved.get("seq", 0)) if same_device else 0
-        self._acked_seq = self._seq
-        self._ahead: set[int] = set()
+        self._position = Position(int(saved.get("seq", 0)) if same_device else 0)
+        self._acked_seq = self._position.seq
 
         self._state = OFFLINE
         self._reason: str | None = None
         self._uid: int | None = None
         self._started = False
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._opening: Deferred[Any] | None = None
-        self._sleeping: tuple[Deferred[None], IDelayedCall] | None = None
-        self._live_waiters: list[Deferred[_Connection]] = []
+        self._sleeping: dict[Deferred[None], IDelayedCall] = {}
+        self._live_waiters: list[Deferred[Connection]] = []
         self._handlers: dict[str, list[Handler]] = {}
 
         self._msgs = LRU()
@@ -347,7 +195,7 @@ class Client:
     @property
     def seq(self) -> int:
         """The highest contiguous seq of the user's stream this client has."""
-        return self._seq
+        return self._position.seq
 
     @property
     def outbox(self) -> list[Result]:
@@ -385,7 +233,7 @@ class Client:
             return self._close_connection(conn)
         return succeed(None)
 
-    def _close_connection(self, conn: _Connection) -> Deferred[None]:
+    def _close_connection(self, conn: Connection) -> Deferred[None]:
         """Close politely (queued writes go out first); abort if that takes 5 s."""
         done: Deferred[None] = Deferred()
         transport = getattr(conn.proto, "transport", None)
@@ -398,7 +246,7 @@ class Client:
             done.callback(None)
 
         conn.proto.close().addBoth(closed)
-        conn.gone_now()
+        conn.gone_now(client_error("closed", "the client is closed"))
         return done
 
     def on(self, name: str, handler: Handler) -> Callable[[], None]:
@@ -526,10 +374,16 @@ class Client:
         fields: dict[str, Any] = {"to": entry.to, "cid": entry.cid, "body": entry.body}
         if entry.type is not None:
             fields["type"] = entry.type
-        reply = await conn.request("send", **fields)
+        sending = conn.request("send", **fields)
+        # Unanswered on a live connection (a stuck backend): sent again, same cid.
+        sending.addTimeout(self.request_timeout, self.reactor)
+        try:
+            reply = await sending
+        except TimeoutError as e:
+            raise client_error("timeout", f"no answer within {self.request_timeout}s") from e
         return self._result("send", reply)
 
-    def _when_live(self, timeout: float | None) -> Deferred[_Connection]:
+    def _when_live(self, timeout: float | None) -> Deferred[Connection]:
         conn = self._conn
         if self._state == LIVE and conn is not None and not conn.gone:
             return succeed(conn)
@@ -537,18 +391,18 @@ class Client:
             return fail(self._terminal_error())
         call: IDelayedCall | None = None
 
-        def cancel(d: Deferred[_Connection]) -> None:
+        def cancel(d: Deferred[Connection]) -> None:
             if d in self._live_waiters:
                 self._live_waiters.remove(d)
 
-        d: Deferred[_Connection] = Deferred(cancel)
+        d: Deferred[Connection] = Deferred(cancel)
         self._live_waiters.append(d)
         if timeout is not None:
 
             def expire() -> None:
                 if d in self._live_waiters:
                     self._live_waiters.remove(d)
-                    d.errback(failure("timeout", f"not connected within {timeout}s"))
+                    d.errback(client_error("timeout", f"not connected within {timeout}s"))
 
             call = self.reactor.callLater(timeout, expire)
 
@@ -562,10 +416,10 @@ class Client:
 
     def _terminal_error(self) -> RequestFailed:
         if self._state == KICKED:
-            return failure("kicked", f"kicked: {self._reason}")
+            return client_error("kicked", f"kicked: {self._reason}")
         if self._state == FAILED:
-            return failure("auth_failed", self._reason or "the token was refused")
-        return failure("closed", "the client is closed")
+            return client_error("auth_failed", self._reason or "the token was refused")
+        return client_error("closed", "the client is closed")
 
     # -- the connection loop
 
@@ -573,7 +427,7 @@ class Client:
         attempt = 0
         while self._state not in TERMINAL:
             self._set_state(CONNECTING)
-            conn: _Connection | None = None
+            conn: Connection | None = None
             reason = "connection lost"
             quick = False
             try:
@@ -617,7 +471,7 @@ class Client:
             self._set_state(OFFLINE, reason, delay)
             await self._sleep(delay)
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         token = self._token() if callable(self._token) else self._token
         if inspect.isawaitable(token):
             token = await token
@@ -631,17 +485,21 @@ class Client:
         finally:
             self._opening = None
 
-    async def _connect_and_auth(self, token: str) -> _Connection:
+    async def _connect_and_auth(self, token: str) -> Connection:
         connector = self._connector or (lambda r, u: connect_url(r, u, self._origin))
         proto: IMClientProtocol = await maybeDeferred(connector, self.reactor, self.url)
-        conn = _Connection(self, proto)
+        conn = Connection(proto, self.reactor, self.ping_timeout, self._on_push)
         if self._state in TERMINAL:
             conn.drop("closed")
             raise CancelledError()
         self._conn = conn
         try:
             reply = await conn.request(
-                "auth", token=token, device=self._device, client=self.client_name, since=self._seq
+                "auth",
+                token=token,
+                device=self._device,
+                client=self.client_name,
+                since=self._position.seq,
             )
         except BaseException:
             conn.drop("auth did not succeed")
@@ -651,19 +509,18 @@ class Client:
         conn.start_heartbeat(float(reply.get("heartbeat", DEFAULT_HEARTBEAT)))
         start = reply.get("seq")
         if reply.get("reset"):
-            self._seq = int(start if start is not None else reply.get("head", 0))
-            self._acked_seq = self._seq
-            self._ahead.clear()
+            self._position.reset(int(start if start is not None else reply.get("head", 0)))
+            self._acked_seq = self._position.seq
             self._save()
             self._emit(Reset())
-        elif isinstance(start, int) and start > self._seq:
+        elif isinstance(start, int) and start > self._position.seq:
             # A new device starts at the stream's head.
-            self._seq = self._acked_seq = start
-            self._ahead = {s for s in self._ahead if s > start}
+            self._position.advance_to(start)
+            self._acked_seq = self._position.seq
             self._save()
         return conn
 
-    async def _catch_up(self, conn: _Connection) -> None:
+    async def _catch_up(self, conn: Connection) -> None:
         self._set_state(SYNCING)
         await self._catchup_pages(conn)
         await self._sync_pages(conn)
@@ -673,7 +530,7 @@ class Client:
             for user in reply.get("users", []):
                 self._stream_event(conn, {"t": "presence", **user}, replay=True)
         if conn.gone:
-            raise failure("disconnected", "the connection closed while catching up")
+            raise client_error("disconnected", "the connection closed while catching up")
         held, conn.held = conn.held or [], None
         self._set_state(LIVE)
         for frame in held:
@@ -681,12 +538,12 @@ class Client:
                 break
             self._handle(conn, frame)
         self._check_gap()
-        if self._ack_ids or self._seq > self._acked_seq:
+        if self._ack_ids or self._position.seq > self._acked_seq:
             self._schedule_acks()
 
-    async def _catchup_pages(self, conn: _Connection) -> None:
+    async def _catchup_pages(self, conn: Connection) -> None:
         while True:
-            page = await conn.request("catchup", after=self._seq, limit=CATCHUP_LIMIT)
+            page = await conn.request("catchup", after=self._position.seq, limit=CATCHUP_LIMIT)
             for event in page.get("events", []):
                 self._stream_event(conn, dict(event), replay=True)
             seq = page.get("seq")
@@ -697,7 +554,7 @@ class Client:
             if not page.get("more"):
                 return
 
-    async def _sync_pages(self, conn: _Connection) -> None:
+    async def _sync_pages(self, conn: Connection) -> None:
         after: int | None = None
         while True:
             fields: dict[str, Any] = {"limit": SYNC_LIMIT}
@@ -713,7 +570,7 @@ class Client:
             if after is None:
                 return
 
-    def _resync(self, conn: _Connection, with_sync: bool) -> None:
+    def _resync(self, conn: Connection, with_sync: bool) -> None:
         """Catch-up (and sync) on a live connection: a C{sync} push, or a seq gap."""
         self._resync_sync = self._resync_sync or with_sync
         if self._resyncing:
@@ -743,30 +600,34 @@ class Client:
 
     # -- pushes and events
 
-    def _on_push(self, conn: _Connection, frame: dict[str, Any]) -> None:
+    def _on_push(self, conn: Connection, frame: dict[str, Any]) -> None:
         if conn is not self._conn:
             return
         self._emit(Push(dict(frame)))
         t = frame.get("t")
         if t == "kick":
+            # Kicked now, whether or not the server's close follows.
             conn.kicked = str(frame.get("reason", ""))
             self._handle(conn, frame)
+            conn.drop("kicked")
             return
         if t == "goaway":
             conn.goaway = True
+            # The server closes right after; close ourselves if it does not.
+            conn.drop_after(GOAWAY_CLOSE, "goaway")
             return
         if conn.held is not None:
             conn.held.append(frame)
         else:
             self._handle(conn, frame)
 
-    def _handle(self, conn: _Connection, frame: dict[str, Any]) -> None:
+    def _handle(self, conn: Connection, frame: dict[str, Any]) -> None:
         if frame.get("t") == "sync":
             self._resync(conn, with_sync=True)
         else:
             self._stream_event(conn, frame, replay=False)
 
-    def _stream_event(self, conn: _Connection, frame: dict[str, Any], replay: bool) -> None:
+    def _stream_event(self, conn: Connection, frame: dict[str, Any], replay: bool) -> None:
         t = frame.get("t")
         seq = frame.get("seq")
         to_me = t == "msg" and frame.get("to") == self._uid
@@ -842,21 +703,19 @@ class Client:
         self._save()
 
     def _sleep(self, seconds: float) -> Deferred[None]:
+        """A delay (the reconnect's, the outbox's retries) that close() ends at once."""
         d: Deferred[None] = Deferred()
-        call = self.reactor.callLater(seconds, d.callback, None)
-        self._sleeping = (d, call)
+        self._sleeping[d] = self.reactor.callLater(seconds, d.callback, None)
 
         def done(result: object) -> object:
-            if self._sleeping is not None and self._sleeping[0] is d:
-                self._sleeping = None
+            self._sleeping.pop(d, None)
             return result
 
         return d.addBoth(done)
 
     def _wake(self) -> None:
-        if self._sleeping is not None:
-            d, call = self._sleeping
-            self._sleeping = None
+        sleeping, self._sleeping = self._sleeping, {}
+        for d, call in sleeping.items():
             if call.active():
                 call.cancel()
                 d.callback(None)
@@ -865,26 +724,22 @@ class Client:
 
     def _note_seq(self, seq: int) -> bool:
         """Record a seq of the stream; False if it was had already."""
-        if seq <= self._seq or seq in self._ahead:
+        if not self._position.note(seq):
             return False
-        self._ahead.add(seq)
-        self._advance_to(self._seq)
+        self._moved()
         return True
 
     def _advance_to(self, seq: int) -> None:
-        """Everything up to C{seq} is had (and the contiguous seqs after it)."""
-        if seq > self._seq:
-            self._seq = seq
-            self._ahead = {s for s in self._ahead if s > seq}
-        while self._seq + 1 in self._ahead:
-            self._seq += 1
-            self._ahead.discard(self._seq)
-        if self._seq > self._acked_seq:
+        self._position.advance_to(seq)
+        self._moved()
+
+    def _moved(self) -> None:
+        if self._position.seq > self._acked_seq:
             self._schedule_acks()
         self._check_gap()
 
     def _check_gap(self) -> None:
-        if self._ahead and self._state not in TERMINAL:
+        if self._position.gap and self._state not in TERMINAL:
             if self._gap_timer is None or not self._gap_timer.active():
                 self._gap_timer = self.reactor.callLater(GAP_DELAY, self._gap_expired)
         elif self._gap_timer is not None:
@@ -895,9 +750,9 @@ class Client:
     def _gap_expired(self) -> None:
         self._gap_timer = None
         conn = self._conn
-        if not self._ahead or conn is None or conn.gone or self._state != LIVE:
+        if not self._position.gap or conn is None or conn.gone or self._state != LIVE:
             return
-        log.info("seq gap after {seq}: catching up", seq=self._seq)
+        log.info("seq gap after {seq}: catching up", seq=self._position.seq)
         self._resync(conn, with_sync=False)
 
     def _queue_ack(self, msg_id: Any) -> None:
@@ -926,7 +781,7 @@ class Client:
         fields: dict[str, Any] = {}
         if ids:
             fields["msg_ids"] = ids
-        seq = self._seq
+        seq = self._position.seq
         if seq > self._acked_seq:
             fields["seq"] = seq
         if not fields:
@@ -950,7 +805,7 @@ class Client:
     def _save(self) -> None:
         try:
             self._store.save(
-                {"device": self._device, "seq": self._seq, "outbox": self._outbox.state()}
+                {"device": self._device, "seq": self._position.seq, "outbox": self._outbox.state()}
             )
         except Exception:
             log.failure("saving the client's state failed")

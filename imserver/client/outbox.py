@@ -20,7 +20,7 @@ from imserver.client.protocol import RequestFailed
 log = Logger()
 
 #: Answers after which the same send (same cid) is tried again after a delay.
-RETRY_LATER = frozenset({"unavailable", "internal", "rate_limited"})
+RETRY_LATER = frozenset({"unavailable", "internal", "rate_limited", "timeout"})
 #: The connection went away: try again as soon as the client is live again.
 RETRY_NOW = frozenset({"disconnected"})
 #: The client stopped: the entry stays (and in the store) but nobody sends it.
@@ -31,11 +31,6 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 def random_id(rng: RandomSource, length: int) -> str:
     return "".join(_ALPHABET[int(rng.random() * len(_ALPHABET)) % 36] for _ in range(length))
-
-
-def failure(code: str, message: str) -> RequestFailed:
-    """A client-side error, shaped like the server's."""
-    return RequestFailed({"t": "error", "code": code, "message": message})
 
 
 @attrs.define(eq=False)
@@ -134,8 +129,10 @@ class Outbox:
             while queue and self._stopped is None:
                 entry = queue[0]
                 outcome = await self._send(entry)
-                if self._stopped is not None:
-                    return
+                if self._stopped is not None or (
+                    isinstance(outcome, RequestFailed) and outcome.code in STOPPED
+                ):
+                    return  # stop() rejects the waiters; the entries stay
                 queue.pop(0)
                 if not queue:
                     del self._queues[peer]

@@ -27,6 +27,11 @@ class RequestFailed(Exception):
         super().__init__(f"{self.code}: {self.message}")
 
 
+def client_error(code: str, message: str) -> RequestFailed:
+    """An error made on this side (C{timeout}, C{disconnected}, ...), shaped like the server's."""
+    return RequestFailed({"t": "error", "code": code, "message": message})
+
+
 class ConnectionClosed(Exception):
     """The connection closed before the reply arrived."""
 
