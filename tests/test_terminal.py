@@ -315,10 +315,3 @@ class TerminalChatTests(TestCase):
         self.tmux.type("alice", "/open 2")
         await self.see("alice", r"you: kept in the outbox  ✓")
         self.assertEqual(self.tmux.screen("alice").count("kept in the outbox"), 1)
-
-    # Client._finish fails the live waiters before it stops the outbox, so a send
-    # waiting for the connection is answered `closed`, taken for done and dropped
-    # from the store. Remove once the SDK stops the outbox first.
-    test_unsent_messages_outlive_the_chat.todo = (  # type: ignore[attr-defined]
-        "imserver.client.Client.close() drops a send still waiting for the connection"
-    )
