@@ -12,6 +12,7 @@ Skipped without tmux, unless IMSERVER_TEST_BACKENDS=required (then failed).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -143,7 +144,7 @@ class TerminalChatTests(TestCase):
     def log(self, name: str) -> str:
         try:
             with open(os.path.join(self.dir, f"{name}.log"), encoding="utf-8") as f:
-                return f.read()[-3000:]
+                return f.read()
         except OSError:
             return ""
 
@@ -162,7 +163,7 @@ class TerminalChatTests(TestCase):
         except AssertionError:
             raise AssertionError(
                 f"{name}'s screen never matched {check!r}:\n{last[0]}\n"
-                f"--- {name}.log:\n{self.log(name)}\n--- server log:\n"
+                f"--- {name}.log:\n{self.log(name)[-3000:]}\n--- server log:\n"
                 f"{self.server.log()[-3000:]}"
             ) from None
         return last[0]
@@ -213,26 +214,33 @@ class TerminalChatTests(TestCase):
 
     async def test_history_paging(self) -> None:
         from imserver.client import connect
-
-        await self.live("alice", 1)
         from tests.support import reactor
 
+        await self.live("alice", 1)
         carol = await within(connect(reactor, self.server.endpoint, self.server.token(3)))
         self.addCleanup(carol.close)
         for i in range(75):
             await within(carol.request("send", to=1, cid=f"c{i}", body=f"message {i:02}"))
+        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+\d\d:\d\d message 74")
 
+        # Restarted (same device, its place in the stream kept), the chat has only the
+        # list: the conversation comes from the server a page (30) at a time.
+        await self.quit("alice")
+        with open(os.path.join(self.dir, "alice.json")) as f:
+            self.assertGreaterEqual(json.load(f)["seq"], 75)  # nothing to replay
+        await self.live("alice", 1)
         await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+\d\d:\d\d message 74")
         self.tmux.keys("alice", "Enter")
-        await self.see("alice", r"uid 3: message 74")
-        screen = await self.see("alice", r"uid 3: message 51")
+        screen = await self.see("alice", r"uid 3: message 74")
+        self.assertIn("uid 3: message 49", screen)  # 26 rows of messages
         self.assertNotIn("message 48", screen)
-        self.assertNotIn("beginning of the conversation", screen)
         # Everything was shown up to the newest: read, badge gone.
         await self.see("alice", lambda s: "unread" not in s.splitlines()[0])
 
-        # PgUp until the first message: two older pages of 30 come in on the way.
+        # PgUp until the first message: two older pages come in on the way.
         await self.page("alice", "PPage", "beginning of the conversation")
+        older = re.findall(r"history of uid 3 before [1-9]\d*: (\d+) messages", self.log("alice"))
+        self.assertEqual(sum(map(int, older)), 45)  # 30 + 15: the older pages, from the server
         screen = self.tmux.screen("alice")
         self.assertIn("uid 3: message 00", screen)
         self.assertNotIn("message 74", screen)
@@ -241,15 +249,26 @@ class TerminalChatTests(TestCase):
         await self.page("alice", "NPage", "uid 3: message 74")
         self.assertNotIn("↑", self.tmux.screen("alice").splitlines()[1])
 
-    async def page(self, name: str, key: str, until: str) -> None:
-        """Press C{key} until C{until} shows, waiting for each press to show (and load)."""
+    async def page(self, name: str, key: str, until: str) -> list[str]:
+        """
+        Press C{key} until C{until} shows, waiting for each press to show (and
+        each older page to load); the screens seen on the way.
+        """
+        seen = [self.tmux.screen(name)]
         for _ in range(40):
-            before = self.tmux.screen(name)
-            if until in before:
-                return
+            if until in seen[-1]:
+                return seen
             self.tmux.keys(name, key)
-            await self.see(name, lambda s, b=before: s != b and "loading older" not in s)
-        raise AssertionError(f"{key} never showed {until!r}:\n{self.tmux.screen(name)}")
+            seen.append(
+                await self.see(name, lambda s, b=seen[-1]: s != b and "loading older" not in s)
+            )
+        raise AssertionError(f"{key} never showed {until!r}:\n{seen[-1]}")
+
+    async def quit(self, name: str) -> None:
+        """/quit, and wait for the chat to be gone (its session too)."""
+        self.tmux.type(name, "/quit")
+        await within(eventually(lambda: self.tmux.dead(name), timeout=PATIENCE), PATIENCE + 5)
+        self.tmux.kill(name)
 
     async def test_restarted_instance_catches_up(self) -> None:
         await self.live("alice", 1)
@@ -257,9 +276,7 @@ class TerminalChatTests(TestCase):
         device = re.search(r"device (\S+)", self.tmux.screen("bob"))
         assert device is not None
 
-        self.tmux.type("bob", "/quit")
-        await within(eventually(lambda: self.tmux.dead("bob"), timeout=PATIENCE), PATIENCE + 5)
-        self.tmux.kill("bob")
+        await self.quit("bob")
 
         self.tmux.type("alice", "/open 2")
         await self.see("alice", r"beginning of the conversation")
@@ -304,9 +321,7 @@ class TerminalChatTests(TestCase):
         await self.see("alice", r"○ (offline|connecting)")
         self.tmux.type("alice", "kept in the outbox")
         await self.see("alice", r"you: kept in the outbox  …")
-        self.tmux.type("alice", "/quit")
-        await within(eventually(lambda: self.tmux.dead("alice"), timeout=PATIENCE), PATIENCE + 5)
-        self.tmux.kill("alice")
+        await self.quit("alice")
 
         # The state file kept it: the next run shows it waiting and sends it (same cid).
         self.server.start()

@@ -313,6 +313,13 @@ class ChatApp:
         except Exception as e:
             self.model.history_failed(action.peer, str(getattr(e, "code", e)))
         else:
+            log.info(
+                "history of uid {peer} before {before}: {count} messages, more: {more}",
+                peer=action.peer,
+                before=action.before,
+                count=len(field(reply, "msgs", ()) or ()),
+                more=bool(field(reply, "more")),
+            )
             self.model.apply_history(action.peer, action.before, reply)
         self.refresh()
 
