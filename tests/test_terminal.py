@@ -28,6 +28,9 @@ from tests.harness import REPO, REQUIRED, ServerProcess
 from tests.support import eventually, within
 
 COLS, ROWS = 100, 30
+#: What C{{T}} stands for in the patterns of L{TerminalChatTests.see}: a message's time
+#: (C{12:34}, or C{Dec 01 12:34} when the test runs across midnight).
+TIME = r"(?:[A-Z][a-z]{2} \d\d )?\d\d:\d\d"
 #: Seconds a screen may take to show what it should (a loaded 2-core machine).
 PATIENCE = 60.0
 
@@ -149,14 +152,17 @@ class TerminalChatTests(TestCase):
             return ""
 
     async def see(self, name: str, check: str | Callable[[str], object]) -> str:
-        """Wait until session C{name}'s screen matches C{check} (a regex or a predicate)."""
+        """
+        Wait until session C{name}'s screen matches C{check}: a predicate, or a
+        regex (multi-line, C{{T}} for a time).
+        """
         last = [""]
 
         def ok() -> bool:
             last[0] = self.tmux.screen(name)
             if callable(check):
                 return bool(check(last[0]))
-            return re.search(check, last[0], re.MULTILINE) is not None
+            return re.search(check.replace("{T}", TIME), last[0], re.MULTILINE) is not None
 
         try:
             await eventually(ok, timeout=PATIENCE, interval=0.2)
@@ -183,7 +189,7 @@ class TerminalChatTests(TestCase):
         await self.see("alice", r"you: hello bob  ✓")
 
         # Bob: the conversation in the list, with an unread badge and the message.
-        screen = await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d hello bob")
+        screen = await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+{T} hello bob")
         self.assertIn("1 unread", screen.splitlines()[0])
         # Bob's client acked it: delivered.
         await self.see("alice", r"you: hello bob  ✓✓$")
@@ -207,10 +213,10 @@ class TerminalChatTests(TestCase):
         await self.see("bob", r"you: hi alice, 你好  ✓✓ read")
 
         self.tmux.keys("bob", "Escape")
-        await self.see("bob", r"1\. uid 1[ •]+\d\d:\d\d you: hi alice")
+        await self.see("bob", r"1\. uid 1[ •]+{T} you: hi alice")
         self.tmux.type("bob", "/quit")
         await within(eventually(lambda: self.tmux.dead("bob"), timeout=PATIENCE), PATIENCE + 5)
-        await self.see("alice", r"Chat with uid 2 · last seen \d\d:\d\d")
+        await self.see("alice", r"Chat with uid 2 · last seen {T}")
 
     async def test_history_paging(self) -> None:
         from imserver.client import connect
@@ -221,7 +227,7 @@ class TerminalChatTests(TestCase):
         self.addCleanup(carol.close)
         for i in range(75):
             await within(carol.request("send", to=1, cid=f"c{i}", body=f"message {i:02}"))
-        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+\d\d:\d\d message 74")
+        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+{T} message 74")
 
         # Restarted (same device, its place in the stream kept), the chat has only the
         # list: the conversation comes from the server a page (30) at a time.
@@ -229,7 +235,7 @@ class TerminalChatTests(TestCase):
         with open(os.path.join(self.dir, "alice.json")) as f:
             self.assertGreaterEqual(json.load(f)["seq"], 75)  # nothing to replay
         await self.live("alice", 1)
-        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+\d\d:\d\d message 74")
+        await self.see("alice", r"1\. uid 3[ •]+\[75\]\s+{T} message 74")
         self.tmux.keys("alice", "Enter")
         screen = await self.see("alice", r"uid 3: message 74")
         self.assertIn("uid 3: message 49", screen)  # 26 rows of messages
@@ -287,7 +293,7 @@ class TerminalChatTests(TestCase):
 
         # Bob again, same state file: the same device, the two messages waiting.
         await self.live("bob", 2)
-        screen = await self.see("bob", r"1\. uid 1[ •]+\[2\]\s+\d\d:\d\d and another one")
+        screen = await self.see("bob", r"1\. uid 1[ •]+\[2\]\s+{T} and another one")
         self.assertIn(f"device {device.group(1)}", screen)
         await self.see("alice", r"you: and another one  ✓✓$")
         self.tmux.keys("bob", "Enter")
@@ -310,7 +316,7 @@ class TerminalChatTests(TestCase):
         self.server.start()
         await self.see("alice", r"● live")
         await self.see("alice", r"you: sent while offline  ✓")
-        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d sent while offline")
+        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+{T} sent while offline")
 
     async def test_unsent_messages_outlive_the_chat(self) -> None:
         await self.live("bob", 2)
@@ -326,7 +332,7 @@ class TerminalChatTests(TestCase):
         # The state file kept it: the next run shows it waiting and sends it (same cid).
         self.server.start()
         await self.live("alice", 1)
-        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+\d\d:\d\d kept in the outbox")
+        await self.see("bob", r"1\. uid 1[ •]+\[1\]\s+{T} kept in the outbox")
         self.tmux.type("alice", "/open 2")
         await self.see("alice", r"you: kept in the outbox  ✓")
         self.assertEqual(self.tmux.screen("alice").count("kept in the outbox"), 1)

@@ -7,6 +7,7 @@ requests out), as in imserver.client.terminal.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -94,6 +95,13 @@ class TextTests(SynchronousTestCase):
         self.assertEqual(wrap("one two three", 7), ["one two", "three"])
         self.assertEqual(wrap("abcdefghij", 4), ["abcd", "efgh", "ij"])
         self.assertEqual(wrap("", 4), [""])
+
+    def test_local_time_gives_the_day_when_not_today(self) -> None:
+        from imserver.client.terminal.model import local_time
+
+        now = time.mktime((2026, 12, 2, 15, 0, 0, 0, 0, -1))
+        self.assertEqual(local_time(int(now * 1000) - 3600_000, now), "14:00")
+        self.assertEqual(local_time(int(now * 1000) - 86400_000, now), "Dec 01 15:00")
 
 
 class KeyParserTests(SynchronousTestCase):

@@ -144,8 +144,12 @@ class Conv:
         return self.last_msg_id
 
 
-def local_time(ts: int) -> str:
-    return time.strftime("%H:%M", time.localtime(ts / 1000))
+def local_time(ts: int, now: float | None = None) -> str:
+    """C{12:34} today, C{Dec 01 12:34} another day (local time)."""
+    when = time.localtime(ts / 1000)
+    today = time.localtime(time.time() if now is None else now)
+    same_day = (when.tm_year, when.tm_yday) == (today.tm_year, today.tm_yday)
+    return time.strftime("%H:%M" if same_day else "%b %d %H:%M", when)
 
 
 def body_text(body: Any) -> str:
