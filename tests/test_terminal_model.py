@@ -880,6 +880,33 @@ class OptionsTests(SynchronousTestCase):
         path = default_state_path(42, "tcp://127.0.0.1:7000")
         self.assertTrue(path.endswith("/imserver/chat-42-127.0.0.1_7000.json"), path)
 
+    def test_needs_a_terminal(self) -> None:
+        import subprocess
+        import sys
+
+        from tests.harness import REPO
+
+        out = subprocess.run(
+            [sys.executable, "-m", "imserver.cli", "chat", "--uid", "1"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("imserver: chat needs a terminal", out.stderr)
+
+    def test_token_for_another_uid(self) -> None:
+        from imserver.client.terminal import run
+        from imserver.services.tokens import TokenService
+
+        token = TokenService("x" * 32).mint(42, now=0, ttl_seconds=60)
+        args = argparse.Namespace(token=token, uid=7, url="tcp://127.0.0.1:1", config=None)
+        with self.assertRaises(SystemExit) as e:
+            run(args)
+        self.assertIn("the token is for uid 42, not 7", str(e.exception))
+
     def test_needs_uid_or_token(self) -> None:
         from imserver.client.terminal import run
 
