@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import clientFromString
@@ -24,6 +25,11 @@ class RequestFailed(Exception):
         self.message: str = frame.get("message", "")
         self.frame = dict(frame)
         super().__init__(f"{self.code}: {self.message}")
+
+
+def client_error(code: str, message: str) -> RequestFailed:
+    """An error made on this side (C{timeout}, C{disconnected}, ...), shaped like the server's."""
+    return RequestFailed({"t": "error", "code": code, "message": message})
 
 
 class ConnectionClosed(Exception):
@@ -121,15 +127,36 @@ class IMClientProtocol(Protocol):
         return self.closed
 
 
+def endpoint_string(target: str) -> str:
+    """
+    A Twisted client endpoint string for C{tcp://host:port} (or
+    C{tls://host:port}) URLs; anything else is taken as one already.
+    """
+    for scheme, kind in (("tcp://", "tcp"), ("tls://", "tls")):
+        if target.startswith(scheme):
+            parts = urlsplit(target)
+            if parts.hostname is None or parts.port is None:
+                raise ValueError(f"{target!r}: expected {scheme}host:port")
+            host = parts.hostname.replace(":", "\\:")
+            return f"{kind}:host={host}:port={parts.port}"
+    return target
+
+
 async def connect(
     reactor: Any,
     endpoint: str | IStreamClientEndpoint,
     token: str | None = None,
     **auth_fields: Any,
 ) -> IMClientProtocol:
-    """Connect (and authenticate if a token is given)."""
+    """
+    Connect (and authenticate if a token is given). C{endpoint} is a
+    Twisted endpoint string (C{tcp:127.0.0.1:7000}), a C{tcp://host:port}
+    URL, or an endpoint.
+    """
     ep: IStreamClientEndpoint = (
-        clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
+        clientFromString(reactor, endpoint_string(endpoint))
+        if isinstance(endpoint, str)
+        else endpoint
     )
     proto: Any = await ep.connect(Factory.forProtocol(IMClientProtocol))
     assert isinstance(proto, IMClientProtocol)
