@@ -1,0 +1,144 @@
+/**
+ * The low-level connection: requests matched to replies by `id`, pushes
+ * handed on as they come. No reconnect, no state: Client adds those.
+ */
+
+import { type Frame, decodeBody, encodeBody } from "./codec.js";
+import { ImError } from "./errors.js";
+import { type Timers, realTimers } from "./timers.js";
+import type { Connector, Transport } from "./transport.js";
+
+export interface ConnectionOptions {
+  /** Every frame without an `id` (and error frames whose id is unknown). */
+  onPush?: (frame: Frame) => void;
+  /** Once, when the transport closes. */
+  onClose?: (error?: Error) => void;
+  timers?: Timers;
+}
+
+interface Pending {
+  resolve(reply: Frame): void;
+  reject(error: ImError): void;
+  timer: unknown;
+}
+
+export class Connection {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private transport: Transport | undefined;
+  private readonly timers: Timers;
+  private closedError: ImError | undefined;
+  /** `timers.now()` of the last frame sent / received: for heartbeats. */
+  lastSent: number;
+  lastReceived: number;
+
+  private constructor(private readonly options: ConnectionOptions) {
+    this.timers = options.timers ?? realTimers;
+    this.lastSent = this.lastReceived = this.timers.now();
+  }
+
+  /** Open a transport through `connector` and wrap it. */
+  static async open(
+    connector: Connector,
+    url: string,
+    options: ConnectionOptions = {},
+  ): Promise<Connection> {
+    const conn = new Connection(options);
+    conn.transport = await connector(url, {
+      message: (body) => conn.received(body),
+      close: (error) => conn.closed(error),
+    });
+    conn.lastSent = conn.lastReceived = conn.timers.now();
+    return conn;
+  }
+
+  get isOpen(): boolean {
+    return this.closedError === undefined && this.transport !== undefined;
+  }
+
+  /**
+   * Send `{t: op, id, ...fields}`; resolves with the reply's fields (without
+   * `t` and `id`), rejects with an ImError (the server's code, `timeout`
+   * after `timeoutMs`, `disconnected` if the connection closes first).
+   */
+  request(op: string, fields: Frame = {}, timeoutMs?: number): Promise<Frame> {
+    if (this.closedError !== undefined) return Promise.reject(this.closedError);
+    const id = this.nextId++;
+    const frame: Frame = { t: op, id, ...fields };
+    let body: Uint8Array;
+    try {
+      body = encodeBody(frame);
+    } catch (e) {
+      return Promise.reject(new ImError("invalid", (e as Error).message));
+    }
+    return new Promise<Frame>((resolve, reject) => {
+      const entry: Pending = { resolve, reject, timer: undefined };
+      if (timeoutMs !== undefined) {
+        entry.timer = this.timers.setTimeout(() => {
+          if (this.pending.delete(id)) {
+            reject(new ImError("timeout", `no reply to ${op} within ${timeoutMs / 1000} s`));
+          }
+        }, timeoutMs);
+      }
+      this.pending.set(id, entry);
+      this.sendBody(body);
+    });
+  }
+
+  /** Send a frame that gets no reply handling (there is none of that kind in v1). */
+  sendFrame(frame: Frame): void {
+    this.sendBody(encodeBody(frame));
+  }
+
+  close(): void {
+    this.transport?.close();
+    // Transports call back asynchronously or not at all once closed by us.
+    this.closed(undefined);
+  }
+
+  private sendBody(body: Uint8Array): void {
+    this.lastSent = this.timers.now();
+    this.transport?.send(body);
+  }
+
+  private received(body: Uint8Array): void {
+    this.lastReceived = this.timers.now();
+    let frame: Frame;
+    try {
+      frame = decodeBody(body);
+    } catch {
+      // The server only sends maps; a frame we cannot read is dropped (a
+      // lost event shows as a seq gap, which catch-up repairs).
+      return;
+    }
+    const id = frame.id;
+    if (typeof id === "number" && (frame.t === "ok" || frame.t === "error")) {
+      const entry = this.pending.get(id);
+      if (entry !== undefined) {
+        this.pending.delete(id);
+        if (entry.timer !== undefined) this.timers.clearTimeout(entry.timer);
+        if (frame.t === "ok") {
+          const { t: _t, id: _id, ...result } = frame;
+          entry.resolve(result);
+        } else {
+          entry.reject(
+            new ImError(String(frame.code ?? "internal"), String(frame.message ?? frame.code)),
+          );
+        }
+        return;
+      }
+    }
+    this.options.onPush?.(frame);
+  }
+
+  private closed(error?: Error): void {
+    if (this.closedError !== undefined) return;
+    this.closedError = new ImError("disconnected", error?.message ?? "the connection closed");
+    for (const entry of this.pending.values()) {
+      if (entry.timer !== undefined) this.timers.clearTimeout(entry.timer);
+      entry.reject(this.closedError);
+    }
+    this.pending.clear();
+    this.options.onClose?.(error);
+  }
+}
