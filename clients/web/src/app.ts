@@ -1,0 +1,416 @@
+/**
+ * The signed-in page: wires the SDK's events into the model and the model
+ * into the views, and the views' actions into requests.
+ *
+ * The SDK reconnects, catches up and keeps the outbox; on top of that the
+ * page asks `convs` each time the connection turns live (receipts and
+ * unread counts are positions, not replayed by catch-up), and marks a
+ * conversation read while it is open and the page is visible.
+ */
+
+import { byId, h } from "./dom.js";
+import { avatar, displayName, type Profile } from "./format.js";
+import { type Conversation, Model, type Msg, type Pending } from "./model.js";
+import { Client, ImError, LocalStorageStore } from "./sdk.js";
+import type { TokenInfo, WebConfig } from "./session.js";
+import { ChatView } from "./views/chat.js";
+import { ProfileDialog } from "./views/profile.js";
+import { Sidebar } from "./views/sidebar.js";
+import { StatusView } from "./views/status.js";
+
+const HISTORY_PAGE = 30;
+const CONVS_PAGE = 50;
+
+function describe(e: unknown): string {
+  if (e instanceof ImError) {
+    switch (e.code) {
+      case "no_such_user":
+        return "There is no such user (a user exists once they have signed in).";
+      case "forbidden":
+        return "Not allowed (one of you blocks the other).";
+      case "too_late":
+        return "Too late to recall this message.";
+      case "content_blocked":
+        return "The server's content filter refused this message.";
+      case "too_large":
+        return "Too long.";
+      default:
+        return e.message || e.code;
+    }
+  }
+  return e instanceof Error ? e.message : String(e);
+}
+
+export class App {
+  readonly model: Model;
+  private readonly client: Client;
+  private readonly sidebar: Sidebar;
+  private readonly chat: ChatView;
+  private readonly status: StatusView;
+  private readonly profileDialog: ProfileDialog;
+  private readonly meBox: HTMLElement;
+  private readonly toast: HTMLElement;
+  private selected: number | null = null;
+  private scheduled = false;
+  private pendingKeys = 0;
+  private reading = new Set<number>();
+  private stopped = false;
+  private readonly timers: ReturnType<typeof setInterval>[] = [];
+
+  constructor(
+    root: HTMLElement,
+    token: TokenInfo,
+    private readonly config: WebConfig,
+    private readonly onSignOut: () => void,
+  ) {
+    this.model = new Model(token.uid);
+    this.model.setProfile({ uid: token.uid, nickname: "", avatar: "" });
+    this.status = new StatusView();
+    this.sidebar = new Sidebar({
+      open: (peer) => this.open(peer),
+      startChat: (uid) => void this.startChat(uid),
+      moreConvs: () => void this.loadConvs(true),
+    });
+    this.chat = new ChatView(
+      {
+        send: (text) => this.send(text),
+        loadOlder: () => void this.loadOlder(),
+        recall: (m) => void this.recall(m),
+        dismiss: (p) => this.dismiss(p),
+      },
+      () => this.config.recall_seconds * 1000,
+    );
+    this.profileDialog = new ProfileDialog((nickname, avatarUrl) => this.saveProfile(nickname, avatarUrl));
+    this.meBox = h("button", { class: "me", id: "me", type: "button", title: "Edit your profile" });
+    this.meBox.addEventListener("click", () => this.profileDialog.open(this.me()));
+    const signOut = h("button", { class: "btn", id: "sign-out", type: "button" }, "Sign out");
+    signOut.addEventListener("click", () => this.signOut());
+    this.toast = h("div", { class: "toast", id: "toast", role: "alert", hidden: true });
+    const empty = h(
+      "div",
+      { class: "chat-empty", id: "chat-empty" },
+      h("div", { class: "chat-empty-mark" }, h("span", { class: "brand-mark" }, "im")),
+      h("p", {}, "Pick a conversation, or start one with a user id."),
+    );
+    root.replaceChildren(
+      h(
+        "div",
+        { class: "shell" },
+        h(
+          "header",
+          { class: "topbar" },
+          h("div", { class: "brand" }, h("span", { class: "brand-mark" }, "im"), "imserver chat"),
+          this.status.pill,
+          h("div", { class: "spacer" }),
+          this.meBox,
+          signOut,
+        ),
+        h(
+          "div",
+          { class: "main" },
+          this.sidebar.root,
+          h("div", { class: "pane" }, this.status.banner, empty, this.chat.root),
+        ),
+      ),
+      this.profileDialog.root,
+      this.toast,
+    );
+
+    this.client = new Client({
+      url: config.websocket ?? "",
+      token: token.token,
+      client: "imserver-web/0.1",
+      store: new LocalStorageStore(`imserver.client.${token.uid}`),
+      ...(token.device !== null ? { device: token.device } : {}),
+    });
+    this.subscribe();
+    document.addEventListener("visibilitychange", () => this.markRead());
+    window.addEventListener("focus", () => this.markRead());
+    // Recall buttons disappear when the window passes.
+    this.timers.push(setInterval(() => this.render(), 10_000));
+    this.render();
+  }
+
+  start(): void {
+    this.client.start().catch((e: unknown) => this.report(e));
+  }
+
+  private me(): Profile {
+    return this.model.profiles.get(this.model.me) ?? { uid: this.model.me, nickname: "", avatar: "" };
+  }
+
+  private subscribe(): void {
+    const c = this.client;
+    c.on("state", (ev) => {
+      this.status.show(ev);
+      if (ev.state === "live") this.onLive();
+      if (ev.state === "kicked" || ev.state === "failed") this.render();
+    });
+    c.on("message", (ev) => {
+      const [conv, fresh] = this.model.addMessage(ev.msg, ev.unread);
+      if (fresh && conv.peer === this.selected) this.markRead();
+      this.render();
+    });
+    c.on("edit", (ev) => {
+      this.model.addMessage(ev.msg, undefined, false);
+      this.render();
+    });
+    c.on("read", (ev) => {
+      if (this.model.applyRead(ev.session_id, ev.by, ev.msg_id, ev.unread) === null) this.refreshSoon();
+      this.render();
+    });
+    c.on("delivered", (ev) => {
+      if (this.model.applyDelivered(ev.session_id, ev.msg_id) === null) this.refreshSoon();
+      this.render();
+    });
+    c.on("recall", (ev) => {
+      this.model.applyRecall(ev.session_id, ev.msg_id);
+      // A recalled unread message stops counting: the server has the counts.
+      this.refreshSoon();
+      this.render();
+    });
+    c.on("profile", (ev) => {
+      this.model.setProfile(ev.user);
+      this.render();
+    });
+    c.on("reset", () => {
+      this.model.clear();
+      this.refreshSoon();
+      this.render();
+    });
+  }
+
+  private firstLive = true;
+  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+
+  private onLive(): void {
+    if (this.firstLive) {
+      this.firstLive = false;
+      void this.loadMe();
+    }
+    void this.refresh();
+  }
+
+  /** `convs` (and the open conversation's newest page) again, soon, once. */
+  private refreshSoon(): void {
+    if (this.refreshTimer !== null) return;
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      void this.refresh();
+    }, 200);
+  }
+
+  private async refresh(): Promise<void> {
+    await this.loadConvs(false);
+    const conv = this.selectedConv();
+    if (conv !== null) await this.loadHistory(conv, false);
+    this.markRead();
+  }
+
+  private async loadMe(): Promise<void> {
+    try {
+      const { users } = await this.client.profile([this.model.me]);
+      for (const u of users) this.model.setProfile(u);
+      this.render();
+    } catch (e) {
+      this.report(e);
+    }
+  }
+
+  private async loadConvs(older: boolean): Promise<void> {
+    try {
+      const before = older ? this.model.convsBefore : null;
+      const page = await this.client.convs(before !== null ? { limit: CONVS_PAGE, before } : { limit: CONVS_PAGE });
+      // A refresh of the first page keeps what "older" paging found.
+      const more = older || this.model.convsBefore === null ? page.more : this.model.convsMore || page.more;
+      this.model.applyConvs(page.convs, more);
+      this.render();
+    } catch (e) {
+      this.report(e);
+    }
+  }
+
+  private async loadHistory(conv: Conversation, older: boolean): Promise<void> {
+    if (conv.loading) return;
+    const before = older ? conv.oldest() : null;
+    conv.loading = true;
+    this.render();
+    try {
+      const page = await this.client.history(
+        before !== null ? { peer: conv.peer, before, limit: HISTORY_PAGE } : { peer: conv.peer, limit: HISTORY_PAGE },
+      );
+      this.model.applyHistory(conv, page, older);
+    } catch (e) {
+      this.report(e);
+    } finally {
+      conv.loading = false;
+      this.render();
+    }
+  }
+
+  private selectedConv(): Conversation | null {
+    return this.selected === null ? null : this.model.conv(this.selected);
+  }
+
+  open(peer: number): void {
+    this.selected = peer;
+    const conv = this.model.conv(peer);
+    if (!conv.loaded) void this.loadHistory(conv, false).then(() => this.markRead());
+    this.markRead();
+    this.render();
+    this.chat.focus();
+  }
+
+  private async startChat(uid: number): Promise<void> {
+    if (uid === this.model.me) {
+      this.sidebar.showError("That is you: pick someone else's user id.");
+      return;
+    }
+    if (!this.model.convs.has(uid)) {
+      try {
+        const { users } = await this.client.profile([uid]);
+        const user = users[0];
+        if (user === undefined) {
+          this.sidebar.showError(`There is no user ${uid} (a user exists once they have signed in).`);
+          return;
+        }
+        this.model.setProfile(user);
+      } catch (e) {
+        this.sidebar.showError(describe(e));
+        return;
+      }
+    }
+    this.sidebar.clearInput();
+    this.open(uid);
+  }
+
+  private loadOlder(): void {
+    const conv = this.selectedConv();
+    if (conv !== null && conv.loaded && conv.more) void this.loadHistory(conv, true);
+  }
+
+  /** Read up to the newest message from the peer, if the page is being looked at. */
+  private markRead(): void {
+    const conv = this.selectedConv();
+    if (conv === null || conv.session === null || document.visibilityState !== "visible") return;
+    const newest = conv.newestFromPeer();
+    if (newest === null || newest.msg_id <= conv.myRead || this.reading.has(conv.peer)) return;
+    const session = conv.session;
+    const upTo = newest.msg_id;
+    this.reading.add(conv.peer);
+    conv.unread = 0;
+    this.render();
+    this.client
+      .read(session, upTo)
+      .then((r) => {
+        if (upTo > conv.myRead) conv.myRead = upTo;
+        conv.unread = r.unread;
+      })
+      .catch((e: unknown) => this.report(e))
+      .finally(() => {
+        this.reading.delete(conv.peer);
+        this.render();
+        // More may have come meanwhile.
+        if ((conv.newestFromPeer()?.msg_id ?? 0n) > conv.myRead) this.markRead();
+      });
+  }
+
+  private send(text: string): void {
+    const conv = this.selectedConv();
+    if (conv === null) return;
+    const pending: Pending = { key: ++this.pendingKeys, to: conv.peer, text, ts: Date.now(), error: null };
+    conv.pending.push(pending);
+    this.render();
+    this.client
+      .send(conv.peer, text)
+      .then((r) => {
+        conv.pending = conv.pending.filter((p) => p !== pending);
+        const msg: Msg = {
+          msg_id: r.msg_id,
+          session_id: r.session_id,
+          from: this.model.me,
+          to: conv.peer,
+          type: "text",
+          body: text,
+          ts: r.ts,
+        };
+        this.model.addMessage(msg);
+        this.render();
+      })
+      .catch((e: unknown) => {
+        pending.error = describe(e);
+        this.render();
+      });
+  }
+
+  private dismiss(p: Pending): void {
+    const conv = this.model.conv(p.to);
+    conv.pending = conv.pending.filter((x) => x !== p);
+    this.render();
+  }
+
+  private async recall(m: Msg): Promise<void> {
+    try {
+      await this.client.recall(m.msg_id);
+      this.model.applyRecall(m.session_id, m.msg_id);
+      this.render();
+    } catch (e) {
+      this.report(e);
+    }
+  }
+
+  private async saveProfile(nickname: string, avatarUrl: string): Promise<void> {
+    try {
+      const { user } = await this.client.setProfile({ nickname, avatar: avatarUrl });
+      this.model.setProfile(user);
+      this.render();
+    } catch (e) {
+      throw new Error(describe(e));
+    }
+  }
+
+  private signOut(): void {
+    this.stop();
+    this.onSignOut();
+  }
+
+  stop(): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    for (const t of this.timers) clearInterval(t);
+    this.status.stop();
+    this.client.close();
+  }
+
+  private toastTimer: ReturnType<typeof setTimeout> | null = null;
+
+  private report(e: unknown): void {
+    if (e instanceof ImError && (e.code === "closed" || e.code === "disconnected")) return;
+    this.toast.textContent = describe(e);
+    this.toast.hidden = false;
+    if (this.toastTimer !== null) clearTimeout(this.toastTimer);
+    this.toastTimer = setTimeout(() => {
+      this.toast.hidden = true;
+    }, 5000);
+  }
+
+  /** Render once, after the current burst of events. */
+  render(): void {
+    if (this.scheduled || this.stopped) return;
+    this.scheduled = true;
+    queueMicrotask(() => {
+      this.scheduled = false;
+      this.paint();
+    });
+  }
+
+  private paint(): void {
+    const me = this.me();
+    this.meBox.replaceChildren(avatar(me.uid, me, "sm"), h("span", { class: "me-name", id: "me-name" }, displayName(me.uid, me)));
+    this.sidebar.render(this.model, this.selected);
+    this.chat.render(this.model, this.selectedConv());
+    byId("chat-empty").hidden = this.selected !== null;
+    const total = this.model.totalUnread();
+    document.title = total > 0 ? `(${total}) imserver chat` : "imserver chat";
+  }
+}
