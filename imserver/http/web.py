@@ -104,6 +104,8 @@ class WebConfig(Endpoint):
     async def get(self, call: Call) -> Reply:
         request = call.request
         host = request.getRequestHostname().decode("ascii", "replace")
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address (Twisted drops the brackets)
         place = self.websocket()
         url: str | None = None
         problem: str | None = None

@@ -220,10 +220,11 @@ export class App {
   private async loadConvs(older: boolean): Promise<void> {
     try {
       const before = older ? this.model.convsBefore : null;
+      const epochs = this.model.readEpochs();
       const page = await this.client.convs(before !== null ? { limit: CONVS_PAGE, before } : { limit: CONVS_PAGE });
       // A refresh of the first page keeps what "older" paging found.
       const more = older || this.model.convsBefore === null ? page.more : this.model.convsMore || page.more;
-      this.model.applyConvs(page.convs, more);
+      this.model.applyConvs(page.convs, more, epochs);
       this.render();
     } catch (e) {
       this.report(e);
@@ -298,12 +299,14 @@ export class App {
     const session = conv.session;
     const upTo = newest.msg_id;
     this.reading.add(conv.peer);
+    conv.readEpoch += 1;
     conv.unread = 0;
     this.render();
     this.client
       .read(session, upTo)
       .then((r) => {
         if (upTo > conv.myRead) conv.myRead = upTo;
+        conv.readEpoch += 1;
         conv.unread = r.unread;
       })
       .catch((e: unknown) => this.report(e))

@@ -53,6 +53,10 @@ async function main(): Promise<void> {
   const token = fromAddress ?? savedToken();
   if (token !== null) signIn(config, token);
   else showLogin(config, null);
+  // Leaving the page: close the connection (its last acks go out first).
+  window.addEventListener("pagehide", (e) => {
+    if (!e.persisted) app?.stop();
+  });
   // A `#token=` link opened in a tab that has the page already.
   window.addEventListener("hashchange", () => {
     const next = takeTokenFromAddress();

@@ -62,6 +62,8 @@ export class Conversation {
   peerRead = 0n;
   /** My read position (what I told the server, or another device of mine did). */
   myRead = 0n;
+  /** Counts my `read` requests: a `convs` page asked before the last one has a stale count. */
+  readEpoch = 0;
   readonly msgs = new Map<bigint, Msg>();
   readonly recalled = new Set<bigint>();
   pending: Pending[] = [];
@@ -189,7 +191,12 @@ export class Model {
     return [c, old === undefined];
   }
 
-  applyConvs(entries: ConvEntry[], more: boolean): void {
+  /** Each conversation's `readEpoch`, to pass to `applyConvs` with the page asked now. */
+  readEpochs(): Map<number, number> {
+    return new Map([...this.convs.values()].map((c) => [c.peer, c.readEpoch]));
+  }
+
+  applyConvs(entries: ConvEntry[], more: boolean, epochs: Map<number, number> = new Map()): void {
     for (const e of entries) {
       this.setProfile(e.peer);
       const c = this.conv(e.peer.uid);
@@ -198,7 +205,8 @@ export class Model {
         c.lastMsgId = e.last_msg_id;
         c.last = e.last;
       }
-      c.unread = e.unread;
+      // A read sent since the page was asked for has a fresher count.
+      if ((epochs.get(c.peer) ?? c.readEpoch) === c.readEpoch) c.unread = e.unread;
       c.peerRead = max(c.peerRead, e.peer_read);
       c.peerDelivered = max(c.peerDelivered, e.peer_delivered);
     }

@@ -137,6 +137,10 @@ export class ChatView {
       wanted.push([`p:${p.key}`, () => this.pendingNode(p), (el) => this.updatePending(el, p)]);
     }
 
+    // The newest of my stored messages says its status in words too.
+    const newestMine = [...c.sorted()].reverse().find((m) => m.from === model.me && !c.recalled.has(m.msg_id));
+    const captionKey = c.pending.length === 0 && newestMine !== undefined ? `m:${newestMine.msg_id}` : null;
+
     const keep = new Set(wanted.map(([key]) => key));
     for (const [key, node] of this.nodes) {
       if (!keep.has(key)) {
@@ -153,6 +157,8 @@ export class ChatView {
         this.nodes.set(key, node);
       }
       update(node);
+      if (key === captionKey) node.dataset["caption"] = STATUS_TEXT[(node.dataset["status"] ?? "sent") as Status];
+      else delete node.dataset["caption"];
       if (cursor.nextElementSibling !== node) cursor.after(node);
       cursor = node;
     }
