@@ -4,11 +4,12 @@ The web chat (clients/web, served by the HTTP listener at C{/}).
 L{StaticServingTests} serve the bundle and C{/v1/web/config} in process
 (real HTTP on a loopback port). L{BundleTests} rebuild the bundle from
 clients/web (node, npm) and fail if it differs from the one committed under
-imserver/http/static. L{BrowserTests} run two (or three) headless Debian
-chromium browsers, driven by selenium through chromium-driver, against
-C{twistd -n imserver}: two users chat, one goes away and catches up, the
-server dies and comes back; unread badges and receipts are checked on the
-page, and screenshots are kept as artifacts (their directory is printed).
+imserver/http/static. L{BrowserTests} run headless Debian chromium
+browsers, driven by selenium through chromium-driver, against C{twistd -n
+imserver}: two users chat, one goes away and catches up, the server dies and
+comes back; unread badges and receipts are checked on the page, and
+screenshots are kept as artifacts (their directory is printed).
+L{OriginTests} and L{NoWebSocketTests}: the page says what is wrong.
 
 Without chromium, chromedriver, selenium, node or npm these tests are
 skipped, unless C{IMSERVER_TEST_BACKENDS=required} (CI): then they fail.
@@ -401,17 +402,22 @@ AVATAR = "data:image/svg+xml;base64," + base64.b64encode(
 ).decode("ascii")
 
 
-class BrowserTests(TestCase):
+class BrowserCase(TestCase):
+    """A server (C{sections} over the test default), and a directory for screenshots."""
+
     timeout = 600
+    sections: dict[str, dict[str, Any]] = {}
 
     def setUp(self) -> None:
         new_driver_check()
         self.artifacts = Path(self.mktemp()).resolve()
         self.artifacts.mkdir(parents=True)
         print(f"\nweb chat screenshots: {self.artifacts}", file=sys.stderr)
-        self.server = ServerProcess().start()
+        self.server = ServerProcess(self.sections).start()
         self.addCleanup(self.server.cleanup)
 
+
+class BrowserTests(BrowserCase):
     def test_chat_receipts_unread_and_catch_up(self) -> None:
         """
         Alice and Bob chat; unread badges and sent / delivered / read are
@@ -520,6 +526,22 @@ class BrowserTests(TestCase):
         self.assertEqual(page["title"], "imserver chat")
         b.shot("recalled")
 
+        # A message queued while the server is down survives closing the tab:
+        # the next visit sends it (from the SDK's outbox in localStorage), once.
+        self.server.kill()
+        a.wait("offline again", lambda p: p["state"] != "live")
+        kept = "Queued, then the tab was closed."
+        a.say(kept)
+        a.wait("queued again", lambda p: status_of(p, kept) == "sending")
+        a.open("about:blank")
+        self.server.start()
+        a.open(f"http://127.0.0.1:{self.server.http_port}/")
+        a.live()
+        b.wait("kept message", lambda p: texts(p)[-1] == kept)
+        a.open_conv(bob)
+        a.wait("kept, stored", lambda p: texts(p).count(kept) == 1 and status_of(p, kept) == "read")
+        self.assertEqual(texts(b.page()).count(kept), 1)
+
     def test_history_paging_and_profile(self) -> None:
         """
         40 messages; Bob, on a new device, sees the newest page, then the
@@ -597,10 +619,43 @@ class BrowserTests(TestCase):
         a.find("#load-older").click()
         a.wait("all", lambda p: texts(p) == sent and not p["olderButton"])
 
-    def test_docs_screenshot(self) -> None:
-        """With IMSERVER_DOCS_SCREENSHOT=1: docs/images/webchat.png, a conversation."""
+
+class OriginTests(BrowserCase):
+    sections = {"server": {"websocket_origins": ["http://localhost:*"]}}
+
+    def test_origin_must_be_allowed(self) -> None:
+        """
+        With an origin allow-list the page's origin must be in it: opened
+        from an origin it allows, it works; from another, it says why.
+        """
+        a = Browser(self, "alice", self.artifacts)
+        token = self.server.token(401)
+        a.open(f"http://127.0.0.1:{self.server.http_port}/#token={token}")
+        a.wait("refused origin", lambda p: a.driver.find_elements("id", "config-problem"))
+        self.assertIn("websocket_origins", a.find("#config-problem").text)
+        a.shot("origin-refused")
+        a.open(f"http://localhost:{self.server.http_port}/#token={token}")
+        a.live()
+
+
+class NoWebSocketTests(BrowserCase):
+    sections = {"server": {"websocket": ""}}
+
+    def test_page_says_so(self) -> None:
+        a = Browser(self, "alice", self.artifacts)
+        a.open(token_link(self.server, 501))
+        a.wait("no websocket", lambda p: a.driver.find_elements("id", "config-problem"))
+        self.assertIn("[server] websocket is off", a.find("#config-problem").text)
+
+
+class DocsScreenshot(BrowserCase):
+    def setUp(self) -> None:
         if not os.environ.get("IMSERVER_DOCS_SCREENSHOT"):
             raise SkipTest("set IMSERVER_DOCS_SCREENSHOT=1 to rewrite docs/images/webchat.png")
+        super().setUp()
+
+    def test_docs_screenshot(self) -> None:
+        """docs/images/webchat.png: Alice talks with Bob; Carol waits."""
         alice, bob, carol = 42, 43, 44
         size = {"width": 1100, "height": 680, "scale": 2}
         a = Browser(self, "alice", self.artifacts, **size)

@@ -9,7 +9,7 @@
  */
 
 import { byId, h } from "./dom.js";
-import { avatar, displayName, type Profile } from "./format.js";
+import { avatar, bodyText, displayName, type Profile } from "./format.js";
 import { type Conversation, Model, type Msg, type Pending } from "./model.js";
 import { Client, ImError, LocalStorageStore } from "./sdk.js";
 import type { TokenInfo, WebConfig } from "./session.js";
@@ -126,13 +126,54 @@ export class App {
     this.subscribe();
     document.addEventListener("visibilitychange", () => this.markRead());
     window.addEventListener("focus", () => this.markRead());
-    // Recall buttons disappear when the window passes.
-    this.timers.push(setInterval(() => this.render(), 10_000));
+    // Recall buttons disappear when the window passes; restored sends settle.
+    this.timers.push(
+      setInterval(() => {
+        this.settleRestored();
+        this.render();
+      }, 2_000),
+    );
     this.render();
   }
 
   start(): void {
-    this.client.start().catch((e: unknown) => this.report(e));
+    this.client
+      .start()
+      .then(() => this.restoreOutbox())
+      .catch((e: unknown) => this.report(e));
+  }
+
+  /**
+   * Sends an earlier visit left unanswered (the SDK keeps its outbox in
+   * localStorage and sends them again): shown as "sending" until they
+   * leave the outbox, then the conversation is asked for again.
+   */
+  private restoreOutbox(): void {
+    for (const entry of this.client.outbox) {
+      this.model.conv(entry.to).pending.push({
+        key: ++this.pendingKeys,
+        to: entry.to,
+        text: bodyText(entry.body, entry.type),
+        ts: Date.now(),
+        error: null,
+        cid: entry.cid,
+      });
+    }
+    this.render();
+  }
+
+  private settleRestored(): void {
+    const waiting = new Set(this.client.outbox.map((e) => e.cid));
+    let settled = false;
+    for (const conv of this.model.convs.values()) {
+      const before = conv.pending.length;
+      conv.pending = conv.pending.filter((p) => p.cid === undefined || waiting.has(p.cid));
+      if (conv.pending.length !== before) {
+        settled = true;
+        conv.loaded = conv.loaded && conv.peer === this.selected;
+      }
+    }
+    if (settled) this.refreshSoon();
   }
 
   private me(): Profile {
@@ -143,6 +184,7 @@ export class App {
     const c = this.client;
     c.on("state", (ev) => {
       this.status.show(ev);
+      this.settleRestored();
       if (ev.state === "live") this.onLive();
       if (ev.state === "kicked" || ev.state === "failed") this.render();
     });
@@ -341,6 +383,7 @@ export class App {
         this.render();
       })
       .catch((e: unknown) => {
+        if (e instanceof ImError && e.code === "closed") return; // the page is going away
         pending.error = describe(e);
         this.render();
       });
@@ -407,9 +450,15 @@ export class App {
     });
   }
 
+  private meSignature = "";
+
   private paint(): void {
     const me = this.me();
-    this.meBox.replaceChildren(avatar(me.uid, me, "sm"), h("span", { class: "me-name", id: "me-name" }, displayName(me.uid, me)));
+    const meSignature = JSON.stringify(me);
+    if (meSignature !== this.meSignature) {
+      this.meSignature = meSignature;
+      this.meBox.replaceChildren(avatar(me.uid, me, "sm"), h("span", { class: "me-name", id: "me-name" }, displayName(me.uid, me)));
+    }
     this.sidebar.render(this.model, this.selected);
     this.chat.render(this.model, this.selectedConv());
     byId("chat-empty").hidden = this.selected !== null;

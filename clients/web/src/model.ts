@@ -44,6 +44,8 @@ export interface Pending {
   text: string;
   ts: number;
   error: string | null;
+  /** Set for a send left in the stored outbox by an earlier visit (no promise to wait for). */
+  cid?: string;
 }
 
 export type Status = "sending" | "failed" | "sent" | "delivered" | "read";

@@ -178,8 +178,13 @@ export class ChatView {
     this.firstKey = firstKey;
   }
 
+  private headSignature = "";
+
   private renderHead(model: Model, c: Conversation): void {
     const profile = model.profiles.get(c.peer);
+    const signature = JSON.stringify([c.peer, profile ?? null]);
+    if (signature === this.headSignature) return;
+    this.headSignature = signature;
     this.head.replaceChildren(
       avatar(c.peer, profile),
       h(

@@ -1,7 +1,7 @@
 /** The conversation list: avatar, name, last message, time, unread badge; and "new chat". */
 
 import { fill, h } from "../dom.js";
-import { avatar, bodyText, displayName, shortTime } from "../format.js";
+import { avatar, bodyText, displayName, type Profile, shortTime } from "../format.js";
 import type { Conversation, Model } from "../model.js";
 
 export interface SidebarActions {
@@ -16,6 +16,7 @@ export class Sidebar {
   private readonly more: HTMLButtonElement;
   private readonly input: HTMLInputElement;
   private readonly error: HTMLElement;
+  private signature = "";
 
   constructor(private readonly actions: SidebarActions) {
     this.input = h("input", {
@@ -65,9 +66,13 @@ export class Sidebar {
   }
 
   render(model: Model, selected: number | null): void {
-    const convs = model.ordered();
-    fill(this.list, ...convs.map((c) => this.item(model, c, c.peer === selected)));
-    if (convs.length === 0) {
+    const views = model.ordered().map((c) => view(model, c, c.peer === selected));
+    // Unchanged: keep the elements (a click in progress must not land on a replaced one).
+    const signature = JSON.stringify([views, model.convsMore]);
+    if (signature === this.signature) return;
+    this.signature = signature;
+    fill(this.list, ...views.map((v) => this.item(v)));
+    if (views.length === 0) {
       this.list.appendChild(
         h("li", { class: "conv-empty" }, "No conversations yet. Start one with a user id above."),
       );
@@ -75,52 +80,35 @@ export class Sidebar {
     this.more.hidden = !model.convsMore;
   }
 
-  private item(model: Model, c: Conversation, selected: boolean): HTMLElement {
-    const profile = model.profiles.get(c.peer);
-    let preview = "";
-    let mine = false;
-    if (c.last !== null) {
-      mine = c.last.from === model.me;
-      preview = c.recalled.has(c.last.msg_id) ? "Message recalled" : bodyText(c.last.body, c.last.type);
-    } else if (c.lastMsgId !== 0n) {
-      preview = "Message recalled";
-    } else if (c.pending.length > 0) {
-      mine = true;
-      preview = c.pending[c.pending.length - 1]!.text;
-    }
+  private item(v: ConvView): HTMLElement {
     const badge =
-      c.unread > 0
-        ? h("span", { class: "badge", "data-unread": c.unread, "aria-label": `${c.unread} unread` }, c.unread > 99 ? "99+" : c.unread)
+      v.unread > 0
+        ? h("span", { class: "badge", "data-unread": v.unread, "aria-label": `${v.unread} unread` }, v.unread > 99 ? "99+" : v.unread)
         : null;
     const li = h(
       "li",
       {
-        class: `conv${selected ? " selected" : ""}${c.unread > 0 ? " has-unread" : ""}`,
-        "data-peer": c.peer,
-        "data-unread": c.unread,
+        class: `conv${v.selected ? " selected" : ""}${v.unread > 0 ? " has-unread" : ""}`,
+        "data-peer": v.peer,
+        "data-unread": v.unread,
         tabindex: 0,
         role: "button",
-        "aria-current": selected ? "true" : null,
+        "aria-current": v.selected ? "true" : null,
       },
-      avatar(c.peer, profile),
+      avatar(v.peer, v.profile),
       h(
         "div",
         { class: "conv-body" },
-        h(
-          "div",
-          { class: "conv-top" },
-          h("span", { class: "conv-name" }, displayName(c.peer, profile)),
-          h("span", { class: "conv-time" }, c.last !== null ? shortTime(c.last.ts) : ""),
-        ),
+        h("div", { class: "conv-top" }, h("span", { class: "conv-name" }, v.name), h("span", { class: "conv-time" }, v.time)),
         h(
           "div",
           { class: "conv-bottom" },
-          h("span", { class: "conv-last" }, mine && preview ? h("span", { class: "conv-you" }, "You: ") : null, preview || "\u00a0"),
+          h("span", { class: "conv-last" }, v.mine && v.preview ? h("span", { class: "conv-you" }, "You: ") : null, v.preview || "\u00a0"),
           badge,
         ),
       ),
     );
-    const open = (): void => this.actions.open(c.peer);
+    const open = (): void => this.actions.open(v.peer);
     li.addEventListener("click", open);
     li.addEventListener("keydown", (e) => {
       if (e.key === "Enter" || e.key === " ") {
@@ -130,4 +118,43 @@ export class Sidebar {
     });
     return li;
   }
+}
+
+/** What one entry of the list shows. */
+interface ConvView {
+  peer: number;
+  profile: Profile | null;
+  name: string;
+  time: string;
+  preview: string;
+  mine: boolean;
+  unread: number;
+  selected: boolean;
+}
+
+function view(model: Model, c: Conversation, selected: boolean): ConvView {
+  const profile = model.profiles.get(c.peer) ?? null;
+  let preview = "";
+  let mine = false;
+  if (c.last !== null) {
+    mine = c.last.from === model.me;
+    preview = c.recalled.has(c.last.msg_id) ? "Message recalled" : bodyText(c.last.body, c.last.type);
+  } else if (c.lastMsgId !== 0n) {
+    preview = "Message recalled";
+  }
+  const pending = c.pending[c.pending.length - 1];
+  if (pending !== undefined) {
+    mine = true;
+    preview = pending.text;
+  }
+  return {
+    peer: c.peer,
+    profile,
+    name: displayName(c.peer, profile),
+    time: c.last !== null ? shortTime(c.last.ts) : "",
+    preview,
+    mine,
+    unread: c.unread,
+    selected,
+  };
 }
