@@ -1,7 +1,8 @@
 """
 The C{imserver} command.
 
-    imserver token --uid N [--ttl S] [--device D] [--config PATH]   print a client token
+    imserver token --uid N [--ttl S] [--device D] [--url] [--config PATH]
+                                                       print a client token (--url: a web chat link)
     imserver migrate [--config PATH]                   apply schema migrations
     imserver run [--config PATH]                       same as twistd -n imserver
 """
@@ -9,12 +10,14 @@ The C{imserver} command.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
-from imserver.config import Config, ConfigError, load_config
+from imserver.config import Config, ConfigError, endpoint_args, load_config
 from imserver.services.tokens import TokenService
 
 
@@ -36,8 +39,37 @@ def cmd_token(args: argparse.Namespace) -> int:
         token = tokens.mint(args.uid, now=time.time(), ttl_seconds=args.ttl, device=args.device)
     except ValueError as e:
         raise SystemExit(f"imserver: {e}") from None
-    print(token)
+    print(web_chat_url(config, token) if args.url else token)
     return 0
+
+
+def web_chat_url(config: Config, token: str) -> str:
+    """
+    The web chat's address on the C{[server] http} listener with the token in
+    the fragment (C{#token=}): the page signs in with it, and a fragment is
+    never sent to the server, so the token stays out of access logs.
+    """
+    desc = config.server.http
+    if not desc:
+        raise SystemExit("imserver: --url needs an HTTP listener ([server] http)")
+    kind, kwargs, positional = endpoint_args(desc)
+    if kind not in ("tcp", "tcp6", "ssl"):
+        raise SystemExit(f"imserver: --url needs a tcp:, tcp6: or ssl: [server] http, not {desc!r}")
+    port = kwargs.get("port") or (positional[0] if positional else "")
+    host = kwargs.get("interface", "")
+    if not host and kind in ("tcp", "tcp6") and len(positional) > 1:
+        host = positional[1]  # tcp:PORT:INTERFACE, as Twisted reads it
+    # Every interface (the default): loopback is one of them.
+    if not host:
+        host = "::" if kind == "tcp6" else "0.0.0.0"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass  # a host name
+    scheme = "https" if kind == "ssl" else "http"
+    return f"{scheme}://{host}:{port}/#token={quote(token, safe='')}"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -83,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--uid", type=int, required=True)
     token.add_argument("--ttl", type=int, default=86400, help="seconds (default 86400)")
     token.add_argument("--device", help="bind the token to this device (its `device` claim)")
+    token.add_argument(
+        "--url",
+        action="store_true",
+        help="print a link to the web chat ([server] http) that signs in with the token",
+    )
     token.add_argument("--config", help="TOML config (default: the embedded one)")
     token.set_defaults(func=cmd_token)
 

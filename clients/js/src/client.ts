@@ -102,6 +102,13 @@ function defaultConnector(url: string): Connector {
   );
 }
 
+/** The fields given, in the protocol's order (so frames are the vectors' bytes). */
+function pick<T extends object>(from: T, keys: (keyof T & string)[]): Frame {
+  const out: Frame = {};
+  for (const key of keys) if (from[key] !== undefined) out[key] = from[key];
+  return out;
+}
+
 function randomId(random: Random, length: number): string {
   const alphabet = "0123456789abcdefghijklmnopqrstuvwxyz";
   let out = "";
@@ -389,20 +396,21 @@ export class Client {
   }
 
   private connectionLost(reason: string): void {
+    if (TERMINAL.has(this._state)) return;
+    this.scheduleReconnect(reason, this.goingAway);
+  }
+
+  /** Drop the connection (if any) and connect again after the backoff delay. */
+  private scheduleReconnect(reason: string, quick = false): void {
+    if (TERMINAL.has(this._state)) return;
+    this.gen++;
+    const conn = this.conn;
     this.conn = undefined;
     this.authed = false;
     this.pingInFlight = false;
     this.stopTimer("heartbeatTimer");
     this.stopTimer("goawayTimer");
-    if (TERMINAL.has(this._state)) return;
-    this.scheduleReconnect(reason, this.goingAway);
-  }
-
-  private scheduleReconnect(reason: string, quick = false): void {
-    if (TERMINAL.has(this._state)) return;
-    this.gen++;
-    this.conn?.close();
-    this.conn = undefined;
+    conn?.close();
     const base = this.opts.backoffBase ?? 0.5;
     const max = this.opts.backoffMax ?? 30;
     let delay: number;
@@ -435,7 +443,7 @@ export class Client {
       }
     }
     this.setState(state, state === "closed" ? {} : { reason: state === "kicked" ? error.message : error.code });
-    conn?.close();
+    conn?.close(error);
     for (const w of this.waiters.splice(0)) {
       this.timers.clearTimeout(w.timer);
       w.reject(error);
@@ -812,8 +820,9 @@ export class Client {
     if (conn === undefined) return;
     item.inFlight = true;
     const { to, cid, body, type } = item.entry;
-    const fields: Frame = { to, cid, body };
+    const fields: Frame = { to, cid };
     if (type !== undefined) fields.type = type;
+    fields.body = body;
     conn.request("send", fields, this.requestTimeoutMs).then(
       (reply) => {
         item.inFlight = false;
@@ -915,13 +924,13 @@ export class Client {
   }
 
   convs(options: { limit?: number; before?: bigint } = {}): Promise<ConvsResult> {
-    return this.request("convs", { ...options });
+    return this.request("convs", pick(options, ["limit", "before"]));
   }
 
   history(
     options: { peer?: number; session_id?: bigint; before?: bigint; limit?: number },
   ): Promise<HistoryResult> {
-    return this.request("history", { ...options });
+    return this.request("history", pick(options, ["peer", "session_id", "before", "limit"]));
   }
 
   async recall(msg_id: bigint): Promise<{ seq?: number }> {
@@ -940,7 +949,7 @@ export class Client {
     avatar?: string;
     presence?: PresenceSetting;
   }): Promise<SetProfileResult> {
-    return this.request("set_profile", { ...fields });
+    return this.request("set_profile", pick(fields, ["nickname", "avatar", "presence"]));
   }
 
   devices(): Promise<{ devices: Device[] }> {
@@ -960,7 +969,7 @@ export class Client {
   }
 
   blocked(options: { after?: number; limit?: number } = {}): Promise<{ uids: number[]; more: boolean }> {
-    return this.request("blocked", { ...options });
+    return this.request("blocked", pick(options, ["after", "limit"]));
   }
 
   async mute(session_id: bigint, until: number): Promise<{ muted_until: number; seq?: number }> {

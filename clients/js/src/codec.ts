@@ -9,7 +9,7 @@
  * server does, so the bytes match the protocol's test vectors.
  */
 
-import { Decoder, Encoder } from "@msgpack/msgpack";
+import { Decoder, Encoder, type ExtensionCodecType } from "@msgpack/msgpack";
 
 /** Fields whose values (or, for arrays, elements) are ids: bigint in JS. */
 export const ID_FIELDS: ReadonlySet<string> = new Set([
@@ -39,7 +39,22 @@ export class CodecError extends Error {
   override name = "CodecError";
 }
 
-const decoder = new Decoder({ useBigInt64: true });
+/** The protocol has no extension types (the timestamp -1 included). */
+const noExtensions: ExtensionCodecType<undefined> = {
+  tryToEncode: () => null,
+  decode: (_data, extType) => {
+    throw new CodecError(`msgpack extension type ${extType} is not part of the protocol`);
+  },
+};
+
+const decoder = new Decoder({
+  useBigInt64: true,
+  extensionCodec: noExtensions,
+  mapKeyConverter: (key: unknown) => {
+    if (typeof key !== "string") throw new CodecError("map keys must be strings");
+    return key;
+  },
+});
 const encoder = new Encoder({ useBigInt64: true, ignoreUndefined: true });
 
 const INT32_MIN = -0x80000000;
@@ -133,6 +148,7 @@ export function decodeBody(bytes: Uint8Array): Frame {
   try {
     value = decoder.decode(bytes);
   } catch (e) {
+    if (e instanceof CodecError) throw e;
     throw new CodecError(`not one msgpack value: ${(e as Error).message}`);
   }
   if (!isMap(value) || value instanceof Map) {

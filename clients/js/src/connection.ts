@@ -9,7 +9,7 @@ import { type Timers, realTimers } from "./timers.js";
 import type { Connector, Transport } from "./transport.js";
 
 export interface ConnectionOptions {
-  /** Every frame without an `id` (and error frames whose id is unknown). */
+  /** Every frame that is not a reply (pushes have no `id`). */
   onPush?: (frame: Frame) => void;
   /** Once, when the transport closes. */
   onClose?: (error?: Error) => void;
@@ -28,6 +28,7 @@ export class Connection {
   private transport: Transport | undefined;
   private readonly timers: Timers;
   private closedError: ImError | undefined;
+  private failed = false;
   /** `timers.now()` of the last frame sent / received: for heartbeats. */
   lastSent: number;
   lastReceived: number;
@@ -46,14 +47,14 @@ export class Connection {
     const conn = new Connection(options);
     conn.transport = await connector(url, {
       message: (body) => conn.received(body),
-      close: (error) => conn.closed(error),
+      close: (error) => conn.fail(error),
     });
     conn.lastSent = conn.lastReceived = conn.timers.now();
     return conn;
   }
 
   get isOpen(): boolean {
-    return this.closedError === undefined && this.transport !== undefined;
+    return !this.failed && this.transport !== undefined;
   }
 
   /**
@@ -62,7 +63,7 @@ export class Connection {
    * after `timeoutMs`, `disconnected` if the connection closes first).
    */
   request(op: string, fields: Frame = {}, timeoutMs?: number): Promise<Frame> {
-    if (this.closedError !== undefined) return Promise.reject(this.closedError);
+    if (this.failed) return Promise.reject(this.closedError);
     const id = this.nextId++;
     const frame: Frame = { t: op, id, ...fields };
     let body: Uint8Array;
@@ -90,10 +91,12 @@ export class Connection {
     this.sendBody(encodeBody(frame));
   }
 
-  close(): void {
+  /** Close; what is in flight fails with `reason` (default `disconnected`). */
+  close(reason?: ImError): void {
+    if (reason !== undefined && this.closedError === undefined) this.closedError = reason;
     this.transport?.close();
     // Transports call back asynchronously or not at all once closed by us.
-    this.closed(undefined);
+    this.fail(undefined);
   }
 
   private sendBody(body: Uint8Array): void {
@@ -112,10 +115,11 @@ export class Connection {
       return;
     }
     const id = frame.id;
-    if (typeof id === "number" && (frame.t === "ok" || frame.t === "error")) {
-      const entry = this.pending.get(id);
+    if (id !== undefined && (frame.t === "ok" || frame.t === "error")) {
+      // A reply; one whose request timed out (or was never ours) is dropped.
+      const entry = typeof id === "number" ? this.pending.get(id) : undefined;
       if (entry !== undefined) {
-        this.pending.delete(id);
+        this.pending.delete(id as number);
         if (entry.timer !== undefined) this.timers.clearTimeout(entry.timer);
         if (frame.t === "ok") {
           const { t: _t, id: _id, ...result } = frame;
@@ -125,15 +129,16 @@ export class Connection {
             new ImError(String(frame.code ?? "internal"), String(frame.message ?? frame.code)),
           );
         }
-        return;
       }
+      return;
     }
     this.options.onPush?.(frame);
   }
 
-  private closed(error?: Error): void {
-    if (this.closedError !== undefined) return;
-    this.closedError = new ImError("disconnected", error?.message ?? "the connection closed");
+  private fail(error?: Error): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.closedError ??= new ImError("disconnected", error?.message ?? "the connection closed");
     for (const entry of this.pending.values()) {
       if (entry.timer !== undefined) this.timers.clearTimeout(entry.timer);
       entry.reject(this.closedError);
