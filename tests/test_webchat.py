@@ -337,10 +337,14 @@ class Browser:
         value: int | None = self.conv(page, peer).get("unread")
         return value
 
-    def find(self, css: str) -> Any:
+    def find(self, css: str, timeout: float = WAIT) -> Any:
+        """The element, once the page shows it."""
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.wait import WebDriverWait
 
-        return self.driver.find_element(By.CSS_SELECTOR, css)
+        located = expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css))
+        return WebDriverWait(self.driver, timeout).until(located)
 
     def type(self, css: str, text: str) -> None:
         element = self.find(css)
@@ -562,7 +566,7 @@ class BrowserTests(BrowserCase):
             a.say(text)
         a.wait("all delivered", lambda p: statuses(p, sent) == ["delivered"] * 40)
         # Bob's page again, as a new device (no stream to replay): history pages.
-        b.driver.execute_script(f"localStorage.removeItem('imserver.client.{bob}')")
+        b.driver.execute_script(f"sessionStorage.removeItem('imserver.client.{bob}')")
         b.open(f"http://127.0.0.1:{self.server.http_port}/")
         b.live()
         b.wait("badge 40", lambda p: b.unread(p, alice) == 40)
@@ -606,7 +610,7 @@ class BrowserTests(BrowserCase):
             a.say(text)
         a.wait("all sent", lambda p: statuses(p, sent) == ["sent"] * len(sent))
         # Alice's page as a new device: her history comes in pages.
-        a.driver.execute_script(f"localStorage.removeItem('imserver.client.{alice}')")
+        a.driver.execute_script(f"sessionStorage.removeItem('imserver.client.{alice}')")
         a.open(f"http://127.0.0.1:{self.server.http_port}/")
         a.live()
         a.wait("conversation", lambda p: a.conv(p, bob))
@@ -618,6 +622,30 @@ class BrowserTests(BrowserCase):
         self.assertTrue(a.driver.execute_script(fits))
         a.find("#load-older").click()
         a.wait("all", lambda p: texts(p) == sent and not p["olderButton"])
+
+    def test_kicked(self) -> None:
+        """
+        A page replaced by another login of its device says so, does not
+        reconnect by itself, and connects again when asked.
+        """
+        from imserver.services.tokens import TokenService
+
+        token = TokenService(self.server.secret).mint(
+            601, now=time.time(), ttl_seconds=3600, device="laptop"
+        )
+        link = f"http://127.0.0.1:{self.server.http_port}/#token={token}"
+        first = Browser(self, "first", self.artifacts)
+        first.open(link)
+        first.live()
+        second = Browser(self, "second", self.artifacts)
+        second.open(link)
+        second.live()
+        page = first.wait("kicked", lambda p: p["state"] == "kicked" and p)
+        self.assertIn("signed in again elsewhere", page["banner"])
+        first.shot("kicked")
+        first.find("#reconnect").click()
+        first.live()
+        second.wait("kicked in turn", lambda p: p["state"] == "kicked")
 
 
 class OriginTests(BrowserCase):

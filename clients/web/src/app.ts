@@ -21,6 +21,14 @@ import { StatusView } from "./views/status.js";
 const HISTORY_PAGE = 30;
 const CONVS_PAGE = 50;
 
+function tabStorage(): Storage | undefined {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return undefined;
+  }
+}
+
 function describe(e: unknown): string {
   if (e instanceof ImError) {
     switch (e.code) {
@@ -120,7 +128,9 @@ export class App {
       url: config.websocket ?? "",
       token: token.token,
       client: "imserver-web/0.1",
-      store: new LocalStorageStore(`imserver.client.${token.uid}`),
+      // Per tab (sessionStorage): each tab is its own device, so two tabs do
+      // not replace each other; a reload keeps the device, its seq and outbox.
+      store: new LocalStorageStore(`imserver.client.${token.uid}`, tabStorage()),
       ...(token.device !== null ? { device: token.device } : {}),
     });
     this.subscribe();

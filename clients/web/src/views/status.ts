@@ -13,6 +13,13 @@ export interface StateEvent {
   retry_in?: number;
 }
 
+const KICKS: Record<string, string> = {
+  replaced: "This device signed in again elsewhere (a copy of this tab?), so this page stopped.",
+  too_many_devices: "Too many of your devices are online, so the server signed this one out.",
+  logged_out: "You signed this device out from another one.",
+  revoked: "An administrator revoked this device.",
+};
+
 const LABELS: Record<string, string> = {
   connecting: "Connecting…",
   syncing: "Syncing…",
@@ -82,15 +89,23 @@ export class StatusView {
       text = state === "syncing" ? "Reconnected: catching up…" : "Reconnecting…";
     } else if (state === "kicked") {
       kind = "error";
-      text = `This session was signed out by the server (${ev.reason ?? "kicked"}). Sign in again to continue.`;
+      text = KICKS[ev.reason ?? ""] ?? `The server signed this page out (${ev.reason ?? "kicked"}).`;
     } else if (state === "failed") {
       kind = "error";
-      text = `The server refused the token${ev.reason ? ` (${ev.reason})` : ""}. Sign out and use a new one.`;
+      text = `The server refused the token${ev.reason ? ` (${ev.reason})` : ""}: sign out and use a new one.`;
     }
     this.banner.hidden = text === null;
     this.banner.className = `banner banner-${kind}`;
     this.banner.dataset["state"] = state;
-    if (text !== null) this.banner.textContent = text;
+    if (text === null) return;
+    if (state === "kicked") {
+      // No reconnect after a kick (docs/sdk.md) unless the reader asks.
+      const again = h("button", { class: "btn btn-small", type: "button", id: "reconnect" }, "Connect again");
+      again.addEventListener("click", () => location.reload());
+      this.banner.replaceChildren(text, " ", again);
+    } else {
+      this.banner.textContent = text;
+    }
   }
 
   stop(): void {
