@@ -260,6 +260,7 @@ return {
   me: q('#me-name') ? q('#me-name').textContent : null,
   chat: q('#chat') && !q('#chat').hidden ? q('#chat-name').textContent : null,
   olderButton: !!(q('#load-older') && !q('#load-older').hidden),
+  jump: !!(q('#jump') && !q('#jump').hidden),
   convs: [...document.querySelectorAll('#conv-list .conv')].map((li) => ({
     peer: Number(li.dataset.peer),
     unread: Number(li.dataset.unread),
@@ -585,6 +586,10 @@ class BrowserTests(BrowserCase):
         a.say("Now with a name.")
         page = b.wait("name", lambda p: b.conv(p, alice).get("name") == "Alice" and p)
         self.assertEqual(page["chat"], "Alice")
+        # Bob is reading old messages: the new one does not move him, a button offers it.
+        b.wait("jump button", lambda p: p["jump"] and texts(p)[-1] == "Now with a name.")
+        b.find("#jump").click()
+        b.wait("at the bottom", lambda p: not p["jump"])
         self.assertTrue(
             b.driver.execute_script("return !!document.querySelector('#chat-head .avatar img')")
         )

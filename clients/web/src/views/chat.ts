@@ -42,6 +42,8 @@ export class ChatView {
   private readonly nodes = new Map<string, HTMLElement>();
   private peer: number | null = null;
   private firstKey: string | null = null;
+  private lastKey: string | null = null;
+  private readonly jump: HTMLButtonElement;
 
   constructor(
     private readonly actions: ChatActions,
@@ -53,6 +55,12 @@ export class ChatView {
     this.list = h("div", { class: "messages", id: "messages", role: "log", "aria-live": "polite" });
     this.list.addEventListener("scroll", () => {
       if (this.list.scrollTop < 40 && !this.older.hidden && !this.older.disabled) this.actions.loadOlder();
+      if (this.atBottom()) this.jump.hidden = true;
+    });
+    this.jump = h("button", { class: "jump", id: "jump", type: "button", hidden: true }, "New messages ↓");
+    this.jump.addEventListener("click", () => {
+      this.list.scrollTop = this.list.scrollHeight;
+      this.jump.hidden = true;
     });
     this.composer = h("textarea", {
       id: "composer",
@@ -78,7 +86,7 @@ export class ChatView {
       "section",
       { class: "chat", id: "chat", hidden: true },
       this.head,
-      h("div", { class: "messages-wrap" }, this.list),
+      h("div", { class: "messages-wrap" }, this.list, this.jump),
       form,
     );
   }
@@ -117,7 +125,7 @@ export class ChatView {
     }
     this.renderHead(model, c);
     const list = this.list;
-    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 60;
+    const atBottom = this.atBottom();
     const prevHeight = list.scrollHeight;
     const prevTop = list.scrollTop;
 
@@ -167,15 +175,29 @@ export class ChatView {
     this.older.textContent = c.loading ? "Loading…" : "Load older messages";
 
     const firstKey = wanted.find(([key]) => key.startsWith("m:"))?.[0] ?? null;
+    const lastKey = wanted[wanted.length - 1]?.[0] ?? null;
     if (switched) {
       list.scrollTop = list.scrollHeight;
-    } else if (this.firstKey !== null && firstKey !== this.firstKey && !atBottom) {
-      // Older messages came in above: keep what the reader was looking at in place.
-      list.scrollTop = prevTop + (list.scrollHeight - prevHeight);
+      this.jump.hidden = true;
     } else if (atBottom) {
       list.scrollTop = list.scrollHeight;
+    } else {
+      if (this.firstKey !== null && firstKey !== this.firstKey) {
+        // Older messages came in above: keep what the reader was looking at in place.
+        list.scrollTop = prevTop + (list.scrollHeight - prevHeight);
+      }
+      if (lastKey !== null && lastKey !== this.lastKey && !lastKey.startsWith("d:")) {
+        // Something new at the bottom while the reader is further up.
+        this.jump.hidden = false;
+      }
     }
+    this.lastKey = lastKey;
     this.firstKey = firstKey;
+  }
+
+  private atBottom(): boolean {
+    const list = this.list;
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 60;
   }
 
   private headSignature = "";

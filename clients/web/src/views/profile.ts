@@ -32,7 +32,12 @@ export class ProfileDialog {
       this.error,
       h("div", { class: "dialog-buttons" }, cancel, this.save),
     );
-    const refresh = (): void => this.paintPreview();
+    // Not on every keystroke: each partial URL would be fetched.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const refresh = (): void => {
+      clearTimeout(timer);
+      timer = setTimeout(() => this.paintPreview(), 400);
+    };
     this.nickname.addEventListener("input", refresh);
     this.avatarUrl.addEventListener("input", refresh);
     form.addEventListener("submit", (e) => {
