@@ -61,9 +61,15 @@ export class App {
   private selected: number | null = null;
   private scheduled = false;
   private pendingKeys = 0;
-  private reading = new Set<number>();
+  /** Conversations with a `read` in flight. */
+  private readonly reading = new Set<number>();
   private stopped = false;
+  private firstLive = true;
+  private meSignature = "";
+  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private toastTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly timers: ReturnType<typeof setInterval>[] = [];
+  private readonly onLook = (): void => this.markRead();
 
   constructor(
     root: HTMLElement,
@@ -134,8 +140,9 @@ export class App {
       ...(token.device !== null ? { device: token.device } : {}),
     });
     this.subscribe();
-    document.addEventListener("visibilitychange", () => this.markRead());
-    window.addEventListener("focus", () => this.markRead());
+    // Coming back to the page reads what arrived meanwhile.
+    document.addEventListener("visibilitychange", this.onLook);
+    window.addEventListener("focus", this.onLook);
     // Recall buttons disappear when the window passes; restored sends settle.
     this.timers.push(
       setInterval(() => {
@@ -154,9 +161,9 @@ export class App {
   }
 
   /**
-   * Sends an earlier visit left unanswered (the SDK keeps its outbox in
-   * localStorage and sends them again): shown as "sending" until they
-   * leave the outbox, then the conversation is asked for again.
+   * Sends an earlier visit of this tab left unanswered (the SDK keeps its
+   * outbox in the store and sends them again): shown as "sending" until
+   * they leave the outbox, then the conversation is asked for again.
    */
   private restoreOutbox(): void {
     for (const entry of this.client.outbox) {
@@ -231,9 +238,6 @@ export class App {
       this.render();
     });
   }
-
-  private firstLive = true;
-  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
 
   private onLive(): void {
     if (this.firstLive) {
@@ -433,12 +437,13 @@ export class App {
   stop(): void {
     if (this.stopped) return;
     this.stopped = true;
+    document.removeEventListener("visibilitychange", this.onLook);
+    window.removeEventListener("focus", this.onLook);
     for (const t of this.timers) clearInterval(t);
+    if (this.refreshTimer !== null) clearTimeout(this.refreshTimer);
     this.status.stop();
     this.client.close();
   }
-
-  private toastTimer: ReturnType<typeof setTimeout> | null = null;
 
   private report(e: unknown): void {
     if (e instanceof ImError && (e.code === "closed" || e.code === "disconnected")) return;
@@ -459,8 +464,6 @@ export class App {
       this.paint();
     });
   }
-
-  private meSignature = "";
 
   private paint(): void {
     const me = this.me();
