@@ -261,6 +261,7 @@ return {
   chat: q('#chat') && !q('#chat').hidden ? q('#chat-name').textContent : null,
   olderButton: !!(q('#load-older') && !q('#load-older').hidden),
   jump: !!(q('#jump') && !q('#jump').hidden),
+  typing: !!q('#chat-typing'),
   convs: [...document.querySelectorAll('#conv-list .conv')].map((li) => ({
     peer: Number(li.dataset.peer),
     unread: Number(li.dataset.unread),
@@ -474,6 +475,12 @@ class BrowserTests(BrowserCase):
         # Alice has the conversation open: she reads it at once.
         a.wait("reply", lambda p: texts(p, mine=False) == ["Hello Alice, here I am."])
         b.wait("read by Alice", lambda p: status_of(p, "Hello Alice, here I am.") == "read")
+        # Alice types: Bob sees it until her message comes.
+        a.find("#composer").send_keys("Good")
+        b.wait("typing", lambda p: p["typing"])
+        a.say(", let me tell you something.")
+        b.wait("typed", lambda p: texts(p)[-1] == "Good, let me tell you something.")
+        b.wait("typing over", lambda p: not p["typing"])
         a.shot("chatting")
 
         # Bob closes his tab; Alice writes on.

@@ -19,6 +19,11 @@ import { Sidebar } from "./views/sidebar.js";
 import { StatusView } from "./views/status.js";
 
 const HISTORY_PAGE = 30;
+/** docs/protocol.md, "typing": `active: true` every 3 s while typing, shown for 6 s. */
+const TYPING_EVERY_MS = 3000;
+const TYPING_SHOWN_MS = 6000;
+/** Typing stops this long after the last key. */
+const TYPING_IDLE_MS = 4000;
 const CONVS_PAGE = 50;
 
 function tabStorage(): Storage | undefined {
@@ -70,6 +75,10 @@ export class App {
   private toastTimer: ReturnType<typeof setTimeout> | null = null;
   private readonly timers: ReturnType<typeof setInterval>[] = [];
   private readonly onLook = (): void => this.markRead();
+  /** Whom we told we are typing, when, and the timer that says we stopped. */
+  private typingTo: number | null = null;
+  private typingSent = 0;
+  private typingIdle: ReturnType<typeof setTimeout> | null = null;
 
   constructor(
     root: HTMLElement,
@@ -88,6 +97,8 @@ export class App {
     this.chat = new ChatView(
       {
         send: (text) => this.send(text),
+        typing: () => this.typing(),
+        back: () => this.close(),
         loadOlder: () => void this.loadOlder(),
         recall: (m) => void this.recall(m),
         dismiss: (p) => this.dismiss(p),
@@ -121,7 +132,7 @@ export class App {
         ),
         h(
           "div",
-          { class: "main" },
+          { class: "main", id: "main" },
           this.sidebar.root,
           h("div", { class: "pane" }, this.status.banner, empty, this.chat.root),
         ),
@@ -228,6 +239,13 @@ export class App {
       this.refreshSoon();
       this.render();
     });
+    c.on("typing", (ev) => {
+      const conv = this.model.conv(ev.from);
+      conv.typingUntil = ev.active ? Date.now() + TYPING_SHOWN_MS : 0;
+      // Expires by itself (a lost `active: false`).
+      if (ev.active) setTimeout(() => this.render(), TYPING_SHOWN_MS + 50);
+      this.render();
+    });
     c.on("profile", (ev) => {
       this.model.setProfile(ev.user);
       this.render();
@@ -310,12 +328,20 @@ export class App {
   }
 
   open(peer: number): void {
+    if (this.typingTo !== null && this.typingTo !== peer) this.stopTyping();
     this.selected = peer;
     const conv = this.model.conv(peer);
     if (!conv.loaded) void this.loadHistory(conv, false).then(() => this.markRead());
     this.markRead();
     this.render();
     this.chat.focus();
+  }
+
+  /** No conversation open (the list, on a narrow screen). */
+  private close(): void {
+    this.stopTyping();
+    this.selected = null;
+    this.render();
   }
 
   private async startChat(uid: number): Promise<void> {
@@ -374,9 +400,35 @@ export class App {
       });
   }
 
+  /** Tell the peer we are typing (at most every 3 s), and that we stopped. */
+  private typing(): void {
+    const conv = this.selectedConv();
+    // Only to a conversation that exists (else `forbidden`), and only live:
+    // a typing request waiting for the connection would be stale.
+    if (conv === null || conv.session === null || this.client.state !== "live") return;
+    if (this.typingTo !== null && this.typingTo !== conv.peer) this.stopTyping();
+    const now = Date.now();
+    if (this.typingTo !== conv.peer || now - this.typingSent >= TYPING_EVERY_MS) {
+      this.typingTo = conv.peer;
+      this.typingSent = now;
+      this.client.typing(conv.peer, true).catch(() => {});
+    }
+    if (this.typingIdle !== null) clearTimeout(this.typingIdle);
+    this.typingIdle = setTimeout(() => this.stopTyping(), TYPING_IDLE_MS);
+  }
+
+  private stopTyping(): void {
+    if (this.typingIdle !== null) clearTimeout(this.typingIdle);
+    this.typingIdle = null;
+    const peer = this.typingTo;
+    this.typingTo = null;
+    if (peer !== null && this.client.state === "live") this.client.typing(peer, false).catch(() => {});
+  }
+
   private send(text: string): void {
     const conv = this.selectedConv();
     if (conv === null) return;
+    this.stopTyping();
     const pending: Pending = { key: ++this.pendingKeys, to: conv.peer, text, ts: Date.now(), error: null };
     conv.pending.push(pending);
     this.render();
@@ -441,6 +493,7 @@ export class App {
     window.removeEventListener("focus", this.onLook);
     for (const t of this.timers) clearInterval(t);
     if (this.refreshTimer !== null) clearTimeout(this.refreshTimer);
+    if (this.typingIdle !== null) clearTimeout(this.typingIdle);
     this.status.stop();
     this.client.close();
   }
@@ -475,6 +528,7 @@ export class App {
     this.sidebar.render(this.model, this.selected);
     this.chat.render(this.model, this.selectedConv());
     byId("chat-empty").hidden = this.selected !== null;
+    byId("main").classList.toggle("has-chat", this.selected !== null);
     const total = this.model.totalUnread();
     document.title = total > 0 ? `(${total}) imserver chat` : "imserver chat";
   }

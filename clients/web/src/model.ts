@@ -69,6 +69,8 @@ export class Conversation {
   readonly msgs = new Map<bigint, Msg>();
   readonly recalled = new Set<bigint>();
   pending: Pending[] = [];
+  /** Until when the peer is shown as typing (ms; 0: not). */
+  typingUntil = 0;
   /** History: whether the first page came, whether older pages remain. */
   loaded = false;
   more = true;
@@ -97,6 +99,10 @@ export class Conversation {
       if (m.from === this.peer && !this.recalled.has(m.msg_id) && (found === null || m.msg_id > found.msg_id)) found = m;
     }
     return found;
+  }
+
+  typing(now = Date.now()): boolean {
+    return this.typingUntil > now;
   }
 
   status(m: Msg): Status {
@@ -187,6 +193,7 @@ export class Model {
       c.last = m;
     }
     if (old === undefined && m.from !== this.me) {
+      c.typingUntil = 0;
       if (unread !== undefined) c.unread = unread;
       else if (counts && m.msg_id > c.myRead) c.unread += 1;
     }

@@ -12,6 +12,10 @@ import type { Conversation, Model, Msg, Pending, Status } from "../model.js";
 
 export interface ChatActions {
   send(text: string): void;
+  /** The reader is typing (called on every input). */
+  typing(): void;
+  /** Back to the list (narrow screens). */
+  back(): void;
   loadOlder(): void;
   recall(msg: Msg): void;
   dismiss(pending: Pending): void;
@@ -75,7 +79,10 @@ export class ChatView {
         this.submit();
       }
     });
-    this.composer.addEventListener("input", () => this.autosize());
+    this.composer.addEventListener("input", () => {
+      this.autosize();
+      if (this.composer.value.trim()) this.actions.typing();
+    });
     this.sendButton = h("button", { type: "submit", class: "btn btn-primary", id: "send" }, "Send");
     const form = h("form", { class: "composer", id: "composer-form" }, this.composer, this.sendButton);
     form.addEventListener("submit", (e) => {
@@ -204,16 +211,22 @@ export class ChatView {
 
   private renderHead(model: Model, c: Conversation): void {
     const profile = model.profiles.get(c.peer);
-    const signature = JSON.stringify([c.peer, profile ?? null]);
+    const typing = c.typing();
+    const signature = JSON.stringify([c.peer, profile ?? null, typing]);
     if (signature === this.headSignature) return;
     this.headSignature = signature;
+    const back = h("button", { class: "back", type: "button", "aria-label": "Back to conversations" }, "‹");
+    back.addEventListener("click", () => this.actions.back());
     this.head.replaceChildren(
+      back,
       avatar(c.peer, profile),
       h(
         "div",
         { class: "chat-title" },
         h("div", { class: "chat-name", id: "chat-name" }, displayName(c.peer, profile)),
-        h("div", { class: "chat-sub" }, `user ${c.peer}`),
+        typing
+          ? h("div", { class: "chat-sub typing", id: "chat-typing" }, "typing…")
+          : h("div", { class: "chat-sub" }, `user ${c.peer}`),
       ),
     );
   }

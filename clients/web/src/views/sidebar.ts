@@ -103,7 +103,7 @@ export class Sidebar {
         h(
           "div",
           { class: "conv-bottom" },
-          h("span", { class: "conv-last" }, v.mine && v.preview ? h("span", { class: "conv-you" }, "You: ") : null, v.preview || "\u00a0"),
+          h("span", { class: `conv-last${v.typing ? " typing" : ""}` }, v.mine && v.preview ? h("span", { class: "conv-you" }, "You: ") : null, v.preview || "\u00a0"),
           badge,
         ),
       ),
@@ -130,6 +130,7 @@ interface ConvView {
   mine: boolean;
   unread: number;
   selected: boolean;
+  typing: boolean;
 }
 
 function view(model: Model, c: Conversation, selected: boolean): ConvView {
@@ -147,6 +148,11 @@ function view(model: Model, c: Conversation, selected: boolean): ConvView {
     mine = true;
     preview = pending.text;
   }
+  const typing = c.typing();
+  if (typing) {
+    mine = false;
+    preview = "typing…";
+  }
   return {
     peer: c.peer,
     profile,
@@ -156,5 +162,6 @@ function view(model: Model, c: Conversation, selected: boolean): ConvView {
     mine,
     unread: c.unread,
     selected,
+    typing,
   };
 }
