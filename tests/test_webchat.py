@@ -2,9 +2,9 @@
 The web chat (clients/web, served by the HTTP listener at C{/}).
 
 L{StaticServingTests} serve the bundle and C{/v1/web/config} in process
-(real HTTP on a loopback port). L{BundleTests} rebuild the bundle from
-clients/web (node, npm) and fail if it differs from the one committed under
-imserver/http/static. L{BrowserTests} run headless Debian chromium
+(real HTTP on a loopback port). L{BundleTests} run clients/web's npm test:
+type check, unit tests, and a fresh build that must equal the bundle
+committed under imserver/http/static. L{BrowserTests} run headless Debian chromium
 browsers, driven by selenium through chromium-driver, against C{twistd -n
 imserver}: two users chat, one goes away and catches up, the server dies and
 comes back; unread badges and receipts are checked on the page, and
@@ -208,10 +208,11 @@ def npm_install(directory: Path) -> None:
 class BundleTests(TestCase):
     timeout = 600
 
-    def test_committed_bundle_is_fresh(self) -> None:
+    def test_npm_test(self) -> None:
         """
-        imserver/http/static is what clients/web builds (with clients/js as it
-        is now), and the page's TypeScript checks: `npm test` in clients/web.
+        `npm test` in clients/web: the page's TypeScript checks, its unit
+        tests (test/*.test.ts) pass, and imserver/http/static is what
+        clients/web builds with clients/js as it is now.
         """
         npm_install(WEB)
         done = subprocess.run([npm(), "test"], cwd=WEB, capture_output=True, text=True, timeout=300)
