@@ -191,8 +191,10 @@ def npm() -> str:
 
 
 def npm_install(directory: Path) -> None:
-    """C{npm ci} once, if the package has no node_modules yet."""
-    if (directory / "node_modules").is_dir():
+    """C{npm ci}, if the package has no node_modules yet or one older than its lock file."""
+    installed = directory / "node_modules" / ".package-lock.json"
+    lock = directory / "package-lock.json"
+    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
         return
     done = subprocess.run(
         [npm(), "ci", "--no-audit", "--no-fund"],
