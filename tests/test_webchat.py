@@ -382,6 +382,25 @@ def token_link(server: ServerProcess, uid: int) -> str:
     return f"http://127.0.0.1:{server.http_port}/#token={server.token(uid)}"
 
 
+def cli_link(server: ServerProcess, uid: int) -> str:
+    """What C{imserver token --uid UID --url} prints for this server."""
+    cli = "import sys; from imserver.cli import main; sys.exit(main())"
+    argv = ["token", "--uid", str(uid), "--url", "--config", server.config_path]
+    done = subprocess.run(
+        [sys.executable, "-c", cli, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"imserver token --url failed:\n{done.stderr}")
+    link = done.stdout.strip()
+    if not link.startswith(f"http://127.0.0.1:{server.http_port}/#token="):
+        raise AssertionError(f"unexpected link {link!r}")
+    return link
+
+
 def texts(page: dict[str, Any], mine: bool | None = None) -> list[str]:
     return [m["text"] for m in page["msgs"] if mine is None or m["mine"] == mine]
 
@@ -566,7 +585,8 @@ class BrowserTests(BrowserCase):
         alice, bob = 201, 202
         a = Browser(self, "alice", self.artifacts)
         b = Browser(self, "bob", self.artifacts)
-        a.open(token_link(self.server, alice))
+        # The link `imserver token --url` prints (README, "Web chat").
+        a.open(cli_link(self.server, alice))
         b.open(token_link(self.server, bob))
         a.live()
         b.live()
