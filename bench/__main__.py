@@ -11,7 +11,9 @@ from typing import Any
 from bench import plot, runner, social
 
 
-def _server_options(p: argparse.ArgumentParser, target_default: str | None = None) -> None:
+def _server_options(
+    p: argparse.ArgumentParser, target_default: str | None = None, transports: bool = False
+) -> None:
     g = p.add_argument_group("server")
     g.add_argument(
         "--stack",
@@ -23,6 +25,11 @@ def _server_options(p: argparse.ArgumentParser, target_default: str | None = Non
     g.add_argument("--pid", type=int, help="the running server's pid (for /proc)")
     g.add_argument("--secret", help="the running server's [auth].secret (to mint tokens)")
     g.add_argument("--http-port", type=int, help="the running server's HTTP port (for /metrics)")
+    g.add_argument(
+        "--ws-url",
+        help="the running server's WebSocket URL, e.g. ws://127.0.0.1:7001/v1/ws "
+        "(for --transport ws)",
+    )
     g.add_argument(
         "--extra-pid",
         action="append",
@@ -51,6 +58,19 @@ def _server_options(p: argparse.ArgumentParser, target_default: str | None = Non
         help="listen backlog of the servers the tool starts "
         "(default: imserver's 4096, the relay's 50)",
     )
+    g.add_argument(
+        "--transport",
+        default="tcp",
+        metavar="tcp|ws",
+        help="how the load clients connect to imserver: raw TCP, or WebSocket (its "
+        "[server] websocket listener; the relay speaks TCP only)"
+        + (
+            "; pairs: tcp,ws measures both on the same server, alternating (with --rounds)"
+            if transports
+            else ""
+        )
+        + " (default tcp)",
+    )
     if target_default:
         g.add_argument(
             "--relay-nagle",
@@ -61,9 +81,10 @@ def _server_options(p: argparse.ArgumentParser, target_default: str | None = Non
         g.add_argument(
             "--target",
             choices=("imserver", "relay", "both"),
-            default=target_default,
-            help=f"imserver, the baseline relay, or both (default: {target_default})",
+            help=f"imserver, the baseline relay, or both (default: {target_default}; "
+            "imserver with --transport ws)",
         )
+        p.set_defaults(target_default=target_default)
     o = p.add_argument_group("output")
     o.add_argument("--results-dir", default=runner.RESULTS_DIR)
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,9 +126,10 @@ def parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=1,
-        help="with --devices: measure each count this many times, alternating (default 1)",
+        help="with --devices or --transport tcp,ws: measure each count (transport) this "
+        "many times, alternating (default 1)",
     )
-    _server_options(p, "both")
+    _server_options(p, "both", transports=True)
 
     p = sub.add_parser(
         "social",

@@ -474,8 +474,40 @@ def costs(window: dict[str, Any], per: float, unit: str = "cpu_ms_per_1k_msgs") 
 # -- targets ----------------------------------------------------------------------------
 
 
+TRANSPORTS = ("tcp", "ws")
+
+
+def parse_transports(text: str | None) -> list[str]:
+    """C{--transport tcp}, C{ws}, or (pairs) C{tcp,ws}: the transport of each run."""
+    out = [t.strip() for t in (text or "tcp").split(",") if t.strip()]
+    if not out or any(t not in TRANSPORTS for t in out) or len(set(out)) != len(out):
+        raise BenchError(f"--transport takes tcp, ws or tcp,ws, not {text!r}")
+    return out
+
+
+def check_transport_args(args: Any) -> None:
+    """
+    Resolve C{--target} (its default: imserver alone over WebSocket, the
+    relay speaking TCP only) and refuse what cannot be: the relay over
+    WebSocket, several transports where only pairs alternates them.
+    """
+    transports = parse_transports(getattr(args, "transport", "tcp"))
+    if getattr(args, "target", "imserver") is None:
+        args.target = "imserver" if "ws" in transports else args.target_default
+    if "ws" in transports and getattr(args, "target", "imserver") != "imserver":
+        raise BenchError("the relay speaks TCP only: --transport ws needs --target imserver")
+    if len(transports) > 1:
+        if getattr(args, "scenario", "pairs") != "pairs":
+            raise BenchError("several transports alternate in pairs only: --transport tcp or ws")
+        if len(parse_devices(getattr(args, "devices", None))) > 1:
+            raise BenchError("compare devices or transports in one run, not both")
+    if "ws" in transports and getattr(args, "endpoint", None) and not args.ws_url:
+        raise BenchError("--endpoint with --transport ws needs --ws-url")
+
+
 def check_server_args(args: Any) -> None:
     """Refuse --nodes / --server-workers where they cannot apply."""
+    check_transport_args(args)
     nodes = getattr(args, "nodes", 1)
     server_workers = getattr(args, "server_workers", 1)
     if nodes < 1 or server_workers < 1:
@@ -508,7 +540,8 @@ def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None 
             args.secret,
             args.http_port,
             {k: int(v) for k, v in extra.items()},
-        )
+            getattr(args, "ws_url", None),
+        ).over(_one_transport(args))
     nodes, server_workers = args.nodes, args.server_workers
     what = args.stack
     if nodes > 1:
@@ -517,9 +550,15 @@ def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None 
         what += f", {server_workers} workers"
     log(f"starting imserver ({what}) ...")
     try:
-        return start_imserver(args.stack, sections, args.backlog, nodes, server_workers)
+        target = start_imserver(args.stack, sections, args.backlog, nodes, server_workers)
     except Exception as e:
         raise BenchError(f"could not start imserver ({what}): {e}") from e
+    return target.over(_one_transport(args))
+
+
+def _one_transport(args: Any) -> str:
+    """The transport of the load clients (the first of C{tcp,ws}: pairs switches)."""
+    return parse_transports(getattr(args, "transport", "tcp"))[0]
 
 
 def relay_target(args: Any, secret: str) -> Target:
@@ -591,6 +630,7 @@ def base_result(scenario: str, args: Any, params: dict[str, Any]) -> dict[str, A
     params.setdefault("relay_nagle", getattr(args, "relay_nagle", False))
     params.setdefault("nodes", getattr(args, "nodes", 1))
     params.setdefault("server_workers", getattr(args, "server_workers", 1))
+    params.setdefault("transport", getattr(args, "transport", "tcp"))
     return {
         "scenario": scenario,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -637,7 +677,7 @@ def run_pairs(
         specs.append(
             {
                 "scenario": "pairs",
-                "endpoints": target.endpoints,
+                "endpoints": target.client_endpoints,
                 "first_pair": first,  # pair i: sender on node i % N, recipient (i + 1) % N
                 "secret": target.secret,
                 "uids": uids.take(2 * n),
@@ -752,6 +792,9 @@ def summarize_pairs(
             "send_to_push": stats.summary(stats.merge(r["lat_push"] for r in results)),
         },
         "errors": dict(errors),
+        "connections_by_transport": dict(
+            sum((Counter(r.get("connections_by_transport", {})) for r in results), Counter())
+        ),
         "verify": verify,
         "cost": costs(win, in_window),
         "machine_busy_cores": win["machine_busy_cores"],
@@ -809,7 +852,9 @@ def device_sections(devices: list[int]) -> dict[str, dict[str, Any]] | None:
     return {"devices": {"max_online": most}} if most > 5 else None
 
 
-def pairs_params(args: Any, rate: float | None = None, devices: int = 1) -> dict[str, Any]:
+def pairs_params(
+    args: Any, rate: float | None = None, devices: int = 1, transport: str | None = None
+) -> dict[str, Any]:
     return {
         "pairs": args.pairs,
         "window": args.window,
@@ -823,16 +868,18 @@ def pairs_params(args: Any, rate: float | None = None, devices: int = 1) -> dict
         "stack": "none (relay only)" if args.target == "relay" else stack_param(args),
         "target": args.target,
         "devices": devices,
+        "transport": transport or _one_transport(args),
     }
 
 
 def cmd_pairs(args: Any) -> dict[str, Any]:
     devices = parse_devices(getattr(args, "devices", None))
+    transports = parse_transports(getattr(args, "transport", "tcp"))
     rounds = getattr(args, "rounds", 1) or 1
     if rounds < 1:
         raise BenchError("--rounds must be at least 1")
-    if len(devices) > 1 or rounds > 1:
-        return cmd_pairs_devices(args, devices, rounds)
+    if len(devices) > 1 or len(transports) > 1 or rounds > 1:
+        return cmd_pairs_devices(args, devices, rounds, transports)
     params = pairs_params(args, devices=devices[0])
     result = base_result("pairs", args, params)
     uids = Uids()
@@ -847,25 +894,41 @@ def cmd_pairs(args: Any) -> dict[str, Any]:
     return result
 
 
-def cmd_pairs_devices(args: Any, devices: list[int], rounds: int) -> dict[str, Any]:
+def cmd_pairs_devices(
+    args: Any, devices: list[int], rounds: int, transports: list[str] | None = None
+) -> dict[str, Any]:
     """
-    C{pairs --devices 1,3 [--rounds R]}: one server per target for every run,
-    the device counts alternating (L{device_order}); C{runs} holds each run's
-    numbers as C{pairs} gives them, C{devices_comparison} the medians per count
-    and their ratios to the first count.
+    C{pairs --devices 1,3 [--rounds R]}, or C{pairs --transport tcp,ws
+    [--rounds R]}: one server per target for every run, the device counts
+    (or the transports) alternating (L{device_order}); C{runs} holds each
+    run's numbers as C{pairs} gives them, C{devices_comparison} (or
+    C{transports_comparison}) the medians per count (transport) and their
+    ratios to the first one.
     """
-    order = device_order(devices, rounds)
-    params = pairs_params(args, devices=devices[0])
-    params.update(devices=devices, rounds=rounds, order=[d for _, d in order])
+    transports = transports or ["tcp"]
+    order = [(r, d, tr) for r, d in device_order(devices, rounds) for tr in transports]
+    params = pairs_params(args, devices=devices[0], transport=transports[0])
+    params.update(
+        devices=devices,
+        rounds=rounds,
+        order=[d for _, d, _ in order],
+        transports=transports,
+        transport_order=[tr for _, _, tr in order],
+    )
     result = base_result("pairs", args, params)
     uids = Uids()
     progress = Progress(not args.quiet)
-    runs: list[dict[str, Any]] = [{"round": r, "devices": d, "targets": {}} for r, d in order]
+    runs: list[dict[str, Any]] = [
+        {"round": r, "devices": d, "transport": tr, "targets": {}} for r, d, tr in order
+    ]
 
     def run_all(target: Target) -> dict[str, Any]:
         for run in runs:
             label = f"{target.name}, {run['devices']} devices, round {run['round']}"
-            t = run_pairs(target, pairs_params(args, devices=run["devices"]), uids, progress, label)
+            if len(transports) > 1:
+                label = f"{target.name} over {run['transport']}, round {run['round']}"
+            p = pairs_params(args, devices=run["devices"], transport=run["transport"])
+            t = run_pairs(target.over(run["transport"]), p, uids, progress, label)
             run["targets"][target.name] = t
             log(f"  {label}: {line_pairs(t)}")
         return {}
@@ -875,7 +938,10 @@ def cmd_pairs_devices(args: Any, devices: list[int], rounds: int) -> dict[str, A
         if len(run["targets"]) == 2:
             run["ratio_to_relay"] = ratio(run["targets"]["imserver"], run["targets"]["relay"])
     result["runs"] = runs
-    result["devices_comparison"] = compare_devices(runs, devices)
+    if len(transports) > 1:
+        result["transports_comparison"] = compare_transports(runs, transports)
+    else:
+        result["devices_comparison"] = compare_devices(runs, devices)
     return result
 
 
@@ -908,38 +974,7 @@ def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str,
         per: dict[str, Any] = {}
         for d in devices:
             ts = [run["targets"][name] for run in runs if run["devices"] == d]
-            ts = [t for t in ts if t]
-            per[str(d)] = {
-                "runs": len(ts),
-                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in ts]),
-                "messages_s_each": [t["throughput"]["delivered_msg_s"] for t in ts],
-                "delivered_pushes_s": _median([t["throughput"]["delivered_pushes_s"] for t in ts]),
-                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in ts]),
-                "ok_p99_ms": _median([t["latency"]["send_to_ok"].get("p99_ms") for t in ts]),
-                "server_cores": _median([t["cost"]["server"]["cores"] for t in ts]),
-                "server_cpu_ms_per_1k_msgs": _median(
-                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in ts]
-                ),
-                "workers_cores": _median([t["cost"]["workers"]["cores"] for t in ts]),
-                "workers_max_core": _median(
-                    [max(t["cost"]["workers"]["per_worker_cores"] or [0.0]) for t in ts]
-                ),
-                "machine_busy_cores": _median([t["machine_busy_cores"] for t in ts]),
-                "other_cores_each": [t["other_cores"] for t in ts],
-                "exactly_once_in_order": all(t["verify"]["exactly_once_in_order"] for t in ts),
-            }
-            quiet = [t for t in ts if t["other_cores"] <= QUIET_OTHER_CORES]
-            per[str(d)]["quiet"] = {
-                "runs": len(quiet),
-                "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in quiet]),
-                "delivered_pushes_s": _median(
-                    [t["throughput"]["delivered_pushes_s"] for t in quiet]
-                ),
-                "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in quiet]),
-                "server_cpu_ms_per_1k_msgs": _median(
-                    [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in quiet]
-                ),
-            }
+            per[str(d)] = _group_stats([t for t in ts if t])
         base = per[str(devices[0])]["messages_s"]
         quiet_base = per[str(devices[0])]["quiet"]["messages_s"]
         for d in devices[1:]:
@@ -954,6 +989,72 @@ def compare_devices(runs: list[dict[str, Any]], devices: list[int]) -> dict[str,
         out[name] = per
     out["bar"] = f"messages/s with several devices >= {DEVICES_BAR:.0%} of --devices {devices[0]}"
     return out
+
+
+def compare_transports(runs: list[dict[str, Any]], transports: list[str]) -> dict[str, Any]:
+    """
+    Per target and transport: the medians over the rounds (as
+    L{compare_devices}), and each transport's ratios to the first one's
+    messages/s and server CPU per message (over the quiet runs too, when
+    each transport has one).
+    """
+    out: dict[str, Any] = {}
+    names = sorted({n for run in runs for n in run["targets"]})
+    for name in names:
+        per: dict[str, Any] = {}
+        for tr in transports:
+            ts = [run["targets"][name] for run in runs if run["transport"] == tr]
+            per[tr] = _group_stats([t for t in ts if t])
+        first = per[transports[0]]
+        for tr in transports[1:]:
+            for base, mine in ((first, per[tr]), (first["quiet"], per[tr]["quiet"])):
+                mine["messages_ratio_to_first"] = _div(mine["messages_s"], base["messages_s"])
+                mine["server_cpu_ratio_to_first"] = _div(
+                    mine["server_cpu_ms_per_1k_msgs"], base["server_cpu_ms_per_1k_msgs"]
+                )
+        out[name] = per
+    out["meaning"] = (
+        f"ratios to {transports[0]}: msg/s below 1 is slower, server CPU per message above 1 "
+        "costs more"
+    )
+    return out
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _group_stats(ts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of some runs of one target (the same devices, the same transport)."""
+    quiet = [t for t in ts if t["other_cores"] <= QUIET_OTHER_CORES]
+    return {
+        "runs": len(ts),
+        "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in ts]),
+        "messages_s_each": [t["throughput"]["delivered_msg_s"] for t in ts],
+        "delivered_pushes_s": _median([t["throughput"]["delivered_pushes_s"] for t in ts]),
+        "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in ts]),
+        "ok_p99_ms": _median([t["latency"]["send_to_ok"].get("p99_ms") for t in ts]),
+        "server_cores": _median([t["cost"]["server"]["cores"] for t in ts]),
+        "server_cpu_ms_per_1k_msgs": _median(
+            [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in ts]
+        ),
+        "workers_cores": _median([t["cost"]["workers"]["cores"] for t in ts]),
+        "workers_max_core": _median(
+            [max(t["cost"]["workers"]["per_worker_cores"] or [0.0]) for t in ts]
+        ),
+        "machine_busy_cores": _median([t["machine_busy_cores"] for t in ts]),
+        "other_cores_each": [t["other_cores"] for t in ts],
+        "exactly_once_in_order": all(t["verify"]["exactly_once_in_order"] for t in ts),
+        "quiet": {
+            "runs": len(quiet),
+            "messages_s": _median([t["throughput"]["delivered_msg_s"] for t in quiet]),
+            "delivered_pushes_s": _median([t["throughput"]["delivered_pushes_s"] for t in quiet]),
+            "push_p99_ms": _median([t["latency"]["send_to_push"].get("p99_ms") for t in quiet]),
+            "server_cpu_ms_per_1k_msgs": _median(
+                [t["cost"]["server"]["cpu_ms_per_1k_msgs"] for t in quiet]
+            ),
+        },
+    }
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -1017,7 +1118,7 @@ def cmd_offline(args: Any) -> dict[str, Any]:
             specs.append(
                 {
                     "scenario": "offline",
-                    "endpoints": target.endpoints,
+                    "endpoints": target.client_endpoints,
                     "first_pair": i,
                     "secret": target.secret,
                     "uids": uids.take(2 * k),
@@ -1150,7 +1251,7 @@ def cmd_catchup(args: Any) -> dict[str, Any]:
             specs.append(
                 {
                     "scenario": "catchup",
-                    "endpoints": target.endpoints,
+                    "endpoints": target.client_endpoints,
                     "first": i,
                     "secret": target.secret,
                     "user": user,
@@ -1285,7 +1386,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         specs.append(
             {
                 "scenario": "idle",
-                "endpoints": target.endpoints,
+                "endpoints": target.client_endpoints,
                 "first": first,  # connection i on node i % N
                 "secret": target.secret,
                 "uids": uids.take(k),
@@ -1424,7 +1525,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
         specs.append(
             {
                 "scenario": "connect",
-                "endpoints": target.endpoints,
+                "endpoints": target.client_endpoints,
                 "first": first,  # client i on node i % N
                 "secret": target.secret,
                 "uids": uids.take(k),
@@ -1496,7 +1597,8 @@ def cmd_connect(args: Any) -> dict[str, Any]:
 
 
 def tag(t: dict[str, Any]) -> str:
-    """C{" [3 nodes, cross-node]"}, C{" [2 workers, ...]"}, or nothing for one process."""
+    """C{" [3 nodes, cross-node]"}, C{" [over ws, 2 workers, ...]"}, or nothing for one
+    process over TCP."""
     d = t.get("target") or {}
     parts = []
     if d.get("nodes", 1) > 1:
@@ -1505,6 +1607,8 @@ def tag(t: dict[str, Any]) -> str:
         parts.append(f"{d['server_workers']} workers")
     if parts and t.get("placement"):
         parts.append(t["placement"])
+    if d.get("transport", "tcp") != "tcp":
+        parts.insert(0, f"over {d['transport']}")
     return f" [{', '.join(parts)}]" if parts else ""
 
 
@@ -1555,7 +1659,32 @@ def _warning_lines(result: dict[str, Any]) -> list[str]:
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = _warning_lines(result)
     scenario = result["scenario"]
-    if scenario == "pairs" and "runs" in result:
+    if scenario == "pairs" and "transports_comparison" in result:
+        for run in result["runs"]:
+            for name, t in run["targets"].items():
+                lines.append(
+                    f"{run['transport']}, round {run['round']}, {name}{tag(t)}: {line_pairs(t)}"
+                )
+        for name, per in result["transports_comparison"].items():
+            if name == "meaning":
+                continue
+            for tr, c in per.items():
+                vs, cpu = c.get("messages_ratio_to_first"), c.get("server_cpu_ratio_to_first")
+                lines.append(
+                    f"{name} over {tr} (median of {c['runs']}): {c['messages_s']} msg/s "
+                    f"{c['messages_s_each']}, send->push p99 {c['push_p99_ms']} ms, server "
+                    f"{c['server_cores']} cores, {c['server_cpu_ms_per_1k_msgs']} CPU-ms/1k msgs, "
+                    f"load workers {c['workers_cores']} cores"
+                    + (f"; x{vs} msg/s, x{cpu} server CPU/msg of the first" if vs else "")
+                )
+                q = c["quiet"]
+                if q["runs"] and q["runs"] < c["runs"]:
+                    lines.append(
+                        f"  quiet runs only ({q['runs']} of {c['runs']}, other processes <= "
+                        f"{QUIET_OTHER_CORES} cores): {q['messages_s']} msg/s, "
+                        f"{q['server_cpu_ms_per_1k_msgs']} server CPU-ms/1k msgs"
+                    )
+    elif scenario == "pairs" and "runs" in result:
         for run in result["runs"]:
             for name, t in run["targets"].items():
                 lines.append(

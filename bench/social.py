@@ -203,7 +203,7 @@ PATHS = ("typing", "presence", "delivered", "edit")
 
 
 def path_specs(path: str, args: Any, target: Target, uids: Uids) -> list[dict[str, Any]]:
-    base = {"scenario": "cost", "path": path, "endpoints": target.endpoints}
+    base = {"scenario": "cost", "path": path, "endpoints": target.client_endpoints}
     base["secret"] = target.secret
     specs = []
     if path == "presence":

@@ -80,10 +80,27 @@ class Target:
     #: "mariadb" and "redis" servers.
     servers: list[Any] = attrs.Factory(list)
     backends: dict[str, Any] = attrs.Factory(dict)
+    #: The WebSocket URLs (ws://127.0.0.1:PORT/v1/ws), one per node, when known.
+    ws_urls: list[str] = attrs.Factory(list)
+    #: How the load clients connect: "tcp" (to C{endpoints}) or "ws" (C{ws_urls}).
+    transport: str = "tcp"
 
     @property
     def endpoint(self) -> str:
         return self.endpoints[0]
+
+    @property
+    def client_endpoints(self) -> list[str]:
+        """Where the load workers connect: TCP endpoint strings or ws:// URLs."""
+        if self.transport == "ws":
+            if not self.ws_urls:
+                raise ValueError(f"{self.name} has no WebSocket listener")
+            return self.ws_urls
+        return self.endpoints
+
+    def over(self, transport: str) -> Target:
+        """This target with the load clients on C{transport} (the same servers)."""
+        return attrs.evolve(self, transport=transport)
 
     def measured_pids(self) -> dict[str, int]:
         """The processes to read in /proc now: with workers, the supervisor's
@@ -105,6 +122,8 @@ class Target:
             "stack": self.stack,
             "endpoint": self.endpoint,
             "endpoints": self.endpoints,
+            "transport": self.transport,
+            "ws_urls": self.ws_urls,
             "nodes": self.nodes,
             "server_workers": self.server_workers,
             "pids": {**self.seen_pids, **self.measured_pids()},
@@ -245,6 +264,7 @@ def start_imserver(
         stop=cleanup,
         servers=servers,
         backends=named,
+        ws_urls=[s.ws_url for s in servers],
     )
 
 
@@ -254,6 +274,7 @@ def external(
     secret: str,
     http_port: int | None = None,
     extra_pids: Mapping[str, int] | None = None,
+    ws_url: str | None = None,
 ) -> Target:
     """An imserver somebody else runs (never stopped by the tool)."""
     return Target(
@@ -263,6 +284,7 @@ def external(
         secret=secret,
         pids={"server": pid, **(extra_pids or {})},
         http_ports=[http_port] if http_port else [],
+        ws_urls=[ws_url] if ws_url else [],
     )
 
 

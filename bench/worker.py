@@ -17,6 +17,7 @@ never outlives the parent.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import os
@@ -99,6 +100,10 @@ class Conn(Protocol):
             self.errors["bad_framing"] += 1
             self.transport.abortConnection()
             return
+        self.bodies_received(bodies)
+
+    def bodies_received(self, bodies: list[bytes]) -> None:
+        """The frame bodies of one read (decoded here, or messages: L{bench.wsconn})."""
         if not self.authed:
             while bodies and not self.authed and self.open:
                 self._auth_reply(unpackb(bodies.pop(0)))
@@ -153,17 +158,34 @@ class Connector:
     to the server endpoint (node) its C{Conn.node} names."""
 
     def __init__(self, endpoints: list[str], bind: list[str] | None, concurrency: int) -> None:
-        self.endpoints: list[list[IStreamClientEndpoint]] = [
-            [clientFromString(reactor, f"{endpoint}:bindAddress={addr}") for addr in bind or []]
-            or [clientFromString(reactor, endpoint)]
-            for endpoint in endpoints
-        ]
+        # Per node: the TCP endpoints (one per source address), and how to
+        # build a connection's factory (over WebSocket for a ws:// URL).
+        self.factories: list[Callable[[Conn], Factory]] = []
+        self.kinds: list[str] = []
+        self.endpoints: list[list[IStreamClientEndpoint]] = []
+        for endpoint in endpoints:
+            if endpoint.startswith(("ws://", "wss://")):
+                from bench import wsconn
+
+                shared = wsconn.shared_factory(endpoint)
+                self.factories.append(functools.partial(wsconn.OneWSFactory, shared))
+                self.kinds.append("ws")
+                endpoint = wsconn.tcp_endpoint(endpoint)
+            else:
+                self.factories.append(_factory)
+                self.kinds.append("tcp")
+            self.endpoints.append(
+                [clientFromString(reactor, f"{endpoint}:bindAddress={a}") for a in bind or []]
+                or [clientFromString(reactor, endpoint)]
+            )
         self.concurrency = max(1, concurrency)
         self.latencies = array("q")  # connect call -> auth reply
         self.tcp = array("q")  # connect call -> connection made
         self.errors: Counter[str] = Counter()
         self.first_start = 0
         self.last_done = 0
+        #: Connections authenticated, by transport (the result says what carried the load).
+        self.authed_by_transport: Counter[str] = Counter()
 
     def open_all(self, conns: Sequence[Conn]) -> Deferred[list[Conn]]:
         """Connect and authenticate all; fire with those that made it."""
@@ -186,6 +208,7 @@ class Connector:
             self.latencies.append(now - conn.started)
             self.tcp.append(conn.connected_at - conn.started)
             self.last_done = max(self.last_done, now)
+            self.authed_by_transport[self.kinds[conn.node % len(self.kinds)]] += 1
             ok.append(conn)
             return conn
 
@@ -196,13 +219,14 @@ class Connector:
             while todo and state["running"] < self.concurrency:
                 conn = todo.pop()
                 state["running"] += 1
-                eps = self.endpoints[conn.node % len(self.endpoints)]
+                node = conn.node % len(self.endpoints)
+                eps = self.endpoints[node]
                 ep = eps[state["index"] % len(eps)]
                 state["index"] += 1
                 conn.started = monotonic_ns()
                 if not self.first_start:
                     self.first_start = conn.started
-                d: Deferred[Any] = ep.connect(_factory(conn))
+                d: Deferred[Any] = ep.connect(self.factories[node](conn))
                 d.addCallback(_authenticated, conn)
                 d.addCallbacks(authed, failed)
                 d.addBoth(finished)
@@ -674,6 +698,7 @@ class Pairs(Scenario):
                 "acks_sent": sum(r.acks_out for r in receivers),
                 "acks_ok": sum(r.acks_ok for r in receivers),
                 "errors": dict(total_errors(conns, self.connector.errors)),
+                "connections_by_transport": dict(self.connector.authed_by_transport),
                 "lat_ok": stats.histogram(self.lat_ok),
                 "lat_push": stats.histogram(self.lat_push),
             }

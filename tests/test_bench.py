@@ -10,6 +10,7 @@ order of the ``--devices`` runs and their comparison).
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -21,7 +22,15 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from bench.runner import BenchError, compare_devices, device_order, parse_devices
+from bench.__main__ import parser
+from bench.runner import (
+    BenchError,
+    check_transport_args,
+    compare_devices,
+    device_order,
+    parse_devices,
+    parse_transports,
+)
 from bench.streamcheck import StreamCheck
 from tests.harness import need
 
@@ -169,6 +178,48 @@ class BenchSmokeTests(BenchTestCase):
         self.assertGreater(imserver["3"]["messages_ratio_to_first"], 0)
         self.assertIn("meets_bar", imserver["3"])
         self.assertFalse(glob.glob(os.path.join(out, "*.png")))  # runs: no single-run plot
+
+    def test_pairs_over_websocket(self) -> None:
+        """--transport ws: the load clients on the WebSocket listener, the same checks."""
+        result, _ = self.bench(
+            *("pairs", "--pairs", "2", "--window", "2", "--duration", "1.5"),
+            *("--warmup", "0.3", "--stack", "embedded", "--transport", "ws"),
+        )
+        self.assertEqual(result["params"]["transport"], "ws")
+        self.assertEqual(set(result["targets"]), {"imserver"})  # the relay speaks TCP only
+        t = result["targets"]["imserver"]
+        self.assertPairs(t)
+        self.assertEqual(t["target"]["transport"], "ws")
+        self.assertTrue(t["target"]["ws_urls"][0].startswith("ws://127.0.0.1:"))
+        self.assertEqual(t["connections_by_transport"], {"ws": 4})
+
+    def test_pairs_tcp_and_websocket_alternating(self) -> None:
+        """--transport tcp,ws: both on one server, alternating, compared."""
+        result, _ = self.bench(
+            *("pairs", "--pairs", "2", "--window", "2", "--duration", "1", "--warmup", "0.2"),
+            *("--stack", "embedded", "--transport", "tcp,ws", "--rounds", "2"),
+        )
+        self.assertEqual(result["params"]["transport_order"], ["tcp", "ws", "tcp", "ws"])
+        self.assertEqual([r["transport"] for r in result["runs"]], ["tcp", "ws", "tcp", "ws"])
+        servers = set()
+        for run in result["runs"]:
+            t = run["targets"]["imserver"]
+            self.assertPairs(t)
+            self.assertEqual(t["connections_by_transport"], {run["transport"]: 4})
+            servers.add(t["target"]["pids"]["server"])
+        self.assertEqual(len(servers), 1)  # the same server for every run
+        c = result["transports_comparison"]["imserver"]
+        self.assertEqual((c["tcp"]["runs"], c["ws"]["runs"]), (2, 2))
+        self.assertGreater(c["ws"]["messages_ratio_to_first"], 0)
+        self.assertGreater(c["ws"]["server_cpu_ratio_to_first"], 0)
+
+    def test_connect_over_websocket(self) -> None:
+        result, _ = self.bench(
+            "connect", "--clients", "20", "--stack", "embedded", "--transport", "ws"
+        )
+        t = result["targets"]["imserver"]
+        self.assertEqual((t["errors"], t["ok"]), ({}, 20))
+        self.assertEqual(t["target"]["transport"], "ws")
 
     def test_catchup(self) -> None:
         """A device misses 300 messages from 3 senders and catches up in pages of 50."""
@@ -393,6 +444,30 @@ class BenchLogicTests(TestCase):
         self.assertEqual(
             [d for _, d in device_order([1, 3], 2)], [1, 3, 1, 3], device_order([1, 3], 2)
         )
+
+    def test_transport_options(self) -> None:
+        self.assertEqual(parse_transports(None), ["tcp"])
+        self.assertEqual(parse_transports("tcp,ws"), ["tcp", "ws"])
+        for bad in ("udp", "ws,ws", ","):
+            self.assertRaises(BenchError, parse_transports, bad)
+
+        def args(*argv: str) -> argparse.Namespace:
+            return parser().parse_args(["pairs", *argv])
+
+        a = args("--transport", "ws")
+        check_transport_args(a)
+        self.assertEqual(a.target, "imserver")  # not the relay, which speaks TCP only
+        a = args()
+        check_transport_args(a)
+        self.assertEqual(a.target, "both")
+        for argv in (
+            ["--transport", "ws", "--target", "both"],
+            ["--transport", "tcp,ws", "--devices", "1,3"],
+            ["--transport", "ws", "--endpoint", "tcp:127.0.0.1:7000"],
+        ):
+            self.assertRaises(BenchError, check_transport_args, args(*argv))
+        a = parser().parse_args(["connect", "--transport", "tcp,ws"])
+        self.assertRaises(BenchError, check_transport_args, a)
 
     def test_compare_devices(self) -> None:
         def run(devices: int, msgs: float) -> dict[str, Any]:

@@ -11,7 +11,7 @@ The protocol test vectors (docs/vectors/, README.md there) against the real code
   id and hands pushes to C{on_push};
 * a real C{twistd -n imserver} answers the same ops with the same shapes
   (keys and value types), so the hand-written replies stay true, and answers
-  the malformed vectors, sent as raw bytes, as they say.
+  the malformed vectors, sent as raw bytes or WebSocket messages, as they say.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from imserver.wire.codec import decode_body, encode, pack
 from imserver.wire.framing import FrameDecoder
 from tests.harness import REPO, ServerProcess
 from tests.support import ClientsMixin, eventually, within
+from tests.test_websocket import ws_client
 
 VECTORS = Path(REPO) / "docs" / "vectors"
 Vector = dict[str, Any]
@@ -404,7 +405,7 @@ class RealServerTests(ClientsMixin, Same, TestCase):
     A real C{twistd -n imserver}: one conversation (alice 42 on three
     devices, bob 7, carol 9) touching every op, each reply and push compared
     with the vector of the same name by its paths and value types; and the
-    malformed vectors as raw bytes on TCP.
+    malformed vectors as raw bytes on TCP and as WebSocket messages.
     """
 
     timeout = 120
@@ -563,3 +564,26 @@ class RealServerTests(ClientsMixin, Same, TestCase):
             else:
                 self.assertEqual((await within(client.auth(self.server.token(42))))["uid"], 42)
             await client.close()
+
+    async def test_malformed_frames_over_websocket(self) -> None:
+        """The malformed vectors' bodies as binary WebSocket messages to the real server."""
+        for v in MALFORMED:
+            if "websocket" not in v["transports"]:
+                continue
+            ready = v["state"] == "ready"
+            token = self.server.token(42) if ready else None
+            ws = await ws_client(self, self.server.ws_port, token)
+            ws.sendMessage(bytes.fromhex(v["body_hex"]), isBinary=True)
+            reply = await within(ws.im.next_push())
+            expected = v["reply"]
+            self.assertEqual((reply["t"], reply["code"]), ("error", expected["code"]), v["name"])
+            self.assertEqual(reply.get("id"), expected.get("id"), v["name"])
+            if v["closes"]:
+                await within(ws.closed)
+            elif ready:
+                self.assertEqual((await within(ws.im.request("ping")))["t"], "ok")
+                self.assertEqual(ws.im.pending_pushes, 0, v["name"])
+            else:
+                self.assertEqual((await within(ws.im.auth(self.server.token(42))))["uid"], 42)
+            ws.sendClose(1000)
+            await within(ws.closed)

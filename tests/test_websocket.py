@@ -131,22 +131,19 @@ class WebSocketTests(ClientsMixin, TestCase):
     def server(self) -> ServerProcess:
         cls = type(self)
         if cls._server is None or not cls._server.running:
-            ws_port = free_port()
             server = ServerProcess(
                 {
                     "server": {
-                        "websocket": f"tcp:{ws_port}:interface=127.0.0.1",
                         "websocket_origins": ["https://chat.example.com"],
                         "max_frame_bytes": WS_MAX_FRAME,
                     }
                 }
             )
-            server.ws_port = ws_port  # type: ignore[attr-defined]
             cls._server = server.start()
         return cls._server
 
     async def ws(self, token: str | None = None, **kwargs: Any) -> WSClient:
-        return await ws_client(self, self.server.ws_port, token, **kwargs)  # type: ignore[attr-defined]
+        return await ws_client(self, self.server.ws_port, token, **kwargs)
 
     async def test_chat_between_websocket_and_tcp(self) -> None:
         ws = await self.ws(self.server.token(901))

@@ -3,6 +3,7 @@ The client SDK: wire protocol v1 for Python programs (tests, the benchmark
 tool, bots).
 
     client = await connect(reactor, "tcp:127.0.0.1:7000", token)
+    # or over WebSocket: await connect_ws(reactor, "ws://127.0.0.1:7001/v1/ws", token)
     reply = await client.request("send", to=7, cid="c1", body="hello")
     push = await client.next_push()          # {"t": "msg", ...}
     await client.close()
@@ -21,5 +22,13 @@ from imserver.client.protocol import (
     RequestFailed,
     connect,
 )
+from imserver.client.websocket import HandshakeFailed, connect_ws
 
-__all__ = ["ConnectionClosed", "IMClientProtocol", "RequestFailed", "connect"]
+__all__ = [
+    "ConnectionClosed",
+    "HandshakeFailed",
+    "IMClientProtocol",
+    "RequestFailed",
+    "connect",
+    "connect_ws",
+]

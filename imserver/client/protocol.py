@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from imserver.wire.codec import Frame, decode_body, encode
+from imserver.wire.codec import Frame, decode_body, encode, pack
 from imserver.wire.framing import FrameDecoder
 
 
@@ -47,12 +47,28 @@ class IMClientProtocol(Protocol):
         self.closed: Deferred[None] = Deferred()
         self.uid: int | None = None
         self.is_open = False
+        # A frame as written to the transport: length-prefixed on a byte
+        # stream, the bare body with message framing (L{use_message_framing}).
+        self._encode: Callable[[Mapping[str, Any]], bytes] = encode
+
+    def use_message_framing(self) -> None:
+        """
+        Frame by messages, not by length prefixes (a WebSocket carries one
+        frame body per message): every C{write} to the transport is one
+        body, and bodies come in through L{bodies_received}, not
+        L{dataReceived}.
+        """
+        self._encode = pack
 
     def connectionMade(self) -> None:
         self.is_open = True
 
     def dataReceived(self, data: bytes) -> None:
-        for body in self._decoder.feed(data):
+        self.bodies_received(self._decoder.feed(data))
+
+    def bodies_received(self, bodies: list[bytes]) -> None:
+        """Complete frame bodies have arrived (from the decoder, or as messages)."""
+        for body in bodies:
             frame = decode_body(body)
             req_id = frame.get("id")
             waiter = self._waiting.pop(req_id, None) if req_id is not None else None
@@ -72,9 +88,10 @@ class IMClientProtocol(Protocol):
 
     def send_frame(self, frame: Mapping[str, Any]) -> None:
         """Write one frame as is (no id bookkeeping)."""
-        self.transport.write(encode(frame))
+        self.transport.write(self._encode(frame))
 
     def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (with message framing: one message)."""
         self.transport.write(data)
 
     def request(self, op: str, **fields: Any) -> Deferred[Frame]:
@@ -82,7 +99,7 @@ class IMClientProtocol(Protocol):
         req_id = next(self._ids)
         d: Deferred[Frame] = Deferred()
         self._waiting[req_id] = d
-        self.transport.write(encode({"t": op, "id": req_id, **fields}))
+        self.transport.write(self._encode({"t": op, "id": req_id, **fields}))
         return d
 
     async def auth(self, token: str, **fields: Any) -> Frame:

@@ -45,7 +45,11 @@ export function connectTcp(
         if (!closed && !socket.destroyed) socket.write(encodeFrame(body));
       },
       close() {
-        socket.destroy();
+        if (closed) return;
+        // end(): what was written still goes out (the last acks), then FIN;
+        // a peer that does not close its side is cut off after a moment.
+        socket.end();
+        setTimeout(() => socket.destroy(), 2000).unref();
       },
     };
     socket.once(secure ? "secureConnect" : "connect", () => {

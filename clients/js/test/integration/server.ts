@@ -145,6 +145,12 @@ export class ServerProcess {
       stdio: ["ignore", "pipe", "pipe"],
     });
     this.proc = proc;
+    // Never leave a server behind, whatever ends this test process.
+    const reap = (): void => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
+    };
+    process.once("exit", reap);
+    proc.once("exit", () => process.removeListener("exit", reap));
     let exitCode: number | null | undefined;
     this.exited = new Promise((ok) => {
       proc.once("exit", (code) => {

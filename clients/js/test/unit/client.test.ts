@@ -657,3 +657,35 @@ test("watch is repeated after a reconnect", async () => {
   assert.deepEqual(s.server.sockets[1]!.of("watch")[0]!.uids, [7, 8]);
   assert.equal(s.of("presence").length, 2);
 });
+
+test("close() sends the acks still batched before it closes", async () => {
+  const s = setup();
+  await live(s);
+  const m = msg({ from: 7, to: 42 });
+  s.server.socket.push({ t: "msg", ...m, seq: 1 });
+  await s.clock.advance(100);
+  assert.equal(s.server.of("ack").length, 0);
+  s.client.close();
+  await flush();
+  const acks = s.server.of("ack");
+  assert.equal(acks.length, 1);
+  assert.deepEqual(acks[0]!.msg_ids, [m.msg_id]);
+  assert.equal(acks[0]!.seq, 1);
+  assert.equal(s.server.socket.closed, true);
+  assert.deepEqual(s.states[s.states.length - 1], { state: "closed" });
+});
+
+test("a late reply is not a push", async () => {
+  const s = setup({ requestTimeout: 1 });
+  await live(s);
+  const pushes: unknown[] = [];
+  s.client.on("push", (e) => pushes.push(e));
+  s.server.handlers.unread = () => null;
+  const late = assert.rejects(s.client.unread(), (e: unknown) => e instanceof ImError && e.code === "timeout");
+  await s.clock.advance(1000);
+  await late;
+  const req = s.server.of("unread")[0]!;
+  s.server.socket.reply(req, { total: 0, sessions: [] });
+  await flush();
+  assert.deepEqual(pushes, []);
+});

@@ -144,18 +144,23 @@ export class FakeServer {
     if (this.refuse) throw new Error("connection refused");
     const socket = new FakeSocket(this, handlers);
     this.sockets.push(socket);
+    let closing = false;
     const transport: Transport = {
       send: (body) => {
-        if (socket.closed) return;
+        if (socket.closed || closing) return;
         // As over a network: the server sees it a moment later.
         queueMicrotask(() => {
           if (!socket.closed) socket.deliver(body);
         });
       },
       close: () => {
-        if (socket.closed) return;
-        socket.closed = true;
-        queueMicrotask(() => handlers.close());
+        if (socket.closed || closing) return;
+        closing = true;
+        // What was sent before the close still arrives (a TCP FIN, a WebSocket close frame).
+        queueMicrotask(() => {
+          socket.closed = true;
+          handlers.close();
+        });
       },
     };
     return transport;
