@@ -158,6 +158,19 @@ class StaticServingTests(TestCase):
         self.assertIn("websocket_origins", config["problem"])
 
 
+class PackageDataTests(TestCase):
+    def test_installed(self) -> None:
+        """Every file served is package data (so `pip install .` serves the page)."""
+        import fnmatch
+        import tomllib
+
+        setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+        patterns = setuptools["package-data"]["imserver.http"]
+        for name in FILES:
+            self.assertTrue(any(fnmatch.fnmatch(f"static/{name}", p) for p in patterns), name)
+            self.assertTrue((STATIC / name).is_file(), name)
+
+
 class ServedByServerTests(TestCase):
     """C{twistd -n imserver} serves the page and knows its WebSocket port."""
 
