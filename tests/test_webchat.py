@@ -695,6 +695,16 @@ class BrowserTests(BrowserCase):
         first.live()
         second.wait("kicked in turn", lambda p: p["state"] == "kicked")
 
+    def test_config_retried(self) -> None:
+        """While /v1/web/config cannot be fetched the page says so, and tries again."""
+        a = Browser(self, "alice", self.artifacts)
+        a.driver.execute_cdp_cmd("Network.enable", {})
+        a.driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/web/config*"]})
+        a.open(token_link(self.server, 701))
+        a.wait("retrying", lambda p: "Cannot reach the server" in a.find("#login-error").text)
+        a.driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        a.live()
+
 
 class OriginTests(BrowserCase):
     sections = {"server": {"websocket_origins": ["http://localhost:*"]}}

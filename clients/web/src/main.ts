@@ -26,8 +26,14 @@ function signIn(config: WebConfig | null, raw: string): void {
     showLogin(config, e instanceof Error ? e.message : String(e));
     return;
   }
-  if (config === null || config.websocket === null) {
-    showLogin(config, config?.problem ?? "The server's configuration could not be read.");
+  if (config === null) {
+    // Signed in as soon as the server answers (main() takes the saved token).
+    saveToken(info.token);
+    showLogin(null, "Waiting for the server…");
+    return;
+  }
+  if (config.websocket === null) {
+    showLogin(config, config.problem ?? "The server has no WebSocket listener.");
     return;
   }
   saveToken(info.token);
@@ -41,15 +47,26 @@ function signIn(config: WebConfig | null, raw: string): void {
   app.start();
 }
 
+/** The server's config; while it cannot be reached, say so and try again. */
+async function fetchConfigUntilAnswered(): Promise<WebConfig> {
+  for (let wait = 2; ; wait = Math.min(wait * 2, 30)) {
+    try {
+      return await fetchConfig();
+    } catch (e) {
+      const why = e instanceof Error ? e.message : String(e);
+      const text = `Cannot reach the server (${why}); trying again in ${wait} s…`;
+      const shown = document.getElementById("login-error");
+      // Keep the card (and what may be typed in it), change the words.
+      if (shown !== null) shown.textContent = text;
+      else showLogin(null, text);
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    }
+  }
+}
+
 async function main(): Promise<void> {
   const fromAddress = takeTokenFromAddress();
-  let config: WebConfig | null = null;
-  try {
-    config = await fetchConfig();
-  } catch (e) {
-    showLogin(null, `Cannot reach the server: ${e instanceof Error ? e.message : String(e)}`);
-    return;
-  }
+  const config = await fetchConfigUntilAnswered();
   const token = fromAddress ?? savedToken();
   if (token !== null) signIn(config, token);
   else showLogin(config, null);
