@@ -30,6 +30,7 @@ from imserver.gateway.registry import LocalRegistry
 from imserver.gateway.websocket import PATH as WS_PATH
 from imserver.gateway.websocket import WebSocketGateway
 from imserver.http.api import make_site
+from imserver.http.web import WebSocketPlace
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
 from imserver.metrics import (
     BlockCollector,
@@ -169,8 +170,12 @@ class IMServer(MultiService):
             clock=reactor,
             pubsub=None if self.cluster is None else self.cluster.pubsub_state,
             node=config.server.node_id,
+            websocket=self._websocket_place,
+            websocket_origins=config.server.websocket_origins,
+            recall_seconds=config.limits.recall_seconds,
         )
         self.ports: list[IListeningPort] = []
+        self.ws_port: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
         self.metrics.register(ServerCollector(self))
         self.metrics.register(DeviceCollector(self.chat.devices))
@@ -209,6 +214,7 @@ class IMServer(MultiService):
             )
             port = await self._listen(cfg.server.websocket, ws)
             self.ports.append(port)
+            self.ws_port = port
             self.log.info(
                 "listening for WebSocket clients on {address}{path}",
                 address=port.getHost(),
@@ -225,6 +231,16 @@ class IMServer(MultiService):
             sql=cfg.storage.sql.kind,
             hot=self.store.hot.kind,
         )
+
+    def _websocket_place(self) -> WebSocketPlace | None:
+        """Where the WebSocket listens (for the web chat), once it does."""
+        desc = self.config.server.websocket
+        if desc is None or self.ws_port is None:
+            return None
+        port = getattr(self.ws_port.getHost(), "port", None)
+        if port is None:
+            return None  # a unix socket: no URL for a browser
+        return WebSocketPlace(port=port, secure=endpoint_args(desc)[0] == "ssl")
 
     async def _listen(self, desc: str, factory: Any) -> IListeningPort:
         """Listen on an endpoint; shared with the other workers (SO_REUSEPORT) if any."""

@@ -212,8 +212,9 @@ class FakeServerTests(TestCase):
 
     async def test_subprotocol_not_chosen(self) -> None:
         _, url = self.serve(subprotocol=None)
-        with self.assertRaises(HandshakeFailed):
+        with self.assertRaises(HandshakeFailed) as caught:
             await within(connect_ws(reactor, url))
+        self.assertIn("the server chose subprotocol None", str(caught.exception))
 
     async def test_server_closes(self) -> None:
         factory, url = self.serve()

@@ -707,8 +707,8 @@ class ApiTests(HttpMixin, TestCase):
 
     async def test_unknown_routes(self) -> None:
         token = self.token(1)
+        # "/" is the web chat (tests/test_webchat.py).
         for path in (
-            "/",
             "/nope",
             "/healthz/",
             "/healthz/x",

@@ -39,6 +39,8 @@ IGNORED = shutil.ignore_patterns(
     "results",
     "imserver.db*",
     "dropin.cache",
+    # clients/js and clients/web: npm's installs (tens of MB, not Python).
+    "node_modules",
 )
 
 

@@ -116,6 +116,7 @@ class WebSocketClient(WebSocketClientProtocol):
         self.opened: Deferred[IMClientProtocol] = Deferred(self._cancel_open)
         self.close_code: int | None = None
         self.close_reason: str | None = None
+        self.refused: str | None = None
 
     def _cancel_open(self, d: Deferred[IMClientProtocol]) -> None:
         if self.transport is not None:
@@ -123,10 +124,14 @@ class WebSocketClient(WebSocketClientProtocol):
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
-            chosen = response.protocol
-            raise HandshakeFailed(f"the server chose subprotocol {chosen!r}, not {SUBPROTOCOL}")
+            # Not an imserver: drop it (raising here would log an error) and
+            # say why when the connection is gone.
+            self.refused = f"the server chose subprotocol {response.protocol!r}, not {SUBPROTOCOL}"
+            self.dropConnection(abort=True)
 
     def onOpen(self) -> None:
+        if self.refused:
+            return
         im = self.im = self.factory.new_protocol()
         im.use_message_framing()
         im.makeConnection(_MessageTransport(self))
@@ -147,7 +152,7 @@ class WebSocketClient(WebSocketClientProtocol):
         super().connectionLost(reason)
         if not self.opened.called:
             # The WebSocket's reason, and the connection's (a TLS error says why).
-            why = f"{self.close_reason} ({reason.value!r})"
+            why = self.refused or f"{self.close_reason} ({reason.value!r})"
             self.opened.errback(
                 HandshakeFailed(f"WebSocket handshake with {self.factory.url} failed: {why}")
             )

@@ -15,6 +15,8 @@ routes (users, tokens, dead letters). docs/http.md is its reference.
     DELETE /v1/admin/users/{uid}/blocks/{other}  unblock other           (X-Admin-Key)
     POST /v1/admin/tokens          mint a client token           (X-Admin-Key)
     GET  /v1/admin/dead-letters    dead letters, newest first    (X-Admin-Key)
+    GET  /v1/web/config            where the web chat's WebSocket is
+    GET  /, /app.js, /app.css      the web chat (imserver.http.web)
 
 L{make_site} builds the L{twisted.web.server.Site}; the composition root
 (L{imserver.server}) listens on it. Every collaborator, the clock included,
@@ -49,6 +51,7 @@ from imserver.http.resource import (
     json_reply,
 )
 from imserver.http.site import MAX_BODY, ApiSite
+from imserver.http.web import WebConfig, WebSocketPlace, add_static
 from imserver.metrics import CONTENT_TYPE, Metrics
 from imserver.services.presence import IPresence
 from imserver.services.tokens import INT64_MAX, MAX_DEVICE, InvalidToken, TokenService
@@ -526,6 +529,9 @@ def make_site(
     max_body: int = MAX_BODY,
     pubsub: Callable[[], str] | None = None,
     node: int | None = None,
+    websocket: Callable[[], WebSocketPlace | None] = lambda: None,
+    websocket_origins: tuple[str, ...] = (),
+    recall_seconds: int = 120,
 ) -> ApiSite:
     """
     The API's site.
@@ -536,6 +542,10 @@ def make_site(
         cluster, or worker of a machine, answered).
     @param clock: the reactor (or a L{twisted.internet.task.Clock}): token
         times, and the site's own timers (idle connections, refused bodies).
+    @param websocket: where the WebSocket listener is (None: off), asked
+        per request of C{/v1/web/config}, since it listens after the site is made.
+    @param websocket_origins: its origin allow-list; the web chat's own
+        origin must be in it (else the config says so).
     """
     api = Api(
         chat=chat,
@@ -555,4 +565,16 @@ def make_site(
     root.putChild(b"v1", v1)
     v1.putChild(b"users", Users(api))
     v1.putChild(b"admin", Admin(api))
+    web = JsonResource(api)
+    v1.putChild(b"web", web)
+    web.putChild(
+        b"config",
+        WebConfig(
+            api,
+            websocket=websocket,
+            origins=websocket_origins,
+            recall_seconds=recall_seconds,
+        ),
+    )
+    add_static(root)
     return ApiSite(root, clock=clock, max_body=max_body)
