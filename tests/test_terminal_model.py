@@ -392,6 +392,19 @@ class ChatTests(SynchronousTestCase):
         self.assertIn("m19", screen(m))
         self.assertNotIn("↑", texts(m)[1])
 
+    def test_a_new_message_does_not_move_a_scrolled_view(self) -> None:
+        m = self.opened(height=10)  # 6 body rows
+        m.apply_history(BOB, 0, {"msgs": [msg(100 + i, BOB, ME, f"m{i}") for i in range(12)]})
+        m.key("pgup")
+        before = texts(m)[2:-2]
+        self.assertNotIn("m11", "\n".join(before))
+        m.on_message(msg(200, BOB, ME, "a long one " * 12))
+        self.assertEqual(texts(m)[2:-2], before)
+        m.key("end")  # the input line's end: the view stays
+        for _ in range(3):
+            m.key("pgdn")
+        self.assertIn("a long one", screen(m))
+
     def test_refresh_keeps_knowing_the_beginning(self) -> None:
         m = self.opened()
         m.apply_history(BOB, 0, {"msgs": [msg(20, BOB, ME, "hi")], "more": False})

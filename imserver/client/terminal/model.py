@@ -297,6 +297,14 @@ class ChatModel:
         if msg_id in conv.messages:
             return
         conv.session_id = conv.session_id or int(msg.get("session_id") or 0)
+        if (
+            self.screen == "chat"
+            and self.peer == peer
+            and self.scroll
+            and msg_id > conv.last_msg_id
+        ):
+            # Scrolled up to read: a new message below does not move what is read.
+            self.scroll += len(self._message_lines(conv, msg))
         if sender == peer:
             self.typing.pop(peer, None)
             nickname = (msg.get("sender") or {}).get("nickname")
@@ -685,29 +693,34 @@ class ChatModel:
             top = ""
         lines: list[tuple[Line, int]] = [(Line(fit(top, w), "dim"), 0)] if top else []
         for msg_id in sorted(conv.messages):
-            msg = conv.messages[msg_id]
-            mine = msg.get("from") == self.me
-            who = "you" if mine else clean(conv.name or f"uid {conv.peer}")
-            mark = ""
-            if mine:
-                if msg_id <= conv.peer_read:
-                    mark = "  ✓✓ read"
-                elif msg_id <= conv.peer_delivered:
-                    mark = "  ✓✓"
-                else:
-                    mark = "  ✓"
-            edited = " (edited)" if msg.get("edited") else ""
-            when = self.fmt_time(int(msg.get("ts") or 0))
-            text = body_text(msg.get("body")) + edited + mark
-            style = "mine" if mine else ""
-            for row in self._wrap_message(f" {when} {who}: ", text):
-                lines.append((Line(fit(row, w), style), msg_id))
+            lines.extend(self._message_lines(conv, conv.messages[msg_id]))
         for pending in conv.pending:
             mark = f"  ✗ {pending.error}" if pending.error else "  …"
             when = self.fmt_time(pending.ts)
             for row in self._wrap_message(f" {when} you: ", pending.body + mark):
                 lines.append((Line(fit(row, w), "mine"), 0))
         return lines
+
+    def _message_lines(self, conv: Conv, msg: Msg) -> list[tuple[Line, int]]:
+        msg_id = int(msg.get("msg_id") or 0)
+        mine = msg.get("from") == self.me
+        who = "you" if mine else clean(conv.name or f"uid {conv.peer}")
+        mark = ""
+        if mine:
+            if msg_id <= conv.peer_read:
+                mark = "  ✓✓ read"
+            elif msg_id <= conv.peer_delivered:
+                mark = "  ✓✓"
+            else:
+                mark = "  ✓"
+        edited = " (edited)" if msg.get("edited") else ""
+        when = self.fmt_time(int(msg.get("ts") or 0))
+        text = body_text(msg.get("body")) + edited + mark
+        style = "mine" if mine else ""
+        return [
+            (Line(fit(row, self.width), style), msg_id)
+            for row in self._wrap_message(f" {when} {who}: ", text)
+        ]
 
     def _wrap_message(self, prefix: str, text: str) -> list[str]:
         indent = cells(prefix)
