@@ -21,6 +21,7 @@ from imserver.client.terminal.keys import KeyParser
 from imserver.client.terminal.model import (
     ChatModel,
     Line,
+    LoadConvs,
     LoadHistory,
     LookUp,
     MarkRead,
@@ -218,6 +219,30 @@ class ListTests(SynchronousTestCase):
         self.assertTrue(texts(m)[2].startswith("▸  1. uid 3"))
         m.key("enter")
         self.assertEqual(m.peer, CAROL)
+
+    def test_older_conversations_come_a_page_at_a_time(self) -> None:
+        m = model(height=8)  # 4 body rows
+        page = [
+            conv_entry(10 + i, 500 + i, msg(90 - i, 10 + i, ME, f"c{i}", 500 + i)) for i in range(3)
+        ]
+        m.apply_convs(page, more=True)
+        self.assertIn("↓ more conversations", screen(m))
+        m.key("down")
+        m.key("down")
+        self.assertEqual(m.take_actions(), [])
+        m.key("down")  # past the last one: the next page
+        self.assertEqual(m.take_actions(), [LoadConvs(before=88)])
+        self.assertIn("loading more conversations", screen(m))
+        m.key("down")
+        self.assertEqual(m.take_actions(), [])  # one at a time
+        older = [conv_entry(20, 600, msg(50, 20, ME, "old", 600))]
+        m.apply_convs(older, more=False, before=88)
+        self.assertNotIn("more conversations", screen(m))
+        m.key("down")
+        self.assertTrue(texts(m)[-3].startswith("▸  4. uid 20"), texts(m))
+        # A refresh of the newest page (live again) does not undo the paging.
+        m.apply_convs(page, more=True)
+        self.assertFalse(m.convs_more)
 
     def test_bad_input_on_the_list(self) -> None:
         m = model()
@@ -787,6 +812,20 @@ class AppTests(SynchronousTestCase):
         self.assertIn("offline (retry in 2s)", self.shown())
         self.client.emit("state", Event(state="live", reason=None, retry_in=None))
         self.assertEqual(self.names(), ["set_profile", "convs", "watch", "convs"])
+
+    def test_older_conversations(self) -> None:
+        self.client.replies["convs"] = {
+            "convs": [conv_entry(BOB, S_BOB, msg(20, BOB, ME, "hi"))],
+            "more": True,
+        }
+        self.client.emit("state", Event(state="live", reason=None, retry_in=None))
+        self.client.replies["convs"] = {
+            "convs": [conv_entry(CAROL, S_CAROL, msg(10, CAROL, ME, "yo", S_CAROL))],
+            "more": False,
+        }
+        self.app.key("down")
+        self.assertEqual(self.calls("convs")[-1], ("convs", {"limit": 100, "before": 20}))
+        self.assertRegex(self.shown(), r"2\. uid 3\s+09:00 yo")
 
     def test_open_send_and_read(self) -> None:
         self.client.replies["history"] = {

@@ -16,6 +16,7 @@ from imserver.client.terminal.model import (
     HISTORY_PAGE,
     Action,
     ChatModel,
+    LoadConvs,
     LoadHistory,
     LookUp,
     MarkRead,
@@ -275,7 +276,7 @@ class ChatApp:
             nickname, self._nickname = self._nickname, None
             await self.client.set_profile(nickname=nickname)
         reply = await self.client.convs(limit=CONVS_PAGE)
-        self.model.apply_convs(field(reply, "convs", ()))
+        self.model.apply_convs(field(reply, "convs", ()), bool(field(reply, "more")))
         peer = self.model.peer
         if peer is not None:
             await self._load_history(LoadHistory(peer))
@@ -284,6 +285,8 @@ class ChatApp:
     def _do(self, action: Action) -> None:
         if isinstance(action, Send):
             self._run(self._send(action), "send")
+        elif isinstance(action, LoadConvs):
+            self._run(self._load_convs(action), "conversations")
         elif isinstance(action, LoadHistory):
             self._run(self._load_history(action), "history")
         elif isinstance(action, MarkRead):
@@ -302,6 +305,16 @@ class ChatApp:
             self.model.send_failed(action.peer, action.local_id, str(getattr(e, "code", e)))
         else:
             self.model.sent(action.peer, action.local_id, result)
+        self.refresh()
+
+    async def _load_convs(self, action: LoadConvs) -> None:
+        try:
+            reply = await self.client.convs(limit=CONVS_PAGE, before=action.before)
+        except Exception as e:
+            self.model.convs_failed(str(getattr(e, "code", e)))
+        else:
+            entries = field(reply, "convs", ())
+            self.model.apply_convs(entries, bool(field(reply, "more")), action.before)
         self.refresh()
 
     async def _load_history(self, action: LoadHistory) -> None:

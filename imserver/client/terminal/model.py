@@ -39,6 +39,13 @@ class LoadHistory:
 
 
 @attrs.frozen
+class LoadConvs:
+    """Fetch the next (older) page of the conversation list."""
+
+    before: int
+
+
+@attrs.frozen
 class Send:
     peer: int
     body: str
@@ -71,7 +78,7 @@ class Quit:
     pass
 
 
-Action = LoadHistory | Send | MarkRead | LookUp | Typing | Quit
+Action = LoadHistory | LoadConvs | Send | MarkRead | LookUp | Typing | Quit
 
 #: docs/protocol.md, "typing": send active about every 3 s; show one 6 s at most.
 TYPING_EVERY = 3.0
@@ -181,6 +188,11 @@ class ChatModel:
         self.state = "connecting"
         self.state_detail = ""
         self.convs: dict[int, Conv] = {}
+        #: The list from the server: older pages exist (from C{convs_before}); one is coming.
+        self.convs_more = False
+        self.convs_before = 0
+        self.convs_loading = False
+        self._convs_paged = False
         self.screen = "list"
         #: The conversation the list's cursor is on: it stays on it when others move.
         self.selected_peer: int | None = None
@@ -241,7 +253,22 @@ class ChatModel:
             self.conv(self.peer)
             self.actions.append(LoadHistory(self.peer))
 
-    def apply_convs(self, entries: Iterable[Mapping[str, Any]]) -> None:
+    def apply_convs(
+        self, entries: Iterable[Mapping[str, Any]], more: bool = False, before: int = 0
+    ) -> None:
+        """
+        A page of C{convs} (C{before} 0: the newest). The cursor for the next
+        page is the last entry's C{last_msg_id}; a refresh of the newest page
+        leaves the paging where it got to.
+        """
+        entries = list(entries)
+        if before:
+            self.convs_loading = False
+            self._convs_paged = True
+        if before or not self._convs_paged:
+            self.convs_more = more
+            if entries:
+                self.convs_before = int(entries[-1].get("last_msg_id") or 0)
         for entry in entries:
             peer_info = entry.get("peer") or {}
             peer = int(peer_info.get("uid", 0))
@@ -523,6 +550,8 @@ class ChatModel:
 
     def _key_down(self) -> None:
         if self.screen == "list":
+            if self.selected + 1 >= len(self.convs):
+                self._more_convs()
             self.select(self.selected + 1)
         else:
             self._scroll_by(-1)
@@ -536,6 +565,15 @@ class ChatModel:
             self._scroll_by(-(self._body_rows() - 1))
 
     # -- screens -----------------------------------------------------------
+
+    def convs_failed(self, error: str) -> None:
+        self.convs_loading = False
+        self.notice = f"conversations: {error}"
+
+    def _more_convs(self) -> None:
+        if self.convs_more and not self.convs_loading and self.convs_before:
+            self.convs_loading = True
+            self.actions.append(LoadConvs(self.convs_before))
 
     def show_list(self) -> None:
         if self.peer is not None:
@@ -643,6 +681,13 @@ class ChatModel:
     def _list_rows(self) -> tuple[str, list[Line]]:
         ordered = self.ordered()
         rows = self._body_rows()
+        footer = ""
+        if self.convs_loading:
+            footer = "   … loading more conversations"
+        elif self.convs_more:
+            footer = "   ↓ more conversations"
+        if footer:
+            rows -= 1
         first = max(0, self.selected - rows + 1)
         body: list[Line] = []
         for i, conv in enumerate(ordered[first : first + rows], start=first):
@@ -661,6 +706,8 @@ class ChatModel:
             body.append(Line(fit(line, self.width), "selected" if i == self.selected else ""))
         if not ordered:
             body.append(Line(fit("   No conversations yet. /open UID starts one.", self.width)))
+        if footer:
+            body.append(Line(fit(footer, self.width), "dim"))
         return f" Conversations ({len(ordered)})", body
 
     def _chat_rows(self) -> tuple[str, list[Line]]:
