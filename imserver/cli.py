@@ -5,6 +5,7 @@ The C{imserver} command.
                                                        print a client token (--url: a web chat link)
     imserver migrate [--config PATH]                   apply schema migrations
     imserver run [--config PATH]                       same as twistd -n imserver
+    imserver chat --uid N | --token T [--url URL]      chat in the terminal
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from imserver.client.terminal import run
+
+    return run(args)
+
+
 def _as_deferred(coro: Any) -> Any:
     from twisted.internet.defer import Deferred
 
@@ -130,6 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the server in the foreground (twistd -n imserver)")
     run.add_argument("--config", help="TOML config (default: the embedded one)")
     run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (imserver.client.terminal)")
+    chat.add_argument("--uid", type=int, help="dev: mint a token with the config's secret")
+    chat.add_argument("--token", help="a token (instead of --uid)")
+    chat.add_argument("--url", help="tcp://host:port or ws://... (default: [server] listen)")
+    chat.add_argument("--config", help="TOML config (default: the embedded one)")
+    chat.add_argument("--device", help="device name (default: one kept in the state file)")
+    chat.add_argument("--state", help="state file (default: ~/.local/state/imserver/...)")
+    chat.add_argument("--nick", help="set this nickname once connected")
+    chat.add_argument("--log", help="append the client's log to this file")
+    chat.set_defaults(func=cmd_chat)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)
