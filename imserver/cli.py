@@ -14,7 +14,7 @@ import argparse
 import ipaddress
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -103,9 +103,42 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from imserver.client.terminal import run
+    """C{imserver chat}: the terminal client, with a dev token minted from the config."""
+    from imserver.client.terminal import default_state_path, token_uid, url_from_endpoint
 
-    return run(args)
+    token: str | Callable[[], str]
+    if args.token:
+        uid = token_uid(args.token)
+        if args.uid is not None and args.uid != uid:
+            raise SystemExit(f"imserver: the token is for uid {uid}, not {args.uid}")
+        token = args.token
+    elif args.uid is not None:
+        uid = args.uid
+    else:
+        raise SystemExit("imserver: give --uid (a dev token is minted) or --token")
+    if not 1 <= uid <= 2**63 - 1:
+        raise SystemExit("imserver: --uid must be a positive int64")
+    url = args.url
+    if not args.token or not url:
+        config = _config(args.config)
+        if not args.token:
+            tokens = TokenService(config.auth.secret)
+            token = lambda: tokens.mint(uid, now=time.time(), ttl_seconds=86400)  # noqa: E731
+        if not url:
+            try:
+                url = url_from_endpoint(config.server.listen[0])
+            except (ValueError, IndexError) as e:
+                raise SystemExit(f"imserver: [server] listen: {e}") from None
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise SystemExit("imserver: chat needs a terminal")
+
+    from twisted.internet import task
+
+    from imserver.client.terminal.main import chat
+
+    state = args.state or default_state_path(uid, url)
+    task.react(lambda reactor: chat(reactor, uid, url, token, state, args))
+    return 0
 
 
 def _as_deferred(coro: Any) -> Any:

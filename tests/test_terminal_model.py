@@ -950,7 +950,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("imserver: chat needs a terminal", out.stderr)
 
     def test_token_for_another_uid(self) -> None:
-        from imserver.client.terminal import run
+        from imserver.cli import cmd_chat as run
         from imserver.services.tokens import TokenService
 
         token = TokenService("x" * 32).mint(42, now=0, ttl_seconds=60)
@@ -960,7 +960,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("the token is for uid 42, not 7", str(e.exception))
 
     def test_needs_uid_or_token(self) -> None:
-        from imserver.client.terminal import run
+        from imserver.cli import cmd_chat as run
 
         args = argparse.Namespace(token=None, uid=None, url=None, config=None)
         self.assertRaises(SystemExit, run, args)

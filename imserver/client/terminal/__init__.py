@@ -4,6 +4,9 @@ C{imserver chat}: a terminal chat client on L{imserver.client.Client}.
     imserver chat --uid 42                  # dev: mints its token from the config
     imserver chat --token T --url tcp://host:7000
 
+The command line (config, dev tokens) is L{imserver.cli}'s: this package
+speaks only the wire, through the SDK.
+
 The pure part (L{model.ChatModel}: conversations, messages, input line, what
 the screen shows) is apart from the terminal I/O (L{screen}) and from the
 glue to the SDK (L{app.ChatApp}), so it is tested without a terminal.
@@ -11,12 +14,8 @@ glue to the SDK (L{app.ChatApp}), so it is tested without a terminal.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
-import time
-from collections.abc import Callable
 
 
 def url_from_endpoint(description: str) -> str:
@@ -61,48 +60,4 @@ def default_state_path(uid: int, url: str) -> str:
     return os.path.join(base, "imserver", f"chat-{uid}-{where}.json")
 
 
-def run(args: argparse.Namespace) -> int:
-    """The C{chat} subcommand (options: see L{imserver.cli})."""
-    from imserver.config import ConfigError, load_config
-
-    token: str | Callable[[], str]
-    if args.token:
-        uid = token_uid(args.token)
-        if args.uid is not None and args.uid != uid:
-            raise SystemExit(f"imserver: the token is for uid {uid}, not {args.uid}")
-        token = args.token
-    elif args.uid is not None:
-        uid = args.uid
-    else:
-        raise SystemExit("imserver: give --uid (a dev token is minted) or --token")
-    if not 1 <= uid <= 2**63 - 1:
-        raise SystemExit("imserver: --uid must be a positive int64")
-    url = args.url
-    if not args.token or not url:
-        try:
-            config = load_config(args.config)
-        except ConfigError as e:
-            raise SystemExit(f"imserver: {e}") from None
-        if not args.token:
-            from imserver.services.tokens import TokenService
-
-            tokens = TokenService(config.auth.secret)
-            token = lambda: tokens.mint(uid, now=time.time(), ttl_seconds=86400)  # noqa: E731
-        if not url:
-            try:
-                url = url_from_endpoint(config.server.listen[0])
-            except (ValueError, IndexError) as e:
-                raise SystemExit(f"imserver: [server] listen: {e}") from None
-    if not sys.stdin.isatty() or not sys.stdout.isatty():
-        raise SystemExit("imserver: chat needs a terminal")
-
-    from twisted.internet import task
-
-    from imserver.client.terminal.main import chat
-
-    state = args.state or default_state_path(uid, url)
-    task.react(lambda reactor: chat(reactor, uid, url, token, state, args))
-    return 0
-
-
-__all__ = ["default_state_path", "run", "token_uid", "url_from_endpoint"]
+__all__ = ["default_state_path", "token_uid", "url_from_endpoint"]
