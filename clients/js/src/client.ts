@@ -162,6 +162,8 @@ export class Client {
   private liveWaiters: { resolve(): void; reject(e: ImError): void }[] = [];
   private watched: number[] | undefined;
   private saveScheduled = false;
+  /** The outbox as it was when the client turned terminal: saved from then on. */
+  private keptOutbox: OutboxEntry[] | undefined;
   private terminalError: ImError | undefined;
 
   constructor(options: ClientOptions) {
@@ -450,6 +452,10 @@ export class Client {
     }
     for (const w of this.liveWaiters.splice(0)) w.reject(error);
     // The entries stay in the store: the next Client that loads it sends them.
+    // Saved now, before the queues are cleared: a save still pending from this
+    // tick would otherwise read the empty outbox and wipe the stored one.
+    this.keptOutbox = this.outbox;
+    this.saveNow();
     for (const queue of this.outboxes.values()) {
       for (const item of queue) item.reject?.(error);
     }
@@ -771,22 +777,34 @@ export class Client {
 
   // ---- the store -------------------------------------------------------
 
+  /** Save once, at the end of this tick: many changes, one write. */
   private saveSoon(): void {
     if (this.saveScheduled) return;
     this.saveScheduled = true;
     queueMicrotask(() => {
-      this.saveScheduled = false;
-      const state: StoredState = { seq: this._seq, outbox: this.outbox };
-      if (this._device !== undefined) state.device = this._device;
-      try {
-        const done = this.store.save(state);
-        if (done && typeof (done as Promise<void>).catch === "function") {
-          (done as Promise<void>).catch((e: unknown) => console.error("imserver client: store.save failed", e));
-        }
-      } catch (e) {
-        console.error("imserver client: store.save failed", e);
-      }
+      if (this.saveScheduled) this.saveNow();
     });
+  }
+
+  /** Save the state as it is now (cancels a pending saveSoon). */
+  private saveNow(): void {
+    this.saveScheduled = false;
+    // The device is set once the store is loaded; before, a save would overwrite it.
+    if (this._device === undefined) return;
+    // Once terminal the queues are empty, but what was unanswered stays stored.
+    const state: StoredState = {
+      device: this._device,
+      seq: this._seq,
+      outbox: this.keptOutbox ?? this.outbox,
+    };
+    try {
+      const done = this.store.save(state);
+      if (done && typeof (done as Promise<void>).catch === "function") {
+        (done as Promise<void>).catch((e: unknown) => console.error("imserver client: store.save failed", e));
+      }
+    } catch (e) {
+      console.error("imserver client: store.save failed", e);
+    }
   }
 
   // ---- the outbox ------------------------------------------------------

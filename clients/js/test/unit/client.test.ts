@@ -541,6 +541,54 @@ test("outbox: kept in the store across restarts; close() rejects with closed", a
   assert.deepEqual(store.state?.outbox, []);
 });
 
+test("outbox: close() in the same tick as send() still leaves the entry in the store", async () => {
+  const store = new MemoryStore();
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "persist me").catch(() => undefined);
+  s.client.close();
+  await flush();
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  assert.equal(store.state?.device, "dev1");
+});
+
+test("outbox: a kick right after a seq push (one pending save) keeps the stored outbox", async () => {
+  const store = new MemoryStore();
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "persist me").catch(() => undefined);
+  await s.clock.advance(0);
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  // Both in one chunk: the msg schedules a save, the kick terminates before it runs.
+  s.server.socket.push({ t: "msg", ...msg({ from: 7, to: 42 }), seq: 1 });
+  s.server.socket.push({ t: "kick", reason: "replaced" });
+  await flush();
+  assert.equal(s.client.state, "kicked");
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  assert.equal(store.state?.seq, 1);
+});
+
+test("close() before the store is loaded does not overwrite it", async () => {
+  let release!: () => void;
+  const stored = { device: "dev1", seq: 5, outbox: [{ cid: "dev1.x.1", to: 7, body: "older" }] };
+  const saves: unknown[] = [];
+  const store = {
+    load: () => new Promise<typeof stored>((r) => (release = () => r(stored))),
+    save: (state: unknown) => void saves.push(state),
+  };
+  const s = setup({ store });
+  const started = s.client.start();
+  s.client.close();
+  release();
+  await started.catch(() => undefined);
+  await flush();
+  assert.deepEqual(saves, []);
+});
+
 test("requests wait for the connection, up to requestTimeout", async () => {
   const server = new FakeServer();
   server.refuse = true;
