@@ -140,6 +140,11 @@ export class Client {
   /** Bumped on every connect and terminal state: callbacks of older ones are ignored. */
   private gen = 0;
   private started = false;
+  /** Settles once the store is loaded, the device known and the stored outbox queued. */
+  private loaded: Promise<void> | undefined;
+  private isLoaded = false;
+  /** Sends made while the store loads: queued after the stored outbox, in order. */
+  private early: { add(): void; reject(error: unknown): void }[] = [];
   private attempt = 0;
   private heartbeat = 30;
   private holding = false;
@@ -209,9 +214,24 @@ export class Client {
 
   /** Load the store and connect (and keep connecting). Resolves once connecting began. */
   async start(): Promise<void> {
-    if (this.started) return;
+    if (this.started) return this.loaded;
     if (TERMINAL.has(this._state)) throw this.terminalError ?? new ImError("closed");
     this.started = true;
+    this.loaded = this.load();
+    try {
+      await this.loaded;
+    } catch (e) {
+      // A store that cannot load: start() may be called again.
+      this.started = false;
+      this.loaded = undefined;
+      for (const send of this.early.splice(0)) send.reject(e);
+      throw e;
+    }
+    if (TERMINAL.has(this._state)) return;
+    void this.connect();
+  }
+
+  private async load(): Promise<void> {
     const stored: StoredState = (await this.store.load()) ?? {};
     if (TERMINAL.has(this._state)) return;
     this._device = this.opts.device ?? stored.device ?? `js-${randomId(this.random, 16)}`;
@@ -219,8 +239,10 @@ export class Client {
       this._seq = this.ackedSeq = stored.seq;
     }
     for (const entry of stored.outbox ?? []) this.enqueue({ entry, inFlight: false, retryTimer: undefined, tries: 0 });
+    // Then the sends made meanwhile: their cids need the device.
+    this.isLoaded = true;
+    for (const send of this.early.splice(0)) send.add();
     this.saveSoon();
-    void this.connect();
   }
 
   /** Resolves when the state is `live` (at once if it is); rejects once it cannot be. */
@@ -451,6 +473,8 @@ export class Client {
       w.reject(error);
     }
     for (const w of this.liveWaiters.splice(0)) w.reject(error);
+    // Sends made while the store loaded: never stored (that would overwrite it).
+    for (const send of this.early.splice(0)) send.reject(error);
     // The entries stay in the store: the next Client that loads it sends them.
     // Saved now, before the queues are cleared: a save still pending from this
     // tick would otherwise read the empty outbox and wipe the stored one.
@@ -893,11 +917,16 @@ export class Client {
     if (TERMINAL.has(this._state)) return Promise.reject(this.terminalError ?? new ImError("closed"));
     if (!this.started) return Promise.reject(new ImError("closed", "call start() first"));
     return new Promise<SendResult>((resolve, reject) => {
-      const entry: OutboxEntry = { cid: this.newCid(), to, body };
-      if (type !== undefined) entry.type = type;
-      this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
-      this.saveSoon();
-      this.pumpOutbox();
+      const add = (): void => {
+        const entry: OutboxEntry = { cid: this.newCid(), to, body };
+        if (type !== undefined) entry.type = type;
+        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
+        this.saveSoon();
+        this.pumpOutbox();
+      };
+      // Queued at once once loaded (a close() in the same tick still stores it).
+      if (this.isLoaded) add();
+      else this.early.push({ add, reject });
     });
   }
 

@@ -8,7 +8,7 @@ import { test } from "node:test";
 import { Client, type ClientOptions } from "../../src/client.js";
 import type { Frame } from "../../src/codec.js";
 import { ImError } from "../../src/errors.js";
-import { LocalStorageStore, MemoryStore } from "../../src/store.js";
+import { LocalStorageStore, MemoryStore, type StoredState } from "../../src/store.js";
 import type { ClientEvents, EventName, StateEvent } from "../../src/types.js";
 import { FakeClock, FakeServer, flush, msg } from "./fakes.js";
 
@@ -582,11 +582,36 @@ test("close() before the store is loaded does not overwrite it", async () => {
   };
   const s = setup({ store });
   const started = s.client.start();
+  const sending = s.client.send(7, "during load");
   s.client.close();
+  await assert.rejects(sending, (e: unknown) => e instanceof ImError && e.code === "closed");
   release();
   await started.catch(() => undefined);
   await flush();
   assert.deepEqual(saves, []);
+});
+
+test("outbox: send() right after a start() not awaited goes after the stored outbox, with the stored device", async () => {
+  const saves: StoredState[] = [];
+  const store = new MemoryStore({ device: "phone", seq: 0, outbox: [{ cid: "phone.old.1", to: 7, body: "older" }] });
+  const save = store.save.bind(store);
+  store.save = (state) => {
+    saves.push(state);
+    save(state);
+  };
+  const server = new FakeServer();
+  server.handlers.send = () => ({ msg_id: 1n, session_id: 1n, ts: 1, dup: false });
+  const s = setup({ store, device: undefined }, server);
+  void s.client.start();
+  const sending = s.client.send(7, "newer");
+  await s.clock.advance(0);
+  await sending;
+  await flush();
+  assert.deepEqual(server.of("send").map((f) => f.body), ["older", "newer"]);
+  assert.equal(server.of("send")[0]!.cid, "phone.old.1");
+  assert.match(String(server.of("send")[1]!.cid), /^phone\./);
+  assert.ok(saves.length > 0);
+  for (const state of saves) assert.equal(state.device, "phone");
 });
 
 test("requests wait for the connection, up to requestTimeout", async () => {
