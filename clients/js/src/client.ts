@@ -53,6 +53,11 @@ export interface ClientOptions {
   store?: Store;
   /** Seconds (default 15): a request waits at most this long, for the connection and the reply. */
   requestTimeout?: number;
+  /**
+   * Seconds (default: requestTimeout) to get the token and open the transport;
+   * then the attempt is given up and retried after the backoff delay.
+   */
+  connectTimeout?: number;
   /** Seconds (default 10): a ping unanswered this long means a dead connection. */
   pingTimeout?: number;
   /** Seconds (default 0.5 and 30): reconnect delays, full jitter. */
@@ -319,6 +324,38 @@ export class Client {
     return (this.opts.requestTimeout ?? 15) * 1000;
   }
 
+  private get connectTimeoutMs(): number {
+    return (this.opts.connectTimeout ?? this.opts.requestTimeout ?? 15) * 1000;
+  }
+
+  /** `promise`, or a `connect timeout` error at `deadline` (then `late` gets what it yields). */
+  private within<T>(promise: Promise<T>, deadline: number, late?: (value: T) => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let expired = false;
+      const timer = this.timers.setTimeout(
+        () => {
+          expired = true;
+          reject(new TransportError("connect timeout"));
+        },
+        Math.max(0, deadline - this.timers.now()),
+      );
+      promise.then(
+        (value) => {
+          if (expired) late?.(value);
+          else {
+            this.timers.clearTimeout(timer);
+            resolve(value);
+          }
+        },
+        (e: unknown) => {
+          if (expired) return;
+          this.timers.clearTimeout(timer);
+          reject(e);
+        },
+      );
+    });
+  }
+
   private async connect(): Promise<void> {
     const gen = ++this.gen;
     this.reconnectTimer = undefined;
@@ -329,11 +366,16 @@ export class Client {
     this.goingAway = false;
     let token: string;
     let conn: Connection;
+    // A black-holed host, or a proxy that takes the TCP connection but never
+    // finishes the upgrade, would otherwise leave the state connecting for ever.
+    const deadline = this.timers.now() + this.connectTimeoutMs;
     try {
-      token = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
+      const source = this.opts.token;
+      token =
+        typeof source === "function" ? await this.within(Promise.resolve().then(() => source()), deadline) : source;
       if (gen !== this.gen) return;
       const connector = this.opts.connector ?? defaultConnector(this.opts.url);
-      conn = await Connection.open(connector, this.opts.url, {
+      const opening = Connection.open(connector, this.opts.url, {
         timers: this.timers,
         onPush: (frame) => {
           if (gen === this.gen) this.pushed(frame);
@@ -342,6 +384,8 @@ export class Client {
           if (gen === this.gen) this.connectionLost(error?.message ?? "connection closed");
         },
       });
+      // One that opens after all is closed at once.
+      conn = await this.within(opening, deadline, (late) => late.close());
     } catch (e) {
       if (gen === this.gen) this.scheduleReconnect((e as Error).message ?? "cannot connect");
       return;

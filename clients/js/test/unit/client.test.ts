@@ -8,6 +8,7 @@ import { test } from "node:test";
 import { Client, type ClientOptions } from "../../src/client.js";
 import type { Frame } from "../../src/codec.js";
 import { ImError } from "../../src/errors.js";
+import type { Connector } from "../../src/transport.js";
 import { LocalStorageStore, MemoryStore, type StoredState } from "../../src/store.js";
 import type { ClientEvents, EventName, StateEvent } from "../../src/types.js";
 import { FakeClock, FakeServer, flush, msg } from "./fakes.js";
@@ -125,6 +126,55 @@ test("full jitter: the delay is drawn from [0, min(max, base * 2**attempt)]", as
   await s.clock.advance(500);
   assert.equal(s.states[s.states.length - 1]!.retry_in, 1);
   assert.equal(server.connects, 3);
+});
+
+test("connect timeout: a transport that never opens is given up after requestTimeout, then retried", async () => {
+  let attempts = 0;
+  const connector: Connector = () => {
+    attempts++;
+    return new Promise<never>(() => undefined); // a black-holed host
+  };
+  const s = setup({ connector, requestTimeout: 5, random: () => 0.5, backoffBase: 1 });
+  await s.client.start();
+  await s.clock.advance(4999);
+  assert.equal(s.client.state, "connecting");
+  await s.clock.advance(1);
+  assert.deepEqual(s.states[s.states.length - 1], { state: "offline", reason: "connect timeout", retry_in: 0.5 });
+  assert.equal(attempts, 1);
+  await s.clock.advance(500);
+  assert.equal(attempts, 2);
+  assert.equal(s.client.state, "connecting");
+});
+
+test("connect timeout: connectTimeout also bounds the token function; a transport opening late is closed", async () => {
+  const server = new FakeServer();
+  let release: (() => void) | undefined;
+  let transports = 0;
+  let closedLate = 0;
+  const connector: Connector = async (url, handlers) => {
+    if (++transports === 1) await new Promise<void>((r) => (release = r));
+    const transport = await server.connector(url, handlers);
+    if (transports > 1) return transport;
+    return { send: (b) => transport.send(b), close: () => (closedLate++, transport.close()) };
+  };
+  let tokens = 0;
+  const token = (): Promise<string> => (++tokens === 1 ? new Promise<string>(() => undefined) : Promise.resolve("tok"));
+  const s = setup({ connector, token, connectTimeout: 2, random: () => 0.5, backoffBase: 1 });
+  await s.client.start();
+  await s.clock.advance(2000);
+  assert.equal(s.states[s.states.length - 1]!.reason, "connect timeout");
+  assert.equal(transports, 0);
+  await s.clock.advance(500);
+  assert.equal(transports, 1);
+  await s.clock.advance(2000);
+  assert.equal(s.states[s.states.length - 1]!.reason, "connect timeout");
+  release!();
+  await flush();
+  assert.equal(closedLate, 1);
+  assert.equal(server.of("auth").length, 0);
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "live");
+  assert.equal(server.of("auth").length, 1);
 });
 
 test("heartbeat: a ping after heartbeat idle seconds; an unanswered ping closes and reconnects", async () => {
