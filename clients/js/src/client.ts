@@ -96,7 +96,6 @@ interface Waiter {
   timer: unknown;
 }
 
-const SEQ_EVENTS = new Set(["msg", "read", "recall", "edit", "hide", "clear", "mute"]);
 const TERMINAL: ReadonlySet<State> = new Set(["kicked", "failed", "closed"]);
 const MAX_ACK_IDS = 500;
 
@@ -721,7 +720,9 @@ export class Client {
   private dispatch(frame: Frame, replay: boolean): void {
     const t = frame.t;
     if (typeof t !== "string") return;
-    if (SEQ_EVENTS.has(t) && typeof frame.seq === "number" && !this.markSeq(frame.seq)) {
+    // Any stream event counts for the contiguous seq, known or not (one this
+    // SDK does not know yet would otherwise hold back every ack {seq}).
+    if (typeof frame.seq === "number" && !this.markSeq(frame.seq)) {
       if (t === "msg") this.ackIfMine(frame as unknown as Msg);
       return;
     }

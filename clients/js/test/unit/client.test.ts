@@ -458,6 +458,23 @@ test("a seq gap open 3 s runs catchup {after: seq}; only the contiguous seq is a
   );
 });
 
+test("a stream event of an unknown type counts for the seq (no gap) and is still a push", async () => {
+  const s = setup();
+  await live(s);
+  const pushes: string[] = [];
+  s.client.on("push", (f) => pushes.push(String(f.t)));
+  s.server.socket.push({ t: "pin", session_id: 1n, seq: 1 });
+  s.server.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 2 });
+  s.server.socket.push({ t: "pin", session_id: 1n, seq: 1 });
+  await s.clock.advance(1500);
+  assert.equal(s.client.seq, 2);
+  const acks = s.server.of("ack");
+  assert.equal(acks[acks.length - 1]?.seq, 2);
+  assert.equal(s.server.of("catchup").length, 1);
+  assert.deepEqual(pushes, ["pin", "read", "pin"]);
+  assert.equal(s.of("read").length, 1);
+});
+
 test("a sync push runs catch-up and sync again without reconnecting", async () => {
   const s = setup();
   await live(s);
