@@ -477,6 +477,9 @@ export class Client {
     this.pingInFlight = false;
     this.stopTimer("heartbeatTimer");
     this.stopTimer("goawayTimer");
+    // The next connection's catch-up covers the gap; a timer left running
+    // would start a second catch-up on it while it syncs.
+    this.stopGapTimer();
     conn?.close();
     const base = this.opts.backoffBase ?? 0.5;
     const max = this.opts.backoffMax ?? 30;
@@ -663,7 +666,7 @@ export class Client {
     else if (this.gapTimer === undefined) {
       this.gapTimer = this.timers.setTimeout(() => {
         this.gapTimer = undefined;
-        if (this.above.size > 0 && this.authed) this.resync(false);
+        if (this.above.size > 0 && this._state === "live") this.resync(false);
       }, (this.opts.gapTimeout ?? 3) * 1000);
     }
     if (this._seq !== before) this.seqAdvanced();

@@ -475,6 +475,22 @@ test("a stream event of an unknown type counts for the seq (no gap) and is still
   assert.equal(s.of("read").length, 1);
 });
 
+test("a seq gap open at a reconnect starts no second catch-up on the new connection", async () => {
+  const server = new FakeServer();
+  const s = setup({ random: () => 0.5, backoffBase: 1 }, server);
+  await live(s);
+  s.server.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 2 }); // seq 1 missing
+  await s.clock.advance(1000);
+  // The new connection's catch-up is left unanswered: it stays syncing.
+  server.handlers.catchup = () => null;
+  s.server.socket.close();
+  await s.clock.advance(500);
+  assert.equal(s.client.state, "syncing");
+  assert.equal(s.server.socket.of("catchup").length, 1);
+  await s.clock.advance(5000);
+  assert.equal(s.server.socket.of("catchup").length, 1);
+});
+
 test("a sync push runs catch-up and sync again without reconnecting", async () => {
   const s = setup();
   await live(s);
