@@ -171,6 +171,8 @@ export class Client {
   private liveWaiters: { resolve(): void; reject(e: ImError): void }[] = [];
   private watched: number[] | undefined;
   private saveScheduled = false;
+  private saving = false;
+  private nextSave: StoredState | undefined;
   /** The outbox as it was when the client turned terminal: saved from then on. */
   private keptOutbox: OutboxEntry[] | undefined;
   private terminalError: ImError | undefined;
@@ -869,13 +871,39 @@ export class Client {
       seq: this._seq,
       outbox: this.keptOutbox ?? this.outbox,
     };
+    this.write(state);
+  }
+
+  /**
+   * One save at a time: while an async one runs, only the latest state waits
+   * (written when it ends), so an older snapshot can never finish last.
+   */
+  private write(state: StoredState): void {
+    if (this.saving) {
+      this.nextSave = state;
+      return;
+    }
+    this.saving = true;
+    const done = (): void => {
+      this.saving = false;
+      const next = this.nextSave;
+      this.nextSave = undefined;
+      if (next !== undefined) this.write(next);
+    };
+    let result: void | Promise<void>;
     try {
-      const done = this.store.save(state);
-      if (done && typeof (done as Promise<void>).catch === "function") {
-        (done as Promise<void>).catch((e: unknown) => console.error("imserver client: store.save failed", e));
-      }
+      result = this.store.save(state);
     } catch (e) {
       console.error("imserver client: store.save failed", e);
+      return done();
+    }
+    if (result && typeof (result as Promise<void>).then === "function") {
+      (result as Promise<void>).then(done, (e: unknown) => {
+        console.error("imserver client: store.save failed", e);
+        done();
+      });
+    } else {
+      done();
     }
   }
 

@@ -697,6 +697,42 @@ test("outbox: send() right after a start() not awaited goes after the stored out
   for (const state of saves) assert.equal(state.device, "phone");
 });
 
+test("an async store gets one save at a time, the latest state last", async () => {
+  let running = 0;
+  let most = 0;
+  const written: StoredState[] = [];
+  const finish: (() => void)[] = [];
+  const store = {
+    load: () => undefined,
+    save: (state: StoredState) =>
+      new Promise<void>((resolve) => {
+        most = Math.max(most, ++running);
+        // The first save is slow, the later ones quick: unchained, the first would land last.
+        finish.push(() => {
+          running--;
+          written.push(state);
+          resolve();
+        });
+      }),
+  };
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "one").catch(() => undefined);
+  await flush();
+  s.client.send(7, "two").catch(() => undefined);
+  await flush();
+  s.client.send(7, "three").catch(() => undefined);
+  await flush();
+  while (finish.length > 0) {
+    finish.pop()!();
+    await flush();
+  }
+  assert.equal(most, 1);
+  assert.deepEqual(written[written.length - 1]!.outbox!.map((e) => e.body), ["one", "two", "three"]);
+});
+
 test("requests wait for the connection, up to requestTimeout", async () => {
   const server = new FakeServer();
   server.refuse = true;
