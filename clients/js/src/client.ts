@@ -113,6 +113,12 @@ function pick<T extends object>(from: T, keys: (keyof T & string)[]): Frame {
   return out;
 }
 
+/** A reason for the state event from anything thrown (a token function may throw undefined). */
+function reasonOf(e: unknown, fallback: string): string {
+  if (e instanceof Error) return e.message || fallback;
+  return e === undefined || e === null ? fallback : String(e);
+}
+
 function randomId(random: Random, length: number): string {
   const alphabet = "0123456789abcdefghijklmnopqrstuvwxyz";
   let out = "";
@@ -234,7 +240,7 @@ export class Client {
       throw e;
     }
     if (TERMINAL.has(this._state)) return;
-    void this.connect();
+    this.connectNow();
   }
 
   private async load(): Promise<void> {
@@ -357,6 +363,13 @@ export class Client {
     });
   }
 
+  /** Connect; a bug that escapes connect() must not leave an unhandled rejection and a stuck state. */
+  private connectNow(): void {
+    this.connect().catch((e: unknown) => {
+      if (!TERMINAL.has(this._state)) this.scheduleReconnect(reasonOf(e, "cannot connect"));
+    });
+  }
+
   private async connect(): Promise<void> {
     const gen = ++this.gen;
     this.reconnectTimer = undefined;
@@ -388,7 +401,7 @@ export class Client {
       // One that opens after all is closed at once.
       conn = await this.within(opening, deadline, (late) => late.close());
     } catch (e) {
-      if (gen === this.gen) this.scheduleReconnect((e as Error).message ?? "cannot connect");
+      if (gen === this.gen) this.scheduleReconnect(reasonOf(e, "cannot connect"));
       return;
     }
     if (gen !== this.gen) {
@@ -441,7 +454,7 @@ export class Client {
       await this.catchUp(conn, gen);
       await this.syncPending(conn, gen);
     } catch (e) {
-      if (gen === this.gen) this.scheduleReconnect((e as Error).message);
+      if (gen === this.gen) this.scheduleReconnect(reasonOf(e, "catch-up failed"));
       return;
     }
     if (gen !== this.gen) return;
@@ -495,7 +508,7 @@ export class Client {
     this.setState("offline", { reason, retry_in: delay });
     this.stopTimer("reconnectTimer");
     this.reconnectTimer = this.timers.setTimeout(() => {
-      void this.connect();
+      this.connectNow();
     }, delay * 1000);
   }
 

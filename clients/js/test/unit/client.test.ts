@@ -92,6 +92,33 @@ test("the token may be an async function, called before every connect", async ()
   );
 });
 
+test("a token function that throws a non-Error (undefined, a string) is retried like a failed connect", async () => {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => void unhandled.push(e);
+  process.on("unhandledRejection", onUnhandled);
+  try {
+    let n = 0;
+    const token = (): string => {
+      n++;
+      if (n === 1) throw undefined;
+      if (n === 2) throw "no token today";
+      return "tok";
+    };
+    const s = setup({ token, random: () => 0.5, backoffBase: 1 });
+    await s.client.start();
+    await s.clock.advance(0);
+    assert.deepEqual(s.states[s.states.length - 1], { state: "offline", reason: "cannot connect", retry_in: 0.5 });
+    await s.clock.advance(500);
+    assert.equal(s.states[s.states.length - 1]!.reason, "no token today");
+    await s.clock.advance(1000);
+    assert.equal(s.client.state, "live");
+    await flush();
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.off("unhandledRejection", onUnhandled);
+  }
+});
+
 test("reconnects with full-jitter backoff, reset once live", async () => {
   const server = new FakeServer();
   server.refuse = true;
