@@ -53,6 +53,11 @@ export interface ClientOptions {
   store?: Store;
   /** Seconds (default 15): a request waits at most this long, for the connection and the reply. */
   requestTimeout?: number;
+  /**
+   * Seconds (default: requestTimeout) to get the token and open the transport;
+   * then the attempt is given up and retried after the backoff delay.
+   */
+  connectTimeout?: number;
   /** Seconds (default 10): a ping unanswered this long means a dead connection. */
   pingTimeout?: number;
   /** Seconds (default 0.5 and 30): reconnect delays, full jitter. */
@@ -91,7 +96,6 @@ interface Waiter {
   timer: unknown;
 }
 
-const SEQ_EVENTS = new Set(["msg", "read", "recall", "edit", "hide", "clear", "mute"]);
 const TERMINAL: ReadonlySet<State> = new Set(["kicked", "failed", "closed"]);
 const MAX_ACK_IDS = 500;
 
@@ -107,6 +111,12 @@ function pick<T extends object>(from: T, keys: (keyof T & string)[]): Frame {
   const out: Frame = {};
   for (const key of keys) if (from[key] !== undefined) out[key] = from[key];
   return out;
+}
+
+/** A reason for the state event from anything thrown (a token function may throw undefined). */
+function reasonOf(e: unknown, fallback: string): string {
+  if (e instanceof Error) return e.message || fallback;
+  return e === undefined || e === null ? fallback : String(e);
 }
 
 function randomId(random: Random, length: number): string {
@@ -140,6 +150,11 @@ export class Client {
   /** Bumped on every connect and terminal state: callbacks of older ones are ignored. */
   private gen = 0;
   private started = false;
+  /** Settles once the store is loaded, the device known and the stored outbox queued. */
+  private loaded: Promise<void> | undefined;
+  private isLoaded = false;
+  /** Sends made while the store loads: queued after the stored outbox, in order. */
+  private early: { add(): void; reject(error: unknown): void }[] = [];
   private attempt = 0;
   private heartbeat = 30;
   private holding = false;
@@ -162,6 +177,10 @@ export class Client {
   private liveWaiters: { resolve(): void; reject(e: ImError): void }[] = [];
   private watched: number[] | undefined;
   private saveScheduled = false;
+  private saving = false;
+  private nextSave: StoredState | undefined;
+  /** The outbox as it was when the client turned terminal: saved from then on. */
+  private keptOutbox: OutboxEntry[] | undefined;
   private terminalError: ImError | undefined;
 
   constructor(options: ClientOptions) {
@@ -207,9 +226,24 @@ export class Client {
 
   /** Load the store and connect (and keep connecting). Resolves once connecting began. */
   async start(): Promise<void> {
-    if (this.started) return;
+    if (this.started) return this.loaded;
     if (TERMINAL.has(this._state)) throw this.terminalError ?? new ImError("closed");
     this.started = true;
+    this.loaded = this.load();
+    try {
+      await this.loaded;
+    } catch (e) {
+      // A store that cannot load: start() may be called again.
+      this.started = false;
+      this.loaded = undefined;
+      for (const send of this.early.splice(0)) send.reject(e);
+      throw e;
+    }
+    if (TERMINAL.has(this._state)) return;
+    this.connectNow();
+  }
+
+  private async load(): Promise<void> {
     const stored: StoredState = (await this.store.load()) ?? {};
     if (TERMINAL.has(this._state)) return;
     this._device = this.opts.device ?? stored.device ?? `js-${randomId(this.random, 16)}`;
@@ -217,8 +251,10 @@ export class Client {
       this._seq = this.ackedSeq = stored.seq;
     }
     for (const entry of stored.outbox ?? []) this.enqueue({ entry, inFlight: false, retryTimer: undefined, tries: 0 });
+    // Then the sends made meanwhile: their cids need the device.
+    this.isLoaded = true;
+    for (const send of this.early.splice(0)) send.add();
     this.saveSoon();
-    void this.connect();
   }
 
   /** Resolves when the state is `live` (at once if it is); rejects once it cannot be. */
@@ -295,6 +331,45 @@ export class Client {
     return (this.opts.requestTimeout ?? 15) * 1000;
   }
 
+  private get connectTimeoutMs(): number {
+    return (this.opts.connectTimeout ?? this.opts.requestTimeout ?? 15) * 1000;
+  }
+
+  /** `promise`, or a `connect timeout` error at `deadline` (then `late` gets what it yields). */
+  private within<T>(promise: Promise<T>, deadline: number, late?: (value: T) => void): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let expired = false;
+      const timer = this.timers.setTimeout(
+        () => {
+          expired = true;
+          reject(new TransportError("connect timeout"));
+        },
+        Math.max(0, deadline - this.timers.now()),
+      );
+      promise.then(
+        (value) => {
+          if (expired) late?.(value);
+          else {
+            this.timers.clearTimeout(timer);
+            resolve(value);
+          }
+        },
+        (e: unknown) => {
+          if (expired) return;
+          this.timers.clearTimeout(timer);
+          reject(e);
+        },
+      );
+    });
+  }
+
+  /** Connect; a bug that escapes connect() must not leave an unhandled rejection and a stuck state. */
+  private connectNow(): void {
+    this.connect().catch((e: unknown) => {
+      if (!TERMINAL.has(this._state)) this.scheduleReconnect(reasonOf(e, "cannot connect"));
+    });
+  }
+
   private async connect(): Promise<void> {
     const gen = ++this.gen;
     this.reconnectTimer = undefined;
@@ -305,11 +380,16 @@ export class Client {
     this.goingAway = false;
     let token: string;
     let conn: Connection;
+    // A black-holed host, or a proxy that takes the TCP connection but never
+    // finishes the upgrade, would otherwise leave the state connecting for ever.
+    const deadline = this.timers.now() + this.connectTimeoutMs;
     try {
-      token = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
+      const source = this.opts.token;
+      token =
+        typeof source === "function" ? await this.within(Promise.resolve().then(() => source()), deadline) : source;
       if (gen !== this.gen) return;
       const connector = this.opts.connector ?? defaultConnector(this.opts.url);
-      conn = await Connection.open(connector, this.opts.url, {
+      const opening = Connection.open(connector, this.opts.url, {
         timers: this.timers,
         onPush: (frame) => {
           if (gen === this.gen) this.pushed(frame);
@@ -318,8 +398,10 @@ export class Client {
           if (gen === this.gen) this.connectionLost(error?.message ?? "connection closed");
         },
       });
+      // One that opens after all is closed at once.
+      conn = await this.within(opening, deadline, (late) => late.close());
     } catch (e) {
-      if (gen === this.gen) this.scheduleReconnect((e as Error).message ?? "cannot connect");
+      if (gen === this.gen) this.scheduleReconnect(reasonOf(e, "cannot connect"));
       return;
     }
     if (gen !== this.gen) {
@@ -372,7 +454,7 @@ export class Client {
       await this.catchUp(conn, gen);
       await this.syncPending(conn, gen);
     } catch (e) {
-      if (gen === this.gen) this.scheduleReconnect((e as Error).message);
+      if (gen === this.gen) this.scheduleReconnect(reasonOf(e, "catch-up failed"));
       return;
     }
     if (gen !== this.gen) return;
@@ -410,6 +492,9 @@ export class Client {
     this.pingInFlight = false;
     this.stopTimer("heartbeatTimer");
     this.stopTimer("goawayTimer");
+    // The next connection's catch-up covers the gap; a timer left running
+    // would start a second catch-up on it while it syncs.
+    this.stopGapTimer();
     conn?.close();
     const base = this.opts.backoffBase ?? 0.5;
     const max = this.opts.backoffMax ?? 30;
@@ -423,7 +508,7 @@ export class Client {
     this.setState("offline", { reason, retry_in: delay });
     this.stopTimer("reconnectTimer");
     this.reconnectTimer = this.timers.setTimeout(() => {
-      void this.connect();
+      this.connectNow();
     }, delay * 1000);
   }
 
@@ -449,7 +534,13 @@ export class Client {
       w.reject(error);
     }
     for (const w of this.liveWaiters.splice(0)) w.reject(error);
+    // Sends made while the store loaded: never stored (that would overwrite it).
+    for (const send of this.early.splice(0)) send.reject(error);
     // The entries stay in the store: the next Client that loads it sends them.
+    // Saved now, before the queues are cleared: a save still pending from this
+    // tick would otherwise read the empty outbox and wipe the stored one.
+    this.keptOutbox = this.outbox;
+    this.saveNow();
     for (const queue of this.outboxes.values()) {
       for (const item of queue) item.reject?.(error);
     }
@@ -590,7 +681,7 @@ export class Client {
     else if (this.gapTimer === undefined) {
       this.gapTimer = this.timers.setTimeout(() => {
         this.gapTimer = undefined;
-        if (this.above.size > 0 && this.authed) this.resync(false);
+        if (this.above.size > 0 && this._state === "live") this.resync(false);
       }, (this.opts.gapTimeout ?? 3) * 1000);
     }
     if (this._seq !== before) this.seqAdvanced();
@@ -647,7 +738,9 @@ export class Client {
   private dispatch(frame: Frame, replay: boolean): void {
     const t = frame.t;
     if (typeof t !== "string") return;
-    if (SEQ_EVENTS.has(t) && typeof frame.seq === "number" && !this.markSeq(frame.seq)) {
+    // Any stream event counts for the contiguous seq, known or not (one this
+    // SDK does not know yet would otherwise hold back every ack {seq}).
+    if (typeof frame.seq === "number" && !this.markSeq(frame.seq)) {
       if (t === "msg") this.ackIfMine(frame as unknown as Msg);
       return;
     }
@@ -771,22 +864,60 @@ export class Client {
 
   // ---- the store -------------------------------------------------------
 
+  /** Save once, at the end of this tick: many changes, one write. */
   private saveSoon(): void {
     if (this.saveScheduled) return;
     this.saveScheduled = true;
     queueMicrotask(() => {
-      this.saveScheduled = false;
-      const state: StoredState = { seq: this._seq, outbox: this.outbox };
-      if (this._device !== undefined) state.device = this._device;
-      try {
-        const done = this.store.save(state);
-        if (done && typeof (done as Promise<void>).catch === "function") {
-          (done as Promise<void>).catch((e: unknown) => console.error("imserver client: store.save failed", e));
-        }
-      } catch (e) {
-        console.error("imserver client: store.save failed", e);
-      }
+      if (this.saveScheduled) this.saveNow();
     });
+  }
+
+  /** Save the state as it is now (cancels a pending saveSoon). */
+  private saveNow(): void {
+    this.saveScheduled = false;
+    // The device is set once the store is loaded; before, a save would overwrite it.
+    if (this._device === undefined) return;
+    // Once terminal the queues are empty, but what was unanswered stays stored.
+    const state: StoredState = {
+      device: this._device,
+      seq: this._seq,
+      outbox: this.keptOutbox ?? this.outbox,
+    };
+    this.write(state);
+  }
+
+  /**
+   * One save at a time: while an async one runs, only the latest state waits
+   * (written when it ends), so an older snapshot can never finish last.
+   */
+  private write(state: StoredState): void {
+    if (this.saving) {
+      this.nextSave = state;
+      return;
+    }
+    this.saving = true;
+    const done = (): void => {
+      this.saving = false;
+      const next = this.nextSave;
+      this.nextSave = undefined;
+      if (next !== undefined) this.write(next);
+    };
+    let result: void | Promise<void>;
+    try {
+      result = this.store.save(state);
+    } catch (e) {
+      console.error("imserver client: store.save failed", e);
+      return done();
+    }
+    if (result && typeof (result as Promise<void>).then === "function") {
+      (result as Promise<void>).then(done, (e: unknown) => {
+        console.error("imserver client: store.save failed", e);
+        done();
+      });
+    } else {
+      done();
+    }
   }
 
   // ---- the outbox ------------------------------------------------------
@@ -875,11 +1006,16 @@ export class Client {
     if (TERMINAL.has(this._state)) return Promise.reject(this.terminalError ?? new ImError("closed"));
     if (!this.started) return Promise.reject(new ImError("closed", "call start() first"));
     return new Promise<SendResult>((resolve, reject) => {
-      const entry: OutboxEntry = { cid: this.newCid(), to, body };
-      if (type !== undefined) entry.type = type;
-      this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
-      this.saveSoon();
-      this.pumpOutbox();
+      const add = (): void => {
+        const entry: OutboxEntry = { cid: this.newCid(), to, body };
+        if (type !== undefined) entry.type = type;
+        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
+        this.saveSoon();
+        this.pumpOutbox();
+      };
+      // Queued at once once loaded (a close() in the same tick still stores it).
+      if (this.isLoaded) add();
+      else this.early.push({ add, reject });
     });
   }
 

@@ -16,7 +16,7 @@ export * from "./index.js";
 export { connectTcp, type TcpOptions } from "./tcp.js";
 
 export interface NodeConnectorOptions extends TcpOptions {
-  /** Extra options for the ws package (headers, origin, ca, ...). */
+  /** Extra options for the ws package (headers, origin, ca, handshakeTimeout, ...). */
   ws?: WebSocket.ClientOptions;
 }
 
@@ -26,6 +26,8 @@ export function nodeConnector(options: NodeConnectorOptions = {}): Connector {
     (url, protocols) =>
       new WebSocket(url, protocols, {
         maxPayload: options.maxFrameBytes ?? 16 * 1024 * 1024,
+        // Also a proxy that accepts the TCP connection but never answers the upgrade.
+        handshakeTimeout: (options.connectTimeout ?? 15) * 1000 || undefined,
         ...options.ws,
       }) as unknown as WebSocketLike,
   );
@@ -44,6 +46,10 @@ export interface NodeClientOptions extends ClientOptions {
 /** The Client with Node's transports: tcp://, tls://, ws://, wss://. */
 export class Client extends CoreClient {
   constructor(options: NodeClientOptions) {
-    super({ ...options, connector: options.connector ?? nodeConnector(options.transport) });
+    const connectTimeout = options.connectTimeout ?? options.requestTimeout ?? 15;
+    super({
+      ...options,
+      connector: options.connector ?? nodeConnector({ connectTimeout, ...options.transport }),
+    });
   }
 }

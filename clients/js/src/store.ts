@@ -13,7 +13,7 @@ export interface StoredState {
 
 export interface Store {
   load(): StoredState | undefined | Promise<StoredState | undefined>;
-  /** Called after every change; may return a promise (not awaited in order). */
+  /** Called after changes; may return a promise: the next save waits for it. */
   save(state: StoredState): void | Promise<void>;
 }
 

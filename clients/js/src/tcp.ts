@@ -14,6 +14,8 @@ export interface TcpOptions {
   maxFrameBytes?: number;
   /** Options for node:tls (ca, servername, ...) when the URL is tls://. */
   tls?: tls.ConnectionOptions;
+  /** Seconds (default 15) to connect (and finish the TLS handshake); 0: no limit. */
+  connectTimeout?: number;
 }
 
 export function connectTcp(
@@ -37,6 +39,8 @@ export function connectTcp(
       ? tls.connect({ host, port, servername: host, ...options.tls })
       : net.connect({ host, port });
     socket.setNoDelay(true);
+    const timeout = options.connectTimeout ?? 15;
+    if (timeout > 0) socket.setTimeout(timeout * 1000);
     let open = false;
     let closed = false;
     let failure: Error | undefined;
@@ -54,7 +58,13 @@ export function connectTcp(
     };
     socket.once(secure ? "secureConnect" : "connect", () => {
       open = true;
+      socket.setTimeout(0); // idleness is the heartbeat's business
       resolve(transport);
+    });
+    socket.on("timeout", () => {
+      if (open) return;
+      failure ??= new TransportError(`no connection within ${timeout} s`);
+      socket.destroy();
     });
     socket.on("data", (chunk: Buffer) => {
       let frames: Uint8Array[];

@@ -8,7 +8,8 @@ import { test } from "node:test";
 import { Client, type ClientOptions } from "../../src/client.js";
 import type { Frame } from "../../src/codec.js";
 import { ImError } from "../../src/errors.js";
-import { LocalStorageStore, MemoryStore } from "../../src/store.js";
+import type { Connector } from "../../src/transport.js";
+import { LocalStorageStore, MemoryStore, type StoredState } from "../../src/store.js";
 import type { ClientEvents, EventName, StateEvent } from "../../src/types.js";
 import { FakeClock, FakeServer, flush, msg } from "./fakes.js";
 
@@ -91,6 +92,33 @@ test("the token may be an async function, called before every connect", async ()
   );
 });
 
+test("a token function that throws a non-Error (undefined, a string) is retried like a failed connect", async () => {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => void unhandled.push(e);
+  process.on("unhandledRejection", onUnhandled);
+  try {
+    let n = 0;
+    const token = (): string => {
+      n++;
+      if (n === 1) throw undefined;
+      if (n === 2) throw "no token today";
+      return "tok";
+    };
+    const s = setup({ token, random: () => 0.5, backoffBase: 1 });
+    await s.client.start();
+    await s.clock.advance(0);
+    assert.deepEqual(s.states[s.states.length - 1], { state: "offline", reason: "cannot connect", retry_in: 0.5 });
+    await s.clock.advance(500);
+    assert.equal(s.states[s.states.length - 1]!.reason, "no token today");
+    await s.clock.advance(1000);
+    assert.equal(s.client.state, "live");
+    await flush();
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.off("unhandledRejection", onUnhandled);
+  }
+});
+
 test("reconnects with full-jitter backoff, reset once live", async () => {
   const server = new FakeServer();
   server.refuse = true;
@@ -125,6 +153,55 @@ test("full jitter: the delay is drawn from [0, min(max, base * 2**attempt)]", as
   await s.clock.advance(500);
   assert.equal(s.states[s.states.length - 1]!.retry_in, 1);
   assert.equal(server.connects, 3);
+});
+
+test("connect timeout: a transport that never opens is given up after requestTimeout, then retried", async () => {
+  let attempts = 0;
+  const connector: Connector = () => {
+    attempts++;
+    return new Promise<never>(() => undefined); // a black-holed host
+  };
+  const s = setup({ connector, requestTimeout: 5, random: () => 0.5, backoffBase: 1 });
+  await s.client.start();
+  await s.clock.advance(4999);
+  assert.equal(s.client.state, "connecting");
+  await s.clock.advance(1);
+  assert.deepEqual(s.states[s.states.length - 1], { state: "offline", reason: "connect timeout", retry_in: 0.5 });
+  assert.equal(attempts, 1);
+  await s.clock.advance(500);
+  assert.equal(attempts, 2);
+  assert.equal(s.client.state, "connecting");
+});
+
+test("connect timeout: connectTimeout also bounds the token function; a transport opening late is closed", async () => {
+  const server = new FakeServer();
+  let release: (() => void) | undefined;
+  let transports = 0;
+  let closedLate = 0;
+  const connector: Connector = async (url, handlers) => {
+    if (++transports === 1) await new Promise<void>((r) => (release = r));
+    const transport = await server.connector(url, handlers);
+    if (transports > 1) return transport;
+    return { send: (b) => transport.send(b), close: () => (closedLate++, transport.close()) };
+  };
+  let tokens = 0;
+  const token = (): Promise<string> => (++tokens === 1 ? new Promise<string>(() => undefined) : Promise.resolve("tok"));
+  const s = setup({ connector, token, connectTimeout: 2, random: () => 0.5, backoffBase: 1 });
+  await s.client.start();
+  await s.clock.advance(2000);
+  assert.equal(s.states[s.states.length - 1]!.reason, "connect timeout");
+  assert.equal(transports, 0);
+  await s.clock.advance(500);
+  assert.equal(transports, 1);
+  await s.clock.advance(2000);
+  assert.equal(s.states[s.states.length - 1]!.reason, "connect timeout");
+  release!();
+  await flush();
+  assert.equal(closedLate, 1);
+  assert.equal(server.of("auth").length, 0);
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "live");
+  assert.equal(server.of("auth").length, 1);
 });
 
 test("heartbeat: a ping after heartbeat idle seconds; an unanswered ping closes and reconnects", async () => {
@@ -408,6 +485,39 @@ test("a seq gap open 3 s runs catchup {after: seq}; only the contiguous seq is a
   );
 });
 
+test("a stream event of an unknown type counts for the seq (no gap) and is still a push", async () => {
+  const s = setup();
+  await live(s);
+  const pushes: string[] = [];
+  s.client.on("push", (f) => pushes.push(String(f.t)));
+  s.server.socket.push({ t: "pin", session_id: 1n, seq: 1 });
+  s.server.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 2 });
+  s.server.socket.push({ t: "pin", session_id: 1n, seq: 1 });
+  await s.clock.advance(1500);
+  assert.equal(s.client.seq, 2);
+  const acks = s.server.of("ack");
+  assert.equal(acks[acks.length - 1]?.seq, 2);
+  assert.equal(s.server.of("catchup").length, 1);
+  assert.deepEqual(pushes, ["pin", "read", "pin"]);
+  assert.equal(s.of("read").length, 1);
+});
+
+test("a seq gap open at a reconnect starts no second catch-up on the new connection", async () => {
+  const server = new FakeServer();
+  const s = setup({ random: () => 0.5, backoffBase: 1 }, server);
+  await live(s);
+  s.server.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 2 }); // seq 1 missing
+  await s.clock.advance(1000);
+  // The new connection's catch-up is left unanswered: it stays syncing.
+  server.handlers.catchup = () => null;
+  s.server.socket.close();
+  await s.clock.advance(500);
+  assert.equal(s.client.state, "syncing");
+  assert.equal(s.server.socket.of("catchup").length, 1);
+  await s.clock.advance(5000);
+  assert.equal(s.server.socket.of("catchup").length, 1);
+});
+
 test("a sync push runs catch-up and sync again without reconnecting", async () => {
   const s = setup();
   await live(s);
@@ -539,6 +649,115 @@ test("outbox: kept in the store across restarts; close() rejects with closed", a
   assert.equal(server2.of("send")[0]!.cid, cid);
   await flush();
   assert.deepEqual(store.state?.outbox, []);
+});
+
+test("outbox: close() in the same tick as send() still leaves the entry in the store", async () => {
+  const store = new MemoryStore();
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "persist me").catch(() => undefined);
+  s.client.close();
+  await flush();
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  assert.equal(store.state?.device, "dev1");
+});
+
+test("outbox: a kick right after a seq push (one pending save) keeps the stored outbox", async () => {
+  const store = new MemoryStore();
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "persist me").catch(() => undefined);
+  await s.clock.advance(0);
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  // Both in one chunk: the msg schedules a save, the kick terminates before it runs.
+  s.server.socket.push({ t: "msg", ...msg({ from: 7, to: 42 }), seq: 1 });
+  s.server.socket.push({ t: "kick", reason: "replaced" });
+  await flush();
+  assert.equal(s.client.state, "kicked");
+  assert.deepEqual(store.state?.outbox?.map((e) => e.body), ["persist me"]);
+  assert.equal(store.state?.seq, 1);
+});
+
+test("close() before the store is loaded does not overwrite it", async () => {
+  let release!: () => void;
+  const stored = { device: "dev1", seq: 5, outbox: [{ cid: "dev1.x.1", to: 7, body: "older" }] };
+  const saves: unknown[] = [];
+  const store = {
+    load: () => new Promise<typeof stored>((r) => (release = () => r(stored))),
+    save: (state: unknown) => void saves.push(state),
+  };
+  const s = setup({ store });
+  const started = s.client.start();
+  const sending = s.client.send(7, "during load");
+  s.client.close();
+  await assert.rejects(sending, (e: unknown) => e instanceof ImError && e.code === "closed");
+  release();
+  await started.catch(() => undefined);
+  await flush();
+  assert.deepEqual(saves, []);
+});
+
+test("outbox: send() right after a start() not awaited goes after the stored outbox, with the stored device", async () => {
+  const saves: StoredState[] = [];
+  const store = new MemoryStore({ device: "phone", seq: 0, outbox: [{ cid: "phone.old.1", to: 7, body: "older" }] });
+  const save = store.save.bind(store);
+  store.save = (state) => {
+    saves.push(state);
+    save(state);
+  };
+  const server = new FakeServer();
+  server.handlers.send = () => ({ msg_id: 1n, session_id: 1n, ts: 1, dup: false });
+  const s = setup({ store, device: undefined }, server);
+  void s.client.start();
+  const sending = s.client.send(7, "newer");
+  await s.clock.advance(0);
+  await sending;
+  await flush();
+  assert.deepEqual(server.of("send").map((f) => f.body), ["older", "newer"]);
+  assert.equal(server.of("send")[0]!.cid, "phone.old.1");
+  assert.match(String(server.of("send")[1]!.cid), /^phone\./);
+  assert.ok(saves.length > 0);
+  for (const state of saves) assert.equal(state.device, "phone");
+});
+
+test("an async store gets one save at a time, the latest state last", async () => {
+  let running = 0;
+  let most = 0;
+  const written: StoredState[] = [];
+  const finish: (() => void)[] = [];
+  const store = {
+    load: () => undefined,
+    save: (state: StoredState) =>
+      new Promise<void>((resolve) => {
+        most = Math.max(most, ++running);
+        // The first save is slow, the later ones quick: unchained, the first would land last.
+        finish.push(() => {
+          running--;
+          written.push(state);
+          resolve();
+        });
+      }),
+  };
+  const server = new FakeServer();
+  server.handlers.send = () => null;
+  const s = setup({ store }, server);
+  await live(s);
+  s.client.send(7, "one").catch(() => undefined);
+  await flush();
+  s.client.send(7, "two").catch(() => undefined);
+  await flush();
+  s.client.send(7, "three").catch(() => undefined);
+  await flush();
+  while (finish.length > 0) {
+    finish.pop()!();
+    await flush();
+  }
+  assert.equal(most, 1);
+  assert.deepEqual(written[written.length - 1]!.outbox!.map((e) => e.body), ["one", "two", "three"]);
 });
 
 test("requests wait for the connection, up to requestTimeout", async () => {
