@@ -816,6 +816,45 @@ class MoreTests(ClientTestCase):
         self.assertEqual(client.state, "live")
         self.assertEqual([(p.uid, p.online) for p in presence], [(PEER, False)])
 
+    def test_refused_watch_is_not_kept(self) -> None:
+        """
+        A watch the server refuses (too_large, invalid) is not watched again
+        after a reconnect (where its failure failed every catch-up: never
+        live again); the set accepted before it still is.
+        """
+        client, conn = self.started()
+        self.result(self.watched(client, conn, [PEER]))
+        refused = client.watch(list(range(1, 502)))
+        conn.error(conn.take("watch"), "too_large")
+        self.failureResultOf(refused, RequestFailed)
+        conn = self.reconnect(conn)
+        self.assertEqual(conn.take("watch")["uids"], [PEER])
+
+    def test_failed_watch_again_goes_live_anyway(self) -> None:
+        """A watch refused while catching up is logged; the client goes live (and forgets it)."""
+        client, conn = self.started()
+        self.result(self.watched(client, conn, [PEER]))
+        conn = self.reconnect(conn)
+        conn.error(conn.take("watch"), "too_large")
+        self.assertEqual(client.state, "live")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        conn = self.reconnect(conn)
+        self.assertEqual(client.state, "live")
+        self.assertEqual(conn.ops(), [])
+
+    def watched(self, client: Client, conn: FakeConn, uids: list[int]) -> Deferred[Any]:
+        d = client.watch(uids)
+        conn.reply(conn.take("watch"), users=[])
+        return d
+
+    def reconnect(self, conn: FakeConn) -> FakeConn:
+        """Lose the connection; the next one answers auth, catchup and sync."""
+        conn.lose()
+        self.clock.advance(self.states[-1].retry_in or 0)
+        conn = self.server.accept()
+        conn.live()
+        return conn
+
     def test_close_from_a_handler_while_catching_up(self) -> None:
         client = self.make()
         client.on("message", lambda e: client.close())

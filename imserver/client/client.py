@@ -371,9 +371,17 @@ class Client:
         return self.request("presence", uids=list(uids))
 
     def watch(self, uids: list[int]) -> Deferred[Result]:
-        """Watch these users' presence (replacing the set); watched again after reconnects."""
-        self._watched = list(uids)
-        return self.request("watch", uids=list(uids))
+        """
+        Watch these users' presence (replacing the set); watched again after
+        reconnects, once the server accepted it (a refused set is not kept).
+        """
+        watching = list(uids)
+
+        def accepted(result: Result) -> Result:
+            self._watched = watching
+            return result
+
+        return self.request("watch", uids=watching).addCallback(accepted)
 
     def typing(self, to: int, active: bool) -> Deferred[Result]:
         return self.request("typing", to=to, active=active)
@@ -547,10 +555,7 @@ class Client:
         await self._catchup_pages(conn)
         await self._sync_pages(conn)
         if self._watched:
-            # A watch lasts as long as its connection: watch again, and say the state now.
-            reply = await conn.request("watch", uids=self._watched)
-            for user in reply.get("users", []):
-                self._stream_event(conn, {"t": "presence", **user}, replay=True)
+            await self._watch_again(conn)
         if conn.gone:
             raise client_error("disconnected", "the connection closed while catching up")
         held, conn.held = conn.held or [], None
@@ -562,6 +567,22 @@ class Client:
         self._check_gap()
         if self._ack_ids or self._position.seq > self._acked_seq:
             self._schedule_acks()
+
+    async def _watch_again(self, conn: Connection) -> None:
+        """A watch lasts as long as its connection: watch again, and say the state now."""
+        watched = self._watched
+        try:
+            reply = await conn.request("watch", uids=watched)
+        except RequestFailed as e:
+            if conn.gone:
+                raise
+            # Live anyway: presence is not worth the connection.
+            log.warn("watching {count} users again failed: {code}", count=len(watched), code=e.code)
+            if e.code in ("too_large", "invalid", "forbidden") and self._watched is watched:
+                self._watched = []
+            return
+        for user in reply.get("users", []):
+            self._stream_event(conn, {"t": "presence", **user}, replay=True)
 
     async def _catchup_pages(self, conn: Connection) -> None:
         while True:
