@@ -571,6 +571,51 @@ class OutboxTests(ClientTestCase):
         conn.live()
         self.assertEqual(conn.take("send")["cid"], cid)
 
+    def test_send_over_max_frame_bytes_rejected_locally(self) -> None:
+        """
+        A send the server could not read (it would close with frame_too_large,
+        and the retry would close the next connection too, for ever) fails
+        with too_large at once, is not queued and not sent; the next goes on.
+        """
+        client, conn = self.started()
+        d = client.send(PEER, "x" * 70_000)
+        self.assertEqual(self.failureResultOf(d, RequestFailed).value.code, "too_large")
+        self.assertEqual(client.outbox, [])
+        small = client.send(PEER, "x" * 60_000, type="text")
+        self.assertEqual(len(conn.take("send")["body"]), 60_000)
+        self.assertNoResult(small)
+        self.assertEqual(conn.ops(), [])
+        bigger = self.make(max_frame_bytes=200_000)
+        self.assertNoResult(bigger.send(PEER, "x" * 100_000))
+        self.assertEqual(
+            self.failureResultOf(client.send(PEER, object()), RequestFailed).value.code, "invalid"
+        )
+
+    def test_frame_too_large_lowers_the_limit(self) -> None:
+        """
+        max_frame_bytes above the server's: its frame_too_large (then close)
+        lowers the client's limit below the largest frame in flight, so the
+        resend fails with too_large instead of closing every connection.
+        """
+        client, conn = self.started(max_frame_bytes=1 << 20)
+        big = client.send(PEER, "x" * 100_000)
+        later = client.send(PEER, "after")
+        self.assertEqual(len(conn.take("send")["body"]), 100_000)
+        conn.push(t="error", code="frame_too_large", message="frame too large")
+        conn.lose()
+        self.assertNoResult(big)
+        self.clock.advance(self.states[-1].retry_in or 0)
+        conn = self.server.accept()
+        conn.live()
+        self.assertEqual(self.failureResultOf(big, RequestFailed).value.code, "too_large")
+        self.assertLess(client.max_frame_bytes, 100_100)
+        self.assertGreater(client.max_frame_bytes, 100_000)
+        request = conn.take("send")
+        self.assertEqual(request["body"], "after")
+        conn.reply(request, msg_id=1, session_id=1, ts=1, dup=False)
+        self.assertEqual(self.result(later)["msg_id"], 1)
+        self.assertEqual(client.outbox, [])
+
     def test_send_after_close(self) -> None:
         client = self.make()
         client.close()
@@ -770,6 +815,45 @@ class MoreTests(ClientTestCase):
         conn.reply(watch, users=[{"uid": PEER, "online": False, "last_seen": 2}])
         self.assertEqual(client.state, "live")
         self.assertEqual([(p.uid, p.online) for p in presence], [(PEER, False)])
+
+    def test_refused_watch_is_not_kept(self) -> None:
+        """
+        A watch the server refuses (too_large, invalid) is not watched again
+        after a reconnect (where its failure failed every catch-up: never
+        live again); the set accepted before it still is.
+        """
+        client, conn = self.started()
+        self.result(self.watched(client, conn, [PEER]))
+        refused = client.watch(list(range(1, 502)))
+        conn.error(conn.take("watch"), "too_large")
+        self.failureResultOf(refused, RequestFailed)
+        conn = self.reconnect(conn)
+        self.assertEqual(conn.take("watch")["uids"], [PEER])
+
+    def test_failed_watch_again_goes_live_anyway(self) -> None:
+        """A watch refused while catching up is logged; the client goes live (and forgets it)."""
+        client, conn = self.started()
+        self.result(self.watched(client, conn, [PEER]))
+        conn = self.reconnect(conn)
+        conn.error(conn.take("watch"), "too_large")
+        self.assertEqual(client.state, "live")
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        conn = self.reconnect(conn)
+        self.assertEqual(client.state, "live")
+        self.assertEqual(conn.ops(), [])
+
+    def watched(self, client: Client, conn: FakeConn, uids: list[int]) -> Deferred[Any]:
+        d = client.watch(uids)
+        conn.reply(conn.take("watch"), users=[])
+        return d
+
+    def reconnect(self, conn: FakeConn) -> FakeConn:
+        """Lose the connection; the next one answers auth, catchup and sync."""
+        conn.lose()
+        self.clock.advance(self.states[-1].retry_in or 0)
+        conn = self.server.accept()
+        conn.live()
+        return conn
 
     def test_close_from_a_handler_while_catching_up(self) -> None:
         client = self.make()

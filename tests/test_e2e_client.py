@@ -287,6 +287,20 @@ class ClientE2EMixin:
         server.signal(signal.SIGCONT)
         await within(client.wait_live(), 30)
 
+    async def test_send_over_the_frame_limit_refused_locally(self) -> None:
+        """Over max_frame_bytes (the server's default, 64 KiB): too_large at once, nothing sent."""
+        server = self.server()
+        a_uid, b_uid = next(_uids), next(_uids)
+        a, b = self.client(server, a_uid), self.client(server, b_uid)
+        b_msgs = self.collect(b, "message")
+        await self.live(a, b)
+        failure = await within(self.failed(a.send(b_uid, "y" * 70_000)))
+        self.assertEqual(failure.code, "too_large")
+        await within(a.send(b_uid, "after"), 30)
+        await eventually(lambda: b_msgs)
+        self.assertEqual(self.bodies(b_msgs), ["after"])
+        self.assertEqual(a.state, "live")
+
     async def test_bad_token_fails(self) -> None:
         server = self.server()
         client = Client(self.url(server), "not-a-token", reactor=reactor, **FAST)
@@ -377,6 +391,26 @@ class _Upstream(Protocol):
 class ClientTCPTests(ClientE2EMixin, TestCase):
     def url(self, server: ServerProcess) -> str:
         return f"tcp://127.0.0.1:{server.port}"
+
+    async def test_send_over_the_server_frame_limit(self) -> None:
+        """
+        A client that believes the server takes 1 MiB frames sends 100 KB:
+        the server closes (frame_too_large), the client lowers its limit and
+        the resend fails with too_large; the next send is delivered.
+        """
+        server = self.server()
+        a_uid, b_uid = next(_uids), next(_uids)
+        a, b = self.client(server, a_uid, max_frame_bytes=1 << 20), self.client(server, b_uid)
+        b_msgs = self.collect(b, "message")
+        await self.live(a, b)
+        big = a.send(b_uid, "x" * 100_000)
+        after = a.send(b_uid, "after")
+        failure = await within(self.failed(big), 30)
+        self.assertEqual(failure.code, "too_large")
+        self.assertLess(a.max_frame_bytes, 100_100)
+        await within(after, 30)
+        await eventually(lambda: b_msgs)
+        self.assertEqual(self.bodies(b_msgs), ["after"])
 
     async def test_reply_lost(self) -> None:
         """Stored, answer lost: the retry (same cid) is answered dup, the message arrives once."""

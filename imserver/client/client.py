@@ -50,6 +50,7 @@ from imserver.client.protocol import IMClientProtocol, RequestFailed, client_err
 from imserver.client.store import MemoryStore, Store
 from imserver.client.stream import LRU, Position
 from imserver.client.websocket import connect_ws
+from imserver.wire.codec import pack
 
 log = Logger()
 
@@ -81,6 +82,8 @@ SYNC_LIMIT = 100
 DEFAULT_HEARTBEAT = 30.0
 CLOSE_TIMEOUT = 5.0
 GOAWAY_CLOSE = 5.0
+#: The largest request id a frame size is reckoned with (msgpack uint32).
+_ID_BOUND = 2**32 - 1
 
 
 def _version() -> str:
@@ -108,6 +111,11 @@ class Client:
     @param connector: C{(reactor, url) -> IMClientProtocol} (a Deferred or
         awaitable of one), unauthenticated; default L{connect_url}.
     @param random: the jitter and id source (an object with C{random()}).
+    @param max_frame_bytes: the server's C{max_frame_bytes} (its config;
+        default 65536). A request whose frame is larger fails with
+        C{too_large} without being sent: the server would close the
+        connection, and a send would be retried for ever. A C{frame_too_large}
+        from the server lowers it below the largest frame then in flight.
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class Client:
         connector: Connector | None = None,
         random: RandomSource | None = None,
         origin: str | None = None,
+        max_frame_bytes: int = 65536,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -135,6 +144,7 @@ class Client:
         self.reactor: Any = reactor
         self.request_timeout = request_timeout
         self.ping_timeout = ping_timeout
+        self.max_frame_bytes = max_frame_bytes
         self.client_name = client or _version()
         self._token = token
         self._origin = origin
@@ -274,11 +284,25 @@ class Client:
         dup, seq} once the server stored it, however many reconnects that takes.
         """
         d: Deferred[Result] = Deferred()
+        entry = Entry(self._outbox.new_cid(), to, body, type, d)
         try:
-            self._outbox.add(Entry(self._outbox.new_cid(), to, body, type, d))
+            self._check_size(entry)
+            self._outbox.add(entry)
         except RequestFailed as e:
             return fail(e)
         return d
+
+    def _check_size(self, entry: Entry) -> None:
+        """Refuse at once a send the server could not read (it would close the connection)."""
+        try:
+            size = len(pack({"t": "send", "id": _ID_BOUND, **_send_fields(entry)}))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise client_error("invalid", f"the body cannot be encoded: {e}") from e
+        if size > self.max_frame_bytes:
+            raise client_error(
+                "too_large",
+                f"a send frame of {size} bytes is over max_frame_bytes ({self.max_frame_bytes})",
+            )
 
     def read(self, session_id: int, msg_id: int) -> Deferred[Result]:
         return self.request("read", session_id=session_id, msg_id=msg_id)
@@ -347,9 +371,17 @@ class Client:
         return self.request("presence", uids=list(uids))
 
     def watch(self, uids: list[int]) -> Deferred[Result]:
-        """Watch these users' presence (replacing the set); watched again after reconnects."""
-        self._watched = list(uids)
-        return self.request("watch", uids=list(uids))
+        """
+        Watch these users' presence (replacing the set); watched again after
+        reconnects, once the server accepted it (a refused set is not kept).
+        """
+        watching = list(uids)
+
+        def accepted(result: Result) -> Result:
+            self._watched = watching
+            return result
+
+        return self.request("watch", uids=watching).addCallback(accepted)
 
     def typing(self, to: int, active: bool) -> Deferred[Result]:
         return self.request("typing", to=to, active=active)
@@ -371,10 +403,7 @@ class Client:
 
     async def _transmit(self, entry: Entry) -> Result:
         conn = await self._when_live(None)
-        fields: dict[str, Any] = {"to": entry.to, "cid": entry.cid, "body": entry.body}
-        if entry.type is not None:
-            fields["type"] = entry.type
-        sending = conn.request("send", **fields)
+        sending = conn.request("send", **_send_fields(entry))
         # Unanswered on a live connection (a stuck backend): sent again, same cid.
         sending.addTimeout(self.request_timeout, self.reactor)
         try:
@@ -488,6 +517,7 @@ class Client:
     async def _connect_and_auth(self, token: str) -> Connection:
         connector = self._connector or (lambda r, u: connect_url(r, u, self._origin))
         proto: IMClientProtocol = await maybeDeferred(connector, self.reactor, self.url)
+        proto.max_request_bytes = self.max_frame_bytes
         conn = Connection(proto, self.reactor, self.ping_timeout, self._on_push)
         if self._state in TERMINAL:
             conn.drop("closed")
@@ -525,10 +555,7 @@ class Client:
         await self._catchup_pages(conn)
         await self._sync_pages(conn)
         if self._watched:
-            # A watch lasts as long as its connection: watch again, and say the state now.
-            reply = await conn.request("watch", uids=self._watched)
-            for user in reply.get("users", []):
-                self._stream_event(conn, {"t": "presence", **user}, replay=True)
+            await self._watch_again(conn)
         if conn.gone:
             raise client_error("disconnected", "the connection closed while catching up")
         held, conn.held = conn.held or [], None
@@ -540,6 +567,22 @@ class Client:
         self._check_gap()
         if self._ack_ids or self._position.seq > self._acked_seq:
             self._schedule_acks()
+
+    async def _watch_again(self, conn: Connection) -> None:
+        """A watch lasts as long as its connection: watch again, and say the state now."""
+        watched = self._watched
+        try:
+            reply = await conn.request("watch", uids=watched)
+        except RequestFailed as e:
+            if conn.gone:
+                raise
+            # Live anyway: presence is not worth the connection.
+            log.warn("watching {count} users again failed: {code}", count=len(watched), code=e.code)
+            if e.code in ("too_large", "invalid", "forbidden") and self._watched is watched:
+                self._watched = []
+            return
+        for user in reply.get("users", []):
+            self._stream_event(conn, {"t": "presence", **user}, replay=True)
 
     async def _catchup_pages(self, conn: Connection) -> None:
         while True:
@@ -610,6 +653,20 @@ class Client:
             conn.kicked = str(frame.get("reason", ""))
             self._handle(conn, frame)
             conn.drop("kicked")
+            return
+        if t == "error" and frame.get("code") == "frame_too_large":
+            # The server closes now. The largest frame in flight is over its
+            # limit (the one it refused is): lower ours, so that one fails
+            # with too_large on the next connection instead of closing it too.
+            largest = conn.proto.largest_unanswered
+            if 0 < largest <= self.max_frame_bytes:
+                self.max_frame_bytes = largest - 1
+                log.warn(
+                    "the server refused a frame of {size} bytes (frame_too_large):"
+                    " max_frame_bytes is now {limit}",
+                    size=largest,
+                    limit=self.max_frame_bytes,
+                )
             return
         if t == "goaway":
             conn.goaway = True
@@ -813,6 +870,13 @@ class Client:
 
 def _log_handler_failure(f: Failure, name: str) -> None:
     log.failure("a {name} handler failed", f, name=name)
+
+
+def _send_fields(entry: Entry) -> dict[str, Any]:
+    fields: dict[str, Any] = {"to": entry.to, "cid": entry.cid, "body": entry.body}
+    if entry.type is not None:
+        fields["type"] = entry.type
+    return fields
 
 
 def _given(**fields: Any) -> dict[str, Any]:

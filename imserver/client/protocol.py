@@ -7,14 +7,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, fail
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from imserver.wire.codec import Frame, decode_body, encode, pack
-from imserver.wire.framing import FrameDecoder
+from imserver.wire.framing import HEADER, FrameDecoder
 
 
 class RequestFailed(Exception):
@@ -56,6 +56,12 @@ class IMClientProtocol(Protocol):
         # A frame as written to the transport: length-prefixed on a byte
         # stream, the bare body with message framing (L{use_message_framing}).
         self._encode: Callable[[Mapping[str, Any]], bytes] = encode
+        self._prefix = HEADER.size
+        #: A request whose frame body is larger fails with C{too_large} and is
+        #: not written (the server would close the connection: C{frame_too_large}).
+        self.max_request_bytes: int | None = None
+        #: The body size of each request not answered yet.
+        self._sizes: dict[int, int] = {}
 
     def use_message_framing(self) -> None:
         """
@@ -65,6 +71,7 @@ class IMClientProtocol(Protocol):
         L{dataReceived}.
         """
         self._encode = pack
+        self._prefix = 0
 
     def connectionMade(self) -> None:
         self.is_open = True
@@ -77,7 +84,10 @@ class IMClientProtocol(Protocol):
         for body in bodies:
             frame = decode_body(body)
             req_id = frame.get("id")
-            waiter = self._waiting.pop(req_id, None) if req_id is not None else None
+            waiter = None
+            if req_id is not None:
+                waiter = self._waiting.pop(req_id, None)
+                self._sizes.pop(req_id, None)
             if waiter is None:
                 self.on_push(frame)
             elif frame.get("t") == "error":
@@ -88,6 +98,7 @@ class IMClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.is_open = False
         waiting, self._waiting = self._waiting, {}
+        self._sizes = {}
         for d in waiting.values():
             d.errback(ConnectionClosed(str(reason.value)))
         self.closed.callback(None)
@@ -103,10 +114,29 @@ class IMClientProtocol(Protocol):
     def request(self, op: str, **fields: Any) -> Deferred[Frame]:
         """Send C{{"t": op, "id": N, **fields}}; fire with the ok frame."""
         req_id = next(self._ids)
+        data = self._encode({"t": op, "id": req_id, **fields})
+        size = len(data) - self._prefix
+        limit = self.max_request_bytes
+        if limit is not None and size > limit:
+            return fail(
+                RequestFailed(
+                    {
+                        "t": "error",
+                        "code": "too_large",
+                        "message": f"a {op} frame of {size} bytes is over {limit}",
+                    }
+                )
+            )
         d: Deferred[Frame] = Deferred()
         self._waiting[req_id] = d
-        self.transport.write(self._encode({"t": op, "id": req_id, **fields}))
+        self._sizes[req_id] = size
+        self.transport.write(data)
         return d
+
+    @property
+    def largest_unanswered(self) -> int:
+        """The body size of the largest request written and not answered yet (0: none)."""
+        return max(self._sizes.values(), default=0)
 
     async def auth(self, token: str, **fields: Any) -> Frame:
         reply = await self.request("auth", token=token, **fields)
