@@ -22,8 +22,8 @@ from autobahn.websocket.util import parse_url
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from imserver.client.websocket import SUBPROTOCOL
 from imserver.wire.framing import HEADER, HEADER_SIZE
+from imserver.wstransport import SUBPROTOCOL
 
 _unpack_header = HEADER.unpack_from
 OPEN = WebSocketClientProtocol.STATE_OPEN

@@ -26,7 +26,6 @@ from imserver.config import Config, endpoint_args
 from imserver.deferreds import within
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
-from imserver.gateway.registry import LocalRegistry
 from imserver.gateway.websocket import PATH as WS_PATH
 from imserver.gateway.websocket import WebSocketGateway
 from imserver.http.api import make_site
@@ -44,6 +43,7 @@ from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
 from imserver.services.notifier import Notifier
 from imserver.services.presence import IPresence
+from imserver.services.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection

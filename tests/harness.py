@@ -432,6 +432,24 @@ def to_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def self_signed_certificate(directory: str, name: str, san: str) -> tuple[str, str]:
+    """
+    A throwaway key and self-signed certificate (PEM files in C{directory}) for
+    C{CN=name} with the subjectAltName C{san} (C{IP:127.0.0.1}, C{DNS:...}).
+    """
+    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.pem")
+    subprocess.run(
+        [
+            *(need("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", f"/CN={name}", "-addext", f"subjectAltName={san}"),
+            *("-keyout", key, "-out", cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
 class ServerProcess(_Process):
     """
     C{twistd -n imserver --config FILE} in a subprocess.
@@ -497,6 +515,26 @@ class ServerProcess(_Process):
 
         wait_for(up, timeout, f"imserver on port {self.port}", interval=0.05)
         return self
+
+    @classmethod
+    def wss(cls, san: str = "IP:127.0.0.1") -> tuple[ServerProcess, str]:
+        """
+        A server (not started) whose WebSocket listener is TLS with a fresh
+        self-signed certificate for C{san}; with the certificate's PEM file.
+        """
+        directory = tempfile.mkdtemp(prefix="imserver-cert-")
+        atexit.register(shutil.rmtree, directory, True)
+        key, cert = self_signed_certificate(directory, "server", san)
+        port = free_port()
+        server = cls(
+            {
+                "server": {
+                    "websocket": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+                }
+            }
+        )
+        server.ws_port = port
+        return server, cert
 
     def token(self, uid: int, ttl: int = 3600) -> str:
         from imserver.services.tokens import TokenService

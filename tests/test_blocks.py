@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver.chat.blocks import BlockService
 from imserver.config import LimitsConfig, parse_config
 from imserver.errors import ErrorCode, ImError
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import ClusterPresence
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.sql.database import Database, Txn

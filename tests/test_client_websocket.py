@@ -6,8 +6,6 @@ end to end against C{twistd -n imserver} (its WebSocket listener, beside TCP).
 
 from __future__ import annotations
 
-import os
-import subprocess
 from typing import Any
 
 import msgpack
@@ -27,9 +25,10 @@ from imserver.client import (
     RequestFailed,
     connect_ws,
 )
-from imserver.client.websocket import WebSocketClient, _MessageTransport, ws_endpoint
+from imserver.client.websocket import WebSocketClient, ws_endpoint
 from imserver.wire.codec import encode, pack
-from tests.harness import ServerProcess, free_port
+from imserver.wstransport import MessageTransport
+from tests.harness import ServerProcess
 from tests.support import ClientsMixin, eventually, reactor, within
 
 # -- unit: message framing in the protocol, the message transport -----------
@@ -71,7 +70,7 @@ class MessageFramingTests(TestCase):
 
 
 class _FakeWS:
-    """What L{_MessageTransport} drives: an autobahn protocol's sending side."""
+    """What L{MessageTransport} drives: an autobahn protocol's sending side."""
 
     STATE_OPEN = WebSocketClient.STATE_OPEN
 
@@ -95,7 +94,7 @@ class _FakeWS:
 class MessageTransportTests(TestCase):
     def test_open(self) -> None:
         ws = _FakeWS(WebSocketClient.STATE_OPEN)
-        transport = _MessageTransport(ws)  # type: ignore[arg-type]
+        transport = MessageTransport(ws)  # type: ignore[arg-type]
         transport.write(b"\x81\xa1t\xa4ping")
         transport.writeSequence([b"a", b"b"])
         self.assertEqual(ws.sent, [(b"\x81\xa1t\xa4ping", True), (b"a", True), (b"b", True)])
@@ -105,7 +104,7 @@ class MessageTransportTests(TestCase):
 
     def test_closing(self) -> None:
         ws = _FakeWS(WebSocketClient.STATE_CLOSING)
-        transport = _MessageTransport(ws)  # type: ignore[arg-type]
+        transport = MessageTransport(ws)  # type: ignore[arg-type]
         transport.write(b"late")
         transport.loseConnection()
         self.assertEqual((ws.sent, ws.closes, ws.dropped), ([], [], 1))
@@ -306,38 +305,14 @@ class EndToEndTests(ClientsMixin, TestCase):
         self.assertEqual(first.transport.ws.close_code, 1000)
 
 
-def _certificate(directory: str, name: str, san: str) -> tuple[str, str]:
-    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.pem")
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", f"/CN={name}", "-addext", f"subjectAltName={san}"),
-            *("-keyout", key, "-out", cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
-
-
 class SecureTests(ClientsMixin, TestCase):
     def wss_server(self, san: str) -> tuple[str, Certificate]:
-        scratch = ServerProcess()
-        self.addCleanup(scratch.cleanup)
-        key, cert = _certificate(scratch.dir, "server", san)
-        port = free_port()
-        server = ServerProcess(
-            {
-                "server": {
-                    "websocket": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-                }
-            }
-        )
+        server, cert = ServerProcess.wss(san)
         self.addCleanup(server.cleanup)
         server.start()
         self.token = server.token
         with open(cert, "rb") as f:
-            return f"wss://127.0.0.1:{port}/v1/ws", Certificate.loadPEM(f.read())
+            return f"wss://127.0.0.1:{server.ws_port}/v1/ws", Certificate.loadPEM(f.read())
 
     async def test_wss(self) -> None:
         url, root = self.wss_server("IP:127.0.0.1")

@@ -33,9 +33,9 @@ from zope.interface import implementer
 
 from imserver.client import IMClientProtocol
 from imserver.config import parse_config
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import SYNC_PUSH, ClusterPresence
 from imserver.services.presence import KICK_REPLACED, IClientLink
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import HotUnavailable

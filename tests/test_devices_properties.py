@@ -70,8 +70,8 @@ from imserver.client import IMClientProtocol, connect
 from imserver.config import LimitsConfig, ServerConfig, parse_config
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import ClusterPresence
+from imserver.services.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection

@@ -23,8 +23,8 @@ from zope.interface.verify import verifyObject
 from imserver.config import ServerConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.gateway.protocol import ClientProtocol, Gateway, Op
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.presence import IClientLink, IPresence
+from imserver.services.registry import LocalRegistry
 from imserver.services.tokens import Claims, TokenService
 from imserver.wire import frames
 from imserver.wire.codec import decode_body, encode

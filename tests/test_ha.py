@@ -30,8 +30,8 @@ from imserver.config import (
     redis_target,
 )
 from imserver.errors import Unavailable
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import ClusterPresence
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connect import SwitchWatch, connect_pool
 from imserver.storage.hot.connection import RedisConnection

@@ -32,12 +32,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from imserver.errors import ErrorCode, ImError, Unavailable
-from imserver.gateway.registry import LocalRegistry
 from imserver.http import site as site_module
 from imserver.http.api import make_site
 from imserver.http.site import ApiSite
 from imserver.metrics import CONTENT_TYPE, Metrics
 from imserver.services.presence import IClientLink, IPresence
+from imserver.services.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from imserver.storage.model import DeadLetter
 from tests.harness import (

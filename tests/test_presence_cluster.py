@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from imserver.config import parse_config
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import ClusterPresence
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from tests.harness import RedisServer, fresh_prefix, shared_redis

@@ -24,7 +24,6 @@ from zope.interface.verify import verifyObject
 
 from imserver.config import parse_config
 from imserver.errors import Unavailable
-from imserver.gateway.registry import LocalRegistry
 from imserver.services.cluster import KICK_CONFIRM_SECONDS, ClusterPresence
 from imserver.services.presence import (
     KICK_LOGGED_OUT,
@@ -34,6 +33,7 @@ from imserver.services.presence import (
     IPresence,
     OnlineDevice,
 )
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import HotUnavailable

@@ -20,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver.chat.blocks import BlockService
 from imserver.chat.presence import CHECK_SECONDS, COALESCE_SECONDS, PresenceService
 from imserver.errors import ErrorCode, ImError, Unavailable
-from imserver.gateway.registry import LocalRegistry
 from imserver.metrics import PresenceCollector
 from imserver.services.presence import OnlineDevice
+from imserver.services.registry import LocalRegistry
 from imserver.storage.presence import PresenceStore
 from imserver.wire import frames
 from tests.stack import RecordingPresence, Stack, make_stack

@@ -28,10 +28,10 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from imserver.config import RedisTarget, parse_config
-from imserver.gateway.registry import LocalRegistry
 from imserver.services import cluster
 from imserver.services.cluster import SYNC_PUSH, ClusterPresence
 from imserver.services.presence import IClientLink
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.bus import RedisBus
 from imserver.storage.hot.connection import RedisConnection
 from imserver.storage.hot.interface import (

@@ -37,7 +37,7 @@ from imserver.config import LimitsConfig, ServerConfig
 from imserver.errors import ErrorCode
 from imserver.gateway.ops import business_ops
 from imserver.gateway.protocol import ClientProtocol, Gateway
-from imserver.gateway.registry import LocalRegistry
+from imserver.services.registry import LocalRegistry
 from imserver.services.tokens import TokenService
 from imserver.wire import frames
 from imserver.wire.codec import decode_body, encode, pack

@@ -8,10 +8,8 @@ machine is the TCP one.
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import struct
-import subprocess
 from typing import Any
 
 import msgpack
@@ -226,28 +224,10 @@ def _later() -> Deferred[None]:
 
 class SecureAndWorkersTests(ClientsMixin, TestCase):
     async def test_wss(self) -> None:
-        server = ServerProcess()
-        self.addCleanup(server.cleanup)
-        key, cert = os.path.join(server.dir, "key.pem"), os.path.join(server.dir, "cert.pem")
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                *("-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        port = free_port()
-        server = ServerProcess(
-            {
-                "server": {
-                    "websocket": f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-                }
-            }
-        )
+        server, _ = ServerProcess.wss()
         self.addCleanup(server.cleanup)
         server.start()
-        ws = await ws_client(self, port, server.token(11), tls=True)
+        ws = await ws_client(self, server.ws_port, server.token(11), tls=True)
         tcp = await self.client(server.endpoint, server.token(12))
         reply = await within(ws.im.request("send", to=12, cid="wss-1", body="over tls"))
         push = await within(tcp.next_push())

@@ -9,7 +9,7 @@ only the framing differs: one binary WebSocket message is one msgpack frame
 body, with no length prefix. An autobahn L{WebSocketClientProtocol}
 (L{WebSocketClient}) carries the IMClientProtocol: binary messages go in
 through L{IMClientProtocol.bodies_received}, the protocol's writes go out as
-binary messages (L{_MessageTransport}), and the end of the TCP connection is
+binary messages (L{imserver.wstransport.MessageTransport}), and the end of the TCP connection is
 the protocol's C{connectionLost}. C{wss://} URLs use TLS with the server's
 identity checked (service_identity) against the system's trust roots or
 C{trust_root}.
@@ -24,15 +24,13 @@ from autobahn.websocket.types import ConnectionResponse
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
 from imserver.client.protocol import IMClientProtocol
-
-#: The subprotocol the server speaks (the only one it accepts).
-SUBPROTOCOL = "imserver.v1"
+from imserver.wstransport import SUBPROTOCOL, MessageTransport
 
 #: The default C{max_frame_bytes} of L{IMClientProtocol}; also the largest message accepted.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -40,62 +38,6 @@ DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 class HandshakeFailed(ConnectionError):
     """The WebSocket opening handshake did not complete (refused, dropped or timed out)."""
-
-
-class _MessageTransport:
-    """
-    What the IMClientProtocol sees as its transport: a write is one binary
-    message; closing is the WebSocket closing handshake; flow control and
-    addresses are the TCP transport's.
-    """
-
-    def __init__(self, ws: WebSocketClient) -> None:
-        self.ws = ws
-
-    def write(self, data: bytes) -> None:
-        ws = self.ws
-        if ws.state == WebSocketClientProtocol.STATE_OPEN:
-            ws.sendMessage(data, isBinary=True)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        for body in data:
-            self.write(body)
-
-    def loseConnection(self) -> None:
-        ws = self.ws
-        if ws.state == WebSocketClientProtocol.STATE_OPEN:
-            ws.sendClose(1000)
-        elif ws.state != WebSocketClientProtocol.STATE_CLOSED:
-            ws.dropConnection(abort=False)
-
-    def abortConnection(self) -> None:
-        self.transport.abortConnection()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.ws.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self.ws.unregisterProducer()
-
-    def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.transport.stopProducing()
-
-    def getPeer(self) -> IAddress:
-        return self.transport.getPeer()
-
-    def getHost(self) -> IAddress:
-        return self.transport.getHost()
-
-    @property
-    def transport(self) -> Any:
-        """The TCP (or TLS) transport below."""
-        return self.ws.transport
 
 
 class WebSocketClient(WebSocketClientProtocol):
@@ -134,7 +76,7 @@ class WebSocketClient(WebSocketClientProtocol):
             return
         im = self.im = self.factory.new_protocol()
         im.use_message_framing()
-        im.makeConnection(_MessageTransport(self))
+        im.makeConnection(MessageTransport(self))
         self.opened.callback(im)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -6,7 +6,7 @@ msgpack frame body, without the length prefix. L{WebSocketGateway} is the
 listening factory; each connection is an autobahn L{WebSocketServerProtocol}
 (L{_Adapter}) driving one gateway L{ClientProtocol}: its message payloads go
 in as frame bodies, and the gateway's writes go out as binary messages
-through L{_MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
+through L{imserver.wstransport.MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
 and backpressure are the ClientProtocol's, as on TCP: the auth timeout runs
 from the TCP connection (the handshake counts), reading is paused and
 resumed on the TCP transport below, and the ClientProtocol is registered as
@@ -26,11 +26,10 @@ from twisted.python.failure import Failure
 
 from imserver.errors import ErrorCode
 from imserver.gateway.protocol import ClientProtocol, Gateway, Refused, State
+from imserver.wstransport import SUBPROTOCOL, MessageTransport
 
 #: The path clients connect to.
 PATH = "/v1/ws"
-#: The subprotocol every client must ask for.
-SUBPROTOCOL = "imserver.v1"
 
 
 def origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
@@ -42,54 +41,6 @@ def origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
     """
     origin = origin.strip().lower().rstrip("/")
     return any(fnmatch.fnmatchcase(origin, pattern.lower().rstrip("/")) for pattern in patterns)
-
-
-class _MessageTransport:
-    """
-    What the ClientProtocol sees as its transport: a write is one binary
-    message; flow control and addresses are the TCP transport's.
-    """
-
-    def __init__(self, ws: _Adapter) -> None:
-        self._ws = ws
-
-    def write(self, data: bytes) -> None:
-        ws = self._ws
-        if ws.state == WebSocketServerProtocol.STATE_OPEN:
-            ws.sendMessage(data, isBinary=True)
-
-    def loseConnection(self) -> None:
-        ws = self._ws
-        if ws.state == WebSocketServerProtocol.STATE_OPEN:
-            ws.sendClose(1000)
-        elif ws.state != WebSocketServerProtocol.STATE_CLOSED:
-            ws.dropConnection(abort=False)
-
-    def abortConnection(self) -> None:
-        self.transport.abortConnection()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._ws.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._ws.unregisterProducer()
-
-    def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
-
-    def getPeer(self) -> IAddress:
-        return self.transport.getPeer()
-
-    def getHost(self) -> IAddress:
-        return self.transport.getHost()
-
-    @property
-    def transport(self) -> Any:
-        """The TCP transport below (TCP_NODELAY is set on it)."""
-        return self._ws.transport
 
 
 class _Demoted:
@@ -116,7 +67,7 @@ class _Adapter(WebSocketServerProtocol):
         super().connectionMade()
         conn = self.conn
         conn.use_message_framing()
-        conn.makeConnection(_MessageTransport(self))
+        conn.makeConnection(MessageTransport(self))
 
     def onConnect(self, request: ConnectionRequest) -> str:
         if request.path != PATH:

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -84,6 +84,7 @@ from imserver.services.presence import (
     IPresence,
     OnlineDevice,
 )
+from imserver.services.registry import LocalRegistry
 from imserver.storage.hot.interface import (
     HotUnavailable,
     IClusterBus,
@@ -92,9 +93,6 @@ from imserver.storage.hot.interface import (
     LoginEntry,
 )
 from imserver.storage.model import Profile
-
-if TYPE_CHECKING:  # the gateway's registry, handed in by the server
-    from imserver.gateway.registry import LocalRegistry
 
 __all__ = ["KICK_CONFIRM_SECONDS", "KICK_LOGIN_ELSEWHERE", "SYNC_PUSH", "ClusterPresence"]
 

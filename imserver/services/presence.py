@@ -6,7 +6,7 @@ connection per device. The business layer pushes through L{IPresence}; the
 gateway implements L{IClientLink} for each authenticated connection and
 registers it here. The interfaces live in the service layer so that both can
 depend on them while dependencies keep pointing down: the single-node
-registry is L{imserver.gateway.registry.LocalRegistry}; a cluster adds a
+registry is L{imserver.services.registry.LocalRegistry}; a cluster adds a
 Redis-backed implementation beside it (L{imserver.services.cluster}) without
 the protocol knowing.
 """
