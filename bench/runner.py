@@ -1483,7 +1483,18 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "other_cores": loaded["other_cores"],
         "server_metrics": loaded["metrics"],
         "server_metrics_scope": loaded["metrics_scope"],
+        "gc_longest_pause_ms": gc_longest_pause_ms(loaded["metrics"]),
     }
+
+
+def gc_longest_pause_ms(server_metrics: dict[str, Any] | None) -> float | None:
+    """The server's longest gc pause since it started, any generation (None: not reported)."""
+    values = [
+        v
+        for k, v in (server_metrics or {}).items()
+        if k.startswith("imserver_gc_pause_longest_ms")
+    ]
+    return max(values) if values else None
 
 
 def cmd_idle(args: Any) -> dict[str, Any]:
@@ -1770,6 +1781,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 f"heartbeats {cpu['pings_per_s']} pings/s cost {cpu['heartbeat_ms_per_s']} "
                 f"CPU-ms/s ({cpu['us_per_ping']} us/ping); ping rtt p99 "
                 f"{t['latency']['ping_rtt'].get('p99_ms')} ms; errors {sum(t['errors'].values())}"
+                + (
+                    f"; longest gc pause {t['gc_longest_pause_ms']} ms"
+                    if t.get("gc_longest_pause_ms") is not None
+                    else ""
+                )
             )
     elif scenario == "connect":
         for name, t in result["targets"].items():
