@@ -1490,9 +1490,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
 def gc_longest_pause_ms(server_metrics: dict[str, Any] | None) -> float | None:
     """The server's longest gc pause since it started, any generation (None: not reported)."""
     values = [
-        v
-        for k, v in (server_metrics or {}).items()
-        if k.startswith("imserver_gc_pause_longest_ms")
+        v for k, v in (server_metrics or {}).items() if k.startswith("imserver_gc_pause_longest_ms")
     ]
     return max(values) if values else None
 

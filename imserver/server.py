@@ -24,12 +24,12 @@ from twisted.python.failure import Failure
 from imserver.chat.service import ChatService
 from imserver.config import Config, endpoint_args
 from imserver.deferreds import within
-from imserver.gcwatch import GcWatch, freeze, tune
 from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.registry import LocalRegistry
 from imserver.gateway.websocket import PATH as WS_PATH
 from imserver.gateway.websocket import WebSocketGateway
+from imserver.gcwatch import GcWatch, freeze, tune
 from imserver.http.api import make_site
 from imserver.http.web import WebSocketPlace
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
