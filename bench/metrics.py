@@ -25,7 +25,7 @@ HISTOGRAMS = (
 )
 #: Gauges read at the window's end, not differenced: the longest since start
 #: (the largest over the nodes, not their sum).
-MAX_GAUGES = ("imserver_gc_pause_longest_seconds",)
+MAX_GAUGES = ("imserver_gc_pause_longest_seconds", "imserver_gc_pause_longest_cpu_seconds")
 COUNTERS = (
     "imserver_messages_total",
     "imserver_errors_total",

@@ -43,12 +43,21 @@ class GcWatch(Collector):
     read a histogram mid-update, off by one observation at most.
     """
 
-    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        timer: Callable[[], float] = time.perf_counter,
+        cpu_timer: Callable[[], float] = time.thread_time,
+    ) -> None:
         self._timer = timer
+        self._cpu_timer = cpu_timer
         self._started = 0.0
+        self._cpu_started = 0.0
         self._generation = -1
         self.pauses = {g: Buckets(GC_BUCKETS) for g in (0, 1, 2)}
         self.longest = {0: 0.0, 1: 0.0, 2: 0.0}
+        # The same in CPU time of the collecting thread: a wall-clock pause far
+        # above it was the process waiting for a core, not the collector working.
+        self.longest_cpu = {0: 0.0, 1: 0.0, 2: 0.0}
         self.collected = 0
         self.installed = False
 
@@ -66,15 +75,19 @@ class GcWatch(Collector):
         if phase == "start":
             self._generation = info["generation"]
             self._started = self._timer()
+            self._cpu_started = self._cpu_timer()
             return
         generation = self._generation
         if generation < 0:
             return  # installed during a collection
         self._generation = -1
         pause = self._timer() - self._started
+        cpu = self._cpu_timer() - self._cpu_started
         self.pauses[generation].observe(pause)
         if pause > self.longest[generation]:
             self.longest[generation] = pause
+        if cpu > self.longest_cpu[generation]:
+            self.longest_cpu[generation] = cpu
         self.collected += info.get("collected", 0)
 
     @property
@@ -99,6 +112,15 @@ class GcWatch(Collector):
         for generation, seconds in self.longest.items():
             longest.add_metric([str(generation)], seconds)
         yield longest
+        longest_cpu = GaugeMetricFamily(
+            "imserver_gc_pause_longest_cpu_seconds",
+            "The most CPU time one garbage collection took since start, by generation"
+            " (well below the wall-clock pause: the process was waiting for a core).",
+            labels=["generation"],
+        )
+        for generation, seconds in self.longest_cpu.items():
+            longest_cpu.add_metric([str(generation)], seconds)
+        yield longest_cpu
         yield GaugeMetricFamily(
             "imserver_gc_frozen_objects",
             "Objects in the permanent generation (gc.freeze at start-up): never walked.",

@@ -21,11 +21,13 @@ class FakeTimer:
 class GcWatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.timer = FakeTimer()
-        self.watch = GcWatch(self.timer)
+        self.cpu = FakeTimer()
+        self.watch = GcWatch(self.timer, self.cpu)
 
     def collection(self, generation: int, seconds: float, collected: int = 0) -> None:
         self.watch._callback("start", {"generation": generation})
         self.timer.now += seconds
+        self.cpu.now += seconds / 2
         self.watch._callback("stop", {"generation": generation, "collected": collected})
 
     def test_pauses_by_generation_and_the_longest(self) -> None:
@@ -35,6 +37,7 @@ class GcWatchTests(SynchronousTestCase):
         self.collection(2, 2**-6)
         self.assertEqual(self.watch.longest, {0: 2**-11, 1: 0.0, 2: 2**-5})
         self.assertEqual(self.watch.longest_pause, 2**-5)
+        self.assertEqual(self.watch.longest_cpu, {0: 2**-12, 1: 0.0, 2: 2**-6})
         self.assertEqual(self.watch.collected, 5)
         metrics = Metrics()
         metrics.register(self.watch)
@@ -43,6 +46,7 @@ class GcWatchTests(SynchronousTestCase):
         self.assertIn('imserver_gc_pause_seconds_bucket{generation="2",le="0.02"} 1.0', text)
         self.assertIn('imserver_gc_pause_seconds_bucket{generation="0",le="0.0005"} 1.0', text)
         self.assertIn('imserver_gc_pause_longest_seconds{generation="2"} 0.03125', text)
+        self.assertIn('imserver_gc_pause_longest_cpu_seconds{generation="2"} 0.015625', text)
         self.assertIn("imserver_gc_frozen_objects", text)
         self.assertIn("imserver_gc_collected_objects_total 5.0", text)
 
