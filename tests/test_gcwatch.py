@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.gcwatch import THRESHOLDS, GcWatch, tune
 from imserver.metrics import Metrics
+from tests.harness import ServerProcess
 
 
 class FakeTimer:
@@ -77,3 +79,20 @@ class TuneTests(SynchronousTestCase):
         self.addCleanup(gc.set_threshold, *before)
         tune()
         self.assertEqual(gc.get_threshold(), THRESHOLDS)
+
+
+class ServerProcessTests(SynchronousTestCase):
+    """Under twistd the start-up objects are frozen and the pauses are in /metrics."""
+
+    def test_twistd_freezes_and_reports(self) -> None:
+        server = ServerProcess()
+        self.addCleanup(server.cleanup)
+        server.start()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("imserver_gc_")
+        )
+        self.assertGreater(float(samples["imserver_gc_frozen_objects"]), 10_000)
+        self.assertIn('imserver_gc_pause_longest_seconds{generation="2"}', samples)
+        self.assertIn('imserver_gc_pause_seconds_count{generation="0"}', samples)
