@@ -766,6 +766,13 @@ class ConnectionMemoryTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertFalse(any(type(r) is dict for r in gc.get_referents(proto)))
         self.assertIsNone(proto._inbox)
         self.assertIsNone(proto.buckets)
+        # The decoder holds no chunk list between frames either.
+        self.assertEqual(proto._decoder._chunks, ())
+        proto.dataReceived(encode({"t": "ping", "id": 3})[:3])
+        self.assertIsInstance(proto._decoder._chunks, list)
+        proto.dataReceived(encode({"t": "ping", "id": 3})[3:])
+        self.assertEqual([f["id"] for f in client.received()], [3])
+        self.assertEqual(proto._decoder._chunks, ())
 
     def test_frames_waiting_keep_their_order_after_the_inbox_was_dropped(self) -> None:
         done: list[int] = []
