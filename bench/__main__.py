@@ -229,6 +229,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=float, default=3.0, help="idle server window before (3s)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds before reading RSS (2)")
     p.add_argument("--workers", type=int, default=2, help="at least C/5000 are used")
+    p.add_argument(
+        "--load-pairs",
+        type=int,
+        default=0,
+        help="run P pairs (closed loop) beside the idle connections during the heartbeats",
+    )
+    p.add_argument("--load-window", type=int, default=1, help="in flight per pair (1)")
+    p.add_argument("--load-duration", type=float, default=10.0, help="pairs seconds (10)")
     _server_options(p, "imserver")
 
     p = sub.add_parser("connect", help="C clients connect and authenticate at once")

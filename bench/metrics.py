@@ -21,7 +21,11 @@ HISTOGRAMS = (
     "imserver_send_to_push_seconds",
     "imserver_batch_size",
     "imserver_sql_seconds",
+    "imserver_gc_pause_seconds",
 )
+#: Gauges read at the window's end, not differenced: the longest since start
+#: (the largest over the nodes, not their sum).
+MAX_GAUGES = ("imserver_gc_pause_longest_seconds", "imserver_gc_pause_longest_cpu_seconds")
 COUNTERS = (
     "imserver_messages_total",
     "imserver_errors_total",
@@ -117,7 +121,10 @@ def window_all(
     for node in nodes:
         for total, samples in ((total0, before[node]), (total1, after[node])):
             for key, value in samples.items():
-                total[key] = total.get(key, 0.0) + value
+                if key[0] in MAX_GAUGES:
+                    total[key] = max(total.get(key, 0.0), value)
+                else:
+                    total[key] = total.get(key, 0.0) + value
     return window(total0, total1), nodes
 
 
@@ -179,6 +186,12 @@ def window(before: Samples | None, after: Samples | None) -> dict[str, Any] | No
                 "p50" + unit: None if p50 is None else round(p50 * scale, 3),
                 "p99" + unit: None if p99 is None else round(p99 * scale, 3),
             }
+    for name in MAX_GAUGES:
+        for (sample, labels), value in sorted(after.items()):
+            if sample == name:
+                out[_series_key(name, labels).replace("_seconds", "_ms", 1)] = round(
+                    value * 1000, 3
+                )
     for name in COUNTERS:
         for (sample, labels), value in sorted(diff.items()):
             if sample == name and value:

@@ -1430,6 +1430,13 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
                 f"{left:4.1f}s left  errors {int(pool.total('errors'))}"
             )
 
+        beside = None
+        if getattr(args, "load_pairs", 0):
+            # The pairs load beside the idle connections (issue 13: no stall):
+            # the pings are timed meanwhile, the idle workers read afterwards.
+            beside = run_pairs(
+                target, idle_pairs_params(args), uids, progress, f"idle {target.name} + pairs"
+            )
         pool.sleep_until(t_end, show)
         loaded = win.end()
         pool.send({"cmd": "mark"})
@@ -1483,7 +1490,49 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "other_cores": loaded["other_cores"],
         "server_metrics": loaded["metrics"],
         "server_metrics_scope": loaded["metrics_scope"],
+        "gc_longest_pause_ms": gc_longest_pause_ms(loaded["metrics"]),
+        "gc_longest_pause_cpu_ms": gc_longest_pause_ms(loaded["metrics"], cpu=True),
+        "load_pairs": (
+            None if beside is None else {"pairs": args.load_pairs, **idle_pairs_summary(beside)}
+        ),
     }
+
+
+def idle_pairs_params(args: Any) -> dict[str, Any]:
+    """C{idle --load-pairs P}: a closed-loop pairs run (C{--load-window} in flight)."""
+    return {
+        "pairs": args.load_pairs,
+        "window": args.load_window,
+        "duration": args.load_duration,
+        "warmup": 1.0,
+        "rate": None,
+        "mode": "closed",
+        "pad": 0,
+        "workers": 1,
+        "drain_s": 3.0,
+        "devices": 1,
+    }
+
+
+def idle_pairs_summary(t: dict[str, Any]) -> dict[str, Any]:
+    """What the pairs load beside the idle connections measured."""
+    return {
+        "delivered_msg_s": t["throughput"]["delivered_msg_s"],
+        "send_to_ok": t["latency"]["send_to_ok"],
+        "send_to_push": t["latency"]["send_to_push"],
+        "errors": t["errors"],
+        "exactly_once_in_order": t["verify"]["exactly_once_in_order"],
+    }
+
+
+def gc_longest_pause_ms(server_metrics: dict[str, Any] | None, cpu: bool = False) -> float | None:
+    """
+    The server's longest gc pause since it started, any generation, in wall
+    clock or (C{cpu}) CPU time of the collector (None: not reported).
+    """
+    prefix = "imserver_gc_pause_longest_cpu_ms" if cpu else "imserver_gc_pause_longest_ms"
+    values = [v for k, v in (server_metrics or {}).items() if k.startswith(prefix)]
+    return max(values) if values else None
 
 
 def cmd_idle(args: Any) -> dict[str, Any]:
@@ -1492,6 +1541,7 @@ def cmd_idle(args: Any) -> dict[str, Any]:
         "connections": args.connections,
         "heartbeat": heartbeat,
         "measure_s": args.measure or max(3 * heartbeat, 10.0),
+        "load_pairs": getattr(args, "load_pairs", 0),
         "baseline_s": args.baseline,
         "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
         "stack": stack_param(args),
@@ -1770,7 +1820,20 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 f"heartbeats {cpu['pings_per_s']} pings/s cost {cpu['heartbeat_ms_per_s']} "
                 f"CPU-ms/s ({cpu['us_per_ping']} us/ping); ping rtt p99 "
                 f"{t['latency']['ping_rtt'].get('p99_ms')} ms; errors {sum(t['errors'].values())}"
+                + (
+                    f"; longest gc pause {t['gc_longest_pause_ms']} ms"
+                    f" ({t.get('gc_longest_pause_cpu_ms')} ms CPU)"
+                    if t.get("gc_longest_pause_ms") is not None
+                    else ""
+                )
             )
+            beside = t.get("load_pairs")
+            if beside:
+                lines.append(
+                    f"  + pairs beside: {beside['delivered_msg_s']} msg/s, send->push p99 "
+                    f"{beside['send_to_push'].get('p99_ms')} ms, exactly once in order "
+                    f"{beside['exactly_once_in_order']}"
+                )
     elif scenario == "connect":
         for name, t in result["targets"].items():
             lat = t["latency"]["connect_auth"]

@@ -28,6 +28,7 @@ from imserver.gateway.ops import business_ops, login_hook
 from imserver.gateway.protocol import Gateway
 from imserver.gateway.websocket import PATH as WS_PATH
 from imserver.gateway.websocket import WebSocketGateway
+from imserver.gcwatch import GcWatch, freeze, tune
 from imserver.http.api import make_site
 from imserver.http.web import WebSocketPlace
 from imserver.listen import connection_budget, listen_reuse_port, with_backlog
@@ -60,7 +61,19 @@ class IMServer(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, worker_index: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        worker_index: int | None = None,
+        *,
+        gc_tuning: bool = False,
+    ) -> None:
+        """
+        @param gc_tuning: raise the collector's thresholds now and freeze the
+            start-up objects once listening (L{imserver.gcwatch}). The process
+            is the server's alone then: twistd sets it, tests do not.
+        """
         super().__init__()
         if worker_index is not None:
             # One worker of several: its own node id, ports shared with the others.
@@ -76,6 +89,11 @@ class IMServer(MultiService):
         )
         self.tokens = TokenService(config.auth.secret)
         self.metrics = Metrics()
+        self.gc_tuning = gc_tuning
+        if gc_tuning:
+            tune()
+        self.gcwatch = GcWatch()
+        self.metrics.register(self.gcwatch)
         ids = IdGenerator(config.server.node_id, reactor)
         engine = create_engine(config.storage.sql)
         mysql = engine.kind == "mysql"
@@ -184,6 +202,7 @@ class IMServer(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.gcwatch.install()
         d = Deferred.fromCoroutine(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
 
@@ -224,6 +243,12 @@ class IMServer(MultiService):
             port = await self._listen(cfg.server.http, self.site)
             self.ports.append(port)
             self.log.info("listening for HTTP on {address}", address=port.getHost())
+        if self.gc_tuning:
+            # Not a stall while serving: nothing is connected yet.
+            self.gcwatch.uninstall()
+            frozen = freeze()
+            self.gcwatch.install()
+            self.log.info("froze {objects} start-up objects (gc)", objects=frozen)
         self.log.info(
             "imserver node {node_id} ready (config {source}, sql {sql}, hot store {hot})",
             node_id=cfg.server.node_id,
@@ -299,6 +324,7 @@ class IMServer(MultiService):
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.stop()
+        self.gcwatch.uninstall()
         self.log.info("imserver stopped")
 
 

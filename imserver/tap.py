@@ -46,9 +46,9 @@ def makeService(options: Options) -> IService:
     service: IService
     if index is not None:
         die_with_parent(int(os.environ.get(SUPERVISOR_PID, os.getppid())))
-        service = IMServer(config, reactor, worker_index=int(index))
+        service = IMServer(config, reactor, worker_index=int(index), gc_tuning=True)
     elif config.server.workers > 1:
         service = Supervisor(config, options["config"], reactor)
     else:
-        service = IMServer(config, reactor)
+        service = IMServer(config, reactor, gc_tuning=True)
     return service

@@ -255,6 +255,26 @@ class BenchSmokeTests(BenchTestCase):
         self.assertLess(abs(cpu["pings_per_s"] / 40 - 1), 0.3, cpu)
         self.assertLess(abs(cpu["pongs_per_s"] / cpu["pings_per_s"] - 1), 0.1, cpu)
         self.assertGreater(t["latency"]["ping_rtt"]["count"], 0)
+        self.assertIsNone(t["load_pairs"])
+        # The server's gc pauses, from /metrics (issue 13).
+        self.assertIsNotNone(t["gc_longest_pause_ms"])
+        self.assertIsNotNone(t["gc_longest_pause_cpu_ms"])
+
+    def test_idle_with_pairs_beside(self) -> None:
+        """Issue 13: pairs run beside the idle connections while the pings are timed."""
+        result, _ = self.bench(
+            *("idle", "--connections", "20", "--heartbeat", "1", "--measure", "2"),
+            *("--baseline", "0.5", "--settle", "0.3", "--stack", "embedded"),
+            *("--load-pairs", "2", "--load-duration", "1"),
+        )
+        t = result["targets"]["imserver"]
+        self.assertEqual(t["errors"], {})
+        beside = t["load_pairs"]
+        self.assertEqual(beside["pairs"], 2)
+        self.assertEqual(beside["errors"], {})
+        self.assertTrue(beside["exactly_once_in_order"], beside)
+        self.assertGreater(beside["delivered_msg_s"], 0)
+        self.assertGreater(t["latency"]["ping_rtt"]["count"], 0)
 
 
 class BenchSocialSmokeTests(BenchTestCase):
@@ -494,3 +514,28 @@ class BenchLogicTests(TestCase):
         # Without the run another session disturbed (other_cores 0.5):
         self.assertEqual((c["1"]["quiet"]["runs"], c["1"]["quiet"]["messages_s"]), (1, 1000))
         self.assertEqual(c["3"]["quiet"]["messages_ratio_to_first"], 0.6)
+
+
+class BenchGcMetricsTests(TestCase):
+    """Issue 13: the servers' longest gc pause is the largest over nodes, not their sum."""
+
+    def test_longest_pause_is_a_max_over_nodes(self) -> None:
+        from bench import metrics
+        from bench.runner import gc_longest_pause_ms
+
+        def node(longest: float, cpu: float) -> metrics.Samples:
+            return {
+                ("imserver_gc_pause_longest_seconds", (("generation", "2"),)): longest,
+                ("imserver_gc_pause_longest_cpu_seconds", (("generation", "2"),)): cpu,
+            }
+
+        before = {"node1": node(0.001, 0.001), "node2": node(0.002, 0.001)}
+        after = {"node1": node(0.004, 0.003), "node2": node(0.012, 0.005)}
+        out, nodes = metrics.window_all(before, after)
+        self.assertEqual(nodes, ["node1", "node2"])
+        assert out is not None
+        self.assertEqual(out["imserver_gc_pause_longest_ms{generation=2}"], 12.0)
+        self.assertEqual(out["imserver_gc_pause_longest_cpu_ms{generation=2}"], 5.0)
+        self.assertEqual(gc_longest_pause_ms(out), 12.0)
+        self.assertEqual(gc_longest_pause_ms(out, cpu=True), 5.0)
+        self.assertIsNone(gc_longest_pause_ms(None))

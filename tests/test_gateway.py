@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import struct
 from typing import Any
 
@@ -748,3 +749,43 @@ class InFlightPropertyTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertEqual(sorted(replies), list(range(1, 41)))
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(self.gateway.scheduler.depth, 0)
+
+
+class ConnectionMemoryTests(GatewayTestsMixin, SynchronousTestCase):
+    """
+    Issue 13: an idle authenticated connection holds no per-instance dict,
+    no inbox deque and no rate-limit dict (6.0 -> 3.9 KiB per connection).
+    """
+
+    def test_an_idle_connection_has_no_instance_dict(self) -> None:
+        client = self.authed()
+        client.send({"t": "ping", "id": 2})
+        self.assertEqual([f["t"] for f in client.received()], ["ok"])
+        proto = client.proto
+        # Slots: a materialised __dict__ would be among the referents.
+        self.assertFalse(any(type(r) is dict for r in gc.get_referents(proto)))
+        self.assertIsNone(proto._inbox)
+        self.assertIsNone(proto.buckets)
+        # The decoder holds no chunk list between frames either.
+        self.assertEqual(proto._decoder._chunks, ())
+        proto.dataReceived(encode({"t": "ping", "id": 3})[:3])
+        self.assertIsInstance(proto._decoder._chunks, list)
+        proto.dataReceived(encode({"t": "ping", "id": 3})[3:])
+        self.assertEqual([f["id"] for f in client.received()], [3])
+        self.assertEqual(proto._decoder._chunks, ())
+
+    def test_frames_waiting_keep_their_order_after_the_inbox_was_dropped(self) -> None:
+        done: list[int] = []
+
+        def echo(conn: ClientProtocol, req: frames.Request) -> dict[str, int]:
+            done.append(req.id)
+            return {}
+
+        self.gateway = self.make_gateway(echo=Op(Echo, echo))
+        client = self.authed()
+        for first in (2, 5):
+            client.proto.dataReceived(
+                b"".join(encode({"t": "echo", "id": i}) for i in range(first, first + 3))
+            )
+            self.assertIsNone(client.proto._inbox)
+        self.assertEqual(done, [2, 3, 4, 5, 6, 7])

@@ -33,9 +33,12 @@ def limited(conn: ClientProtocol, name: str, rate: float, burst: int) -> None:
 
     @raise ImError: C{rate_limited} when it is empty.
     """
-    bucket = conn.buckets.get(name)
+    buckets = conn.buckets
+    if buckets is None:
+        buckets = conn.buckets = {}
+    bucket = buckets.get(name)
     if bucket is None:
-        bucket = conn.buckets[name] = TokenBucket(rate, burst, conn.gateway.clock)
+        bucket = buckets[name] = TokenBucket(rate, burst, conn.gateway.clock)
     if not bucket.take():
         raise ImError(ErrorCode.RATE_LIMITED, f"too many {name} requests; slow down")
 

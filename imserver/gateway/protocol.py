@@ -168,7 +168,52 @@ class ClientProtocol(Protocol):
     # A connected stream transport: ITCPTransport, IProducer and IConsumer.
     transport: Any
 
+    # Slots (issue 13): with ~35 attributes an instance outgrew CPython's
+    # shared-key dicts and carried a 1.5 KiB dict of its own per connection.
+    # Protocol's own attributes are slots too, so that the inherited
+    # __dict__ is never materialised.
+    __slots__ = (
+        "_abort_call",
+        "_connected",
+        "_decoder",
+        "_draining",
+        "_encode",
+        "_held",
+        "_in_flight",
+        "_inbox",
+        "_inbox_bytes",
+        "_inbox_limit",
+        "_last_activity",
+        "_lose_when_idle",
+        "_max_write",
+        "_paused",
+        "_paused_bytes",
+        "_reading_paused",
+        "_timer",
+        "buckets",
+        "catching_up",
+        "client",
+        "connected",
+        "connected_at",
+        "device",
+        "device_id",
+        "epoch",
+        "factory",
+        "filter_stream",
+        "gateway",
+        "position",
+        "send_bucket",
+        "source",
+        "state",
+        "transport",
+        "uid",
+        "unauthenticated",
+    )
+
     def __init__(self, gateway: Gateway, epoch: int, source: str | None = None) -> None:
+        self.transport = None
+        self.factory = None
+        self.connected = 0
         self.gateway = gateway
         self.epoch = epoch
         #: The source address as the unauthenticated caps count it (None: uncounted).
@@ -193,8 +238,9 @@ class ClientProtocol(Protocol):
         self._held = 0
         # The send rate limit of this connection, made by the op table.
         self.send_bucket: TokenBucket | None = None
-        #: Rate limits of the other limited ops, by name (see gateway.ops.limited).
-        self.buckets: dict[str, TokenBucket] = {}
+        #: Rate limits of the other limited ops, by name (see gateway.ops.limited),
+        #: made with the first of them: most connections never use one.
+        self.buckets: dict[str, TokenBucket] | None = None
         self._decoder = FrameDecoder(gateway.config.max_frame_bytes)
         # How a frame is written (the length prefix and the body: a stream
         # transport) and the largest one written, its prefix included. A
@@ -202,8 +248,10 @@ class ClientProtocol(Protocol):
         # L{use_message_framing}.
         self._encode: Callable[[Mapping[str, Any]], bytes] = encode
         self._max_write = gateway.config.max_frame_bytes + HEADER_SIZE
-        # Frame bodies received but not handled yet (in-flight cap, auth).
-        self._inbox: deque[bytes] = deque()
+        # Frame bodies received but not handled yet (in-flight cap, auth):
+        # None while there are none (a deque is 760 bytes; most connections
+        # are idle), made by the read that brings frames, dropped once drained.
+        self._inbox: deque[bytes] | None = None
         self._inbox_bytes = 0
         self._inbox_limit = gateway.config.max_frame_bytes + INBOX_SLACK_BYTES
         self._draining = False
@@ -366,7 +414,9 @@ class ClientProtocol(Protocol):
             self.transport.resumeProducing()
 
     def _clear_inbox(self) -> None:
-        self._inbox.clear()
+        if self._inbox is not None:
+            self._inbox.clear()  # a drain loop in progress holds it: it ends
+            self._inbox = None
         self._inbox_bytes = 0
 
     # -- output ------------------------------------------------------------------
@@ -453,7 +503,11 @@ class ClientProtocol(Protocol):
 
     def frames_received(self, bodies: list[bytes]) -> None:
         """Complete frame bodies have arrived (from the decoder, or as messages)."""
-        self._inbox.extend(bodies)
+        inbox = self._inbox
+        if inbox is None:
+            self._inbox = deque(bodies)
+        else:
+            inbox.extend(bodies)
         self._inbox_bytes += sum(map(len, bodies))
         if self._inbox_bytes > self._inbox_limit:
             self.gateway.inbox_overflowed += 1
@@ -473,8 +527,11 @@ class ClientProtocol(Protocol):
         """
         if self._draining:
             return  # a reply came at once, inside the loop below: it goes on
-        self._draining = True
         inbox = self._inbox
+        if inbox is None:
+            self._maybe_resume_reading()
+            return
+        self._draining = True
         limit = self.gateway.config.max_in_flight
         try:
             while inbox:
@@ -490,6 +547,8 @@ class ClientProtocol(Protocol):
                 body = inbox.popleft()
                 self._inbox_bytes -= len(body)
                 self._handle(body)
+            if self._inbox is inbox:
+                self._inbox = None  # drained: idle connections hold no deque
         finally:
             self._draining = False
         self._maybe_resume_reading()

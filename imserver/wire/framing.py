@@ -45,7 +45,9 @@ class FrameDecoder:
         if not 1 <= max_frame_bytes <= MAX_LENGTH_FIELD:
             raise ValueError(f"max_frame_bytes must be in 1..{MAX_LENGTH_FIELD}")
         self.max_frame_bytes = max_frame_bytes
-        self._chunks: list[bytes] = []
+        # An empty tuple while no incomplete frame is held: no list per idle
+        # connection (issue 13: memory per connection).
+        self._chunks: list[bytes] | tuple[()] = ()
         self._have = 0
         self._need = HEADER_SIZE
 
@@ -67,7 +69,7 @@ class FrameDecoder:
             if self._have < self._need:
                 return []
             data = b"".join(self._chunks)
-            self._chunks = []
+            self._chunks = ()
             self._have = 0
         frames: list[bytes] = []
         offset = 0
