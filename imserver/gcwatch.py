@@ -27,11 +27,12 @@ from imserver.metrics import Buckets
 
 GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
-#: gc thresholds set by L{tune}: gen0 every 10,000 net allocations instead of
-#: 700 (young collections stay well under a millisecond), gen1 and gen2 after
-#: 10 younger ones each as CPython's default. A full collection also waits
-#: until the objects surviving since the last one are 25 % of the long-lived
-#: ones (CPython's own rule), so it comes with growth, not with steady load.
+#: gc thresholds set by L{tune}: gen0 every 1,000 net allocations instead of
+#: 700 (young collections stay well under a millisecond; 10,000 made gen1
+#: collections of ~50 ms), gen1 after 10 young ones as CPython's default, and
+#: gen2 after 100 gen1 ones instead of 10. A full collection also waits until
+#: the objects surviving since the last one are 25 % of the long-lived ones
+#: (CPython's own rule), so it comes with growth, not with steady load.
 THRESHOLDS = (1_000, 10, 100)
 
 
