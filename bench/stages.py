@@ -10,14 +10,18 @@ threads' included, and leaves out threads blocked on a socket or a lock, which
 py-spy's idle detection counts as busy (with C{--all-threads} the "CPU" of a
 mysql-redis run was 1.9x the server's /proc CPU). A stage's samples / C{rate}
 are then the CPU seconds spent in it; divided by the messages delivered in the
-window they are CPU-us per message. C code that releases the GIL (socket
-syscalls, SQLite) is not sampled: C{coverage} (sampled / /proc CPU) says how
-much of the server's CPU the table explains. A sample belongs to the stage of the **innermost**
-frame that a rule of L{STAGES} matches (the rules are tried in order on each
-frame, leaf first), so C{msgpack.packb} under the push encoder is "push encode"
-and under the send path "send building". Samples no rule matches are
-C{other}. py-spy sees Python frames only, so C called from Python (with the
-GIL held) is charged to its Python caller.
+window they are sampled-us per message. py-spy samples wall time, though: on
+a busy machine a descheduled GIL holder is sampled too, so the table's
+CPU-us per message are each stage's **share** of the samples times the
+server's CPU per message from /proc (C{coverage}: sampled / /proc CPU, about 1
+on a quiet machine; C code that releases the GIL is in /proc, not sampled).
+
+A sample belongs to the stage of the **innermost** frame that a rule of
+L{STAGES} matches (the rules are tried in order on each frame, leaf first), so
+C{msgpack.packb} under the push encoder is "push encode" and under the send
+path "send building". Samples no rule matches are C{other}. py-spy sees Python
+frames only, so C called from Python (with the GIL held) is charged to its
+Python caller.
 """
 
 from __future__ import annotations
@@ -118,24 +122,39 @@ def aggregate(
     samples: Counter[tuple[str, ...]],
     rate: float,
     messages: int,
+    cpu_s: float | None = None,
     stages: Rules = STAGES,
     fallback: Rules = FALLBACK,
 ) -> dict[str, Any]:
-    """Samples -> CPU-us per message by stage (in L{STAGES} order, then other)."""
+    """
+    Samples -> CPU-us per message by stage (in table order, then other).
+
+    C{sampled_us_per_msg}: samples / C{rate} / C{messages}. py-spy samples
+    wall time: a GIL holder that the kernel has descheduled (a busy machine)
+    is still sampled, so on a shared machine that overstates the CPU. With
+    C{cpu_s} (the server's CPU over the window, from /proc)
+    C{cpu_us_per_msg} is each stage's share of the samples times the
+    server's CPU per message instead: the figure to compare between runs.
+    """
     by_stage: Counter[str] = Counter()
     for stack, n in samples.items():
         by_stage[classify(list(stack), stages, fallback)] += n
     total = sum(by_stage.values())
-    per_msg = 1e6 / rate / messages if rate > 0 and messages > 0 else 0.0
+    sampled = 1e6 / rate / messages if rate > 0 and messages > 0 else 0.0
+    server_us = cpu_s * 1e6 / messages if cpu_s is not None and messages > 0 else None
     rows = []
     for stage in stage_names(stages, fallback):
         n = by_stage.get(stage, 0)
+        share = n / total if total else 0.0
         rows.append(
             {
                 "stage": stage,
                 "samples": n,
-                "share": round(n / total, 4) if total else 0.0,
-                "cpu_us_per_msg": round(n * per_msg, 2),
+                "share": round(share, 4),
+                "sampled_us_per_msg": round(n * sampled, 2),
+                "cpu_us_per_msg": round(
+                    share * server_us if server_us is not None else n * sampled, 2
+                ),
             }
         )
     return {
@@ -143,7 +162,11 @@ def aggregate(
         "rate_hz": rate,
         "messages": messages,
         "sampled_cpu_s": round(total / rate, 3) if rate > 0 else 0.0,
-        "cpu_us_per_msg": round(total * per_msg, 2),
+        "sampled_us_per_msg": round(total * sampled, 2),
+        "server_cpu_s": cpu_s,
+        "cpu_us_per_msg": round(server_us if server_us is not None else total * sampled, 2),
+        # Sampled against /proc: above 1 when the machine was busy (see above).
+        "coverage": round(total / rate / cpu_s, 3) if cpu_s and rate > 0 else None,
         "stages": rows,
     }
 
@@ -213,14 +236,10 @@ def cmd_stages(args: Any) -> dict[str, Any]:
         with open(raw) as f:
             samples = read_raw(f)
         messages = int(out["throughput"]["delivered_in_window"])
-        out["profile"] = aggregate(samples, args.rate_hz, messages)
+        cpu_s = out["cost"]["server"]["cpu_s"]
+        out["profile"] = aggregate(samples, args.rate_hz, messages, cpu_s)
         out["profile"]["raw_file"] = os.path.relpath(raw)
         out["profile"]["gil_only"] = not args.all_threads
-        cpu_s = out["cost"]["server"]["cpu_s"]
-        out["profile"]["server_cpu_s"] = cpu_s
-        out["profile"]["coverage"] = (
-            round(out["profile"]["sampled_cpu_s"] / cpu_s, 3) if cpu_s else None
-        )
         out["profile"]["top_self"] = top_functions(samples)
         return out
 
@@ -239,10 +258,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"{prof['rate_hz']} Hz = {prof['sampled_cpu_s']} s CPU sampled "
             f"(server /proc {prof['server_cpu_s']} s, coverage {prof['coverage']})"
         )
-        lines.append(f"  {'stage':36} {'CPU-us/msg':>10} {'share':>7}")
+        lines.append(f"  {'stage':36} {'CPU-us/msg':>10} {'share':>7} {'sampled-us':>10}")
         for row in prof["stages"]:
             lines.append(
                 f"  {row['stage']:36} {row['cpu_us_per_msg']:10.1f} {100 * row['share']:6.1f}%"
+                f" {row['sampled_us_per_msg']:10.1f}"
             )
-        lines.append(f"  {'total (sampled)':36} {prof['cpu_us_per_msg']:10.1f}")
+        lines.append(
+            f"  {'total (server /proc)':36} {prof['cpu_us_per_msg']:10.1f} {'':7}"
+            f" {prof['sampled_us_per_msg']:10.1f}"
+        )
     return lines

@@ -75,6 +75,18 @@ class StagesTests(TestCase):
         self.assertEqual(out["cpu_us_per_msg"], 180.0)
         self.assertAlmostEqual(sum(r["share"] for r in rows.values()), 1.0, places=3)
         self.assertEqual(out["sampled_cpu_s"], 0.18)
+        self.assertIsNone(out["coverage"])
+
+    def test_aggregate_scaled_by_proc_cpu(self) -> None:
+        """With the server's CPU: each stage's share of it, per message."""
+        out = stages.aggregate(stages.read_raw(RAW), rate=100.0, messages=1000, cpu_s=0.09)
+        rows = {r["stage"]: r for r in out["stages"]}
+        # 5 of 18 samples, of 90 us per message.
+        self.assertEqual(rows["SQL execute (driver + DB)"]["cpu_us_per_msg"], 25.0)
+        self.assertEqual(rows["SQL execute (driver + DB)"]["sampled_us_per_msg"], 50.0)
+        self.assertEqual(out["cpu_us_per_msg"], 90.0)
+        self.assertEqual(out["sampled_us_per_msg"], 180.0)
+        self.assertEqual(out["coverage"], 2.0)
 
     def test_aggregate_no_messages(self) -> None:
         out = stages.aggregate(Counter(), rate=100.0, messages=0)
