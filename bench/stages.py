@@ -11,10 +11,10 @@ py-spy's idle detection counts as busy (with C{--all-threads} the "CPU" of a
 mysql-redis run was 1.9x the server's /proc CPU). A stage's samples / C{rate}
 are then the CPU seconds spent in it; divided by the messages delivered in the
 window they are sampled-us per message. py-spy samples wall time, though: on
-a busy machine a descheduled GIL holder is sampled too, so the table's
-CPU-us per message are each stage's **share** of the samples times the
-server's CPU per message from /proc (C{coverage}: sampled / /proc CPU, about 1
-on a quiet machine; C code that releases the GIL is in /proc, not sampled).
+a busy machine a descheduled GIL holder is sampled too (C{coverage}, sampled
+/ /proc CPU, above 1), and the table scales every stage down alike to the
+server's CPU from /proc; below 1, the rest is a row of its own (C that
+released the GIL: SQLite, socket syscalls). See L{aggregate}.
 
 A sample belongs to the stage of the **innermost** frame that a rule of
 L{STAGES} matches (the rules are tried in order on each frame, leaf first), so
@@ -76,6 +76,8 @@ FALLBACK: list[tuple[str, tuple[str, ...]]] = [
     ("threads (pool hand-off)", ("threading.py",)),
 ]
 OTHER = "other"
+#: The server's /proc CPU that no sample explains: C that released the GIL.
+UNSAMPLED = "not sampled (C without the GIL: SQLite, syscalls)"
 
 
 def parse_frame(frame: str) -> str:
@@ -132,43 +134,57 @@ def aggregate(
     C{sampled_us_per_msg}: samples / C{rate} / C{messages}. py-spy samples
     wall time: a GIL holder that the kernel has descheduled (a busy machine)
     is still sampled, so on a shared machine that overstates the CPU. With
-    C{cpu_s} (the server's CPU over the window, from /proc)
-    C{cpu_us_per_msg} is each stage's share of the samples times the
-    server's CPU per message instead: the figure to compare between runs.
+    C{cpu_s} (the server's CPU over the window, from /proc) C{cpu_us_per_msg}
+    is scaled down alike for every stage when the samples add up to more
+    than C{cpu_s}, and a last row, L{UNSAMPLED}, holds what /proc counted
+    and no sample explains; the rows then add up to the server's CPU.
     """
     by_stage: Counter[str] = Counter()
     for stack, n in samples.items():
         by_stage[classify(list(stack), stages, fallback)] += n
     total = sum(by_stage.values())
     sampled = 1e6 / rate / messages if rate > 0 and messages > 0 else 0.0
-    server_us = cpu_s * 1e6 / messages if cpu_s is not None and messages > 0 else None
+    # Sampled more than /proc's CPU (a busy machine): shrink every stage alike.
+    scale = 1.0
+    if cpu_s and rate > 0 and total / rate > cpu_s:
+        scale = cpu_s / (total / rate)
     rows = []
     for stage in stage_names(stages, fallback):
         n = by_stage.get(stage, 0)
-        share = n / total if total else 0.0
         rows.append(
             {
                 "stage": stage,
                 "samples": n,
-                "share": round(share, 4),
+                "share": round(n / total, 4) if total else 0.0,
                 "sampled_us_per_msg": round(n * sampled, 2),
-                "cpu_us_per_msg": round(
-                    share * server_us if server_us is not None else n * sampled, 2
-                ),
+                "cpu_us_per_msg": round(n * sampled * scale, 2),
             }
         )
-    return {
+    out: dict[str, Any] = {
         "samples": total,
         "rate_hz": rate,
         "messages": messages,
         "sampled_cpu_s": round(total / rate, 3) if rate > 0 else 0.0,
         "sampled_us_per_msg": round(total * sampled, 2),
         "server_cpu_s": cpu_s,
-        "cpu_us_per_msg": round(server_us if server_us is not None else total * sampled, 2),
+        "cpu_us_per_msg": round(total * sampled * scale, 2),
         # Sampled against /proc: above 1 when the machine was busy (see above).
         "coverage": round(total / rate / cpu_s, 3) if cpu_s and rate > 0 else None,
         "stages": rows,
     }
+    if cpu_s is not None and messages > 0:
+        server_us = cpu_s * 1e6 / messages
+        rows.append(
+            {
+                "stage": UNSAMPLED,
+                "samples": 0,
+                "share": 0.0,
+                "sampled_us_per_msg": 0.0,
+                "cpu_us_per_msg": round(max(0.0, server_us - total * sampled * scale), 2),
+            }
+        )
+        out["cpu_us_per_msg"] = round(server_us, 2)
+    return out
 
 
 def top_functions(samples: Counter[tuple[str, ...]], n: int = 25) -> list[tuple[str, int]]:

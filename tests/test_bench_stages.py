@@ -78,7 +78,7 @@ class StagesTests(TestCase):
         self.assertIsNone(out["coverage"])
 
     def test_aggregate_scaled_by_proc_cpu(self) -> None:
-        """With the server's CPU: each stage's share of it, per message."""
+        """Sampled twice the server's CPU (a busy machine): every stage halved."""
         out = stages.aggregate(stages.read_raw(RAW), rate=100.0, messages=1000, cpu_s=0.09)
         rows = {r["stage"]: r for r in out["stages"]}
         # 5 of 18 samples, of 90 us per message.
@@ -87,6 +87,16 @@ class StagesTests(TestCase):
         self.assertEqual(out["cpu_us_per_msg"], 90.0)
         self.assertEqual(out["sampled_us_per_msg"], 180.0)
         self.assertEqual(out["coverage"], 2.0)
+        self.assertEqual(rows[stages.UNSAMPLED]["cpu_us_per_msg"], 0.0)
+
+    def test_aggregate_unsampled_cpu(self) -> None:
+        """/proc counted more than was sampled: the rest is its own row."""
+        out = stages.aggregate(stages.read_raw(RAW), rate=100.0, messages=1000, cpu_s=0.3)
+        rows = {r["stage"]: r for r in out["stages"]}
+        self.assertEqual(rows["SQL execute (driver + DB)"]["cpu_us_per_msg"], 50.0)
+        self.assertEqual(rows[stages.UNSAMPLED]["cpu_us_per_msg"], 120.0)
+        self.assertEqual(out["cpu_us_per_msg"], 300.0)
+        self.assertAlmostEqual(sum(r["cpu_us_per_msg"] for r in rows.values()), 300.0)
 
     def test_aggregate_no_messages(self) -> None:
         out = stages.aggregate(Counter(), rate=100.0, messages=0)
