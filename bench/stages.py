@@ -76,8 +76,9 @@ FALLBACK: list[tuple[str, tuple[str, ...]]] = [
     ("threads (pool hand-off)", ("threading.py",)),
 ]
 OTHER = "other"
-#: The server's /proc CPU that no sample explains: C that released the GIL.
-UNSAMPLED = "not sampled (C without the GIL: SQLite, syscalls)"
+#: The server's /proc CPU that no sample explains: C that released the GIL
+#: (SQLite, socket syscalls).
+UNSAMPLED = "not sampled (C without the GIL)"
 
 
 def parse_frame(frame: str) -> str:
