@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import plot, runner, social
+from bench import plot, runner, social, stages
 
 
 def _server_options(
@@ -193,6 +193,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="load worker processes (2)")
     _server_options(p)
 
+    p = sub.add_parser(
+        "stages", help="pairs with py-spy on the server: CPU-us per message by stage"
+    )
+    _pairs_options(p)
+    p.add_argument(
+        "--rate-hz", type=int, default=250, help="py-spy samples per second (default 250)"
+    )
+    p.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="sample every non-idle thread, not only the GIL holder (counts threads "
+        "blocked on sockets as busy)",
+    )
+    _server_options(p)
+    p.set_defaults(rate=None, devices="1", rounds=1)
+
     p = sub.add_parser("sweep", help="pairs open loop at several rates; plots")
     _pairs_options(p)
     p.set_defaults(duration=5.0)
@@ -311,6 +327,7 @@ COMMANDS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "connect": runner.cmd_connect,
     "social": social.cmd_social,
     "cost": social.cmd_cost,
+    "stages": stages.cmd_stages,
 }
 
 
@@ -333,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = runner.save(result, args.results_dir)
     summary = social.summary_lines if args.scenario in ("social", "cost") else runner.summary_lines
+    if args.scenario == "stages":
+        summary = stages.summary_lines
     for line in summary(result):
         print(line)
     print(f"results: {os.path.relpath(path)}")

@@ -663,12 +663,14 @@ def run_pairs(
     label: str,
     extend: Callable[[list[dict[str, Any]]], None] | None = None,
     extra: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]] | None = None,
+    around: tuple[Callable[[], None], Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """One pairs run against one target; the numbers of that target.
 
     C{extend} may change the workers' specs (bench/social.py: more ops mixed
     in, run by C{params["module"]}), C{extra} adds to the numbers from the
-    workers' results and the window."""
+    workers' results and the window; C{around} is called at the window's start
+    and end (bench/stages.py: a profiler attached for exactly the window)."""
     p, w = params["pairs"], params["workers"]
     rate = params.get("rate")
     specs = []
@@ -725,9 +727,13 @@ def run_pairs(
             )
 
         pool.sleep_until(t_start, tick)
+        if around is not None:
+            around[0]()
         window.begin()
         pool.sleep_until(t_end, tick)
         win = window.end()
+        if around is not None:
+            around[1]()
         results = pool.collect(params["drain_s"] + 60, tick)
     progress.done()
     out = summarize_pairs(results, win, params, target)

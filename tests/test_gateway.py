@@ -560,6 +560,19 @@ class InFlightTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertEqual(started, [1, 2] + [1] * 9)
         self.assertEqual(self.gateway.scheduler.depth, 0)
 
+    def test_a_reply_that_cannot_be_written_is_logged_and_frees_its_slot(self) -> None:
+        """A reply whose encoding raises: logged, and the request no longer
+        holds one of the C{max_in_flight} slots (the next one starts)."""
+        client = self.authed()
+        self.pipeline(client, 5)
+        self.waiting[0].callback({"bad": object()})  # msgpack cannot pack it
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertEqual(len(self.waiting), 5)
+        self.waiting[1].errback(RuntimeError("boom"))  # the failure path still answers
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.waiting), 5)  # nothing was left to start
+        self.assertEqual([(f["t"], f["id"]) for f in client.received()], [("error", 2)])
+
     def test_synchronous_replies_do_not_count(self) -> None:
         client = self.authed()
         client.proto.dataReceived(b"".join(encode({"t": "ping", "id": i}) for i in range(50)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import msgpack
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import ErrorCode, ImError
-from imserver.wire import frames
+from imserver.wire import codec, frames
 from imserver.wire.codec import BadFrame, decode_body, encode, pack
 from imserver.wire.framing import FrameDecoder, FrameTooLarge, encode_frame
 
@@ -167,6 +168,44 @@ class CodecTests(SynchronousTestCase):
         """The example frame in docs/protocol.md, byte for byte."""
         data = encode({"t": "ping", "id": 1})
         self.assertEqual(data.hex(" "), "00 00 00 0c 82 a1 74 a4 70 69 6e 67 a2 69 64 01")
+
+
+class PackerTests(SynchronousTestCase):
+    """codec.packb keeps a Packer per thread: the same bytes as msgpack.packb."""
+
+    def test_same_bytes_as_packb(self) -> None:
+        for obj in ({"t": "msg", "body": "hé", "b": b"\x00"}, [1, -2, 2**63 - 1], "x" * 70_000):
+            self.assertEqual(codec.packb(obj), msgpack.packb(obj, use_bin_type=True))
+            self.assertEqual(codec.packb(obj), msgpack.packb(obj, use_bin_type=True))
+
+    def test_an_error_leaves_the_packer_clean(self) -> None:
+        self.assertRaises(TypeError, codec.packb, {"a": 1, "b": object()})
+        self.assertEqual(codec.packb({"c": 2}), msgpack.packb({"c": 2}))
+
+    def test_a_large_frame_drops_the_packer(self) -> None:
+        """Its grown buffer is not kept for the thread."""
+        codec.packb(1)
+        kept = codec._packers.packer
+        codec.packb("x" * (codec.KEEP_PACKER_BYTES + 1))
+        self.assertFalse(hasattr(codec._packers, "packer"))
+        codec.packb(1)
+        self.assertIsNot(codec._packers.packer, kept)
+
+    def test_threads_do_not_share_a_packer(self) -> None:
+        wrong: list[object] = []
+
+        def work(n: int) -> None:
+            for i in range(2000):
+                obj = {"n": n, "i": i, "pad": "y" * (i % 50)}
+                if codec.packb(obj) != msgpack.packb(obj, use_bin_type=True):
+                    wrong.append(obj)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(wrong, [])
 
 
 class RequestSchemaTests(SynchronousTestCase):

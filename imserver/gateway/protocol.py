@@ -587,15 +587,40 @@ class ClientProtocol(Protocol):
             return
         if isinstance(result, Deferred):
             self._in_flight += 1
+            # One callback pair that replies and then does the bookkeeping,
+            # not a pair and an addBoth: one trip fewer through
+            # Deferred._runCallbacks per request (issue 13).
             result.addCallbacks(
-                self._reply_ok,
-                self._reply_failure,
+                self._answer_ok,
+                self._answer_failure,
                 callbackArgs=(request,),
                 errbackArgs=(request,),
             )
-            result.addBoth(self._replied)
         else:
             self._send(frames.ok(req_id, result), request.op)
+
+    def _answer_ok(self, result: Result, request: frames.Request) -> None:
+        try:
+            self._reply_ok(result, request)
+        except Exception:
+            self._reply_crashed(request)
+        self._replied(None)
+
+    def _answer_failure(self, failure: Failure, request: frames.Request) -> None:
+        try:
+            self._reply_failure(failure, request)
+        except Exception:
+            self._reply_crashed(request)
+        self._replied(None)
+
+    def _reply_crashed(self, request: frames.Request) -> None:
+        """Writing a reply raised: logged; the request still counts as answered."""
+        self.log.failure(
+            "writing the reply to op {op} (id {req_id}) of uid {uid} failed",
+            op=request.op,
+            req_id=request.id,
+            uid=self.uid,
+        )
 
     def _replied(self, _: None) -> None:
         """A reply was written: close if this was the last one we waited for."""

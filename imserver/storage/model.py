@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 import attrs
 import msgpack
 
+from imserver.wire.codec import packb
+
 T = TypeVar("T")
 
 RECORD_NORMAL = 0
@@ -15,8 +17,7 @@ RECORD_RECALLED = 1
 
 
 def pack_body(body: Any) -> bytes:
-    data: bytes = msgpack.packb(body, use_bin_type=True)
-    return data
+    return packb(body)  # a Packer kept per thread (issue 13)
 
 
 def unpack_body(blob: bytes) -> Any:

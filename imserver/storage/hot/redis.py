@@ -45,6 +45,7 @@ from imserver.storage.hot.interface import (
     IHotStore,
 )
 from imserver.storage.model import ConvRow, Message, Profile, UserSnapshot, chunks
+from imserver.wire.codec import packb
 
 SCRIPTS = (
     "fanout",
@@ -76,11 +77,7 @@ def _row(row: ConvRow) -> list[str]:
 
 def _record(m: Message) -> bytes:
     """The cached message: opaque to the scripts, read back only by Python."""
-    data: bytes = msgpack.packb(
-        [m.msg_id, m.session_id, m.sender, m.recipient, m.cid, m.type, m.body, m.ts],
-        use_bin_type=True,
-    )
-    return data
+    return packb([m.msg_id, m.session_id, m.sender, m.recipient, m.cid, m.type, m.body, m.ts])
 
 
 def _from_record(blob: bytes) -> Message:
