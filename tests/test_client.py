@@ -442,6 +442,49 @@ class ReconnectTests(ClientTestCase):
         self.assertEqual(client.state, "offline")
         self.assertEqual(self.server.attempts[0].called, True)
 
+    def test_connect_timeout_covers_the_token(self) -> None:
+        """A token callable that never answers is a failed attempt after request_timeout."""
+        tokens: list[Deferred[str]] = []
+
+        def token() -> Deferred[str]:
+            tokens.append(Deferred())
+            return tokens[-1]
+
+        client = self.make(token=token, request_timeout=15)
+        client.start()
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+        tokens[0].callback("late")  # ours was cancelled, theirs untouched
+        self.clock.advance(60)
+        self.assertEqual(len(tokens), 2)
+        tokens[1].callback("tok")
+        self.server.accept().live()
+        self.assertEqual(client.state, "live")
+
+    def test_catchup_timeout_reconnects(self) -> None:
+        """A catch-up page never answered drops the connection: no stuck syncing."""
+        client = self.make(request_timeout=15)
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=0)
+        conn.take("catchup")
+        self.assertEqual(client.state, "syncing")
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+        self.clock.advance(60)
+        self.server.accept().live()
+        self.assertEqual(client.state, "live")
+
+    def test_sync_timeout_reconnects(self) -> None:
+        client = self.make(request_timeout=15)
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=0)
+        conn.reply(conn.take("catchup"), events=[], seq=0, more=False)
+        conn.take("sync")
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+
     def test_close(self) -> None:
         client, conn = self.started()
         conn.push(**msg(5, seq=1))

@@ -501,18 +501,50 @@ class Client:
             await self._sleep(delay)
 
     async def _open(self) -> Connection:
-        token = self._token() if callable(self._token) else self._token
-        if inspect.isawaitable(token):
-            token = await token
-        if self._state in TERMINAL:
-            raise CancelledError()
-        opening = Deferred.fromCoroutine(self._connect_and_auth(str(token)))
+        """
+        Token, connect and auth under one C{request_timeout} (the connect
+        timeout), counted from the start of the attempt: a token callable
+        that never answers is a failed attempt like a silent server.
+        """
+        opening = Deferred.fromCoroutine(self._token_and_connect())
         self._opening = opening
         opening.addTimeout(self.request_timeout, self.reactor)
         try:
             return await opening
         finally:
             self._opening = None
+
+    async def _token_and_connect(self) -> Connection:
+        token = await self._fetch_token()
+        if self._state in TERMINAL:
+            raise CancelledError()
+        return await self._connect_and_auth(str(token))
+
+    def _fetch_token(self) -> Deferred[Any]:
+        """
+        The token, in a Deferred of our own: a timeout or close() cancels
+        ours, never the caller's (it may still fire it later).
+        """
+        if not callable(self._token):
+            return succeed(self._token)
+        try:
+            token = self._token()
+        except Exception:
+            return fail()
+        if not inspect.isawaitable(token):
+            return succeed(token)
+        theirs = token if isinstance(token, Deferred) else Deferred.fromCoroutine(_await(token))
+        ours: Deferred[Any] = Deferred()
+
+        def relay(result: object) -> None:
+            if not ours.called:
+                if isinstance(result, Failure):
+                    ours.errback(result)
+                else:
+                    ours.callback(result)
+
+        theirs.addBoth(relay)
+        return ours
 
     async def _connect_and_auth(self, token: str) -> Connection:
         connector = self._connector or (lambda r, u: connect_url(r, u, self._origin))
@@ -568,11 +600,25 @@ class Client:
         if self._ack_ids or self._position.seq > self._acked_seq:
             self._schedule_acks()
 
+    async def _internal(self, conn: Connection, op: str, **fields: Any) -> dict[str, Any]:
+        """
+        A request the client itself awaits (catch-up, sync, watch): under
+        C{request_timeout}, and the connection dropped if it passes, so a
+        server that never answers costs a reconnect, not a stuck state.
+        """
+        d = conn.request(op, **fields)
+        d.addTimeout(self.request_timeout, self.reactor)
+        try:
+            return await d
+        except TimeoutError as e:
+            conn.drop("timeout")
+            raise client_error("timeout", f"no {op} answer within {self.request_timeout}s") from e
+
     async def _watch_again(self, conn: Connection) -> None:
         """A watch lasts as long as its connection: watch again, and say the state now."""
         watched = self._watched
         try:
-            reply = await conn.request("watch", uids=watched)
+            reply = await self._internal(conn, "watch", uids=watched)
         except RequestFailed as e:
             if conn.gone:
                 raise
@@ -586,7 +632,9 @@ class Client:
 
     async def _catchup_pages(self, conn: Connection) -> None:
         while True:
-            page = await conn.request("catchup", after=self._position.seq, limit=CATCHUP_LIMIT)
+            page = await self._internal(
+                conn, "catchup", after=self._position.seq, limit=CATCHUP_LIMIT
+            )
             for event in page.get("events", []):
                 self._stream_event(conn, dict(event), replay=True)
             seq = page.get("seq")
@@ -603,7 +651,7 @@ class Client:
             fields: dict[str, Any] = {"limit": SYNC_LIMIT}
             if after is not None:
                 fields["after"] = after
-            page = await conn.request("sync", **fields)
+            page = await self._internal(conn, "sync", **fields)
             msgs = page.get("msgs", [])
             for msg in msgs:
                 self._stream_event(conn, {"t": "msg", **msg}, replay=True)
@@ -866,6 +914,10 @@ class Client:
             )
         except Exception:
             log.failure("saving the client's state failed")
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def _log_handler_failure(f: Failure, name: str) -> None:
