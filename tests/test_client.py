@@ -7,6 +7,7 @@ gap), so each rule of docs/sdk.md is checked exactly and without waiting.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any
@@ -910,6 +911,29 @@ class MoreTests(ClientTestCase):
         self.clock.advance(3600)
         self.assertEqual(client.state, "closed")
         self.assertEqual(self.server.attempts, [])
+
+    def test_no_events_after_close_from_a_handler(self) -> None:
+        """close() from a handler mid catch-up page: the rest of the page is not emitted."""
+        client = self.make()
+        client.on("message", lambda e: client.close())
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=2)
+        conn.reply(conn.take("catchup"), events=[msg(1, seq=1), msg(2, seq=2)], seq=2, more=False)
+        self.assertEqual(self.messages(), [1])
+
+    def test_kick_ends_the_outbox_retry_delay(self) -> None:
+        """A kick stops the outbox's retry timer; an unawaited send is no unhandled error."""
+        client, conn = self.started()
+        client.send(PEER, "x")
+        conn.error(conn.take("send"), "unavailable")
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        conn.push(t="kick", reason="replaced")
+        conn.lose()
+        self.assertEqual(client.state, "kicked")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_close_while_token_pending(self) -> None:
         d: Deferred[str] = Deferred()

@@ -768,6 +768,8 @@ class Client:
             self._queue_ack(frame.get("msg_id"))
 
     def _emit(self, event: Event) -> None:
+        if self._state == CLOSED and not isinstance(event, StateChanged):
+            return  # closed (maybe from a handler mid-page): nothing more is emitted
         for handler in list(self._handlers.get(event.name, ())):
             try:
                 result = handler(event)
@@ -801,6 +803,7 @@ class Client:
         for d in waiters:
             d.errback(error)
         self._outbox.stop(error)
+        self._wake()  # the outbox's retry delays (and a reconnect's) end now
         for timer in (self._ack_timer, self._gap_timer):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -116,12 +116,23 @@ class Outbox:
         d.addErrback(lambda f: log.failure("outbox for {peer} failed", f, peer=peer))
 
     def stop(self, error: RequestFailed) -> None:
-        """Reject every waiter with C{error}; the entries stay (they are in the store)."""
+        """
+        Reject every waiter with C{error}; the entries stay (they are in the
+        store). A send's Deferred nobody waits on yet keeps its failure for
+        whoever looks later, but is not reported as "Unhandled error in
+        Deferred" if nobody ever does: the send is not lost (kept for the
+        next Client). Twisted has no public way to say so: this clears the
+        Deferred's pending unhandled-failure record (C{_debugInfo}).
+        """
         self._stopped = error
         for entry in self.entries:
             if entry.result is not None and not entry.result.called:
                 result, entry.result = entry.result, None
+                waited = bool(result.callbacks)
                 result.errback(error)
+                info = getattr(result, "_debugInfo", None)
+                if not waited and info is not None:
+                    info.failResult = None
 
     async def _drain(self, peer: int) -> None:
         try:
