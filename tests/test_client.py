@@ -727,6 +727,22 @@ class StreamTests(ClientTestCase):
         self.clock.advance(10)
         self.assertNotIn("catchup", conn.ops())
 
+    def test_unknown_push_with_seq_advances(self) -> None:
+        """An unknown push type with a seq is a stream event: no gap, acked, still a push."""
+        client, conn = self.started()
+        pushes: list[Any] = []
+        client.on("push", pushes.append)
+        conn.push(t="poll_vote", seq=1, poll=3)
+        conn.push(**msg(5, seq=2))
+        self.assertEqual(client.seq, 2)
+        self.assertEqual(self.messages(), [5])
+        self.assertEqual([p.frame["t"] for p in pushes], ["poll_vote", "msg"])
+        self.clock.advance(1)
+        ack = conn.take("ack")
+        self.assertEqual(ack["seq"], 2)
+        self.clock.advance(10)
+        self.assertNotIn("catchup", conn.ops())
+
     def test_sync_push(self) -> None:
         _client, conn = self.started()
         conn.push(t="sync")

@@ -71,6 +71,12 @@ TERMINAL = frozenset({KICKED, FAILED, CLOSED})
 
 #: Push types that are events of the user's stream (they carry its seq).
 STREAM = frozenset({"msg", "read", "recall", "edit", "hide", "clear", "mute"})
+#: Pushes known not to be of the stream: any other type with an int seq (a
+#: newer server's stream event) advances the seq like a known one, so it is
+#: acked and later seqs are no gap.
+NOT_STREAM = frozenset(
+    {"delivered", "typing", "presence", "profile", "block", "kick", "sync", "goaway", "error"}
+)
 #: Replies that carry the caller's seq of the event they made.
 SEQ_REPLIES = frozenset({"send", "read", "recall", "edit", "hide", "clear", "mute"})
 
@@ -737,7 +743,8 @@ class Client:
         seq = frame.get("seq")
         to_me = t == "msg" and frame.get("to") == self._uid
         has_seq = isinstance(seq, int) and not isinstance(seq, bool)
-        if t in STREAM and has_seq and not self._note_seq(int(seq or 0)):
+        in_stream = t in STREAM or t not in NOT_STREAM
+        if in_stream and has_seq and not self._note_seq(int(seq or 0)):
             if to_me:
                 self._queue_ack(frame.get("msg_id"))
             return
