@@ -699,6 +699,16 @@ class StreamTests(ClientTestCase):
         self.assertEqual(edits, ["v1", "v2"])
         self.assertEqual(client.seq, 4)
 
+    def test_msg_after_a_newer_edit_is_not_stale(self) -> None:
+        """A live msg arriving after its newer edit shows the edited version."""
+        client, conn = self.started()
+        edited = {k: v for k, v in msg(5).items() if k != "t"}
+        conn.push(t="edit", **{**edited, "body": "new", "edited": 2}, seq=2)
+        conn.push(**msg(5, seq=1))
+        self.assertEqual(client.seq, 2)
+        messages = [e for e in self.events if isinstance(e, Message)]
+        self.assertEqual([(m.msg["body"], m.msg.get("edited")) for m in messages], [("new", 2)])
+
     def test_gap_runs_catchup(self) -> None:
         client, conn = self.started()
         conn.push(**msg(1, seq=1))

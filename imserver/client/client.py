@@ -19,6 +19,7 @@ import random as _random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -758,14 +759,18 @@ class Client:
                     self._queue_ack(msg_id)
                 return
             self._msgs.put(msg_id)
-            if int(event.msg.get("edited", 0)) > int(self._edits.get(msg_id, -1)):
-                self._edits.put(msg_id, int(event.msg.get("edited", 0)))
+            version, newer = self._edits.get(msg_id, (-1, None))
+            if int(event.msg.get("edited", 0)) > version:
+                self._edits.put(msg_id, (int(event.msg.get("edited", 0)), None))
+            elif newer is not None:
+                # A newer edit came first (pushes race): show that version, not this one.
+                event = attrs.evolve(event, msg={**event.msg, **newer})
         elif isinstance(event, Edit):
             msg_id = event.msg.get("msg_id")
             edited = int(event.msg.get("edited", 0))
-            if int(self._edits.get(msg_id, -1)) >= edited:
+            if self._edits.get(msg_id, (-1, None))[0] >= edited:
                 return
-            self._edits.put(msg_id, edited)
+            self._edits.put(msg_id, (edited, dict(event.msg)))
         elif isinstance(event, Recall) and event.seq is None:
             if event.msg_id in self._recalls:
                 return
