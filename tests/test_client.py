@@ -790,6 +790,27 @@ class StreamTests(ClientTestCase):
         self.clock.advance(1)
         self.assertEqual(conn.take("ack")["msg_ids"], [1])
 
+    def test_failed_ack_retried_on_the_live_connection(self) -> None:
+        """An ack answered with an error is sent again by a timer, same range."""
+        _client, conn = self.started()
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.error(conn.take("ack"), "unavailable")
+        self.clock.advance(1)
+        again = conn.take("ack")
+        self.assertEqual((again["seq"], again["msg_ids"]), (1, [5]))
+
+    def test_lost_ack_retried_on_the_live_connection(self) -> None:
+        """An ack never answered times out and is sent again."""
+        _client, conn = self.started(request_timeout=15)
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.take("ack")
+        self.clock.advance(15)
+        self.clock.advance(1)
+        again = conn.take("ack")
+        self.assertEqual((again["seq"], again["msg_ids"]), (1, [5]))
+
     def test_handlers_run_before_ack_and_unsubscribe(self) -> None:
         client, conn = self.started()
         seen: list[int] = []

@@ -913,12 +913,18 @@ class Client:
                 self._save()
 
         def failed(f: Failure) -> None:
-            # Still pending on the server: ack them on the next connection.
+            # Still pending on the server: acked again by the next batch (on this
+            # connection if it is still up, a timer makes sure there is one).
             self._ack_ids = [i for i in ids if i not in self._ack_ids] + self._ack_ids
             if self._state != CLOSED:  # close() acks and closes: that reply is lost
                 log.info("ack failed: {error}", error=f.getErrorMessage())
+                if self._conn is conn and not conn.gone:
+                    self._schedule_acks()
 
-        conn.request("ack", **fields).addCallbacks(acked, failed)
+        acking = conn.request("ack", **fields)
+        # An ack never answered (a stuck backend) is failed, so it is sent again.
+        acking.addTimeout(self.request_timeout, self.reactor)
+        acking.addCallbacks(acked, failed)
         if self._ack_ids:
             self._schedule_acks()
 
