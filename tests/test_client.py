@@ -882,7 +882,51 @@ class StoreTests(TestCase):
             connector=server.connector,
             store=JSONFileStore(path),
         )
-        self.assertEqual(other.seq, 0)
+        # The stream and the store are the user's: another device name keeps them.
+        self.assertEqual(other.seq, 4)
+
+    def test_other_device_keeps_the_outbox_other_uid_discards_it(self) -> None:
+        store = MemoryStore()
+        clock, server = Clock(), FakeServer()
+
+        def client(device: str) -> Client:
+            return Client(
+                "tcp://h:1",
+                "t",
+                device=device,
+                reactor=clock,
+                connector=server.connector,
+                store=store,
+            )
+
+        first = client("a")
+        first.start()
+        conn = server.accept()
+        conn.live(seq=4)
+        first.send(PEER, "hi")
+        cid = conn.take("send")["cid"]
+        first.close()
+        conn.lose()
+        second = client("b")
+        self.assertEqual([e["cid"] for e in second.outbox], [cid])
+        second.start()
+        conn = server.accept()
+        conn.live(seq=4)
+        self.assertEqual(conn.take("send")["cid"], cid)  # same cid, another device
+        second.close()
+        conn.lose()
+        third = client("c")
+        third.start()
+        conn = server.accept()
+        request = conn.take("auth")
+        conn.reply(request, uid=UID + 1, heartbeat=30.0, seq=0, head=0)
+        conn.reply(conn.take("catchup"), events=[], seq=0, more=False)
+        conn.reply(conn.take("sync"), msgs=[], more=False)
+        self.assertEqual(third.state, "live")
+        self.assertEqual(third.outbox, [])
+        self.assertEqual(third.seq, 0)
+        self.assertNotIn("send", conn.ops())
+        self.assertEqual(store.state["uid"], UID + 1)
 
 
 class MoreTests(ClientTestCase):

@@ -163,8 +163,12 @@ class Client:
         saved = self._store.load() or {}
         saved_device = saved.get("device") if isinstance(saved.get("device"), str) else None
         self._device: str = device or saved_device or "py-" + random_id(self._rng, 12)
-        same_device = saved_device == self._device
-        self._position = Position(int(saved.get("seq", 0)) if same_device else 0)
+        # The state belongs to the user, not the device: another device name
+        # keeps the seq and the outbox (cids are unique strings); only another
+        # uid (checked at auth) discards them.
+        saved_uid = saved.get("uid")
+        self._saved_uid: int | None = saved_uid if isinstance(saved_uid, int) else None
+        self._position = Position(int(saved.get("seq", 0)))
         self._acked_seq = self._position.seq
 
         self._state = OFFLINE
@@ -191,7 +195,7 @@ class Client:
         self._outbox = Outbox(
             self._device, self._rng, self._transmit, self._sleep, self._backoff, self._save
         )
-        self._outbox.restore(saved.get("outbox", []) if same_device else [])
+        self._outbox.restore(saved.get("outbox", []))
         self._save()
 
     # -- properties
@@ -410,6 +414,8 @@ class Client:
 
     async def _transmit(self, entry: Entry) -> Result:
         conn = await self._when_live(None)
+        if entry.discarded:
+            raise client_error("discarded", "another user's stored send")
         sending = conn.request("send", **_send_fields(entry))
         # Unanswered on a live connection (a stuck backend): sent again, same cid.
         sending.addTimeout(self.request_timeout, self.reactor)
@@ -575,6 +581,17 @@ class Client:
             raise
         conn.authed = True
         self._uid = proto.uid = int(reply["uid"])
+        if self._saved_uid is not None and self._saved_uid != self._uid:
+            # Another user's state: its seq and its unsent messages are not ours.
+            log.info(
+                "the store was {old}'s, not {uid}'s: its state is discarded",
+                old=self._saved_uid,
+                uid=self._uid,
+            )
+            self._outbox.discard_restored()
+            self._position.reset(int(reply.get("head", reply.get("seq", 0)) or 0))
+            self._acked_seq = self._position.seq
+        self._saved_uid = self._uid
         conn.start_heartbeat(float(reply.get("heartbeat", DEFAULT_HEARTBEAT)))
         start = reply.get("seq")
         if reply.get("reset"):
@@ -931,7 +948,12 @@ class Client:
     def _save(self) -> None:
         try:
             self._store.save(
-                {"device": self._device, "seq": self._position.seq, "outbox": self._outbox.state()}
+                {
+                    "device": self._device,
+                    "uid": self._uid if self._uid is not None else self._saved_uid,
+                    "seq": self._position.seq,
+                    "outbox": self._outbox.state(),
+                }
             )
         except Exception:
             log.failure("saving the client's state failed")

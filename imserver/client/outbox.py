@@ -41,6 +41,8 @@ class Entry:
     type: str | None = None
     #: Who waits for the result (None for an entry loaded from the store).
     result: Deferred[dict[str, Any]] | None = None
+    #: Loaded from the store, then found to be another user's: never sent.
+    discarded: bool = False
 
     def state(self) -> dict[str, Any]:
         return {"cid": self.cid, "to": self.to, "type": self.type, "body": self.body}
@@ -97,6 +99,17 @@ class Outbox:
                 Entry(str(item["cid"]), int(item["to"]), item["body"], item.get("type"))
             )
 
+    def discard_restored(self) -> None:
+        """Forget the entries an earlier run saved (nobody waits on them): another user's."""
+        for peer, queue in list(self._queues.items()):
+            for e in queue:
+                if e.result is None:
+                    e.discarded = True
+            queue[:] = [e for e in queue if not e.discarded]
+            if not queue:
+                del self._queues[peer]
+        self._changed()
+
     def add(self, entry: Entry) -> None:
         if self._stopped is not None:
             raise self._stopped
@@ -140,6 +153,9 @@ class Outbox:
             while queue and self._stopped is None:
                 entry = queue[0]
                 outcome = await self._send(entry)
+                if entry.discarded:
+                    queue = self._queues.get(peer)  # no longer in it
+                    continue
                 if self._stopped is not None or (
                     isinstance(outcome, RequestFailed) and outcome.code in STOPPED
                 ):

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 class Store(Protocol):
     """
     C{load()} returns the state last saved (or None); C{save(state)} replaces
-    it. The state is a JSON-able dict: C{{"device": str, "seq": int,
-    "outbox": [{"cid", "to", "type", "body"}]}}.
+    it. The state is a JSON-able dict: C{{"device": str, "uid": int | None,
+    "seq": int, "outbox": [{"cid", "to", "type", "body"}]}}.
     """
 
     def load(self) -> dict[str, Any] | None: ...
