@@ -857,6 +857,43 @@ class StoreTests(TestCase):
             self.assertEqual(json.load(f)["seq"], 3)
         self.assertEqual([n for n in os.listdir(os.path.dirname(path))], ["state.json"])
 
+    def test_json_file_store_coalesces_saves(self) -> None:
+        """Many saves in one reactor turn are one write, of the latest state."""
+        path = os.path.join(self.mktemp(), "state.json")
+        clock = Clock()
+        store = JSONFileStore(path, reactor=clock)
+        for n in range(50):
+            store.save({"device": "d", "seq": n, "outbox": []})
+        self.assertEqual((store.writes, os.path.exists(path)), (0, False))
+        self.assertEqual(store.load()["seq"], 49)
+        clock.advance(0)
+        self.assertEqual(store.writes, 1)
+        self.assertEqual(JSONFileStore(path).load()["seq"], 49)
+
+    def test_client_flushes_the_store_when_it_stops(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, server = Clock(), FakeServer()
+        store = JSONFileStore(path)
+        client = Client("tcp://h:1", "t", reactor=clock, connector=server.connector, store=store)
+        client.send(PEER, "hi").addErrback(lambda f: None)
+        client.send(PEER, "again").addErrback(lambda f: None)
+        writes = store.writes
+        client.close()
+        self.assertEqual(store.writes, writes + 1)
+        self.assertEqual(len(JSONFileStore(path).load()["outbox"]), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_corrupt_store_is_moved_aside(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write('{"device": "d", "outb')
+        client = Client("tcp://h:1", "t", reactor=Clock(), store=JSONFileStore(path))
+        self.assertEqual(client.outbox, [])
+        with open(path + ".corrupt") as f:
+            self.assertEqual(f.read(), '{"device": "d", "outb')
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_client_keeps_device_and_seq(self) -> None:
         path = os.path.join(self.mktemp(), "state.json")
         clock, server = Clock(), FakeServer()

@@ -159,6 +159,9 @@ class Client:
         self._rng: RandomSource = random if random is not None else _random.SystemRandom()
         self._backoff = Backoff(backoff_base, backoff_max, self._rng)
         self._store: Store = store if store is not None else MemoryStore()
+        use_reactor = getattr(self._store, "use_reactor", None)
+        if use_reactor is not None:
+            use_reactor(reactor)  # JSONFileStore: one write per reactor turn
 
         saved = self._store.load() or {}
         saved_device = saved.get("device") if isinstance(saved.get("device"), str) else None
@@ -838,6 +841,12 @@ class Client:
                 timer.cancel()
         self._ack_timer = self._gap_timer = None
         self._save()
+        flush = getattr(self._store, "flush", None)
+        if flush is not None:
+            try:
+                flush()  # the final state, written now
+            except Exception:
+                log.failure("saving the client's state failed")
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         """A delay (the reconnect's, the outbox's retries) that close() ends at once."""
