@@ -50,6 +50,26 @@ class FixedRandom:
         return self.value
 
 
+class ManualThreads:
+    """A fake C{run_in_thread}: the test runs each queued call when it likes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self) -> None:
+        f, args, d = self.calls.pop(0)
+        d.callback(f(*args))
+
+    def fail(self, error: Exception) -> None:
+        _f, _args, d = self.calls.pop(0)
+        d.errback(error)
+
+
 class FakeConn:
     """The server's end of one connection."""
 
@@ -857,18 +877,73 @@ class StoreTests(TestCase):
             self.assertEqual(json.load(f)["seq"], 3)
         self.assertEqual([n for n in os.listdir(os.path.dirname(path))], ["state.json"])
 
-    def test_json_file_store_coalesces_saves(self) -> None:
-        """Many saves in one reactor turn are one write, of the latest state."""
+    def test_json_file_store_writes_in_a_thread_one_at_a_time(self) -> None:
+        """
+        A turn's saves are one encoding; the file is written off the reactor,
+        one write in flight, and the latest state written right after it.
+        """
         path = os.path.join(self.mktemp(), "state.json")
-        clock = Clock()
-        store = JSONFileStore(path, reactor=clock)
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
         for n in range(50):
             store.save({"device": "d", "seq": n, "outbox": []})
-        self.assertEqual((store.writes, os.path.exists(path)), (0, False))
-        self.assertEqual(store.load()["seq"], 49)
+        self.assertEqual((len(threads.calls), store.load()["seq"]), (0, 49))
         clock.advance(0)
-        self.assertEqual(store.writes, 1)
-        self.assertEqual(JSONFileStore(path).load()["seq"], 49)
+        self.assertEqual((len(threads.calls), store.writes, os.path.exists(path)), (1, 0, False))
+        state = {"device": "d", "seq": 50, "outbox": []}
+        store.save(state)
+        clock.advance(0)
+        state["seq"] = 1000  # after its turn: encoded already, not saved by this
+        for n in range(51, 60):
+            store.save({"device": "d", "seq": n, "outbox": []})
+            clock.advance(0)
+        self.assertEqual(len(threads.calls), 1)  # the write in flight: the others wait
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 49))
+        self.assertEqual(len(threads.calls), 1)  # the latest, at once
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (2, 59))
+        self.assertEqual((threads.calls, clock.getDelayedCalls()), ([], []))
+
+    def test_json_file_store_flush_writes_the_latest_now(self) -> None:
+        """flush() (at stop) writes synchronously; an older write still queued is skipped."""
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
+        store.save({"device": "d", "seq": 1, "outbox": []})
+        clock.advance(0)
+        store.save({"device": "d", "seq": 2, "outbox": []})
+        store.flush()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 2))
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 2))
+        self.assertEqual((threads.calls, clock.getDelayedCalls()), ([], []))
+
+    def test_json_file_store_failed_write_is_logged_and_written_later(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
+        store.save({"device": "d", "seq": 1, "outbox": []})
+        clock.advance(0)
+        threads.fail(OSError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(threads.calls, [])  # not retried at once
+        store.flush()
+        self.assertEqual(JSONFileStore(path).load()["seq"], 1)
+
+    async def test_json_file_store_real_reactor_thread(self) -> None:
+        """With a real reactor the write runs in its thread pool."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        path = os.path.join(self.mktemp(), "state.json")
+        store = JSONFileStore(path, reactor=reactor)
+        store.save({"device": "d", "seq": 7, "outbox": []})
+        await deferLater(reactor, 0, lambda: None)
+        writing = store._writing
+        self.assertIsNotNone(writing)
+        await writing
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 7))
 
     def test_client_flushes_the_store_when_it_stops(self) -> None:
         path = os.path.join(self.mktemp(), "state.json")

@@ -161,7 +161,7 @@ class Client:
         self._store: Store = store if store is not None else MemoryStore()
         use_reactor = getattr(self._store, "use_reactor", None)
         if use_reactor is not None:
-            use_reactor(reactor)  # JSONFileStore: one write per reactor turn
+            use_reactor(reactor)  # JSONFileStore: written in its threads
 
         saved = self._store.load() or {}
         saved_device = saved.get("device") if isinstance(saved.get("device"), str) else None
