@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -30,6 +31,7 @@ from imserver.client import (
     RequestFailed,
     StateChanged,
 )
+from imserver.client import client as client_module
 from imserver.client.backoff import Backoff
 from imserver.wire.codec import decode_body, encode
 from imserver.wire.framing import FrameDecoder
@@ -830,6 +832,36 @@ class StreamTests(ClientTestCase):
         self.clock.advance(1)
         again = conn.take("ack")
         self.assertEqual((again["seq"], again["msg_ids"]), (1, [5]))
+
+    def test_failing_acks_back_off_and_log_once(self) -> None:
+        """
+        Acks failing in a row wait 1 s doubling to 30 s (half jitter: 0.75 of
+        it with random 0.5), new ids wait with them, one log line per streak;
+        a success goes back to the normal batch delay.
+        """
+        logged: list[dict[str, Any]] = []
+        self.patch(client_module, "log", Logger(observer=logged.append))
+        _client, conn = self.started()
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.error(conn.take("ack"), "unavailable")
+        for n in range(100, 200):  # a full batch waits for the retry too
+            conn.push(**msg(n))
+        for ceiling in (1, 2, 4, 8, 16, 30, 30):
+            self.clock.advance(0.75 * ceiling - 0.01)
+            self.assertNotIn("ack", conn.ops())
+            self.clock.advance(0.01)
+            ack = conn.take("ack")
+            self.assertEqual((ack["seq"], ack["msg_ids"]), (1, [5, *range(100, 200)]))
+            conn.error(ack, "unavailable")
+        failures = [e for e in logged if "ack failed" in e["log_format"]]
+        self.assertEqual(len(failures), 1)
+        self.clock.advance(22.5)
+        conn.reply(conn.take("ack"))
+        self.assertEqual(len([e for e in logged if "succeed again" in e["log_format"]]), 1)
+        conn.push(**msg(6, seq=2))
+        self.clock.advance(1)
+        self.assertEqual(conn.take("ack")["msg_ids"], [6])
 
     def test_handlers_run_before_ack_and_unsubscribe(self) -> None:
         client, conn = self.started()

@@ -83,6 +83,10 @@ SEQ_REPLIES = frozenset({"send", "read", "recall", "edit", "hide", "clear", "mut
 
 ACK_DELAY = 1.0
 ACK_BATCH = 100
+#: A failing ack (error or no answer) is retried after 1 s doubling to 30 s
+#: (half jitter), back to ACK_DELAY once one succeeds.
+ACK_RETRY_BASE = 1.0
+ACK_RETRY_MAX = 30.0
 GAP_DELAY = 3.0
 CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
@@ -189,6 +193,9 @@ class Client:
         self._recalls = LRU()
         self._ack_ids: list[int] = []
         self._ack_timer: IDelayedCall | None = None
+        self._ack_retry = Backoff(ACK_RETRY_BASE, ACK_RETRY_MAX, self._rng)
+        #: Acks failed in a row on a live connection (the backoff's attempt).
+        self._ack_failures = 0
         self._gap_timer: IDelayedCall | None = None
         self._resyncing = False
         self._resync_again = False
@@ -905,16 +912,25 @@ class Client:
         if not isinstance(msg_id, int) or msg_id in self._ack_ids:
             return
         self._ack_ids.append(msg_id)
-        if len(self._ack_ids) >= ACK_BATCH:
+        if len(self._ack_ids) >= ACK_BATCH and not self._ack_failures:
             self._flush_acks()
         else:
             self._schedule_acks()
 
-    def _schedule_acks(self) -> None:
+    def _schedule_acks(self, retry: bool = False) -> None:
+        """
+        The next ack batch: within ACK_DELAY, or while acks fail, after the
+        backoff's delay (a retry replaces a sooner timer: new ids wait too).
+        """
         if self._state in TERMINAL:
             return
+        if retry and self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
         if self._ack_timer is None or not self._ack_timer.active():
-            self._ack_timer = self.reactor.callLater(ACK_DELAY, self._flush_acks)
+            delay = ACK_DELAY
+            if self._ack_failures:
+                delay = self._ack_retry.half_jitter(self._ack_failures - 1)
+            self._ack_timer = self.reactor.callLater(delay, self._flush_acks)
 
     def _flush_acks(self) -> None:
         if self._ack_timer is not None and self._ack_timer.active():
@@ -934,6 +950,9 @@ class Client:
             return
 
         def acked(_: object) -> None:
+            if self._ack_failures:
+                log.info("acks succeed again after {count} failures", count=self._ack_failures)
+                self._ack_failures = 0
             if "seq" in fields and seq > self._acked_seq:
                 self._acked_seq = seq
                 self._save()
@@ -942,10 +961,19 @@ class Client:
             # Still pending on the server: acked again by the next batch (on this
             # connection if it is still up, a timer makes sure there is one).
             self._ack_ids = [i for i in ids if i not in self._ack_ids] + self._ack_ids
-            if self._state != CLOSED:  # close() acks and closes: that reply is lost
-                log.info("ack failed: {error}", error=f.getErrorMessage())
-                if self._conn is conn and not conn.gone:
-                    self._schedule_acks()
+            if self._state == CLOSED:  # close() acks and closes: that reply is lost
+                return
+            if self._conn is not conn or conn.gone:
+                return  # the connection's loss: the next connection acks them
+            self._ack_failures += 1
+            if self._ack_failures == 1:  # once per failure streak
+                log.info(
+                    "ack failed ({error}): retried after {base}s doubling to {max}s",
+                    error=f.getErrorMessage(),
+                    base=ACK_RETRY_BASE,
+                    max=ACK_RETRY_MAX,
+                )
+            self._schedule_acks(retry=True)
 
         acking = conn.request("ack", **fields)
         # An ack never answered (a stuck backend) is failed, so it is sent again.
