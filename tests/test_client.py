@@ -1070,6 +1070,7 @@ class StoreTests(TestCase):
         self.assertEqual(third.outbox, [])
         self.assertEqual(third.seq, 0)
         self.assertNotIn("send", conn.ops())
+        clock.advance(0)  # saved at the end of the turn
         self.assertEqual(store.state["uid"], UID + 1)
 
 
@@ -1430,12 +1431,33 @@ class InFlightTests(ClientTestCase):
         self.assertTrue(conn.transport.disconnecting)
         self.assertLess(self.states[-1].retry_in, 1)
 
+    def test_a_burst_of_sends_is_saved_once(self) -> None:
+        """The state (the whole outbox) is built and saved once per reactor turn, not per send."""
+        saves: list[int] = []
+
+        class Counting(MemoryStore):
+            def save(self, state: dict[str, Any]) -> None:
+                saves.append(len(state["outbox"]))
+                super().save(state)
+
+        client, _ = self.started(store=Counting())
+        self.clock.advance(0)
+        del saves[:]
+        for i in range(200):
+            client.send(PEER, f"m{i}")
+        self.assertEqual(saves, [])
+        self.clock.advance(0)
+        self.assertEqual(saves, [200])
+        client.close()  # the final state is saved at once
+        self.assertEqual(len(saves), 2)
+
     def test_close_ends_every_delay(self) -> None:
         """The reconnect's delay and the outbox's retry delay both end with close()."""
         client, conn = self.started()
         d = client.send(PEER, "x")
         conn.error(conn.take("send"), "unavailable")  # the outbox waits 0.25 s
         conn.lose()  # the reconnect waits too
+        self.clock.advance(0)  # the state saved at the end of the turn
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         client.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])

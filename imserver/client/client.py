@@ -163,6 +163,8 @@ class Client:
         self._rng: RandomSource = random if random is not None else _random.SystemRandom()
         self._backoff = Backoff(backoff_base, backoff_max, self._rng)
         self._store: Store = store if store is not None else MemoryStore()
+        #: The end-of-turn save scheduled by L{_save}, if any.
+        self._save_call: IDelayedCall | None = None
         use_reactor = getattr(self._store, "use_reactor", None)
         if use_reactor is not None:
             use_reactor(reactor)  # JSONFileStore: written in its threads
@@ -206,7 +208,7 @@ class Client:
             self._device, self._rng, self._transmit, self._sleep, self._backoff, self._save
         )
         self._outbox.restore(saved.get("outbox", []))
-        self._save()
+        self._save_now()
 
     # -- properties
 
@@ -847,7 +849,7 @@ class Client:
             if timer is not None and timer.active():
                 timer.cancel()
         self._ack_timer = self._gap_timer = None
-        self._save()
+        self._save_now()
         flush = getattr(self._store, "flush", None)
         if flush is not None:
             try:
@@ -983,6 +985,18 @@ class Client:
             self._schedule_acks()
 
     def _save(self) -> None:
+        """
+        Save the state at the end of this reactor turn: a burst of sends
+        builds the state (the whole outbox) once, not once per send.
+        """
+        if self._save_call is None:
+            self._save_call = self.reactor.callLater(0, self._save_now)
+
+    def _save_now(self) -> None:
+        if self._save_call is not None:
+            if self._save_call.active():
+                self._save_call.cancel()
+            self._save_call = None
         try:
             self._store.save(
                 {
