@@ -7,6 +7,7 @@ gap), so each rule of docs/sdk.md is checked exactly and without waiting.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any
@@ -15,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -29,6 +31,7 @@ from imserver.client import (
     RequestFailed,
     StateChanged,
 )
+from imserver.client import client as client_module
 from imserver.client.backoff import Backoff
 from imserver.wire.codec import decode_body, encode
 from imserver.wire.framing import FrameDecoder
@@ -47,6 +50,26 @@ class FixedRandom:
     def random(self) -> float:
         self.calls += 1
         return self.value
+
+
+class ManualThreads:
+    """A fake C{run_in_thread}: the test runs each queued call when it likes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self) -> None:
+        f, args, d = self.calls.pop(0)
+        d.callback(f(*args))
+
+    def fail(self, error: Exception) -> None:
+        _f, _args, d = self.calls.pop(0)
+        d.errback(error)
 
 
 class FakeConn:
@@ -442,6 +465,49 @@ class ReconnectTests(ClientTestCase):
         self.assertEqual(client.state, "offline")
         self.assertEqual(self.server.attempts[0].called, True)
 
+    def test_connect_timeout_covers_the_token(self) -> None:
+        """A token callable that never answers is a failed attempt after request_timeout."""
+        tokens: list[Deferred[str]] = []
+
+        def token() -> Deferred[str]:
+            tokens.append(Deferred())
+            return tokens[-1]
+
+        client = self.make(token=token, request_timeout=15)
+        client.start()
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+        tokens[0].callback("late")  # ours was cancelled, theirs untouched
+        self.clock.advance(60)
+        self.assertEqual(len(tokens), 2)
+        tokens[1].callback("tok")
+        self.server.accept().live()
+        self.assertEqual(client.state, "live")
+
+    def test_catchup_timeout_reconnects(self) -> None:
+        """A catch-up page never answered drops the connection: no stuck syncing."""
+        client = self.make(request_timeout=15)
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=0)
+        conn.take("catchup")
+        self.assertEqual(client.state, "syncing")
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+        self.clock.advance(60)
+        self.server.accept().live()
+        self.assertEqual(client.state, "live")
+
+    def test_sync_timeout_reconnects(self) -> None:
+        client = self.make(request_timeout=15)
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=0)
+        conn.reply(conn.take("catchup"), events=[], seq=0, more=False)
+        conn.take("sync")
+        self.clock.advance(15)
+        self.assertEqual(client.state, "offline")
+
     def test_close(self) -> None:
         client, conn = self.started()
         conn.push(**msg(5, seq=1))
@@ -655,6 +721,16 @@ class StreamTests(ClientTestCase):
         self.assertEqual(edits, ["v1", "v2"])
         self.assertEqual(client.seq, 4)
 
+    def test_msg_after_a_newer_edit_is_not_stale(self) -> None:
+        """A live msg arriving after its newer edit shows the edited version."""
+        client, conn = self.started()
+        edited = {k: v for k, v in msg(5).items() if k != "t"}
+        conn.push(t="edit", **{**edited, "body": "new", "edited": 2}, seq=2)
+        conn.push(**msg(5, seq=1))
+        self.assertEqual(client.seq, 2)
+        messages = [e for e in self.events if isinstance(e, Message)]
+        self.assertEqual([(m.msg["body"], m.msg.get("edited")) for m in messages], [("new", 2)])
+
     def test_gap_runs_catchup(self) -> None:
         client, conn = self.started()
         conn.push(**msg(1, seq=1))
@@ -680,6 +756,22 @@ class StreamTests(ClientTestCase):
         conn.reply(conn.take("read"), unread=0, total_unread=0, seq=1)
         self.result(d)
         self.assertEqual(client.seq, 2)
+        self.clock.advance(10)
+        self.assertNotIn("catchup", conn.ops())
+
+    def test_unknown_push_with_seq_advances(self) -> None:
+        """An unknown push type with a seq is a stream event: no gap, acked, still a push."""
+        client, conn = self.started()
+        pushes: list[Any] = []
+        client.on("push", pushes.append)
+        conn.push(t="poll_vote", seq=1, poll=3)
+        conn.push(**msg(5, seq=2))
+        self.assertEqual(client.seq, 2)
+        self.assertEqual(self.messages(), [5])
+        self.assertEqual([p.frame["t"] for p in pushes], ["poll_vote", "msg"])
+        self.clock.advance(1)
+        ack = conn.take("ack")
+        self.assertEqual(ack["seq"], 2)
         self.clock.advance(10)
         self.assertNotIn("catchup", conn.ops())
 
@@ -719,6 +811,57 @@ class StreamTests(ClientTestCase):
         conn.live(seq=1)
         self.clock.advance(1)
         self.assertEqual(conn.take("ack")["msg_ids"], [1])
+
+    def test_failed_ack_retried_on_the_live_connection(self) -> None:
+        """An ack answered with an error is sent again by a timer, same range."""
+        _client, conn = self.started()
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.error(conn.take("ack"), "unavailable")
+        self.clock.advance(1)
+        again = conn.take("ack")
+        self.assertEqual((again["seq"], again["msg_ids"]), (1, [5]))
+
+    def test_lost_ack_retried_on_the_live_connection(self) -> None:
+        """An ack never answered times out and is sent again."""
+        _client, conn = self.started(request_timeout=15)
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.take("ack")
+        self.clock.advance(15)
+        self.clock.advance(1)
+        again = conn.take("ack")
+        self.assertEqual((again["seq"], again["msg_ids"]), (1, [5]))
+
+    def test_failing_acks_back_off_and_log_once(self) -> None:
+        """
+        Acks failing in a row wait 1 s doubling to 30 s (half jitter: 0.75 of
+        it with random 0.5), new ids wait with them, one log line per streak;
+        a success goes back to the normal batch delay.
+        """
+        logged: list[dict[str, Any]] = []
+        self.patch(client_module, "log", Logger(observer=logged.append))
+        _client, conn = self.started()
+        conn.push(**msg(5, seq=1))
+        self.clock.advance(1)
+        conn.error(conn.take("ack"), "unavailable")
+        for n in range(100, 200):  # a full batch waits for the retry too
+            conn.push(**msg(n))
+        for ceiling in (1, 2, 4, 8, 16, 30, 30):
+            self.clock.advance(0.75 * ceiling - 0.01)
+            self.assertNotIn("ack", conn.ops())
+            self.clock.advance(0.01)
+            ack = conn.take("ack")
+            self.assertEqual((ack["seq"], ack["msg_ids"]), (1, [5, *range(100, 200)]))
+            conn.error(ack, "unavailable")
+        failures = [e for e in logged if "ack failed" in e["log_format"]]
+        self.assertEqual(len(failures), 1)
+        self.clock.advance(22.5)
+        conn.reply(conn.take("ack"))
+        self.assertEqual(len([e for e in logged if "succeed again" in e["log_format"]]), 1)
+        conn.push(**msg(6, seq=2))
+        self.clock.advance(1)
+        self.assertEqual(conn.take("ack")["msg_ids"], [6])
 
     def test_handlers_run_before_ack_and_unsubscribe(self) -> None:
         client, conn = self.started()
@@ -766,6 +909,98 @@ class StoreTests(TestCase):
             self.assertEqual(json.load(f)["seq"], 3)
         self.assertEqual([n for n in os.listdir(os.path.dirname(path))], ["state.json"])
 
+    def test_json_file_store_writes_in_a_thread_one_at_a_time(self) -> None:
+        """
+        A turn's saves are one encoding; the file is written off the reactor,
+        one write in flight, and the latest state written right after it.
+        """
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
+        for n in range(50):
+            store.save({"device": "d", "seq": n, "outbox": []})
+        self.assertEqual((len(threads.calls), store.load()["seq"]), (0, 49))
+        clock.advance(0)
+        self.assertEqual((len(threads.calls), store.writes, os.path.exists(path)), (1, 0, False))
+        state = {"device": "d", "seq": 50, "outbox": []}
+        store.save(state)
+        clock.advance(0)
+        state["seq"] = 1000  # after its turn: encoded already, not saved by this
+        for n in range(51, 60):
+            store.save({"device": "d", "seq": n, "outbox": []})
+            clock.advance(0)
+        self.assertEqual(len(threads.calls), 1)  # the write in flight: the others wait
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 49))
+        self.assertEqual(len(threads.calls), 1)  # the latest, at once
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (2, 59))
+        self.assertEqual((threads.calls, clock.getDelayedCalls()), ([], []))
+
+    def test_json_file_store_flush_writes_the_latest_now(self) -> None:
+        """flush() (at stop) writes synchronously; an older write still queued is skipped."""
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
+        store.save({"device": "d", "seq": 1, "outbox": []})
+        clock.advance(0)
+        store.save({"device": "d", "seq": 2, "outbox": []})
+        store.flush()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 2))
+        threads.run()
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 2))
+        self.assertEqual((threads.calls, clock.getDelayedCalls()), ([], []))
+
+    def test_json_file_store_failed_write_is_logged_and_written_later(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, threads = Clock(), ManualThreads()
+        store = JSONFileStore(path, reactor=clock, run_in_thread=threads)
+        store.save({"device": "d", "seq": 1, "outbox": []})
+        clock.advance(0)
+        threads.fail(OSError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(threads.calls, [])  # not retried at once
+        store.flush()
+        self.assertEqual(JSONFileStore(path).load()["seq"], 1)
+
+    async def test_json_file_store_real_reactor_thread(self) -> None:
+        """With a real reactor the write runs in its thread pool."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        path = os.path.join(self.mktemp(), "state.json")
+        store = JSONFileStore(path, reactor=reactor)
+        store.save({"device": "d", "seq": 7, "outbox": []})
+        await deferLater(reactor, 0, lambda: None)
+        writing = store._writing
+        self.assertIsNotNone(writing)
+        await writing
+        self.assertEqual((store.writes, JSONFileStore(path).load()["seq"]), (1, 7))
+
+    def test_client_flushes_the_store_when_it_stops(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        clock, server = Clock(), FakeServer()
+        store = JSONFileStore(path)
+        client = Client("tcp://h:1", "t", reactor=clock, connector=server.connector, store=store)
+        client.send(PEER, "hi").addErrback(lambda f: None)
+        client.send(PEER, "again").addErrback(lambda f: None)
+        writes = store.writes
+        client.close()
+        self.assertEqual(store.writes, writes + 1)
+        self.assertEqual(len(JSONFileStore(path).load()["outbox"]), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_corrupt_store_is_moved_aside(self) -> None:
+        path = os.path.join(self.mktemp(), "state.json")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write('{"device": "d", "outb')
+        client = Client("tcp://h:1", "t", reactor=Clock(), store=JSONFileStore(path))
+        self.assertEqual(client.outbox, [])
+        with open(path + ".corrupt") as f:
+            self.assertEqual(f.read(), '{"device": "d", "outb')
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_client_keeps_device_and_seq(self) -> None:
         path = os.path.join(self.mktemp(), "state.json")
         clock, server = Clock(), FakeServer()
@@ -791,7 +1026,52 @@ class StoreTests(TestCase):
             connector=server.connector,
             store=JSONFileStore(path),
         )
-        self.assertEqual(other.seq, 0)
+        # The stream and the store are the user's: another device name keeps them.
+        self.assertEqual(other.seq, 4)
+
+    def test_other_device_keeps_the_outbox_other_uid_discards_it(self) -> None:
+        store = MemoryStore()
+        clock, server = Clock(), FakeServer()
+
+        def client(device: str) -> Client:
+            return Client(
+                "tcp://h:1",
+                "t",
+                device=device,
+                reactor=clock,
+                connector=server.connector,
+                store=store,
+            )
+
+        first = client("a")
+        first.start()
+        conn = server.accept()
+        conn.live(seq=4)
+        first.send(PEER, "hi")
+        cid = conn.take("send")["cid"]
+        first.close()
+        conn.lose()
+        second = client("b")
+        self.assertEqual([e["cid"] for e in second.outbox], [cid])
+        second.start()
+        conn = server.accept()
+        conn.live(seq=4)
+        self.assertEqual(conn.take("send")["cid"], cid)  # same cid, another device
+        second.close()
+        conn.lose()
+        third = client("c")
+        third.start()
+        conn = server.accept()
+        request = conn.take("auth")
+        conn.reply(request, uid=UID + 1, heartbeat=30.0, seq=0, head=0)
+        conn.reply(conn.take("catchup"), events=[], seq=0, more=False)
+        conn.reply(conn.take("sync"), msgs=[], more=False)
+        self.assertEqual(third.state, "live")
+        self.assertEqual(third.outbox, [])
+        self.assertEqual(third.seq, 0)
+        self.assertNotIn("send", conn.ops())
+        clock.advance(0)  # saved at the end of the turn
+        self.assertEqual(store.state["uid"], UID + 1)
 
 
 class MoreTests(ClientTestCase):
@@ -867,6 +1147,29 @@ class MoreTests(ClientTestCase):
         self.clock.advance(3600)
         self.assertEqual(client.state, "closed")
         self.assertEqual(self.server.attempts, [])
+
+    def test_no_events_after_close_from_a_handler(self) -> None:
+        """close() from a handler mid catch-up page: the rest of the page is not emitted."""
+        client = self.make()
+        client.on("message", lambda e: client.close())
+        client.start()
+        conn = self.server.accept()
+        conn.reply(conn.take("auth"), uid=UID, heartbeat=30.0, seq=0, head=2)
+        conn.reply(conn.take("catchup"), events=[msg(1, seq=1), msg(2, seq=2)], seq=2, more=False)
+        self.assertEqual(self.messages(), [1])
+
+    def test_kick_ends_the_outbox_retry_delay(self) -> None:
+        """A kick stops the outbox's retry timer; an unawaited send is no unhandled error."""
+        client, conn = self.started()
+        client.send(PEER, "x")
+        conn.error(conn.take("send"), "unavailable")
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        conn.push(t="kick", reason="replaced")
+        conn.lose()
+        self.assertEqual(client.state, "kicked")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_close_while_token_pending(self) -> None:
         d: Deferred[str] = Deferred()
@@ -1128,12 +1431,33 @@ class InFlightTests(ClientTestCase):
         self.assertTrue(conn.transport.disconnecting)
         self.assertLess(self.states[-1].retry_in, 1)
 
+    def test_a_burst_of_sends_is_saved_once(self) -> None:
+        """The state (the whole outbox) is built and saved once per reactor turn, not per send."""
+        saves: list[int] = []
+
+        class Counting(MemoryStore):
+            def save(self, state: dict[str, Any]) -> None:
+                saves.append(len(state["outbox"]))
+                super().save(state)
+
+        client, _ = self.started(store=Counting())
+        self.clock.advance(0)
+        del saves[:]
+        for i in range(200):
+            client.send(PEER, f"m{i}")
+        self.assertEqual(saves, [])
+        self.clock.advance(0)
+        self.assertEqual(saves, [200])
+        client.close()  # the final state is saved at once
+        self.assertEqual(len(saves), 2)
+
     def test_close_ends_every_delay(self) -> None:
         """The reconnect's delay and the outbox's retry delay both end with close()."""
         client, conn = self.started()
         d = client.send(PEER, "x")
         conn.error(conn.take("send"), "unavailable")  # the outbox waits 0.25 s
         conn.lose()  # the reconnect waits too
+        self.clock.advance(0)  # the state saved at the end of the turn
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         client.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -29,3 +29,8 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return self._rng.random() * self.ceiling(attempt)
+
+    def half_jitter(self, attempt: int) -> float:
+        """A delay uniform in C{[ceiling / 2, ceiling]}: spread, yet never (almost) at once."""
+        ceiling = self.ceiling(attempt)
+        return ceiling / 2 + self._rng.random() * ceiling / 2

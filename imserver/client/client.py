@@ -19,6 +19,7 @@ import random as _random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -71,11 +72,21 @@ TERMINAL = frozenset({KICKED, FAILED, CLOSED})
 
 #: Push types that are events of the user's stream (they carry its seq).
 STREAM = frozenset({"msg", "read", "recall", "edit", "hide", "clear", "mute"})
+#: Pushes known not to be of the stream: any other type with an int seq (a
+#: newer server's stream event) advances the seq like a known one, so it is
+#: acked and later seqs are no gap.
+NOT_STREAM = frozenset(
+    {"delivered", "typing", "presence", "profile", "block", "kick", "sync", "goaway", "error"}
+)
 #: Replies that carry the caller's seq of the event they made.
 SEQ_REPLIES = frozenset({"send", "read", "recall", "edit", "hide", "clear", "mute"})
 
 ACK_DELAY = 1.0
 ACK_BATCH = 100
+#: A failing ack (error or no answer) is retried after 1 s doubling to 30 s
+#: (half jitter), back to ACK_DELAY once one succeeds.
+ACK_RETRY_BASE = 1.0
+ACK_RETRY_MAX = 30.0
 GAP_DELAY = 3.0
 CATCHUP_LIMIT = 500
 SYNC_LIMIT = 100
@@ -152,12 +163,21 @@ class Client:
         self._rng: RandomSource = random if random is not None else _random.SystemRandom()
         self._backoff = Backoff(backoff_base, backoff_max, self._rng)
         self._store: Store = store if store is not None else MemoryStore()
+        #: The end-of-turn save scheduled by L{_save}, if any.
+        self._save_call: IDelayedCall | None = None
+        use_reactor = getattr(self._store, "use_reactor", None)
+        if use_reactor is not None:
+            use_reactor(reactor)  # JSONFileStore: written in its threads
 
         saved = self._store.load() or {}
         saved_device = saved.get("device") if isinstance(saved.get("device"), str) else None
         self._device: str = device or saved_device or "py-" + random_id(self._rng, 12)
-        same_device = saved_device == self._device
-        self._position = Position(int(saved.get("seq", 0)) if same_device else 0)
+        # The state belongs to the user, not the device: another device name
+        # keeps the seq and the outbox (cids are unique strings); only another
+        # uid (checked at auth) discards them.
+        saved_uid = saved.get("uid")
+        self._saved_uid: int | None = saved_uid if isinstance(saved_uid, int) else None
+        self._position = Position(int(saved.get("seq", 0)))
         self._acked_seq = self._position.seq
 
         self._state = OFFLINE
@@ -175,6 +195,9 @@ class Client:
         self._recalls = LRU()
         self._ack_ids: list[int] = []
         self._ack_timer: IDelayedCall | None = None
+        self._ack_retry = Backoff(ACK_RETRY_BASE, ACK_RETRY_MAX, self._rng)
+        #: Acks failed in a row on a live connection (the backoff's attempt).
+        self._ack_failures = 0
         self._gap_timer: IDelayedCall | None = None
         self._resyncing = False
         self._resync_again = False
@@ -184,8 +207,8 @@ class Client:
         self._outbox = Outbox(
             self._device, self._rng, self._transmit, self._sleep, self._backoff, self._save
         )
-        self._outbox.restore(saved.get("outbox", []) if same_device else [])
-        self._save()
+        self._outbox.restore(saved.get("outbox", []))
+        self._save_now()
 
     # -- properties
 
@@ -403,6 +426,8 @@ class Client:
 
     async def _transmit(self, entry: Entry) -> Result:
         conn = await self._when_live(None)
+        if entry.discarded:
+            raise client_error("discarded", "another user's stored send")
         sending = conn.request("send", **_send_fields(entry))
         # Unanswered on a live connection (a stuck backend): sent again, same cid.
         sending.addTimeout(self.request_timeout, self.reactor)
@@ -501,18 +526,50 @@ class Client:
             await self._sleep(delay)
 
     async def _open(self) -> Connection:
-        token = self._token() if callable(self._token) else self._token
-        if inspect.isawaitable(token):
-            token = await token
-        if self._state in TERMINAL:
-            raise CancelledError()
-        opening = Deferred.fromCoroutine(self._connect_and_auth(str(token)))
+        """
+        Token, connect and auth under one C{request_timeout} (the connect
+        timeout), counted from the start of the attempt: a token callable
+        that never answers is a failed attempt like a silent server.
+        """
+        opening = Deferred.fromCoroutine(self._token_and_connect())
         self._opening = opening
         opening.addTimeout(self.request_timeout, self.reactor)
         try:
             return await opening
         finally:
             self._opening = None
+
+    async def _token_and_connect(self) -> Connection:
+        token = await self._fetch_token()
+        if self._state in TERMINAL:
+            raise CancelledError()
+        return await self._connect_and_auth(str(token))
+
+    def _fetch_token(self) -> Deferred[Any]:
+        """
+        The token, in a Deferred of our own: a timeout or close() cancels
+        ours, never the caller's (it may still fire it later).
+        """
+        if not callable(self._token):
+            return succeed(self._token)
+        try:
+            token = self._token()
+        except Exception:
+            return fail()
+        if not inspect.isawaitable(token):
+            return succeed(token)
+        theirs = token if isinstance(token, Deferred) else Deferred.fromCoroutine(_await(token))
+        ours: Deferred[Any] = Deferred()
+
+        def relay(result: object) -> None:
+            if not ours.called:
+                if isinstance(result, Failure):
+                    ours.errback(result)
+                else:
+                    ours.callback(result)
+
+        theirs.addBoth(relay)
+        return ours
 
     async def _connect_and_auth(self, token: str) -> Connection:
         connector = self._connector or (lambda r, u: connect_url(r, u, self._origin))
@@ -536,6 +593,17 @@ class Client:
             raise
         conn.authed = True
         self._uid = proto.uid = int(reply["uid"])
+        if self._saved_uid is not None and self._saved_uid != self._uid:
+            # Another user's state: its seq and its unsent messages are not ours.
+            log.info(
+                "the store was {old}'s, not {uid}'s: its state is discarded",
+                old=self._saved_uid,
+                uid=self._uid,
+            )
+            self._outbox.discard_restored()
+            self._position.reset(int(reply.get("head", reply.get("seq", 0)) or 0))
+            self._acked_seq = self._position.seq
+        self._saved_uid = self._uid
         conn.start_heartbeat(float(reply.get("heartbeat", DEFAULT_HEARTBEAT)))
         start = reply.get("seq")
         if reply.get("reset"):
@@ -568,11 +636,25 @@ class Client:
         if self._ack_ids or self._position.seq > self._acked_seq:
             self._schedule_acks()
 
+    async def _internal(self, conn: Connection, op: str, **fields: Any) -> dict[str, Any]:
+        """
+        A request the client itself awaits (catch-up, sync, watch): under
+        C{request_timeout}, and the connection dropped if it passes, so a
+        server that never answers costs a reconnect, not a stuck state.
+        """
+        d = conn.request(op, **fields)
+        d.addTimeout(self.request_timeout, self.reactor)
+        try:
+            return await d
+        except TimeoutError as e:
+            conn.drop("timeout")
+            raise client_error("timeout", f"no {op} answer within {self.request_timeout}s") from e
+
     async def _watch_again(self, conn: Connection) -> None:
         """A watch lasts as long as its connection: watch again, and say the state now."""
         watched = self._watched
         try:
-            reply = await conn.request("watch", uids=watched)
+            reply = await self._internal(conn, "watch", uids=watched)
         except RequestFailed as e:
             if conn.gone:
                 raise
@@ -586,7 +668,9 @@ class Client:
 
     async def _catchup_pages(self, conn: Connection) -> None:
         while True:
-            page = await conn.request("catchup", after=self._position.seq, limit=CATCHUP_LIMIT)
+            page = await self._internal(
+                conn, "catchup", after=self._position.seq, limit=CATCHUP_LIMIT
+            )
             for event in page.get("events", []):
                 self._stream_event(conn, dict(event), replay=True)
             seq = page.get("seq")
@@ -603,7 +687,7 @@ class Client:
             fields: dict[str, Any] = {"limit": SYNC_LIMIT}
             if after is not None:
                 fields["after"] = after
-            page = await conn.request("sync", **fields)
+            page = await self._internal(conn, "sync", **fields)
             msgs = page.get("msgs", [])
             for msg in msgs:
                 self._stream_event(conn, {"t": "msg", **msg}, replay=True)
@@ -689,7 +773,8 @@ class Client:
         seq = frame.get("seq")
         to_me = t == "msg" and frame.get("to") == self._uid
         has_seq = isinstance(seq, int) and not isinstance(seq, bool)
-        if t in STREAM and has_seq and not self._note_seq(int(seq or 0)):
+        in_stream = t in STREAM or t not in NOT_STREAM
+        if in_stream and has_seq and not self._note_seq(int(seq or 0)):
             if to_me:
                 self._queue_ack(frame.get("msg_id"))
             return
@@ -703,14 +788,18 @@ class Client:
                     self._queue_ack(msg_id)
                 return
             self._msgs.put(msg_id)
-            if int(event.msg.get("edited", 0)) > int(self._edits.get(msg_id, -1)):
-                self._edits.put(msg_id, int(event.msg.get("edited", 0)))
+            version, newer = self._edits.get(msg_id, (-1, None))
+            if int(event.msg.get("edited", 0)) > version:
+                self._edits.put(msg_id, (int(event.msg.get("edited", 0)), None))
+            elif newer is not None:
+                # A newer edit came first (pushes race): show that version, not this one.
+                event = attrs.evolve(event, msg={**event.msg, **newer})
         elif isinstance(event, Edit):
             msg_id = event.msg.get("msg_id")
             edited = int(event.msg.get("edited", 0))
-            if int(self._edits.get(msg_id, -1)) >= edited:
+            if self._edits.get(msg_id, (-1, None))[0] >= edited:
                 return
-            self._edits.put(msg_id, edited)
+            self._edits.put(msg_id, (edited, dict(event.msg)))
         elif isinstance(event, Recall) and event.seq is None:
             if event.msg_id in self._recalls:
                 return
@@ -720,6 +809,8 @@ class Client:
             self._queue_ack(frame.get("msg_id"))
 
     def _emit(self, event: Event) -> None:
+        if self._state == CLOSED and not isinstance(event, StateChanged):
+            return  # closed (maybe from a handler mid-page): nothing more is emitted
         for handler in list(self._handlers.get(event.name, ())):
             try:
                 result = handler(event)
@@ -753,11 +844,18 @@ class Client:
         for d in waiters:
             d.errback(error)
         self._outbox.stop(error)
+        self._wake()  # the outbox's retry delays (and a reconnect's) end now
         for timer in (self._ack_timer, self._gap_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._ack_timer = self._gap_timer = None
-        self._save()
+        self._save_now()
+        flush = getattr(self._store, "flush", None)
+        if flush is not None:
+            try:
+                flush()  # the final state, written now
+            except Exception:
+                log.failure("saving the client's state failed")
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         """A delay (the reconnect's, the outbox's retries) that close() ends at once."""
@@ -816,16 +914,25 @@ class Client:
         if not isinstance(msg_id, int) or msg_id in self._ack_ids:
             return
         self._ack_ids.append(msg_id)
-        if len(self._ack_ids) >= ACK_BATCH:
+        if len(self._ack_ids) >= ACK_BATCH and not self._ack_failures:
             self._flush_acks()
         else:
             self._schedule_acks()
 
-    def _schedule_acks(self) -> None:
+    def _schedule_acks(self, retry: bool = False) -> None:
+        """
+        The next ack batch: within ACK_DELAY, or while acks fail, after the
+        backoff's delay (a retry replaces a sooner timer: new ids wait too).
+        """
         if self._state in TERMINAL:
             return
+        if retry and self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
         if self._ack_timer is None or not self._ack_timer.active():
-            self._ack_timer = self.reactor.callLater(ACK_DELAY, self._flush_acks)
+            delay = ACK_DELAY
+            if self._ack_failures:
+                delay = self._ack_retry.half_jitter(self._ack_failures - 1)
+            self._ack_timer = self.reactor.callLater(delay, self._flush_acks)
 
     def _flush_acks(self) -> None:
         if self._ack_timer is not None and self._ack_timer.active():
@@ -845,27 +952,66 @@ class Client:
             return
 
         def acked(_: object) -> None:
+            if self._ack_failures:
+                log.info("acks succeed again after {count} failures", count=self._ack_failures)
+                self._ack_failures = 0
             if "seq" in fields and seq > self._acked_seq:
                 self._acked_seq = seq
                 self._save()
 
         def failed(f: Failure) -> None:
-            # Still pending on the server: ack them on the next connection.
+            # Still pending on the server: acked again by the next batch (on this
+            # connection if it is still up, a timer makes sure there is one).
             self._ack_ids = [i for i in ids if i not in self._ack_ids] + self._ack_ids
-            if self._state != CLOSED:  # close() acks and closes: that reply is lost
-                log.info("ack failed: {error}", error=f.getErrorMessage())
+            if self._state == CLOSED:  # close() acks and closes: that reply is lost
+                return
+            if self._conn is not conn or conn.gone:
+                return  # the connection's loss: the next connection acks them
+            self._ack_failures += 1
+            if self._ack_failures == 1:  # once per failure streak
+                log.info(
+                    "ack failed ({error}): retried after {base}s doubling to {max}s",
+                    error=f.getErrorMessage(),
+                    base=ACK_RETRY_BASE,
+                    max=ACK_RETRY_MAX,
+                )
+            self._schedule_acks(retry=True)
 
-        conn.request("ack", **fields).addCallbacks(acked, failed)
+        acking = conn.request("ack", **fields)
+        # An ack never answered (a stuck backend) is failed, so it is sent again.
+        acking.addTimeout(self.request_timeout, self.reactor)
+        acking.addCallbacks(acked, failed)
         if self._ack_ids:
             self._schedule_acks()
 
     def _save(self) -> None:
+        """
+        Save the state at the end of this reactor turn: a burst of sends
+        builds the state (the whole outbox) once, not once per send.
+        """
+        if self._save_call is None:
+            self._save_call = self.reactor.callLater(0, self._save_now)
+
+    def _save_now(self) -> None:
+        if self._save_call is not None:
+            if self._save_call.active():
+                self._save_call.cancel()
+            self._save_call = None
         try:
             self._store.save(
-                {"device": self._device, "seq": self._position.seq, "outbox": self._outbox.state()}
+                {
+                    "device": self._device,
+                    "uid": self._uid if self._uid is not None else self._saved_uid,
+                    "seq": self._position.seq,
+                    "outbox": self._outbox.state(),
+                }
             )
         except Exception:
             log.failure("saving the client's state failed")
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def _log_handler_failure(f: Failure, name: str) -> None:

@@ -41,6 +41,8 @@ class Entry:
     type: str | None = None
     #: Who waits for the result (None for an entry loaded from the store).
     result: Deferred[dict[str, Any]] | None = None
+    #: Loaded from the store, then found to be another user's: never sent.
+    discarded: bool = False
 
     def state(self) -> dict[str, Any]:
         return {"cid": self.cid, "to": self.to, "type": self.type, "body": self.body}
@@ -97,6 +99,17 @@ class Outbox:
                 Entry(str(item["cid"]), int(item["to"]), item["body"], item.get("type"))
             )
 
+    def discard_restored(self) -> None:
+        """Forget the entries an earlier run saved (nobody waits on them): another user's."""
+        for peer, queue in list(self._queues.items()):
+            for e in queue:
+                if e.result is None:
+                    e.discarded = True
+            queue[:] = [e for e in queue if not e.discarded]
+            if not queue:
+                del self._queues[peer]
+        self._changed()
+
     def add(self, entry: Entry) -> None:
         if self._stopped is not None:
             raise self._stopped
@@ -116,12 +129,23 @@ class Outbox:
         d.addErrback(lambda f: log.failure("outbox for {peer} failed", f, peer=peer))
 
     def stop(self, error: RequestFailed) -> None:
-        """Reject every waiter with C{error}; the entries stay (they are in the store)."""
+        """
+        Reject every waiter with C{error}; the entries stay (they are in the
+        store). A send's Deferred nobody waits on yet keeps its failure for
+        whoever looks later, but is not reported as "Unhandled error in
+        Deferred" if nobody ever does: the send is not lost (kept for the
+        next Client). Twisted has no public way to say so: this clears the
+        Deferred's pending unhandled-failure record (C{_debugInfo}).
+        """
         self._stopped = error
         for entry in self.entries:
             if entry.result is not None and not entry.result.called:
                 result, entry.result = entry.result, None
+                waited = bool(result.callbacks)
                 result.errback(error)
+                info = getattr(result, "_debugInfo", None)
+                if not waited and info is not None:
+                    info.failResult = None
 
     async def _drain(self, peer: int) -> None:
         try:
@@ -129,6 +153,9 @@ class Outbox:
             while queue and self._stopped is None:
                 entry = queue[0]
                 outcome = await self._send(entry)
+                if entry.discarded:
+                    queue = self._queues.get(peer)  # no longer in it
+                    continue
                 if self._stopped is not None or (
                     isinstance(outcome, RequestFailed) and outcome.code in STOPPED
                 ):
