@@ -307,6 +307,8 @@ export class Client {
   }
 
   private emit<K extends EventName>(name: K, event: ClientEvents[K]): void {
+    // Once closed (e.g. by a handler mid catch-up page) nothing more is emitted but that state change.
+    if (this._state === "closed" && name !== "state") return;
     const set = this.handlers.get(name);
     if (set === undefined) return;
     for (const handler of [...set]) {
@@ -1142,10 +1144,15 @@ export class Client {
     return this.request("presence", { uids });
   }
 
-  /** Watch these users' presence (replaces the set); watched again after every reconnect. */
+  /**
+   * Watch these users' presence (replaces the set); watched again after every reconnect.
+   * The set is kept only once the server accepted it, so a refused watch is not repeated.
+   */
   async watch(uids: number[]): Promise<{ users: PresenceState[] }> {
-    this.watched = [...uids];
-    return this.request("watch", { uids });
+    const wanted = [...uids];
+    const reply = await this.request<{ users: PresenceState[] }>("watch", { uids: wanted });
+    this.watched = wanted;
+    return reply;
   }
 
   typing(to: number, active: boolean): Promise<Record<string, never>> {

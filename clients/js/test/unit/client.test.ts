@@ -908,3 +908,28 @@ test("a late reply is not a push", async () => {
   await flush();
   assert.deepEqual(pushes, []);
 });
+
+test("close() from a handler: the rest of a re-watch reply's presence is not emitted", async () => {
+  const s = setup();
+  await live(s);
+  s.server.handlers.watch = (req) => ({ users: (req.uids as number[]).map((uid) => ({ uid, online: true, last_seen: 1 })) });
+  await s.client.watch([7, 8]);
+  s.client.on("presence", () => s.client.close());
+  s.server.socket.close();
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "closed");
+  assert.equal(s.of("presence").length, 1);
+});
+
+test("a refused watch is not kept: the reconnect re-watches the last accepted set", async () => {
+  const s = setup();
+  await live(s);
+  s.server.handlers.watch = (req) =>
+    (req.uids as number[]).includes(9) ? { error: "bad_request" } : { users: [] };
+  await s.client.watch([7]);
+  await assert.rejects(s.client.watch([7, 9]), (e: unknown) => e instanceof ImError && e.code === "bad_request");
+  s.server.socket.close();
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "live");
+  assert.deepEqual(s.server.sockets[1]!.of("watch")[0]!.uids, [7]);
+});
