@@ -6,7 +6,7 @@
  * default here; node.ts adds TCP and the ws package).
  */
 
-import type { Frame } from "./codec.js";
+import { type Frame, encodeBody } from "./codec.js";
 import { Connection } from "./connection.js";
 import { ImError, RETRIED_CODES } from "./errors.js";
 import { Lru } from "./lru.js";
@@ -75,6 +75,14 @@ export interface ClientOptions {
   gapTimeout?: number;
   /** Page size of catch-up and sync (default 100). */
   pageLimit?: number;
+  /**
+   * Bytes (default 65536): the server's `max_frame_bytes` (its config; the
+   * client cannot ask it). A send or request whose frame body is larger fails
+   * with `too_large` without being sent: the server would close the
+   * connection, and a send would be retried for ever. A `frame_too_large`
+   * from the server (TCP) lowers it below the largest request then in flight.
+   */
+  maxFrameBytes?: number;
   /** Called with an exception thrown by an event handler (default console.error). */
   onHandlerError?: (error: unknown, event: EventName) => void;
 }
@@ -98,6 +106,8 @@ interface Waiter {
 
 const TERMINAL: ReadonlySet<State> = new Set(["kicked", "failed", "closed"]);
 const MAX_ACK_IDS = 500;
+/** The largest request id: a send's size is checked with it (the real id is never longer). */
+const ID_BOUND = 0xffffffff;
 
 function defaultConnector(url: string): Connector {
   if (/^wss?:/i.test(url)) return webSocketConnector();
@@ -182,6 +192,8 @@ export class Client {
   /** The outbox as it was when the client turned terminal: saved from then on. */
   private keptOutbox: OutboxEntry[] | undefined;
   private terminalError: ImError | undefined;
+  /** The known frame limit: lowered by a `frame_too_large` from the server. */
+  private maxFrameBytes: number;
 
   constructor(options: ClientOptions) {
     if (!options.url) throw new TypeError("Client needs a url");
@@ -192,6 +204,7 @@ export class Client {
     this.random = options.random ?? Math.random;
     this.store = options.store ?? new MemoryStore();
     this.cidPrefix = randomId(this.random, 8);
+    this.maxFrameBytes = options.maxFrameBytes ?? 65536;
     if (options.device !== undefined) this.checkDevice(options.device);
   }
 
@@ -411,6 +424,7 @@ export class Client {
       return;
     }
     this.conn = conn;
+    conn.maxRequestBytes = this.maxFrameBytes;
     let auth: AuthResult;
     try {
       auth = (await conn.request(
@@ -722,6 +736,17 @@ export class Client {
       this.terminate("kicked", new ImError("kicked", reason));
       return;
     }
+    if (t === "error" && frame.code === "frame_too_large") {
+      // The server closes now. The largest frame in flight is over its limit
+      // (the one it refused is): lower ours, so that one fails with too_large
+      // on the next connection instead of closing it too.
+      const largest = this.conn?.largestUnanswered ?? 0;
+      if (largest > 0 && largest <= this.maxFrameBytes) {
+        this.maxFrameBytes = largest - 1;
+        if (this.conn !== undefined) this.conn.maxRequestBytes = this.maxFrameBytes;
+      }
+      return;
+    }
     if (t === "goaway") {
       this.goingAway = true;
       const conn = this.conn;
@@ -952,11 +977,7 @@ export class Client {
     const conn = this.conn;
     if (conn === undefined) return;
     item.inFlight = true;
-    const { to, cid, body, type } = item.entry;
-    const fields: Frame = { to, cid };
-    if (type !== undefined) fields.type = type;
-    fields.body = body;
-    conn.request("send", fields, this.requestTimeoutMs).then(
+    conn.request("send", this.sendFields(item.entry), this.requestTimeoutMs).then(
       (reply) => {
         item.inFlight = false;
         this.removeItem(item);
@@ -987,6 +1008,28 @@ export class Client {
     );
   }
 
+  /** An error if the server could not read this send (it would close the connection). */
+  private checkSize(entry: OutboxEntry): ImError | undefined {
+    let size: number;
+    try {
+      size = encodeBody({ t: "send", id: ID_BOUND, ...this.sendFields(entry) }).length;
+    } catch (e) {
+      return new ImError("invalid", `the body cannot be encoded: ${reasonOf(e, "invalid")}`);
+    }
+    if (size > this.maxFrameBytes) {
+      return new ImError("too_large", `a send frame of ${size} bytes is over maxFrameBytes (${this.maxFrameBytes})`);
+    }
+    return undefined;
+  }
+
+  private sendFields(entry: OutboxEntry): Frame {
+    const { to, cid, body, type } = entry;
+    const fields: Frame = { to, cid };
+    if (type !== undefined) fields.type = type;
+    fields.body = body;
+    return fields;
+  }
+
   private isQueued(item: OutboxItem): boolean {
     return this.outboxes.get(item.entry.to)?.includes(item) ?? false;
   }
@@ -1011,6 +1054,8 @@ export class Client {
       const add = (): void => {
         const entry: OutboxEntry = { cid: this.newCid(), to, body };
         if (type !== undefined) entry.type = type;
+        const refused = this.checkSize(entry);
+        if (refused !== undefined) return reject(refused);
         this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
         this.saveSoon();
         this.pumpOutbox();

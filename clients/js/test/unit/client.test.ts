@@ -933,3 +933,60 @@ test("a refused watch is not kept: the reconnect re-watches the last accepted se
   assert.equal(s.client.state, "live");
   assert.deepEqual(s.server.sockets[1]!.of("watch")[0]!.uids, [7]);
 });
+
+test("too_large: a send over maxFrameBytes fails at once, unsent and not in the outbox or the store", async () => {
+  const store = new MemoryStore();
+  const s = setup({ store, maxFrameBytes: 200 });
+  await live(s);
+  const big = s.client.send(7, "x".repeat(200));
+  assert.deepEqual(s.client.outbox, []); // never queued, not even for a moment
+  await assert.rejects(big, (e: unknown) => e instanceof ImError && e.code === "too_large");
+  // Offline too: refused at once, not kept until a connection.
+  s.server.refuse = true;
+  s.server.socket.close();
+  await s.clock.advance(0);
+  assert.equal(s.client.state, "offline");
+  await assert.rejects(s.client.send(7, "y".repeat(200)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.deepEqual(s.client.outbox, []);
+  s.server.refuse = false;
+  await s.clock.advance(60_000);
+  assert.equal(s.client.state, "live");
+  s.server.handlers.send = () => ({ msg_id: 1n, session_id: 1n, ts: 1, dup: false });
+  await s.client.send(7, "x".repeat(100));
+  await flush();
+  assert.equal(s.server.of("send").length, 1);
+  assert.deepEqual(store.state?.outbox, []);
+});
+
+test("too_large: the default limit is 65536 bytes", async () => {
+  const s = setup();
+  await live(s);
+  await assert.rejects(s.client.send(7, "x".repeat(65536)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.equal(s.server.of("send").length, 0);
+});
+
+test("frame_too_large from the server lowers the limit: the send fails with too_large on the next connection", async () => {
+  const server = new FakeServer();
+  server.handlers.send = (req, sock) => {
+    if (String(req.body).length > 300) {
+      sock.push({ t: "error", code: "frame_too_large", message: "frame length over 300" });
+      sock.close();
+      return null;
+    }
+    return { msg_id: 1n, session_id: 1n, ts: 1, dup: false };
+  };
+  const s = setup({}, server);
+  await live(s);
+  const big = s.client.send(7, "x".repeat(500));
+  const refused = assert.rejects(big, (e: unknown) => e instanceof ImError && e.code === "too_large");
+  await s.clock.advance(1000);
+  await refused;
+  assert.equal(s.client.state, "live");
+  assert.equal(server.sockets.length, 2);
+  assert.equal(server.sockets[1]!.of("send").length, 0);
+  assert.deepEqual(s.client.outbox, []);
+  // Smaller ones still go; one just over the lowered limit is refused locally.
+  await s.client.send(7, "x".repeat(200));
+  await assert.rejects(s.client.send(7, "x".repeat(499)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.equal(server.of("send").length, 2);
+});
