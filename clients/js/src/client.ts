@@ -171,6 +171,8 @@ export class Client {
   private held: Frame[] = [];
   private goingAway = false;
   private pingInFlight = false;
+  /** Acks failed in a row on this connection: the retry waits longer each time. */
+  private ackFailures = 0;
   private resyncChain: Promise<void> = Promise.resolve();
 
   private reconnectTimer: unknown;
@@ -449,6 +451,7 @@ export class Client {
     }
     if (gen !== this.gen) return;
     this.authed = true;
+    this.ackFailures = 0;
     this._uid = auth.uid;
     this.heartbeat = typeof auth.heartbeat === "number" && auth.heartbeat > 0 ? auth.heartbeat : 30;
     if (auth.reset) {
@@ -854,12 +857,12 @@ export class Client {
     else this.scheduleAck();
   }
 
-  private scheduleAck(): void {
+  private scheduleAck(delay = this.opts.ackDelay ?? 1): void {
     if (this.ackTimer !== undefined) return;
     this.ackTimer = this.timers.setTimeout(() => {
       this.ackTimer = undefined;
       this.flushAcks();
-    }, (this.opts.ackDelay ?? 1) * 1000);
+    }, delay * 1000);
   }
 
   /** Send what is to ack now: msg_ids (500 a frame) and the contiguous seq. */
@@ -881,11 +884,21 @@ export class Client {
         conn.sendFrame({ t: "ack", id: 0x7fffffff, ...fields });
         continue;
       }
-      conn.request("ack", fields, this.requestTimeoutMs).catch(() => {
-        // Not acked: again on the next connection (the server may resend them).
-        for (const id of ids) this.pendingAcks.add(id);
-        if (this.ackedSeq === seq) this.ackedSeq = before;
-      });
+      conn.request("ack", fields, this.requestTimeoutMs).then(
+        () => {
+          if (conn === this.conn) this.ackFailures = 0;
+        },
+        (e: ImError) => {
+          // Not acked: again later on this connection if it is still up (else
+          // on the next one: the server may resend them meanwhile).
+          for (const id of ids) this.pendingAcks.add(id);
+          if (this.ackedSeq === seq) this.ackedSeq = before;
+          if (conn !== this.conn || !this.authed || !RETRIED_CODES.has(e.code)) return;
+          this.ackFailures++;
+          const base = this.opts.ackDelay ?? 1;
+          this.scheduleAck(Math.min(this.opts.backoffMax ?? 30, base * 2 ** this.ackFailures));
+        },
+      );
     } while (this.pendingAcks.size > 0);
   }
 

@@ -990,3 +990,26 @@ test("frame_too_large from the server lowers the limit: the send fails with too_
   await assert.rejects(s.client.send(7, "x".repeat(499)), (e: unknown) => e instanceof ImError && e.code === "too_large");
   assert.equal(server.of("send").length, 2);
 });
+
+test("a failed ack on a live connection is sent again after a growing delay", async () => {
+  const server = new FakeServer();
+  let fails = 2;
+  server.handlers.ack = () => (fails-- > 0 ? { error: "internal" } : {});
+  const s = setup({}, server);
+  await live(s);
+  const m = msg({ from: 7, to: 42 });
+  server.socket.push({ t: "msg", ...m, seq: 1 });
+  await s.clock.advance(1000);
+  assert.equal(server.of("ack").length, 1);
+  await s.clock.advance(1999);
+  assert.equal(server.of("ack").length, 1);
+  await s.clock.advance(1); // 2 s after the first failure
+  assert.equal(server.of("ack").length, 2);
+  await s.clock.advance(4000); // then 4 s
+  const acks = server.of("ack");
+  assert.equal(acks.length, 3);
+  assert.deepEqual(acks.map((a) => [a.msg_ids, a.seq]), [[[m.msg_id], 1], [[m.msg_id], 1], [[m.msg_id], 1]]);
+  await s.clock.advance(60_000);
+  assert.equal(server.of("ack").length, 3);
+  assert.equal(server.sockets.length, 1);
+});
