@@ -1013,3 +1013,16 @@ test("a failed ack on a live connection is sent again after a growing delay", as
   assert.equal(server.of("ack").length, 3);
   assert.equal(server.sockets.length, 1);
 });
+
+test("a message arriving after our own newer edit of it shows the edited body", async () => {
+  const s = setup();
+  await live(s);
+  const m = msg({ from: 42, to: 7, body: "old" });
+  s.server.handlers.edit = () => ({ edited: 7, seq: 1 });
+  await s.client.edit(m.msg_id as bigint, "mine");
+  s.server.socket.push({ t: "msg", ...m, seq: 2 });
+  s.server.socket.push({ t: "edit", ...m, body: "older", edited: 6, seq: 3 });
+  await s.clock.advance(0);
+  assert.deepEqual(s.of("message").map((e) => [e.msg.body, e.msg.edited]), [["mine", 7]]);
+  assert.equal(s.of("edit").length, 0);
+});
