@@ -96,6 +96,8 @@ interface OutboxItem {
   inFlight: boolean;
   retryTimer: unknown;
   tries: number;
+  /** Marks the send's promise handled: a kick or close rejects it, awaited or not. */
+  quiet?: () => void;
 }
 
 interface Waiter {
@@ -164,7 +166,7 @@ export class Client {
   private loaded: Promise<void> | undefined;
   private isLoaded = false;
   /** Sends made while the store loads: queued after the stored outbox, in order. */
-  private early: { add(): void; reject(error: unknown): void }[] = [];
+  private early: { add(): void; reject(error: unknown): void; quiet(): void }[] = [];
   private attempt = 0;
   private heartbeat = 30;
   private holding = false;
@@ -554,14 +556,22 @@ export class Client {
     }
     for (const w of this.liveWaiters.splice(0)) w.reject(error);
     // Sends made while the store loaded: never stored (that would overwrite it).
-    for (const send of this.early.splice(0)) send.reject(error);
+    for (const send of this.early.splice(0)) {
+      send.quiet();
+      send.reject(error);
+    }
     // The entries stay in the store: the next Client that loads it sends them.
     // Saved now, before the queues are cleared: a save still pending from this
     // tick would otherwise read the empty outbox and wipe the stored one.
     this.keptOutbox = this.outbox;
     this.saveNow();
+    // A send nobody awaited must not turn into an unhandledRejection here:
+    // the stop is reported by the state event, and the entry stays stored.
     for (const queue of this.outboxes.values()) {
-      for (const item of queue) item.reject?.(error);
+      for (const item of queue) {
+        item.quiet?.();
+        item.reject?.(error);
+      }
     }
     this.outboxes.clear();
   }
@@ -1063,20 +1073,23 @@ export class Client {
   send(to: number, body: Body, type?: string): Promise<SendResult> {
     if (TERMINAL.has(this._state)) return Promise.reject(this.terminalError ?? new ImError("closed"));
     if (!this.started) return Promise.reject(new ImError("closed", "call start() first"));
-    return new Promise<SendResult>((resolve, reject) => {
+    const promise = new Promise<SendResult>((resolve, reject) => {
+      // Called only at a kick or close, once `promise` is set.
+      const quiet = (): void => void promise.catch(() => undefined);
       const add = (): void => {
         const entry: OutboxEntry = { cid: this.newCid(), to, body };
         if (type !== undefined) entry.type = type;
         const refused = this.checkSize(entry);
         if (refused !== undefined) return reject(refused);
-        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
+        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0, quiet });
         this.saveSoon();
         this.pumpOutbox();
       };
       // Queued at once once loaded (a close() in the same tick still stores it).
       if (this.isLoaded) add();
-      else this.early.push({ add, reject });
+      else this.early.push({ add, reject, quiet });
     });
+    return promise;
   }
 
   // ---- requests ----------------------------------------------------------

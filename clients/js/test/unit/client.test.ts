@@ -1026,3 +1026,55 @@ test("a message arriving after our own newer edit of it shows the edited body", 
   assert.deepEqual(s.of("message").map((e) => [e.msg.body, e.msg.edited]), [["mine", 7]]);
   assert.equal(s.of("edit").length, 0);
 });
+
+async function unhandledDuring(body: () => Promise<void>): Promise<unknown[]> {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => void unhandled.push(e);
+  process.on("unhandledRejection", onUnhandled);
+  try {
+    await body();
+    await flush(10);
+  } finally {
+    process.off("unhandledRejection", onUnhandled);
+  }
+  return unhandled;
+}
+
+for (const stop of ["kick", "close"] as const) {
+  test(`${stop}: no outbox retry timer is left; unawaited sends raise no unhandledRejection, awaited ones reject`, async () => {
+    const server = new FakeServer();
+    server.handlers.send = () => ({ error: "unavailable" });
+    const s = setup({ backoffMax: 1000, backoffBase: 100 }, server);
+    let awaited: Promise<void> | undefined;
+    const unhandled = await unhandledDuring(async () => {
+      await live(s);
+      void s.client.send(7, "retried, not awaited");
+      const waited = s.client.send(8, "retried, awaited");
+      awaited = assert.rejects(waited, (e: unknown) => e instanceof ImError && e.code === (stop === "kick" ? "kicked" : "closed"));
+      await s.clock.advance(0);
+      assert.equal(server.of("send").length, 2); // both now wait in a retry delay
+      if (stop === "kick") server.socket.push({ t: "kick", reason: "logged out" });
+      else s.client.close();
+      await flush();
+      await awaited;
+    });
+    assert.deepEqual(unhandled, []);
+    assert.equal(s.client.state, stop === "kick" ? "kicked" : "closed");
+    assert.equal(s.clock.timers, 0);
+    await s.clock.advance(1_000_000);
+    assert.equal(server.of("send").length, 2);
+  });
+}
+
+test("close() before the store is loaded: an unawaited early send raises no unhandledRejection", async () => {
+  let release: ((v: StoredState | undefined) => void) | undefined;
+  const store = { load: () => new Promise<StoredState | undefined>((r) => (release = r)), save: () => undefined };
+  const s = setup({ store });
+  const unhandled = await unhandledDuring(async () => {
+    void s.client.start().catch(() => undefined);
+    void s.client.send(7, "early");
+    s.client.close();
+    release!(undefined);
+  });
+  assert.deepEqual(unhandled, []);
+});
