@@ -1078,3 +1078,39 @@ test("close() before the store is loaded: an unawaited early send raises no unha
   });
   assert.deepEqual(unhandled, []);
 });
+
+for (const op of ["catchup", "sync"] as const) {
+  test(`a ${op} page unanswered for requestTimeout while syncing drops the connection and reconnects`, async () => {
+    const server = new FakeServer();
+    let stuck = true;
+    server.handlers[op] = () => (stuck ? ((stuck = false), null) : undefined);
+    const s = setup({ requestTimeout: 5, random: () => 0.5, backoffBase: 1 }, server);
+    await s.client.start();
+    await s.clock.advance(4999);
+    assert.equal(s.client.state, "syncing");
+    await s.clock.advance(1);
+    assert.equal(s.states[s.states.length - 1]!.state, "offline");
+    assert.match(String(s.states[s.states.length - 1]!.reason), /timeout|within/);
+    assert.equal(server.sockets[0]!.closed, true);
+    await s.clock.advance(500);
+    assert.equal(s.client.state, "live");
+    assert.equal(server.sockets.length, 2);
+  });
+}
+
+test("a page of a live resync (sync push) unanswered for requestTimeout drops the connection and reconnects", async () => {
+  const server = new FakeServer();
+  const s = setup({ requestTimeout: 5, random: () => 0.5, backoffBase: 1 }, server);
+  await live(s);
+  server.handlers.sync = () => null;
+  server.socket.push({ t: "sync" });
+  await s.clock.advance(4999);
+  assert.equal(s.client.state, "live");
+  assert.equal(server.sockets.length, 1);
+  server.handlers.sync = () => undefined;
+  await s.clock.advance(1);
+  await s.clock.advance(500);
+  assert.equal(server.sockets[0]!.closed, true);
+  assert.equal(server.sockets.length, 2);
+  assert.equal(s.client.state, "live");
+});
