@@ -198,6 +198,8 @@ export class Client {
   private terminalError: ImError | undefined;
   /** The known frame limit: lowered by a `frame_too_large` from the server. */
   private maxFrameBytes: number;
+  /** The uid the stored state belongs to (saved once authenticated). */
+  private savedUid: number | undefined;
 
   constructor(options: ClientOptions) {
     if (!options.url) throw new TypeError("Client needs a url");
@@ -264,9 +266,11 @@ export class Client {
     const stored: StoredState = (await this.store.load()) ?? {};
     if (TERMINAL.has(this._state)) return;
     this._device = this.opts.device ?? stored.device ?? `js-${randomId(this.random, 16)}`;
-    if (stored.device === this._device && typeof stored.seq === "number") {
-      this._seq = this.ackedSeq = stored.seq;
-    }
+    // The state is the user's, not the device's: another device name keeps the
+    // seq and the outbox (cids are unique strings); only another uid, known
+    // at auth, discards them.
+    if (typeof stored.seq === "number") this._seq = this.ackedSeq = stored.seq;
+    if (typeof stored.uid === "number") this.savedUid = stored.uid;
     for (const entry of stored.outbox ?? []) this.enqueue({ entry, inFlight: false, retryTimer: undefined, tries: 0 });
     // Then the sends made meanwhile: their cids need the device.
     this.isLoaded = true;
@@ -455,6 +459,18 @@ export class Client {
     this.authed = true;
     this.ackFailures = 0;
     this._uid = auth.uid;
+    const otherUser = this.savedUid !== undefined && this.savedUid !== auth.uid;
+    if (otherUser) {
+      // Another user's state: its seq and its unsent messages are not ours
+      // (the since sent was theirs: go on from this user's head).
+      this.discardRestored();
+      this._seq = this.ackedSeq = typeof auth.head === "number" ? auth.head : auth.seq;
+      this.above.clear();
+    }
+    if (this.savedUid !== auth.uid) {
+      this.savedUid = auth.uid;
+      this.saveSoon();
+    }
     this.heartbeat = typeof auth.heartbeat === "number" && auth.heartbeat > 0 ? auth.heartbeat : 30;
     if (auth.reset) {
       this._seq = this.ackedSeq = auth.seq;
@@ -463,7 +479,7 @@ export class Client {
       this.saveSoon();
       this.emit("reset", {});
       if (gen !== this.gen) return;
-    } else if (auth.seq !== this._seq) {
+    } else if (!otherUser && auth.seq !== this._seq) {
       // A new device starts at the head; a known one where it asked (since).
       this._seq = this.ackedSeq = auth.seq;
       this.above.clear();
@@ -931,6 +947,7 @@ export class Client {
     // Once terminal the queues are empty, but what was unanswered stays stored.
     const state: StoredState = {
       device: this._device,
+      ...(this.savedUid !== undefined ? { uid: this.savedUid } : {}),
       seq: this._seq,
       outbox: this.keptOutbox ?? this.outbox,
     };
@@ -1051,6 +1068,16 @@ export class Client {
     if (type !== undefined) fields.type = type;
     fields.body = body;
     return fields;
+  }
+
+  /** Forget the entries loaded from the store (nobody waits on them): another user's. */
+  private discardRestored(): void {
+    for (const [peer, queue] of [...this.outboxes]) {
+      const kept = queue.filter((item) => item.resolve !== undefined || item.inFlight);
+      if (kept.length > 0) this.outboxes.set(peer, kept);
+      else this.outboxes.delete(peer);
+    }
+    this.saveSoon();
   }
 
   private isQueued(item: OutboxItem): boolean {

@@ -1114,3 +1114,49 @@ test("a page of a live resync (sync push) unanswered for requestTimeout drops th
   assert.equal(server.sockets.length, 2);
   assert.equal(s.client.state, "live");
 });
+
+test("LocalStorageStore: another device name keeps the stored seq and outbox; another uid discards them", async () => {
+  const data = new Map<string, string>();
+  const storage = { getItem: (k: string) => data.get(k) ?? null, setItem: (k: string, v: string) => void data.set(k, v) };
+  const store = new LocalStorageStore("im:42", storage);
+  const first = new FakeServer();
+  first.handlers.send = () => null;
+  const s = setup({ store, device: "old-device" }, first);
+  await live(s);
+  first.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 1 });
+  void s.client.send(7, "kept").catch(() => undefined);
+  await s.clock.advance(0);
+  const cid = first.of("send")[0]!.cid;
+  s.client.close();
+  await flush();
+  assert.equal(JSON.parse(data.get("im:42")!).uid, 42);
+
+  // The same user on another device name: the outbox goes, same cid; since is kept.
+  const second = new FakeServer();
+  second.knownDevices.add("new-device");
+  second.handlers.send = () => null;
+  const t = setup({ store, device: "new-device" }, second);
+  await live(t);
+  assert.equal(second.of("auth")[0]!.since, 1);
+  assert.deepEqual(second.of("send").map((f) => f.cid), [cid]);
+  t.client.close();
+  await flush();
+  assert.deepEqual(store.load()?.outbox?.map((e) => e.cid), [cid]);
+
+  // Another user with that store: nothing of the first one's is sent; its seq is gone.
+  const third = new FakeServer();
+  third.uid = 99;
+  third.head = 5;
+  third.handlers.send = () => ({ msg_id: 3n, session_id: 3n, ts: 1, dup: false });
+  const u = setup({ store, device: "new-device" }, third);
+  await live(u);
+  assert.equal(u.client.seq, 5);
+  assert.deepEqual(u.client.outbox, []);
+  await u.client.send(8, "mine");
+  assert.deepEqual(third.of("send").map((f) => f.body), ["mine"]);
+  await flush();
+  const saved = store.load()!;
+  assert.equal(saved.uid, 99);
+  assert.deepEqual(saved.outbox, []);
+  assert.equal(saved.seq, 5);
+});
