@@ -6,7 +6,7 @@
  * default here; node.ts adds TCP and the ws package).
  */
 
-import type { Frame } from "./codec.js";
+import { type Frame, encodeBody } from "./codec.js";
 import { Connection } from "./connection.js";
 import { ImError, RETRIED_CODES } from "./errors.js";
 import { Lru } from "./lru.js";
@@ -75,6 +75,14 @@ export interface ClientOptions {
   gapTimeout?: number;
   /** Page size of catch-up and sync (default 100). */
   pageLimit?: number;
+  /**
+   * Bytes (default 65536): the server's `max_frame_bytes` (its config; the
+   * client cannot ask it). A send or request whose frame body is larger fails
+   * with `too_large` without being sent: the server would close the
+   * connection, and a send would be retried for ever. A `frame_too_large`
+   * from the server (TCP) lowers it below the largest request then in flight.
+   */
+  maxFrameBytes?: number;
   /** Called with an exception thrown by an event handler (default console.error). */
   onHandlerError?: (error: unknown, event: EventName) => void;
 }
@@ -88,6 +96,8 @@ interface OutboxItem {
   inFlight: boolean;
   retryTimer: unknown;
   tries: number;
+  /** Marks the send's promise handled: a kick or close rejects it, awaited or not. */
+  quiet?: () => void;
 }
 
 interface Waiter {
@@ -98,6 +108,8 @@ interface Waiter {
 
 const TERMINAL: ReadonlySet<State> = new Set(["kicked", "failed", "closed"]);
 const MAX_ACK_IDS = 500;
+/** The largest request id: a send's size is checked with it (the real id is never longer). */
+const ID_BOUND = 0xffffffff;
 
 function defaultConnector(url: string): Connector {
   if (/^wss?:/i.test(url)) return webSocketConnector();
@@ -154,13 +166,15 @@ export class Client {
   private loaded: Promise<void> | undefined;
   private isLoaded = false;
   /** Sends made while the store loads: queued after the stored outbox, in order. */
-  private early: { add(): void; reject(error: unknown): void }[] = [];
+  private early: { add(): void; reject(error: unknown): void; quiet(): void }[] = [];
   private attempt = 0;
   private heartbeat = 30;
   private holding = false;
   private held: Frame[] = [];
   private goingAway = false;
   private pingInFlight = false;
+  /** Acks failed in a row on this connection: the retry waits longer each time. */
+  private ackFailures = 0;
   private resyncChain: Promise<void> = Promise.resolve();
 
   private reconnectTimer: unknown;
@@ -182,6 +196,10 @@ export class Client {
   /** The outbox as it was when the client turned terminal: saved from then on. */
   private keptOutbox: OutboxEntry[] | undefined;
   private terminalError: ImError | undefined;
+  /** The known frame limit: lowered by a `frame_too_large` from the server. */
+  private maxFrameBytes: number;
+  /** The uid the stored state belongs to (saved once authenticated). */
+  private savedUid: number | undefined;
 
   constructor(options: ClientOptions) {
     if (!options.url) throw new TypeError("Client needs a url");
@@ -192,6 +210,7 @@ export class Client {
     this.random = options.random ?? Math.random;
     this.store = options.store ?? new MemoryStore();
     this.cidPrefix = randomId(this.random, 8);
+    this.maxFrameBytes = options.maxFrameBytes ?? 65536;
     if (options.device !== undefined) this.checkDevice(options.device);
   }
 
@@ -247,9 +266,11 @@ export class Client {
     const stored: StoredState = (await this.store.load()) ?? {};
     if (TERMINAL.has(this._state)) return;
     this._device = this.opts.device ?? stored.device ?? `js-${randomId(this.random, 16)}`;
-    if (stored.device === this._device && typeof stored.seq === "number") {
-      this._seq = this.ackedSeq = stored.seq;
-    }
+    // The state is the user's, not the device's: another device name keeps the
+    // seq and the outbox (cids are unique strings); only another uid, known
+    // at auth, discards them.
+    if (typeof stored.seq === "number") this._seq = this.ackedSeq = stored.seq;
+    if (typeof stored.uid === "number") this.savedUid = stored.uid;
     for (const entry of stored.outbox ?? []) this.enqueue({ entry, inFlight: false, retryTimer: undefined, tries: 0 });
     // Then the sends made meanwhile: their cids need the device.
     this.isLoaded = true;
@@ -307,6 +328,8 @@ export class Client {
   }
 
   private emit<K extends EventName>(name: K, event: ClientEvents[K]): void {
+    // Once closed (e.g. by a handler mid catch-up page) nothing more is emitted but that state change.
+    if (this._state === "closed" && name !== "state") return;
     const set = this.handlers.get(name);
     if (set === undefined) return;
     for (const handler of [...set]) {
@@ -409,6 +432,7 @@ export class Client {
       return;
     }
     this.conn = conn;
+    conn.maxRequestBytes = this.maxFrameBytes;
     let auth: AuthResult;
     try {
       auth = (await conn.request(
@@ -433,7 +457,20 @@ export class Client {
     }
     if (gen !== this.gen) return;
     this.authed = true;
+    this.ackFailures = 0;
     this._uid = auth.uid;
+    const otherUser = this.savedUid !== undefined && this.savedUid !== auth.uid;
+    if (otherUser) {
+      // Another user's state: its seq and its unsent messages are not ours
+      // (the since sent was theirs: go on from this user's head).
+      this.discardRestored();
+      this._seq = this.ackedSeq = typeof auth.head === "number" ? auth.head : auth.seq;
+      this.above.clear();
+    }
+    if (this.savedUid !== auth.uid) {
+      this.savedUid = auth.uid;
+      this.saveSoon();
+    }
     this.heartbeat = typeof auth.heartbeat === "number" && auth.heartbeat > 0 ? auth.heartbeat : 30;
     if (auth.reset) {
       this._seq = this.ackedSeq = auth.seq;
@@ -442,7 +479,7 @@ export class Client {
       this.saveSoon();
       this.emit("reset", {});
       if (gen !== this.gen) return;
-    } else if (auth.seq !== this._seq) {
+    } else if (!otherUser && auth.seq !== this._seq) {
       // A new device starts at the head; a known one where it asked (since).
       this._seq = this.ackedSeq = auth.seq;
       this.above.clear();
@@ -535,14 +572,22 @@ export class Client {
     }
     for (const w of this.liveWaiters.splice(0)) w.reject(error);
     // Sends made while the store loaded: never stored (that would overwrite it).
-    for (const send of this.early.splice(0)) send.reject(error);
+    for (const send of this.early.splice(0)) {
+      send.quiet();
+      send.reject(error);
+    }
     // The entries stay in the store: the next Client that loads it sends them.
     // Saved now, before the queues are cleared: a save still pending from this
     // tick would otherwise read the empty outbox and wipe the stored one.
     this.keptOutbox = this.outbox;
     this.saveNow();
+    // A send nobody awaited must not turn into an unhandledRejection here:
+    // the stop is reported by the state event, and the entry stays stored.
     for (const queue of this.outboxes.values()) {
-      for (const item of queue) item.reject?.(error);
+      for (const item of queue) {
+        item.quiet?.();
+        item.reject?.(error);
+      }
     }
     this.outboxes.clear();
   }
@@ -720,6 +765,17 @@ export class Client {
       this.terminate("kicked", new ImError("kicked", reason));
       return;
     }
+    if (t === "error" && frame.code === "frame_too_large") {
+      // The server closes now. The largest frame in flight is over its limit
+      // (the one it refused is): lower ours, so that one fails with too_large
+      // on the next connection instead of closing it too.
+      const largest = this.conn?.largestUnanswered ?? 0;
+      if (largest > 0 && largest <= this.maxFrameBytes) {
+        this.maxFrameBytes = largest - 1;
+        if (this.conn !== undefined) this.conn.maxRequestBytes = this.maxFrameBytes;
+      }
+      return;
+    }
     if (t === "goaway") {
       this.goingAway = true;
       const conn = this.conn;
@@ -827,12 +883,12 @@ export class Client {
     else this.scheduleAck();
   }
 
-  private scheduleAck(): void {
+  private scheduleAck(delay = this.opts.ackDelay ?? 1): void {
     if (this.ackTimer !== undefined) return;
     this.ackTimer = this.timers.setTimeout(() => {
       this.ackTimer = undefined;
       this.flushAcks();
-    }, (this.opts.ackDelay ?? 1) * 1000);
+    }, delay * 1000);
   }
 
   /** Send what is to ack now: msg_ids (500 a frame) and the contiguous seq. */
@@ -854,11 +910,21 @@ export class Client {
         conn.sendFrame({ t: "ack", id: 0x7fffffff, ...fields });
         continue;
       }
-      conn.request("ack", fields, this.requestTimeoutMs).catch(() => {
-        // Not acked: again on the next connection (the server may resend them).
-        for (const id of ids) this.pendingAcks.add(id);
-        if (this.ackedSeq === seq) this.ackedSeq = before;
-      });
+      conn.request("ack", fields, this.requestTimeoutMs).then(
+        () => {
+          if (conn === this.conn) this.ackFailures = 0;
+        },
+        (e: ImError) => {
+          // Not acked: again later on this connection if it is still up (else
+          // on the next one: the server may resend them meanwhile).
+          for (const id of ids) this.pendingAcks.add(id);
+          if (this.ackedSeq === seq) this.ackedSeq = before;
+          if (conn !== this.conn || !this.authed || !RETRIED_CODES.has(e.code)) return;
+          this.ackFailures++;
+          const base = this.opts.ackDelay ?? 1;
+          this.scheduleAck(Math.min(this.opts.backoffMax ?? 30, base * 2 ** this.ackFailures));
+        },
+      );
     } while (this.pendingAcks.size > 0);
   }
 
@@ -881,6 +947,7 @@ export class Client {
     // Once terminal the queues are empty, but what was unanswered stays stored.
     const state: StoredState = {
       device: this._device,
+      ...(this.savedUid !== undefined ? { uid: this.savedUid } : {}),
       seq: this._seq,
       outbox: this.keptOutbox ?? this.outbox,
     };
@@ -950,11 +1017,7 @@ export class Client {
     const conn = this.conn;
     if (conn === undefined) return;
     item.inFlight = true;
-    const { to, cid, body, type } = item.entry;
-    const fields: Frame = { to, cid };
-    if (type !== undefined) fields.type = type;
-    fields.body = body;
-    conn.request("send", fields, this.requestTimeoutMs).then(
+    conn.request("send", this.sendFields(item.entry), this.requestTimeoutMs).then(
       (reply) => {
         item.inFlight = false;
         this.removeItem(item);
@@ -985,6 +1048,38 @@ export class Client {
     );
   }
 
+  /** An error if the server could not read this send (it would close the connection). */
+  private checkSize(entry: OutboxEntry): ImError | undefined {
+    let size: number;
+    try {
+      size = encodeBody({ t: "send", id: ID_BOUND, ...this.sendFields(entry) }).length;
+    } catch (e) {
+      return new ImError("invalid", `the body cannot be encoded: ${reasonOf(e, "invalid")}`);
+    }
+    if (size > this.maxFrameBytes) {
+      return new ImError("too_large", `a send frame of ${size} bytes is over maxFrameBytes (${this.maxFrameBytes})`);
+    }
+    return undefined;
+  }
+
+  private sendFields(entry: OutboxEntry): Frame {
+    const { to, cid, body, type } = entry;
+    const fields: Frame = { to, cid };
+    if (type !== undefined) fields.type = type;
+    fields.body = body;
+    return fields;
+  }
+
+  /** Forget the entries loaded from the store (nobody waits on them): another user's. */
+  private discardRestored(): void {
+    for (const [peer, queue] of [...this.outboxes]) {
+      const kept = queue.filter((item) => item.resolve !== undefined || item.inFlight);
+      if (kept.length > 0) this.outboxes.set(peer, kept);
+      else this.outboxes.delete(peer);
+    }
+    this.saveSoon();
+  }
+
   private isQueued(item: OutboxItem): boolean {
     return this.outboxes.get(item.entry.to)?.includes(item) ?? false;
   }
@@ -1005,18 +1100,23 @@ export class Client {
   send(to: number, body: Body, type?: string): Promise<SendResult> {
     if (TERMINAL.has(this._state)) return Promise.reject(this.terminalError ?? new ImError("closed"));
     if (!this.started) return Promise.reject(new ImError("closed", "call start() first"));
-    return new Promise<SendResult>((resolve, reject) => {
+    const promise = new Promise<SendResult>((resolve, reject) => {
+      // Called only at a kick or close, once `promise` is set.
+      const quiet = (): void => void promise.catch(() => undefined);
       const add = (): void => {
         const entry: OutboxEntry = { cid: this.newCid(), to, body };
         if (type !== undefined) entry.type = type;
-        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0 });
+        const refused = this.checkSize(entry);
+        if (refused !== undefined) return reject(refused);
+        this.enqueue({ entry, resolve, reject, inFlight: false, retryTimer: undefined, tries: 0, quiet });
         this.saveSoon();
         this.pumpOutbox();
       };
       // Queued at once once loaded (a close() in the same tick still stores it).
       if (this.isLoaded) add();
-      else this.early.push({ add, reject });
+      else this.early.push({ add, reject, quiet });
     });
+    return promise;
   }
 
   // ---- requests ----------------------------------------------------------
@@ -1142,10 +1242,15 @@ export class Client {
     return this.request("presence", { uids });
   }
 
-  /** Watch these users' presence (replaces the set); watched again after every reconnect. */
+  /**
+   * Watch these users' presence (replaces the set); watched again after every reconnect.
+   * The set is kept only once the server accepted it, so a refused watch is not repeated.
+   */
   async watch(uids: number[]): Promise<{ users: PresenceState[] }> {
-    this.watched = [...uids];
-    return this.request("watch", { uids });
+    const wanted = [...uids];
+    const reply = await this.request<{ users: PresenceState[] }>("watch", { uids: wanted });
+    this.watched = wanted;
+    return reply;
   }
 
   typing(to: number, active: boolean): Promise<Record<string, never>> {

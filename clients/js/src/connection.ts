@@ -20,6 +20,8 @@ interface Pending {
   resolve(reply: Frame): void;
   reject(error: ImError): void;
   timer: unknown;
+  /** The request's body size: see largestUnanswered. */
+  size: number;
 }
 
 export class Connection {
@@ -32,6 +34,11 @@ export class Connection {
   /** `timers.now()` of the last frame sent / received: for heartbeats. */
   lastSent: number;
   lastReceived: number;
+  /**
+   * A request whose body is larger fails with `too_large` and is not sent
+   * (the server would close the connection: `frame_too_large`).
+   */
+  maxRequestBytes: number | undefined;
 
   private constructor(private readonly options: ConnectionOptions) {
     this.timers = options.timers ?? realTimers;
@@ -72,8 +79,12 @@ export class Connection {
     } catch (e) {
       return Promise.reject(new ImError("invalid", (e as Error).message));
     }
+    const limit = this.maxRequestBytes;
+    if (limit !== undefined && body.length > limit) {
+      return Promise.reject(new ImError("too_large", `a ${op} frame of ${body.length} bytes is over ${limit}`));
+    }
     return new Promise<Frame>((resolve, reject) => {
-      const entry: Pending = { resolve, reject, timer: undefined };
+      const entry: Pending = { resolve, reject, timer: undefined, size: body.length };
       if (timeoutMs !== undefined) {
         entry.timer = this.timers.setTimeout(() => {
           if (this.pending.delete(id)) {
@@ -84,6 +95,13 @@ export class Connection {
       this.pending.set(id, entry);
       this.sendBody(body);
     });
+  }
+
+  /** The body size of the largest request sent and not answered yet (0: none). */
+  get largestUnanswered(): number {
+    let largest = 0;
+    for (const entry of this.pending.values()) largest = Math.max(largest, entry.size);
+    return largest;
   }
 
   /** Send a frame that gets no reply handling (there is none of that kind in v1). */

@@ -7,6 +7,8 @@ import type { OutboxEntry } from "./types.js";
 
 export interface StoredState {
   device?: string;
+  /** Whose state it is: another uid at auth discards the seq and the outbox. */
+  uid?: number;
   seq?: number;
   outbox?: OutboxEntry[];
 }
@@ -67,8 +69,9 @@ export interface StorageLike {
 
 /**
  * A browser store: one JSON entry in `localStorage` (or another Storage)
- * under `key`. Use one key per signed-in user: a store holds one device's
- * place in one user's stream.
+ * under `key`. Use one key per signed-in user: a store holds one user's
+ * place in the stream and unsent messages (a Client signed in as another
+ * uid discards them; another device name keeps them).
  */
 export class LocalStorageStore implements Store {
   private readonly storage: StorageLike;

@@ -1,7 +1,8 @@
 /**
  * End to end against a real `twistd -n imserver`, over TCP and WebSocket:
  * two clients chat; a server restart is caught up without duplicates; an
- * unanswered send is retried with the same cid; a kicked device stays down.
+ * unanswered send is retried with the same cid; an oversized send fails with
+ * too_large; a kicked device stays down.
  */
 
 import assert from "node:assert/strict";
@@ -211,6 +212,32 @@ for (const transport of ["tcp", "ws"] as const) {
         assert.equal(sent.dup, false);
         await waitFor(() => b.messages.length === 2, "bob gets the second");
         assert.equal(b.messages[1]!.msg.body, "from the outbox");
+      } finally {
+        a.client.close();
+        b.client.close();
+      }
+    });
+
+    test("a send over the server's max_frame_bytes fails with too_large", { timeout: 30_000 }, async () => {
+      const [ua, ub] = [newUid(), newUid()];
+      // Set above the server's 65536: over TCP its frame_too_large lowers ours.
+      const a = makeClient(url(), ua, transport === "tcp" ? { maxFrameBytes: 1_000_000 } : {});
+      const b = makeClient(url(), ub);
+      try {
+        await a.client.start();
+        await b.client.start();
+        await a.client.waitLive(30);
+        await b.client.waitLive(30);
+        await assert.rejects(a.client.send(ub, "x".repeat(100_000)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+        assert.deepEqual(a.client.outbox, []);
+        await a.client.waitLive(30);
+        assert.equal((await a.client.send(ub, "small")).dup, false);
+        if (transport === "tcp") {
+          // The lowered limit refuses one as large locally, without losing the connection.
+          const offline = a.states.filter((e) => e.state === "offline").length;
+          await assert.rejects(a.client.send(ub, "x".repeat(100_000)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+          assert.equal(a.states.filter((e) => e.state === "offline").length, offline);
+        }
       } finally {
         a.client.close();
         b.client.close();

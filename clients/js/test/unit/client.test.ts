@@ -908,3 +908,255 @@ test("a late reply is not a push", async () => {
   await flush();
   assert.deepEqual(pushes, []);
 });
+
+test("close() from a handler: the rest of a re-watch reply's presence is not emitted", async () => {
+  const s = setup();
+  await live(s);
+  s.server.handlers.watch = (req) => ({ users: (req.uids as number[]).map((uid) => ({ uid, online: true, last_seen: 1 })) });
+  await s.client.watch([7, 8]);
+  s.client.on("presence", () => s.client.close());
+  s.server.socket.close();
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "closed");
+  assert.equal(s.of("presence").length, 1);
+});
+
+test("a refused watch is not kept: the reconnect re-watches the last accepted set", async () => {
+  const s = setup();
+  await live(s);
+  s.server.handlers.watch = (req) =>
+    (req.uids as number[]).includes(9) ? { error: "bad_request" } : { users: [] };
+  await s.client.watch([7]);
+  await assert.rejects(s.client.watch([7, 9]), (e: unknown) => e instanceof ImError && e.code === "bad_request");
+  s.server.socket.close();
+  await s.clock.advance(1000);
+  assert.equal(s.client.state, "live");
+  assert.deepEqual(s.server.sockets[1]!.of("watch")[0]!.uids, [7]);
+});
+
+test("too_large: a send over maxFrameBytes fails at once, unsent and not in the outbox or the store", async () => {
+  const store = new MemoryStore();
+  const s = setup({ store, maxFrameBytes: 200 });
+  await live(s);
+  const big = s.client.send(7, "x".repeat(200));
+  assert.deepEqual(s.client.outbox, []); // never queued, not even for a moment
+  await assert.rejects(big, (e: unknown) => e instanceof ImError && e.code === "too_large");
+  // Offline too: refused at once, not kept until a connection.
+  s.server.refuse = true;
+  s.server.socket.close();
+  await s.clock.advance(0);
+  assert.equal(s.client.state, "offline");
+  await assert.rejects(s.client.send(7, "y".repeat(200)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.deepEqual(s.client.outbox, []);
+  s.server.refuse = false;
+  await s.clock.advance(60_000);
+  assert.equal(s.client.state, "live");
+  s.server.handlers.send = () => ({ msg_id: 1n, session_id: 1n, ts: 1, dup: false });
+  await s.client.send(7, "x".repeat(100));
+  await flush();
+  assert.equal(s.server.of("send").length, 1);
+  assert.deepEqual(store.state?.outbox, []);
+});
+
+test("too_large: the default limit is 65536 bytes", async () => {
+  const s = setup();
+  await live(s);
+  await assert.rejects(s.client.send(7, "x".repeat(65536)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.equal(s.server.of("send").length, 0);
+});
+
+test("frame_too_large from the server lowers the limit: the send fails with too_large on the next connection", async () => {
+  const server = new FakeServer();
+  server.handlers.send = (req, sock) => {
+    if (String(req.body).length > 300) {
+      sock.push({ t: "error", code: "frame_too_large", message: "frame length over 300" });
+      sock.close();
+      return null;
+    }
+    return { msg_id: 1n, session_id: 1n, ts: 1, dup: false };
+  };
+  const s = setup({}, server);
+  await live(s);
+  const big = s.client.send(7, "x".repeat(500));
+  const refused = assert.rejects(big, (e: unknown) => e instanceof ImError && e.code === "too_large");
+  await s.clock.advance(1000);
+  await refused;
+  assert.equal(s.client.state, "live");
+  assert.equal(server.sockets.length, 2);
+  assert.equal(server.sockets[1]!.of("send").length, 0);
+  assert.deepEqual(s.client.outbox, []);
+  // Smaller ones still go; one just over the lowered limit is refused locally.
+  await s.client.send(7, "x".repeat(200));
+  await assert.rejects(s.client.send(7, "x".repeat(499)), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.equal(server.of("send").length, 2);
+});
+
+test("a failed ack on a live connection is sent again after a growing delay", async () => {
+  const server = new FakeServer();
+  let fails = 2;
+  server.handlers.ack = () => (fails-- > 0 ? { error: "internal" } : {});
+  const s = setup({}, server);
+  await live(s);
+  const m = msg({ from: 7, to: 42 });
+  server.socket.push({ t: "msg", ...m, seq: 1 });
+  await s.clock.advance(1000);
+  assert.equal(server.of("ack").length, 1);
+  await s.clock.advance(1999);
+  assert.equal(server.of("ack").length, 1);
+  await s.clock.advance(1); // 2 s after the first failure
+  assert.equal(server.of("ack").length, 2);
+  await s.clock.advance(4000); // then 4 s
+  const acks = server.of("ack");
+  assert.equal(acks.length, 3);
+  assert.deepEqual(acks.map((a) => [a.msg_ids, a.seq]), [[[m.msg_id], 1], [[m.msg_id], 1], [[m.msg_id], 1]]);
+  await s.clock.advance(60_000);
+  assert.equal(server.of("ack").length, 3);
+  assert.equal(server.sockets.length, 1);
+});
+
+test("a message arriving after our own newer edit of it shows the edited body", async () => {
+  const s = setup();
+  await live(s);
+  const m = msg({ from: 42, to: 7, body: "old" });
+  s.server.handlers.edit = () => ({ edited: 7, seq: 1 });
+  await s.client.edit(m.msg_id as bigint, "mine");
+  s.server.socket.push({ t: "msg", ...m, seq: 2 });
+  s.server.socket.push({ t: "edit", ...m, body: "older", edited: 6, seq: 3 });
+  await s.clock.advance(0);
+  assert.deepEqual(s.of("message").map((e) => [e.msg.body, e.msg.edited]), [["mine", 7]]);
+  assert.equal(s.of("edit").length, 0);
+});
+
+async function unhandledDuring(body: () => Promise<void>): Promise<unknown[]> {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (e: unknown): void => void unhandled.push(e);
+  process.on("unhandledRejection", onUnhandled);
+  try {
+    await body();
+    await flush(10);
+  } finally {
+    process.off("unhandledRejection", onUnhandled);
+  }
+  return unhandled;
+}
+
+for (const stop of ["kick", "close"] as const) {
+  test(`${stop}: no outbox retry timer is left; unawaited sends raise no unhandledRejection, awaited ones reject`, async () => {
+    const server = new FakeServer();
+    server.handlers.send = () => ({ error: "unavailable" });
+    const s = setup({ backoffMax: 1000, backoffBase: 100 }, server);
+    let awaited: Promise<void> | undefined;
+    const unhandled = await unhandledDuring(async () => {
+      await live(s);
+      void s.client.send(7, "retried, not awaited");
+      const waited = s.client.send(8, "retried, awaited");
+      awaited = assert.rejects(waited, (e: unknown) => e instanceof ImError && e.code === (stop === "kick" ? "kicked" : "closed"));
+      await s.clock.advance(0);
+      assert.equal(server.of("send").length, 2); // both now wait in a retry delay
+      if (stop === "kick") server.socket.push({ t: "kick", reason: "logged out" });
+      else s.client.close();
+      await flush();
+      await awaited;
+    });
+    assert.deepEqual(unhandled, []);
+    assert.equal(s.client.state, stop === "kick" ? "kicked" : "closed");
+    assert.equal(s.clock.timers, 0);
+    await s.clock.advance(1_000_000);
+    assert.equal(server.of("send").length, 2);
+  });
+}
+
+test("close() before the store is loaded: an unawaited early send raises no unhandledRejection", async () => {
+  let release: ((v: StoredState | undefined) => void) | undefined;
+  const store = { load: () => new Promise<StoredState | undefined>((r) => (release = r)), save: () => undefined };
+  const s = setup({ store });
+  const unhandled = await unhandledDuring(async () => {
+    void s.client.start().catch(() => undefined);
+    void s.client.send(7, "early");
+    s.client.close();
+    release!(undefined);
+  });
+  assert.deepEqual(unhandled, []);
+});
+
+for (const op of ["catchup", "sync"] as const) {
+  test(`a ${op} page unanswered for requestTimeout while syncing drops the connection and reconnects`, async () => {
+    const server = new FakeServer();
+    let stuck = true;
+    server.handlers[op] = () => (stuck ? ((stuck = false), null) : undefined);
+    const s = setup({ requestTimeout: 5, random: () => 0.5, backoffBase: 1 }, server);
+    await s.client.start();
+    await s.clock.advance(4999);
+    assert.equal(s.client.state, "syncing");
+    await s.clock.advance(1);
+    assert.equal(s.states[s.states.length - 1]!.state, "offline");
+    assert.match(String(s.states[s.states.length - 1]!.reason), /timeout|within/);
+    assert.equal(server.sockets[0]!.closed, true);
+    await s.clock.advance(500);
+    assert.equal(s.client.state, "live");
+    assert.equal(server.sockets.length, 2);
+  });
+}
+
+test("a page of a live resync (sync push) unanswered for requestTimeout drops the connection and reconnects", async () => {
+  const server = new FakeServer();
+  const s = setup({ requestTimeout: 5, random: () => 0.5, backoffBase: 1 }, server);
+  await live(s);
+  server.handlers.sync = () => null;
+  server.socket.push({ t: "sync" });
+  await s.clock.advance(4999);
+  assert.equal(s.client.state, "live");
+  assert.equal(server.sockets.length, 1);
+  server.handlers.sync = () => undefined;
+  await s.clock.advance(1);
+  await s.clock.advance(500);
+  assert.equal(server.sockets[0]!.closed, true);
+  assert.equal(server.sockets.length, 2);
+  assert.equal(s.client.state, "live");
+});
+
+test("LocalStorageStore: another device name keeps the stored seq and outbox; another uid discards them", async () => {
+  const data = new Map<string, string>();
+  const storage = { getItem: (k: string) => data.get(k) ?? null, setItem: (k: string, v: string) => void data.set(k, v) };
+  const store = new LocalStorageStore("im:42", storage);
+  const first = new FakeServer();
+  first.handlers.send = () => null;
+  const s = setup({ store, device: "old-device" }, first);
+  await live(s);
+  first.socket.push({ t: "read", session_id: 1n, by: 7, msg_id: 1n, seq: 1 });
+  void s.client.send(7, "kept").catch(() => undefined);
+  await s.clock.advance(0);
+  const cid = first.of("send")[0]!.cid;
+  s.client.close();
+  await flush();
+  assert.equal(JSON.parse(data.get("im:42")!).uid, 42);
+
+  // The same user on another device name: the outbox goes, same cid; since is kept.
+  const second = new FakeServer();
+  second.knownDevices.add("new-device");
+  second.handlers.send = () => null;
+  const t = setup({ store, device: "new-device" }, second);
+  await live(t);
+  assert.equal(second.of("auth")[0]!.since, 1);
+  assert.deepEqual(second.of("send").map((f) => f.cid), [cid]);
+  t.client.close();
+  await flush();
+  assert.deepEqual(store.load()?.outbox?.map((e) => e.cid), [cid]);
+
+  // Another user with that store: nothing of the first one's is sent; its seq is gone.
+  const third = new FakeServer();
+  third.uid = 99;
+  third.head = 5;
+  third.handlers.send = () => ({ msg_id: 3n, session_id: 3n, ts: 1, dup: false });
+  const u = setup({ store, device: "new-device" }, third);
+  await live(u);
+  assert.equal(u.client.seq, 5);
+  assert.deepEqual(u.client.outbox, []);
+  await u.client.send(8, "mine");
+  assert.deepEqual(third.of("send").map((f) => f.body), ["mine"]);
+  await flush();
+  const saved = store.load()!;
+  assert.equal(saved.uid, 99);
+  assert.deepEqual(saved.outbox, []);
+  assert.equal(saved.seq, 5);
+});

@@ -42,3 +42,22 @@ test("a request times out; a closed connection fails what is in flight", async (
   assert.equal(closed, 1);
   await assert.rejects(conn.request("ping"), (e: unknown) => e instanceof ImError && e.code === "disconnected");
 });
+
+test("maxRequestBytes: a larger request fails with too_large unsent; largestUnanswered tracks what is in flight", async () => {
+  const server = new FakeServer();
+  server.handlers.history = () => null;
+  const conn = await Connection.open(server.connector, "ws://x");
+  conn.maxRequestBytes = 100;
+  await assert.rejects(conn.request("history", { cursor: "x".repeat(100) }), (e: unknown) => e instanceof ImError && e.code === "too_large");
+  assert.equal(conn.largestUnanswered, 0);
+  void conn.request("history", { cursor: "x".repeat(50) }).catch(() => undefined);
+  void conn.request("history", { cursor: "x".repeat(20) }).catch(() => undefined);
+  const largest = conn.largestUnanswered;
+  assert.ok(largest > 50 && largest <= 100, String(largest));
+  await flush();
+  assert.equal(server.socket.received.length, 2);
+  server.socket.reply(server.socket.received[0]!);
+  await flush();
+  assert.ok(conn.largestUnanswered > 20 && conn.largestUnanswered < 50);
+  conn.close();
+});
