@@ -286,7 +286,13 @@ class IMServer(MultiService):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self._stop())
+        stopped = Deferred.fromCoroutine(self._stop())
+        # Collections are timed while the server runs, its shutdown included.
+        return stopped.addBoth(self._uninstall_gcwatch)
+
+    def _uninstall_gcwatch(self, result: object) -> object:
+        self.gcwatch.uninstall()
+        return result
 
     async def _stop(self) -> None:
         for port in self.ports:
@@ -324,7 +330,6 @@ class IMServer(MultiService):
         if self.cluster is not None:
             await self.cluster.stop()
         await self.store.stop()
-        self.gcwatch.uninstall()
         self.log.info("imserver stopped")
 
 
