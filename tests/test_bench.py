@@ -575,3 +575,6 @@ class BenchReactorLagTests(TestCase):
         self.assertIn("max <= 20.0 ms", lag_text({"reactor_lag": summary}))
         self.assertIsNone(reactor_lag(None))
         self.assertEqual(lag_text({"reactor_lag": None}), "")
+        # A longest since start below the bucket's bound is the tighter bound.
+        out["imserver_reactor_lag_longest_ms"] = 12.5
+        self.assertEqual(reactor_lag(out)["max_at_most_ms"], 12.5)  # type: ignore[index]
