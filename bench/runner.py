@@ -1557,9 +1557,14 @@ def reactor_lag(server_metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     # The longest since start bounds the window's too (tighter than a bucket).
     if top is None or (longest is not None and longest < top):
         top = longest
+
+    def capped(q: float | None) -> float | None:
+        # Interpolated inside a bucket, a quantile may pass the largest lag.
+        return q if q is None or top is None else min(q, top)
+
     return {
-        "p50_ms": lag["p50_ms"],
-        "p99_ms": lag["p99_ms"],
+        "p50_ms": capped(lag["p50_ms"]),
+        "p99_ms": capped(lag["p99_ms"]),
         "max_at_most_ms": top,
         "longest_since_start_ms": longest,
     }

@@ -578,3 +578,6 @@ class BenchReactorLagTests(TestCase):
         # A longest since start below the bucket's bound is the tighter bound.
         out["imserver_reactor_lag_longest_ms"] = 12.5
         self.assertEqual(reactor_lag(out)["max_at_most_ms"], 12.5)  # type: ignore[index]
+        # ... and bounds the quantiles interpolated inside its bucket.
+        out["imserver_reactor_lag_longest_ms"] = 3.0
+        self.assertEqual(reactor_lag(out)["p99_ms"], 3.0)  # type: ignore[index]
