@@ -289,8 +289,8 @@ class IMServer(MultiService):
             self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
         self.reactor_lag.stop()
+        super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
