@@ -22,10 +22,18 @@ HISTOGRAMS = (
     "imserver_batch_size",
     "imserver_sql_seconds",
     "imserver_gc_pause_seconds",
+    "imserver_reactor_lag_seconds",
 )
 #: Gauges read at the window's end, not differenced: the longest since start
 #: (the largest over the nodes, not their sum).
-MAX_GAUGES = ("imserver_gc_pause_longest_seconds", "imserver_gc_pause_longest_cpu_seconds")
+MAX_GAUGES = (
+    "imserver_gc_pause_longest_seconds",
+    "imserver_gc_pause_longest_cpu_seconds",
+    "imserver_reactor_lag_longest_seconds",
+)
+#: Histograms whose largest observation in the window is reported too (as the
+#: bound of its bucket): the longest-since-start gauge covers start-up as well.
+WINDOW_MAX = ("imserver_reactor_lag_seconds",)
 COUNTERS = (
     "imserver_messages_total",
     "imserver_errors_total",
@@ -128,6 +136,18 @@ def window_all(
     return window(total0, total1), nodes
 
 
+def _top_bound(buckets: list[tuple[float, float]]) -> float | None:
+    """
+    The upper bound of the highest bucket with an observation in the window
+    (cumulative counts: the first that holds them all; inf past the last bound).
+    """
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if count >= total:
+            return bound
+    return None
+
+
 def _quantile(buckets: list[tuple[float, float]], q: float, interpolate: bool) -> float | None:
     """
     The q-th observation: interpolated inside its bucket (latencies), or the
@@ -186,6 +206,10 @@ def window(before: Samples | None, after: Samples | None) -> dict[str, Any] | No
                 "p50" + unit: None if p50 is None else round(p50 * scale, 3),
                 "p99" + unit: None if p99 is None else round(p99 * scale, 3),
             }
+            if name in WINDOW_MAX:
+                top = _top_bound(buckets)
+                finite = top is not None and top != float("inf")
+                out[key]["max_at_most_ms"] = round(top * scale, 3) if finite else None
     for name in MAX_GAUGES:
         for (sample, labels), value in sorted(after.items()):
             if sample == name:

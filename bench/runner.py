@@ -810,6 +810,7 @@ def summarize_pairs(
         "warnings": warnings(win),
         "server_metrics": win["metrics"],
         "server_metrics_scope": win["metrics_scope"],
+        "reactor_lag": reactor_lag(win["metrics"]),
     }
     return out
 
@@ -1498,6 +1499,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "server_metrics_scope": loaded["metrics_scope"],
         "gc_longest_pause_ms": gc_longest_pause_ms(loaded["metrics"]),
         "gc_longest_pause_cpu_ms": gc_longest_pause_ms(loaded["metrics"], cpu=True),
+        "reactor_lag": reactor_lag(loaded["metrics"]),
         "load_pairs": (
             None if beside is None else {"pairs": args.load_pairs, **idle_pairs_summary(beside)}
         ),
@@ -1539,6 +1541,40 @@ def gc_longest_pause_ms(server_metrics: dict[str, Any] | None, cpu: bool = False
     prefix = "imserver_gc_pause_longest_cpu_ms" if cpu else "imserver_gc_pause_longest_ms"
     values = [v for k, v in (server_metrics or {}).items() if k.startswith(prefix)]
     return max(values) if values else None
+
+
+def reactor_lag(server_metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """
+    The server's reactor lag over the window (p50/p99 interpolated, the
+    largest as its bucket's bound) and the longest since start (None: not
+    reported, e.g. the relay).
+    """
+    lag = (server_metrics or {}).get("imserver_reactor_lag_seconds")
+    if lag is None:
+        return None
+    top = lag.get("max_at_most_ms")
+    longest = (server_metrics or {}).get("imserver_reactor_lag_longest_ms")
+    # The longest since start bounds the window's too (tighter than a bucket).
+    if top is None or (longest is not None and longest < top):
+        top = longest
+
+    def capped(q: float | None) -> float | None:
+        # Interpolated inside a bucket, a quantile may pass the largest lag.
+        return q if q is None or top is None else min(q, top)
+
+    return {
+        "p50_ms": capped(lag["p50_ms"]),
+        "p99_ms": capped(lag["p99_ms"]),
+        "max_at_most_ms": top,
+        "longest_since_start_ms": longest,
+    }
+
+
+def lag_text(t: dict[str, Any]) -> str:
+    lag = t.get("reactor_lag")
+    if not lag:
+        return ""
+    return f"; reactor lag p99 {lag['p99_ms']} max <= {lag['max_at_most_ms']} ms"
 
 
 def cmd_idle(args: Any) -> dict[str, Any]:
@@ -1690,7 +1726,7 @@ def line_pairs(t: dict[str, Any]) -> str:
         f"{server_cores(server)}, {server['cpu_ms_per_1k_msgs']} CPU-ms/1k msgs; "
         f"workers {t['cost']['workers']['cores']:.2f} cores; "
         f"errors {sum(t['errors'].values())}; exactly once in order: "
-        f"{v['exactly_once_in_order']}"
+        f"{v['exactly_once_in_order']}" + lag_text(t)
     )
 
 
@@ -1832,6 +1868,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                     if t.get("gc_longest_pause_ms") is not None
                     else ""
                 )
+                + lag_text(t)
             )
             beside = t.get("load_pairs")
             if beside:

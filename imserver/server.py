@@ -39,6 +39,7 @@ from imserver.metrics import (
     PresenceCollector,
     ServerCollector,
 )
+from imserver.reactorlag import ReactorLag
 from imserver.services.cluster import ClusterPresence
 from imserver.services.filter import ContentFilter
 from imserver.services.ids import IdGenerator
@@ -94,6 +95,8 @@ class IMServer(MultiService):
             tune()
         self.gcwatch = GcWatch()
         self.metrics.register(self.gcwatch)
+        self.reactor_lag = ReactorLag(reactor)
+        self.metrics.register(self.reactor_lag)
         ids = IdGenerator(config.server.node_id, reactor)
         engine = create_engine(config.storage.sql)
         mysql = engine.kind == "mysql"
@@ -203,6 +206,7 @@ class IMServer(MultiService):
     def startService(self) -> None:
         super().startService()
         self.gcwatch.install()
+        self.reactor_lag.start()
         d = Deferred.fromCoroutine(self._start())
         d.addCallbacks(self.ready.callback, self._start_failed)
 
@@ -285,6 +289,7 @@ class IMServer(MultiService):
             self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
+        self.reactor_lag.stop()
         super().stopService()
         stopped = Deferred.fromCoroutine(self._stop())
         # Collections are timed while the server runs, its shutdown included.

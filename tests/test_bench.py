@@ -539,3 +539,45 @@ class BenchGcMetricsTests(TestCase):
         self.assertEqual(gc_longest_pause_ms(out), 12.0)
         self.assertEqual(gc_longest_pause_ms(out, cpu=True), 5.0)
         self.assertIsNone(gc_longest_pause_ms(None))
+
+
+class BenchReactorLagTests(TestCase):
+    """Issue 13: the server's reactor lag over the window: p99 and its largest bucket."""
+
+    def test_window_p99_and_max(self) -> None:
+        from bench import metrics
+        from bench.runner import lag_text, reactor_lag
+
+        def lag(counts: dict[str, float], longest: float) -> metrics.Samples:
+            samples: metrics.Samples = {
+                ("imserver_reactor_lag_seconds_bucket", (("le", le),)): n
+                for le, n in counts.items()
+            }
+            samples[("imserver_reactor_lag_seconds_count", ())] = counts["+Inf"]
+            samples[("imserver_reactor_lag_seconds_sum", ())] = 0.0
+            samples[("imserver_reactor_lag_longest_seconds", ())] = longest
+            return samples
+
+        # Start-up had a 0.3 s lag; the window has 200 calls, the largest <= 20 ms.
+        before = lag({"0.001": 90, "0.005": 99, "0.02": 99, "0.5": 100, "+Inf": 100}, 0.3)
+        after = lag({"0.001": 270, "0.005": 297, "0.02": 300, "0.5": 300, "+Inf": 300}, 0.3)
+        out = metrics.window(before, after)
+        assert out is not None
+        entry = out["imserver_reactor_lag_seconds"]
+        self.assertEqual(entry["count"], 200)
+        self.assertEqual(entry["max_at_most_ms"], 20.0)
+        summary = reactor_lag(out)
+        assert summary is not None
+        self.assertEqual(summary["longest_since_start_ms"], 300.0)
+        self.assertEqual(summary["max_at_most_ms"], 20.0)
+        self.assertGreater(summary["p99_ms"], 1.0)
+        self.assertLessEqual(summary["p99_ms"], 5.0)
+        self.assertIn("max <= 20.0 ms", lag_text({"reactor_lag": summary}))
+        self.assertIsNone(reactor_lag(None))
+        self.assertEqual(lag_text({"reactor_lag": None}), "")
+        # A longest since start below the bucket's bound is the tighter bound.
+        out["imserver_reactor_lag_longest_ms"] = 12.5
+        self.assertEqual(reactor_lag(out)["max_at_most_ms"], 12.5)  # type: ignore[index]
+        # ... and bounds the quantiles interpolated inside its bucket.
+        out["imserver_reactor_lag_longest_ms"] = 3.0
+        self.assertEqual(reactor_lag(out)["p99_ms"], 3.0)  # type: ignore[index]
