@@ -587,28 +587,19 @@ class ClientProtocol(Protocol):
             return
         if isinstance(result, Deferred):
             self._in_flight += 1
-            # One callback pair that replies and then does the bookkeeping,
-            # not a pair and an addBoth: one trip fewer through
+            # One callback (for both outcomes) that replies and then does the
+            # bookkeeping, not a pair and an addBoth: one trip fewer through
             # Deferred._runCallbacks per request (issue 13).
-            result.addCallbacks(
-                self._answer_ok,
-                self._answer_failure,
-                callbackArgs=(request,),
-                errbackArgs=(request,),
-            )
+            result.addBoth(self._answer, request)
         else:
             self._send(frames.ok(req_id, result), request.op)
 
-    def _answer_ok(self, result: Result, request: frames.Request) -> None:
+    def _answer(self, outcome: Result | Failure, request: frames.Request) -> None:
         try:
-            self._reply_ok(result, request)
-        except Exception:
-            self._reply_crashed(request)
-        self._replied(None)
-
-    def _answer_failure(self, failure: Failure, request: frames.Request) -> None:
-        try:
-            self._reply_failure(failure, request)
+            if isinstance(outcome, Failure):
+                self._reply_failure(outcome, request)
+            else:
+                self._reply_ok(outcome, request)
         except Exception:
             self._reply_crashed(request)
         self._replied(None)
