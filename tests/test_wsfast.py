@@ -309,10 +309,22 @@ class ReceiveTests(_Both):
         slow = WebSocketServerProtocol.processData
         self.patch(WebSocketServerProtocol, "processData", lambda p: taken.append(1) or slow(p))
         proto.dataReceived(frame(b"a") + frame(b"b" * 300))
+        short = frame(b"s" * INT_XOR_MAX)
+        proto.dataReceived(short[:1000])  # cut by the TCP read: waits in the buffer
+        self.assertEqual(proto.data, short[:1000])
+        proto.dataReceived(short[1000:])
         self.assertEqual(taken, [])
+        long = frame(b"l" * (INT_XOR_MAX + 1))
+        proto.dataReceived(long[:1000])  # autobahn takes it in pieces
+        self.assertTrue(taken)
+        proto.dataReceived(long[1000:])
+        taken.clear()
         proto.dataReceived(frame(b"c", fin=False) + frame(b"d", opcode=0))
         self.assertTrue(taken)
-        self.assertEqual([e[1] for e in proto.events], [b"a", b"b" * 300, b"cd"])
+        self.assertEqual(
+            [e[1] for e in proto.events],
+            [b"a", b"b" * 300, b"s" * INT_XOR_MAX, b"l" * (INT_XOR_MAX + 1), b"cd"],
+        )
 
 
 class SendTests(_Both):

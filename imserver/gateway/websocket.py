@@ -4,10 +4,11 @@ The WebSocket transport: the gateway's protocol over RFC 6455 (autobahn).
 Only the framing differs from raw TCP: one binary WebSocket message is one
 msgpack frame body, without the length prefix. L{WebSocketGateway} is the
 listening factory; each connection is an autobahn L{WebSocketServerProtocol}
-(L{_Adapter}, with the plain binary frames framed and unframed by
-L{imserver.gateway.wsfast.FastServerProtocol}, CPU per message) driving one gateway L{ClientProtocol}: its message payloads go
-in as frame bodies, and the gateway's writes go out as binary messages
-through L{imserver.wstransport.MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
+(L{_Adapter}; plain binary frames are read and written by
+L{imserver.gateway.wsfast.FastServerProtocol}, for CPU per message) driving
+one gateway L{ClientProtocol}: its message payloads go in as frame bodies,
+and the gateway's writes go out as binary messages through
+L{imserver.wstransport.MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
 and backpressure are the ClientProtocol's, as on TCP: the auth timeout runs
 from the TCP connection (the handshake counts), reading is paused and
 resumed on the TCP transport below, and the ClientProtocol is registered as

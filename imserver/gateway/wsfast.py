@@ -17,9 +17,11 @@ else to autobahn, unchanged:
     7- or 16-bit length, within both payload limits, that starts a message,
     on an open connection without compression, frame logging or timing: it
     is unmasked here with one integer XOR (L{unmask}) and handed to
-    C{onMessage}. Any other frame (control frames, fragments, text, 64-bit
-    lengths, oversize or not yet complete frames, protocol violations) goes
-    to autobahn's C{processData}, which answers it exactly as before;
+    C{onMessage}; a short one (up to L{INT_XOR_MAX}) not yet complete is left
+    in the buffer until it is. Any other frame (control frames, fragments,
+    text, 64-bit lengths, oversize or longer incomplete frames, protocol
+    violations) goes to autobahn's C{processData}, which answers it exactly
+    as before;
   - sent: a binary message on an open connection without compression,
     fragmentation, queued (sync) writes or frame logging is framed here (the
     server does not mask) and written; anything else goes to autobahn's
@@ -157,12 +159,13 @@ class FastServerProtocol(WebSocketServerProtocol):
         end = start + length
         max_message = self.maxMessagePayloadSize
         max_frame = self.maxFramePayloadSize
-        if (
-            end > buffered
-            or 0 < max_message < length
-            or 0 < max_frame < length
-            or self.websocket_version == 0
-        ):
+        if 0 < max_message < length or 0 < max_frame < length or self.websocket_version == 0:
+            return bool(super().processData())
+        if end > buffered:
+            # A short frame cut by the TCP read: wait for its rest here (the
+            # copy is small) rather than have autobahn take it in pieces.
+            if length <= INT_XOR_MAX:
+                return False
             return bool(super().processData())
         payload = unmask(data[start - 4 : start], data[start:end])
         self.data = data[end:]
