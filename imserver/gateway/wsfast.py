@@ -34,8 +34,8 @@ other version L{ENABLED} is false and autobahn's own path runs.
 tests/test_wsfast.py fails when autobahn's code under these overrides
 changes, so an upgrade is re-checked, not trusted.
 
-The C{wsaccel} package (C masking) was the classic remedy, but autobahn no
-longer uses it (it has its own cffi "NVX" masker since 24.x, which is the
+The C{wsaccel} package (C masking) was the classic remedy, but autobahn 26
+does not use it (it imports only its own cffi "NVX" masker, which is the
 slow part for short frames) and its author has stopped maintaining it.
 """
 
