@@ -641,6 +641,27 @@ class IdleTimingTests(TestCase):
         idle.tick()
         self.assertEqual(len(idle.tick_lag), 2)
 
+    def test_skipped_ticks_still_ping(self) -> None:
+        """Regression: a late reactor skipped LoopingCall ticks, and with them
+        whole heartbeat slots (idle connections then timed out on a busy machine)."""
+        from bench.worker import Idle
+
+        spec = {
+            "endpoint": "tcp:127.0.0.1:1",
+            "secret": "s" * 32,
+            "uids": [1, 2, 3],
+            "heartbeat": 0.06,
+        }
+        idle = Idle(_FakeWorker(), spec)  # type: ignore[arg-type]
+        for i, conn in enumerate(idle.conns):
+            conn.open = True
+            conn.transport = _Sink()
+            idle.slotted(conn, i)
+        idle.tick(3)  # three ticks due at once: every slot
+        self.assertEqual([len(c.transport.written) for c in idle.conns], [1, 1, 1])
+        idle.tick(10)  # more than a whole period late: each once, not more
+        self.assertEqual([len(c.transport.written) for c in idle.conns], [2, 2, 2])
+
     def test_gc_window_pause_is_the_largest_bucket_bound(self) -> None:
         from bench.runner import gc_window_pause_ms
 
