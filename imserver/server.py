@@ -101,10 +101,11 @@ class IMServer(MultiService):
         engine = create_engine(config.storage.sql)
         mysql = engine.kind == "mysql"
         # Two pools, two thread pools: the real-time path (sends, acks, reads)
-        # never waits behind background work (outbox, notifications).
+        # never waits behind background work (outbox, notifications). The
+        # send and ack batches run on commit threads of their own (HOT_LANES).
         self.db = Database(reactor, engine, name="realtime", max_connections=8 if mysql else None)
         self.background = Database(
-            reactor, engine, name="background", max_connections=3 if mysql else None
+            reactor, engine, name="background", max_connections=3 if mysql else None, lanes=()
         )
         hot: IHotStore
         # Who is online and how pushes reach them: this node alone on the
