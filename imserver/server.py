@@ -72,8 +72,9 @@ class IMServer(MultiService):
     ) -> None:
         """
         @param gc_tuning: raise the collector's thresholds now and freeze the
-            start-up objects once listening (L{imserver.gcwatch}). The process
-            is the server's alone then: twistd sets it, tests do not.
+            start-up objects once listening (L{imserver.gcwatch}), and set
+            the GIL's switch interval. The process is the server's alone
+            then: twistd sets it, tests do not.
         """
         super().__init__()
         if worker_index is not None:
@@ -93,6 +94,9 @@ class IMServer(MultiService):
         self.gc_tuning = gc_tuning
         if gc_tuning:
             tune()
+            # Process-wide too: how soon the reactor gets the GIL back from a
+            # SQL thread's Python ([server] gil_switch_interval_ms).
+            sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
         self.gcwatch = GcWatch()
         self.metrics.register(self.gcwatch)
         self.reactor_lag = ReactorLag(reactor)
