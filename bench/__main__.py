@@ -53,6 +53,13 @@ def _server_options(
         "SO_REUSEPORT); exclusive with --nodes (default 1)",
     )
     g.add_argument(
+        "--server-config",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="a setting of the imserver the tool starts, VALUE in TOML "
+        "(e.g. server.gil_switch_interval_ms=1); repeatable",
+    )
+    g.add_argument(
         "--backlog",
         type=int,
         help="listen backlog of the servers the tool starts "

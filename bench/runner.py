@@ -18,8 +18,9 @@ import selectors
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -528,6 +529,29 @@ def check_server_args(args: Any) -> None:
         raise BenchError(f"{flag} applies to imserver, not to --target relay")
 
 
+def with_settings(
+    sections: Mapping[str, Mapping[str, Any]] | None, settings: Sequence[str]
+) -> dict[str, dict[str, Any]] | None:
+    """
+    C{sections} with the C{--server-config SECTION.KEY=VALUE} settings added
+    (VALUE read as TOML, a bare word as a string).
+    """
+    if not settings:
+        return None if sections is None else {k: dict(v) for k, v in sections.items()}
+    out = {k: dict(v) for k, v in (sections or {}).items()}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not (sep and dot and section and key):
+            raise BenchError(f"--server-config {setting!r}: expected SECTION.KEY=VALUE")
+        try:
+            parsed: Any = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        out.setdefault(section, {})[key] = parsed
+    return out
+
+
 def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None = None) -> Target:
     check_server_args(args)
     if args.endpoint:
@@ -548,6 +572,7 @@ def imserver_target(args: Any, sections: Mapping[str, Mapping[str, Any]] | None 
         what += f", {nodes} nodes"
     if server_workers > 1:
         what += f", {server_workers} workers"
+    sections = with_settings(sections, getattr(args, "server_config", None) or [])
     log(f"starting imserver ({what}) ...")
     try:
         target = start_imserver(args.stack, sections, args.backlog, nodes, server_workers)

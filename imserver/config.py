@@ -348,6 +348,11 @@ class ServerConfig:
     # address (IPv6 by /64; loopback counts only in the total; 0: no per-address cap).
     max_unauthenticated: int = setting(10_000, int_in(1, 10_000_000))
     max_unauthenticated_per_address: int = setting(256, int_in(0, 10_000_000))
+    # How long a Python thread may hold the GIL while another waits for it
+    # (sys.setswitchinterval; CPython's own default is 5 ms). The reactor
+    # waits up to this long behind a SQL thread's Python (PyMySQL parsing).
+    # Set by twistd's start-up only (the process is the server's alone).
+    gil_switch_interval_ms: float = setting(5.0, number_in(0.05, 100))
 
 
 @attrs.frozen

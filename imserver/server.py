@@ -72,8 +72,9 @@ class IMServer(MultiService):
     ) -> None:
         """
         @param gc_tuning: raise the collector's thresholds now and freeze the
-            start-up objects once listening (L{imserver.gcwatch}). The process
-            is the server's alone then: twistd sets it, tests do not.
+            start-up objects once listening (L{imserver.gcwatch}), and set
+            the GIL's switch interval. The process is the server's alone
+            then: twistd sets it, tests do not.
         """
         super().__init__()
         if worker_index is not None:
@@ -93,6 +94,9 @@ class IMServer(MultiService):
         self.gc_tuning = gc_tuning
         if gc_tuning:
             tune()
+            # Process-wide too: how soon the reactor gets the GIL back from a
+            # SQL thread's Python ([server] gil_switch_interval_ms).
+            sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
         self.gcwatch = GcWatch()
         self.metrics.register(self.gcwatch)
         self.reactor_lag = ReactorLag(reactor)
@@ -101,10 +105,11 @@ class IMServer(MultiService):
         engine = create_engine(config.storage.sql)
         mysql = engine.kind == "mysql"
         # Two pools, two thread pools: the real-time path (sends, acks, reads)
-        # never waits behind background work (outbox, notifications).
+        # never waits behind background work (outbox, notifications). The
+        # send and ack batches run on commit threads of their own (HOT_LANES).
         self.db = Database(reactor, engine, name="realtime", max_connections=8 if mysql else None)
         self.background = Database(
-            reactor, engine, name="background", max_connections=3 if mysql else None
+            reactor, engine, name="background", max_connections=3 if mysql else None, lanes=()
         )
         hot: IHotStore
         # Who is online and how pushes reach them: this node alone on the

@@ -30,6 +30,7 @@ from bench.runner import (
     device_order,
     parse_devices,
     parse_transports,
+    with_settings,
 )
 from bench.streamcheck import StreamCheck
 from tests.harness import need
@@ -673,3 +674,31 @@ class IdleTimingTests(TestCase):
         self.assertEqual(gc_window_pause_ms(metrics), 10.0)
         self.assertIsNone(gc_window_pause_ms({}))
         self.assertIsNone(gc_window_pause_ms(None))
+
+
+class ServerConfigOptionTests(TestCase):
+    """C{--server-config SECTION.KEY=VALUE}: merged into the started server's config."""
+
+    def test_values_are_toml_and_merge_into_the_sections(self) -> None:
+        self.assertEqual(
+            with_settings(
+                {"limits": {"send_burst": 5}},
+                ["server.gil_switch_interval_ms=0.5", "limits.send_burst=9", "server.x=a word"],
+            ),
+            {"limits": {"send_burst": 9}, "server": {"gil_switch_interval_ms": 0.5, "x": "a word"}},
+        )
+        self.assertEqual(
+            with_settings(None, ['storage.key_prefix="p"']), {"storage": {"key_prefix": "p"}}
+        )
+        self.assertIsNone(with_settings(None, []))
+
+    def test_malformed(self) -> None:
+        for bad in ("server", "server=1", ".x=1", "server.=1"):
+            with self.subTest(bad=bad):
+                self.assertRaises(BenchError, with_settings, None, [bad])
+
+    def test_parsed_by_the_cli(self) -> None:
+        args = parser().parse_args(
+            ["pairs", "--server-config", "server.a=1", "--server-config", "server.b=2"]
+        )
+        self.assertEqual(args.server_config, ["server.a=1", "server.b=2"])

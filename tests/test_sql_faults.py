@@ -241,7 +241,11 @@ class LostCommitTests(TestCase):
         await self.stack.chat.blocks.either(self.a, self.b)
         # Every pool thread holds its connection: a transaction that opened a
         # new one while the proxy refuses them would fail before its COMMIT.
-        await gatherResults([Deferred.fromCoroutine(db.run("warm", _hold_txn)) for _ in range(3)])
+        # So do the commit threads of the send and ack batches.
+        await gatherResults(
+            [Deferred.fromCoroutine(db.run("warm", _hold_txn)) for _ in range(3)]
+            + [Deferred.fromCoroutine(db.run(lane, _hold_txn)) for lane in db.lanes]
+        )
 
     async def quiet(self) -> None:
         """Nothing of the stack's own in flight: the next COMMIT is the test's."""

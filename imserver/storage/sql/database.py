@@ -12,6 +12,15 @@ Each L{Database} owns its own L{adbapi.ConnectionPool} and therefore its own
 thread pool: the real-time path and background work get separate pools, so
 slow background SQL never starves sends.
 
+The hot batches (the transactions named in C{lanes}: by default C{send} and
+C{ack}, one Batcher each, one batch in flight each) skip the thread pool:
+each name has its own L{CommitThread}, one thread with one connection fed by
+a C{queue.SimpleQueue}, its results handed back with C{callFromThread}. No
+pool dispatch or worker hand-over per batch, a connection always warm, and
+the next batch is picked up by a thread that is already waiting for it.
+Everything else (the retries, the lost-COMMIT logic below) is the same code
+on either kind of thread: a transaction runs on its thread's own connection.
+
 Deadlocks and lock wait timeouts are retried (the transaction rolled back);
 connection failures become L{Unavailable}.
 
@@ -47,9 +56,12 @@ L{PRUNE_SECONDS}.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from functools import partial
+from queue import SimpleQueue
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import attrs
 from twisted.enterprise import adbapi
@@ -57,6 +69,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imserver.errors import Unavailable
 from imserver.storage.sql.engines import Engine
@@ -77,6 +90,12 @@ PRUNE_SECONDS = 10.0
 
 ROWS = "rows"
 COUNT = "count"
+
+#: The transactions that get a commit thread of their own by default: the
+#: send and ack batches (see L{CommitThread}).
+HOT_LANES = ("send", "ack")
+#: How long L{CommitThread.stop} waits for the queued batches to finish.
+STOP_SECONDS = 30.0
 
 
 class CommitConfirmed(Exception):
@@ -258,6 +277,135 @@ class Txn:
         return out
 
 
+class _Thread(Protocol):
+    """What L{CommitThread} needs of a thread (a L{threading.Thread})."""
+
+    def start(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+#: Makes the thread of a L{CommitThread}: C{factory(target, name)}. Tests
+#: inject one that does not start a thread and run C{target} themselves.
+ThreadFactory = Callable[[Callable[[], None], str], _Thread]
+
+
+def _daemon_thread(target: Callable[[], None], name: str) -> _Thread:
+    # A daemon: a process whose Database was never closed still exits.
+    return threading.Thread(target=target, name=name, daemon=True)
+
+
+_STOP = object()
+
+
+class CommitThread:
+    """
+    One thread running jobs one after another, in the order submitted, fed
+    by a C{queue.SimpleQueue}; each job's result (or exception) goes back to
+    the reactor with C{callFromThread}, which fires the L{Deferred} that
+    L{submit} returned.
+
+    Why not the thread pool: a pool dispatch per batch (its worker lookup,
+    a context copy, a C{Deferred} chain on the way back) and a thread that
+    may not hold a warm connection. Here the thread waits on the queue, so a
+    batch submitted while the previous one still runs is started by the
+    thread itself the moment that one ends, without a reactor turn between.
+
+    Started on the first L{submit} (a L{Database} whose lane is never used
+    costs nothing). L{stop} drains: the jobs already queued still run and
+    their results are delivered; C{on_exit} then runs in the thread (to close
+    its connection).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        *,
+        thread_factory: ThreadFactory = _daemon_thread,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.name = name
+        self._factory = thread_factory
+        self._on_exit = on_exit
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._thread: _Thread | None = None
+        self.stopped = False
+        #: Jobs submitted and not yet delivered back (read by tests).
+        self.pending = 0
+
+    def submit(self, job: Callable[[], T]) -> Deferred[T]:
+        """Run C{job()} in the thread after the jobs before it; fires on the reactor."""
+        if self.stopped:
+            raise Unavailable(f"the {self.name} commit thread is stopped")
+        if self._thread is None:
+            self._thread = self._factory(self._loop, self.name)
+            self._thread.start()
+        d: Deferred[T] = Deferred()
+        self.pending += 1
+        self._queue.put((job, d))
+        return d
+
+    def _loop(self) -> None:
+        # The thread: jobs until the stop marker, then the exit hook.
+        queue = self._queue
+        call = self._reactor.callFromThread
+        while True:
+            item = queue.get()
+            if item is _STOP:
+                break
+            job, d = item
+            try:
+                result = job()
+            except BaseException:
+                call(self._deliver, d, Failure())
+            else:
+                call(self._deliver, d, result)
+            del item, job, d
+            result = None
+        if self._on_exit is not None:
+            try:
+                self._on_exit()
+            except Exception as e:
+                self.log.warn("{name}: clean-up failed: {error}", name=self.name, error=e)
+
+    def _deliver(self, d: Deferred[Any], outcome: Any) -> None:
+        # On the reactor.
+        self.pending -= 1
+        if isinstance(outcome, Failure):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """
+        Refuse new jobs, let the queued ones run, and wait (blocking, as the
+        thread pool's own stop does) until the thread has ended. False if it
+        still runs after C{timeout} (a job stuck on a dead network): it is a
+        daemon thread and ends with the process.
+        """
+        if self.stopped:
+            return True
+        self.stopped = True
+        if self._thread is None:
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.log.warn(
+                "{name}: still busy after {timeout} s at stop; left running",
+                name=self.name,
+                timeout=timeout,
+            )
+            return False
+        return True
+
+
 class Database:
     """
     One connection pool (and thread pool) on one database.
@@ -265,6 +413,10 @@ class Database:
     @param reactor: provides C{IReactorCore}, C{IReactorThreads} and
         C{IReactorTime}.
     @param name: shows in thread names and logs (C{realtime}, C{background}).
+    @param lanes: the transaction names (C{desc}) that run on a commit
+        thread of their own, one per name (see L{CommitThread}); every other
+        transaction runs on the pool's threads.
+    @param thread_factory: makes the commit threads (tests inject their own).
     """
 
     log = Logger()
@@ -277,6 +429,8 @@ class Database:
         name: str,
         max_connections: int | None = None,
         commit_tokens: bool = True,
+        lanes: Sequence[str] = HOT_LANES,
+        thread_factory: ThreadFactory = _daemon_thread,
     ) -> None:
         self._reactor = reactor
         self.engine = engine
@@ -300,6 +454,15 @@ class Database:
         )
         self._closed = False
         self._last_used: dict[int, float] = {}
+        self.lanes = {
+            desc: CommitThread(
+                reactor,
+                f"imserver-sql-{name}-{desc}",
+                thread_factory=thread_factory,
+                on_exit=self._drop_own_connection,
+            )
+            for desc in lanes
+        }
         #: Observes the stages of every transaction: (stage, seconds), stage
         #: being "wait" (for a pool thread), "run" (in the thread) or "return"
         #: (until the reactor takes the result). Wired to metrics.
@@ -318,23 +481,28 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """
-        Run C{func(txn, *args, **kwargs)} in one transaction on a pool thread.
+        Run C{func(txn, *args, **kwargs)} in one transaction on a pool thread
+        (or on C{desc}'s commit thread, if it has one).
 
         @raise Unavailable: the database is unreachable or went away, or
             this pool is closed.
         """
+        lane = self.lanes.get(desc)
+
+        def call(txn: Txn) -> T:
+            return func(txn, *args, **kwargs)
+
         for attempt in range(MAX_RETRIES + 1):
             if self._closed:
                 raise Unavailable(f"the {self.name} database pool is closed")
             stamps = [time.monotonic(), 0.0, 0.0]
             try:
-                result: T = await deferToThreadPool(
-                    self._reactor,
-                    self._pool.threadpool,
-                    self._timed,
-                    stamps,
-                    lambda txn: func(txn, *args, **kwargs),
-                )
+                if lane is not None:
+                    result: T = await lane.submit(partial(self._timed, stamps, call))
+                else:
+                    result = await deferToThreadPool(
+                        self._reactor, self._pool.threadpool, self._timed, stamps, call
+                    )
             except Exception as e:
                 if self.engine.is_retryable(e) and attempt < MAX_RETRIES:
                     self.log.info(
@@ -409,6 +577,12 @@ class Database:
             self._pool.disconnect(conn)
         except Exception:
             pass
+
+    def _drop_own_connection(self) -> None:
+        """In a commit thread that ends: close its connection."""
+        conn = self._pool.connections.get(self._pool.threadID())
+        if conn is not None:
+            self._drop(conn)
 
     def _transaction(self, conn: Any, func: Callable[[Txn], T]) -> T:
         txn = Txn(self, conn, conn.cursor(), self.engine)
@@ -560,9 +734,15 @@ class Database:
         d.addBoth(done)
 
     def close(self) -> None:
-        """Close the connections and stop the threads (once; later calls do nothing)."""
+        """
+        Close the connections and stop the threads (once; later calls do
+        nothing). The commit threads stop first, after the batches already
+        queued on them (their results are delivered on the reactor).
+        """
         if not self._closed:
             self._closed = True
+            for lane in self.lanes.values():
+                lane.stop()
             self._pool.close()
 
 
