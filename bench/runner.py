@@ -1375,9 +1375,51 @@ def cmd_catchup(args: Any) -> dict[str, Any]:
 # -- idle ---------------------------------------------------------------------------------------
 
 
-def bind_addresses(connections: int) -> list[str]:
-    """Loopback source addresses 127.0.0.2..: about 28k ephemeral ports each."""
-    return [f"127.0.0.{2 + i}" for i in range(max(2, math.ceil(connections / 10000)))]
+#: Connections per loopback source address when the tool picks their number:
+#: well under one address's ephemeral ports (28,232 with the default range).
+PER_SOURCE = 10000
+
+
+def ephemeral_ports() -> int:
+    """How many local ports a source address has for outgoing connections
+    (C{net.ipv4.ip_local_port_range}; the default range if it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return high - low + 1
+
+
+def source_addresses(connections: int, sources: int | None, minimum: int = 0) -> list[str] | None:
+    """
+    The loopback source addresses 127.0.0.2, .3, ... the load clients bind
+    before they connect, spread round robin: each address has its own range
+    of ephemeral ports, and one range (~28,000) cannot hold 100,000
+    connections to one server port. C{sources}: how many (C{--sources}); None
+    or 0: one per L{PER_SOURCE} connections, at least C{minimum} (None, no
+    bind, when that is 0 and one range suffices). Refused when an address
+    would need more connections than it has ports.
+    """
+    if sources is not None and sources < 0:
+        raise BenchError("--sources must be at least 1 (0: automatic)")
+    if sources and sources > 254:
+        raise BenchError("--sources: at most 254 addresses (127.0.0.2 .. 127.0.0.255)")
+    if not sources:
+        needed = math.ceil(connections / PER_SOURCE)
+        if needed <= 1 and not minimum:
+            return None
+        sources = max(minimum, needed)
+    per_source = math.ceil(connections / sources)
+    ports = ephemeral_ports()
+    if per_source > ports:
+        raise BenchError(
+            f"{connections} connections over {sources} source addresses is {per_source} "
+            f"per address, more than its {ports} ephemeral ports "
+            f"(net.ipv4.ip_local_port_range): use --sources {math.ceil(connections / ports)} "
+            "or more"
+        )
+    return [f"127.0.0.{2 + i}" for i in range(sources)]
 
 
 def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
@@ -1386,7 +1428,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
     nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
     measure = args.measure or max(3 * heartbeat, 10.0)
     label = f"[idle {target.name}]"
-    bind = bind_addresses(c)
+    bind = source_addresses(c, getattr(args, "sources", None), minimum=2)
     specs = []
     first = 0
     for k in split(c, nworkers):
@@ -1586,6 +1628,8 @@ def cmd_idle(args: Any) -> dict[str, Any]:
         "load_pairs": getattr(args, "load_pairs", 0),
         "baseline_s": args.baseline,
         "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
+        # Checked before any server starts (too few for the ports: refused).
+        "sources": source_addresses(args.connections, getattr(args, "sources", None), minimum=2),
         "stack": stack_param(args),
         "target": args.target,
     }
@@ -1611,6 +1655,7 @@ def cmd_idle(args: Any) -> dict[str, Any]:
 def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
     c = args.clients
     nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
+    bind = source_addresses(c, getattr(args, "sources", None))
     specs = []
     first = 0
     for k in split(c, nworkers):
@@ -1622,7 +1667,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
                 "secret": target.secret,
                 "uids": uids.take(k),
                 "concurrency": args.concurrency or k,
-                "bind": bind_addresses(c) if c > 10000 else None,
+                "bind": bind,
             }
         )
         first += k
@@ -1674,7 +1719,8 @@ def cmd_connect(args: Any) -> dict[str, Any]:
     params = {
         "clients": args.clients,
         "concurrency": args.concurrency or "all at once",
-        "workers": args.workers,
+        "workers": max(args.workers, math.ceil(args.clients / MAX_PER_WORKER)),
+        "sources": source_addresses(args.clients, getattr(args, "sources", None)),
         "stack": stack_param(args),
         "target": args.target,
     }
