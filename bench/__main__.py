@@ -265,6 +265,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--load-window", type=int, default=1, help="in flight per pair (1)")
     p.add_argument("--load-duration", type=float, default=10.0, help="pairs seconds (10)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=25,
+        help="connections being opened at a time per worker (25): a slower storm for "
+        "many workers on few cores",
+    )
     _sources_option(p)
     _server_options(p, "imserver")
 

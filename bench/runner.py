@@ -1441,12 +1441,13 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
                 "uids": uids.take(k),
                 "heartbeat": heartbeat,
                 "bind": bind,
-                "concurrency": 25,
+                "concurrency": max(1, getattr(args, "concurrency", 25)),
             }
         )
         first += k
     with workers(specs) as pool:
         pool.wait("ready", 300, lambda: progress.show(f"{label} minting tokens"))
+        fds_before = procstat.open_files(target.measured_pids())
         base = Window(target, scrape=False)
         base.begin()
         time.sleep(args.baseline)
@@ -1466,6 +1467,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         ok = sum(e["ok"] for e in connected)
         pool.sleep_until(time.monotonic() + args.settle)
         after_connect = procstat.sample_all(target.measured_pids())
+        fds_after = procstat.open_files(target.measured_pids())
         win = Window(target, pool.pids)
         pool.send({"cmd": "mark"})
         marks0 = pool.wait("mark", 30)
@@ -1519,6 +1521,12 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "connect_s": round(connect_s, 3),
         "server_rss_mb": {"before": rss_before, "after": rss_after},
         "server_rss_mb_per_process": per_process,
+        # The server's descriptors before connecting (its own) and after, per process.
+        "server_open_files": {
+            name.removeprefix("server:"): {"before": fds_before.get(name), "after": n}
+            for name, n in fds_after.items()
+            if is_server(name)
+        },
         "rss_kb_per_connection": round((rss_after - rss_before) * 1024 / ok, 2) if ok else None,
         "server_cpu": {
             "idle_no_connections_cores": cpu_base,
@@ -1626,6 +1634,7 @@ def cmd_idle(args: Any) -> dict[str, Any]:
         "heartbeat": heartbeat,
         "measure_s": args.measure or max(3 * heartbeat, 10.0),
         "load_pairs": getattr(args, "load_pairs", 0),
+        "concurrency_per_worker": max(1, getattr(args, "concurrency", 25)),
         "baseline_s": args.baseline,
         "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
         # Checked before any server starts (too few for the ports: refused).

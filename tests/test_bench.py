@@ -256,6 +256,9 @@ class BenchSmokeTests(BenchTestCase):
         self.assertEqual(t["errors"], {})
         self.assertEqual(t["connections"], 40)
         self.assertIsNotNone(t["rss_kb_per_connection"])
+        # Its descriptors: its own before connecting, + one per connection after.
+        [fds] = t["server_open_files"].values()
+        self.assertGreaterEqual(fds["after"] - fds["before"], 40, fds)
         cpu = t["server_cpu"]
         # 40 connections pinging every second: about 40 pings/s, all answered.
         self.assertLess(abs(cpu["pings_per_s"] / 40 - 1), 0.3, cpu)
@@ -490,6 +493,9 @@ class BenchLogicTests(TestCase):
         a = parser().parse_args(["idle", "--connections", "100000", "--sources", "12"])
         self.assertEqual(a.sources, 12)
         self.assertEqual(parser().parse_args(["connect"]).sources, 0)
+        # idle: connecting per worker at a time (25), lower for a slower storm.
+        self.assertEqual(parser().parse_args(["idle"]).concurrency, 25)
+        self.assertEqual(parser().parse_args(["idle", "--concurrency", "5"]).concurrency, 5)
 
     def test_transport_options(self) -> None:
         self.assertEqual(parse_transports(None), ["tcp"])

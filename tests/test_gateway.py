@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import random
 import struct
 from typing import Any
 
@@ -355,6 +356,37 @@ class TimerTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertEqual(self.gateway.idle_closed, 49)
         self.clock.advance(30)
         self.assertTrue(clients[0].closing)
+
+    def test_connections_that_keep_pinging_are_never_closed(self) -> None:
+        """Many connections pinging at their own pace, below the timeout, over many
+        periods of the wheel: none closed; silent, each closed within a second after
+        its timeout, never before."""
+        rng = random.Random(13)
+        clients, last, next_ping = [], [], []
+        for uid in range(1, 101):
+            self.clock.advance(rng.choice((0, 0.25, 0.5)))
+            clients.append(self.authed(uid))
+            last.append(self.clock.seconds())
+            next_ping.append(self.clock.seconds() + rng.uniform(1, 89))
+        end = self.clock.seconds() + 900
+        while self.clock.seconds() < end:
+            self.clock.advance(0.25)
+            for i, c in enumerate(clients):
+                if self.clock.seconds() >= next_ping[i]:
+                    c.send({"t": "ping", "id": 1})
+                    last[i] = self.clock.seconds()
+                    next_ping[i] = self.clock.seconds() + rng.uniform(1, 89)
+        self.assertEqual([c for c in clients if c.closing], [])
+        closed_at: dict[int, float] = {}
+        while len(closed_at) < len(clients) and self.clock.seconds() < end + 100:
+            self.clock.advance(0.25)
+            for i, c in enumerate(clients):
+                if c.closing and i not in closed_at:
+                    closed_at[i] = self.clock.seconds()
+        self.assertEqual(len(closed_at), 100)
+        for i, t in closed_at.items():
+            self.assertTrue(90 <= t - last[i] <= 91, (i, t - last[i]))
+        self.assertEqual(self.gateway.idle_closed, 100)
 
     def test_idle_close_is_never_early_and_at_most_the_resolution_late(self) -> None:
         self.clock.advance(0.5)  # logged in between two of the wheel's buckets
