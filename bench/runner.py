@@ -1456,7 +1456,8 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         pool.send({"cmd": "connect"})
         connected = pool.wait(
             "connected",
-            600,
+            # 100,000 over 2 busy cores take minutes (~150-300 auths/s).
+            max(600, c / 50),
             lambda: progress.show(
                 f"{label} connecting {bar(pool.total('connected') / c)} "
                 f"{int(pool.total('connected'))}/{c} {time.monotonic() - t0:5.1f}s  "
@@ -1688,7 +1689,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
         pool.send({"cmd": "start", "t_start": ns(t_start)})
         done = pool.wait(
             "done",
-            300,
+            max(300, c / 50),
             lambda: progress.show(
                 f"[connect {target.name}] {bar(pool.total('connected') / c)} "
                 f"{int(pool.total('connected'))}/{c} {time.monotonic() - t_start:5.1f}s  "
