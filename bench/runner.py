@@ -1509,6 +1509,9 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         for name, sample in after_connect.items()
         if sample and is_server(name)
     }
+    # Connections open when RSS was read (the mark right after it): fewer than
+    # authenticated if some were closed meanwhile (an overloaded machine).
+    open_at_rss = sum(m.get("open", 0) for m in marks0) or ok
     pings = sum(m["pings"] for m in marks1) - sum(m["pings"] for m in marks0)
     pongs = sum(m["pongs"] for m in marks1) - sum(m["pongs"] for m in marks0)
     cpu_loaded = server_total(loaded["procs"])["cores"]
@@ -1528,7 +1531,10 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
             for name, n in fds_after.items()
             if is_server(name)
         },
-        "rss_kb_per_connection": round((rss_after - rss_before) * 1024 / ok, 2) if ok else None,
+        "connections_open_at_rss": open_at_rss,
+        "rss_kb_per_connection": (
+            round((rss_after - rss_before) * 1024 / open_at_rss, 2) if open_at_rss else None
+        ),
         "server_cpu": {
             "idle_no_connections_cores": cpu_base,
             "with_heartbeats_cores": cpu_loaded,

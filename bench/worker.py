@@ -778,7 +778,14 @@ class Idle(Scenario):
             d = self.connector.open_all(self.conns)
             d.addCallback(self.connected)
         elif cmd["cmd"] == "mark":
-            self.worker.emit({"ev": "mark", "pings": self.pings, "pongs": self.pongs})
+            self.worker.emit(
+                {
+                    "ev": "mark",
+                    "pings": self.pings,
+                    "pongs": self.pongs,
+                    "open": sum(1 for c in self.conns if c.authed and c.open),
+                }
+            )
         elif cmd["cmd"] == "stop":
             self.phase = "stopping"
             self.beat.stop()

@@ -255,6 +255,7 @@ class BenchSmokeTests(BenchTestCase):
         t = result["targets"]["imserver"]
         self.assertEqual(t["errors"], {})
         self.assertEqual(t["connections"], 40)
+        self.assertEqual(t["connections_open_at_rss"], 40)
         self.assertIsNotNone(t["rss_kb_per_connection"])
         # Its descriptors: its own before connecting, + one per connection after.
         [fds] = t["server_open_files"].values()
