@@ -475,6 +475,16 @@ class BenchLogicTests(TestCase):
             [d for _, d in device_order([1, 3], 2)], [1, 3, 1, 3], device_order([1, 3], 2)
         )
 
+    def test_connection_memory(self) -> None:
+        """bench.connmem (issue 13): idle connections share the wheel's one timer
+        and cost 6 tracked objects each (11 with a DelayedCall each)."""
+        from bench import connmem
+
+        m = connmem.measure(200)
+        self.assertEqual(m["delayed_calls"], 1)
+        self.assertLessEqual(m["tracked_objects_per_connection"], 6.5)
+        self.assertLess(m["bytes_per_connection"], 1500)
+
     def test_source_addresses(self) -> None:
         """Issue 13: the load clients' loopback source addresses, one per 10,000
         connections unless --sources says; none needing more than their ports."""
