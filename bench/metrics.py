@@ -33,7 +33,7 @@ MAX_GAUGES = (
 )
 #: Histograms whose largest observation in the window is reported too (as the
 #: bound of its bucket): the longest-since-start gauge covers start-up as well.
-WINDOW_MAX = ("imserver_reactor_lag_seconds",)
+WINDOW_MAX = ("imserver_reactor_lag_seconds", "imserver_gc_pause_seconds")
 COUNTERS = (
     "imserver_messages_total",
     "imserver_errors_total",

@@ -269,6 +269,8 @@ class BenchSmokeTests(BenchTestCase):
         # The server's gc pauses, from /metrics (issue 13).
         self.assertIsNotNone(t["gc_longest_pause_ms"])
         self.assertIsNotNone(t["gc_longest_pause_cpu_ms"])
+        self.assertIn("gc_window_pause_at_most_ms", t)
+        self.assertIn("worker_lag", t["latency"])
 
     def test_idle_with_pairs_beside(self) -> None:
         """Issue 13: pairs run beside the idle connections while the pings are timed."""
@@ -624,3 +626,93 @@ class BenchReactorLagTests(TestCase):
         # ... and bounds the quantiles interpolated inside its bucket.
         out["imserver_reactor_lag_longest_ms"] = 3.0
         self.assertEqual(reactor_lag(out)["p99_ms"], 3.0)  # type: ignore[index]
+
+
+class _FakeWorker:
+    """What a scenario calls on its worker process: records the events."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class IdleTimingTests(TestCase):
+    """The idle scenario times only the measured window (issue 13)."""
+
+    def test_pings_before_the_first_mark_are_not_timed(self) -> None:
+        """
+        Regression: the heartbeats start with the connect storm, and their round
+        trips then (hundreds of ms while thousands of auths queue) were counted
+        as the idle server's ping p99.
+        """
+        from bench.worker import Idle
+
+        spec = {"endpoint": "tcp:127.0.0.1:1", "secret": "s" * 32, "uids": [1], "heartbeat": 1.0}
+        idle = Idle(_FakeWorker(), spec)  # type: ignore[arg-type]
+        conn = idle.conns[0]
+        conn.open = True
+        conn.transport = _Sink()
+        conn.ping()
+        idle.command({"cmd": "mark"})  # the window starts while that ping is out
+        conn.on_frame({"t": "ok", "id": 2})
+        self.assertEqual(len(idle.rtt), 0)
+        conn.ping()
+        conn.on_frame({"t": "ok", "id": 2})
+        self.assertEqual(len(idle.rtt), 1)
+        self.assertEqual(idle.pongs, 2)
+
+    def test_worker_lag_only_in_the_window(self) -> None:
+        from bench.worker import Idle
+
+        spec = {"endpoint": "tcp:127.0.0.1:1", "secret": "s" * 32, "uids": [1], "heartbeat": 1.0}
+        idle = Idle(_FakeWorker(), spec)  # type: ignore[arg-type]
+        idle.tick()
+        idle.tick()
+        self.assertEqual(len(idle.tick_lag), 0)
+        idle.command({"cmd": "mark"})
+        idle.tick()
+        idle.tick()
+        self.assertEqual(len(idle.tick_lag), 2)
+
+    def test_skipped_ticks_still_ping(self) -> None:
+        """Regression: a late reactor skipped LoopingCall ticks, and with them
+        whole heartbeat slots (idle connections then timed out on a busy machine)."""
+        from bench.worker import Idle
+
+        spec = {
+            "endpoint": "tcp:127.0.0.1:1",
+            "secret": "s" * 32,
+            "uids": [1, 2, 3],
+            "heartbeat": 0.06,
+        }
+        idle = Idle(_FakeWorker(), spec)  # type: ignore[arg-type]
+        for i, conn in enumerate(idle.conns):
+            conn.open = True
+            conn.transport = _Sink()
+            idle.slotted(conn, i)
+        idle.tick(3)  # three ticks due at once: every slot
+        self.assertEqual([len(c.transport.written) for c in idle.conns], [1, 1, 1])
+        idle.tick(10)  # more than a whole period late: each once, not more
+        self.assertEqual([len(c.transport.written) for c in idle.conns], [2, 2, 2])
+
+    def test_gc_window_pause_is_the_largest_bucket_bound(self) -> None:
+        from bench.runner import gc_window_pause_ms
+
+        metrics = {
+            "imserver_gc_pause_seconds{generation=0}": {"count": 9, "max_at_most_ms": 2.5},
+            "imserver_gc_pause_seconds{generation=1}": {"count": 2, "max_at_most_ms": 10.0},
+            "imserver_gc_pause_longest_ms{generation=1}": 42.0,  # since start: not the window
+        }
+        self.assertEqual(gc_window_pause_ms(metrics), 10.0)
+        self.assertIsNone(gc_window_pause_ms({}))
+        self.assertIsNone(gc_window_pause_ms(None))

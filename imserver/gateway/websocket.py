@@ -4,9 +4,11 @@ The WebSocket transport: the gateway's protocol over RFC 6455 (autobahn).
 Only the framing differs from raw TCP: one binary WebSocket message is one
 msgpack frame body, without the length prefix. L{WebSocketGateway} is the
 listening factory; each connection is an autobahn L{WebSocketServerProtocol}
-(L{_Adapter}) driving one gateway L{ClientProtocol}: its message payloads go
-in as frame bodies, and the gateway's writes go out as binary messages
-through L{imserver.wstransport.MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
+(L{_Adapter}; plain binary frames are read and written by
+L{imserver.gateway.wsfast.FastServerProtocol}, for CPU per message) driving
+one gateway L{ClientProtocol}: its message payloads go in as frame bodies,
+and the gateway's writes go out as binary messages through
+L{imserver.wstransport.MessageTransport}. Auth timeout, heartbeat, limits, in-flight caps
 and backpressure are the ClientProtocol's, as on TCP: the auth timeout runs
 from the TCP connection (the handshake counts), reading is paused and
 resumed on the TCP transport below, and the ClientProtocol is registered as
@@ -26,6 +28,7 @@ from twisted.python.failure import Failure
 
 from imserver.errors import ErrorCode
 from imserver.gateway.protocol import ClientProtocol, Gateway, Refused, State
+from imserver.gateway.wsfast import FastServerProtocol
 from imserver.wstransport import SUBPROTOCOL, MessageTransport
 
 #: The path clients connect to.
@@ -59,7 +62,7 @@ class _Demoted:
         return getattr(self._log, name)
 
 
-class _Adapter(WebSocketServerProtocol):
+class _Adapter(FastServerProtocol):
     conn: ClientProtocol
     log = _Demoted(WebSocketServerProtocol.log)
 
