@@ -111,6 +111,18 @@ def _pairs_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _sources_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bind the load clients to N loopback source addresses 127.0.0.2 .. 127.0.0.N+1, "
+        "round robin (each has its own ephemeral ports); default 0: one per 10,000 "
+        "connections (idle: at least 2; connect: no bind up to 10,000)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench", description="imserver benchmarks")
     sub = ap.add_subparsers(dest="scenario", required=True)
@@ -260,6 +272,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--load-window", type=int, default=1, help="in flight per pair (1)")
     p.add_argument("--load-duration", type=float, default=10.0, help="pairs seconds (10)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=25,
+        help="connections being opened at a time per worker (25): a slower storm for "
+        "many workers on few cores",
+    )
+    _sources_option(p)
     _server_options(p, "imserver")
 
     p = sub.add_parser("connect", help="C clients connect and authenticate at once")
@@ -271,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
         help="connecting at a time per worker (default 0: all at once)",
     )
     p.add_argument("--workers", type=int, default=2)
+    _sources_option(p)
     _server_options(p, "imserver")
 
     p = sub.add_parser(

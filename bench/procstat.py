@@ -59,3 +59,15 @@ def delta(
             "rss_after_mb": round(a.rss_kb / 1024, 1),
         }
     return out
+
+
+def open_files(pids: Mapping[str, int]) -> dict[str, int | None]:
+    """Descriptors each process holds (C{/proc/PID/fd}; None: gone or not readable):
+    a server's own (listeners, SQL, Redis, logs) beside its clients' (issue 13)."""
+    out: dict[str, int | None] = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            out[name] = None
+    return out

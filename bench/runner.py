@@ -1400,9 +1400,51 @@ def cmd_catchup(args: Any) -> dict[str, Any]:
 # -- idle ---------------------------------------------------------------------------------------
 
 
-def bind_addresses(connections: int) -> list[str]:
-    """Loopback source addresses 127.0.0.2..: about 28k ephemeral ports each."""
-    return [f"127.0.0.{2 + i}" for i in range(max(2, math.ceil(connections / 10000)))]
+#: Connections per loopback source address when the tool picks their number:
+#: well under one address's ephemeral ports (28,232 with the default range).
+PER_SOURCE = 10000
+
+
+def ephemeral_ports() -> int:
+    """How many local ports a source address has for outgoing connections
+    (C{net.ipv4.ip_local_port_range}; the default range if it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return high - low + 1
+
+
+def source_addresses(connections: int, sources: int | None, minimum: int = 0) -> list[str] | None:
+    """
+    The loopback source addresses 127.0.0.2, .3, ... the load clients bind
+    before they connect, spread round robin: each address has its own range
+    of ephemeral ports, and one range (~28,000) cannot hold 100,000
+    connections to one server port. C{sources}: how many (C{--sources}); None
+    or 0: one per L{PER_SOURCE} connections, at least C{minimum} (None, no
+    bind, when that is 0 and one range suffices). Refused when an address
+    would need more connections than it has ports.
+    """
+    if sources is not None and sources < 0:
+        raise BenchError("--sources must be at least 1 (0: automatic)")
+    if sources and sources > 254:
+        raise BenchError("--sources: at most 254 addresses (127.0.0.2 .. 127.0.0.255)")
+    if not sources:
+        needed = math.ceil(connections / PER_SOURCE)
+        if needed <= 1 and not minimum:
+            return None
+        sources = max(minimum, needed)
+    per_source = math.ceil(connections / sources)
+    ports = ephemeral_ports()
+    if per_source > ports:
+        raise BenchError(
+            f"{connections} connections over {sources} source addresses is {per_source} "
+            f"per address, more than its {ports} ephemeral ports "
+            f"(net.ipv4.ip_local_port_range): use --sources {math.ceil(connections / ports)} "
+            "or more"
+        )
+    return [f"127.0.0.{2 + i}" for i in range(sources)]
 
 
 def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
@@ -1411,7 +1453,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
     nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
     measure = args.measure or max(3 * heartbeat, 10.0)
     label = f"[idle {target.name}]"
-    bind = bind_addresses(c)
+    bind = source_addresses(c, getattr(args, "sources", None), minimum=2)
     specs = []
     first = 0
     for k in split(c, nworkers):
@@ -1424,12 +1466,13 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
                 "uids": uids.take(k),
                 "heartbeat": heartbeat,
                 "bind": bind,
-                "concurrency": 25,
+                "concurrency": max(1, getattr(args, "concurrency", 25)),
             }
         )
         first += k
     with workers(specs) as pool:
         pool.wait("ready", 300, lambda: progress.show(f"{label} minting tokens"))
+        fds_before = procstat.open_files(target.measured_pids())
         base = Window(target, scrape=False)
         base.begin()
         time.sleep(args.baseline)
@@ -1438,7 +1481,8 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         pool.send({"cmd": "connect"})
         connected = pool.wait(
             "connected",
-            600,
+            # 100,000 over 2 busy cores take minutes (~150-300 auths/s).
+            max(600, c / 50),
             lambda: progress.show(
                 f"{label} connecting {bar(pool.total('connected') / c)} "
                 f"{int(pool.total('connected'))}/{c} {time.monotonic() - t0:5.1f}s  "
@@ -1449,6 +1493,7 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         ok = sum(e["ok"] for e in connected)
         pool.sleep_until(time.monotonic() + args.settle)
         after_connect = procstat.sample_all(target.measured_pids())
+        fds_after = procstat.open_files(target.measured_pids())
         win = Window(target, pool.pids)
         pool.send({"cmd": "mark"})
         marks0 = pool.wait("mark", 30)
@@ -1489,6 +1534,9 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         for name, sample in after_connect.items()
         if sample and is_server(name)
     }
+    # Connections open when RSS was read (the mark right after it): fewer than
+    # authenticated if some were closed meanwhile (an overloaded machine).
+    open_at_rss = sum(m.get("open", 0) for m in marks0) or ok
     pings = sum(m["pings"] for m in marks1) - sum(m["pings"] for m in marks0)
     pongs = sum(m["pongs"] for m in marks1) - sum(m["pongs"] for m in marks0)
     cpu_loaded = server_total(loaded["procs"])["cores"]
@@ -1502,7 +1550,16 @@ def run_idle(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[
         "connect_s": round(connect_s, 3),
         "server_rss_mb": {"before": rss_before, "after": rss_after},
         "server_rss_mb_per_process": per_process,
-        "rss_kb_per_connection": round((rss_after - rss_before) * 1024 / ok, 2) if ok else None,
+        # The server's descriptors before connecting (its own) and after, per process.
+        "server_open_files": {
+            name.removeprefix("server:"): {"before": fds_before.get(name), "after": n}
+            for name, n in fds_after.items()
+            if is_server(name)
+        },
+        "connections_open_at_rss": open_at_rss,
+        "rss_kb_per_connection": (
+            round((rss_after - rss_before) * 1024 / open_at_rss, 2) if open_at_rss else None
+        ),
         "server_cpu": {
             "idle_no_connections_cores": cpu_base,
             "with_heartbeats_cores": cpu_loaded,
@@ -1628,8 +1685,11 @@ def cmd_idle(args: Any) -> dict[str, Any]:
         "heartbeat": heartbeat,
         "measure_s": args.measure or max(3 * heartbeat, 10.0),
         "load_pairs": getattr(args, "load_pairs", 0),
+        "concurrency_per_worker": max(1, getattr(args, "concurrency", 25)),
         "baseline_s": args.baseline,
         "workers": max(args.workers, math.ceil(args.connections / MAX_PER_WORKER)),
+        # Checked before any server starts (too few for the ports: refused).
+        "sources": source_addresses(args.connections, getattr(args, "sources", None), minimum=2),
         "stack": stack_param(args),
         "target": args.target,
     }
@@ -1655,6 +1715,7 @@ def cmd_idle(args: Any) -> dict[str, Any]:
 def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> dict[str, Any]:
     c = args.clients
     nworkers = max(args.workers, math.ceil(c / MAX_PER_WORKER))
+    bind = source_addresses(c, getattr(args, "sources", None))
     specs = []
     first = 0
     for k in split(c, nworkers):
@@ -1666,7 +1727,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
                 "secret": target.secret,
                 "uids": uids.take(k),
                 "concurrency": args.concurrency or k,
-                "bind": bind_addresses(c) if c > 10000 else None,
+                "bind": bind,
             }
         )
         first += k
@@ -1678,7 +1739,7 @@ def run_connect(target: Target, args: Any, uids: Uids, progress: Progress) -> di
         pool.send({"cmd": "start", "t_start": ns(t_start)})
         done = pool.wait(
             "done",
-            300,
+            max(300, c / 50),
             lambda: progress.show(
                 f"[connect {target.name}] {bar(pool.total('connected') / c)} "
                 f"{int(pool.total('connected'))}/{c} {time.monotonic() - t_start:5.1f}s  "
@@ -1718,7 +1779,8 @@ def cmd_connect(args: Any) -> dict[str, Any]:
     params = {
         "clients": args.clients,
         "concurrency": args.concurrency or "all at once",
-        "workers": args.workers,
+        "workers": max(args.workers, math.ceil(args.clients / MAX_PER_WORKER)),
+        "sources": source_addresses(args.clients, getattr(args, "sources", None)),
         "stack": stack_param(args),
         "target": args.target,
     }

@@ -799,7 +799,14 @@ class Idle(Scenario):
             d.addCallback(self.connected)
         elif cmd["cmd"] == "mark":
             self.window_ns = min(self.window_ns, monotonic_ns())
-            self.worker.emit({"ev": "mark", "pings": self.pings, "pongs": self.pongs})
+            self.worker.emit(
+                {
+                    "ev": "mark",
+                    "pings": self.pings,
+                    "pongs": self.pongs,
+                    "open": sum(1 for c in self.conns if c.authed and c.open),
+                }
+            )
         elif cmd["cmd"] == "stop":
             self.phase = "stopping"
             self.beat.stop()

@@ -30,6 +30,7 @@ from bench.runner import (
     device_order,
     parse_devices,
     parse_transports,
+    source_addresses,
     with_settings,
 )
 from bench.streamcheck import StreamCheck
@@ -133,7 +134,11 @@ class BenchSmokeTests(BenchTestCase):
         self.assertEqual(t["throughput"]["backlog_at_end"], 0)
 
     def test_connect(self) -> None:
-        result, _ = self.bench("connect", "--clients", "20", "--stack", "embedded")
+        result, _ = self.bench(
+            "connect", "--clients", "20", "--stack", "embedded", "--sources", "3"
+        )
+        # Bound to 3 loopback source addresses (issue 13), round robin.
+        self.assertEqual(result["params"]["sources"], ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
         t = result["targets"]["imserver"]
         self.assertEqual(t["errors"], {})
         self.assertEqual(t["ok"], 20)
@@ -247,10 +252,15 @@ class BenchSmokeTests(BenchTestCase):
             *("idle", "--connections", "40", "--heartbeat", "1", "--measure", "2"),
             *("--baseline", "0.5", "--settle", "0.3", "--stack", "embedded"),
         )
+        self.assertEqual(result["params"]["sources"], ["127.0.0.2", "127.0.0.3"])  # at least 2
         t = result["targets"]["imserver"]
         self.assertEqual(t["errors"], {})
         self.assertEqual(t["connections"], 40)
+        self.assertEqual(t["connections_open_at_rss"], 40)
         self.assertIsNotNone(t["rss_kb_per_connection"])
+        # Its descriptors: its own before connecting, + one per connection after.
+        [fds] = t["server_open_files"].values()
+        self.assertGreaterEqual(fds["after"] - fds["before"], 40, fds)
         cpu = t["server_cpu"]
         # 40 connections pinging every second: about 40 pings/s, all answered.
         self.assertLess(abs(cpu["pings_per_s"] / 40 - 1), 0.3, cpu)
@@ -467,6 +477,39 @@ class BenchLogicTests(TestCase):
         self.assertEqual(
             [d for _, d in device_order([1, 3], 2)], [1, 3, 1, 3], device_order([1, 3], 2)
         )
+
+    def test_connection_memory(self) -> None:
+        """bench.connmem (issue 13): idle connections share the wheel's one timer
+        and cost 6 tracked objects each (11 with a DelayedCall each)."""
+        from bench import connmem
+
+        m = connmem.measure(200)
+        self.assertEqual(m["delayed_calls"], 1)
+        self.assertLessEqual(m["tracked_objects_per_connection"], 6.5)
+        self.assertLess(m["bytes_per_connection"], 1500)
+
+    def test_source_addresses(self) -> None:
+        """Issue 13: the load clients' loopback source addresses, one per 10,000
+        connections unless --sources says; none needing more than their ports."""
+        self.assertIsNone(source_addresses(2000, 0))  # connect: no bind for one range
+        self.assertEqual(source_addresses(2000, 0, minimum=2), ["127.0.0.2", "127.0.0.3"])
+        self.assertEqual(len(source_addresses(19000, 0) or []), 2)
+        auto = source_addresses(100000, None) or []
+        self.assertEqual((len(auto), auto[0], auto[-1]), (10, "127.0.0.2", "127.0.0.11"))
+        self.assertEqual(source_addresses(100000, 12)[-1], "127.0.0.13")  # type: ignore[index]
+        self.assertEqual(source_addresses(10, 1), ["127.0.0.2"])
+        # 100,000 on 2 addresses: 50,000 each, over one address's ~28,000 ports.
+        with self.assertRaises(BenchError) as e:
+            source_addresses(100000, 2)
+        self.assertIn("ephemeral ports", str(e.exception))
+        for bad in (-1, 255):
+            self.assertRaises(BenchError, source_addresses, 10, bad)
+        a = parser().parse_args(["idle", "--connections", "100000", "--sources", "12"])
+        self.assertEqual(a.sources, 12)
+        self.assertEqual(parser().parse_args(["connect"]).sources, 0)
+        # idle: connecting per worker at a time (25), lower for a slower storm.
+        self.assertEqual(parser().parse_args(["idle"]).concurrency, 25)
+        self.assertEqual(parser().parse_args(["idle", "--concurrency", "5"]).concurrency, 5)
 
     def test_transport_options(self) -> None:
         self.assertEqual(parse_transports(None), ["tcp"])

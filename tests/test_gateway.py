@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import random
 import struct
 from typing import Any
 
@@ -342,6 +343,69 @@ class TimerTests(GatewayTestsMixin, SynchronousTestCase):
         self.assertFalse(client.closing)
         self.clock.advance(1)
         self.assertTrue(client.closing)
+
+    def test_idle_connections_share_one_timer(self) -> None:
+        """Issue 13: no DelayedCall per authenticated connection, one for the wheel."""
+        clients = [self.authed(uid) for uid in range(1, 51)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.gateway.idle_wheel.size, 50)
+        self.clock.advance(30)
+        clients[0].send({"t": "ping", "id": 1})  # active: 30 s more
+        self.clock.advance(60)
+        self.assertEqual([c.closing for c in clients], [False] + [True] * 49)
+        self.assertEqual(self.gateway.idle_closed, 49)
+        self.clock.advance(30)
+        self.assertTrue(clients[0].closing)
+
+    def test_connections_that_keep_pinging_are_never_closed(self) -> None:
+        """Many connections pinging at their own pace, below the timeout, over many
+        periods of the wheel: none closed; silent, each closed within a second after
+        its timeout, never before."""
+        rng = random.Random(13)
+        clients, last, next_ping = [], [], []
+        for uid in range(1, 101):
+            self.clock.advance(rng.choice((0, 0.25, 0.5)))
+            clients.append(self.authed(uid))
+            last.append(self.clock.seconds())
+            next_ping.append(self.clock.seconds() + rng.uniform(1, 89))
+        end = self.clock.seconds() + 900
+        while self.clock.seconds() < end:
+            self.clock.advance(0.25)
+            for i, c in enumerate(clients):
+                if self.clock.seconds() >= next_ping[i]:
+                    c.send({"t": "ping", "id": 1})
+                    last[i] = self.clock.seconds()
+                    next_ping[i] = self.clock.seconds() + rng.uniform(1, 89)
+        self.assertEqual([c for c in clients if c.closing], [])
+        closed_at: dict[int, float] = {}
+        while len(closed_at) < len(clients) and self.clock.seconds() < end + 100:
+            self.clock.advance(0.25)
+            for i, c in enumerate(clients):
+                if c.closing and i not in closed_at:
+                    closed_at[i] = self.clock.seconds()
+        self.assertEqual(len(closed_at), 100)
+        for i, t in closed_at.items():
+            self.assertTrue(90 <= t - last[i] <= 91, (i, t - last[i]))
+        self.assertEqual(self.gateway.idle_closed, 100)
+
+    def test_idle_close_is_never_early_and_at_most_the_resolution_late(self) -> None:
+        self.clock.advance(0.5)  # logged in between two of the wheel's buckets
+        client = self.authed()
+        self.clock.advance(89.75)
+        self.assertFalse(client.closing)  # 0.25 s left
+        self.clock.advance(0.5)
+        self.assertFalse(client.closing)  # its bucket is at the next whole second
+        self.clock.advance(0.25)
+        self.assertTrue(client.closing)
+
+    def test_a_lost_connection_leaves_the_wheel_and_no_timer(self) -> None:
+        client = self.authed()
+        other = self.authed(43)
+        client.lose()
+        self.assertEqual(self.gateway.idle_wheel.size, 1)
+        other.lose()
+        self.assertEqual(self.gateway.idle_wheel.size, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_closing_connection_that_does_not_drain_is_aborted(self) -> None:
         client = self.authed()
@@ -775,8 +839,11 @@ class ConnectionMemoryTests(GatewayTestsMixin, SynchronousTestCase):
         client.send({"t": "ping", "id": 2})
         self.assertEqual([f["t"] for f in client.received()], ["ok"])
         proto = client.proto
-        # Slots: a materialised __dict__ would be among the referents.
-        self.assertFalse(any(type(r) is dict for r in gc.get_referents(proto)))
+        # Slots: a materialised __dict__ would be among the referents (the
+        # idle wheel's bucket, shared by the connections due together, is not).
+        self.assertIn(proto, proto.idle_bucket)  # type: ignore[operator]
+        referents = gc.get_referents(proto)
+        self.assertFalse(any(type(r) is dict and r is not proto.idle_bucket for r in referents))
         self.assertIsNone(proto._inbox)
         self.assertIsNone(proto.buckets)
         # The decoder holds no chunk list between frames either.

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from imserver.config import ServerConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.fairqueue import FairQueue
+from imserver.gateway.idlewheel import IdleWheel, Timed
 from imserver.services.presence import IClientLink, IPresence
 from imserver.services.ratelimit import TokenBucket
 from imserver.services.tokens import Claims, TokenService
@@ -69,6 +70,9 @@ LoginHook = Callable[[Claims, "ClientProtocol", frames.Auth], Awaitable[Mapping[
 
 # How long a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 5.0
+#: How late an idle connection may be closed at most: its deadline rounded
+#: up to the idle wheel's bucket (issue 13: one timer for all of them).
+IDLE_RESOLUTION_SECONDS = 1.0
 #: Bytes of frames a connection may have waiting beyond one frame: more than
 #: one socket read (64 KiB) with room to spare. Only a transport that goes on
 #: delivering after it was paused reaches it.
@@ -201,6 +205,7 @@ class ClientProtocol(Protocol):
         "factory",
         "filter_stream",
         "gateway",
+        "idle_bucket",
         "position",
         "send_bucket",
         "source",
@@ -257,7 +262,10 @@ class ClientProtocol(Protocol):
         self._draining = False
         # We asked the transport to stop reading (for whatever reason).
         self._reading_paused = False
+        # The auth timeout until logged in; then the gateway's idle wheel
+        # holds the connection in a deadline bucket (no timer of its own).
         self._timer: IDelayedCall | None = None
+        self.idle_bucket: dict[Timed, None] | None = None
         self._abort_call: IDelayedCall | None = None
         self._last_activity = 0.0
         self._paused = False
@@ -295,6 +303,7 @@ class ClientProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._abort_call = None
+        self.gateway.idle_wheel.discard(self)
         if self.uid is not None:
             self.gateway.presence.logout(self.uid, self)
             if self.gateway.on_logout is not None:
@@ -320,6 +329,7 @@ class ClientProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.gateway.idle_wheel.discard(self)
         if self._connected:
             self._abort_call = self.gateway.clock.callLater(CLOSE_GRACE_SECONDS, self._abort)
         if after_replies and self._in_flight:
@@ -693,7 +703,8 @@ class ClientProtocol(Protocol):
         clock = self.gateway.clock
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._timer = clock.callLater(config.idle_timeout_seconds, self._check_idle)
+        self._timer = None
+        self.gateway.idle_wheel.add(self, clock.seconds() + config.idle_timeout_seconds)
         self._send(
             frames.ok(
                 request.id,
@@ -725,20 +736,28 @@ class ClientProtocol(Protocol):
             self._error(ErrorCode.UNAUTHENTICATED, "no auth within the time allowed")
             self.close("auth timeout")
 
-    def _check_idle(self) -> None:
+    def check_idle(self) -> None:
         """
-        A lazy idle timer: activity only records a timestamp, and this call
-        re-arms itself for the remaining time, so a busy connection costs one
-        timer event per idle period instead of a reschedule per frame.
+        The idle wheel's bucket of this connection is due. Lazy: activity
+        only records a timestamp, and the connection is filed again for its
+        remaining time, so a busy connection costs one check per idle period
+        instead of a reschedule per frame.
         """
-        self._timer = None
+        if self.state is State.CLOSING:
+            return
         timeout = self.gateway.config.idle_timeout_seconds
-        idle = self.gateway.clock.seconds() - self._last_activity
-        if idle >= timeout:
+        now = self.gateway.clock.seconds()
+        deadline = self._last_activity + timeout
+        if deadline <= now:
             self.gateway.idle_closed += 1
-            self.close(f"idle for {idle:.0f}s")
+            self.close(f"idle for {now - self._last_activity:.0f}s")
         else:
-            self._timer = self.gateway.clock.callLater(timeout - idle, self._check_idle)
+            self.gateway.idle_wheel.add(self, deadline)
+
+
+def _check_idle(conn: Timed) -> None:
+    assert isinstance(conn, ClientProtocol)
+    conn.check_idle()
 
 
 def _ping(conn: ClientProtocol, request: frames.Request) -> Result:
@@ -807,6 +826,9 @@ class Gateway(Factory):
         #: internal instead) and pushes (dropped).
         self.oversized = {"reply": 0, "push": 0}
         self.idle_closed = 0
+        #: Every authenticated connection's idle timeout: one reactor timer
+        #: for all of them instead of a DelayedCall each (issue 13).
+        self.idle_wheel = IdleWheel(clock, _check_idle, IDLE_RESOLUTION_SECONDS)
         #: Connections refused by the unauthenticated caps, by cap.
         self.refused = {"total": 0, "per_address": 0, "descriptors": 0}
         #: Times a connection stopped being read for its requests in flight or auth.
