@@ -332,6 +332,26 @@ class SelfCheckTests(TestCase):
             self.seconds(1)
         self.assertEqual(self.sub.restarts, 1)
 
+    def test_a_reactor_seconds_late_is_no_failure(self) -> None:
+        """
+        Regression (issue 13, 100,000 connections on a starved machine): a
+        node whose reactor ran seconds late read its echoes seconds late, took
+        that for a dead subscription, re-subscribed and told every local user
+        to sync, which starved it further. Only probes answered by Redis and
+        still not back count.
+        """
+        self.bus.late = self.clock  # echoes come a little after each reply
+        for _ in range(5):
+            # One heartbeat per 4 s: the 1 s LoopingCall fires that late.
+            self.clock.advance(4 * cluster.GENERATION_SECONDS)
+        self.assertEqual((self.sub.restarts, self.node.pubsub_failures), (0, 0))
+        self.assertEqual(self.bob.pushes, [])
+        # Probes that do not come back still count, late reactor or not.
+        self.bus.echo = False
+        for _ in range(cluster.PUBSUB_ECHO_PROBES):
+            self.clock.advance(4 * cluster.GENERATION_SECONDS)
+        self.assertEqual(self.sub.restarts, 1)
+
 
 class _Relay(protocol.Protocol):
     """One client connection relayed to Redis."""

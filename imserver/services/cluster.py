@@ -104,6 +104,12 @@ GENERATION_SECONDS = 1.0
 #: whose probes have not come back for this long re-creates its subscriber
 #: connection...
 PUBSUB_ECHO_SECONDS = 3
+#: ...and as many heartbeats in a row answered (each proving a probe was
+#: published to a subscriber) without one of them coming back: a node whose
+#: reactor is seconds late (a starved machine) reads its echoes late too, and
+#: must not take that for a dead subscription (re-subscribing tells every
+#: local user to sync, which starves it further).
+PUBSUB_ECHO_PROBES = 3
 #: ...and one that is not subscribed again this long after losing its
 #: subscription, while Redis answers.
 PUBSUB_STUCK_SECONDS = 5
@@ -221,6 +227,8 @@ class ClusterPresence:
         self._probe_id = secrets.token_hex(8)
         self._probes = 0
         self._echo_at = 0.0
+        #: Heartbeats answered since our last probe came back.
+        self._unechoed = 0
         self._subscribed_at = 0.0
         self._unsubscribed_since: float | None = None
         # Read by metrics.
@@ -763,6 +771,7 @@ class ClusterPresence:
             elif kind == "h":
                 if data == self._probe_id:
                     self._echo_at = self._reactor.seconds()
+                    self._unechoed = 0
             elif kind == "g":
                 # Another node found the bus's data lost: check now.
                 self._recover("told by another node")
@@ -1005,6 +1014,7 @@ class ClusterPresence:
             # published meanwhile, and only time Redis answers counts
             # towards a reconnect stuck.
             self._echo_at = self._reactor.seconds()
+            self._unechoed = 0
             self._unsubscribed_since = None
             return
         self._saw(current)
@@ -1047,10 +1057,13 @@ class ClusterPresence:
         self._unsubscribed_since = None
         if receivers == 0:
             self._pubsub_failed("a probe published to this node's channel reached no subscriber")
-        elif now - max(self._echo_at, self._subscribed_at) >= PUBSUB_ECHO_SECONDS:
+            return
+        self._unechoed += 1
+        silent = now - max(self._echo_at, self._subscribed_at)
+        if silent >= PUBSUB_ECHO_SECONDS and self._unechoed >= PUBSUB_ECHO_PROBES:
             self._pubsub_failed(
-                f"no probe came back on this node's channel for "
-                f"{now - max(self._echo_at, self._subscribed_at):.0f}s"
+                f"none of the last {self._unechoed} probes came back on this node's "
+                f"channel in {silent:.0f}s"
             )
 
     def _pubsub_failed(self, reason: str) -> None:
@@ -1068,6 +1081,7 @@ class ClusterPresence:
 
     def _subscribed(self, again: bool) -> None:
         self._subscribed_at = self._reactor.seconds()
+        self._unechoed = 0
         self._unsubscribed_since = None
         if again:
             # Whatever was published to this node meanwhile is lost.
