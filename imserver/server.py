@@ -218,6 +218,9 @@ class IMServer(MultiService):
     async def _start(self) -> None:
         cfg = self.config
         applied = await self.store.start()
+        # The commit threads' connections, before any client can take the
+        # descriptors they need.
+        await self.db.warm()
         if self.cluster is not None:
             self.cluster.start()
         if applied:

@@ -260,7 +260,20 @@ class SqliteLaneTests(LaneContract, TestCase):
     def make_db(self, **kwargs: Any) -> Database:
         if not hasattr(self, "path"):
             self.path = os.path.abspath(self.mktemp())
+        kwargs.setdefault("lanes", HOT_LANES)  # not the default on SQLite (below)
         return Database(reactor, create_engine(SqliteTarget(self.path)), name="test", **kwargs)
+
+    async def test_no_lanes_by_default_on_the_embedded_engine(self) -> None:
+        """
+        Regression: SQLite is one writer connection; the commit threads' own
+        connections waited on its file lock in the busy handler's sleeps
+        (a send 0.6-0.9 s during a flood of reads, tests.test_e2e_limits).
+        """
+        db = Database(reactor, create_engine(SqliteTarget(self.path + "-2")), name="t")
+        self.addCleanup(db.close)
+        self.assertEqual(db.lanes, {})
+        name = await db.run("send", _where_txn)
+        self.assertTrue(name.startswith("PoolThread-"), name)
 
 
 def _lock_two_txn(
@@ -296,6 +309,18 @@ class MariaDBLaneTests(LaneContract, TestCase):
         return Database(
             reactor, create_engine(config.storage.sql), name="test", max_connections=3, **kwargs
         )
+
+    async def test_warm_opens_each_lane_connection(self) -> None:
+        """
+        Regression: a lane's connection was opened on its first batch, so a
+        server out of descriptors (a connection flood) answered every send
+        unavailable (tests.test_e2e_limits test_emfile_for_real).
+        """
+        self.assertEqual(sorted(self.db.lanes), ["ack", "send"])
+        before = len(self.db._pool.connections)  # the pool's own (the migration)
+        await self.db.warm()
+        self.assertEqual(len(self.db._pool.connections), before + 2)
+        self.assertEqual({lane.pending for lane in self.db.lanes.values()}, {0})
 
     async def test_deadlock_between_the_send_and_ack_lanes_is_retried(self) -> None:
         """The two lanes are two threads with two connections: a deadlock

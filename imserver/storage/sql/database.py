@@ -415,7 +415,10 @@ class Database:
     @param name: shows in thread names and logs (C{realtime}, C{background}).
     @param lanes: the transaction names (C{desc}) that run on a commit
         thread of their own, one per name (see L{CommitThread}); every other
-        transaction runs on the pool's threads.
+        transaction runs on the pool's threads. Default: L{HOT_LANES} on an
+        engine that may have several connections, none on the embedded one
+        (SQLite: one writer connection; two more would wait on its file lock
+        in the busy handler's sleeps, hundreds of ms under a read flood).
     @param thread_factory: makes the commit threads (tests inject their own).
     """
 
@@ -429,7 +432,7 @@ class Database:
         name: str,
         max_connections: int | None = None,
         commit_tokens: bool = True,
-        lanes: Sequence[str] = HOT_LANES,
+        lanes: Sequence[str] | None = None,
         thread_factory: ThreadFactory = _daemon_thread,
     ) -> None:
         self._reactor = reactor
@@ -454,6 +457,8 @@ class Database:
         )
         self._closed = False
         self._last_used: dict[int, float] = {}
+        if lanes is None:
+            lanes = HOT_LANES if engine.max_connections > 1 else ()
         self.lanes = {
             desc: CommitThread(
                 reactor,
@@ -577,6 +582,16 @@ class Database:
             self._pool.disconnect(conn)
         except Exception:
             pass
+
+    async def warm(self) -> None:
+        """
+        Open each commit thread's connection now (at start-up). Opened on the
+        first batch instead, it would need a descriptor then: a process out of
+        descriptors (a connection flood) could not send at all, while the
+        pool's connections, opened already, still served everything else.
+        """
+        for lane in self.lanes.values():
+            await lane.submit(self._pool.connect)
 
     def _drop_own_connection(self) -> None:
         """In a commit thread that ends: close its connection."""
