@@ -25,6 +25,7 @@ from imserver.storage.sql.engines import create_engine
 from imserver.storage.sql.migrate import migrate
 from tests.harness import shared_mariadb
 from tests.support import reactor
+from tests.test_sql_kill import connection_sleep_txn
 
 
 class _FakeReactor:
@@ -291,14 +292,6 @@ def _lock_two_txn(
     return first
 
 
-def _sleep_txn(txn: Txn, seen: list[int]) -> int:
-    row = txn.query_one("SELECT CONNECTION_ID()")
-    assert row is not None
-    seen.append(int(row[0]))
-    txn.query("SELECT SLEEP(2)")
-    return len(seen)
-
-
 class MariaDBLaneTests(LaneContract, TestCase):
     timeout = 60
 
@@ -339,7 +332,7 @@ class MariaDBLaneTests(LaneContract, TestCase):
 
     async def test_a_killed_lane_connection_is_run_again_on_a_fresh_one(self) -> None:
         seen: list[int] = []
-        running = Deferred.fromCoroutine(self.db.run("send", _sleep_txn, seen))
+        running = Deferred.fromCoroutine(self.db.run("send", connection_sleep_txn, seen))
         while not seen:
             await deferLater(reactor, 0.05, lambda: None)
         await deferLater(reactor, 0.2, lambda: None)

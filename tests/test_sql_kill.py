@@ -22,7 +22,8 @@ from tests.harness import shared_mariadb
 from tests.support import reactor
 
 
-def _sleep_txn(txn: Txn, seen: list[int]) -> int:
+def connection_sleep_txn(txn: Txn, seen: list[int]) -> int:
+    """Note this connection's id in C{seen}, then hold it 2 s (to be killed meanwhile)."""
     row = txn.query_one("SELECT CONNECTION_ID()")
     assert row is not None
     seen.append(int(row[0]))
@@ -43,7 +44,7 @@ class KilledConnectionTests(TestCase):
         killer = Database(reactor, engine, name="killer", max_connections=1)
         self.addCleanup(killer.close)
         seen: list[int] = []
-        running = Deferred.fromCoroutine(db.run("sleep", _sleep_txn, seen))
+        running = Deferred.fromCoroutine(db.run("sleep", connection_sleep_txn, seen))
         while not seen:
             await deferLater(reactor, 0.05, lambda: None)
         await deferLater(reactor, 0.2, lambda: None)
