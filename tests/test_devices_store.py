@@ -490,6 +490,112 @@ class DeviceStoreContract:
         self.assertEqual(await store.head(b), 8)
         self.assertEqual(await store.head(a), 3)
 
+    async def _rows_now(self, store: Store, keys: Sequence[tuple[int, int]]) -> Any:
+        rows = await store.db.run("t", q._conv_rows, keys)
+        return {(r.uid, r.session_id): r for r in rows}
+
+    async def test_rows_are_computed_not_read_back(self) -> None:
+        """
+        Issue 13: a batch whose users' heads are the ones this node's last
+        batch left computes their conversation rows and unread totals from
+        its copy (no read-back); they equal the rows in the database. A read
+        (any change of a row moves the user's head) makes the next batch read
+        them back again, with the right unread counts.
+        """
+        stack = await self.stack()
+        store = stack.store
+        a, b, c = await self.users(store, 3)
+        # The read-backs of send commits (other readers of rows not counted).
+        reads: list[int] = []
+        writing: list[bool] = []
+        real, real_write = q._conv_rows_statements, q._write_messages
+
+        def counting(keys: Any) -> Any:
+            if writing:
+                reads.append(len(keys))
+            return real(keys)
+
+        def write(*args: Any, **kw: Any) -> Any:
+            writing.append(True)
+            try:
+                return real_write(*args, **kw)
+            finally:
+                writing.pop()
+
+        self.patch(q, "_conv_rows_statements", counting)
+        self.patch(q, "_write_messages", write)
+        await self.send(store, [self.message(store, a, b)])
+        [m2] = await self.send(store, [self.message(store, c, b)])
+        self.assertEqual(reads, [2, 2])  # first sends: nothing known yet
+        # b sends to a and c, a and c to b, in one batch and then another.
+        for _ in range(2):
+            batch = await self.send(
+                store,
+                [
+                    self.message(store, b, a),
+                    self.message(store, a, b),
+                    self.message(store, c, b),
+                    self.message(store, b, c),
+                    self.message(store, a, b),
+                ],
+            )
+        self.assertEqual(reads, [2, 2])
+        last = batch[-1]
+        assert isinstance(last, Committed)
+        sab = last.message.session_id
+        assert isinstance(m2, Committed)
+        sbc = m2.message.session_id
+        keys = [(a, sab), (b, sab), (b, sbc), (c, sbc)]
+        now = await self._rows_now(store, keys)
+        self.assertEqual(last.recipient_row, now[b, sab])
+        self.assertEqual(last.sender_row, now[a, sab])
+        for o in batch:
+            assert isinstance(o, Committed)
+            if o.state is not last.state:
+                continue  # an earlier commit (the batcher started it at once)
+            sid = o.message.session_id
+            self.assertEqual(o.recipient_row, now[o.message.recipient, sid])
+            self.assertEqual(o.sender_row, now[o.message.sender, sid])
+        # b: 1 + 1 + 2 x (2 + 1) received; a: 2 x 1; c: 2 x 1.
+        self.assertEqual(last.total_unread, 8)
+        self.assertEqual(await store.db.run("t", q.total_unread_txn, b), 8)
+        # b reads everything of the a-b session: the next batch reads back.
+        await store.read(b, sab, last.message.msg_id)
+        [m3] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m3, Committed)
+        self.assertEqual(reads, [2, 2, 2])
+        self.assertEqual((m3.unread, m3.total_unread), (1, 4))
+        now = await self._rows_now(store, [(a, sab), (b, sab)])
+        self.assertEqual((m3.recipient_row, m3.sender_row), (now[b, sab], now[a, sab]))
+        # And the one after it needs nothing read again.
+        [m4] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m4, Committed)
+        self.assertEqual(reads, [2, 2, 2])
+        self.assertEqual((m4.unread, m4.total_unread), (2, 5))
+        self.assertEqual(m4.recipient_row.version, m3.recipient_row.version + 1)
+
+    async def test_rows_changed_elsewhere_are_read_back(self) -> None:
+        """
+        A row changed behind this node's back (another node's read, which
+        moves the user's head too) is never taken from the copy: the head
+        check fails and the batch reads the rows it reports.
+        """
+        stack = await self.stack()
+        store = stack.store
+        a, b = await self.users(store, 2)
+        await self.send(store, [self.message(store, a, b)])
+        [m1] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m1, Committed)
+        self.assertEqual(m1.unread, 2)
+        sid = m1.message.session_id
+        await store.db.run("t", _read_all_txn, b, sid)
+        await store.db.run("t", _bump_txn, b, 1)
+        [m2] = await self.send(store, [self.message(store, a, b)])
+        assert isinstance(m2, Committed)
+        self.assertEqual((m2.unread, m2.total_unread), (1, 1))
+        now = await self._rows_now(store, [(b, sid)])
+        self.assertEqual(m2.recipient_row, now[b, sid])
+
     async def test_a_revoked_device_is_not_forgotten(self) -> None:
         """
         Regression (review): the forget sweep deleted revoked devices too, so
@@ -570,6 +676,14 @@ class MariaDBDeviceStoreTests(DeviceStoreContract, TestCase):
         self.assertEqual(page.head, len(outcomes))
         by_seq = {o.recipient_seq: o.message.msg_id for o in outcomes if isinstance(o, Committed)}
         self.assertEqual([e.msg_id for e in page.events], [by_seq[e.seq] for e in page.events])
+
+
+def _read_all_txn(txn: Any, uid: int, sid: int) -> None:
+    txn.execute(
+        "UPDATE t_conv SET readCount = totalCount, version = version + 1"
+        " WHERE uid = ? AND sessionId = ?",
+        (uid, sid),
+    )
 
 
 def _bump_txn(txn: Any, uid: int, n: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -102,6 +102,24 @@ class ConvRow:
 
 
 @attrs.frozen
+class ConvState:
+    """
+    What a send batch's commit left in its users' conversation rows: the
+    rows it wrote, every user's unread total, and each user's stream head
+    before and after. A transaction that changes a conversation row (or a
+    user's unread total) takes the user's t_user lock and moves the user's
+    stream head, so these values stay exact for as long as the head is
+    still C{after}: the next batch that finds it so (its first statement
+    checks) computes its rows from them instead of reading them back.
+    """
+
+    before: Mapping[int, int]
+    after: Mapping[int, int]
+    rows: Mapping[tuple[int, int], ConvRow]
+    totals: Mapping[int, int]
+
+
+@attrs.frozen
 class Committed:
     """A message committed now, with everything its fan-out needs."""
 
@@ -121,6 +139,9 @@ class Committed:
     # The message's numbers in the sender's and the recipient's streams.
     sender_seq: int = 0
     recipient_seq: int = 0
+    #: The batch's conversation state (one object shared by its messages),
+    #: for the node's copy (L{ConvState}); not part of the message's value.
+    state: ConvState | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from imserver.batching import Batcher, ItemFailure
 from imserver.errors import ErrorCode, ImError, Unavailable
 from imserver.retry import RetryPolicy, RetryQueue, Task
+from imserver.storage.convcopy import ConvCopy
 from imserver.storage.devices import DeviceStore, LoginItem, check_device
 from imserver.storage.edits import EditStore
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
@@ -210,6 +211,8 @@ class Store:
         self._pairs: LRU[tuple[int, int], int] = LRU(200_000)
         # The stream heads this node saw last (see saw_seq).
         self._heads: LRU[int, int] = LRU(200_000)
+        # The conversation rows and unread totals its send batches left.
+        self.conv_copy = ConvCopy()
         self._members: LRU[int, tuple[int, int]] = LRU(200_000)
         # Users and sessions whose hot copy may be wrong (count of repairs
         # not done yet): their reads go to SQL.
@@ -412,6 +415,7 @@ class Store:
                 self._remember_session(m.session_id, m.sender, m.recipient)
                 self.saw_seq(m.recipient, outcome.recipient_seq)
                 self.saw_seq(m.sender, outcome.sender_seq)
+        self.conv_copy.learn(outcomes)
         return outcomes
 
     def saw_seq(self, uid: int, seq: int | None) -> None:
@@ -435,6 +439,7 @@ class Store:
         now_ms = self._now_ms()
         heads = self._heads
         cached = {u: heads[u] for m in msgs for u in (m.sender, m.recipient) if u in heads}
+        known = self.conv_copy.known(msgs, cached)
         return await self.db.run(
             "send",
             q.commit_messages_txn,
@@ -446,6 +451,7 @@ class Store:
             started,
             done,
             cached,
+            known,
         )
 
     def _commit_unavailable(self, msgs: Sequence[NewMessage], e: Unavailable) -> None:

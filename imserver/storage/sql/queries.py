@@ -36,6 +36,7 @@ from imserver.storage.model import (
     CatchupPage,
     Committed,
     ConvRow,
+    ConvState,
     DeadLetter,
     DeviceRow,
     DueNotification,
@@ -267,6 +268,7 @@ def commit_messages_txn(
     started: float = 0.0,
     done_outbox: Sequence[int] = (),
     cached_heads: Mapping[int, int] | None = None,
+    known: KnownConvs | None = None,
 ) -> list[SendOutcome]:
     """
     Commit a batch of messages (group commit), in one transaction: the
@@ -281,7 +283,9 @@ def commit_messages_txn(
     In the common case (known sessions, no repeated cid) all of it is two
     round trips to MySQL: the locking read, then L{_write_messages}. The outbox
     rows of finished follow-ups (C{done_outbox}) are deleted in the same
-    request.
+    request. With C{known} (this node's copy of the rows and unread totals
+    as of C{cached_heads}), a batch whose heads check out computes its
+    conversation rows instead of reading them back (L{KnownConvs}).
     """
     outcomes: list[SendOutcome | None] = [None] * len(msgs)
     users = sorted({u for m in msgs for u in (m.sender, m.recipient)})
@@ -349,6 +353,7 @@ def commit_messages_txn(
                 started,
                 done_outbox,
                 verify=verify and bool(fresh),
+                known=known if verify else None,
             )
         except Exception as e:
             if not (verify and txn.engine.is_null_violation(e)):
@@ -470,6 +475,22 @@ def _claim_unfinished(
     return out
 
 
+@attrs.frozen
+class KnownConvs:
+    """
+    A node's copy of some users' conversation rows and unread totals, exact
+    as of the stream heads the batch is checked against (see L{ConvState}:
+    whatever changes them moves the head). Only used together with that
+    check: if a head moved, the batch reads the rows back as usual.
+    """
+
+    rows: Mapping[tuple[int, int], ConvRow]
+    totals: Mapping[int, int]
+
+    def covers(self, keys: Iterable[tuple[int, int]], uids: Iterable[int]) -> bool:
+        return all(k in self.rows for k in keys) and all(u in self.totals for u in uids)
+
+
 def _write_messages(
     txn: Txn,
     msgs: Sequence[NewMessage],
@@ -479,6 +500,7 @@ def _write_messages(
     started: float,
     done_outbox: Sequence[int] = (),
     verify: bool = False,
+    known: KnownConvs | None = None,
 ) -> list[Committed]:
     """
     Insert messages whose sessions are known and whose cids are believed
@@ -490,6 +512,8 @@ def _write_messages(
     C{verify}, C{locked_heads} are heads seen earlier, not locked yet: the
     script's first statement locks the rows and fails (a NOT NULL
     violation, before anything else ran) unless every head is still that.
+    With C{known} (only with C{verify}) covering every row and user of the
+    batch, the rows and totals are computed from it: no read-back.
     """
     if not msgs:
         return []
@@ -599,18 +623,38 @@ def _write_messages(
                 )
             )
         )
-    reads = len(script)
-    script += _conv_rows_statements(keys)
-    script.append(_total_unread_statement(sorted({m.recipient for m in msgs})))
-    try:
-        results = txn.script(script, commit=True)
-    except CommitConfirmed:
-        # Committed, but the replies were lost: read the rows again. They
-        # may hold later changes too (another node's send, a read): newer
-        # versions, which the hot copy takes as well.
-        results = [None] * reads + txn.script(script[reads:])
-    conv = {(r.uid, r.session_id): r for r in _wanted_rows(results[reads:-1], keys)}
-    totals = _total_unread_rows(results[-1])
+    users = sorted({u for m in msgs for u in (m.sender, m.recipient)})
+    if known is not None and verify and known.covers(keys, users):
+        # The heads are checked by the script's first statement: the rows
+        # are what this node saw last, plus this batch (as the upsert does).
+        conv = {k: _bumped(known.rows[k], *bump[k]) for k in keys}
+        totals = dict(known.totals)
+        for m in msgs:
+            totals[m.recipient] += 1
+        try:
+            txn.script(script, commit=True)
+        except CommitConfirmed:
+            pass  # committed; the replies (row counts) are not needed
+    else:
+        reads = len(script)
+        script += _conv_rows_statements(keys)
+        # Every user's total, senders' too: the node's copy needs them all.
+        script.append(_total_unread_statement(users))
+        try:
+            results = txn.script(script, commit=True)
+        except CommitConfirmed:
+            # Committed, but the replies were lost: read the rows again. They
+            # may hold later changes too (another node's send, a read): newer
+            # versions, which the hot copy takes as well.
+            results = [None] * reads + txn.script(script[reads:])
+        conv = {(r.uid, r.session_id): r for r in _wanted_rows(results[reads:-1], keys)}
+        totals = _total_unread_rows(results[-1])
+    state = ConvState(
+        before={u: h for u, h in locked_heads.items() if u in moved},
+        after=moved,
+        rows=conv,
+        totals={u: totals.get(u, 0) for u in users},
+    )
 
     # Unread as of each message: the final numbers minus what came after it
     # in this batch.
@@ -633,12 +677,26 @@ def _write_messages(
                 outbox_count=len(msgs),
                 sender_seq=sender_seq,
                 recipient_seq=recipient_seq,
+                state=state,
             )
         )
         later_in_session[m.recipient, sid] += 1
         later_for_user[m.recipient] += 1
     committed.reverse()
     return committed
+
+
+def _bumped(row: ConvRow, peer: int, last: int, received: int) -> ConvRow:
+    """C{row} after the send upsert of L{_write_messages} (peer is kept)."""
+    return ConvRow(
+        row.uid,
+        row.session_id,
+        row.peer,
+        max(row.last_msg_id, last),
+        row.total + received,
+        row.read,
+        row.version + 1,
+    )
 
 
 def _conv_rows_statements(keys: Sequence[tuple[int, int]]) -> list[Statement]:
