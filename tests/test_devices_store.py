@@ -574,6 +574,33 @@ class DeviceStoreContract:
         self.assertEqual((m4.unread, m4.total_unread), (2, 5))
         self.assertEqual(m4.recipient_row.version, m3.recipient_row.version + 1)
 
+    async def test_a_user_only_in_a_duplicate_is_not_learnt(self) -> None:
+        """
+        Regression (found by tests.test_properties): a batch whose only
+        message of one user was a duplicate (a retried cid) wrote nothing for
+        that user, but the batch's state listed the user's locked head
+        without a total, and learning it raised KeyError: the whole batch
+        failed.
+        """
+        stack = await self.stack()
+        store = stack.store
+        a, b, c = await self.users(store, 3)
+        await self.send(store, [self.message(store, a, b, cid="x")])
+        await self.send(store, [self.message(store, c, b)])
+        # The first of a turn's sends is committed at once, alone: the other
+        # two make the batch.
+        _, again, other = await self.send(
+            store,
+            [
+                self.message(store, c, b),
+                self.message(store, a, b, cid="x"),
+                self.message(store, c, b),
+            ],
+        )
+        self.assertIsInstance(again, Duplicate)
+        assert isinstance(other, Committed)
+        self.assertEqual((other.unread, other.total_unread), (3, 4))
+
     async def test_rows_changed_elsewhere_are_read_back(self) -> None:
         """
         A row changed behind this node's back (another node's read, which

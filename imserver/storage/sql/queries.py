@@ -649,9 +649,12 @@ def _write_messages(
             results = [None] * reads + txn.script(script[reads:])
         conv = {(r.uid, r.session_id): r for r in _wanted_rows(results[reads:-1], keys)}
         totals = _total_unread_rows(results[-1])
+    # Only the users of the messages written (the heads locked can be more:
+    # a batch's duplicates and refusals write nothing).
+    streams = [u for u in users if u in moved]
     state = ConvState(
-        before={u: h for u, h in locked_heads.items() if u in moved},
-        after=moved,
+        before={u: locked_heads[u] for u in streams},
+        after={u: moved[u] for u in streams},
         rows=conv,
         totals={u: totals.get(u, 0) for u in users},
     )
