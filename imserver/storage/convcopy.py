@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from twisted.logger import Logger
+
+from imserver.storage.lru import LRU
 from imserver.storage.model import Committed, ConvRow, ConvState, NewMessage, SendOutcome
 from imserver.storage.sql.queries import KnownConvs
 
@@ -38,9 +41,10 @@ class _UserConvs:
 class ConvCopy:
     """Conversation rows and unread totals per user, each as of a stream head."""
 
+    log = Logger()
+
     def __init__(self, size: int = CONV_COPY_USERS) -> None:
-        self.size = size
-        self._users: dict[int, _UserConvs] = {}
+        self._users: LRU[int, _UserConvs] = LRU(size)
 
     def __len__(self) -> int:
         return len(self._users)
@@ -69,13 +73,26 @@ class ConvCopy:
         return KnownConvs(rows, totals)
 
     def learn(self, outcomes: Iterable[SendOutcome]) -> None:
-        """Take the state each committed batch left (in commit order)."""
+        """
+        Take the state each committed batch left (in commit order). Never
+        raises: the batch is committed whatever happens here, so a state
+        this cannot take only costs its users one read-back.
+        """
         seen: set[int] = set()
         for outcome in outcomes:
             state = outcome.state if isinstance(outcome, Committed) else None
             if state is not None and id(state) not in seen:
                 seen.add(id(state))
-                self._learn(state)
+                try:
+                    self._learn(state)
+                except Exception:
+                    self.log.failure("conv copy: forgetting {users} users", users=len(state.after))
+                    self.forget(state.before.keys() | state.after.keys())
+
+    def forget(self, uids: Iterable[int]) -> None:
+        """Drop these users: their next batch reads their rows back."""
+        for uid in uids:
+            self._users.pop(uid, None)
 
     def _learn(self, state: ConvState) -> None:
         users = self._users
@@ -91,11 +108,8 @@ class ConvCopy:
                 entry.rows.update(rows)
                 entry.head = after
                 entry.total = state.totals[uid]
-                users[uid] = users.pop(uid)  # the newest last
+                users.move_to_end(uid)
                 continue
             if entry is not None and entry.head >= after:
                 continue  # an older batch's state, learnt late
-            users.pop(uid, None)
-            users[uid] = _UserConvs(after, state.totals[uid], rows)
-        while len(users) > self.size:
-            del users[next(iter(users))]
+            users.put(uid, _UserConvs(after, state.totals[uid], rows))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import attrs
 
 from imserver.errors import ErrorCode, ImError
+from imserver.storage.lru import LRU
 from imserver.storage.model import (
     EVENT_CLEAR,
     EVENT_EDIT,
@@ -38,7 +39,7 @@ from imserver.storage.sql import queries as q
 from imserver.storage.sql.database import ROWS, CommitUnknown, Statement, Txn, marks, values
 
 if TYPE_CHECKING:
-    from imserver.storage.store import LRU, Store
+    from imserver.storage.store import Store
 
 #: Seconds a node trusts that a user never hid anything, without a broadcast.
 CLEAN_TTL = 60.0
@@ -410,8 +411,6 @@ class EditStore:
     """Edits, hides and clears for L{Store} (SQL, then invalidation)."""
 
     def __init__(self, store: Store) -> None:
-        from imserver.storage.store import LRU  # a cycle at import time
-
         self._store = store
         # uid -> when this node learned the user never hid anything.
         self._clean: LRU[int, float] = LRU(CACHE_SIZE)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -44,6 +44,7 @@ from imserver.storage.convcopy import ConvCopy
 from imserver.storage.devices import DeviceStore, LoginItem, check_device
 from imserver.storage.edits import EditStore
 from imserver.storage.hot.interface import HotUnavailable, IHotStore
+from imserver.storage.lru import LRU
 from imserver.storage.model import (
     RECORD_NORMAL,
     CatchupPage,
@@ -73,8 +74,6 @@ from imserver.storage.sql.migrate import migrate
 
 T = TypeVar("T")
 R = TypeVar("R")
-K = TypeVar("K")
-V = TypeVar("V")
 
 #: Retries of failed hot-store writes: from 0.5 s up to 30 s apart, for about
 #: 20 minutes, then a dead letter (the outbox row still gets it replayed).
@@ -119,20 +118,6 @@ class OutboxCountdown:
     #: When its first message went to the fan-out (ms, the store's clock).
     started_ms: int
     outcome: FanoutOutcome = FanoutOutcome.DONE
-
-
-class LRU(OrderedDict[K, V]):
-    """A dict that forgets its oldest entries beyond C{size}."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def put(self, key: K, value: V) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.size:
-            self.popitem(last=False)
 
 
 #: An item of the acks Batcher: (uid, msg_ids, device_id, seq).
