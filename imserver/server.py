@@ -31,7 +31,7 @@ from imserver.gateway.websocket import WebSocketGateway
 from imserver.gcwatch import GcWatch, freeze, tune
 from imserver.http.api import make_site
 from imserver.http.web import WebSocketPlace
-from imserver.listen import connection_budget, listen_reuse_port, with_backlog
+from imserver.listen import connection_budget, is_tcp, listen_tcp, with_backlog
 from imserver.metrics import (
     BlockCollector,
     DeviceCollector,
@@ -281,8 +281,10 @@ class IMServer(MultiService):
 
     async def _listen(self, desc: str, factory: Any) -> IListeningPort:
         """Listen on an endpoint; shared with the other workers (SO_REUSEPORT) if any."""
+        if is_tcp(desc):
+            return listen_tcp(self.reactor, desc, factory, reuse_port=self.worker_index is not None)
         if self.worker_index is not None:
-            return listen_reuse_port(self.reactor, desc, factory)
+            raise ValueError(f"only tcp: and tcp6: endpoints can be shared by workers: {desc!r}")
         port: IListeningPort = await serverFromString(self.reactor, with_backlog(desc)).listen(
             factory
         )
