@@ -9,10 +9,12 @@ import socket
 import struct
 from collections.abc import Callable
 
-from twisted.internet import reactor
+import twisted.test
+from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.config import is_loopback
@@ -149,5 +151,52 @@ class EagerWriteTests(TestCase):
             for _ in range(3):
                 proto.transport.write(b"after the reset")  # type: ignore[union-attr]
             await proto.lost
+
+        return Deferred.fromCoroutine(run())
+
+    def test_writes_after_start_tls_are_encrypted(self) -> Deferred[None]:
+        """
+        After C{startTLS} a write is plaintext for the TLS layer: sent at
+        once to the socket, it reached the client in the clear and broke
+        its TLS session.
+        """
+        pem = FilePath(twisted.test.__file__).sibling("server.pem").getContent()
+        server_options = ssl.PrivateCertificate.loadPEM(pem).options()
+
+        class StartsTLS(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.startTLS(server_options)  # type: ignore[union-attr]
+
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"pong:" + data)  # type: ignore[union-attr]
+
+        class Client(Protocol):
+            def __init__(self) -> None:
+                self.got = b""
+                self.done: Deferred[bytes] = Deferred()
+
+            def connectionMade(self) -> None:
+                self.transport.write(b"ping")  # type: ignore[union-attr]
+
+            def dataReceived(self, data: bytes) -> None:
+                self.got += data
+                if self.got == b"pong:ping":
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+
+            def connectionLost(self, reason: object = None) -> None:
+                self.done.callback(self.got)
+
+        port = listen_tcp(reactor, "tcp:0:127.0.0.1", Factory.forProtocol(StartsTLS))
+        self.addCleanup(port.stopListening)
+        client = Client()
+        reactor.connectSSL(  # type: ignore[attr-defined]
+            "127.0.0.1",
+            port.getHost().port,  # type: ignore[attr-defined]
+            ClientFactory.forProtocol(lambda: client),
+            ssl.CertificateOptions(verify=False),
+        )
+
+        async def run() -> None:
+            self.assertEqual(await client.done, b"pong:ping")
 
         return Deferred.fromCoroutine(run())
