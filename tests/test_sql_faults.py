@@ -373,7 +373,7 @@ class LostCommitTests(TestCase):
         self.assertLost("rolled_back")
         self.assertEqual(reply["unread"], 0)
         self.assertEqual(len(self.stack.presence.take(self.a, "read")), 1)
-        self.proxy.arm("before", b"DELETE FROM t_pending WHERE uid")
+        self.proxy.arm("before", b"DELETE FROM t_pending WHERE msgId IN")
         await self.stack.chat.ack(self.b, [sent["msg_id"]])
         self.assertEqual(self.stack.store.db.lost_commits["rolled_back"], 2)
         self.assertEqual(self.stack.chat.acked, 1)
@@ -427,7 +427,7 @@ class LostCommitTests(TestCase):
     async def test_lost_commit_of_an_ack(self) -> None:
         sent = await self.send("k1")
         await self.quiet()
-        self.proxy.arm("after", b"DELETE FROM t_pending WHERE uid")
+        self.proxy.arm("after", b"DELETE FROM t_pending WHERE msgId IN")
         await self.stack.chat.ack(self.b, [sent["msg_id"]])
         self.assertTrue(self.proxy.fired.is_set())
         self.assertLost("committed")
@@ -485,7 +485,7 @@ class LostCommitTests(TestCase):
         not a rerun that fails on its own outbox row (C{internal})."""
         sent = await self.send("k2")
         await self.quiet()
-        self.proxy.arm("after", b"DELETE FROM t_pending WHERE uid")
+        self.proxy.arm("after", b"DELETE FROM t_pending WHERE msgId IN")
         self.proxy.kill_prefix = b"SELECT id, recipientUid"
         with self.assertRaises(ImError) as e:
             await self.stack.chat.ack(self.b, [sent["msg_id"]])

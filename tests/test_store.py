@@ -141,6 +141,27 @@ class StoreContract:
         self.assertEqual(pending, [(first["msg_id"], a), (during["msg_id"], a)])
         await self.assertConsistent(stack, b)
 
+    async def test_one_ack_batch_clears_its_users_rows_in_one_delete(self) -> None:
+        """Acks of several users in one batch: one DELETE for all of them
+        (not one per user), and it clears only each acking user's own rows."""
+        stack = await self.stack()
+        a, b, c, d, e, f = await self.users(stack, 6)
+        ab = (await stack.chat.send(a, b, "ab", "text", "x"))["msg_id"]
+        cd = (await stack.chat.send(c, d, "cd", "text", "x"))["msg_id"]
+        ef = (await stack.chat.send(e, f, "ef", "text", "x"))["msg_id"]
+        await stack.settle()
+        sql: list[str] = []
+
+        def recorded(txn: Any, requests: Any) -> Any:
+            return q.ack_txn(_RecordingTxn(txn, sql), requests)
+
+        removed = await stack.store.db.run("ack", recorded, [(b, [ab, ef]), (d, [cd]), (a, [ab])])
+        self.assertEqual([[m for m, _, _ in r] for r in removed], [[ab], [cd], []])
+        self.assertEqual(len([s for s in sql if s.startswith("DELETE FROM t_pending")]), 1)
+        for uid, pending in ((b, []), (d, []), (f, [ef])):
+            rows = await stack.store.db.run("t", q.pending_txn, uid, 0, 10, None)
+            self.assertEqual([i for i, _ in rows], pending)
+
     async def test_ack_during_a_load_is_kept(self) -> None:
         stack = await self.stack()
         a, b = await self.users(stack, 2)
@@ -287,6 +308,21 @@ class StoreContract:
             with self.assertRaises(ImError) as e:
                 await call
             self.assertEqual(e.exception.code, code)
+
+
+class _RecordingTxn:
+    """A transaction that notes the SQL of every script it runs."""
+
+    def __init__(self, txn: Any, sql: list[str]) -> None:
+        self._txn = txn
+        self._sql = sql
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def script(self, statements: Any, **kw: Any) -> Any:
+        self._sql.extend(st.sql for st in statements)
+        return self._txn.script(statements, **kw)
 
 
 class EmbeddedStoreTests(StoreContract, TestCase):

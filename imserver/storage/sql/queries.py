@@ -770,10 +770,10 @@ def ack_txn(
     """
     Clear pending rows, for many users at once, in two scripts (two round
     trips on MySQL, one without ids): what is pending among the ids (with
-    each message's session); then one DELETE per user that only touches
-    that user's rows, the recipients' deliveredUpTo (one UPDATE for the
-    batch, L{_delivered_statements}), the device cursors, the outbox row,
-    COMMIT.
+    each message's session and its user); then one DELETE by primary key of
+    the rows found that are the acking users' own, the recipients'
+    deliveredUpTo (one UPDATE for the batch, L{_delivered_statements}), the
+    device cursors, the outbox row, COMMIT.
     For each (uid, msg_ids) return the (msg_id, sender, session_id) of the
     messages that were pending for that uid; other ids (already acked,
     unknown, someone else's) are ignored; msg_ids may be empty. C{cursors}
@@ -815,14 +815,14 @@ def ack_txn(
                 if msg_id in by_user.get(uid, ()):
                     removed.setdefault(uid, []).append((msg_id, sender, sid))
         script = []
-    for uid, ids in sorted(by_user.items()):
-        for part in chunks(sorted(ids), 1000):
-            script.append(
-                Statement(
-                    f"DELETE FROM t_pending WHERE uid = ? AND msgId IN ({marks(len(part))})",
-                    (uid, *part),
-                )
-            )
+    # The rows the read found are the users' own (a row's uid never
+    # changes): one DELETE by primary key for all of them, not one per user
+    # (MariaDB parses and runs each statement: 25-50 of them per batch).
+    gone = sorted(msg_id for rows in removed.values() for msg_id, _, _ in rows)
+    script += [
+        Statement(f"DELETE FROM t_pending WHERE msgId IN ({marks(len(part))})", tuple(part))
+        for part in chunks(gone, 1000)
+    ]
     # After the DELETEs: t_pending, then t_conv, as a send locks them.
     script += _delivered_statements(removed)
     script += _cursor_statements(cursors)
