@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -326,6 +327,8 @@ class MariaDBServer(_Process):
                 f"--log-error={self.dir}/err.log",
                 "--innodb-buffer-pool-size=64M",
                 "--max-connections=500",
+                # More server options, for measuring (e.g. --performance-schema=ON).
+                *shlex.split(os.environ.get("IMSERVER_TEST_MARIADB_ARGS", "")),
             ]
         )
         wait_for(self.ping, 30, f"mariadbd on port {self.port}", interval=0.05)
