@@ -28,13 +28,35 @@ from imserver.storage.hot.interface import IHotStore
 from imserver.storage.hot.memory import MemoryHotStore
 from imserver.storage.hot.redis import RedisHotStore
 from imserver.storage.model import Profile
-from imserver.storage.sql.database import Database
+from imserver.storage.sql.database import Database, Statement, Txn
 from imserver.storage.sql.engines import create_engine
 from imserver.storage.store import Store
 from tests.harness import RedisServer, fresh_prefix, shared_mariadb, shared_redis
 from tests.support import reactor
 
 BACKENDS = ("embedded", "redis")
+
+
+class RecordingTxn:
+    """A Txn that notes each statement's SQL, in order, in C{sql}."""
+
+    def __init__(self, txn: Txn) -> None:
+        self._txn = txn
+        self.sql: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._txn, name)
+        if name not in ("execute", "query", "query_one", "query_in", "script"):
+            return found
+
+        def noted(first: Any, *args: Any, **kw: Any) -> Any:
+            if name == "script":
+                self.sql += [st.sql for st in first if isinstance(st, Statement)]
+            else:
+                self.sql.append(first)
+            return found(first, *args, **kw)
+
+        return noted
 
 
 @implementer(IPresence)

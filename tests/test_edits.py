@@ -19,9 +19,9 @@ from imserver.config import LimitsConfig
 from imserver.errors import ErrorCode, ImError
 from imserver.services.ids import IdGenerator
 from imserver.storage import edits as storage_edits
-from imserver.storage.sql.database import Statement, Txn
+from imserver.storage.sql.database import Txn
 from imserver.storage.sql.migrate import migrate
-from tests.stack import Stack, make_stack
+from tests.stack import RecordingTxn, Stack, make_stack
 from tests.support import sleep
 
 _uids = itertools.count(90_000)
@@ -30,28 +30,6 @@ BIG = LimitsConfig(send_per_second=1e6, send_burst=10**6, recall_seconds=3600)
 
 def _age_txn(txn: Txn, msg_id: int, ms: int) -> None:
     txn.execute("UPDATE t_msg_record_list SET ts = ts - ? WHERE id = ?", (ms, msg_id))
-
-
-class _Recording:
-    """A Txn that notes each statement's SQL, in order (lock order checks)."""
-
-    def __init__(self, txn: Txn) -> None:
-        self._txn = txn
-        self.sql: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        found = getattr(self._txn, name)
-        if name not in ("execute", "query", "query_one", "query_in", "script"):
-            return found
-
-        def noted(first: Any, *args: Any, **kw: Any) -> Any:
-            if name == "script":
-                self.sql += [st.sql for st in first if isinstance(st, Statement)]
-            else:
-                self.sql.append(first)
-            return found(first, *args, **kw)
-
-        return noted
 
 
 def _pending_before_conv(sql: list[str]) -> tuple[int, int]:
@@ -316,7 +294,7 @@ class EditsContract:
         seen: list[list[str]] = []
 
         def recorded(txn: Txn, call: Any, *args: Any) -> Any:
-            rec = _Recording(txn)
+            rec = RecordingTxn(txn)
             seen.append(rec.sql)
             return call(rec, *args)
 

@@ -19,7 +19,7 @@ from imserver.storage.hot.interface import GONE_MS, LIVE_MS, WINDOW_SIZE
 from imserver.storage.model import Committed, Duplicate
 from imserver.storage.sql import queries as q
 from tests.harness import RedisServer
-from tests.stack import Stack, make_stack
+from tests.stack import RecordingTxn, Stack, make_stack
 from tests.support import eventually
 
 _uids = itertools.count(1000)
@@ -150,14 +150,17 @@ class StoreContract:
         cd = (await stack.chat.send(c, d, "cd", "text", "x"))["msg_id"]
         ef = (await stack.chat.send(e, f, "ef", "text", "x"))["msg_id"]
         await stack.settle()
-        sql: list[str] = []
+        seen: list[list[str]] = []
 
         def recorded(txn: Any, requests: Any) -> Any:
-            return q.ack_txn(_RecordingTxn(txn, sql), requests)
+            rec = RecordingTxn(txn)
+            seen.append(rec.sql)
+            return q.ack_txn(rec, requests)
 
         removed = await stack.store.db.run("ack", recorded, [(b, [ab, ef]), (d, [cd]), (a, [ab])])
         self.assertEqual([[m for m, _, _ in r] for r in removed], [[ab], [cd], []])
-        self.assertEqual(len([s for s in sql if s.startswith("DELETE FROM t_pending")]), 1)
+        deletes = [s for s in seen[-1] if s.startswith("DELETE FROM t_pending")]
+        self.assertEqual(len(deletes), 1)
         for uid, pending in ((b, []), (d, []), (f, [ef])):
             rows = await stack.store.db.run("t", q.pending_txn, uid, 0, 10, None)
             self.assertEqual([i for i, _ in rows], pending)
@@ -308,21 +311,6 @@ class StoreContract:
             with self.assertRaises(ImError) as e:
                 await call
             self.assertEqual(e.exception.code, code)
-
-
-class _RecordingTxn:
-    """A transaction that notes the SQL of every script it runs."""
-
-    def __init__(self, txn: Any, sql: list[str]) -> None:
-        self._txn = txn
-        self._sql = sql
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._txn, name)
-
-    def script(self, statements: Any, **kw: Any) -> Any:
-        self._sql.extend(st.sql for st in statements)
-        return self._txn.script(statements, **kw)
 
 
 class EmbeddedStoreTests(StoreContract, TestCase):
