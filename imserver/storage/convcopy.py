@@ -10,7 +10,7 @@ the user's stream head (sends, reads, recalls, hides, clears, mutes; an
 ack's delivery position is not part of the copy). So what a batch's commit
 left for a user stays exact for as long as the user's head is still the one
 that commit gave it, and the next batch's first statement checks exactly
-that (L{imserver.storage.sql.queries._verify_statement}). A head that moved
+that (L{imserver.storage.sql.queries._head_statement} with C{seen}). A head that moved
 elsewhere fails the check and the batch reads the rows back, as before.
 """
 

@@ -143,31 +143,28 @@ def lock_streams(txn: Txn, uids: Iterable[int]) -> dict[int, int]:
     return {int(r[0]): int(r[1]) for r in rows}
 
 
-def _verify_statement(heads: Mapping[int, int], new: Mapping[int, int]) -> Statement:
+def _head_statement(heads: Mapping[int, int], seen: Mapping[int, int] | None = None) -> Statement:
     """
-    Lock these users' t_user rows (ascending uid, as L{lock_streams}), check
-    that each head is still the one given, and set it to its C{new} value:
-    where the head moved it is set to NULL, which the NOT NULL column
-    refuses (strict sql_mode on MySQL; always on SQLite): the statement
-    fails and changes nothing. One statement of the script instead of a
-    locking read of its own (measured: 2.6-3 ms of a 16 ms group commit),
-    and instead of a second UPDATE of the same rows for the new heads.
+    Set these users' stream heads (their rows are locked: L{lock_streams}).
+
+    With C{seen} (heads seen earlier, not locked yet), the statement locks
+    the rows (ascending uid, as L{lock_streams}) and sets each head only
+    where it is still the one seen: where it moved it is set to NULL, which
+    the NOT NULL column refuses (strict sql_mode on MySQL; always on
+    SQLite): the statement fails and changes nothing. One statement of the
+    script instead of a locking read of its own (measured: 2.6-3 ms of a
+    16 ms group commit) and a second UPDATE of the same rows.
     """
     uids = sorted(heads)
-    cases = " ".join("WHEN ? THEN CASE WHEN streamSeq = ? THEN ? END" for _ in uids)
+    if seen is None:
+        cases = " ".join("WHEN ? THEN ?" for _ in uids)
+        pairs = [v for uid in uids for v in (uid, heads[uid])]
+    else:
+        cases = " ".join("WHEN ? THEN CASE WHEN streamSeq = ? THEN ? END" for _ in uids)
+        pairs = [v for uid in uids for v in (uid, seen[uid], heads[uid])]
     return Statement(
         f"UPDATE t_user SET streamSeq = CASE uid {cases} END WHERE uid IN ({marks(len(uids))})",
-        (*(v for uid in uids for v in (uid, heads[uid], new.get(uid, heads[uid]))), *uids),
-    )
-
-
-def _head_statement(heads: dict[int, int]) -> Statement:
-    """Set these users' stream heads (their rows are locked: L{lock_streams})."""
-    uids = sorted(heads)
-    cases = " ".join("WHEN ? THEN ?" for _ in uids)
-    return Statement(
-        f"UPDATE t_user SET streamSeq = CASE uid {cases} END WHERE uid IN ({marks(len(uids))})",
-        (*(v for uid in uids for v in (uid, heads[uid])), *uids),
+        (*pairs, *uids),
     )
 
 
@@ -298,7 +295,7 @@ def commit_messages_txn(
     )
     if verify:
         # The heads this node saw last: the script's first statement locks
-        # the rows and checks them (see _verify_statement): no round trip.
+        # the rows and checks them (see _head_statement): no round trip.
         assert cached_heads is not None
         heads = {u: cached_heads[u] for u in users}
         missing: set[int] = set()
@@ -536,7 +533,7 @@ def _write_messages(
     if verify:
         # Checks the heads and moves them on (see commit_messages_txn for a
         # later statement of the script failing).
-        script.insert(0, _verify_statement(locked_heads, moved))
+        script.insert(0, _head_statement(moved, seen=locked_heads))
     rows_sql, args = values(
         [
             (
