@@ -122,6 +122,13 @@ class RenderTests(TestCase):
             "VALUES (1, 'it\\'s \\\\ \\\"x\\\"\\n', X'00ff', NULL, 2.5)",
         )
 
+    def test_percent_signs_stay_as_they_are(self) -> None:
+        # The text is rendered with one % formatting: its own % must survive.
+        self.assertEqual(
+            render("SELECT ? WHERE s LIKE '%a%s' AND t = ?", ("100%", 7)),
+            "SELECT '100%' WHERE s LIKE '%a%s' AND t = 7",
+        )
+
     def test_placeholder_count_must_match(self) -> None:
         self.assertRaises(ValueError, render, "VALUES (?, ?)", (1,))
         self.assertRaises(KeyError, render, "VALUES (?)", (object(),))
