@@ -3,9 +3,11 @@ The Redis fan-out script groups its commands (a session's window written
 once per batch, a recipient's marker read once, a pending list written once
 per sender), so it must leave what the messages' one-by-one effects leave:
 the in-process store is that reference. Random batches (several messages
-per session, late and too-old ones among them, edited messages, ready,
-loading and reloading copies) go to both; windows, cached messages, pending
-lists and markers must then agree.
+per session, late and too-old ones among them, out of id order, repeated,
+edited, acked before their fan-out; ready, loading and absent copies) go to
+both; windows, cached messages, pending lists (None where a copy is not
+usable: never loaded, or marked for a reload by a too-old fan-out) and
+summaries must then agree.
 """
 
 from __future__ import annotations
