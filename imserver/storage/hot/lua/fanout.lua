@@ -82,16 +82,7 @@ for _, m in ipairs(messages) do
       -- Ready, or loading (the snapshot may miss it): add. Adding what a
       -- load already brought changes nothing; acked or recalled ids are
       -- tombstoned and stay out.
-      local by_sender = offline[recipient]
-      if not by_sender then
-        by_sender = {}
-        offline[recipient] = by_sender
-      end
-      local ids = by_sender[sender]
-      if not ids then
-        ids = {}
-        by_sender[sender] = ids
-      end
+      local ids = table_at(table_at(offline, recipient), sender)
       ids[#ids + 1] = id
     end
   end

@@ -86,13 +86,19 @@ local function node_of(value)
   return string.match(value, '^([^:]+):')
 end
 
+-- The table at t[k], made (empty) if there is none.
+local function table_at(t, k)
+  local found = t[k]
+  if not found then
+    found = {}
+    t[k] = found
+  end
+  return found
+end
+
 -- Add an entry to its node's list in {node = {entry, ...}}.
 local function add_for_node(by_node, node, entry)
-  local list = by_node[node]
-  if not list then
-    list = {}
-    by_node[node] = list
-  end
+  local list = table_at(by_node, node)
   list[#list + 1] = entry
 end
 
@@ -108,11 +114,7 @@ local function by_sender(pairs, skip)
   local out = {}
   for _, p in ipairs(pairs) do
     if not (skip and skip[p[1]]) then
-      local ids = out[p[2]]
-      if not ids then
-        ids = {}
-        out[p[2]] = ids
-      end
+      local ids = table_at(out, p[2])
       ids[#ids + 1] = p[1]
     end
   end
